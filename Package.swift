@@ -1,0 +1,97 @@
+// swift-tools-version: 6.0
+// Xen's split-driver I/O model in userspace: hypervisor core, xenstored, backends, toolstack.
+import PackageDescription
+
+let package = Package(
+    name: "SwiftXen",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "xenhv", targets: ["xenhv"]),
+        .executable(name: "xenstored", targets: ["xenstored"]),
+        .executable(name: "xen-demo", targets: ["xen-demo"]),
+        .executable(name: "xen-bench", targets: ["xen-bench"]),
+        .library(name: "XenHV", targets: ["XenHV"]),
+        .library(name: "XenRing", targets: ["XenRing"]),
+        .library(name: "XenStore", targets: ["XenStore"]),
+        .library(name: "XenBus", targets: ["XenBus"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
+    ],
+    targets: [
+        // The thin C shim: libxen-dev headers, barriers, atomics, SCM_RIGHTS, memfd, eventfd.
+        .target(name: "CXen"),
+
+        // Shared rings with ring.h's exact semantics, generic over entry types.
+        .target(name: "XenRing", dependencies: ["CXen"]),
+
+        // Hypervisor core client library: domains, guest memory, grant tables, event channels.
+        .target(
+            name: "XenHV",
+            dependencies: [
+                "CXen", "XenRing",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        // The xenhv daemon's logic (lifecycle, descriptor hand-out, death clean-up).
+        .target(
+            name: "XenHVDaemon",
+            dependencies: ["XenHV", "CXen", .product(name: "Logging", package: "swift-log")]),
+        .executableTarget(
+            name: "xenhv",
+            dependencies: [
+                "XenHVDaemon", "XenHV",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+
+        // xenstored: store core, xs_wire codec, socket and ring transports.
+        .target(
+            name: "XenStore",
+            dependencies: ["CXen", "XenHV", .product(name: "Logging", package: "swift-log")]),
+        // XenBus client library for backends, frontends and the toolstack.
+        .target(
+            name: "XenBus",
+            dependencies: ["CXen", "XenStore", "XenHV", .product(name: "Logging", package: "swift-log")]),
+        .executableTarget(
+            name: "xenstored",
+            dependencies: [
+                "XenStore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+
+        // The README's main job, for now: a guest and a backend exchanging requests over a ring.
+        .executableTarget(
+            name: "xen-demo",
+            dependencies: [
+                "XenHV", "XenRing", "CXen",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]),
+        // Release-mode benchmarks; each measures its own baseline in the same run.
+        .executableTarget(
+            name: "xen-bench",
+            dependencies: [
+                "XenHV", "XenRing", "CXen",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]),
+        // Test peer processes (guest, mapper, lying producer) driven by the integration tests.
+        .executableTarget(
+            name: "xen-testpeer",
+            dependencies: [
+                "XenHV", "XenRing", "CXen",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]),
+
+        // C code for tests only: ring.h's own macros on shared memory, and offsetof/sizeof probes.
+        .target(name: "CXenTestSupport", dependencies: ["CXen"]),
+
+        .testTarget(name: "XenABITests", dependencies: ["CXen", "CXenTestSupport", "XenRing"]),
+        .testTarget(name: "XenRingTests", dependencies: ["XenRing", "CXen", "CXenTestSupport"]),
+        .testTarget(name: "XenHVTests", dependencies: ["XenHV", "XenRing", "CXen"]),
+        .testTarget(name: "XenStoreTests", dependencies: ["XenStore", "XenBus", "XenHV"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,137 @@
+/*
+ * CXen: the thin C shim between Swift and Debian's libxen-dev headers.
+ *
+ * The Xen ABI is imported from /usr/include/xen, never copied. This header
+ * only (1) fixes the interface version the headers need to expose the v1
+ * grant structures, (2) supplies the barriers ring.h expects, and (3) wraps
+ * macros and atomics Swift cannot import as `static inline` functions with
+ * the `cxen_` prefix.
+ */
+#ifndef CXEN_H
+#define CXEN_H
+
+#ifndef __XEN_INTERFACE_VERSION__
+#define __XEN_INTERFACE_VERSION__ 0x00040d00
+#endif
+
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+#include <sys/types.h>
+
+/* ring.h leaves the barriers to the includer (Linux: virt_mb and friends). */
+#ifndef xen_mb
+#define xen_mb()  __atomic_thread_fence(__ATOMIC_SEQ_CST)
+#define xen_rmb() __atomic_thread_fence(__ATOMIC_ACQUIRE)
+#define xen_wmb() __atomic_thread_fence(__ATOMIC_RELEASE)
+#endif
+
+#include <xen/xen.h>
+#include <xen/grant_table.h>
+#include <xen/event_channel.h>
+#include <xen/memory.h>
+#include <xen/io/ring.h>
+#include <xen/io/blkif.h>
+#include <xen/io/netif.h>
+#include <xen/io/xs_wire.h>
+#include <xen/io/xenbus.h>
+#include <xen/io/console.h>
+#include <xen/io/protocols.h>
+
+/* ---- Constants that are macros Swift cannot see as typed values ---- */
+
+static const uint32_t CXEN_PAGE_SIZE = 4096;
+static const uint32_t CXEN_PAGE_SHIFT = 12;
+
+/* ---- Atomics on shared memory (guest-visible words) ----
+ * Every access to a word the peer can change goes through these, so the
+ * compiler can neither tear, fuse nor re-read it. */
+
+static inline uint32_t cxen_load_acquire_u32(const volatile uint32_t *p) {
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+static inline uint32_t cxen_load_relaxed_u32(const volatile uint32_t *p) {
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+static inline void cxen_store_release_u32(volatile uint32_t *p, uint32_t v) {
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
+static inline void cxen_store_relaxed_u32(volatile uint32_t *p, uint32_t v) {
+    __atomic_store_n(p, v, __ATOMIC_RELAXED);
+}
+static inline uint16_t cxen_load_acquire_u16(const volatile uint16_t *p) {
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+static inline void cxen_store_release_u16(volatile uint16_t *p, uint16_t v) {
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
+/* Returns 1 on success; *expected receives the current value on failure. */
+static inline int cxen_cas_u16(volatile uint16_t *p, uint16_t *expected, uint16_t desired) {
+    return __atomic_compare_exchange_n(p, expected, desired, 0,
+                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+static inline int cxen_cas_u32(volatile uint32_t *p, uint32_t *expected, uint32_t desired) {
+    return __atomic_compare_exchange_n(p, expected, desired, 0,
+                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+static inline int cxen_cas_u64(volatile uint64_t *p, uint64_t *expected, uint64_t desired) {
+    return __atomic_compare_exchange_n(p, expected, desired, 0,
+                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+static inline uint64_t cxen_load_acquire_u64(const volatile uint64_t *p) {
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+static inline void cxen_store_release_u64(volatile uint64_t *p, uint64_t v) {
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
+static inline uint64_t cxen_fetch_or_u64(volatile uint64_t *p, uint64_t v) {
+    return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST);
+}
+static inline uint64_t cxen_fetch_and_u64(volatile uint64_t *p, uint64_t v) {
+    return __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST);
+}
+static inline uint8_t cxen_exchange_u8(volatile uint8_t *p, uint8_t v) {
+    return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);
+}
+static inline void cxen_store_release_u8(volatile uint8_t *p, uint8_t v) {
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
+/* xen_mb(): full barrier, as ring.h uses between publishing and checking the event index. */
+static inline void cxen_mb(void) { xen_mb(); }
+static inline void cxen_rmb(void) { xen_rmb(); }
+static inline void cxen_wmb(void) { xen_wmb(); }
+
+/* A copy through volatile, as RING_COPY_REQUEST does: the compiler may not
+ * re-read the source after this returns (XSA-155). */
+static inline void cxen_copy_from_shared(void *dst, const volatile void *src, size_t n) {
+    const volatile unsigned char *s = (const volatile unsigned char *)src;
+    unsigned char *d = (unsigned char *)dst;
+    if (n == 8) { *(uint64_t *)d = *(const volatile uint64_t *)s; return; }
+    memcpy(d, (const void *)s, n);
+    __asm__ __volatile__("" ::: "memory");
+}
+
+/* ---- Ring geometry, computed by ring.h's own macros ---- */
+static inline unsigned int cxen_blkif_ring_size(size_t bytes) {
+    return __CONST_RING_SIZE(blkif, bytes);
+}
+static inline unsigned int cxen_netif_tx_ring_size(size_t bytes) {
+    return __CONST_RING_SIZE(netif_tx, bytes);
+}
+static inline unsigned int cxen_netif_rx_ring_size(size_t bytes) {
+    return __CONST_RING_SIZE(netif_rx, bytes);
+}
+static inline size_t cxen_sring_header_size(void) {
+    return offsetof(struct blkif_sring, ring);
+}
+
+/* ---- Linux syscalls and ioctls Swift cannot reach directly ---- */
+int cxen_memfd_create(const char *name, unsigned int flags);
+int cxen_eventfd(unsigned int initval, int flags);
+/* sendmsg/recvmsg with SCM_RIGHTS. Return bytes or -1 (errno set). */
+ssize_t cxen_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
+ssize_t cxen_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds);
+/* SO_PEERCRED pid of a Unix-socket peer, or -1. */
+int cxen_peer_pid(int sock);
+
+#endif /* CXEN_H */
