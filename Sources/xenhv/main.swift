@@ -1,1 +1,32 @@
-print("todo")
+import ArgumentParser
+import Foundation
+import Logging
+import XenHVDaemon
+
+/// `xenhv`: the hypervisor core's daemon (domain lifecycle, descriptors, clean-up).
+struct XenHV: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "xenhv",
+        abstract: "The hypervisor core daemon: domains, grant tables and event channels over shared memory.")
+
+    @Option(help: "Unix socket to listen on (default: $XEN_RUN_DIR/xenhv.sock, XEN_RUN_DIR defaults to /run/swiftxen).")
+    var socket: String?
+
+    @Option(help: "Log level (trace, debug, info, notice, warning, error, critical).")
+    var logLevel: Logger.Level = .info
+
+    func run() throws {
+        let runDir = ProcessInfo.processInfo.environment["XEN_RUN_DIR"] ?? "/run/swiftxen"
+        let path = socket ?? runDir + "/xenhv.sock"
+        try FileManager.default.createDirectory(
+            atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        var logger = Logger(label: "xenhv")
+        logger.logLevel = logLevel
+        let daemon = try HypervisorDaemon(configuration: .init(socketPath: path), logger: logger)
+        daemon.run()
+    }
+}
+
+extension Logger.Level: @retroactive ExpressibleByArgument {}
+
+XenHV.main()

@@ -90,6 +90,12 @@ static inline uint64_t cxen_fetch_or_u64(volatile uint64_t *p, uint64_t v) {
 static inline uint64_t cxen_fetch_and_u64(volatile uint64_t *p, uint64_t v) {
     return __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST);
 }
+static inline uint16_t cxen_fetch_and_u16(volatile uint16_t *p, uint16_t v) {
+    return __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST);
+}
+static inline uint32_t cxen_load_acquire_u32_of_u16pair(const volatile uint32_t *p) {
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
 static inline uint8_t cxen_exchange_u8(volatile uint8_t *p, uint8_t v) {
     return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);
 }
@@ -131,6 +137,8 @@ int cxen_eventfd(unsigned int initval, int flags);
 /* sendmsg/recvmsg with SCM_RIGHTS. Return bytes or -1 (errno set). */
 ssize_t cxen_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
 ssize_t cxen_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds);
+/* A signalfd for SIGTERM, SIGINT and SIGHUP, which it also blocks; -1 on error. */
+int cxen_termination_signalfd(void);
 /* SO_PEERCRED pid of a Unix-socket peer, or -1. */
 int cxen_peer_pid(int sock);
 

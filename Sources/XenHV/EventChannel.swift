@@ -1,0 +1,173 @@
+import CXen
+import Glibc
+import Synchronization
+
+/// One of our bound event-channel ports: the wake-up side (an eventfd xenhv
+/// handed out at bind time) and the send side (the peer port's eventfd, cached
+/// per binding generation so `notify` is a single write(2)).
+///
+/// Pending and mask bits live in our domain's shared_info as in Xen's 2-level
+/// ABI. The receiver sets `evtchn_pending` when a kick arrives and delivers it
+/// only while the port is unmasked; unmasking a port with an event pending
+/// re-raises it, as `EVTCHNOP_unmask` does.
+public final class EventChannel: @unchecked Sendable {
+    // Sound: `peer` is atomic; everything else is immutable.
+    public let port: EventPort
+    /// The descriptor to poll for readability (epoll, poll, a NIO channel).
+    public let descriptor: CInt
+    unowned let hypervisor: Hypervisor
+    /// Cached peer eventfd: generation << 32 | fd, or 0 when not cached.
+    private let peer = Atomic<UInt64>(0)
+
+    init(port: EventPort, descriptor: CInt, hypervisor: Hypervisor) {
+        self.port = port
+        self.descriptor = descriptor
+        self.hypervisor = hypervisor
+    }
+
+    deinit {
+        let p = peer.load(ordering: .relaxed)
+        if p != 0 { Glibc.close(CInt(truncatingIfNeeded: p & 0xFFFF_FFFF)) }
+        Glibc.close(descriptor)
+    }
+
+    /// `EVTCHNOP_send` on this port (in-process; see ``Hypervisor/notify(_:)``).
+    @inline(__always)
+    public func notify() throws {
+        let gen = hypervisor.generation(of: port)
+        let cached = peer.load(ordering: .acquiring)
+        if cached != 0, UInt32(cached >> 32) == gen {
+            var one: UInt64 = 1
+            _ = write(CInt(truncatingIfNeeded: cached & 0xFFFF_FFFF), &one, 8)
+            return
+        }
+        try refreshPeer(generation: gen)
+    }
+
+    private func refreshPeer(generation gen: UInt32) throws {
+        let (_, fds) = try hypervisor.call(.peerDescriptor) { $0.u32(port) }
+        guard let fd = fds.first else { return }  // unbound: a send does nothing
+        var one: UInt64 = 1
+        _ = write(fd, &one, 8)
+        let old = peer.exchange(UInt64(gen) << 32 | UInt64(UInt32(bitPattern: fd)), ordering: .acquiringAndReleasing)
+        if old != 0 { Glibc.close(CInt(truncatingIfNeeded: old & 0xFFFF_FFFF)) }
+    }
+
+    /// Consumes any kicks that arrived (without blocking) and returns whether
+    /// an event is to be delivered now: pending and not masked. Call after the
+    /// descriptor polled readable, or to check without waiting.
+    public func consume() -> Bool {
+        var pfd = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
+        if poll(&pfd, 1, 0) > 0 { drainBlocking() }
+        return hypervisor.sharedInfo.takeDeliverable(port)
+    }
+
+    /// One blocking read of the eventfd: the kick becomes the pending bit.
+    @inline(__always) private func drainBlocking() {
+        var count: UInt64 = 0
+        if read(descriptor, &count, 8) == 8, count > 0 {
+            hypervisor.sharedInfo.setPending(port)
+        }
+    }
+
+    /// Blocks until an event is delivered on this port.
+    @inline(__always)
+    public func wait() {
+        while !hypervisor.sharedInfo.takeDeliverable(port) {
+            drainBlocking()
+        }
+    }
+
+    /// Waits at most `milliseconds`; returns whether an event was delivered.
+    public func wait(milliseconds: Int32) -> Bool {
+        if hypervisor.sharedInfo.takeDeliverable(port) { return true }
+        var pfd = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
+        guard poll(&pfd, 1, milliseconds) > 0 else { return false }
+        return consume()
+    }
+
+    /// Sets the port's bit in `evtchn_mask`.
+    public func mask() { hypervisor.sharedInfo.setMask(port, true) }
+
+    /// `EVTCHNOP_unmask`: clears the mask; an event that arrived while masked is
+    /// delivered again (our own eventfd is kicked so a waiter wakes).
+    public func unmask() {
+        hypervisor.sharedInfo.setMask(port, false)
+        if hypervisor.sharedInfo.isPending(port) {
+            var one: UInt64 = 1
+            _ = write(descriptor, &one, 8)
+        }
+    }
+
+    /// `EVTCHNOP_close`.
+    public func close() throws { try hypervisor.close(port: port) }
+}
+
+/// Our domain's `shared_info` page (xen.h): vcpu_info[0]'s upcall flags and the
+/// 2-level `evtchn_pending` / `evtchn_mask` bitmaps (64 words of 64 bits).
+public struct SharedInfo: @unchecked Sendable {
+    // Sound: every access is an atomic on the shared page.
+    let memory: SharedMemory
+    init(memory: SharedMemory) { self.memory = memory }
+
+    private var base: UnsafeMutableRawPointer { memory.base! }
+    private static let pendingOffset = MemoryLayout<shared_info>.offset(of: \shared_info.evtchn_pending)!
+    private static let maskOffset = MemoryLayout<shared_info>.offset(of: \shared_info.evtchn_mask)!
+    private static let upcallPendingOffset = MemoryLayout<vcpu_info>.offset(of: \vcpu_info.evtchn_upcall_pending)!
+    private static let pendingSelOffset = MemoryLayout<vcpu_info>.offset(of: \vcpu_info.evtchn_pending_sel)!
+
+    @inline(__always) private func word(_ offset: Int, _ port: EventPort) -> UnsafeMutablePointer<UInt64> {
+        (base + offset + Int(port / 64) * 8).assumingMemoryBound(to: UInt64.self)
+    }
+
+    public func isPending(_ port: EventPort) -> Bool {
+        cxen_load_acquire_u64(word(Self.pendingOffset, port)) & (1 << UInt64(port % 64)) != 0
+    }
+    public func isMasked(_ port: EventPort) -> Bool {
+        cxen_load_acquire_u64(word(Self.maskOffset, port)) & (1 << UInt64(port % 64)) != 0
+    }
+    /// What Xen's `evtchn_2l_set_pending` does: pending bit, selector bit, upcall.
+    func setPending(_ port: EventPort) {
+        _ = cxen_fetch_or_u64(word(Self.pendingOffset, port), 1 << UInt64(port % 64))
+        guard !isMasked(port) else { return }
+        _ = cxen_fetch_or_u64((base + Self.pendingSelOffset).assumingMemoryBound(to: UInt64.self), 1 << UInt64(port / 64))
+        cxen_store_release_u8((base + Self.upcallPendingOffset).assumingMemoryBound(to: UInt8.self), 1)
+    }
+    /// Clears and returns the pending bit if the port is unmasked.
+    func takeDeliverable(_ port: EventPort) -> Bool {
+        let bit: UInt64 = 1 << UInt64(port % 64)
+        guard !isMasked(port), isPending(port) else { return false }
+        let old = cxen_fetch_and_u64(word(Self.pendingOffset, port), ~bit)
+        cxen_store_release_u8((base + Self.upcallPendingOffset).assumingMemoryBound(to: UInt8.self), 0)
+        return old & bit != 0
+    }
+    func setMask(_ port: EventPort, _ on: Bool) {
+        let bit: UInt64 = 1 << UInt64(port % 64)
+        if on { _ = cxen_fetch_or_u64(word(Self.maskOffset, port), bit) } else { _ = cxen_fetch_and_u64(word(Self.maskOffset, port), ~bit) }
+    }
+    /// `vcpu_info[0].evtchn_upcall_pending`.
+    public var upcallPending: Bool {
+        (base + Self.upcallPendingOffset).load(as: UInt8.self) != 0
+    }
+}
+
+/// A guest's `start_info` page as the builder wrote it (xen.h `struct start_info`).
+public struct StartInfo: Sendable {
+    let page: GuestRegion
+    init(memory: GuestRegion) {
+        let pages = memory.count / HVLimits.pageSize
+        page = try! memory.slice(offset: (pages - Int(SpecialPages.startInfoFromEnd)) * HVLimits.pageSize, length: HVLimits.pageSize)
+    }
+    private func field<T: BitwiseCopyable>(_ path: KeyPath<start_info, T>) -> T {
+        try! page.load(T.self, at: MemoryLayout<start_info>.offset(of: path)!)
+    }
+    public var magic: String {
+        (try? page.bytes(at: 0, count: 32)).map { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) } ?? ""
+    }
+    public var nrPages: UInt64 { UInt64(field(\.nr_pages)) }
+    public var sharedInfo: UInt64 { UInt64(field(\.shared_info)) }
+    public var storeMFN: UInt64 { UInt64(field(\.store_mfn)) }
+    public var storeEventChannel: EventPort { field(\.store_evtchn) }
+    public var consoleMFN: UInt64 { UInt64(field(\.console.domU.mfn)) }
+    public var consoleEventChannel: EventPort { field(\.console.domU.evtchn) }
+}

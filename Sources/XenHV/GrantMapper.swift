@@ -1,0 +1,256 @@
+import CXen
+import Glibc
+
+/// A granted page mapped into this process: Xen's host mapping plus its
+/// maptrack handle. The page is reached only through ``region``.
+public struct GrantMapping: Sendable {
+    public let handle: GrantHandle
+    public let domid: DomID
+    public let ref: GrantRef
+    /// The mapped page, writable only if mapped writable.
+    public let region: GuestRegion
+}
+
+/// Several grants mapped at consecutive addresses (multi-page rings, ring-ref0..N).
+public struct ContiguousGrantMapping: Sendable {
+    public let pages: [GrantMapping]
+    /// All pages as one region.
+    public let region: GuestRegion
+}
+
+/// One `gnttab_copy` end: a granted page of another domain, or our own memory.
+public enum GrantCopyEnd: @unchecked Sendable {
+    case grant(domid: DomID, ref: GrantRef, offset: UInt16)
+    /// A buffer of ours (what Xen calls a GMFN of the calling domain).
+    case local(UnsafeMutableRawPointer)
+}
+
+/// One `gnttab_copy` operation and its status.
+public struct GrantCopy: Sendable {
+    public var source: GrantCopyEnd
+    public var dest: GrantCopyEnd
+    public var length: UInt16
+    public var status: GrantStatus = .okay
+    public init(source: GrantCopyEnd, dest: GrantCopyEnd, length: UInt16) {
+        self.source = source
+        self.dest = dest
+        self.length = length
+    }
+}
+
+/// Handle allocation for our maptrack, and where each handle's page is mapped.
+struct MapHandles {
+    var free: [GrantHandle] = []
+    var highWater: GrantHandle = 0
+    var addresses: [UInt] = []
+
+    mutating func allocate() -> GrantHandle? {
+        if let h = free.popLast() { return h }
+        guard highWater < HVLimits.maptrackEntries else { return nil }
+        defer { highWater += 1 }
+        addresses.append(0)
+        return highWater
+    }
+    mutating func release(_ h: GrantHandle) {
+        addresses[Int(h)] = 0
+        free.append(h)
+    }
+}
+
+extension Hypervisor {
+    @inline(__always) private func maptrackEntry(_ h: GrantHandle) -> UnsafeMutablePointer<UInt64> {
+        (maptrack!.base! + MaptrackLayout.headerSize + Int(h) * MaptrackLayout.entryStride)
+            .assumingMemoryBound(to: UInt64.self)
+    }
+
+    private func publishHighWater(_ hw: GrantHandle) {
+        let p = maptrack!.base!.assumingMemoryBound(to: UInt32.self)
+        if cxen_load_acquire_u32(p) < hw { cxen_store_release_u32(p, hw) }
+    }
+
+    /// `GNTTABOP_map_grant_ref` (GNTMAP_host_map, optionally GNTMAP_readonly) for
+    /// one ref, with Xen's check order: domain, maptrack handle (GNTST_no_space),
+    /// ref in range (GNTST_bad_gntref), entry type and grantee and read-only-ness
+    /// (GNTST_general_error), busy bits set by compare-and-swap.
+    public func mapGrant(domid d: DomID, ref: GrantRef, writable: Bool) -> Result<GrantMapping, GrantStatus> {
+        mapOne(domid: d, ref: ref, writable: writable, at: nil)
+    }
+
+    /// Batched `GNTTABOP_map_grant_ref`: each op succeeds or fails on its own.
+    public func mapGrants(domid d: DomID, refs: [GrantRef], writable: Bool) -> [Result<GrantMapping, GrantStatus>] {
+        refs.map { mapOne(domid: d, ref: $0, writable: writable, at: nil) }
+    }
+
+    /// Maps `refs` at consecutive addresses; all or nothing.
+    public func mapGrantsContiguous(domid d: DomID, refs: [GrantRef], writable: Bool) -> Result<ContiguousGrantMapping, GrantStatus> {
+        guard !refs.isEmpty else { return .failure(.generalError) }
+        let size = refs.count * HVLimits.pageSize
+        guard let area = mmap(nil, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), area != MAP_FAILED else {
+            return .failure(.noSpace)
+        }
+        var done: [GrantMapping] = []
+        for (i, ref) in refs.enumerated() {
+            switch mapOne(domid: d, ref: ref, writable: writable, at: area + i * HVLimits.pageSize) {
+            case .success(let m): done.append(m)
+            case .failure(let s):
+                for m in done { _ = unmapGrant(m) }
+                munmap(area, size)
+                return .failure(s)
+            }
+        }
+        return .success(ContiguousGrantMapping(pages: done, region: GuestRegion(base: area, count: size, writable: writable)))
+    }
+
+    private func mapOne(domid d: DomID, ref: GrantRef, writable: Bool, at fixed: UnsafeMutableRawPointer?) -> Result<GrantMapping, GrantStatus> {
+        guard maptrack != nil else { return .failure(.permissionDenied) }
+        guard let dom = foreignDomain(d) else { return .failure(.badDomain) }
+        guard let handle = state.withLock({ $0.maps.allocate() }) else { return .failure(.noSpace) }
+        guard ref < dom.active.entries else {
+            state.withLock { $0.maps.release(handle) }
+            return .failure(.badGntref)
+        }
+        let pins = dom.active.lock(ref, owner: clientID)
+        let status = dom.entries.setBusy(ref, mapper: domid, writable: writable, forMap: true)
+        guard status == .okay else {
+            dom.active.unlock(ref, pins: pins)
+            state.withLock { $0.maps.release(handle) }
+            return .failure(status)
+        }
+        let frame: UInt32
+        if pins.any {
+            frame = dom.active.frameWord(ref).pointee
+        } else {
+            frame = dom.entries.frame(ref)  // latched once, as act->frame
+            dom.active.frameWord(ref).pointee = frame
+        }
+        guard frame < dom.pages else {
+            dom.entries.releaseBusy(ref, pins: pins)
+            dom.active.unlock(ref, pins: pins)
+            state.withLock { $0.maps.release(handle) }
+            return .failure(.generalError)
+        }
+        cxen_store_release_u64(maptrackEntry(handle), MaptrackLayout.pack(domid: d, ref: ref, writable: writable))
+        publishHighWater(handle + 1)
+        dom.active.unlock(ref, pins: Pins(read: pins.read + (writable ? 0 : 1), write: pins.write + (writable ? 1 : 0)))
+
+        let prot = writable ? (PROT_READ | PROT_WRITE) : PROT_READ
+        let flags = MAP_SHARED | (fixed == nil ? 0 : MAP_FIXED)
+        let p = mmap(fixed, HVLimits.pageSize, prot, flags, dom.memory.fd.rawValue, off_t(frame) * off_t(HVLimits.pageSize))
+        guard let p, p != MAP_FAILED else {
+            release(handle: handle, dom: dom, ref: ref, writable: writable)
+            return .failure(.generalError)
+        }
+        state.withLock { $0.maps.addresses[Int(handle)] = UInt(bitPattern: p) }
+        return .success(GrantMapping(
+            handle: handle, domid: d, ref: ref, region: GuestRegion(base: p, count: HVLimits.pageSize, writable: writable)))
+    }
+
+    /// `GNTTABOP_unmap_grant_ref`: unmaps the page and drops its pin; the busy
+    /// bits clear when no pin needs them, so the granter can revoke again.
+    @discardableResult
+    public func unmapGrant(_ m: GrantMapping) -> GrantStatus {
+        unmap(handle: m.handle)
+    }
+
+    /// Unmaps every page of a contiguous mapping.
+    public func unmapGrants(_ m: ContiguousGrantMapping) {
+        for p in m.pages { unmap(handle: p.handle) }
+    }
+
+    /// `GNTTABOP_unmap_grant_ref` by handle: GNTST_bad_handle for a handle not in use.
+    @discardableResult
+    public func unmap(handle: GrantHandle) -> GrantStatus {
+        guard maptrack != nil, handle < HVLimits.maptrackEntries else { return .badHandle }
+        let e = cxen_load_acquire_u64(maptrackEntry(handle))
+        guard e & MaptrackLayout.inUse != 0 else { return .badHandle }
+        let d = DomID(truncatingIfNeeded: e >> 32)
+        let ref = GrantRef(truncatingIfNeeded: e)
+        let writable = e & MaptrackLayout.writable != 0
+        let addr = state.withLock { $0.maps.addresses[Int(handle)] }
+        if addr != 0 { munmap(UnsafeMutableRawPointer(bitPattern: addr), HVLimits.pageSize) }
+        guard let dom = state.withLock({ $0.domains[d] }) else { return .badHandle }
+        release(handle: handle, dom: dom, ref: ref, writable: writable)
+        return .okay
+    }
+
+    private func release(handle: GrantHandle, dom: ForeignDomain, ref: GrantRef, writable: Bool) {
+        let pins = dom.active.lock(ref, owner: clientID)
+        let left = Pins(read: pins.read - (writable ? 0 : min(1, pins.read)),
+                        write: pins.write - (writable ? min(1, pins.write) : 0))
+        dom.entries.releaseBusy(ref, pins: left)
+        cxen_store_release_u64(maptrackEntry(handle), 0)
+        dom.active.unlock(ref, pins: left)
+        state.withLock { $0.maps.release(handle) }
+    }
+
+    /// Batched `GNTTABOP_copy`: for each op, checks offsets (GNTST_bad_copy_arg
+    /// when `offset + len` crosses the page), the domains and refs, pins the
+    /// grants for the copy (GTF_reading on the source, GTF_writing on the
+    /// destination) and copies. Each op's status is set in place.
+    public func copyGrants(_ ops: inout [GrantCopy]) {
+        for i in ops.indices { ops[i].status = copyOne(ops[i]) }
+    }
+
+    private struct CopyEnd {
+        let dom: ForeignDomain
+        let ref: GrantRef
+        let offset: Int
+    }
+
+    private func resolve(_ end: GrantCopyEnd, length: Int) -> Result<CopyEnd?, GrantStatus> {
+        guard case let .grant(d, ref, offset) = end else { return .success(nil) }
+        guard Int(offset) + length <= HVLimits.pageSize else { return .failure(.badCopyArg) }
+        guard let dom = foreignDomain(d) else { return .failure(.badDomain) }
+        guard ref < dom.active.entries else { return .failure(.badGntref) }
+        return .success(CopyEnd(dom: dom, ref: ref, offset: Int(offset)))
+    }
+
+    private func copyOne(_ op: GrantCopy) -> GrantStatus {
+        guard maptrack != nil else { return .permissionDenied }
+        let len = Int(op.length)
+        // Offsets of both ends first, as Xen checks them before anything else.
+        for end in [op.source, op.dest] {
+            if case let .grant(_, _, off) = end, Int(off) + len > HVLimits.pageSize { return .badCopyArg }
+        }
+        let src: CopyEnd?, dst: CopyEnd?
+        switch resolve(op.source, length: len) { case .success(let e): src = e; case .failure(let s): return s }
+        switch resolve(op.dest, length: len) { case .success(let e): dst = e; case .failure(let s): return s }
+
+        // Pin what is granted, in a fixed (domid, ref) order so two copies never deadlock.
+        var pinned: [(end: CopyEnd, writable: Bool)] = []
+        if let s = src { pinned.append((s, false)) }
+        if let d = dst {
+            if let s = src, s.dom === d.dom, s.ref == d.ref { pinned[0].writable = true } else { pinned.append((d, true)) }
+        }
+        pinned.sort { ($0.end.dom.domid, $0.end.ref) < ($1.end.dom.domid, $1.end.ref) }
+        var held: [(CopyEnd, Pins)] = []
+        defer {
+            for (e, pins) in held.reversed() {
+                e.dom.entries.releaseBusy(e.ref, pins: pins)
+                e.dom.active.unlock(e.ref, pins: pins)
+            }
+        }
+        var frames: [UInt32] = []
+        for (e, w) in pinned {
+            let pins = e.dom.active.lock(e.ref, owner: clientID)
+            let st = e.dom.entries.setBusy(e.ref, mapper: domid, writable: w, forMap: false)
+            guard st == .okay else {
+                e.dom.active.unlock(e.ref, pins: pins)
+                return st
+            }
+            held.append((e, pins))
+            let frame = pins.any ? e.dom.active.frameWord(e.ref).pointee : e.dom.entries.frame(e.ref)
+            guard frame < e.dom.pages else { return .generalError }
+            frames.append(frame)
+        }
+        func address(_ end: GrantCopyEnd, _ ce: CopyEnd?) -> UnsafeMutableRawPointer? {
+            if case let .local(p) = end { return p }
+            guard let ce, let i = pinned.firstIndex(where: { $0.end.dom === ce.dom && $0.end.ref == ce.ref }),
+                  let mem = ce.dom.wholeMemory else { return nil }
+            return mem + Int(frames[i]) * HVLimits.pageSize + ce.offset
+        }
+        guard let from = address(op.source, src), let to = address(op.dest, dst) else { return .generalError }
+        memmove(to, from, len)
+        return .okay
+    }
+}

@@ -1,0 +1,363 @@
+import CXen
+import Glibc
+import Synchronization
+import SystemPackage
+
+/// A connection to the xenhv daemon: the hypervisor core as seen from one
+/// process. Dom0 services connect to xenhv's socket; a guest process inherits a
+/// connection its toolstack got at domain creation, so its identity comes from
+/// that descriptor, never from anything it claims.
+///
+/// Lifecycle calls (create/destroy, binding ports, growing the grant table) are
+/// round trips; the fast paths run in-process on shared memory: ring access,
+/// grant checks and pins, notifications.
+public final class Hypervisor: @unchecked Sendable {
+    // Sound: mutable state is behind `io` and `state` mutexes; the rest is immutable.
+    public let domid: DomID
+    /// Our id at xenhv (names us as the holder of grant-entry locks).
+    let clientID: UInt32
+    let sock: CInt
+    private let io = Mutex<[UInt8]>([])
+    /// Our domain's shared_info page.
+    public let sharedInfo: SharedInfo
+    /// Per-port binding generations of our domain (read-only view).
+    let portGenerations: SharedMemory
+    /// Dom0 only: our maptrack.
+    let maptrack: SharedMemory?
+    /// Guest only: our pseudo-physical memory and grant table.
+    public let memory: SharedMemory?
+    let grantTableMemory: SharedMemory?
+    /// Guest only: our start_info, as the domain builder wrote it.
+    public var startInfo: StartInfo? { memory.map { StartInfo(memory: $0.region) } }
+
+    let state = Mutex<ClientState>(ClientState())
+
+    struct ClientState {
+        var domains: [DomID: ForeignDomain] = [:]
+        var peers: [EventPort: (generation: UInt32, fd: CInt)] = [:]
+        var maps = MapHandles()
+    }
+
+    public var isPrivileged: Bool { domid == 0 }
+
+    /// Connects to xenhv's socket as a dom0 service.
+    public static func connect(socketPath: String) throws -> Hypervisor {
+        let s = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard s >= 0 else { throw HypervisorError.system(call: "socket", errno: errno) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(socketPath.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
+            Glibc.close(s)
+            throw HypervisorError.cannotConnect(path: socketPath, errno: ENAMETOOLONG)
+        }
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in
+            p.copyBytes(from: bytes)
+            p[bytes.count] = 0
+        }
+        let r = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                Glibc.connect(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
+        }
+        guard r == 0 else {
+            let e = errno
+            Glibc.close(s)
+            throw HypervisorError.cannotConnect(path: socketPath, errno: e)
+        }
+        return try Hypervisor(socket: s)
+    }
+
+    /// Adopts an inherited guest connection (the descriptor a toolstack got from
+    /// ``createDomain(pages:name:)``).
+    public static func guest(descriptor: CInt) throws -> Hypervisor {
+        try Hypervisor(socket: descriptor)
+    }
+
+    /// A guest process's connection, from the descriptor named by `XENHV_GUEST_FD`.
+    public static func guestFromEnvironment() throws -> Hypervisor {
+        guard let v = getenv("XENHV_GUEST_FD"), let fd = CInt(String(cString: v)) else {
+            throw HypervisorError.protocolViolation("XENHV_GUEST_FD is not set")
+        }
+        return try guest(descriptor: fd)
+    }
+
+    private init(socket s: CInt) throws {
+        sock = s
+        var buf = [UInt8]()
+        try WireMessage(code: Int32(HVOp.hello.rawValue), payload: []).send(on: s)
+        guard let reply = try WireMessage.receive(on: s, buffer: &buf) else { throw HypervisorError.connectionLost }
+        guard reply.code == 0 else {
+            reply.fds.forEach { _ = Glibc.close($0) }
+            throw XenErrno(-reply.code)
+        }
+        var r = WireReader(reply.payload)
+        domid = try r.u16()
+        clientID = try r.u32()
+        let pages = try r.u32()
+        let fds = reply.fds
+        let need = domid == 0 ? 3 : 4
+        guard fds.count == need else {
+            fds.forEach { _ = Glibc.close($0) }
+            throw HypervisorError.protocolViolation("hello carried \(fds.count) descriptors")
+        }
+        sharedInfo = SharedInfo(memory: try SharedMemory(adopting: fds[0], size: HVLimits.pageSize, writable: true))
+        portGenerations = try SharedMemory(adopting: fds[1], size: Int(HVLimits.eventChannelPorts) * 4, writable: false)
+        if domid == 0 {
+            maptrack = try SharedMemory(adopting: fds[2], size: MaptrackLayout.size, writable: true)
+            memory = nil
+            grantTableMemory = nil
+        } else {
+            maptrack = nil
+            memory = try SharedMemory(adopting: fds[2], size: Int(pages) * HVLimits.pageSize, writable: true)
+            grantTableMemory = try SharedMemory(
+                adopting: fds[3], size: Int(HVLimits.maxGrantFrames) * HVLimits.pageSize, writable: true)
+        }
+    }
+
+    deinit {
+        state.withLock { s in
+            for (_, p) in s.peers { Glibc.close(p.fd) }
+        }
+        Glibc.close(sock)
+    }
+
+    /// One request/response round trip to xenhv.
+    func call(_ op: HVOp, _ build: (inout WireWriter) -> Void = { _ in }) throws -> (WireReader, [CInt]) {
+        var w = WireWriter()
+        build(&w)
+        let reply: WireMessage = try io.withLock { buf in
+            try WireMessage(code: Int32(op.rawValue), payload: w.bytes).send(on: sock)
+            guard let m = try WireMessage.receive(on: sock, buffer: &buf) else { throw HypervisorError.connectionLost }
+            return m
+        }
+        guard reply.code == 0 else {
+            reply.fds.forEach { _ = Glibc.close($0) }
+            throw XenErrno(-reply.code)
+        }
+        return (WireReader(reply.payload), reply.fds)
+    }
+
+    // MARK: Domains (toolstack; dom0 only)
+
+    /// A domain fresh from the builder, and the connection its guest process must inherit.
+    public struct CreatedDomain: Sendable {
+        public let domid: DomID
+        /// Hand this to the guest process (see ``Hypervisor/guest(descriptor:)``); the
+        /// creator owns it and closes its copy once the guest has it.
+        public let guestDescriptor: CInt
+        public let storePort: EventPort
+        public let consolePort: EventPort
+        public let storeMFN: UInt64
+        public let consoleMFN: UInt64
+    }
+
+    /// `XEN_DOMCTL_createdomain` plus the PV builder: `pages` 4 KiB pages of
+    /// memory, start_info, shared_info, the xenstore and console pages and their
+    /// unbound event channels (remote end: dom0).
+    public func createDomain(pages: UInt32, name: String) throws -> CreatedDomain {
+        var (r, fds) = try call(.createDomain) { $0.u32(pages); $0.string(name) }
+        guard fds.count == 1 else { throw HypervisorError.protocolViolation("createDomain without descriptor") }
+        return CreatedDomain(
+            domid: try r.u16(), guestDescriptor: fds[0], storePort: try r.u32(), consolePort: try r.u32(),
+            storeMFN: try r.u64(), consoleMFN: try r.u64())
+    }
+
+    /// `XEN_DOMCTL_destroydomain`: closes the domain's ports (their peers become
+    /// unbound and are woken), drops its memory and grant table, hangs up its
+    /// guest connection and raises VIRQ_DOM_EXC.
+    public func destroyDomain(_ d: DomID) throws { _ = try call(.destroyDomain) { $0.u16(d) } }
+    /// Names the process that runs domain `d` (the toolstack knows it; dom0 only),
+    /// so pause, unpause and destroy act on it.
+    public func attachProcess(_ pid: Int32, to d: DomID) throws {
+        _ = try call(.attachProcess) { $0.u16(d); $0.u32(UInt32(bitPattern: pid)) }
+    }
+    /// Stops the guest process (SIGSTOP) and marks the domain paused.
+    public func pauseDomain(_ d: DomID) throws { _ = try call(.pauseDomain) { $0.u16(d) } }
+    public func unpauseDomain(_ d: DomID) throws { _ = try call(.unpauseDomain) { $0.u16(d) } }
+
+    public struct DomainInfo: Sendable, Equatable {
+        public let domid: DomID
+        public let name: String
+        public let pages: UInt32
+        public let state: UInt32
+        public var stateLetters: String { DomainState(rawValue: state)?.description ?? "------" }
+    }
+
+    /// `XEN_SYSCTL_getdomaininfolist`.
+    public func listDomains() throws -> [DomainInfo] {
+        var (r, _) = try call(.listDomains)
+        let n = try r.u32()
+        return try (0..<n).map { _ in
+            DomainInfo(domid: try r.u16(), name: try r.string(), pages: try r.u32(), state: try r.u32())
+        }
+    }
+
+    // MARK: Event channels
+
+    /// `EVTCHNOP_alloc_unbound`: a port in `dom` (ours, or any domain for dom0)
+    /// that `remote` may bind. The channel object is returned when the port is ours.
+    public func allocUnbound(in dom: DomID = HVLimits.domidSelf, remote: DomID) throws -> EventPort {
+        var (r, fds) = try call(.allocUnbound) { $0.u16(dom); $0.u16(remote) }
+        fds.forEach { _ = Glibc.close($0) }
+        return try r.u32()
+    }
+
+    /// Our own port's wake-up object (for ports allocated with ``allocUnbound(in:remote:)``
+    /// or by the builder, like start_info's store_evtchn).
+    public func channel(_ port: EventPort) throws -> EventChannel {
+        let (_, fds) = try call(.portDescriptor) { $0.u32(port) }
+        guard fds.count == 1 else { throw HypervisorError.protocolViolation("portDescriptor without descriptor") }
+        return EventChannel(port: port, descriptor: fds[0], hypervisor: self)
+    }
+
+    /// `EVTCHNOP_bind_interdomain`: connects a new local port to `remotePort`
+    /// of `remote`, which must be unbound and offered to us.
+    public func bindInterdomain(remote: DomID, remotePort: EventPort) throws -> EventChannel {
+        var (r, fds) = try call(.bindInterdomain) { $0.u16(remote); $0.u32(remotePort) }
+        let port = try r.u32()
+        guard fds.count == 1 else { throw HypervisorError.protocolViolation("bind without descriptor") }
+        return EventChannel(port: port, descriptor: fds[0], hypervisor: self)
+    }
+
+    /// `EVTCHNOP_bind_virq` for VIRQ_DOM_EXC (dom0): wakes when any domain dies.
+    public func bindVirq(_ virq: UInt32) throws -> EventChannel {
+        var (r, fds) = try call(.bindVirq) { $0.u32(virq) }
+        let port = try r.u32()
+        guard fds.count == 1 else { throw HypervisorError.protocolViolation("bind without descriptor") }
+        return EventChannel(port: port, descriptor: fds[0], hypervisor: self)
+    }
+
+    /// `EVTCHNOP_close`.
+    public func close(port: EventPort) throws {
+        _ = try call(.close) { $0.u32(port) }
+        state.withLock { s in
+            if let p = s.peers.removeValue(forKey: port) { Glibc.close(p.fd) }
+        }
+    }
+
+    /// `EVTCHNOP_status`.
+    public func status(of port: EventPort, in dom: DomID = HVLimits.domidSelf) throws -> EventChannelStatus {
+        var (r, _) = try call(.status) { $0.u16(dom); $0.u32(port) }
+        let kind = try r.u32()
+        let a = try r.u32(), b = try r.u32()
+        switch kind {
+        case UInt32(EVTCHNSTAT_closed): return .closed
+        case UInt32(EVTCHNSTAT_unbound): return .unbound(remote: DomID(truncatingIfNeeded: a))
+        case UInt32(EVTCHNSTAT_interdomain): return .interdomain(remote: DomID(truncatingIfNeeded: a), remotePort: b)
+        case UInt32(EVTCHNSTAT_virq): return .virq(a)
+        default: throw HypervisorError.protocolViolation("status \(kind)")
+        }
+    }
+
+    /// `EVTCHNOP_send`, in-process: a write to the peer port's eventfd. The
+    /// peer's descriptor is fetched once per binding (its generation changes
+    /// whenever the port is rebound) and cached. Sending on an unbound port does
+    /// nothing, as on Xen; an invalid or foreign port is `-EINVAL`.
+    @inline(__always)
+    public func notify(_ port: EventPort) throws {
+        guard port > 0, port < HVLimits.eventChannelPorts else { throw XenErrno.EINVAL }
+        let gen = generation(of: port)
+        let fd: CInt? = state.withLock { s in
+            if let p = s.peers[port], p.generation == gen { return p.fd }
+            return nil
+        }
+        if let fd {
+            var one: UInt64 = 1
+            _ = write(fd, &one, 8)
+            return
+        }
+        try notifySlow(port)
+    }
+
+    private func notifySlow(_ port: EventPort) throws {
+        let gen = generation(of: port)
+        let (_, fds) = try call(.peerDescriptor) { $0.u32(port) }
+        guard let fd = fds.first else { return }  // unbound: nothing to wake
+        var one: UInt64 = 1
+        _ = write(fd, &one, 8)
+        state.withLock { s in
+            if let old = s.peers.updateValue((gen, fd), forKey: port) { Glibc.close(old.fd) }
+        }
+    }
+
+    @inline(__always) func generation(of port: EventPort) -> UInt32 {
+        cxen_load_acquire_u32((portGenerations.base! + Int(port) * 4).assumingMemoryBound(to: UInt32.self))
+    }
+
+    // MARK: Grant tables
+
+    /// `GNTTABOP_setup_table`: grows our grant table to `frames` frames.
+    public func setupGrantTable(frames: UInt32) throws { _ = try call(.setupTable) { $0.u32(frames) } }
+
+    /// `GNTTABOP_query_size`: (current frames, maximum frames) of `dom`'s table.
+    public func queryGrantTableSize(of dom: DomID = HVLimits.domidSelf) throws -> (frames: UInt32, max: UInt32) {
+        var (r, _) = try call(.querySize) { $0.u16(dom) }
+        return (try r.u32(), try r.u32())
+    }
+
+    /// The grant table we write as a granter (guests).
+    public var grantTable: GrantTableWriter? {
+        grantTableMemory.map { GrantTableWriter(memory: $0) }
+    }
+
+    /// Opens (once) the shared objects of a foreign domain, for mapping and copying.
+    func foreignDomain(_ d: DomID) -> ForeignDomain? {
+        if let f = state.withLock({ $0.domains[d] }), f.active.state != .dying { return f }
+        guard isPrivileged, let (r, fds) = try? call(.openDomain, { $0.u16(d) }) else { return nil }
+        var reader = r
+        guard fds.count == 3, let pages = try? reader.u32(),
+              let f = try? ForeignDomain(domid: d, pages: pages, memoryFD: fds[0], grantFD: fds[1], privateFD: fds[2])
+        else {
+            fds.forEach { _ = Glibc.close($0) }
+            return nil
+        }
+        state.withLock { $0.domains[d] = f }
+        return f
+    }
+}
+
+/// `EVTCHNOP_status` results.
+public enum EventChannelStatus: Equatable, Sendable {
+    case closed
+    case unbound(remote: DomID)
+    case interdomain(remote: DomID, remotePort: EventPort)
+    case virq(UInt32)
+}
+
+/// The shared objects of a domain another process granted us access to.
+final class ForeignDomain: @unchecked Sendable {
+    // Sound: immutable after init except the lazily mapped whole-memory view,
+    // which is set once under `lazyLock`.
+    let domid: DomID
+    let pages: UInt32
+    let memory: SharedMemory  // descriptor only; pages mapped per grant
+    let grantTable: SharedMemory
+    let privateArea: SharedMemory
+    let entries: SharedGrantEntries
+    let active: ActiveGrantTable
+    private let lazyLock = Mutex<UnsafeMutableRawPointer?>(nil)
+
+    init(domid: DomID, pages: UInt32, memoryFD: CInt, grantFD: CInt, privateFD: CInt) throws {
+        self.domid = domid
+        self.pages = pages
+        memory = try SharedMemory(adopting: memoryFD, size: Int(pages) * HVLimits.pageSize, writable: true, map: false)
+        grantTable = try SharedMemory(adopting: grantFD, size: Int(HVLimits.maxGrantFrames) * HVLimits.pageSize, writable: true)
+        privateArea = try SharedMemory(adopting: privateFD, size: PrivateLayout.size, writable: true)
+        entries = SharedGrantEntries(base: grantTable.base!, capacity: HVLimits.maxGrantFrames * HVLimits.grantEntriesPerFrame)
+        active = ActiveGrantTable(base: privateArea.base!)
+    }
+
+    /// The whole of the domain's memory, mapped on first use (grant copy).
+    var wholeMemory: UnsafeMutableRawPointer? {
+        lazyLock.withLock { p in
+            if let p { return p }
+            p = try? SharedMemory.mapShared(fd: memory.fd.rawValue, size: memory.size, writable: true)
+            return p
+        }
+    }
+
+    deinit {
+        if let p = lazyLock.withLock({ $0 }) { munmap(p, memory.size) }
+    }
+}

@@ -1,0 +1,93 @@
+import CXen
+
+/// A domain id (`domid_t`).
+public typealias DomID = UInt16
+/// An event-channel port (`evtchn_port_t`).
+public typealias EventPort = UInt32
+/// A grant reference (`grant_ref_t`).
+public typealias GrantRef = UInt32
+/// A handle returned by a grant map (`grant_handle_t`).
+public typealias GrantHandle = UInt32
+
+/// Fixed numbers of the hypervisor core, Xen's defaults where Xen has one.
+public enum HVLimits {
+    public static let pageSize = 4096
+    /// 2-level ABI on 64-bit: `EVTCHN_2L_NR_CHANNELS` = 64 * 64; port 0 is never valid.
+    public static let eventChannelPorts: UInt32 = 4096
+    /// Xen's default `max_grant_frames`.
+    public static let maxGrantFrames: UInt32 = 64
+    /// v1 entries per 4 KiB grant frame.
+    public static let grantEntriesPerFrame: UInt32 = 512
+    /// Frames a new domain's table starts with (Linux guests ask for more with setup_table).
+    public static let initialGrantFrames: UInt32 = 4
+    /// Xen's default `max_maptrack_frames` (1024) times `MAPTRACK_PER_PAGE` (4096 / 16-byte
+    /// `struct grant_mapping`): handles one mapper can hold at once.
+    public static let maptrackEntries: UInt32 = 1024 * 256
+    /// `DOMID_FIRST_RESERVED`: domain ids from here up are special.
+    public static let firstReservedDomID: DomID = 0x7FF0
+    /// `DOMID_SELF`.
+    public static let domidSelf: DomID = 0x7FF0
+    /// Largest guest accepted at creation (64 GiB of 4 KiB pages).
+    public static let maxGuestPages: UInt32 = 16 << 20
+}
+
+/// Where the domain builder puts the special pages, counted back from the end of
+/// the guest's pseudo-physical memory (as a PV builder places them after the kernel).
+/// Frame numbers are guest PFNs; in this core the P2M is the identity, so an MFN
+/// handed to the guest (store_mfn, console mfn) is the same number.
+public enum SpecialPages {
+    public static let startInfoFromEnd: UInt32 = 1
+    public static let xenstoreFromEnd: UInt32 = 2
+    public static let consoleFromEnd: UInt32 = 3
+    /// Pages reserved at the top of guest memory.
+    public static let reserved: UInt32 = 3
+}
+
+/// The hypervisor-private per-domain area shared by xenhv and dom0 processes
+/// (never handed to the guest): a control page, then one `ActiveGrant` per
+/// possible grant entry — Xen's `struct active_grant_entry`.
+package enum PrivateLayout {
+    package static let controlSize = 4096
+    /// Control page words (u32): state, nr_grant_frames, nr_pages, generation.
+    package static let stateOffset = 0
+    package static let grantFramesOffset = 4
+    package static let pagesOffset = 8
+    package static let maxEntries = Int(HVLimits.maxGrantFrames * HVLimits.grantEntriesPerFrame)
+    /// u64 pin/lock word + u32 frame + u32 spare.
+    package static let activeStride = 16
+    package static var size: Int { controlSize + maxEntries * activeStride }
+}
+
+/// Domain states as seen in the control page.
+public enum DomainState: UInt32, Sendable, CustomStringConvertible {
+    case running = 1
+    case paused = 2
+    case dying = 3
+    /// The guest process went away without the toolstack destroying the domain.
+    case crashed = 4
+
+    /// xl list's state column ("rbpscd": running, blocked, paused, shutdown, crashed, dying).
+    public var description: String {
+        switch self {
+        case .running: "r-----"
+        case .paused: "--p---"
+        case .crashed: "----c-"
+        case .dying: "-----d"
+        }
+    }
+}
+
+/// A mapper's maptrack table (Xen's `struct grant_mapping` array), shared with
+/// xenhv so it can release a dead mapper's pins: a header page with the high-water
+/// mark, then one u64 per handle: ref (bits 0-31), domid (32-47), flags (48-63).
+package enum MaptrackLayout {
+    package static let headerSize = 4096
+    package static let entryStride = 8
+    package static let inUse: UInt64 = 1 << 48
+    package static let writable: UInt64 = 1 << 49
+    package static var size: Int { headerSize + Int(HVLimits.maptrackEntries) * entryStride }
+
+    @inline(__always) package static func pack(domid: DomID, ref: GrantRef, writable w: Bool) -> UInt64 {
+        UInt64(ref) | UInt64(domid) << 32 | inUse | (w ? writable : 0)
+    }
+}

@@ -1,0 +1,381 @@
+import CXen
+import Glibc
+import Logging
+import XenHV
+
+/// The xenhv daemon: owns domain lifecycle, hands out the descriptors of the
+/// shared state, records who holds what, and cleans up after processes that die.
+///
+/// Single-threaded, like a hypercall path serialised per op: one poll loop over
+/// the listening socket, the signalfd and every client connection.
+public final class HypervisorDaemon {
+    public struct Configuration: Sendable {
+        public var socketPath: String
+        public init(socketPath: String) { self.socketPath = socketPath }
+    }
+
+    /// A connected process: a dom0 service on the socket, or a guest on the
+    /// connection its domain was created with.
+    final class Client {
+        let id: UInt32
+        let fd: CInt
+        let domid: DomID
+        var greeted = false
+        /// Dom0 mappers only.
+        var maptrack: SharedMemory?
+        init(id: UInt32, fd: CInt, domid: DomID) {
+            self.id = id
+            self.fd = fd
+            self.domid = domid
+        }
+    }
+
+    /// Owner id xenhv uses when it takes a grant-entry lock itself.
+    static let hypervisorLockOwner: UInt32 = 0xFFFF_FFFF
+
+    let config: Configuration
+    var logger: Logger
+    let listenFD: CInt
+    let signalFD: CInt
+    var clients: [CInt: Client] = [:]
+    var domains: [DomID: Domain] = [:]
+    var nextClientID: UInt32 = 1
+    var nextDomID: DomID = 1
+    var virqDomExc: [(domid: DomID, port: EventPort)] = []
+    var recvBuffer: [UInt8] = []
+    var running = true
+
+    public init(configuration: Configuration, logger: Logger) throws {
+        self.config = configuration
+        self.logger = logger
+        signalFD = cxen_termination_signalfd()
+        guard signalFD >= 0 else { throw HypervisorError.system(call: "signalfd", errno: errno) }
+        listenFD = try Self.listen(at: configuration.socketPath)
+        domains[0] = try Domain(domid: 0, name: "Domain-0", pages: 0)
+    }
+
+    static func listen(at path: String) throws -> CInt {
+        let s = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard s >= 0 else { throw HypervisorError.system(call: "socket", errno: errno) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
+            Glibc.close(s)
+            throw HypervisorError.cannotConnect(path: path, errno: ENAMETOOLONG)
+        }
+        withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes); $0[bytes.count] = 0 }
+        // A stale socket from a dead xenhv is replaced; a live one is not stolen.
+        let probe = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        let live = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(probe, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        } == 0
+        Glibc.close(probe)
+        if live {
+            Glibc.close(s)
+            throw HypervisorError.system(call: "bind \(path) (another xenhv is running)", errno: EADDRINUSE)
+        }
+        unlink(path)
+        let r = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard r == 0, chmod(path, 0o600) == 0, Glibc.listen(s, 64) == 0 else {
+            let e = errno
+            Glibc.close(s)
+            throw HypervisorError.system(call: "bind/listen \(path)", errno: e)
+        }
+        return s
+    }
+
+    /// Serves until SIGTERM, SIGINT or SIGHUP.
+    public func run() {
+        logger.info("xenhv listening", metadata: ["socket": "\(config.socketPath)"])
+        // The readiness line supervisors and tests wait for.
+        let ready = "xenhv ready \(config.socketPath)\n"
+        _ = ready.withCString { write(1, $0, strlen($0)) }
+        var pfds: [pollfd] = []
+        while running {
+            pfds.removeAll(keepingCapacity: true)
+            pfds.append(pollfd(fd: listenFD, events: Int16(POLLIN), revents: 0))
+            pfds.append(pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0))
+            for fd in clients.keys { pfds.append(pollfd(fd: fd, events: Int16(POLLIN), revents: 0)) }
+            let n = poll(&pfds, nfds_t(pfds.count), -1)
+            if n < 0 {
+                if errno == EINTR { continue }
+                logger.critical("poll failed: errno \(errno)")
+                break
+            }
+            if pfds[1].revents != 0 {
+                logger.info("xenhv stopping on signal")
+                break
+            }
+            if pfds[0].revents & Int16(POLLIN) != 0 { accept() }
+            // Hung-up connections first: a mapper that died is cleaned up before
+            // any request that arrived with it in the same round is answered.
+            let hup = Int16(POLLHUP | POLLERR)
+            for p in pfds.dropFirst(2) where p.revents & hup != 0 {
+                if let c = clients[p.fd] { serve(c) }
+            }
+            for p in pfds.dropFirst(2) where p.revents != 0 && p.revents & hup == 0 {
+                if let c = clients[p.fd] { serve(c) }
+            }
+        }
+        shutdown()
+    }
+
+    func accept() {
+        let fd = Glibc.accept(listenFD, nil, nil)
+        if fd >= 0 { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        guard fd >= 0 else { return }
+        let c = Client(id: nextClientID, fd: fd, domid: 0)
+        nextClientID += 1
+        clients[fd] = c
+        logger.debug("dom0 client connected", metadata: ["client": "\(c.id)", "pid": "\(cxen_peer_pid(fd))"])
+    }
+
+    func serve(_ c: Client) {
+        let msg: WireMessage?
+        do { msg = try WireMessage.receive(on: c.fd, buffer: &recvBuffer) } catch {
+            logger.warning("dropping client \(c.id): \(error)")
+            disconnect(c)
+            return
+        }
+        guard let msg else {
+            disconnect(c)
+            return
+        }
+        // Descriptors are never accepted from clients.
+        msg.fds.forEach { _ = Glibc.close($0) }
+        var reply: WireMessage
+        do {
+            guard let op = HVOp(rawValue: UInt32(bitPattern: msg.code)) else { throw XenErrno.ENOSYS }
+            if !c.greeted && op != .hello { throw XenErrno.EPERM }
+            var r = WireReader(msg.payload)
+            reply = try handle(op, &r, client: c)
+        } catch let e as XenErrno {
+            reply = WireMessage(code: -e.rawValue, payload: [])
+        } catch {
+            logger.warning("client \(c.id) sent a malformed request: \(error)")
+            reply = WireMessage(code: -XenErrno.EINVAL.rawValue, payload: [])
+        }
+        do { try reply.send(on: c.fd) } catch { disconnect(c) }
+        // Descriptors we created only to pass along are closed once sent.
+        reply.fds.forEach { if $0 >= 0 && ownedOnlyForSending.contains($0) { Glibc.close($0) } }
+        ownedOnlyForSending.removeAll(keepingCapacity: true)
+    }
+
+    /// Descriptors made for one reply (maptrack, socketpair ends) closed after sending.
+    var ownedOnlyForSending: Set<CInt> = []
+
+    func domain(_ d: DomID, for c: Client) throws(XenErrno) -> Domain {
+        let id = d == HVLimits.domidSelf ? c.domid : d
+        guard id == c.domid || c.domid == 0 else { throw .EPERM }
+        guard let dom = domains[id] else { throw .ESRCH }
+        return dom
+    }
+
+    func requirePrivileged(_ c: Client) throws(XenErrno) {
+        guard c.domid == 0 else { throw .EPERM }
+    }
+
+    func handle(_ op: HVOp, _ r: inout WireReader, client c: Client) throws -> WireMessage {
+        var w = WireWriter()
+        var fds: [CInt] = []
+        switch op {
+        case .hello:
+            guard !c.greeted else { throw XenErrno.EINVAL }
+            c.greeted = true
+            let dom = try domain(c.domid, for: c)
+            w.u16(c.domid); w.u32(c.id); w.u32(dom.pages)
+            fds.append(dom.sharedInfo.fd.rawValue)
+            let ro = try dom.portGenerations.readOnlyDescriptor()
+            ownedOnlyForSending.insert(ro)
+            fds.append(ro)
+            if c.domid == 0 {
+                let mt = try SharedMemory(creating: "xen-maptrack-\(c.id)", size: MaptrackLayout.size)
+                c.maptrack = mt
+                fds.append(mt.fd.rawValue)
+            } else {
+                fds.append(dom.memory!.fd.rawValue)
+                fds.append(dom.grantTable.fd.rawValue)
+            }
+
+        case .createDomain:
+            try requirePrivileged(c)
+            let pages = try r.u32()
+            let name = try r.string()
+            let (d, guestEnd) = try createDomain(pages: pages, name: name)
+            ownedOnlyForSending.insert(guestEnd)
+            fds.append(guestEnd)
+            w.u16(d.domid); w.u32(d.storePort); w.u32(d.consolePort)
+            w.u64(UInt64(d.pages - SpecialPages.xenstoreFromEnd)); w.u64(UInt64(d.pages - SpecialPages.consoleFromEnd))
+
+        case .destroyDomain:
+            try requirePrivileged(c)
+            let d = try r.u16()
+            guard d != 0 else { throw XenErrno.EINVAL }
+            guard let dom = domains[d] else { throw XenErrno.ESRCH }
+            destroy(dom)
+
+        case .listDomains:
+            try requirePrivileged(c)
+            let all = domains.values.sorted { $0.domid < $1.domid }
+            w.u32(UInt32(all.count))
+            for d in all { w.u16(d.domid); w.string(d.name); w.u32(d.pages); w.u32(d.state.rawValue) }
+
+        case .pauseDomain, .unpauseDomain:
+            try requirePrivileged(c)
+            let d = try r.u16()
+            guard d != 0, let dom = domains[d] else { throw d == 0 ? XenErrno.EINVAL : XenErrno.ESRCH }
+            let pause = op == .pauseDomain
+            if dom.process > 0 { kill(dom.process, pause ? SIGSTOP : SIGCONT) }
+            dom.active.setState(pause ? .paused : .running)
+
+        case .attachProcess:
+            try requirePrivileged(c)
+            let d = try r.u16()
+            let pid = Int32(bitPattern: try r.u32())
+            guard d != 0, let dom = domains[d] else { throw XenErrno.ESRCH }
+            guard pid > 0 else { throw XenErrno.EINVAL }
+            dom.process = pid
+
+        case .openDomain:
+            try requirePrivileged(c)
+            let d = try r.u16()
+            guard d != 0, let dom = domains[d], dom.state != .dying else { throw XenErrno.ESRCH }
+            w.u32(dom.pages)
+            fds = [dom.memory!.fd.rawValue, dom.grantTable.fd.rawValue, dom.privateArea.fd.rawValue]
+
+        case .allocUnbound:
+            let dom = try domain(try r.u16(), for: c)
+            var remote = try r.u16()
+            if remote == HVLimits.domidSelf { remote = c.domid }
+            let port = try allocate(in: dom, .unbound(remote: remote), owner: dom.domid == 0 ? c.id : 0)
+            w.u32(port)
+
+        case .bindInterdomain:
+            let local = try domain(c.domid, for: c)
+            var rd = try r.u16()
+            if rd == HVLimits.domidSelf { rd = c.domid }
+            let rport = try r.u32()
+            guard let remote = domains[rd], remote.state != .dying else { throw XenErrno.ESRCH }
+            guard rport > 0, rport < HVLimits.eventChannelPorts,
+                  remote.ports[Int(rport)].state == .unbound(remote: local.domid) else { throw XenErrno.EINVAL }
+            let lport = try allocate(in: local, .interdomain(remote: rd, remotePort: rport), owner: local.domid == 0 ? c.id : 0)
+            remote.ports[Int(rport)].state = .interdomain(remote: local.domid, remotePort: lport)
+            remote.bumpGeneration(rport)
+            // Xen conservatively raises the new local port: a notification sent
+            // while the remote end was unbound may have been lost.
+            kick(local.ports[Int(lport)].eventfd)
+            w.u32(lport)
+            fds.append(local.ports[Int(lport)].eventfd)
+
+        case .bindVirq:
+            try requirePrivileged(c)
+            let virq = try r.u32()
+            guard virq == UInt32(VIRQ_DOM_EXC) else { throw XenErrno.EINVAL }
+            let dom0 = domains[0]!
+            let port = try allocate(in: dom0, .virq(virq), owner: c.id)
+            virqDomExc.append((0, port))
+            w.u32(port)
+            fds.append(dom0.ports[Int(port)].eventfd)
+
+        case .close:
+            let dom = try domain(c.domid, for: c)
+            let port = try r.u32()
+            try checkOwned(port, in: dom, by: c)
+            close(port, in: dom)
+
+        case .status:
+            let dom = try domain(try r.u16(), for: c)
+            let port = try r.u32()
+            guard port > 0, port < HVLimits.eventChannelPorts else { throw XenErrno.EINVAL }
+            switch dom.ports[Int(port)].state {
+            case .free: w.u32(UInt32(EVTCHNSTAT_closed)); w.u32(0); w.u32(0)
+            case .unbound(let rd): w.u32(UInt32(EVTCHNSTAT_unbound)); w.u32(UInt32(rd)); w.u32(0)
+            case .interdomain(let rd, let rp): w.u32(UInt32(EVTCHNSTAT_interdomain)); w.u32(UInt32(rd)); w.u32(rp)
+            case .virq(let v): w.u32(UInt32(EVTCHNSTAT_virq)); w.u32(v); w.u32(0)
+            }
+
+        case .peerDescriptor:
+            let dom = try domain(c.domid, for: c)
+            let port = try r.u32()
+            try checkOwned(port, in: dom, by: c)
+            switch dom.ports[Int(port)].state {
+            case .interdomain(let rd, let rp):
+                guard let remote = domains[rd] else { break }
+                let fd = remote.ports[Int(rp)].eventfd
+                if fd >= 0 { fds.append(fd) }
+            case .unbound: break
+            default: throw XenErrno.EINVAL
+            }
+
+        case .portDescriptor:
+            let dom = try domain(c.domid, for: c)
+            let port = try r.u32()
+            try checkOwned(port, in: dom, by: c)
+            fds.append(dom.ports[Int(port)].eventfd)
+
+        case .setupTable:
+            let dom = try domain(c.domid, for: c)
+            let frames = try r.u32()
+            guard frames <= HVLimits.maxGrantFrames else { throw XenErrno.EINVAL }
+            if frames > dom.active.grantFrames { dom.active.setGrantFrames(frames) }
+
+        case .querySize:
+            let dom = try domain(try r.u16(), for: c)
+            w.u32(dom.active.grantFrames); w.u32(HVLimits.maxGrantFrames)
+        }
+        return WireMessage(code: 0, payload: w.bytes, fds: fds)
+    }
+
+    /// A port may be used by the client that holds it; a guest holds all of its domain's.
+    func checkOwned(_ port: EventPort, in dom: Domain, by c: Client) throws(XenErrno) {
+        guard port > 0, port < HVLimits.eventChannelPorts, dom.ports[Int(port)].state != .free else { throw .EINVAL }
+        let owner = dom.ports[Int(port)].owner
+        guard owner == 0 || owner == c.id else { throw .EPERM }
+    }
+
+    func allocate(in dom: Domain, _ state: Port.State, owner: UInt32) throws(XenErrno) -> EventPort {
+        guard let port = dom.freePort() else { throw .ENOSPC }
+        let efd = cxen_eventfd(0, 0x80000 /* EFD_CLOEXEC */)
+        guard efd >= 0 else { throw .ENOMEM }
+        dom.ports[Int(port)] = Port(state: state, eventfd: efd, owner: owner)
+        dom.bumpGeneration(port)
+        return port
+    }
+
+    /// `EVTCHNOP_close` (and the per-port part of `evtchn_destroy`): an
+    /// interdomain peer goes back to unbound, waiting for a new connection.
+    func close(_ port: EventPort, in dom: Domain, wakePeer: Bool = false) {
+        let p = dom.ports[Int(port)]
+        if case let .interdomain(rd, rp) = p.state, let remote = domains[rd] {
+            remote.ports[Int(rp)].state = .unbound(remote: dom.domid)
+            remote.bumpGeneration(rp)
+            if wakePeer { kick(remote.ports[Int(rp)].eventfd) }
+        }
+        if case .virq = p.state { virqDomExc.removeAll { $0.domid == dom.domid && $0.port == port } }
+        if p.eventfd >= 0 { Glibc.close(p.eventfd) }
+        dom.ports[Int(port)] = Port()
+        dom.bumpGeneration(port)
+    }
+
+    func kick(_ fd: CInt) {
+        guard fd >= 0 else { return }
+        var one: UInt64 = 1
+        _ = write(fd, &one, 8)
+    }
+
+    /// Raises VIRQ_DOM_EXC on every port bound to it.
+    func raiseDomExc() {
+        guard let dom0 = domains[0] else { return }
+        for (_, port) in virqDomExc { kick(dom0.ports[Int(port)].eventfd) }
+    }
+
+    func shutdown() {
+        for c in Array(clients.values) { disconnect(c) }
+        Glibc.close(listenFD)
+        unlink(config.socketPath)
+        logger.info("xenhv stopped")
+    }
+}

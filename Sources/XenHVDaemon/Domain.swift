@@ -1,0 +1,93 @@
+import CXen
+import Glibc
+import XenHV
+
+/// One event-channel port's state in xenhv (Xen's `struct evtchn`).
+struct Port {
+    enum State: Equatable {
+        case free
+        case unbound(remote: DomID)
+        case interdomain(remote: DomID, remotePort: EventPort)
+        case virq(UInt32)
+    }
+    var state: State = .free
+    /// The wake-up eventfd the port's owner waits on (-1 when free).
+    var eventfd: CInt = -1
+    /// The client that holds the port; 0 when it belongs to the domain itself
+    /// (a guest's ports, or ports the builder made).
+    var owner: UInt32 = 0
+}
+
+/// A domain as xenhv keeps it (Xen's `struct domain`): its shared objects,
+/// its 2-level event-channel table and the process that runs it.
+final class Domain {
+    let domid: DomID
+    let name: String
+    let pages: UInt32
+    /// Guest pseudo-physical memory (not mapped by xenhv: only the start_info page is, once).
+    let memory: SharedMemory?
+    let sharedInfo: SharedMemory
+    let grantTable: SharedMemory
+    let privateArea: SharedMemory
+    let portGenerations: SharedMemory
+    var ports: [Port]
+    var process: pid_t = 0
+    var guestClient: UInt32 = 0
+    var storePort: EventPort = 0
+    var consolePort: EventPort = 0
+
+    var active: ActiveGrantTable { ActiveGrantTable(base: privateArea.base!) }
+    var entries: SharedGrantEntries {
+        SharedGrantEntries(base: grantTable.base!, capacity: HVLimits.maxGrantFrames * HVLimits.grantEntriesPerFrame)
+    }
+    var state: DomainState { active.state ?? .dying }
+
+    init(domid: DomID, name: String, pages: UInt32) throws {
+        self.domid = domid
+        self.name = name
+        self.pages = pages
+        memory = pages > 0
+            ? try SharedMemory(creating: "xen-d\(domid)-memory", size: Int(pages) * HVLimits.pageSize, map: false) : nil
+        sharedInfo = try SharedMemory(creating: "xen-d\(domid)-shared-info", size: HVLimits.pageSize, map: false)
+        // Mapped so xenhv can repair busy bits after a mapper dies; untouched pages cost nothing.
+        grantTable = try SharedMemory(
+            creating: "xen-d\(domid)-grant-table", size: Int(HVLimits.maxGrantFrames) * HVLimits.pageSize)
+        privateArea = try SharedMemory(creating: "xen-d\(domid)-private", size: PrivateLayout.size)
+        portGenerations = try SharedMemory(creating: "xen-d\(domid)-ports", size: Int(HVLimits.eventChannelPorts) * 4)
+        ports = Array(repeating: Port(), count: Int(HVLimits.eventChannelPorts))
+        active.setPages(pages)
+        active.setGrantFrames(HVLimits.initialGrantFrames)
+        active.setState(.running)
+    }
+
+    /// Bumps a port's binding generation so senders refresh their cached peer.
+    func bumpGeneration(_ port: EventPort) {
+        let p = (portGenerations.base! + Int(port) * 4).assumingMemoryBound(to: UInt32.self)
+        cxen_store_release_u32(p, cxen_load_acquire_u32(p) &+ 1)
+    }
+
+    /// `get_free_port`: the lowest free port above 0, or nil when all 4095 are taken.
+    func freePort() -> EventPort? {
+        for p in 1..<Int(HVLimits.eventChannelPorts) where ports[p].state == .free { return EventPort(p) }
+        return nil
+    }
+
+    /// Fills the start_info page as a PV domain builder does.
+    func writeStartInfo() throws {
+        guard let memory else { return }
+        let offset = Int(pages - SpecialPages.startInfoFromEnd) * HVLimits.pageSize
+        let page = try SharedMemory.mapShared(fd: memory.fd.rawValue, size: HVLimits.pageSize, writable: true, offset: offset)
+        defer { munmap(page, HVLimits.pageSize) }
+        var si = start_info()
+        let magic = Array("xen-3.0-x86_64".utf8)
+        withUnsafeMutableBytes(of: &si.magic) { $0.copyBytes(from: magic) }
+        si.nr_pages = UInt(pages)
+        // shared_info is a hypervisor page; we place it at the frame just past RAM.
+        si.shared_info = UInt(pages) << 12
+        si.store_mfn = xen_pfn_t(pages - SpecialPages.xenstoreFromEnd)
+        si.store_evtchn = storePort
+        si.console.domU.mfn = xen_pfn_t(pages - SpecialPages.consoleFromEnd)
+        si.console.domU.evtchn = consolePort
+        page.storeBytes(of: si, as: start_info.self)
+    }
+}

@@ -1,0 +1,131 @@
+import CXen
+import Glibc
+import XenHV
+
+extension HypervisorDaemon {
+    /// `XEN_DOMCTL_createdomain` + the PV builder. Returns the domain and our
+    /// end of its guest connection to hand to the toolstack.
+    func createDomain(pages: UInt32, name: String) throws -> (Domain, CInt) {
+        guard pages > SpecialPages.reserved, pages <= HVLimits.maxGuestPages else { throw XenErrno.EINVAL }
+        guard !name.isEmpty, name.utf8.count <= 64, !domains.values.contains(where: { $0.name == name }) else {
+            throw name.isEmpty || name.utf8.count > 64 ? XenErrno.EINVAL : XenErrno.EEXIST
+        }
+        // Domain ids are not reused within one xenhv lifetime, so a stale handle
+        // can never reach a newer domain.
+        guard nextDomID < HVLimits.firstReservedDomID else { throw XenErrno.ENOSPC }
+        let dom = try Domain(domid: nextDomID, name: name, pages: pages)
+        dom.storePort = try allocate(in: dom, .unbound(remote: 0), owner: 0)
+        dom.consolePort = try allocate(in: dom, .unbound(remote: 0), owner: 0)
+        try dom.writeStartInfo()
+
+        var sv: [CInt] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &sv) == 0 else {
+            throw HypervisorError.system(call: "socketpair", errno: errno)
+        }
+        nextDomID += 1
+        domains[dom.domid] = dom
+        let guest = Client(id: nextClientID, fd: sv[0], domid: dom.domid)
+        nextClientID += 1
+        clients[sv[0]] = guest
+        dom.guestClient = guest.id
+        logger.info("created domain", metadata: ["domid": "\(dom.domid)", "name": "\(name)", "pages": "\(pages)"])
+        return (dom, sv[1])
+    }
+
+    /// `XEN_DOMCTL_destroydomain`: stops the guest process, closes every port
+    /// (peers go unbound and are woken), hangs up the guest connection, and
+    /// raises VIRQ_DOM_EXC. Pages a backend still has mapped stay valid until it
+    /// unmaps them, as a dying domain's do on Xen.
+    func destroy(_ dom: Domain) {
+        dom.active.setState(.dying)
+        if dom.process > 0 {
+            kill(dom.process, SIGKILL)
+            kill(dom.process, SIGCONT)
+        }
+        for p in 1..<Int(HVLimits.eventChannelPorts) where dom.ports[p].state != .free {
+            close(EventPort(p), in: dom, wakePeer: true)
+        }
+        if let c = clients.values.first(where: { $0.id == dom.guestClient }) {
+            clients.removeValue(forKey: c.fd)
+            Glibc.close(c.fd)
+        }
+        domains.removeValue(forKey: dom.domid)
+        logger.info("destroyed domain", metadata: ["domid": "\(dom.domid)", "name": "\(dom.name)"])
+        raiseDomExc()
+    }
+
+    /// A connection went away. A guest's: its domain has crashed (the toolstack
+    /// decides what follows). A dom0 process's: its ports close and every grant
+    /// it held is released, so the granters can revoke again.
+    func disconnect(_ c: Client) {
+        clients.removeValue(forKey: c.fd)
+        Glibc.close(c.fd)
+        if c.domid != 0 {
+            if let dom = domains[c.domid], dom.state != .dying {
+                dom.active.setState(.crashed)
+                logger.warning("domain \(c.domid) lost its guest process", metadata: ["name": "\(dom.name)"])
+                raiseDomExc()
+            }
+            return
+        }
+        if let dom0 = domains[0] {
+            for p in 1..<Int(HVLimits.eventChannelPorts) where dom0.ports[p].owner == c.id && dom0.ports[p].state != .free {
+                close(EventPort(p), in: dom0, wakePeer: true)
+            }
+        }
+        if let mt = c.maptrack {
+            let released = releaseGrants(of: c, maptrack: mt)
+            if released > 0 {
+                logger.info("released grants of a dead mapper", metadata: ["client": "\(c.id)", "entries": "\(released)"])
+            }
+        }
+    }
+
+    /// Repairs every grant entry a dead mapper touched: its maptrack entries and
+    /// any entry whose lock it died holding. Each entry's pins are recounted,
+    /// under its lock, from the live mappers' maptracks; busy bits no pin needs
+    /// are cleared.
+    func releaseGrants(of dead: Client, maptrack: SharedMemory) -> Int {
+        struct Key: Hashable { let domid: DomID; let ref: GrantRef }
+        var touched = Set<Key>()
+        let hw = Int(cxen_load_acquire_u32(maptrack.base!.assumingMemoryBound(to: UInt32.self)))
+        for h in 0..<min(hw, Int(HVLimits.maptrackEntries)) {
+            let e = entry(maptrack, h)
+            if e & MaptrackLayout.inUse != 0 {
+                touched.insert(Key(domid: DomID(truncatingIfNeeded: e >> 32), ref: GrantRef(truncatingIfNeeded: e)))
+            }
+        }
+        for dom in domains.values {
+            let active = dom.active
+            for ref in 0..<active.entries where active.lockOwner(ref) == dead.id {
+                touched.insert(Key(domid: dom.domid, ref: ref))
+            }
+        }
+        let live = clients.values.compactMap { c -> SharedMemory? in c.id == dead.id ? nil : c.maptrack }
+        for key in touched {
+            guard let dom = domains[key.domid] else { continue }
+            let active = dom.active
+            guard key.ref < active.entries else { continue }
+            _ = active.lock(key.ref, owner: Self.hypervisorLockOwner, stealingFrom: dead.id)
+            var r: UInt32 = 0, w: UInt32 = 0
+            for mt in live {
+                let n = Int(cxen_load_acquire_u32(mt.base!.assumingMemoryBound(to: UInt32.self)))
+                for h in 0..<min(n, Int(HVLimits.maptrackEntries)) {
+                    let e = entry(mt, h)
+                    guard e & MaptrackLayout.inUse != 0, DomID(truncatingIfNeeded: e >> 32) == key.domid,
+                          GrantRef(truncatingIfNeeded: e) == key.ref else { continue }
+                    if e & MaptrackLayout.writable != 0 { w += 1 } else { r += 1 }
+                }
+            }
+            let pins = Pins(read: r, write: w)
+            dom.entries.releaseBusy(key.ref, pins: pins)
+            active.unlock(key.ref, pins: pins)
+        }
+        return touched.count
+    }
+
+    private func entry(_ mt: SharedMemory, _ h: Int) -> UInt64 {
+        cxen_load_acquire_u64(
+            (mt.base! + MaptrackLayout.headerSize + h * MaptrackLayout.entryStride).assumingMemoryBound(to: UInt64.self))
+    }
+}

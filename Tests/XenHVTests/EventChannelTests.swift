@@ -1,0 +1,131 @@
+import CXen
+import Glibc
+import Testing
+import XenHV
+import XenRing
+
+@Suite struct EventChannelTests {
+    @Test func notifyWakesThePeerBothWays() throws {
+        let f = try HypervisorFixture()
+        let (d, g) = try f.guest()
+        let port = EventPort(g.send("alloc 0"))!
+        #expect(try f.dom0.status(of: port, in: d.domid) == .unbound(remote: 0))
+        let ch = try f.dom0.bindInterdomain(remote: d.domid, remotePort: port)
+        #expect(try f.dom0.status(of: port, in: d.domid) == .interdomain(remote: 0, remotePort: ch.port))
+        #expect(try f.dom0.status(of: ch.port) == .interdomain(remote: d.domid, remotePort: port))
+        // Binding conservatively raises the new local port (Xen does the same).
+        #expect(ch.consume())
+        #expect(!ch.consume())
+        g.post("wait \(port)")
+        try ch.notify()
+        #expect(g.readLine() == "woke")
+        #expect(g.send("notify \(port)") == "ok")
+        #expect(ch.wait(milliseconds: 10_000))
+        #expect(!ch.consume())
+    }
+
+    @Test func maskedEventIsDeliveredOnUnmask() throws {
+        let f = try HypervisorFixture()
+        let (d, g) = try f.guest()
+        let port = EventPort(g.send("alloc 0"))!
+        let ch = try f.dom0.bindInterdomain(remote: d.domid, remotePort: port)
+        _ = ch.consume()
+        ch.mask()
+        #expect(g.send("notify \(port)") == "ok")
+        // The kick arrived (the guest replied after sending): it becomes pending, not delivered.
+        #expect(!ch.consume())
+        #expect(f.dom0.sharedInfo.isPending(ch.port))
+        ch.unmask()
+        #expect(ch.wait(milliseconds: 10_000))
+        #expect(!f.dom0.sharedInfo.isPending(ch.port))
+    }
+
+    @Test func portsBeyondTheLimitGetXensErrors() throws {
+        let f = try HypervisorFixture()
+        let (d, _) = try f.guest()
+        #expect(throws: XenErrno.EINVAL) { try f.dom0.bindInterdomain(remote: d.domid, remotePort: 4097) }
+        #expect(throws: XenErrno.EINVAL) { try f.dom0.status(of: 4097, in: d.domid) }
+        #expect(throws: XenErrno.EINVAL) { try f.dom0.notify(4097) }
+        #expect(throws: XenErrno.EINVAL) { try f.dom0.bindInterdomain(remote: d.domid, remotePort: 0) }
+        // A port that is not offered to us.
+        let p = try f.dom0.allocUnbound(in: d.domid, remote: 5)
+        #expect(throws: XenErrno.EINVAL) { try f.dom0.bindInterdomain(remote: d.domid, remotePort: p) }
+        // Fill the guest's 4095 usable ports (store, console and `p` are taken).
+        var last: EventPort = 0
+        for _ in 0..<4092 { last = try f.dom0.allocUnbound(in: d.domid, remote: 0) }
+        #expect(last == 4095)
+        #expect(throws: XenErrno.ENOSPC) { try f.dom0.allocUnbound(in: d.domid, remote: 0) }
+        #expect(throws: XenErrno.ESRCH) { try f.dom0.allocUnbound(in: 4000, remote: 0) }
+    }
+
+    @Test func destroyingADomainTellsItsPeers() throws {
+        let f = try HypervisorFixture()
+        let (d, g) = try f.guest()
+        let virq = try f.dom0.bindVirq(UInt32(VIRQ_DOM_EXC))
+        #expect(try f.dom0.status(of: virq.port) == .virq(UInt32(VIRQ_DOM_EXC)))
+        let store = try f.dom0.bindInterdomain(remote: d.domid, remotePort: d.storePort)
+        _ = store.consume()
+        #expect(g.send("info").contains("store_port \(d.storePort)"))
+        #expect(try f.dom0.listDomains().map(\.domid) == [0, d.domid])
+        try f.dom0.destroyDomain(d.domid)
+        #expect(virq.wait(milliseconds: 10_000))
+        #expect(store.wait(milliseconds: 10_000))
+        #expect(try f.dom0.status(of: store.port) == .unbound(remote: d.domid))
+        #expect(try f.dom0.listDomains().map(\.domid) == [0])
+        g.reap()  // the guest process was killed with its domain
+        #expect(throws: XenErrno.ESRCH) { try f.dom0.destroyDomain(d.domid) }
+    }
+
+    @Test func pauseAndUnpause() throws {
+        let f = try HypervisorFixture()
+        let (d, g) = try f.guest()
+        try f.dom0.pauseDomain(d.domid)
+        #expect(try f.dom0.listDomains().first { $0.domid == d.domid }?.stateLetters == "--p---")
+        try f.dom0.unpauseDomain(d.domid)
+        #expect(try f.dom0.listDomains().first { $0.domid == d.domid }?.stateLetters == "r-----")
+        #expect(g.send("info").hasPrefix("domid \(d.domid)"))
+    }
+
+    @Test func startInfoIsWhatTheBuilderWrote() throws {
+        let f = try HypervisorFixture()
+        let (d, g) = try f.guest(pages: 256)
+        let info = g.send("info")
+        #expect(info == "domid \(d.domid) pages 256 store_mfn \(d.storeMFN) store_port \(d.storePort) magic xen-3.0-x86_64")
+        #expect(d.storeMFN == 254)
+        #expect(throws: XenErrno.EEXIST) { try f.dom0.createDomain(pages: 64, name: "guest") }
+        #expect(throws: XenErrno.EINVAL) { try f.dom0.createDomain(pages: 2, name: "tiny") }
+    }
+}
+
+@Suite struct RingOverGrantTests {
+    @Test func lyingProducerIsReportedAndTheConsumerSurvives() throws {
+        let f = try HypervisorFixture()
+        let (d, g) = try f.guest()
+        for (ref, frame) in [(7, 12), (8, 13)] {
+            #expect(g.send("ring-init \(frame)") == "ok")
+            #expect(g.send("grant \(ref) 0 \(frame) rw") == "ok")
+        }
+        let m1 = try f.dom0.mapGrant(domid: d.domid, ref: 7, writable: true).get()
+        let m2 = try f.dom0.mapGrant(domid: d.domid, ref: 8, writable: true).get()
+        var back = BackRing(attaching: try m1.region.ring(BlkifRing.self, pages: 1))
+        #expect(g.send("ring-push 12 3") == "notify")
+        var ids: [UInt64] = []
+        try back.consumeRequests { ids.append($0.id) }
+        #expect(ids == [0, 1, 2])
+        for id in ids { var r = blkif_response(); r.id = id; back.enqueue(r) }
+        _ = back.pushResponsesAndCheckNotify()
+
+        #expect(g.send("ring-lie 12 1000") == "ok")
+        #expect(throws: RingError.requestProducerOverflow(reqProd: 1000, rspProdPvt: 3, size: 32)) {
+            try back.unconsumedRequests()
+        }
+        #expect(throws: RingError.self) { try back.consumeRequests { _ in Issue.record("consumed a bogus request") } }
+        // The consumer lives on and serves another guest ring.
+        var other = BackRing(attaching: try m2.region.ring(BlkifRing.self, pages: 1))
+        #expect(g.send("ring-push 13 32") == "notify")
+        #expect(try other.consumeRequests { _ in } == 32)
+        #expect(g.send("ring-push 13 1") == "full")
+        f.dom0.unmapGrant(m1)
+        f.dom0.unmapGrant(m2)
+    }
+}

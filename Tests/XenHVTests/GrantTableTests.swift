@@ -1,0 +1,152 @@
+import CXen
+import Glibc
+import Testing
+import XenHV
+
+/// Grant tables v1 between two real processes: a guest peer that grants, and
+/// this test process (or a dom0 peer) that maps and copies.
+@Suite struct GrantTableTests {
+    @Test func writableMapSharesBytesBothWays() throws {
+        let f = try HypervisorFixture()
+        let (d, g) = try f.guest()
+        #expect(g.send("grant 5 0 10 rw") == "ok")
+        let m = try f.dom0.mapGrant(domid: d.domid, ref: 5, writable: true).get()
+        try m.region.store(UInt64(0x1122_3344_5566_7788), at: 128)
+        #expect(g.send("read 10 128 8") == "8877665544332211")
+        #expect(g.send("write 10 0 cafe") == "ok")
+        #expect(try m.region.load(UInt16.self, at: 0) == 0xFECA)
+        #expect(g.send("flags 5") == "\(GTF_permit_access | GTF_reading | GTF_writing)")
+        #expect(f.dom0.unmapGrant(m) == .okay)
+        #expect(g.send("flags 5") == "\(GTF_permit_access)")
+    }
+
+    @Test func readOnlyGrantRefusesWritableMap() throws {
+        let f = try HypervisorFixture()
+        let (d, g) = try f.guest()
+        #expect(g.send("write 9 0 abcd") == "ok")
+        #expect(g.send("grant 3 0 9 ro") == "ok")
+        #expect(throws: GrantStatus.generalError) { try f.dom0.mapGrant(domid: d.domid, ref: 3, writable: true).get() }
+        // Nothing was pinned by the refused map.
+        #expect(g.send("flags 3") == "\(GTF_permit_access | GTF_readonly)")
+        let m = try f.dom0.mapGrant(domid: d.domid, ref: 3, writable: false).get()
+        #expect(try m.region.load(UInt16.self, at: 0) == 0xCDAB)
+        #expect(throws: GuestRegion.OutOfBounds.self) { try m.region.store(UInt8(1), at: 0) }
+        #expect(g.send("flags 3") == "\(GTF_permit_access | GTF_readonly | GTF_reading)")
+        #expect(f.dom0.unmapGrant(m) == .okay)
+    }
+
+    @Test func revokingAnEntryInUseFailsUntilUnmapped() throws {
+        let f = try HypervisorFixture()
+        let (d, g) = try f.guest()
+        #expect(g.send("grant 8 0 20 rw") == "ok")
+        let a = try f.dom0.mapGrant(domid: d.domid, ref: 8, writable: true).get()
+        let b = try f.dom0.mapGrant(domid: d.domid, ref: 8, writable: false).get()
+        #expect(g.send("end 8") == "busy")
+        #expect(f.dom0.unmapGrant(a) == .okay)
+        // Still read-pinned by the second mapping: writing cleared, reading kept.
+        #expect(g.send("flags 8") == "\(GTF_permit_access | GTF_reading)")
+        #expect(g.send("end 8") == "busy")
+        #expect(f.dom0.unmapGrant(b) == .okay)
+        #expect(g.send("end 8") == "ok")
+        #expect(g.send("flags 8") == "0")
+        // A revoked entry can no longer be mapped, and a stale handle is refused.
+        #expect(throws: GrantStatus.generalError) { try f.dom0.mapGrant(domid: d.domid, ref: 8, writable: false).get() }
+        #expect(f.dom0.unmapGrant(a) == .badHandle)
+    }
+
+    @Test func badMapsGetXensStatusCodes() throws {
+        let f = try HypervisorFixture()
+        let (d, g) = try f.guest()
+        // Granted to another domain.
+        #expect(g.send("grant 6 7 10 rw") == "ok")
+        #expect(throws: GrantStatus.generalError) { try f.dom0.mapGrant(domid: d.domid, ref: 6, writable: false).get() }
+        // Beyond the table (4 initial frames of 512 entries).
+        #expect(throws: GrantStatus.badGntref) { try f.dom0.mapGrant(domid: d.domid, ref: 2048, writable: false).get() }
+        #expect(throws: GrantStatus.badGntref) { try f.dom0.mapGrant(domid: d.domid, ref: .max, writable: false).get() }
+        // Never granted (invalid entry).
+        #expect(throws: GrantStatus.generalError) { try f.dom0.mapGrant(domid: d.domid, ref: 11, writable: false).get() }
+        // A frame outside the guest's memory.
+        #expect(g.send("grant 12 0 100000 rw") == "ok")
+        #expect(throws: GrantStatus.generalError) { try f.dom0.mapGrant(domid: d.domid, ref: 12, writable: true).get() }
+        #expect(g.send("flags 12") == "\(GTF_permit_access)")
+        // Sub-page grants cannot be mapped.
+        #expect(g.send("raw 13 \(GTF_permit_access | GTF_sub_page) 0 10") == "ok")
+        #expect(throws: GrantStatus.generalError) { try f.dom0.mapGrant(domid: d.domid, ref: 13, writable: false).get() }
+        // A domain that does not exist.
+        #expect(throws: GrantStatus.badDomain) { try f.dom0.mapGrant(domid: 999, ref: 1, writable: false).get() }
+        #expect(f.dom0.unmap(handle: 12345) == .badHandle)
+        // Growing the table makes a higher ref valid; past the maximum is refused.
+        #expect(g.send("setup 8") == "ok")
+        #expect(try f.dom0.queryGrantTableSize(of: d.domid) == (8, 64))
+        #expect(g.send("grant 2048 0 10 rw") == "ok")
+        let m = try f.dom0.mapGrant(domid: d.domid, ref: 2048, writable: true).get()
+        #expect(f.dom0.unmapGrant(m) == .okay)
+        #expect(g.send("setup 65").hasPrefix("error"))
+    }
+
+    @Test func grantCopyChecksOffsetsAndPermissions() throws {
+        let f = try HypervisorFixture()
+        let (d, g) = try f.guest()
+        #expect(g.send("grant 3 0 11 rw") == "ok")
+        #expect(g.send("grant 4 0 12 ro") == "ok")
+        #expect(g.send("write 12 4090 0102030405060708") == "ok")
+        let buf = UnsafeMutableRawPointer.allocate(byteCount: 8192, alignment: 4096)
+        defer { buf.deallocate() }
+        for i in 0..<64 { buf.storeBytes(of: UInt8(i), toByteOffset: i, as: UInt8.self) }
+        var ops = [
+            GrantCopy(source: .local(buf), dest: .grant(domid: d.domid, ref: 3, offset: 100), length: 64),
+            GrantCopy(source: .grant(domid: d.domid, ref: 4, offset: 4090), dest: .local(buf + 4096), length: 6),
+            // Crossing the end of the page, on either end.
+            GrantCopy(source: .local(buf), dest: .grant(domid: d.domid, ref: 3, offset: 4000), length: 200),
+            GrantCopy(source: .grant(domid: d.domid, ref: 4, offset: 4095), dest: .local(buf), length: 2),
+            // Writing into a read-only grant.
+            GrantCopy(source: .local(buf), dest: .grant(domid: d.domid, ref: 4, offset: 0), length: 8),
+            GrantCopy(source: .local(buf), dest: .grant(domid: d.domid, ref: 9999, offset: 0), length: 8),
+            GrantCopy(source: .local(buf), dest: .grant(domid: 777, ref: 3, offset: 0), length: 8),
+            // Grant to grant within the same domain.
+            GrantCopy(source: .grant(domid: d.domid, ref: 4, offset: 4090), dest: .grant(domid: d.domid, ref: 3, offset: 0), length: 6),
+        ]
+        f.dom0.copyGrants(&ops)
+        #expect(ops.map(\.status) == [.okay, .okay, .badCopyArg, .badCopyArg, .generalError, .badGntref, .badDomain, .okay])
+        #expect(g.send("read 11 100 64") == hex((0..<64).map { UInt8($0) }))
+        #expect([UInt8](UnsafeRawBufferPointer(start: buf + 4096, count: 6)) == [1, 2, 3, 4, 5, 6])
+        #expect(g.send("read 11 0 6") == "010203040506")
+        // Copies leave no busy bits behind: both entries can be revoked.
+        #expect(g.send("end 3") == "ok")
+        #expect(g.send("end 4") == "ok")
+    }
+
+    @Test func killingTheMapperReleasesItsMaps() throws {
+        let f = try HypervisorFixture()
+        let (d, g) = try f.guest()
+        let mapper = try f.dom0Peer()
+        #expect(g.send("grant 20 0 30 rw") == "ok")
+        #expect(g.send("grant 21 0 31 ro") == "ok")
+        #expect(mapper.send("map \(d.domid) 20 rw").hasPrefix("ok"))
+        #expect(mapper.send("map \(d.domid) 21 ro").hasPrefix("ok"))
+        #expect(mapper.send("mwrite 0 0 beef") == "ok")
+        #expect(g.send("read 30 0 2") == "beef")
+        // A mapping of ours on the same entry must survive the other mapper's death.
+        let ours = try f.dom0.mapGrant(domid: d.domid, ref: 21, writable: false).get()
+        #expect(g.send("end 20") == "busy")
+        mapper.kill9()
+        // xenhv handles hung-up connections before requests of the same poll round,
+        // so one round trip after the mapper is reaped orders us after its clean-up.
+        _ = try f.dom0.listDomains()
+        #expect(g.send("flags 20") == "\(GTF_permit_access)")
+        #expect(g.send("end 20") == "ok")
+        #expect(g.send("flags 21") == "\(GTF_permit_access | GTF_readonly | GTF_reading)")
+        #expect(g.send("end 21") == "busy")
+        #expect(f.dom0.unmapGrant(ours) == .okay)
+        #expect(g.send("end 21") == "ok")
+    }
+
+    @Test func guestsHaveNoDom0Powers() throws {
+        let f = try HypervisorFixture()
+        let (d, g) = try f.guest()
+        let (_, other) = try f.guest(name: "other")
+        #expect(g.send("create").contains("EPERM"))
+        #expect(other.send("grant 1 0 5 rw") == "ok")
+        #expect(g.send("map-foreign \(d.domid + 1) 1") == "err \(GNTST_permission_denied)")
+    }
+}
