@@ -10,6 +10,8 @@ let package = Package(
         .executable(name: "xenstored", targets: ["xenstored"]),
         .executable(name: "xen-demo", targets: ["xen-demo"]),
         .executable(name: "xen-bench", targets: ["xen-bench"]),
+        .executable(name: "blkback", targets: ["blkback"]),
+        .executable(name: "netback", targets: ["netback"]),
         .library(name: "XenHV", targets: ["XenHV"]),
         .library(name: "XenRing", targets: ["XenRing"]),
         .library(name: "XenStore", targets: ["XenStore"]),
@@ -88,6 +90,48 @@ let package = Package(
         // C code for tests only: ring.h's own macros on shared memory, and offsetof/sizeof probes.
         .target(name: "CXenTestSupport", dependencies: ["CXen"]),
 
+        // blkback: blkif rings served from raw images and block devices with libaio.
+        .systemLibrary(name: "CLibAIO", path: "Sources/CLibAIO"),
+        .target(
+            name: "BlkBack",
+            dependencies: [
+                "CXen", "CLibAIO", "XenHV", "XenRing", "XenBus",
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        .executableTarget(
+            name: "blkback",
+            dependencies: [
+                "BlkBack",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+
+        // netback: netif rings bridged to Linux taps; links and bridges through libnl-route-3.
+        .systemLibrary(name: "CNetlink", path: "Sources/CNetlink", pkgConfig: "libnl-route-3.0"),
+        .target(name: "CNetShim", dependencies: ["CNetlink"]),
+        .target(
+            name: "NetBack",
+            dependencies: [
+                "CXen", "CNetShim", "CNetlink", "XenHV", "XenRing", "XenBus",
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        .executableTarget(
+            name: "netback",
+            dependencies: [
+                "NetBack",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        // Our link/bridge tool, called by the vif-bridge hotplug script.
+        .executableTarget(
+            name: "xen-netlink",
+            dependencies: [
+                "NetBack",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]),
+
+        .testTarget(name: "BlkBackTests", dependencies: ["BlkBack", "XenHV", "XenRing", "CXen"]),
+        .testTarget(name: "NetBackTests", dependencies: ["NetBack", "XenHV", "XenRing", "CXen"]),
         .testTarget(name: "XenABITests", dependencies: ["CXen", "CXenTestSupport", "XenRing"]),
         .testTarget(name: "XenRingTests", dependencies: ["XenRing", "CXen", "CXenTestSupport"]),
         .testTarget(name: "XenHVTests", dependencies: ["XenHV", "XenRing", "CXen"]),
