@@ -195,6 +195,10 @@ extension Hypervisor {
         let dom: ForeignDomain
         let ref: GrantRef
         let offset: Int
+        func isDest(of op: GrantCopy) -> Bool {
+            if case let .grant(d, r, _) = op.dest { return d == dom.domid && r == ref }
+            return false
+        }
     }
 
     private func resolve(_ end: GrantCopyEnd, length: Int) -> Result<CopyEnd?, GrantStatus> {
@@ -209,48 +213,72 @@ extension Hypervisor {
         guard maptrack != nil else { return .permissionDenied }
         let len = Int(op.length)
         // Offsets of both ends first, as Xen checks them before anything else.
-        for end in [op.source, op.dest] {
-            if case let .grant(_, _, off) = end, Int(off) + len > HVLimits.pageSize { return .badCopyArg }
-        }
+        if case let .grant(_, _, off) = op.source, Int(off) + len > HVLimits.pageSize { return .badCopyArg }
+        if case let .grant(_, _, off) = op.dest, Int(off) + len > HVLimits.pageSize { return .badCopyArg }
         let src: CopyEnd?, dst: CopyEnd?
         switch resolve(op.source, length: len) { case .success(let e): src = e; case .failure(let s): return s }
         switch resolve(op.dest, length: len) { case .success(let e): dst = e; case .failure(let s): return s }
 
-        // Pin what is granted, in a fixed (domid, ref) order so two copies never deadlock.
-        var pinned: [(end: CopyEnd, writable: Bool)] = []
-        if let s = src { pinned.append((s, false)) }
-        if let d = dst {
-            if let s = src, s.dom === d.dom, s.ref == d.ref { pinned[0].writable = true } else { pinned.append((d, true)) }
+        // The same entry on both ends is pinned once, writable.
+        if let s = src, let d = dst, s.dom === d.dom, s.ref == d.ref {
+            guard let frame = pinForCopy(d, writable: true) else { return .generalError }
+            defer { unpinForCopy(d) }
+            let mem = frameAddress(d, frame)
+            memmove(mem + d.offset, mem + s.offset, len)
+            return .okay
         }
-        pinned.sort { ($0.end.dom.domid, $0.end.ref) < ($1.end.dom.domid, $1.end.ref) }
-        var held: [(CopyEnd, Pins)] = []
-        defer {
-            for (e, pins) in held.reversed() {
-                e.dom.entries.releaseBusy(e.ref, pins: pins)
-                e.dom.active.unlock(e.ref, pins: pins)
-            }
+        // Two grants are locked in (domid, ref) order, so two copies never deadlock.
+        var first = src, second = dst
+        if let s = src, let d = dst, (d.dom.domid, d.ref) < (s.dom.domid, s.ref) { swap(&first, &second) }
+        var firstFrame: UInt32 = 0, secondFrame: UInt32 = 0
+        if let e = first {
+            guard let f = pinForCopy(e, writable: e.isDest(of: op)) else { return .generalError }
+            firstFrame = f
         }
-        var frames: [UInt32] = []
-        for (e, w) in pinned {
-            let pins = e.dom.active.lock(e.ref, owner: clientID)
-            let st = e.dom.entries.setBusy(e.ref, mapper: domid, writable: w, forMap: false)
-            guard st == .okay else {
-                e.dom.active.unlock(e.ref, pins: pins)
-                return st
-            }
-            held.append((e, pins))
-            let frame = pins.any ? e.dom.active.frameWord(e.ref).pointee : e.dom.entries.frame(e.ref)
-            guard frame < e.dom.pages else { return .generalError }
-            frames.append(frame)
+        defer { if let e = first { unpinForCopy(e) } }
+        if let e = second {
+            guard let f = pinForCopy(e, writable: e.isDest(of: op)) else { return .generalError }
+            secondFrame = f
         }
-        func address(_ end: GrantCopyEnd, _ ce: CopyEnd?) -> UnsafeMutableRawPointer? {
+        defer { if let e = second { unpinForCopy(e) } }
+
+        func address(_ end: GrantCopyEnd, _ ce: CopyEnd?) -> UnsafeMutableRawPointer {
             if case let .local(p) = end { return p }
-            guard let ce, let i = pinned.firstIndex(where: { $0.end.dom === ce.dom && $0.end.ref == ce.ref }),
-                  let mem = ce.dom.wholeMemory else { return nil }
-            return mem + Int(frames[i]) * HVLimits.pageSize + ce.offset
+            let ce = ce!
+            let frame = (first.map { $0.dom === ce.dom && $0.ref == ce.ref } ?? false) ? firstFrame : secondFrame
+            return frameAddress(ce, frame) + ce.offset
         }
-        guard let from = address(op.source, src), let to = address(op.dest, dst) else { return .generalError }
-        memmove(to, from, len)
+        guard src.map({ $0.dom.wholeMemory != nil }) ?? true, dst.map({ $0.dom.wholeMemory != nil }) ?? true else {
+            return .generalError
+        }
+        memmove(address(op.dest, dst), address(op.source, src), len)
         return .okay
+    }
+
+    /// Transient pin for a copy (`acquire_grant_for_copy`): the entry lock is
+    /// held for the whole copy, busy bits set so the granter cannot revoke it
+    /// mid-copy. Returns the frame, or nil (entry lock released) when refused.
+    private func pinForCopy(_ e: CopyEnd, writable: Bool) -> UInt32? {
+        let pins = e.dom.active.lock(e.ref, owner: clientID)
+        guard e.dom.entries.setBusy(e.ref, mapper: domid, writable: writable, forMap: false) == .okay else {
+            e.dom.active.unlock(e.ref, pins: pins)
+            return nil
+        }
+        let frame = pins.any ? e.dom.active.frameWord(e.ref).pointee : e.dom.entries.frame(e.ref)
+        guard frame < e.dom.pages else {
+            unpinForCopy(e)
+            return nil
+        }
+        return frame
+    }
+
+    private func unpinForCopy(_ e: CopyEnd) {
+        let pins = Pins(raw: UInt32(truncatingIfNeeded: cxen_load_acquire_u64(e.dom.active.word(e.ref))))
+        e.dom.entries.releaseBusy(e.ref, pins: pins)
+        e.dom.active.unlock(e.ref, pins: pins)
+    }
+
+    @inline(__always) private func frameAddress(_ e: CopyEnd, _ frame: UInt32) -> UnsafeMutableRawPointer {
+        e.dom.wholeMemory! + Int(frame) * HVLimits.pageSize
     }
 }
