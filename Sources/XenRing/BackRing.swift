@@ -6,7 +6,8 @@ import CXen
 /// Requests are copied out of their slots once (`RING_COPY_REQUEST`) and only
 /// the copy is returned. A producer index that runs more than a ring's worth
 /// ahead of our responses is reported as ``RingError/requestProducerOverflow``.
-public struct BackRing<P: RingProtocol>: Sendable {
+public struct BackRing<P: RingProtocol>: Sendable
+where P.Request: BitwiseCopyable, P.Response: BitwiseCopyable {
     public let shared: SharedRing<P>
     /// `rsp_prod_pvt`: responses queued but not yet published.
     public var rspProdPvt: UInt32 { _rspProdPvt }
@@ -28,10 +29,14 @@ public struct BackRing<P: RingProtocol>: Sendable {
     /// `RING_REQUEST_PROD_OVERFLOW`, and returns how many requests may be
     /// consumed now: `min(req_prod - req_cons, size - (req_cons - rsp_prod_pvt))`,
     /// as `RING_HAS_UNCONSUMED_REQUESTS` computes it.
+    ///
+    /// Also refused: a `req_prod` behind `req_cons`. ring.h's arithmetic would
+    /// then hand out up to a ring's worth of slots already consumed, as if new.
     @inlinable
     public func unconsumedRequests() throws(RingError) -> UInt32 {
         let prod = shared.reqProd
-        guard prod &- rspProdPvt <= size else {
+        let ahead = prod &- rspProdPvt
+        guard ahead <= size, ahead >= reqCons &- rspProdPvt else {
             throw .requestProducerOverflow(reqProd: prod, rspProdPvt: rspProdPvt, size: size)
         }
         let req = prod &- reqCons
@@ -67,12 +72,12 @@ public struct BackRing<P: RingProtocol>: Sendable {
     }
 
     /// Queues one response in the next slot (`RING_GET_RESPONSE(r, rsp_prod_pvt++)`),
-    /// zeroing the rest of the slot. A response is only ever written for a
+    /// zeroing its padding and the rest of the slot. A response is only ever written for a
     /// request already consumed, so this cannot overrun the front end.
     @inlinable
     public mutating func enqueue(_ response: P.Response) {
         precondition(rspProdPvt != reqCons, "response without an outstanding request")
-        shared.write(response, at: rspProdPvt)
+        shared.writeResponse(response, at: rspProdPvt)
         _rspProdPvt &+= 1
     }
 

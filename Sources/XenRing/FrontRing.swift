@@ -2,7 +2,8 @@ import CXen
 
 /// The front (request-producing) end of a ring: ring.h's `name_front_ring`
 /// and the FRONT_RING_* / RING_* macros that act on it.
-public struct FrontRing<P: RingProtocol>: Sendable {
+public struct FrontRing<P: RingProtocol>: Sendable
+where P.Request: BitwiseCopyable, P.Response: BitwiseCopyable {
     public let shared: SharedRing<P>
     /// `req_prod_pvt`: requests queued but not yet published.
     public var reqProdPvt: UInt32 { _reqProdPvt }

@@ -5,12 +5,27 @@ import CXen
 ///
 /// Entries are plain C structs imported from libxen-dev; a slot is the union of
 /// the two, exactly as `union name_sring_entry` lays it out.
+///
+/// Both entry types must be `BitwiseCopyable`. That is required by
+/// ``SharedRing``, ``FrontRing`` and ``BackRing`` in their `where` clauses, not
+/// here: Swift 6.3 cannot deserialize an associated-type conformance of an
+/// imported C struct to `BitwiseCopyable` ("Conformance of 'blkif_request' to
+/// 'BitwiseCopyable' not found in referenced module 'CXen'"), which made
+/// `FrontRing<BlkifRing>` unusable from any other module.
 public protocol RingProtocol {
-    associatedtype Request: BitwiseCopyable
-    associatedtype Response: BitwiseCopyable
+    associatedtype Request
+    associatedtype Response
     /// A zero value, used as the destination of the single copy out of a slot.
     static var zeroRequest: Request { get }
     static var zeroResponse: Response { get }
+    /// Writes `response` over the whole slot (`slotStride` bytes) at `slot`.
+    ///
+    /// Swift leaves a value's padding bytes undefined, so copying a response
+    /// with interior padding would hand stale process memory to the peer
+    /// (XSA-216). The default copies the value's bytes and zeroes the rest of
+    /// the slot, which is right only for a padding-free response; a protocol
+    /// whose response has padding writes it member by member into a zeroed slot.
+    static func storeResponse(_ response: Response, into slot: UnsafeMutableRawPointer)
 }
 
 extension RingProtocol {
@@ -21,6 +36,16 @@ extension RingProtocol {
         let size = Swift.max(MemoryLayout<Request>.size, MemoryLayout<Response>.size)
         let align = Swift.max(MemoryLayout<Request>.alignment, MemoryLayout<Response>.alignment)
         return (size + align - 1) / align * align
+    }
+
+    /// Copies the response's bytes and zeroes the rest of the slot: for
+    /// responses without interior padding (netif_tx_response, netif_rx_response).
+    @inlinable
+    public static func storeResponse(_ response: Response, into slot: UnsafeMutableRawPointer) {
+        withUnsafeBytes(of: response) { src in
+            slot.copyMemory(from: src.baseAddress!, byteCount: src.count)
+            (slot + src.count).initializeMemory(as: UInt8.self, repeating: 0, count: slotStride - src.count)
+        }
     }
 
     /// `__CONST_RING_SIZE(name, pages * PAGE_SIZE)`: how many slots fit after the
@@ -54,6 +79,17 @@ public enum BlkifRing: RingProtocol {
     public typealias Response = blkif_response
     public static var zeroRequest: blkif_request { blkif_request() }
     public static var zeroResponse: blkif_response { blkif_response() }
+
+    /// blkif_response has padding (byte 9 and bytes 12..<16): zero the slot,
+    /// then store the members, as Linux blkback does since XSA-216.
+    @inlinable
+    public static func storeResponse(_ response: blkif_response, into slot: UnsafeMutableRawPointer) {
+        typealias R = blkif_response
+        slot.initializeMemory(as: UInt8.self, repeating: 0, count: slotStride)
+        slot.storeBytes(of: response.id, toByteOffset: MemoryLayout<R>.offset(of: \.id)!, as: UInt64.self)
+        slot.storeBytes(of: response.operation, toByteOffset: MemoryLayout<R>.offset(of: \.operation)!, as: UInt8.self)
+        slot.storeBytes(of: response.status, toByteOffset: MemoryLayout<R>.offset(of: \.status)!, as: Int16.self)
+    }
 }
 
 /// netif.h's transmit ring: `netif_tx_request` / `netif_tx_response`.
@@ -76,7 +112,8 @@ public enum NetifRxRing: RingProtocol {
 /// by its owner; it is never looped on.
 public enum RingError: Error, Equatable, CustomStringConvertible {
     /// `req_prod - rsp_prod_pvt > size`: the frontend published more requests
-    /// than there can be (Linux blkback: "bogus ring requests").
+    /// than there can be (Linux blkback: "bogus ring requests"); also reported
+    /// for a `req_prod` that moved back behind `req_cons`.
     case requestProducerOverflow(reqProd: UInt32, rspProdPvt: UInt32, size: UInt32)
     /// `rsp_prod - rsp_cons > size`: the backend published more responses than
     /// requests were outstanding.

@@ -7,7 +7,8 @@ import CXen
 /// must keep them mapped for as long as a ring built on them is used.
 /// Every index access is an atomic load or store; slot contents are copied
 /// with `cxen_copy_from_shared` so they are read exactly once.
-public struct SharedRing<P: RingProtocol>: @unchecked Sendable {
+public struct SharedRing<P: RingProtocol>: @unchecked Sendable
+where P.Request: BitwiseCopyable, P.Response: BitwiseCopyable {
     // Sound to share across threads: all access to the pointee is atomic or a
     // one-shot copy, and the pointer itself is immutable.
     @usableFromInline let base: UnsafeMutableRawPointer
@@ -68,6 +69,12 @@ public struct SharedRing<P: RingProtocol>: @unchecked Sendable {
         var r = P.zeroResponse
         withUnsafeMutableBytes(of: &r) { cxen_copy_from_shared($0.baseAddress, slot(index), $0.count) }
         return r
+    }
+
+    /// Writes a whole slot with a response, padding zeroed (`P.storeResponse`).
+    @inlinable @inline(__always)
+    func writeResponse(_ response: P.Response, at index: UInt32) {
+        P.storeResponse(response, into: slot(index))
     }
 
     /// Writes a whole slot: the entry, then zeroes for the rest of the union so
