@@ -19,7 +19,17 @@ int cxen_eventfd(unsigned int initval, int flags) {
 
 #define CXEN_MAX_FDS 16
 
+static ssize_t send_fds(int sock, const void *buf, size_t len, const int *fds, int nfds, int flags);
+
 ssize_t cxen_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds) {
+    return send_fds(sock, buf, len, fds, nfds, MSG_NOSIGNAL);
+}
+
+ssize_t cxen_send_with_fds_nowait(int sock, const void *buf, size_t len, const int *fds, int nfds) {
+    return send_fds(sock, buf, len, fds, nfds, MSG_NOSIGNAL | MSG_DONTWAIT);
+}
+
+static ssize_t send_fds(int sock, const void *buf, size_t len, const int *fds, int nfds, int flags) {
     if (nfds < 0 || nfds > CXEN_MAX_FDS) { errno = EINVAL; return -1; }
     struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
     union { char buf[CMSG_SPACE(sizeof(int) * CXEN_MAX_FDS)]; struct cmsghdr align; } u;
@@ -35,7 +45,7 @@ ssize_t cxen_send_with_fds(int sock, const void *buf, size_t len, const int *fds
         memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
     }
     ssize_t r;
-    do { r = sendmsg(sock, &msg, MSG_NOSIGNAL); } while (r < 0 && errno == EINTR);
+    do { r = sendmsg(sock, &msg, flags); } while (r < 0 && errno == EINTR);
     return r;
 }
 

@@ -15,7 +15,7 @@ public final class EventChannel: @unchecked Sendable {
     public let port: EventPort
     /// The descriptor to poll for readability (epoll, poll, a NIO channel).
     public let descriptor: CInt
-    unowned let hypervisor: Hypervisor
+    let hypervisor: Hypervisor
     /// Cached peer eventfd: generation << 32 | fd, or 0 when not cached.
     private let peer = Atomic<UInt64>(0)
 

@@ -282,3 +282,36 @@ extension Hypervisor {
         e.dom.wholeMemory! + Int(frame) * HVLimits.pageSize
     }
 }
+
+/// A privileged mapping of a guest's frames, not through a grant.
+public final class ForeignMapping: @unchecked Sendable {
+    // Sound: immutable; unmapped once, at deinit.
+    public let domid: DomID
+    public let region: GuestRegion
+    let base: UnsafeMutableRawPointer
+    let size: Int
+    init(domid: DomID, base: UnsafeMutableRawPointer, size: Int, writable: Bool) {
+        self.domid = domid
+        self.base = base
+        self.size = size
+        region = GuestRegion(base: base, count: size, writable: writable)
+    }
+    deinit { munmap(base, size) }
+}
+
+extension Hypervisor {
+    /// `xenforeignmemory_map` (privcmd MMAPBATCH): dom0 maps `count` frames of a
+    /// guest starting at `frame`, as xenstored maps a guest's xenstore page
+    /// (start_info.store_mfn) after XS_INTRODUCE. Dom0 only; frames are checked
+    /// against the guest's memory.
+    public func mapForeignFrames(domid d: DomID, frame: UInt64, count: Int = 1, writable: Bool = true) throws -> ForeignMapping {
+        guard isPrivileged else { throw XenErrno.EPERM }
+        guard let dom = foreignDomain(d) else { throw XenErrno.ESRCH }
+        guard count > 0, frame < UInt64(dom.pages), UInt64(count) <= UInt64(dom.pages) - frame else { throw XenErrno.EINVAL }
+        let size = count * HVLimits.pageSize
+        let p = mmap(nil, size, writable ? (PROT_READ | PROT_WRITE) : PROT_READ, MAP_SHARED,
+                     dom.memory.fd.rawValue, off_t(frame) * off_t(HVLimits.pageSize))
+        guard let p, p != MAP_FAILED else { throw HypervisorError.system(call: "mmap", errno: errno) }
+        return ForeignMapping(domid: d, base: p, size: size, writable: writable)
+    }
+}

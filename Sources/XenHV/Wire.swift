@@ -101,7 +101,9 @@ package struct WireMessage {
     }
 
     /// Sends header and payload as one datagram-like write on a SOCK_SEQPACKET socket.
-    package func send(on sock: CInt) throws(HypervisorError) {
+    /// `blocking: false` is for xenhv's replies: a client that stops reading
+    /// gets EAGAIN (and is dropped) instead of stalling the daemon.
+    package func send(on sock: CInt, blocking: Bool = true) throws(HypervisorError) {
         var buf = [UInt8]()
         buf.reserveCapacity(8 + payload.count)
         withUnsafeBytes(of: code.littleEndian) { buf.append(contentsOf: $0) }
@@ -109,7 +111,9 @@ package struct WireMessage {
         buf.append(contentsOf: payload)
         let r = buf.withUnsafeBytes { b in
             fds.withUnsafeBufferPointer { f in
-                cxen_send_with_fds(sock, b.baseAddress, b.count, f.baseAddress, CInt(f.count))
+                blocking
+                    ? cxen_send_with_fds(sock, b.baseAddress, b.count, f.baseAddress, CInt(f.count))
+                    : cxen_send_with_fds_nowait(sock, b.baseAddress, b.count, f.baseAddress, CInt(f.count))
             }
         }
         guard r == buf.count else {

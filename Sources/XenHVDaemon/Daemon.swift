@@ -158,7 +158,10 @@ public final class HypervisorDaemon {
             logger.warning("client \(c.id) sent a malformed request: \(error)")
             reply = WireMessage(code: -XenErrno.EINVAL.rawValue, payload: [])
         }
-        do { try reply.send(on: c.fd) } catch { disconnect(c) }
+        do { try reply.send(on: c.fd, blocking: false) } catch {
+            logger.warning("dropping client \(c.id) (domain \(c.domid)): it does not read its replies")
+            disconnect(c)
+        }
         // Descriptors we created only to pass along are closed once sent.
         reply.fds.forEach { if $0 >= 0 && ownedOnlyForSending.contains($0) { Glibc.close($0) } }
         ownedOnlyForSending.removeAll(keepingCapacity: true)

@@ -150,3 +150,49 @@ import XenHV
         #expect(g.send("map-foreign \(d.domid + 1) 1") == "err \(GNTST_permission_denied)")
     }
 }
+
+@Suite struct ForeignMappingTests {
+    @Test func dom0MapsTheXenstorePageAGuestCannot() throws {
+        let f = try HypervisorFixture()
+        let (d, g) = try f.guest()
+        let m = try f.dom0.mapForeignFrames(domid: d.domid, frame: d.storeMFN)
+        try m.region.store(UInt32(0xABCD_1234), at: 1024)
+        #expect(g.send("read \(d.storeMFN) 1024 4") == "3412cdab")
+        #expect(throws: XenErrno.EINVAL) { try f.dom0.mapForeignFrames(domid: d.domid, frame: 64) }
+        #expect(throws: XenErrno.EINVAL) { try f.dom0.mapForeignFrames(domid: d.domid, frame: 63, count: 2) }
+        #expect(throws: XenErrno.ESRCH) { try f.dom0.mapForeignFrames(domid: 999, frame: 0) }
+    }
+}
+
+@Suite struct HostileClientTests {
+    /// A guest that sends requests and never reads the replies must be dropped,
+    /// never stall xenhv for everyone else.
+    @Test func aGuestThatNeverReadsIsDroppedAndOthersAreServed() throws {
+        let f = try HypervisorFixture()
+        let d = try f.dom0.createDomain(pages: 16, name: "flooder")
+        defer { close(d.guestDescriptor) }
+        let sock = d.guestDescriptor
+        try WireMessage(code: Int32(HVOp.hello.rawValue), payload: []).send(on: sock)
+        var w = WireWriter()
+        w.u16(HVLimits.domidSelf)
+        let request = WireMessage(code: Int32(HVOp.querySize.rawValue), payload: w.bytes)
+        var dropped = false
+        for _ in 0..<1_000_000 {
+            do {
+                try request.send(on: sock, blocking: false)
+            } catch HypervisorError.connectionLost {
+                dropped = true
+                break
+            } catch {
+                // Our side is full: wait (bounded) until it drains or the peer hangs up.
+                var p = pollfd(fd: sock, events: Int16(POLLOUT), revents: 0)
+                guard poll(&p, 1, 10_000) > 0 else { break }
+                if p.revents & Int16(POLLHUP | POLLERR) != 0 { dropped = true; break }
+            }
+        }
+        #expect(dropped)
+        #expect(try f.dom0.listDomains().first { $0.domid == d.domid }?.stateLetters == "----c-")
+        let (g, peer) = try f.guest(name: "polite")
+        #expect(peer.send("info").hasPrefix("domid \(g.domid)"))
+    }
+}

@@ -136,6 +136,8 @@ int cxen_memfd_create(const char *name, unsigned int flags);
 int cxen_eventfd(unsigned int initval, int flags);
 /* sendmsg/recvmsg with SCM_RIGHTS. Return bytes or -1 (errno set). */
 ssize_t cxen_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
+/* As above, but never blocks (MSG_DONTWAIT): a full peer gets EAGAIN. */
+ssize_t cxen_send_with_fds_nowait(int sock, const void *buf, size_t len, const int *fds, int nfds);
 ssize_t cxen_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds);
 /* A signalfd for SIGTERM, SIGINT and SIGHUP, which it also blocks; -1 on error. */
 int cxen_termination_signalfd(void);
