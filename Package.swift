@@ -130,6 +130,10 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
 
+        // NBD server (newstyle fixed): how pvguest exposes its disks to qemu-io, nbdinfo and fio.
+        .target(name: "NBD", dependencies: [.product(name: "Logging", package: "swift-log")]),
+        .testTarget(name: "NBDTests", dependencies: ["NBD"]),
+
         .testTarget(name: "BlkBackTests", dependencies: ["BlkBack", "XenHV", "XenRing", "CXen"]),
         .testTarget(name: "NetBackTests", dependencies: ["NetBack", "XenHV", "XenRing", "CXen"]),
         .testTarget(name: "XenABITests", dependencies: ["CXen", "CXenTestSupport", "XenRing"]),

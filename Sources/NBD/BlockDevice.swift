@@ -1,0 +1,49 @@
+/// A disk an NBD export serves: pvguest's blkfront, or a RAM disk.
+///
+/// Each operation completes exactly once, possibly on another thread, with nil
+/// or an errno value for the client. The buffer stays valid until completion.
+public protocol BlockDevice: AnyObject, Sendable {
+    /// Size in bytes.
+    var size: UInt64 { get }
+    var isReadOnly: Bool { get }
+    /// Discard (NBD_CMD_TRIM) supported.
+    var canTrim: Bool { get }
+    func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, completion: @escaping @Sendable (Int32?) -> Void)
+    func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool, completion: @escaping @Sendable (Int32?) -> Void)
+    /// Completes only once every write acknowledged before it is durable.
+    func flush(completion: @escaping @Sendable (Int32?) -> Void)
+    func trim(at offset: UInt64, length: UInt64, completion: @escaping @Sendable (Int32?) -> Void)
+}
+
+/// A RAM disk: the NBD server's own test device, and a null target for benchmarks.
+public final class MemoryBlockDevice: BlockDevice, @unchecked Sendable {
+    // Sound: the bytes are only touched inside the ranges of single operations,
+    // which the NBD server has already bounds-checked; concurrent overlapping
+    // I/O has the same undefined-order semantics as a real disk.
+    public let size: UInt64
+    public let isReadOnly: Bool
+    public let canTrim = true
+    private let bytes: UnsafeMutableRawPointer
+
+    public init(size: UInt64, readOnly: Bool = false) {
+        self.size = size
+        self.isReadOnly = readOnly
+        bytes = UnsafeMutableRawPointer.allocate(byteCount: Int(size), alignment: 4096)
+        bytes.initializeMemory(as: UInt8.self, repeating: 0, count: Int(size))
+    }
+    deinit { bytes.deallocate() }
+
+    public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, completion: @escaping @Sendable (Int32?) -> Void) {
+        buffer.baseAddress?.copyMemory(from: bytes + Int(offset), byteCount: buffer.count)
+        completion(nil)
+    }
+    public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool, completion: @escaping @Sendable (Int32?) -> Void) {
+        if let b = buffer.baseAddress { (bytes + Int(offset)).copyMemory(from: b, byteCount: buffer.count) }
+        completion(nil)
+    }
+    public func flush(completion: @escaping @Sendable (Int32?) -> Void) { completion(nil) }
+    public func trim(at offset: UInt64, length: UInt64, completion: @escaping @Sendable (Int32?) -> Void) {
+        (bytes + Int(offset)).initializeMemory(as: UInt8.self, repeating: 0, count: Int(length))
+        completion(nil)
+    }
+}

@@ -1,0 +1,115 @@
+import Foundation
+import Glibc
+import NBD
+import Testing
+
+/// The NBD server against real clients: Debian's nbdinfo (libnbd) and qemu-io.
+@Suite struct NBDServerTests {
+    struct Served {
+        let dir: String
+        let socket: String
+        let server: NBDServer
+        let device: MemoryBlockDevice
+        var uri: String { "nbd+unix:///disk?socket=\(socket)" }
+    }
+
+    func serve(size: UInt64 = 64 << 20, readOnly: Bool = false) throws -> Served {
+        let dir = NSTemporaryDirectory() + "nbd-test-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let dev = MemoryBlockDevice(size: size, readOnly: readOnly)
+        let server = NBDServer(exportName: "disk", device: dev)
+        try server.listen(unixPath: dir + "/nbd.sock")
+        return Served(dir: dir, socket: dir + "/nbd.sock", server: server, device: dev)
+    }
+
+    func finish(_ s: Served) {
+        s.server.stop()
+        try? FileManager.default.removeItem(atPath: s.dir)
+    }
+
+    /// Runs a tool; returns (exit status, stdout + stderr).
+    func run(_ tool: String, _ args: [String]) throws -> (Int32, String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: tool)
+        p.arguments = args
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = pipe
+        try p.run()
+        let out = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, String(decoding: out, as: UTF8.self))
+    }
+
+    @Test func nbdinfoSeesTheExport() throws {
+        let s = try serve(size: 48 << 20)
+        defer { finish(s) }
+        let (rc, out) = try run("/usr/bin/nbdinfo", ["--json", s.uri])
+        #expect(rc == 0, "\(out)")
+        #expect(out.contains("\"export-size\": \(48 << 20)"))
+        #expect(out.contains("\"can_trim\": true"))
+        #expect(out.contains("\"is_read_only\": false"))
+        #expect(out.contains("\"block_size_minimum\": 512"))
+        let (rc2, list) = try run("/usr/bin/nbdinfo", ["--list", "nbd+unix://?socket=\(s.socket)"])
+        #expect(rc2 == 0)
+        #expect(list.contains("export=\"disk\"") || list.contains("disk"))
+    }
+
+    @Test func qemuIOWritesLandAndReadBack() throws {
+        let s = try serve()
+        defer { finish(s) }
+        let (rc, out) = try run("/usr/bin/qemu-io", [
+            "-f", "raw", s.uri,
+            "-c", "write -P 0xab 4096 8192",
+            "-c", "write -P 0xcd 1048576 65536",
+            "-c", "read -P 0xab 4096 8192",
+            "-c", "read -P 0xcd 1048576 65536",
+            "-c", "read -P 0 0 4096",
+            "-c", "flush",
+            "-c", "discard 4096 4096",
+            "-c", "read -P 0 4096 4096",
+            "-c", "read -P 0xab 8192 4096",
+        ])
+        #expect(rc == 0, "\(out)")
+        #expect(!out.contains("Pattern verification failed"), "\(out)")
+        #expect(!out.lowercased().contains("error"), "\(out)")
+        // The bytes really are in the device.
+        var b = [UInt8](repeating: 0, count: 4)
+        b.withUnsafeMutableBytes { buf in s.device.read(at: 1048576, into: buf) { _ in } }
+        #expect(b == [0xCD, 0xCD, 0xCD, 0xCD])
+    }
+
+    @Test func readOnlyExportRefusesWrites() throws {
+        let s = try serve(readOnly: true)
+        defer { finish(s) }
+        let (rc, out) = try run("/usr/bin/qemu-io", ["-f", "raw", "-r", s.uri, "-c", "read -P 0 0 4096"])
+        #expect(rc == 0, "\(out)")
+        let (_, w) = try run("/usr/bin/qemu-io", ["-f", "raw", s.uri, "-c", "write -P 1 0 4096"])
+        #expect(w.contains("read-only") || w.contains("Operation not permitted") || w.contains("Permission denied"), "\(w)")
+    }
+
+    @Test func outOfRangeAndGarbageAreRefused() throws {
+        let s = try serve(size: 1 << 20)
+        defer { finish(s) }
+        let (_, out) = try run("/usr/bin/qemu-io", ["-f", "raw", s.uri, "-c", "read 1044480 8192"])
+        #expect(out.contains("Input/output error") || out.contains("Invalid argument") || out.contains("out of range") || out.contains("beyond"), "\(out)")
+        // A client that sends garbage instead of the handshake is dropped; the server lives on.
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in
+            let b = Array(s.socket.utf8); p.copyBytes(from: b); p[b.count] = 0
+        }
+        let r = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        #expect(r == 0)
+        var hello = [UInt8](repeating: 0, count: 18)
+        #expect(read(fd, &hello, 18) == 18)
+        let junk: [UInt8] = [0xFF, 0xFF, 0xFF, 0xFF]
+        _ = write(fd, junk, 4)
+        var one: UInt8 = 0
+        #expect(read(fd, &one, 1) == 0)  // closed by the server
+        close(fd)
+        let (rc, again) = try run("/usr/bin/qemu-io", ["-f", "raw", s.uri, "-c", "read -P 0 0 512"])
+        #expect(rc == 0, "\(again)")
+    }
+}
