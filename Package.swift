@@ -130,6 +130,10 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
 
+        // The toolstack's library: xl.cfg, disk and vif specifications (xenctl).
+        .target(name: "XenCtl"),
+        .testTarget(name: "XenCtlTests", dependencies: ["XenCtl"]),
+
         // NBD server (newstyle fixed): how pvguest exposes its disks to qemu-io, nbdinfo and fio.
         .target(name: "NBD", dependencies: [.product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "NBDTests", dependencies: ["NBD"]),

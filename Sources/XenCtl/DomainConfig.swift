@@ -1,0 +1,69 @@
+/// A domain as an xl.cfg file describes it: the keys this toolstack acts on,
+/// checked with errors that name the file and line.
+public struct DomainConfig: Sendable, Equatable {
+    public enum Action: String, Sendable, CaseIterable {
+        case destroy, restart, preserve
+        case renameRestart = "rename-restart"
+        case coredumpDestroy = "coredump-destroy"
+        case coredumpRestart = "coredump-restart"
+        case softReset = "soft-reset"
+    }
+
+    public var name: String
+    /// MiB.
+    public var memory: UInt32 = 128
+    public var vcpus: UInt32 = 1
+    public var disks: [DiskSpec] = []
+    public var vifs: [VifSpec] = []
+    public var onCrash: Action = .destroy
+    public var onPoweroff: Action = .destroy
+    public var onReboot: Action = .restart
+
+    public init(_ cfg: XLConfig) throws(ConfigError) {
+        func fail(_ key: String, _ m: String) -> ConfigError {
+            ConfigError(file: cfg.file, line: cfg.line(of: key) ?? 0, message: m)
+        }
+        guard let n = cfg["name"]?.string, !n.isEmpty else {
+            throw ConfigError(file: cfg.file, line: cfg.line(of: "name") ?? 1, message: "the domain needs a name (name = \"...\")")
+        }
+        guard n.utf8.count <= 64, !n.contains(where: { $0 == "/" || $0.isWhitespace }) else {
+            throw fail("name", "name '\(n)' must be 1-64 characters without '/' or spaces")
+        }
+        name = n
+        if let m = cfg["memory"] {
+            guard case .number(let s) = m, let v = UInt32(s), v >= 1, v <= 65536 else {
+                throw fail("memory", "memory must be a number of MiB between 1 and 65536")
+            }
+            memory = v
+        }
+        if let v = cfg["vcpus"] {
+            guard case .number(let s) = v, let c = UInt32(s), (1...128).contains(c) else { throw fail("vcpus", "vcpus must be 1..128") }
+            vcpus = c
+        }
+        for (key, dst) in [("on_crash", \DomainConfig.onCrash), ("on_poweroff", \.onPoweroff), ("on_reboot", \.onReboot)] {
+            guard let v = cfg[key] else { continue }
+            guard let s = v.string, let a = Action(rawValue: s) else {
+                throw fail(key, "\(key) must be one of \(Action.allCases.map(\.rawValue).joined(separator: ", "))")
+            }
+            self[keyPath: dst] = a
+        }
+        if let d = cfg["disk"] {
+            guard case .list(let items) = d else { throw fail("disk", "disk must be a list: disk = [ '...' ]") }
+            for item in items {
+                guard let s = item.string else { throw fail("disk", "each disk must be a string") }
+                do { disks.append(try DiskSpec(parsing: s)) } catch { throw fail("disk", "disk '\(s)': \(error.message)") }
+            }
+            var seen = Set<UInt32>()
+            for disk in disks where !seen.insert(disk.devid).inserted {
+                throw fail("disk", "duplicate vdev '\(disk.vdev)'")
+            }
+        }
+        if let v = cfg["vif"] {
+            guard case .list(let items) = v else { throw fail("vif", "vif must be a list: vif = [ '...' ]") }
+            for item in items {
+                guard let s = item.string else { throw fail("vif", "each vif must be a string") }
+                do { vifs.append(try VifSpec(parsing: s)) } catch { throw fail("vif", "vif '\(s)': \(error.message)") }
+            }
+        }
+    }
+}

@@ -1,0 +1,128 @@
+/// One NIC in xl's network specification syntax (xl-network-configuration(5)):
+/// `mac=00:16:3e:01:02:03, bridge=xenbr0, rate=100Mb/s`.
+public struct VifSpec: Sendable, Equatable {
+    public var mac: MACAddress?
+    public var bridge = "xenbr0"
+    public var script: String?
+    public var vifname: String?
+    public var ip: String?
+    public var mtu: UInt32?
+    public var model: String?
+    /// `rate`: bytes allowed per interval, as libxl writes it for netback.
+    public var rate: Rate?
+
+    public struct Rate: Sendable, Equatable {
+        public var bytesPerInterval: UInt64
+        public var intervalMicroseconds: UInt32
+        public init(bytesPerInterval: UInt64, intervalMicroseconds: UInt32) {
+            self.bytesPerInterval = bytesPerInterval
+            self.intervalMicroseconds = intervalMicroseconds
+        }
+        /// The xenstore `rate` key: "bytes,usecs".
+        public var xenstoreValue: String { "\(bytesPerInterval),\(intervalMicroseconds)" }
+    }
+
+    public init(parsing spec: String) throws(SpecError) {
+        for raw in spec.split(separator: ",", omittingEmptySubsequences: true) {
+            let item = String(raw).trimmingSpaces
+            if item.isEmpty { continue }
+            guard let eq = item.firstIndex(of: "=") else { throw SpecError("'\(item)' is not key=value") }
+            let key = String(item[..<eq]).trimmingSpaces, value = String(item[item.index(after: eq)...]).trimmingSpaces
+            switch key {
+            case "mac": mac = try MACAddress(parsing: value)
+            case "bridge":
+                guard Self.isValidInterfaceName(value) else { throw SpecError("'\(value)' is not a valid bridge name (1-15 characters, no '/', ':' or spaces)") }
+                bridge = value
+            case "script": script = value
+            case "vifname":
+                guard Self.isValidInterfaceName(value) else { throw SpecError("'\(value)' is not a valid interface name") }
+                vifname = value
+            case "ip": ip = value
+            case "model": model = value
+            case "type": guard value == "vif" || value == "ioemu" else { throw SpecError("type must be vif or ioemu, not '\(value)'") }
+            case "backend": guard value == "0" || value == "Domain-0" else { throw SpecError("only dom0 backends exist here, not '\(value)'") }
+            case "mtu":
+                guard let m = UInt32(value), (68...65535).contains(m) else { throw SpecError("mtu must be 68..65535, not '\(value)'") }
+                mtu = m
+            case "rate": rate = try Self.rate(value)
+            default: throw SpecError("unknown vif keyword '\(key)'")
+            }
+        }
+    }
+
+    /// Linux's IFNAMSIZ rules.
+    public static func isValidInterfaceName(_ n: String) -> Bool {
+        !n.isEmpty && n.utf8.count < 16 && n != "." && n != ".." && !n.contains { $0 == "/" || $0 == ":" || $0.isWhitespace }
+    }
+
+    /// xl's rate syntax: NUMBER UNIT/s [@INTERVAL], units b, B with k/K, M, G
+    /// prefixes; interval in s, ms or us (default 50ms).
+    static func rate(_ v: String) throws(SpecError) -> Rate {
+        let bad = SpecError("rate '\(v)' is not like 100Mb/s or 10MB/s@20ms")
+        let parts = v.split(separator: "@", maxSplits: 1)
+        var interval: UInt64 = 50_000
+        if parts.count == 2 {
+            let s = parts[1]
+            let num = s.prefix { $0.isNumber }
+            guard let n = UInt64(num), n > 0 else { throw bad }
+            switch s.dropFirst(num.count) {
+            case "s": interval = n * 1_000_000
+            case "ms": interval = n * 1_000
+            case "us": interval = n
+            default: throw bad
+            }
+            guard interval <= UInt64(UInt32.max) else { throw bad }
+        }
+        let r = parts[0]
+        guard r.hasSuffix("/s") else { throw bad }
+        let body = r.dropLast(2)
+        let num = body.prefix { $0.isNumber }
+        guard let n = UInt64(num), n > 0 else { throw bad }
+        var unit = body.dropFirst(num.count)
+        var scale: UInt64 = 1
+        switch unit.first {
+        case "k", "K": scale = 1_000; unit = unit.dropFirst()
+        case "M": scale = 1_000_000; unit = unit.dropFirst()
+        case "G": scale = 1_000_000_000; unit = unit.dropFirst()
+        default: break
+        }
+        let bytesPerSecond: UInt64
+        switch unit {
+        case "B": bytesPerSecond = n * scale
+        case "b": bytesPerSecond = n * scale / 8
+        default: throw bad
+        }
+        let perInterval = bytesPerSecond * interval / 1_000_000
+        guard perInterval > 0 else { throw bad }
+        return Rate(bytesPerInterval: perInterval, intervalMicroseconds: UInt32(interval))
+    }
+}
+
+/// An Ethernet address.
+public struct MACAddress: Sendable, Equatable, Hashable, CustomStringConvertible {
+    public let bytes: [UInt8]
+
+    public init(parsing s: String) throws(SpecError) {
+        let parts = s.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 6 else { throw SpecError("'\(s)' is not a MAC address like 00:16:3e:01:02:03") }
+        var b: [UInt8] = []
+        for p in parts {
+            guard p.count == 2, let v = UInt8(p, radix: 16) else { throw SpecError("'\(s)' is not a MAC address like 00:16:3e:01:02:03") }
+            b.append(v)
+        }
+        guard b[0] & 1 == 0 else { throw SpecError("'\(s)' is a multicast address; a NIC needs a unicast one") }
+        bytes = b
+    }
+
+    public init(bytes: [UInt8]) { self.bytes = bytes }
+
+    /// A random address in Xen's OUI, 00:16:3e, as xl picks one.
+    public static func randomXen() -> MACAddress {
+        MACAddress(bytes: [0x00, 0x16, 0x3E, UInt8.random(in: 0...0x7F), UInt8.random(in: 0...255), UInt8.random(in: 0...255)])
+    }
+
+    public var description: String {
+        let d = Array("0123456789abcdef")
+        return bytes.map { String([d[Int($0 >> 4)], d[Int($0 & 15)]]) }.joined(separator: ":")
+    }
+}

@@ -1,0 +1,120 @@
+import Testing
+import XenCtl
+
+@Suite struct XLConfigTests {
+    let sample = """
+        # a PV guest
+        name = "demo"   # trailing comment
+        memory = 256; vcpus = 2
+        disk = [ 'format=raw, vdev=xvda, access=rw, target=/var/lib/xen/demo,1.img',
+                 "/srv/data.img,raw,xvdb,ro", ]
+        vif = [ 'mac=00:16:3e:01:02:03, bridge=xenbr0, rate=100Mb/s' ]
+        vif += [ 'bridge=xenbr1' ]
+        on_crash = 'preserve'
+        extra = "console=hvc0 \\"quoted\\""
+        """
+
+    @Test func parsesEveryValueKind() throws {
+        let c = try XLConfig(parsing: sample, file: "demo.cfg")
+        #expect(c["name"] == .string("demo"))
+        #expect(c["memory"] == .number("256"))
+        #expect(c["vcpus"] == .number("2"))
+        #expect(c["extra"] == .string("console=hvc0 \"quoted\""))
+        guard case .list(let disks) = c["disk"], case .list(let vifs) = c["vif"] else {
+            Issue.record("lists not parsed")
+            return
+        }
+        #expect(disks.count == 2)
+        #expect(vifs == [.string("mac=00:16:3e:01:02:03, bridge=xenbr0, rate=100Mb/s"), .string("bridge=xenbr1")])
+        #expect(c.line(of: "on_crash") == 8)
+    }
+
+    @Test func domainConfigFromTheFile() throws {
+        let d = try DomainConfig(try XLConfig(parsing: sample, file: "demo.cfg"))
+        #expect(d.name == "demo")
+        #expect(d.memory == 256)
+        #expect(d.vcpus == 2)
+        #expect(d.onCrash == .preserve)
+        #expect(d.disks.map(\.target) == ["/var/lib/xen/demo,1.img", "/srv/data.img"])
+        #expect(d.disks.map(\.access) == [.readWrite, .readOnly])
+        #expect(d.disks.map(\.devid) == [51712, 51728])
+        #expect(d.vifs.map(\.bridge) == ["xenbr0", "xenbr1"])
+        #expect(d.vifs[0].mac?.description == "00:16:3e:01:02:03")
+        #expect(d.vifs[0].rate == VifSpec.Rate(bytesPerInterval: 625_000, intervalMicroseconds: 50_000))
+    }
+
+    @Test(arguments: [
+        ("name = \"x\"\nmemory = \n", 2, "where a value was expected"),
+        ("name = \"x\nmemory = 3\n", 1, "unterminated string"),
+        ("name = \"x\"\ndisk = [ 'a'\n", 2, "unterminated list"),
+        ("name = \"x\"\n= 3\n", 2, "where a setting name was expected"),
+        ("name = \"x\"\nmemory = lots\n", 2, "is not a number"),
+        ("name = \"x\" junk\n", 1, "unexpected"),
+        ("name = \"x\"\nkernel = 'a' 'b'\n", 2, "unexpected"),
+    ])
+    func syntaxErrorsNameTheLine(text: String, line: Int, fragment: String) {
+        do {
+            _ = try XLConfig(parsing: text, file: "bad.cfg")
+            Issue.record("accepted: \(text)")
+        } catch {
+            #expect(error.file == "bad.cfg")
+            #expect(error.line == line, "\(error)")
+            #expect(error.description.contains(fragment), "\(error)")
+        }
+    }
+
+    @Test(arguments: [
+        ("memory = 5\n", "needs a name"),
+        ("name = 'a b'\n", "must be 1-64 characters"),
+        ("name = 'x'\nmemory = 0\n", "memory must be"),
+        ("name = 'x'\non_crash = 'explode'\n", "on_crash must be one of"),
+        ("name = 'x'\ndisk = 'vdev=xvda,target=/a'\n", "disk must be a list"),
+        ("name = 'x'\ndisk = [ 'vdev=xvda, target=/a', 'vdev=xvda, target=/b' ]\n", "duplicate vdev 'xvda'"),
+        ("name = 'x'\ndisk = [ 'format=qcow2, vdev=xvda, target=/a' ]\n", "format 'qcow2' is not supported"),
+        ("name = 'x'\ndisk = [ 'vdev=xyz, target=/a' ]\n", "not a virtual device name"),
+        ("name = 'x'\nvif = [ 'bridge=this-name-is-far-too-long' ]\n", "not a valid bridge name"),
+        ("name = 'x'\nvif = [ 'mac=01:16:3e:00:00:01' ]\n", "multicast"),
+        ("name = 'x'\nvif = [ 'rate=fast' ]\n", "rate 'fast'"),
+        ("name = 'x'\nvif = [ 'colour=blue' ]\n", "unknown vif keyword 'colour'"),
+    ])
+    func semanticErrorsNameTheProblem(text: String, fragment: String) {
+        do {
+            _ = try DomainConfig(try XLConfig(parsing: text, file: "d.cfg"))
+            Issue.record("accepted: \(text)")
+        } catch {
+            #expect(error.description.hasPrefix("d.cfg:"), "\(error)")
+            #expect(error.description.contains(fragment), "\(error)")
+        }
+    }
+}
+
+@Suite struct DeviceSpecTests {
+    @Test func diskSpecs() throws {
+        let a = try DiskSpec(parsing: "format=raw, vdev=xvda, access=rw, target=/path/disk.img")
+        #expect(a.target == "/path/disk.img" && a.vdev == "xvda" && a.access == .readWrite && a.devid == 51712)
+        let b = try DiskSpec(parsing: "/dev/vg/lv,raw,xvdb1,ro")
+        #expect(b.target == "/dev/vg/lv" && b.access == .readOnly && b.devid == (202 << 8 | 1 << 4 | 1))
+        let c = try DiskSpec(parsing: "vdev=hdc, devtype=cdrom, target=/iso/a.iso")
+        #expect(c.isCDROM && c.access == .readOnly && c.devid == 22 << 8)
+        #expect(try DiskSpec.devid(of: "xvdq") == 1 << 28 | 16 << 8)
+        #expect(try DiskSpec.devid(of: "sdb") == 8 << 8 | 16)
+        #expect(throws: SpecError.self) { try DiskSpec(parsing: "vdev=xvda") }
+        #expect(throws: SpecError.self) { try DiskSpec(parsing: "target=/a") }
+        #expect(throws: SpecError.self) { try DiskSpec(parsing: "vdev=xvda, access=rx, target=/a") }
+        #expect(throws: SpecError.self) { try DiskSpec.devid(of: "xvd0") }
+    }
+
+    @Test func vifSpecs() throws {
+        let v = try VifSpec(parsing: "mac=00:16:3e:01:02:03, bridge=xenbr0, rate=100Mb/s")
+        #expect(v.mac == MACAddress(bytes: [0, 0x16, 0x3E, 1, 2, 3]))
+        #expect(v.rate?.xenstoreValue == "625000,50000")
+        #expect(try VifSpec(parsing: "rate=10MB/s@20ms").rate == .init(bytesPerInterval: 200_000, intervalMicroseconds: 20_000))
+        #expect(try VifSpec(parsing: "rate=1Gb/s@1s").rate == .init(bytesPerInterval: 125_000_000, intervalMicroseconds: 1_000_000))
+        #expect(try VifSpec(parsing: "").bridge == "xenbr0")
+        #expect(try VifSpec(parsing: "mtu=9000").mtu == 9000)
+        #expect(throws: SpecError.self) { try VifSpec(parsing: "mtu=12") }
+        #expect(throws: SpecError.self) { try VifSpec(parsing: "mac=00:16:3e:01:02") }
+        let r = MACAddress.randomXen()
+        #expect(r.bytes.prefix(3) == [0, 0x16, 0x3E] && r.bytes[0] & 1 == 0)
+    }
+}
