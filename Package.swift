@@ -130,6 +130,13 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
 
+        // ringtests: fuzz entry points over the real code, the libFuzzer driver, corpus replay.
+        .target(name: "RingFuzz", dependencies: ["CXen", "XenRing"], path: "ringtests/targets"),
+        .executableTarget(
+            name: "xen-fuzz", dependencies: ["RingFuzz"], path: "ringtests/driver",
+            swiftSettings: [.unsafeFlags(["-parse-as-library"])]),
+        .testTarget(name: "FuzzReplayTests", dependencies: ["RingFuzz"]),
+
         // The toolstack's library: xl.cfg, disk and vif specifications (xenctl).
         .target(name: "XenCtl"),
         .testTarget(name: "XenCtlTests", dependencies: ["XenCtl"]),

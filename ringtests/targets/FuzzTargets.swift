@@ -1,0 +1,41 @@
+/// Fuzz entry points over the project's real code. libFuzzer calls them through
+/// `xen-fuzz` (scripts/fuzz); the normal test suite replays every corpus file
+/// and every crash ever found through the same functions.
+public enum FuzzTarget: String, CaseIterable, Sendable {
+    /// A back end consuming a ring whose header and slots are arbitrary bytes,
+    /// with the producer index rewritten between passes.
+    case ringConsumer = "ring-consumer"
+    /// A front end consuming responses a lying back end published.
+    case ringProducer = "ring-producer"
+
+    public func run(_ data: UnsafeRawBufferPointer) {
+        switch self {
+        case .ringConsumer: fuzzRingConsumer(data)
+        case .ringProducer: fuzzRingProducer(data)
+        }
+    }
+}
+
+/// Reads fuzz input as a little stream of values; past the end it yields zeros.
+struct FuzzInput {
+    let data: UnsafeRawBufferPointer
+    var at = 0
+    init(_ data: UnsafeRawBufferPointer) { self.data = data }
+    var remaining: Int { max(0, data.count - at) }
+    mutating func u8() -> UInt8 {
+        guard at < data.count else { return 0 }
+        defer { at += 1 }
+        return data[at]
+    }
+    mutating func u32() -> UInt32 {
+        var v: UInt32 = 0
+        for i in 0..<4 { v |= UInt32(u8()) << (8 * UInt32(i)) }
+        return v
+    }
+    /// Copies up to `n` bytes into `dst`.
+    mutating func fill(_ dst: UnsafeMutableRawPointer, _ n: Int) {
+        let k = min(n, remaining)
+        if k > 0 { dst.copyMemory(from: data.baseAddress! + at, byteCount: k) }
+        at += k
+    }
+}
