@@ -9,6 +9,7 @@ let package = Package(
         .executable(name: "xenhv", targets: ["xenhv"]),
         .executable(name: "xenstored", targets: ["xenstored"]),
         .executable(name: "xen-demo", targets: ["xen-demo"]),
+        .executable(name: "xenctl", targets: ["xenctl"]),
         .executable(name: "xen-bench", targets: ["xen-bench"]),
         .executable(name: "blkback", targets: ["blkback"]),
         .executable(name: "netback", targets: ["netback"]),
@@ -138,7 +139,14 @@ let package = Package(
         .testTarget(name: "FuzzReplayTests", dependencies: ["RingFuzz"]),
 
         // The toolstack's library: xl.cfg, disk and vif specifications (xenctl).
-        .target(name: "XenCtl"),
+        .target(name: "XenCtl", dependencies: ["CXen", "XenHV", .product(name: "Logging", package: "swift-log")]),
+        .executableTarget(
+            name: "xenctl",
+            dependencies: [
+                "XenCtl", "XenHV",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
         .testTarget(name: "XenCtlTests", dependencies: ["XenCtl"]),
 
         // NBD server (newstyle fixed): how pvguest exposes its disks to qemu-io, nbdinfo and fio.

@@ -7,6 +7,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 #include <signal.h>
+#include <spawn.h>
 #include <sys/signalfd.h>
 
 int cxen_memfd_create(const char *name, unsigned int flags) {
@@ -85,4 +86,23 @@ int cxen_termination_signalfd(void) {
     sigaddset(&set, SIGHUP);
     if (sigprocmask(SIG_BLOCK, &set, NULL) != 0) return -1;
     return signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+}
+
+int cxen_signalfd(const int *signals, int n) {
+    sigset_t set;
+    sigemptyset(&set);
+    for (int i = 0; i < n; i++) sigaddset(&set, signals[i]);
+    if (sigprocmask(SIG_BLOCK, &set, NULL) != 0) return -1;
+    return signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+}
+
+int cxen_signalfd_read(int fd) {
+    struct signalfd_siginfo si;
+    ssize_t r = read(fd, &si, sizeof(si));
+    if (r != (ssize_t)sizeof(si)) return -1;
+    return (int)si.ssi_signo;
+}
+
+int cxen_spawn_closefrom(void *file_actions, int from) {
+    return posix_spawn_file_actions_addclosefrom_np((posix_spawn_file_actions_t *)file_actions, from);
 }

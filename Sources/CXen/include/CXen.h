@@ -141,6 +141,12 @@ ssize_t cxen_send_with_fds_nowait(int sock, const void *buf, size_t len, const i
 ssize_t cxen_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds);
 /* A signalfd for SIGTERM, SIGINT and SIGHUP, which it also blocks; -1 on error. */
 int cxen_termination_signalfd(void);
+/* A non-blocking signalfd for `n` signals, which it also blocks; -1 on error. */
+int cxen_signalfd(const int *signals, int n);
+/* The signal number of one pending signalfd record, or -1 when none. */
+int cxen_signalfd_read(int fd);
+/* posix_spawn_file_actions_addclosefrom_np: the child closes every fd >= `from`. */
+int cxen_spawn_closefrom(void *file_actions, int from);
 /* SO_PEERCRED pid of a Unix-socket peer, or -1. */
 int cxen_peer_pid(int sock);
 

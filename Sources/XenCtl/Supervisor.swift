@@ -1,0 +1,256 @@
+import CXen
+import Glibc
+import Logging
+import XenHV
+
+/// One dom0 service as the supervisor (and its systemd unit) runs it.
+public struct ServiceSpec: Sendable, Equatable {
+    public var name: String
+    public var executable: String
+    public var arguments: [String]
+    /// The service is up once it prints a stdout line starting with this.
+    public var readyLine: String
+    public init(name: String, executable: String, arguments: [String], readyLine: String) {
+        self.name = name
+        self.executable = executable
+        self.arguments = arguments
+        self.readyLine = readyLine
+    }
+    public var commandLine: String { ([executable] + arguments).joined(separator: " ") }
+}
+
+/// Supervises the dom0 services: starts them in order, each once the previous
+/// is ready; restarts one that dies with exponential back-off; logs each to
+/// `<run-dir>/logs/<name>.log`; on SIGTERM stops them in reverse order.
+/// Its state is published in `<run-dir>/supervisor.status` for `xenctl status`.
+public final class Supervisor {
+    final class Service {
+        let spec: ServiceSpec
+        var pid: pid_t = 0
+        var stdout: CInt = -1
+        var log: CInt = -1
+        var ready = false
+        var restarts = 0
+        var startedAt: Double = 0
+        var restartAt: Double?
+        var backoff: Double = 0.5
+        var lineBuffer: [UInt8] = []
+        /// Stopped on purpose (a dependency restarts): not a crash.
+        var expectedExit = false
+        init(_ s: ServiceSpec) { spec = s }
+    }
+
+    let runDir: String
+    let services: [Service]
+    var logger: Logger
+    /// Called before the services stop (e.g. destroy guests while xenhv still runs).
+    public var beforeStop: (() -> Void)?
+    let signals: CInt
+    /// The next service to start once the one before it is ready.
+    var startIndex = 0
+
+    public init(runDir: String, services: [ServiceSpec], logger: Logger) throws {
+        self.runDir = runDir
+        self.services = services.map(Service.init)
+        self.logger = logger
+        var sigs: [CInt] = [SIGTERM, SIGINT, SIGHUP, SIGCHLD]
+        signals = cxen_signalfd(&sigs, CInt(sigs.count))
+        guard signals >= 0 else { throw HypervisorError.system(call: "signalfd", errno: errno) }
+        mkdir(runDir, 0o755)
+        mkdir(runDir + "/logs", 0o755)
+    }
+
+    static func monotonic() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    }
+
+    /// Runs until SIGTERM/SIGINT; returns after every service has stopped.
+    public func run() {
+        writeFile(runDir + "/supervisor.pid", "\(getpid())\n")
+        var stopping = false
+        start(services[0])
+        publish()
+        while true {
+            var fds = [pollfd(fd: signals, events: Int16(POLLIN), revents: 0)]
+            for s in services where s.stdout >= 0 { fds.append(pollfd(fd: s.stdout, events: Int16(POLLIN), revents: 0)) }
+            let now = Self.monotonic()
+            let nextRestart = services.compactMap(\.restartAt).min()
+            let timeout = nextRestart.map { Int32(max(0, min(60_000, ($0 - now) * 1000))) } ?? -1
+            _ = poll(&fds, nfds_t(fds.count), timeout)
+
+            while case let sig = cxen_signalfd_read(signals), sig > 0 {
+                if sig == SIGCHLD { reap(stopping: stopping) } else { stopping = true }
+            }
+            for p in fds.dropFirst() where p.revents != 0 {
+                guard let s = services.first(where: { $0.stdout == p.fd }) else { continue }
+                pump(s)
+            }
+            if stopping { break }
+            // Start the next service once the previous one is ready.
+            while startIndex + 1 < services.count, services[startIndex].ready {
+                startIndex += 1
+                if services[startIndex].pid == 0 && services[startIndex].restartAt == nil { start(services[startIndex]) }
+            }
+            let t = Self.monotonic()
+            for s in services where s.restartAt.map({ $0 <= t }) ?? false {
+                s.restartAt = nil
+                start(s)
+            }
+            publish()
+        }
+        stopAll()
+    }
+
+    func start(_ s: Service) {
+        var p: [CInt] = [-1, -1]
+        guard pipe(&p) == 0 else { return }
+        _ = fcntl(p[0], F_SETFD, FD_CLOEXEC)
+        _ = fcntl(p[0], F_SETFL, O_NONBLOCK)
+        if s.log < 0 { s.log = open(runDir + "/logs/\(s.spec.name).log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644) }
+        do {
+            s.pid = try ProcessLauncher.spawn(s.spec.executable, arguments: s.spec.arguments,
+                                              environment: ["XEN_RUN_DIR": runDir],
+                                              descriptors: [(p[1], 1), (s.log, 2)])
+            s.stdout = p[0]
+            s.ready = false
+            s.startedAt = Self.monotonic()
+            logger.info("started \(s.spec.name)", metadata: ["pid": "\(s.pid)"])
+        } catch {
+            close(p[0])
+            logger.error("cannot start \(s.spec.name): \(error)")
+            scheduleRestart(s)
+        }
+        close(p[1])
+    }
+
+    /// Copies a service's stdout to its log and watches for the ready line.
+    func pump(_ s: Service) {
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = read(s.stdout, &buf, buf.count)
+            if n <= 0 {
+                if n == 0 { close(s.stdout); s.stdout = -1 }
+                return
+            }
+            _ = buf.withUnsafeBytes { write(s.log, $0.baseAddress, n) }
+            guard !s.ready else { continue }
+            s.lineBuffer += buf[0..<n]
+            while let nl = s.lineBuffer.firstIndex(of: 10) {
+                let line = String(decoding: s.lineBuffer[..<nl], as: UTF8.self)
+                s.lineBuffer.removeSubrange(...nl)
+                if line.hasPrefix(s.spec.readyLine) {
+                    s.ready = true
+                    s.backoff = 0.5
+                    logger.info("\(s.spec.name) is ready")
+                }
+            }
+            if s.lineBuffer.count > 65536 { s.lineBuffer.removeAll() }
+        }
+    }
+
+    func reap(stopping: Bool) {
+        while true {
+            var st: Int32 = 0
+            let pid = waitpid(-1, &st, WNOHANG)
+            guard pid > 0 else { return }
+            guard let i = services.firstIndex(where: { $0.pid == pid }) else { continue }
+            let s = services[i]
+            s.pid = 0
+            s.ready = false
+            if s.stdout >= 0 { pump(s); close(s.stdout); s.stdout = -1 }
+            if s.expectedExit {
+                s.expectedExit = false
+                continue
+            }
+            guard !stopping else { continue }
+            logger.warning("\(s.spec.name) exited (status \(st)); restarting in \(s.backoff)s")
+            // A service that ran a minute is healthy again: reset its back-off.
+            if Self.monotonic() - s.startedAt > 60 { s.backoff = 0.5 }
+            scheduleRestart(s)
+            // Later services depend on this one (a new xenhv has no domains, a new
+            // xenstored no connections): stop them; they start again in order.
+            for later in services[(i + 1)...] where later.pid > 0 {
+                later.expectedExit = true
+                later.restartAt = nil
+                kill(later.pid, SIGTERM)
+            }
+            for later in services[(i + 1)...] { later.restartAt = nil }
+            startIndex = min(startIndex, i)
+        }
+    }
+
+    func scheduleRestart(_ s: Service) {
+        s.restarts += 1
+        s.restartAt = Self.monotonic() + s.backoff
+        s.backoff = min(s.backoff * 2, 30)
+    }
+
+    /// Stops services in reverse order: SIGTERM, then SIGKILL after 10 s.
+    func stopAll() {
+        beforeStop?()
+        for s in services.reversed() where s.pid > 0 {
+            kill(s.pid, SIGTERM)
+            let deadline = Self.monotonic() + 10
+            var st: Int32 = 0
+            while waitpid(s.pid, &st, WNOHANG) == 0 {
+                if Self.monotonic() > deadline {
+                    logger.warning("\(s.spec.name) did not stop; killing it")
+                    kill(s.pid, SIGKILL)
+                    waitpid(s.pid, &st, 0)
+                    break
+                }
+                var pfd = pollfd(fd: signals, events: Int16(POLLIN), revents: 0)
+                _ = poll(&pfd, 1, 100)
+                _ = cxen_signalfd_read(signals)
+            }
+            logger.info("stopped \(s.spec.name)")
+            s.pid = 0
+            if s.stdout >= 0 { close(s.stdout); s.stdout = -1 }
+        }
+        for s in services where s.log >= 0 { close(s.log) }
+        unlink(runDir + "/supervisor.pid")
+        unlink(runDir + "/supervisor.status")
+    }
+
+    /// One line per service: name, pid, state, restarts.
+    func publish() {
+        let text = services.map { s in
+            let state = s.pid > 0 ? (s.ready ? "running" : "starting") : (s.restartAt != nil ? "restarting" : "stopped")
+            return "\(s.spec.name) \(s.pid) \(state) \(s.restarts)"
+        }.joined(separator: "\n") + "\n"
+        writeFile(runDir + "/supervisor.status.tmp", text)
+        rename(runDir + "/supervisor.status.tmp", runDir + "/supervisor.status")
+    }
+}
+
+func writeFile(_ path: String, _ text: String) {
+    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+    guard fd >= 0 else { return }
+    _ = text.withCString { write(fd, $0, strlen($0)) }
+    close(fd)
+}
+
+/// The supervisor's published view, as `xenctl status` reads it.
+public struct ServiceStatus: Sendable, Equatable {
+    public let name: String
+    public let pid: Int32
+    public let state: String
+    public let restarts: Int
+
+    public static func read(runDir: String) -> [ServiceStatus]? {
+        guard let f = fopen(runDir + "/supervisor.status", "r") else { return nil }
+        defer { fclose(f) }
+        var out: [ServiceStatus] = []
+        var line: UnsafeMutablePointer<CChar>?
+        var cap = 0
+        while getline(&line, &cap, f) > 0, let l = line {
+            let w = String(cString: l).split(separator: " ").map(String.init)
+            guard w.count == 4 else { continue }
+            out.append(ServiceStatus(name: w[0], pid: Int32(w[1]) ?? 0, state: w[2].trimmingSpaces, restarts: Int(w[3].filter(\.isNumber)) ?? 0))
+        }
+        free(line)
+        return out
+    }
+}

@@ -1,0 +1,169 @@
+import Glibc
+import XenHV
+
+/// The toolstack's operations on one run directory (xl's verbs and the service
+/// launcher). Errors are single lines that name the object.
+public struct Toolstack: Sendable {
+    public let runDir: String
+    public init(runDir: String) { self.runDir = runDir }
+
+    public struct Failure: Error, CustomStringConvertible {
+        public let description: String
+        init(_ d: String) { description = d }
+    }
+
+    public var hypervisorSocket: String { runDir + "/xenhv.sock" }
+    public var xenstoreSocket: String { runDir + "/xenstored/socket" }
+
+    /// The dom0 services, in start order, with the command lines the supervisor
+    /// and the systemd units both use.
+    public func services(bindir: String) -> [ServiceSpec] {
+        [
+            ServiceSpec(name: "xenhv", executable: bindir + "/xenhv",
+                        arguments: ["--socket", hypervisorSocket], readyLine: "xenhv ready"),
+            ServiceSpec(name: "xenstored", executable: bindir + "/xenstored",
+                        arguments: ["--socket", xenstoreSocket], readyLine: "xenstored ready"),
+        ]
+    }
+
+    public static func systemdUnits(bindir: String) -> [(String, String)] {
+        let t = Toolstack(runDir: "/run/swiftxen")
+        let specs = t.services(bindir: bindir)
+        return specs.enumerated().map { i, s in
+            // BindsTo: a restarted dependency restarts its dependents, as the supervisor does.
+            let after = i == 0 ? "" : "\nAfter=swiftxen-\(specs[i - 1].name).service\nBindsTo=swiftxen-\(specs[i - 1].name).service"
+            return ("swiftxen-\(s.name).service", """
+                [Unit]
+                Description=SwiftXen \(s.name)\(after)
+
+                [Service]
+                Environment=XEN_RUN_DIR=/run/swiftxen
+                RuntimeDirectory=swiftxen
+                RuntimeDirectoryPreserve=yes
+                ExecStart=\(s.commandLine)
+                Restart=on-failure
+                RestartSec=1
+
+                [Install]
+                WantedBy=multi-user.target
+
+                """)
+        }
+    }
+
+    public static func selfDirectory() -> String {
+        var buf = [CChar](repeating: 0, count: 4096)
+        let n = readlink("/proc/self/exe", &buf, buf.count - 1)
+        let path = String(cString: Array(buf[0..<max(0, n)]) + [0])
+        return String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)])
+    }
+
+    /// The supervisor's pid if it is alive.
+    public func supervisorPID() -> pid_t? {
+        guard let f = fopen(runDir + "/supervisor.pid", "r") else { return nil }
+        defer { fclose(f) }
+        var pid: Int32 = 0
+        guard fscanf_pid(f, &pid), pid > 0, kill(pid, 0) == 0 else { return nil }
+        return pid
+    }
+
+    /// Starts the supervisor (detached) unless it runs, and waits until every
+    /// service is ready.
+    public func up() throws {
+        if supervisorPID() == nil {
+            mkdir(runDir, 0o755)
+            mkdir(runDir + "/logs", 0o755)
+            unlink(runDir + "/supervisor.status")
+            let log = open(runDir + "/logs/supervisor.log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+            guard log >= 0 else { throw Failure("cannot write \(runDir)/logs: \(String(cString: strerror(errno)))") }
+            defer { close(log) }
+            let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
+            defer { close(null) }
+            _ = try ProcessLauncher.spawn(Self.selfDirectory() + "/xenctl", arguments: ["supervise", "--run-dir", runDir],
+                                          descriptors: [(null, 0), (log, 1), (log, 2)], newSession: true)
+        }
+        // Wait (bounded) for the supervisor's published state.
+        let deadline = time(nil) + 60
+        while time(nil) < deadline {
+            if let st = ServiceStatus.read(runDir: runDir), !st.isEmpty, st.count == services(bindir: "").count,
+               st.allSatisfy({ $0.state == "running" }) { return }
+            var pfd = pollfd(fd: -1, events: 0, revents: 0)
+            _ = poll(&pfd, 0, 50)
+        }
+        throw Failure("dom0 services did not come up within 60 s; see \(runDir)/logs/")
+    }
+
+    /// Stops everything; false if nothing was running.
+    public func down() throws -> Bool {
+        guard let pid = supervisorPID() else { return false }
+        kill(pid, SIGTERM)
+        let deadline = time(nil) + 60
+        while kill(pid, 0) == 0 {
+            guard time(nil) < deadline else { throw Failure("the supervisor (pid \(pid)) did not stop within 60 s") }
+            var pfd = pollfd(fd: -1, events: 0, revents: 0)
+            _ = poll(&pfd, 0, 50)
+        }
+        return true
+    }
+
+    public func statusTable() -> String {
+        let rows = ServiceStatus.read(runDir: runDir) ?? []
+        var out = "Service      PID      State       Restarts"
+        for r in rows {
+            out += "\n" + r.name.padding(12) + " " + String(r.pid).padding(8) + " " + r.state.padding(11) + " " + String(r.restarts)
+        }
+        return out
+    }
+
+    func connect() throws -> Hypervisor {
+        do { return try Hypervisor.connect(socketPath: hypervisorSocket) } catch {
+            throw Failure("xenhv is not running at \(hypervisorSocket) (xenctl up starts it)")
+        }
+    }
+
+    /// `xl list`.
+    public func listTable() throws -> String {
+        let hv = try connect()
+        var out = "Name                                        ID   Mem VCPUs\tState\tTime(s)"
+        for d in try hv.listDomains() {
+            let mem = d.domid == 0 ? 0 : Int(d.pages) / 256
+            out += "\n" + d.name.padding(40) + String(d.domid).leftPadding(5) + String(mem).leftPadding(6)
+                + String(1).leftPadding(6) + "     " + d.stateLetters + "  " + "0.0".leftPadding(8)
+        }
+        return out
+    }
+
+    func resolve(_ hv: Hypervisor, _ domain: String) throws -> Hypervisor.DomainInfo {
+        let all = try hv.listDomains()
+        if let id = DomID(domain), let d = all.first(where: { $0.domid == id }) { return d }
+        if let d = all.first(where: { $0.name == domain }) { return d }
+        throw Failure("no domain '\(domain)'")
+    }
+
+    /// `xl destroy`.
+    public func destroy(_ domain: String) throws {
+        let hv = try connect()
+        let d = try resolve(hv, domain)
+        guard d.domid != 0 else { throw Failure("domain 0 cannot be destroyed") }
+        try hv.destroyDomain(d.domid)
+    }
+
+    /// Destroys every guest (before the services stop).
+    public func destroyAllGuests() {
+        guard let hv = try? Hypervisor.connect(socketPath: hypervisorSocket), let all = try? hv.listDomains() else { return }
+        for d in all where d.domid != 0 { try? hv.destroyDomain(d.domid) }
+    }
+}
+
+private func fscanf_pid(_ f: UnsafeMutablePointer<FILE>, _ pid: inout Int32) -> Bool {
+    var line = [CChar](repeating: 0, count: 32)
+    guard fgets(&line, 32, f) != nil else { return false }
+    guard let v = Int32(String(cString: line).filter(\.isNumber)) else { return false }
+    pid = v
+    return true
+}
+
+extension String {
+    func padding(_ n: Int) -> String { count >= n ? self : self + String(repeating: " ", count: n - count) }
+    func leftPadding(_ n: Int) -> String { count >= n ? self : String(repeating: " ", count: n - count) + self }
+}

@@ -1,0 +1,101 @@
+// xenctl: the toolstack (xl's verbs) and the dom0 service launcher.
+// Argument parsing only; the work is in the XenCtl library.
+import ArgumentParser
+import Foundation
+import Glibc
+import Logging
+import XenCtl
+import XenHV
+
+@main
+struct XenCtlCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "xenctl",
+        abstract: "The toolstack: dom0 services and xl's verbs.",
+        subcommands: [Up.self, Down.self, Status.self, List.self, Destroy.self, Units.self, Supervise.self])
+}
+
+struct RunDirOption: ParsableArguments {
+    @Option(name: .customLong("run-dir"), help: "Run directory: sockets, logs, state (default: $XEN_RUN_DIR or /run/swiftxen).")
+    var runDir: String?
+    var path: String { runDir ?? ProcessInfo.processInfo.environment["XEN_RUN_DIR"] ?? "/run/swiftxen" }
+}
+
+/// Fails with one clear line and a non-zero exit.
+func fail(_ message: String) -> Never {
+    FileHandle.standardError.write(("xenctl: " + message + "\n").data(using: .utf8)!)
+    exit(1)
+}
+
+struct Up: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Start the dom0 services, supervised.")
+    @OptionGroup var rd: RunDirOption
+    func run() throws {
+        let toolstack = Toolstack(runDir: rd.path)
+        do { try toolstack.up() } catch { fail("\(error)") }
+        print(toolstack.statusTable())
+    }
+}
+
+struct Down: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Destroy every guest and stop the dom0 services in order.")
+    @OptionGroup var rd: RunDirOption
+    func run() throws {
+        do {
+            if try !Toolstack(runDir: rd.path).down() { print("xenctl: dom0 services are not running") }
+        } catch { fail("\(error)") }
+    }
+}
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show the dom0 services.")
+    @OptionGroup var rd: RunDirOption
+    func run() throws {
+        let t = Toolstack(runDir: rd.path)
+        guard t.supervisorPID() != nil else { fail("dom0 services are not running (xenctl up starts them)") }
+        print(t.statusTable())
+    }
+}
+
+struct List: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "List domains, as xl list does.")
+    @OptionGroup var rd: RunDirOption
+    func run() throws {
+        do { print(try Toolstack(runDir: rd.path).listTable()) } catch { fail("\(error)") }
+    }
+}
+
+struct Destroy: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Destroy a domain (by name or id).")
+    @OptionGroup var rd: RunDirOption
+    @Argument(help: "Domain name or id.") var domain: String
+    func run() throws {
+        do { try Toolstack(runDir: rd.path).destroy(domain) } catch { fail("\(error)") }
+    }
+}
+
+struct Units: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Write the systemd unit files of the dom0 services.")
+    @Option(help: "Directory to write the units to.") var output: String = "backends/systemd"
+    @Option(help: "Where the executables are installed.") var bindir: String = "/usr/local/bin"
+    func run() throws {
+        try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
+        for (name, text) in Toolstack.systemdUnits(bindir: bindir) {
+            try text.write(toFile: output + "/" + name, atomically: true, encoding: .utf8)
+            print(output + "/" + name)
+        }
+    }
+}
+
+struct Supervise: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Run the supervisor in the foreground (xenctl up starts it).", shouldDisplay: false)
+    @OptionGroup var rd: RunDirOption
+    func run() throws {
+        var logger = Logger(label: "xenctl-supervisor")
+        logger.logLevel = .info
+        let t = Toolstack(runDir: rd.path)
+        let s = try Supervisor(runDir: rd.path, services: t.services(bindir: Toolstack.selfDirectory()), logger: logger)
+        s.beforeStop = { t.destroyAllGuests() }
+        s.run()
+    }
+}
