@@ -51,13 +51,6 @@ public struct Toolstack: Sendable {
         }
     }
 
-    public static func selfDirectory() -> String {
-        var buf = [CChar](repeating: 0, count: 4096)
-        let n = readlink("/proc/self/exe", &buf, buf.count - 1)
-        let path = String(cString: Array(buf[0..<max(0, n)]) + [0])
-        return String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)])
-    }
-
     /// The supervisor's pid if it is alive.
     public func supervisorPID() -> pid_t? {
         guard let f = fopen(runDir + "/supervisor.pid", "r") else { return nil }
@@ -79,7 +72,7 @@ public struct Toolstack: Sendable {
             defer { close(log) }
             let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
             defer { close(null) }
-            _ = try ProcessLauncher.spawn(Self.selfDirectory() + "/xenctl", arguments: ["supervise", "--run-dir", runDir],
+            _ = try ProcessLauncher.spawn(ProcessLauncher.executableDirectory + "/xenctl", arguments: ["supervise", "--run-dir", runDir],
                                           descriptors: [(null, 0), (log, 1), (log, 2)], newSession: true)
         }
         // Wait (bounded) for the supervisor's published state.

@@ -44,22 +44,12 @@ public final class Hypervisor: @unchecked Sendable {
     public static func connect(socketPath: String) throws -> Hypervisor {
         let s = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard s >= 0 else { throw HypervisorError.system(call: "socket", errno: errno) }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(socketPath.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
+        var addr: sockaddr_un
+        do { addr = try UnixSocketAddress.make(socketPath) } catch {
             Glibc.close(s)
-            throw HypervisorError.cannotConnect(path: socketPath, errno: ENAMETOOLONG)
+            throw error
         }
-        withUnsafeMutableBytes(of: &addr.sun_path) { p in
-            p.copyBytes(from: bytes)
-            p[bytes.count] = 0
-        }
-        let r = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                Glibc.connect(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-            }
-        }
+        let r = UnixSocketAddress.with(&addr) { Glibc.connect(s, $0, $1) }
         guard r == 0 else {
             let e = errno
             Glibc.close(s)

@@ -63,3 +63,49 @@ public enum ProcessLauncher {
         return pid
     }
 }
+
+extension ProcessLauncher {
+    /// The directory of the running executable: where its sibling tools
+    /// (xenhv, xenstored, the backends) were built or installed.
+    public static var executableDirectory: String {
+        var buf = [CChar](repeating: 0, count: 4096)
+        let n = readlink("/proc/self/exe", &buf, buf.count - 1)
+        let path = String(cString: Array(buf[0..<max(0, n)]) + [0])
+        return String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)])
+    }
+
+    /// Writes one line to a descriptor (line protocols with child processes).
+    public static func writeLine(_ fd: CInt, _ s: String) {
+        _ = (s + "\n").withCString { write(fd, $0, strlen($0)) }
+    }
+
+    /// Reads one line (without the newline) from a descriptor, byte by byte so
+    /// nothing past the line is consumed; empty at end of stream.
+    public static func readLine(_ fd: CInt) -> String {
+        var line = [UInt8]()
+        var c: UInt8 = 0
+        while read(fd, &c, 1) == 1, c != 10 { line.append(c) }
+        return String(decoding: line, as: UTF8.self)
+    }
+}
+
+/// `sockaddr_un` for a filesystem path, checked against sun_path's size.
+public enum UnixSocketAddress {
+    public static func make(_ path: String) throws(HypervisorError) -> sockaddr_un {
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
+            throw .cannotConnect(path: path, errno: ENAMETOOLONG)
+        }
+        withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes); $0[bytes.count] = 0 }
+        return addr
+    }
+
+    /// Calls `body` with the address as a `sockaddr` pointer and its length.
+    public static func with<R>(_ addr: inout sockaddr_un, _ body: (UnsafePointer<sockaddr>, socklen_t) -> R) -> R {
+        withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+    }
+}

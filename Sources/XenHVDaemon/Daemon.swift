@@ -57,28 +57,21 @@ public final class HypervisorDaemon {
     static func listen(at path: String) throws -> CInt {
         let s = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard s >= 0 else { throw HypervisorError.system(call: "socket", errno: errno) }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
+        var addr: sockaddr_un
+        do { addr = try UnixSocketAddress.make(path) } catch {
             Glibc.close(s)
-            throw HypervisorError.cannotConnect(path: path, errno: ENAMETOOLONG)
+            throw error
         }
-        withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes); $0[bytes.count] = 0 }
         // A stale socket from a dead xenhv is replaced; a live one is not stolen.
         let probe = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        let live = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(probe, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        } == 0
+        let live = UnixSocketAddress.with(&addr) { connect(probe, $0, $1) } == 0
         Glibc.close(probe)
         if live {
             Glibc.close(s)
             throw HypervisorError.system(call: "bind \(path) (another xenhv is running)", errno: EADDRINUSE)
         }
         unlink(path)
-        let r = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
+        let r = UnixSocketAddress.with(&addr) { bind(s, $0, $1) }
         guard r == 0, chmod(path, 0o600) == 0, Glibc.listen(s, 64) == 0 else {
             let e = errno
             Glibc.close(s)

@@ -60,11 +60,6 @@ func now() -> UInt64 {
     return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
 }
 
-func selfDirectory() -> String {
-    var buf = [CChar](repeating: 0, count: 4096)
-    let n = readlink("/proc/self/exe", &buf, buf.count - 1)
-    return (String(cString: Array(buf[0..<max(0, n)]) + [0]) as NSString).deletingLastPathComponent
-}
 
 func pct(_ sorted: [UInt64], _ p: Double) -> UInt64 { sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))] }
 
@@ -89,7 +84,7 @@ final class BenchEnvironment {
         var p: [CInt] = [-1, -1]
         guard pipe(&p) == 0 else { throw HypervisorError.system(call: "pipe", errno: errno) }
         _ = fcntl(p[0], F_SETFD, FD_CLOEXEC)
-        pid = try ProcessLauncher.spawn(selfDirectory() + "/xenhv", arguments: ["--socket", socket, "--log-level", "error"],
+        pid = try ProcessLauncher.spawn(ProcessLauncher.executableDirectory + "/xenhv", arguments: ["--socket", socket, "--log-level", "error"],
                                         descriptors: [(p[1], 1)])
         close(p[1])
         stdoutFD = p[0]
@@ -116,7 +111,7 @@ final class BenchEnvironment {
         guard pipe(&toChild) == 0, pipe(&fromChild) == 0 else { throw HypervisorError.system(call: "pipe", errno: errno) }
         for fd in toChild + fromChild { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
         let pid = try ProcessLauncher.spawn(
-            selfDirectory() + "/xen-bench", arguments: ["peer", mode] + args,
+            ProcessLauncher.executableDirectory + "/xen-bench", arguments: ["peer", mode] + args,
             environment: ["XENHV_GUEST_FD": "3"],
             descriptors: [(toChild[0], 0), (fromChild[1], 1), (d.guestDescriptor, 3)])
         close(toChild[0]); close(fromChild[1]); close(d.guestDescriptor)
@@ -125,13 +120,6 @@ final class BenchEnvironment {
     }
 }
 
-func readLine(_ fd: CInt) -> String {
-    var line = [UInt8]()
-    var c: UInt8 = 0
-    while read(fd, &c, 1) == 1, c != 10 { line.append(c) }
-    return String(decoding: line, as: UTF8.self)
-}
-func writeLine(_ fd: CInt, _ s: String) { _ = (s + "\n").withCString { write(fd, $0, strlen($0)) } }
 
 // MARK: - Ring round trips
 
@@ -206,17 +194,17 @@ func ringBenchmarks(_ env: BenchEnvironment, _ o: Options) throws {
                              ("always", o.requests, "batched, notification suppression OFF"),
                              ("batch", o.requests, "batched, notification suppression ON")] {
         let (d, pid, toChild, fromChild) = try env.spawnPeer("ring", pages: 64, args: [mode, "\(n)"], name: "ring-\(mode)")
-        let hello = readLine(fromChild).split(separator: " ")  // "ready PORT REF0"
+        let hello = ProcessLauncher.readLine(fromChild).split(separator: " ")  // "ready PORT REF0"
         let port = EventPort(hello[1])!, ref0 = GrantRef(hello[2])!
         let refs = (0..<GrantRef(ringPages)).map { ref0 + $0 }
         let mapping = try env.hv.mapGrantsContiguous(domid: d.domid, refs: refs, writable: true).get()
         let ch = try env.hv.bindInterdomain(remote: d.domid, remotePort: port)
         _ = ch.consume()
         let ring = try mapping.region.ring(BlkifRing.self, pages: ringPages)
-        writeLine(toChild, "go")
-        guard readLine(fromChild) == "initialised" else { throw HypervisorError.protocolViolation("peer failed") }
+        ProcessLauncher.writeLine(toChild, "go")
+        guard ProcessLauncher.readLine(fromChild) == "initialised" else { throw HypervisorError.protocolViolation("peer failed") }
         try backend(mode: mode, n: n, ch: ch, ring: ring)
-        let ns = Double(readLine(fromChild).split(separator: " ")[1])!
+        let ns = Double(ProcessLauncher.readLine(fromChild).split(separator: " ")[1])!
         let rate = Double(n) / (ns / 1e9)
         if mode == "pingpong" {
             print("  ring ping-pong (\(label)): \(fmt(rate)) round trips/s   ratio to eventfd ping-pong: \(String(format: "%.2f", rate / base))")
@@ -238,7 +226,7 @@ func eventfdPingPong(roundTrips: Int) throws -> Double {
     var out: [CInt] = [-1, -1]
     guard pipe(&out) == 0 else { throw HypervisorError.system(call: "pipe", errno: errno) }
     _ = fcntl(out[0], F_SETFD, FD_CLOEXEC)
-    let pid = try ProcessLauncher.spawn(selfDirectory() + "/xen-bench", arguments: ["peer", "eventfd", "\(roundTrips)"],
+    let pid = try ProcessLauncher.spawn(ProcessLauncher.executableDirectory + "/xen-bench", arguments: ["peer", "eventfd", "\(roundTrips)"],
                                         descriptors: [(a, 3), (b, 4), (out[1], 1)])
     close(out[1])
     var v: UInt64 = 0, one: UInt64 = 1
@@ -261,11 +249,11 @@ func notifyBenchmark(_ env: BenchEnvironment, _ o: Options) throws {
     // Baseline: a bare eventfd write + blocking read, timestamp in shared memory.
     let base = try latencyBaseline(o.roundTrips)
     let (d, pid, toChild, fromChild) = try env.spawnPeer("latency", pages: 16, args: ["\(o.roundTrips)"], name: "latency")
-    let hello = readLine(fromChild).split(separator: " ")  // "ready PORT REF"
+    let hello = ProcessLauncher.readLine(fromChild).split(separator: " ")  // "ready PORT REF"
     let m = try env.hv.mapGrant(domid: d.domid, ref: GrantRef(hello[2])!, writable: true).get()
     let ch = try env.hv.bindInterdomain(remote: d.domid, remotePort: EventPort(hello[1])!)
     _ = ch.consume()
-    writeLine(toChild, "go")
+    ProcessLauncher.writeLine(toChild, "go")
     var lat: [UInt64] = []
     lat.reserveCapacity(o.roundTrips)
     for _ in 0..<o.roundTrips {
@@ -293,7 +281,7 @@ func latencyBaseline(_ n: Int) throws -> (p50: UInt64, p99: UInt64) {
     var out: [CInt] = [-1, -1]
     guard pipe(&out) == 0 else { throw HypervisorError.system(call: "pipe", errno: errno) }
     _ = fcntl(out[0], F_SETFD, FD_CLOEXEC)
-    let pid = try ProcessLauncher.spawn(selfDirectory() + "/xen-bench", arguments: ["peer", "eventfd-latency", "\(n)"],
+    let pid = try ProcessLauncher.spawn(ProcessLauncher.executableDirectory + "/xen-bench", arguments: ["peer", "eventfd-latency", "\(n)"],
                                         descriptors: [(a, 3), (b, 4), (shm.fd.rawValue, 5), (out[1], 1)])
     close(out[1])
     var lat: [UInt64] = []
@@ -407,12 +395,12 @@ struct Peer: ParsableCommand {
             let ch = try hv.channel(port)
             let ring = try hv.memory!.region.ring(BlkifRing.self, pages: ringPages, offset: firstFrame * 4096)
             ring.initialize()
-            writeLine(1, "ready \(port) 100")
-            _ = readLine(0)
+            ProcessLauncher.writeLine(1, "ready \(port) 100")
+            _ = ProcessLauncher.readLine(0)
             _ = ch.consume()
-            writeLine(1, "initialised")
+            ProcessLauncher.writeLine(1, "initialised")
             let ns = try frontend(mode: mode, n: n, ch: ch, ring: ring)
-            writeLine(1, "done \(ns)")
+            ProcessLauncher.writeLine(1, "done \(ns)")
         case "latency":
             let hv = try Hypervisor.guestFromEnvironment()
             let n = Int(rest[0])!
@@ -420,8 +408,8 @@ struct Peer: ParsableCommand {
             let port = try hv.allocUnbound(remote: 0)
             let ch = try hv.channel(port)
             let page = try hv.memory!.region.slice(offset: 5 * 4096, length: 4096)
-            writeLine(1, "ready \(port) 9")
-            _ = readLine(0)
+            ProcessLauncher.writeLine(1, "ready \(port) 9")
+            _ = ProcessLauncher.readLine(0)
             _ = ch.consume()
             for _ in 0..<n {
                 try page.store(now(), at: 0)

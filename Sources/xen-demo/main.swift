@@ -25,18 +25,6 @@ enum DemoLayout {
     static let segments = 11
 }
 
-func writeLine(_ fd: CInt, _ s: String) { _ = (s + "\n").withCString { write(fd, $0, strlen($0)) } }
-func readLine(_ fd: CInt) -> String {
-    var line = [UInt8]()
-    var c: UInt8 = 0
-    while read(fd, &c, 1) == 1, c != 10 { line.append(c) }
-    return String(decoding: line, as: UTF8.self)
-}
-func selfDirectory() -> String {
-    var buf = [CChar](repeating: 0, count: 4096)
-    let n = readlink("/proc/self/exe", &buf, buf.count - 1)
-    return (String(cString: Array(buf[0..<max(0, n)]) + [0]) as NSString).deletingLastPathComponent
-}
 
 /// The byte a sector's data starts with: what the backend's "disk" holds.
 func pattern(sector: UInt64, byte: Int) -> UInt8 { UInt8(truncatingIfNeeded: sector &* 31 &+ UInt64(byte)) }
@@ -52,7 +40,7 @@ struct Run: ParsableCommand {
         var out: [CInt] = [-1, -1]
         guard pipe(&out) == 0 else { throw HypervisorError.system(call: "pipe", errno: errno) }
         _ = fcntl(out[0], F_SETFD, FD_CLOEXEC)
-        let xenhv = try ProcessLauncher.spawn(selfDirectory() + "/xenhv", arguments: ["--socket", socket, "--log-level", "warning"],
+        let xenhv = try ProcessLauncher.spawn(ProcessLauncher.executableDirectory + "/xenhv", arguments: ["--socket", socket, "--log-level", "warning"],
                                               descriptors: [(out[1], 1)])
         close(out[1])
         defer {
@@ -62,7 +50,7 @@ struct Run: ParsableCommand {
             if runDir == nil { try? FileManager.default.removeItem(atPath: dir) }
             print("xenhv stopped; nothing left behind")
         }
-        guard readLine(out[0]).hasPrefix("xenhv ready") else { throw ValidationError("xenhv did not start") }
+        guard ProcessLauncher.readLine(out[0]).hasPrefix("xenhv ready") else { throw ValidationError("xenhv did not start") }
         print("xenhv (hypervisor core) listening on \(socket), pid \(xenhv)")
 
         let hv = try Hypervisor.connect(socketPath: socket)
@@ -73,7 +61,7 @@ struct Run: ParsableCommand {
         guard pipe(&toGuest) == 0, pipe(&fromGuest) == 0 else { throw HypervisorError.system(call: "pipe", errno: errno) }
         for fd in toGuest + fromGuest { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
         let guestPid = try ProcessLauncher.spawn(
-            selfDirectory() + "/xen-demo", arguments: ["guest", "--requests", "\(requests)"],
+            ProcessLauncher.executableDirectory + "/xen-demo", arguments: ["guest", "--requests", "\(requests)"],
             environment: ["XENHV_GUEST_FD": "3"],
             descriptors: [(toGuest[0], 0), (fromGuest[1], 1), (d.guestDescriptor, 3)])
         close(toGuest[0]); close(fromGuest[1]); close(d.guestDescriptor)
@@ -81,7 +69,7 @@ struct Run: ParsableCommand {
         print("guest process \(guestPid) runs domain \(d.domid)")
 
         // The guest tells us its ring-ref and event channel (XenStore's job, once xenstored runs).
-        let hello = readLine(fromGuest[0]).split(separator: " ")
+        let hello = ProcessLauncher.readLine(fromGuest[0]).split(separator: " ")
         guard hello.count == 3, hello[0] == "ring", let ref = GrantRef(hello[1]), let port = EventPort(hello[2]) else {
             throw ValidationError("guest did not announce its ring")
         }
@@ -91,7 +79,7 @@ struct Run: ParsableCommand {
         _ = ch.consume()
         var back = BackRing(attaching: try ringPage.region.ring(BlkifRing.self, pages: 1))
         print("backend: mapped the ring (\(back.size) slots), bound local port \(ch.port)")
-        writeLine(toGuest[1], "connected")
+        ProcessLauncher.writeLine(toGuest[1], "connected")
 
         // Serve READ requests: fill each granted segment by grant copy.
         var served = 0, sectors = 0
@@ -139,7 +127,7 @@ struct Run: ParsableCommand {
             if back.pushResponsesAndCheckNotify() { try ch.notify() }
             if served < requests, try !back.finalCheckForRequests() { ch.wait() }
         }
-        let verdict = readLine(fromGuest[0])
+        let verdict = ProcessLauncher.readLine(fromGuest[0])
         print("backend: served \(served) requests, \(sectors) sectors by grant copy")
         print("guest:   \(verdict)")
         hv.unmapGrant(ringPage)
@@ -168,8 +156,8 @@ struct Guest: ParsableCommand {
         var front = FrontRing(initializing: try mem.ring(BlkifRing.self, pages: 1, offset: Int(DemoLayout.ringFrame) * 4096))
         let port = try hv.allocUnbound(remote: 0)
         let ch = try hv.channel(port)
-        writeLine(1, "ring \(DemoLayout.ringRef) \(port)")
-        guard readLine(0) == "connected" else { throw ValidationError("backend did not connect") }
+        ProcessLauncher.writeLine(1, "ring \(DemoLayout.ringRef) \(port)")
+        guard ProcessLauncher.readLine(0) == "connected" else { throw ValidationError("backend did not connect") }
 
         var sent = 0, done = 0, bad = 0
         var inFlight: [UInt64: UInt64] = [:]  // id -> first sector
@@ -204,9 +192,9 @@ struct Guest: ParsableCommand {
             }
             if !inFlight.isEmpty, try !front.finalCheckForResponses() { ch.wait() }
         }
-        writeLine(1, bad == 0 ? "verified \(done) responses, \(done * DemoLayout.segments * 8) sectors, all data correct"
+        ProcessLauncher.writeLine(1, bad == 0 ? "verified \(done) responses, \(done * DemoLayout.segments * 8) sectors, all data correct"
                               : "\(bad) bad responses out of \(done)")
         for i in 0..<DemoLayout.segments { _ = gt.endAccess(DemoLayout.dataRef + GrantRef(i)) }
-        _ = readLine(0)  // run until the toolstack destroys the domain
+        _ = ProcessLauncher.readLine(0)  // run until the toolstack destroys the domain
     }
 }

@@ -94,7 +94,7 @@ struct Supervise: ParsableCommand {
         var logger = Logger(label: "xenctl-supervisor")
         logger.logLevel = .info
         let t = Toolstack(runDir: rd.path)
-        let s = try Supervisor(runDir: rd.path, services: t.services(bindir: Toolstack.selfDirectory()), logger: logger)
+        let s = try Supervisor(runDir: rd.path, services: t.services(bindir: ProcessLauncher.executableDirectory), logger: logger)
         s.beforeStop = { t.destroyAllGuests() }
         s.run()
     }
