@@ -43,6 +43,9 @@ struct MapHandles {
     var free: [GrantHandle] = []
     var highWater: GrantHandle = 0
     var addresses: [UInt] = []
+    /// Live mappings per granting domain: a dying domain's objects are dropped
+    /// from the cache once this reaches zero.
+    var perDomain: [DomID: Int] = [:]
 
     mutating func allocate() -> GrantHandle? {
         if let h = free.popLast() { return h }
@@ -131,6 +134,7 @@ extension Hypervisor {
         }
         cxen_store_release_u64(maptrackEntry(handle), MaptrackLayout.pack(domid: d, ref: ref, writable: writable))
         publishHighWater(handle + 1)
+        state.withLock { $0.maps.perDomain[d, default: 0] += 1 }
         dom.active.unlock(ref, pins: Pins(read: pins.read + (writable ? 0 : 1), write: pins.write + (writable ? 1 : 0)))
 
         let prot = writable ? (PROT_READ | PROT_WRITE) : PROT_READ
@@ -180,7 +184,11 @@ extension Hypervisor {
         dom.entries.releaseBusy(ref, pins: left)
         cxen_store_release_u64(maptrackEntry(handle), 0)
         dom.active.unlock(ref, pins: left)
-        state.withLock { $0.maps.release(handle) }
+        state.withLock { s in
+            s.maps.release(handle)
+            s.maps.perDomain[dom.domid, default: 1] -= 1
+            s.evictDeadDomains()
+        }
     }
 
     /// Batched `GNTTABOP_copy`: for each op, checks offsets (GNTST_bad_copy_arg

@@ -36,6 +36,15 @@ public final class Hypervisor: @unchecked Sendable {
         var domains: [DomID: ForeignDomain] = [:]
         var peers: [EventPort: (generation: UInt32, fd: CInt)] = [:]
         var maps = MapHandles()
+
+        /// Drops destroyed domains nothing of ours maps any more, so a backend
+        /// that outlives many guests does not keep their descriptors.
+        mutating func evictDeadDomains() {
+            for (d, f) in domains where f.active.state == .dying && maps.perDomain[d, default: 0] == 0 {
+                domains.removeValue(forKey: d)
+                maps.perDomain.removeValue(forKey: d)
+            }
+        }
     }
 
     public var isPrivileged: Bool { domid == 0 }
@@ -293,7 +302,11 @@ public final class Hypervisor: @unchecked Sendable {
 
     /// Opens (once) the shared objects of a foreign domain, for mapping and copying.
     func foreignDomain(_ d: DomID) -> ForeignDomain? {
-        if let f = state.withLock({ $0.domains[d] }), f.active.state != .dying { return f }
+        let cached: ForeignDomain? = state.withLock { s in
+            s.evictDeadDomains()
+            return s.domains[d]
+        }
+        if let f = cached, f.active.state != .dying { return f }
         guard isPrivileged, let (r, fds) = try? call(.openDomain, { $0.u16(d) }) else { return nil }
         var reader = r
         guard fds.count == 3, let pages = try? reader.u32(),

@@ -178,6 +178,12 @@ public struct GuestRegion: @unchecked Sendable {
         return try body(UnsafeMutableRawBufferPointer(start: base + offset, count: n))
     }
 
+    /// The raw start of the region, for a transport that does its own
+    /// index-checked access to a shared page (the xenstore ring) and keeps the
+    /// region's owner alive for as long as it uses the pointer. Everything else
+    /// goes through the checked accessors above.
+    public var unsafeBaseAddress: UnsafeMutableRawPointer { base }
+
     /// This region's first `pages` pages as a shared ring. The region's owner
     /// (a grant mapping, guest memory) must stay mapped while the ring is used.
     public func ring<P: RingProtocol>(_ type: P.Type, pages: Int, offset: Int = 0) throws(OutOfBounds) -> SharedRing<P> {

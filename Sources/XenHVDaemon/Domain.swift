@@ -47,13 +47,13 @@ final class Domain {
         self.name = name
         self.pages = pages
         memory = pages > 0
-            ? try SharedMemory(creating: "xen-d\(domid)-memory", size: Int(pages) * HVLimits.pageSize, map: false) : nil
-        sharedInfo = try SharedMemory(creating: "xen-d\(domid)-shared-info", size: HVLimits.pageSize, map: false)
+            ? try SharedMemory(creating: "xen-\(getpid())-d\(domid)-memory", size: Int(pages) * HVLimits.pageSize, map: false) : nil
+        sharedInfo = try SharedMemory(creating: "xen-\(getpid())-d\(domid)-shared-info", size: HVLimits.pageSize, map: false)
         // Mapped so xenhv can repair busy bits after a mapper dies; untouched pages cost nothing.
         grantTable = try SharedMemory(
-            creating: "xen-d\(domid)-grant-table", size: Int(HVLimits.maxGrantFrames) * HVLimits.pageSize)
-        privateArea = try SharedMemory(creating: "xen-d\(domid)-private", size: PrivateLayout.size)
-        portGenerations = try SharedMemory(creating: "xen-d\(domid)-ports", size: Int(HVLimits.eventChannelPorts) * 4)
+            creating: "xen-\(getpid())-d\(domid)-grant-table", size: Int(HVLimits.maxGrantFrames) * HVLimits.pageSize)
+        privateArea = try SharedMemory(creating: "xen-\(getpid())-d\(domid)-private", size: PrivateLayout.size)
+        portGenerations = try SharedMemory(creating: "xen-\(getpid())-d\(domid)-ports", size: Int(HVLimits.eventChannelPorts) * 4)
         ports = Array(repeating: Port(), count: Int(HVLimits.eventChannelPorts))
         active.setPages(pages)
         active.setGrantFrames(HVLimits.initialGrantFrames)

@@ -1,4 +1,5 @@
 import CXen
+import Foundation
 import Glibc
 import Testing
 import XenHV
@@ -194,5 +195,44 @@ import XenHV
         #expect(try f.dom0.listDomains().first { $0.domid == d.domid }?.stateLetters == "----c-")
         let (g, peer) = try f.guest(name: "polite")
         #expect(peer.send("info").hasPrefix("domid \(g.domid)"))
+    }
+}
+
+@Suite struct ForeignDomainLifetimeTests {
+    /// Our descriptors of the shared objects of domain `d` of xenhv `pid`
+    /// (memfds are named xen-<xenhv pid>-d<domid>-<object>).
+    static func descriptors(of d: DomID, xenhv pid: pid_t) -> Int {
+        let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+        return fds.filter { fd in
+            (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)"))?
+                .contains("xen-\(pid)-d\(d)-") ?? false
+        }.count
+    }
+
+    /// A backend that maps guests' grants and outlives the guests keeps no
+    /// descriptor of any destroyed domain.
+    @Test func destroyedGuestsLeaveNoDescriptorsInTheMapper() throws {
+        let f = try HypervisorFixture()
+        // Warm up one guest so lazily created objects of ours exist already.
+        let (w, wg) = try f.guest(name: "warm")
+        #expect(wg.send("grant 1 0 10 rw") == "ok")
+        f.dom0.unmapGrant(try f.dom0.mapGrant(domid: w.domid, ref: 1, writable: true).get())
+        var domids: [DomID] = []
+        for i in 0..<5 {
+            let (d, g) = try f.guest(name: "short-\(i)")
+            #expect(g.send("grant 1 0 10 rw") == "ok")
+            domids.append(d.domid)
+            let m = try f.dom0.mapGrant(domid: d.domid, ref: 1, writable: true).get()
+            #expect(Self.descriptors(of: d.domid, xenhv: f.daemon.pid) > 0)
+            try f.dom0.destroyDomain(d.domid)
+            g.reap()
+            // Still mapped: the pages stay valid after the domain died.
+            try m.region.store(UInt8(7), at: 0)
+            #expect(f.dom0.unmapGrant(m) == .okay)
+        }
+        // A lookup of a live domain sweeps the cache as well.
+        f.dom0.unmapGrant(try f.dom0.mapGrant(domid: w.domid, ref: 1, writable: true).get())
+        for d in domids { #expect(Self.descriptors(of: d, xenhv: f.daemon.pid) == 0) }
+        #expect(Self.descriptors(of: w.domid, xenhv: f.daemon.pid) > 0)
     }
 }
