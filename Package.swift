@@ -10,6 +10,7 @@ let package = Package(
         .executable(name: "xenstored", targets: ["xenstored"]),
         .executable(name: "xen-demo", targets: ["xen-demo"]),
         .executable(name: "xenctl", targets: ["xenctl"]),
+        .executable(name: "pvguest", targets: ["pvguest"]),
         .executable(name: "xen-bench", targets: ["xen-bench"]),
         .executable(name: "blkback", targets: ["blkback"]),
         .executable(name: "netback", targets: ["netback"]),
@@ -65,6 +66,13 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
+        // Release-mode xenstored benchmarks against a bare Unix-socket baseline (scripts/bench-xenstore).
+        .executableTarget(
+            name: "xenstore-bench",
+            dependencies: [
+                "XenStore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]),
 
         // The README's main job, for now: a guest and a backend exchanging requests over a ring.
         .executableTarget(
@@ -96,7 +104,17 @@ let package = Package(
         .target(
             name: "BlkBack",
             dependencies: [
-                "CXen", "CLibAIO", "XenHV", "XenRing", "XenBus",
+                "CXen", "CLibAIO", "XenHV", "XenRing", "XenBus", "XenStore",
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        // A simulated blkfront (guest side of the blkif rings) for tests and benchmarks.
+        .target(name: "BlkFrontKit", dependencies: ["CXen", "XenHV", "XenRing", "BlkBack"]),
+        // Release-mode blkback benchmarks: null mode, and the rings against fio on the same image.
+        .executableTarget(
+            name: "blkback-bench",
+            dependencies: [
+                "BlkBack", "BlkFrontKit", "XenHV", "XenRing", "CXen",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
         .executableTarget(
@@ -113,8 +131,17 @@ let package = Package(
         .target(
             name: "NetBack",
             dependencies: [
-                "CXen", "CNetShim", "CNetlink", "XenHV", "XenRing", "XenBus",
+                "CXen", "CNetShim", "CNetlink", "XenHV", "XenRing",
                 .product(name: "Logging", package: "swift-log"),
+            ]),
+        // A simulated netfront (guest side of the netif rings) for tests and benchmarks.
+        .target(name: "NetFrontKit", dependencies: ["CXen", "CNetShim", "XenHV", "XenRing", "NetBack"]),
+        // Release-mode netback benchmarks against bare veth and bare tap baselines.
+        .executableTarget(
+            name: "netback-bench",
+            dependencies: [
+                "NetBack", "NetFrontKit", "XenHV", "XenRing", "CXen", "CNetShim",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .executableTarget(
             name: "netback",
@@ -149,16 +176,43 @@ let package = Package(
             ]),
         .testTarget(name: "XenCtlTests", dependencies: ["XenCtl"]),
 
+        // pvguest: a PV guest process whose blkfront disks are exported over NBD.
+        .target(
+            name: "PVGuest",
+            dependencies: [
+                "CXen", "XenHV", "XenRing", "XenBus", "XenStore", "NBD",
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        .executableTarget(
+            name: "pvguest",
+            dependencies: [
+                "PVGuest", "XenHV", "XenBus", "NBD",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+
+        .testTarget(
+            name: "PVGuestTests",
+            dependencies: ["PVGuest", "BlkBack", "XenHV", "XenBus", "XenStore", "XenTestKit", "NBD"]),
+
+        // Test kit shared by integration tests and benchmarks: a private dom0
+        // (xenhv process, hypervisor-backed xenstored, toolstack connections).
+        .target(
+            name: "XenTestKit",
+            dependencies: ["XenHV", "XenStore", "XenBus", .product(name: "Logging", package: "swift-log")]),
+
         // NBD server (newstyle fixed): how pvguest exposes its disks to qemu-io, nbdinfo and fio.
         .target(name: "NBD", dependencies: [.product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "NBDTests", dependencies: ["NBD"]),
 
-        .testTarget(name: "BlkBackTests", dependencies: ["BlkBack", "XenHV", "XenRing", "CXen"]),
-        .testTarget(name: "NetBackTests", dependencies: ["NetBack", "XenHV", "XenRing", "CXen"]),
+        .testTarget(
+            name: "BlkBackTests",
+            dependencies: ["BlkBack", "BlkFrontKit", "XenHV", "XenRing", "CXen", "XenBus", "XenStore", "XenTestKit", .product(name: "Logging", package: "swift-log")]),
+        .testTarget(name: "NetBackTests", dependencies: ["NetBack", "NetFrontKit", "XenHV", "XenRing", "CXen", "CNetShim"]),
         .testTarget(name: "XenABITests", dependencies: ["CXen", "CXenTestSupport", "XenRing"]),
         .testTarget(name: "XenRingTests", dependencies: ["XenRing", "CXen", "CXenTestSupport"]),
         .testTarget(name: "XenHVTests", dependencies: ["XenHV", "XenRing", "CXen"]),
-        .testTarget(name: "XenStoreTests", dependencies: ["XenStore", "XenBus", "XenHV"]),
+        .testTarget(name: "XenStoreTests", dependencies: ["XenStore", "XenBus", "XenHV", "CXen", "XenTestKit"]),
     ],
     swiftLanguageModes: [.v6]
 )

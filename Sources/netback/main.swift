@@ -1,1 +1,84 @@
-print("todo")
+// netback: serves one vif from the command line until SIGTERM/SIGINT. The
+// XenBus handshake (backend/vif/<domid>/<devid>) will drive the same
+// NetBack.Vif API once xenstored lands; this entry point takes the values the
+// frontend would have written to xenstore.
+import ArgumentParser
+import CXen
+import Glibc
+import Logging
+import NetBack
+import XenHV
+
+struct QueueSpec: ExpressibleByArgument {
+    let rings: VifQueueRings
+    /// "TX-REF,RX-REF,EVTCHN" or "TX-REF,RX-REF,EVTCHN-TX,EVTCHN-RX".
+    init?(argument: String) {
+        let v = argument.split(separator: ",").compactMap { UInt32($0) }
+        guard v.count == 3 || v.count == 4, v.count == argument.split(separator: ",").count else { return nil }
+        rings = VifQueueRings(txRingRef: v[0], rxRingRef: v[1],
+                              events: v.count == 3 ? .shared(v[2]) : .split(tx: v[2], rx: v[3]))
+    }
+}
+
+struct NetbackCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "netback", abstract: "Serve a vif's netif rings on a tap vif<domid>.<devid>.")
+
+    @Option(help: "xenhv's socket.") var xenhvSocket = "/run/xenhv/xenhv.sock"
+    @Option(help: "The frontend's domain id.") var domid: UInt16
+    @Option(help: "Device id (the vif's handle).") var devid: UInt32 = 0
+    @Option(name: .customLong("queue"), help: "TX-REF,RX-REF,EVTCHN[,EVTCHN-RX] per queue (repeat for multi-queue).")
+    var queues: [QueueSpec] = []
+    @Option(help: "The guest's MAC address.") var mac: String?
+    @Option(help: "MTU of the vif.") var mtu: UInt32 = 1500
+    @Option(help: "xenstore `rate` value: BYTES,USEC.") var rate: String?
+    @Option(help: "Enslave the tap to this bridge and bring it up (else the hotplug script does).") var bridge: String?
+    @Option(help: "Frontend features: comma list of sg,gso-tcpv4,gso-tcpv6,ipv6-csum-offload,no-csum-offload,no-rx-notify.")
+    var features: String = "sg,gso-tcpv4,gso-tcpv6"
+    @Option(help: "Log level.") var logLevel: Logger.Level = .info
+
+    func validate() throws {
+        guard !queues.isEmpty else { throw ValidationError("at least one --queue is needed") }
+        if let mac, MACAddress(mac) == nil { throw ValidationError("bad MAC address '\(mac)'") }
+        if let rate, RateLimit(xenstoreValue: rate) == nil { throw ValidationError("bad rate '\(rate)' (want BYTES,USEC)") }
+        let known: Set<Substring> = ["sg", "gso-tcpv4", "gso-tcpv6", "ipv6-csum-offload", "no-csum-offload", "no-rx-notify", ""]
+        for f in features.split(separator: ",") where !known.contains(f) { throw ValidationError("unknown feature '\(f)'") }
+    }
+
+    func run() throws {
+        LoggingSystem.bootstrap { var h = StreamLogHandler.standardError(label: $0); h.logLevel = logLevel; return h }
+        let log = Logger(label: "netback")
+        // Block the termination signals before any worker thread exists, so they inherit the mask.
+        let sfd = cxen_termination_signalfd()
+        let hv = try Hypervisor.connect(socketPath: xenhvSocket)
+        let f = Set(features.split(separator: ","))
+        var cfg = VifConfig(frontendDomid: domid, devid: devid, mac: mac.flatMap { MACAddress($0) }, mtu: mtu,
+                            rate: rate.flatMap { RateLimit(xenstoreValue: $0) }, maxQueues: queues.count)
+        cfg.tapName = nil
+        let vif = try Vif(hypervisor: hv, config: cfg, logger: log)
+        if let bridge {
+            let nl = try Netlink()
+            try nl.enslave(vif.name, to: bridge)
+            try nl.setUp(vif.name)
+        }
+        let features = FrontendFeatures(
+            rxNotify: !f.contains("no-rx-notify"), sg: f.contains("sg"), gsoTCPv4: f.contains("gso-tcpv4"),
+            gsoTCPv6: f.contains("gso-tcpv6"), noChecksumOffload: f.contains("no-csum-offload"),
+            ipv6ChecksumOffload: f.contains("ipv6-csum-offload"))
+        try vif.connect(VifConnection(queues: queues.map(\.rings), features: features))
+        // Straight to the descriptor: a piped stdout is fully buffered, and whoever started us waits for this line.
+        let ready = "netback ready \(vif.name)\n"
+        _ = ready.withCString { write(1, $0, strlen($0)) }
+        // The signalfd is non-blocking: wait for it to become readable.
+        var pfd = pollfd(fd: sfd, events: Int16(POLLIN), revents: 0)
+        while poll(&pfd, 1, -1) < 0 && errno == EINTR {}
+        var buf = [UInt8](repeating: 0, count: 128)
+        _ = read(sfd, &buf, buf.count)
+        log.info("stopping: \(vif.stats.snapshot)")
+        vif.close()
+    }
+}
+
+extension Logger.Level: @retroactive ExpressibleByArgument {}
+
+NetbackCommand.main()

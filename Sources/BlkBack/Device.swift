@@ -1,0 +1,198 @@
+import CXen
+import Glibc
+import Logging
+import Synchronization
+import XenHV
+import XenRing
+
+/// How the frontend connected: what the XenBus handshake reads from the
+/// frontend's directory (ring-ref / ring-ref0..N, ring-page-order,
+/// event-channel, protocol, feature-persistent, multi-queue-num-queues with
+/// queue-N/ subdirectories).
+public struct FrontendConfig: Sendable {
+    /// `frontend-id`.
+    public var domid: DomID
+    /// `protocol` (missing: native).
+    public var abi: BlkifABI
+    /// One entry per queue; each has `1 << ring-page-order` ring refs.
+    public var queues: [QueueRingConfig]
+    /// `feature-persistent` of the frontend (and ours).
+    public var persistentGrants: Bool
+    /// Persistent grants kept per ring (Linux `max_persistent_grants`).
+    public var persistentGrantLimit: Int
+
+    public init(domid: DomID, abi: BlkifABI = .x86_64, queues: [QueueRingConfig], persistentGrants: Bool = true,
+                persistentGrantLimit: Int = BlkifLimits.persistentGrantsPerRing) {
+        self.domid = domid
+        self.abi = abi
+        self.queues = queues
+        self.persistentGrants = persistentGrants
+        self.persistentGrantLimit = persistentGrantLimit
+    }
+
+    /// `ring-page-order` implied by the first queue's ring refs.
+    public var ringPageOrder: Int { (queues.first?.ringRefs.count ?? 1).trailingZeroBitCount }
+}
+
+/// What the backend advertises in XenBus (InitWait, then Connected).
+public struct BackendFeatures: Sendable, Equatable {
+    public var maxIndirectSegments = BlkifLimits.maxIndirectSegments
+    public var maxRingPageOrder = BlkifLimits.maxRingPageOrder
+    public var maxQueues: Int
+    public var flushCache = true
+    /// WRITE_BARRIER is served (drain + flush + FUA write).
+    public var barrier = true
+    public var persistent = true
+    public var discard: Bool
+    public var discardGranularity: Int
+    public var discardAlignment = 0
+    public var discardSecure: Bool
+    /// `sectors`, in 512-byte units.
+    public var sectors: UInt64
+    public var sectorSize: Int
+    public var physicalSectorSize: Int
+    /// `info`: VDISK_READONLY (4) when read-only.
+    public var info: UInt32
+}
+
+/// A virtual block device: one disk of one guest, served through one or
+/// more queues (rings). Create it when the toolstack names the backing
+/// (`params`, `mode`), ``connect(hypervisor:frontend:)`` when the frontend is
+/// Initialised, ``disconnect()`` when it closes (or to reconnect later), and
+/// ``close()`` when the device is removed.
+public final class VirtualBlockDevice: @unchecked Sendable {
+    // Sound: `queues` and `retired` are behind `state`; the rest is immutable
+    // or atomic (DiskState.capacity).
+    public let name: String
+    let disk: DiskState
+    private let state = Mutex<(queues: [any QueueRunner], retired: BlkStats.Snapshot)>(([], BlkStats.Snapshot()))
+    /// Queues one device may have (`multi-queue-max-queues`); Linux: dom0 CPUs.
+    public let maxQueues: Int
+
+    /// Opens the backing store. `name` appears in log lines (e.g. "vbd-5-51712").
+    /// `busyPollMicroseconds` > 0 makes each queue spin that long for new
+    /// requests or completions before sleeping (lower latency, more CPU).
+    public init(name: String, backing: BackingOptions, maxQueues: Int = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))),
+                busyPollMicroseconds: Int = 0, logger: Logger = Logger(label: "blkback")) throws(BlkBackError) {
+        self.name = name
+        self.maxQueues = Swift.max(1, maxQueues)
+        let b = try Backing(backing, logger: logger)
+        disk = DiskState(name: name, backing: b, sectors: try b.sectors(), busyPollMicroseconds: busyPollMicroseconds,
+                         logger: logger)
+    }
+
+    /// Capacity in 512-byte sectors.
+    public var sectors: UInt64 { disk.capacity.load(ordering: .relaxed) }
+    public var readOnly: Bool { disk.backing.readOnly }
+    /// Whether the image was opened O_DIRECT (false: buffered fallback or null mode).
+    public var usesDirectIO: Bool { disk.backing.isDirect }
+    public var isNull: Bool { disk.backing.kind == .null }
+    public var geometry: DiskGeometry { disk.geometry }
+
+    public var features: BackendFeatures {
+        let b = disk.backing
+        return BackendFeatures(
+            maxQueues: maxQueues, discard: b.discard, discardGranularity: b.sectorSize,
+            discardSecure: b.discardSecure, sectors: sectors, sectorSize: b.sectorSize,
+            physicalSectorSize: b.sectorSize, info: b.readOnly ? UInt32(VDISK_READONLY) : 0)
+    }
+
+    public var isConnected: Bool { state.withLock { !$0.queues.isEmpty } }
+
+    /// Maps every queue's ring, binds its event channel and starts its thread.
+    /// All or nothing: on failure, whatever was set up is released.
+    public func connect(hypervisor: Hypervisor, frontend: FrontendConfig) throws(BlkBackError) {
+        guard !frontend.queues.isEmpty, frontend.queues.count <= maxQueues else {
+            throw .badConfiguration("\(frontend.queues.count) queues (at most \(maxQueues))")
+        }
+        let pages = frontend.queues[0].ringRefs.count
+        guard frontend.queues.allSatisfy({ $0.ringRefs.count == pages }) else {
+            throw .badConfiguration("queues with different ring sizes")
+        }
+        guard !isConnected else { throw .badConfiguration("\(name) is already connected") }
+        var made: [any QueueRunner] = []
+        do throws(BlkBackError) {
+            for (i, q) in frontend.queues.enumerated() {
+                let runner: any QueueRunner
+                switch frontend.abi {
+                case .x86_64:
+                    runner = try BlkQueue<BlkifRing>(
+                        index: i, hypervisor: hypervisor, frontend: frontend.domid, disk: disk, ring: q,
+                        persistentGrants: frontend.persistentGrants, persistentGrantLimit: frontend.persistentGrantLimit)
+                case .x86_32:
+                    runner = try BlkQueue<BlkifX86_32Ring>(
+                        index: i, hypervisor: hypervisor, frontend: frontend.domid, disk: disk, ring: q,
+                        persistentGrants: frontend.persistentGrants, persistentGrantLimit: frontend.persistentGrantLimit)
+                }
+                made.append(runner)
+            }
+            for r in made { try r.start() }
+        } catch {
+            for r in made { r.stop() }
+            throw error
+        }
+        state.withLock { $0.queues = made }
+        disk.logger.info("\(name): connected to domain \(frontend.domid), \(made.count) queue(s) of \(pages) page(s), \(frontend.abi.rawValue)")
+    }
+
+    /// Stops every queue: waits for in-flight I/O, unmaps every ring page and
+    /// persistent grant, closes every event channel and aio context. The
+    /// backing stays open (the frontend may reconnect).
+    public func disconnect() {
+        let qs = state.withLock { s -> [any QueueRunner] in
+            let q = s.queues
+            s.queues = []
+            return q
+        }
+        var sum = BlkStats.Snapshot()
+        for q in qs {
+            q.stop()
+            sum = sum + q.stats.snapshot
+        }
+        state.withLock { $0.retired = $0.retired + sum }
+        if !qs.isEmpty { disk.logger.info("\(name): disconnected") }
+    }
+
+    /// Removes the device: disconnects and closes the image.
+    public func close() {
+        disconnect()
+        disk.backing.close()
+    }
+
+    /// Online resize: re-reads the backing size; new requests see it at once.
+    /// Returns the new capacity (the handshake writes it to `sectors`).
+    @discardableResult
+    public func resize() throws(BlkBackError) -> UInt64 {
+        let s = try disk.backing.sectors()
+        disk.capacity.store(s, ordering: .relaxed)
+        disk.logger.info("\(name): capacity now \(s) sectors")
+        return s
+    }
+
+    /// Counters summed over all queues, past connections included.
+    public var stats: BlkStats.Snapshot {
+        state.withLock { s in s.queues.reduce(s.retired) { $0 + $1.stats.snapshot } }
+    }
+
+    /// Per-queue: why a queue stopped serving (a protocol violation), or nil.
+    public var stoppedQueues: [Int: String] {
+        state.withLock { s in
+            var out: [Int: String] = [:]
+            for q in s.queues { if let r = q.stoppedReason { out[q.index] = r } }
+            return out
+        }
+    }
+
+    /// Every descriptor the device holds now: the backing's and each queue's (for tests).
+    var descriptorsForTesting: [CInt] {
+        let b = disk.backing
+        var fds = b.kind == .null ? [] : (b.fd == b.bufferedFD ? [b.fd] : [b.fd, b.bufferedFD])
+        state.withLock { s in for q in s.queues { fds += q.descriptors } }
+        return fds
+    }
+
+    /// Persistent grants kept, summed over queues.
+    public var persistentGrants: Int { state.withLock { $0.queues.reduce(0) { $0 + $1.persistentGrantCount } } }
+
+    deinit { close() }
+}

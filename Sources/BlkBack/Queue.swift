@@ -1,0 +1,598 @@
+import CLibAIO
+import CXen
+import Glibc
+import Logging
+import Synchronization
+import XenHV
+import XenRing
+
+/// What a queue needs to know about its disk; shared by all queues of a device.
+final class DiskState: Sendable {
+    let name: String
+    let backing: Backing
+    /// Capacity in 512-byte sectors; changes on online resize.
+    let capacity: Atomic<UInt64>
+    let logger: Logger
+    /// How long a queue spins looking for work before it sleeps (0: never spins).
+    let busyPollNanoseconds: UInt64
+
+    init(name: String, backing: Backing, sectors: UInt64, busyPollMicroseconds: Int = 0, logger: Logger) {
+        self.name = name
+        busyPollNanoseconds = UInt64(max(0, busyPollMicroseconds)) * 1000
+        self.backing = backing
+        capacity = Atomic(sectors)
+        self.logger = logger
+    }
+
+    @inline(__always)
+    var geometry: DiskGeometry {
+        DiskGeometry(sectors: capacity.load(ordering: .relaxed), sectorSize: backing.sectorSize,
+                     readOnly: backing.readOnly, discard: backing.discard, discardSecure: backing.discardSecure)
+    }
+}
+
+/// One queue's ring as the frontend set it up (`ring-ref0..N`, `event-channel`
+/// of `queue-N/`, or of the device directory for a single queue).
+public struct QueueRingConfig: Sendable, Equatable {
+    /// The ring's pages, `1 << ring-page-order` of them (`ring-ref` or `ring-ref0..N`).
+    public var ringRefs: [GrantRef]
+    /// The frontend's unbound port (`event-channel`).
+    public var eventChannel: EventPort
+    public init(ringRefs: [GrantRef], eventChannel: EventPort) {
+        self.ringRefs = ringRefs
+        self.eventChannel = eventChannel
+    }
+}
+
+/// A running queue, whatever its ring ABI.
+protocol QueueRunner: AnyObject, Sendable {
+    var index: Int { get }
+    var stats: BlkStats { get }
+    /// Why the ring was stopped (a protocol violation), or nil while it serves.
+    var stoppedReason: String? { get }
+    /// Persistent grants currently kept.
+    var persistentGrantCount: Int { get }
+    /// The descriptors this queue owns (event channel, aio eventfd, control eventfd).
+    var descriptors: [CInt] { get }
+    func start() throws(BlkBackError)
+    /// Stops the thread, waits for in-flight I/O, releases every mapping and port.
+    func stop()
+}
+
+/// The entry point a new thread calls (non-generic, so a C callback can reach it).
+protocol LoopRunnable: AnyObject {
+    func runLoop()
+}
+
+/// One in-flight request.
+struct SlotState {
+    var id: UInt64 = 0
+    var operation: UInt8 = 0
+    var write = false
+    var sectors: UInt64 = 0
+    var bytes = 0
+    var pins: Int32 = 0
+    var handles: Int32 = 0
+}
+
+/// One queue of a VBD: its ring, event channel, libaio context and persistent
+/// grants, served by one thread (Linux blkback's xen_blkif_schedule per ring).
+///
+/// The loop: consume every request the ring has (each copied once, decoded and
+/// validated), map its segments, queue its I/O; submit the batch in one
+/// io_submit; answer what failed validation; push responses and notify;
+/// RING_FINAL_CHECK_FOR_REQUESTS; then poll the event channel, the aio
+/// eventfd and a control eventfd. Completions are reaped from the eventfd (the
+/// events themselves straight from the kernel's mapped completion ring) and
+/// answered. FLUSH/BARRIER drain what is in flight first. All per-request
+/// state lives in arrays allocated at connect, one slot per ring entry, so the
+/// hot path does not allocate or lock; persistent grants are looked up in a
+/// pre-sized table, and purged (Linux's purge_persistent_gnt) only while
+/// misses happen. A producer-index overflow stops this ring alone; a storm of
+/// empty kicks mutes its event channel for a moment.
+final class BlkQueue<R: BlkifRingABI>: QueueRunner, LoopRunnable, @unchecked Sendable
+where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
+    // Sound: after `start`, all mutable state is touched only by the queue's
+    // thread; other threads read `stats` (atomics) and `stoppedReason` (mutex),
+    // and `stop` synchronises with the thread through pthread_join.
+    let index: Int
+    let stats = BlkStats()
+    private let hv: Hypervisor
+    private let frontend: DomID
+    private let disk: DiskState
+    private let ringMapping: ContiguousGrantMapping
+    private var ring: BackRing<R>
+    private let channel: EventChannel
+    private let engine: IOEngine?
+    private let controlFD: CInt
+    private var grants: PersistentGrants
+    private let usePersistent: Bool
+    private let nslots: Int
+    private let maxSeg = BlkifLimits.maxIndirectSegments
+    private let slots: UnsafeMutablePointer<SlotState>
+    private let iovecs: UnsafeMutablePointer<iovec>
+    private let pins: UnsafeMutablePointer<Int32>
+    private let handles: UnsafeMutablePointer<GrantHandle>
+    private let segs: UnsafeMutablePointer<UInt64>
+    private let freeSlots: UnsafeMutablePointer<Int32>
+    private var freeCount: Int
+    /// A FLUSH/BARRIER waiting for earlier requests to finish.
+    private var fence: BlkRequest?
+    private var lastPushed: UInt32
+    private var broken = false
+    private let reason = Mutex<String?>(nil)
+    private let grantCount = Atomic<Int>(0)
+    private var thread: pthread_t?
+    /// Pages mapped for one request only because the persistent set was full.
+    private var persistentMisses = 0
+    private var lastPurge: UInt64 = 0
+
+    var stoppedReason: String? { reason.withLock { $0 } }
+    var persistentGrantCount: Int { grantCount.load(ordering: .relaxed) }
+    var descriptors: [CInt] { [channel.descriptor, controlFD] + (engine.map { [$0.eventFD] } ?? []) }
+
+    init(index: Int, hypervisor: Hypervisor, frontend: DomID, disk: DiskState, ring config: QueueRingConfig,
+         persistentGrants: Bool, persistentGrantLimit: Int) throws(BlkBackError) {
+        self.index = index
+        hv = hypervisor
+        self.frontend = frontend
+        self.disk = disk
+        let pages = config.ringRefs.count
+        guard pages >= 1, pages <= 1 << BlkifLimits.maxRingPageOrder, pages & (pages - 1) == 0 else {
+            throw .badConfiguration("\(pages) ring pages: not a power of two up to \(1 << BlkifLimits.maxRingPageOrder)")
+        }
+        let mapping: ContiguousGrantMapping
+        switch hypervisor.mapGrantsContiguous(domid: frontend, refs: config.ringRefs, writable: true) {
+        case .success(let m): mapping = m
+        case .failure(let s): throw .grantMap(config.ringRefs.first ?? 0, s.rawValue)
+        }
+        let shared: SharedRing<R>
+        do {
+            shared = try mapping.region.ring(R.self, pages: pages)
+        } catch {
+            hypervisor.unmapGrants(mapping)
+            throw .badConfiguration("ring region: \(error)")
+        }
+        let ch: EventChannel
+        do {
+            ch = try hypervisor.bindInterdomain(remote: frontend, remotePort: config.eventChannel)
+        } catch {
+            hypervisor.unmapGrants(mapping)
+            throw .badConfiguration("binding event channel \(config.eventChannel) of domain \(frontend): \(error)")
+        }
+        let n = Int(shared.size)
+        var eng: IOEngine? = nil
+        if disk.backing.kind != .null {
+            do {
+                eng = try IOEngine(capacity: n)
+            } catch {
+                try? hypervisor.close(port: ch.port)
+                hypervisor.unmapGrants(mapping)
+                throw error
+            }
+        }
+        let cfd = cxen_eventfd(0, Int32(EFD_CLOEXEC))
+        guard cfd >= 0 else {
+            try? hypervisor.close(port: ch.port)
+            hypervisor.unmapGrants(mapping)
+            throw .system(call: "eventfd", errno: errno)
+        }
+        ringMapping = mapping
+        ring = BackRing(attaching: shared)
+        lastPushed = 0
+        channel = ch
+        engine = eng
+        controlFD = cfd
+        usePersistent = persistentGrants
+        grants = PersistentGrants(capacity: persistentGrants ? persistentGrantLimit : 0)
+        nslots = n
+        slots = .allocate(capacity: n)
+        slots.initialize(repeating: SlotState(), count: n)
+        iovecs = .allocate(capacity: n * maxSeg)
+        iovecs.initialize(repeating: iovec(), count: n * maxSeg)
+        pins = .allocate(capacity: n * maxSeg)
+        pins.initialize(repeating: 0, count: n * maxSeg)
+        handles = .allocate(capacity: n * maxSeg)
+        handles.initialize(repeating: 0, count: n * maxSeg)
+        segs = .allocate(capacity: maxSeg)
+        segs.initialize(repeating: 0, count: maxSeg)
+        freeSlots = .allocate(capacity: n)
+        for i in 0..<n { (freeSlots + i).initialize(to: Int32(n - 1 - i)) }
+        freeCount = n
+    }
+
+    deinit {
+        Glibc.close(controlFD)
+        slots.deallocate()
+        iovecs.deallocate()
+        pins.deallocate()
+        handles.deallocate()
+        segs.deallocate()
+        freeSlots.deallocate()
+        grants.deallocate()
+    }
+
+    func start() throws(BlkBackError) {
+        var t = pthread_t()
+        let box = Unmanaged.passRetained(self as AnyObject)
+        let r = pthread_create(&t, nil, { arg in
+            let obj = Unmanaged<AnyObject>.fromOpaque(arg!).takeRetainedValue()
+            (obj as! LoopRunnable).runLoop()
+            return nil
+        }, box.toOpaque())
+        guard r == 0 else {
+            box.release()
+            throw .system(call: "pthread_create", errno: r)
+        }
+        thread = t
+    }
+
+    func stop() {
+        guard let t = thread else { cleanup(); return }
+        var one: UInt64 = 1
+        _ = write(controlFD, &one, 8)
+        pthread_join(t, nil)
+        thread = nil
+    }
+
+    // MARK: The event loop
+
+    /// Kicks in a row that brought no request before the event channel is
+    /// muted for ``stormMuteNanoseconds`` (XSA-332: a frontend that notifies in
+    /// a tight loop with no work must not eat a core). Requests are still
+    /// picked up when the mute ends, because the ring itself is re-checked.
+    static var stormKicks: Int { 64 }
+    static var stormMuteNanoseconds: UInt64 { 2_000_000 }
+
+    func runLoop() {
+        var fds = (pollfd(fd: channel.descriptor, events: Int16(POLLIN), revents: 0),
+                   pollfd(fd: engine?.eventFD ?? -1, events: Int16(POLLIN), revents: 0),
+                   pollfd(fd: controlFD, events: Int16(POLLIN), revents: 0))
+        var kicked = false
+        var idleKicks = 0
+        var mutedUntil: UInt64 = 0
+        while true {
+            var consumed = 0
+            if !broken && fence == nil { consumed = processRing() }
+            if kicked {
+                idleKicks = consumed == 0 ? idleKicks + 1 : 0
+                if idleKicks >= Self.stormKicks {
+                    idleKicks = 0
+                    mutedUntil = monotonicNanoseconds() &+ Self.stormMuteNanoseconds
+                    BlkStats.bump(stats.spuriousStorms)
+                }
+            }
+            if let f = fence, (engine?.inFlight ?? 0) == 0 {
+                fence = nil
+                runFence(f)
+                continue
+            }
+            pushResponses()
+            if persistentMisses > 0 { purgeIfDue() }
+            var timeout: Int32 = -1
+            if !broken && fence == nil {
+                do {
+                    if try ring.finalCheckForRequests() { timeout = 0 }
+                } catch {
+                    stopRing(error)
+                }
+            }
+            if timeout < 0 && !broken && disk.busyPollNanoseconds > 0 && spinForWork() { timeout = 0 }
+            // A stopped ring is no longer listened to (its kicks would wake us for
+            // nothing), nor is a storming one until its mute ends.
+            var listen = !broken
+            if mutedUntil != 0 {
+                let t = monotonicNanoseconds()
+                if t < mutedUntil {
+                    listen = false
+                    if timeout < 0 { timeout = Int32((mutedUntil - t + 999_999) / 1_000_000) }
+                } else {
+                    mutedUntil = 0
+                }
+            }
+            fds.0.fd = listen ? channel.descriptor : -1
+            let r = withUnsafeMutableBytes(of: &fds) { p in
+                poll(p.baseAddress!.assumingMemoryBound(to: pollfd.self), 3, timeout)
+            }
+            if r < 0 && errno != EINTR { break }
+            if fds.2.revents != 0 { break }
+            if fds.1.revents != 0, let e = engine { e.reap(complete) }
+            kicked = fds.0.revents != 0
+            if kicked { _ = channel.consume() }
+        }
+        cleanup()
+    }
+
+    /// Every 100 ms while misses happen, up to a tenth of the persistent
+    /// grants that went unused for a whole period are unmapped, so a changed
+    /// working set gets its turn (Linux: purge_persistent_gnt).
+    private func purgeIfDue() {
+        let t = monotonicNanoseconds()
+        guard t &- lastPurge >= 100_000_000 else { return }
+        lastPurge = t
+        persistentMisses = 0
+        grants.purge(max: Swift.max(1, grants.capacity / 10)) { hv.unmap(handle: $0) }
+        grantCount.store(grants.count, ordering: .relaxed)
+    }
+
+    /// Busy polling (opt-in): before sleeping, watch the ring's producer index
+    /// and the aio completion ring for a bounded time, trading CPU for the
+    /// wake-up latency of a sleeping thread. Bounded, so a silent or hostile
+    /// frontend costs at most this much per sleep.
+    private func spinForWork() -> Bool {
+        let until = monotonicNanoseconds() &+ disk.busyPollNanoseconds
+        var n = 0
+        while true {
+            if fence == nil, ((try? ring.unconsumedRequests()) ?? 1) > 0 { return true }
+            if let e = engine, e.hasCompletions { return true }
+            n += 1
+            if n & 63 == 0, monotonicNanoseconds() >= until { return false }
+        }
+    }
+
+    /// Detach: nothing may point into guest pages once they are unmapped.
+    private func cleanup() {
+        engine?.drain(complete)
+        if !broken { pushResponses() }
+        grants.removeAll { hv.unmap(handle: $0) }
+        grantCount.store(0, ordering: .relaxed)
+        hv.unmapGrants(ringMapping)
+        try? hv.close(port: channel.port)
+    }
+
+    private func stopRing(_ error: RingError) {
+        broken = true
+        let why = "\(error)"
+        reason.withLock { $0 = why }
+        disk.logger.error("\(disk.name) queue \(index): \(why); ring stopped")
+    }
+
+    @inline(__always)
+    private func pushResponses() {
+        guard ring.rspProdPvt != lastPushed else { return }
+        lastPushed = ring.rspProdPvt
+        if ring.pushResponsesAndCheckNotify() { try? channel.notify() }
+    }
+
+    /// Consumes what the ring holds (at most one ring's worth), then submits
+    /// the batch in one io_submit.
+    @discardableResult
+    private func processRing() -> Int {
+        var budget = nslots
+        while budget > 0 && fence == nil {
+            let raw: R.Request?
+            do {
+                raw = try ring.nextRequest()
+            } catch {
+                stopRing(error)
+                break
+            }
+            guard let raw else { break }
+            budget -= 1
+            handle(R.decode(raw))
+        }
+        engine?.submit(refused: { slot, err in self.complete(slot: slot, result: -Int(err)) }, completed: complete)
+        return nslots - budget
+    }
+
+    // MARK: Requests
+
+    @inline(__always)
+    private func respond(_ id: UInt64, _ op: UInt8, _ status: BlkifStatus) {
+        switch status {
+        case .okay: break
+        case .error: BlkStats.bump(stats.errors)
+        case .notSupported: BlkStats.bump(stats.unsupported)
+        }
+        ring.enqueue(R.response(id: id, operation: op, status: status))
+    }
+
+    private func fail(_ q: BlkRequest, _ e: BlkRequestError) {
+        disk.logger.debug("\(disk.name) queue \(index): request \(q.id) op \(q.operation) refused: \(e)")
+        respond(q.id, q.responseOp, e.status)
+    }
+
+    private func handle(_ q: BlkRequest) {
+        let cmd = q.command
+        switch cmd {
+        case .read: BlkStats.bump(stats.readRequests)
+        case .write: BlkStats.bump(stats.writeRequests)
+        case .flush, .writeBarrier: BlkStats.bump(stats.flushRequests)
+        case .discard: BlkStats.bump(stats.discardRequests)
+        case .unsupported: break
+        }
+        let g = disk.geometry
+        if let e = q.validateHeader(geometry: g) { return fail(q, e) }
+        switch cmd {
+        case .read, .write:
+            startIO(q, geometry: g, dsync: false)
+        case .flush, .writeBarrier:
+            if let e = engine, e.inFlight > 0 || e.batchCount > 0 {
+                fence = q  // drained first; processRing stops consuming behind it
+            } else {
+                runFence(q)
+            }
+        case .discard:
+            let e = disk.backing.discard(offset: q.sector << 9, length: q.discardSectors << 9, secure: q.discardSecure)
+            if e != 0 {
+                fail(q, e == EOPNOTSUPP ? .discardNotSupported : .ioError(e))
+            } else {
+                respond(q.id, q.responseOp, .okay)
+            }
+        case .unsupported:
+            fail(q, .unknownOperation(q.operation))
+        }
+    }
+
+    /// FLUSH_DISKCACHE / WRITE_BARRIER, once every earlier request has completed:
+    /// the cache is flushed, then the request's own data (if any) is written
+    /// with RWF_DSYNC, so the response means durable.
+    private func runFence(_ q: BlkRequest) {
+        let e = disk.backing.flush()
+        if e != 0 { return fail(q, .ioError(e)) }
+        if q.nrSegments == 0 { return respond(q.id, q.responseOp, .okay) }
+        startIO(q, geometry: disk.geometry, dsync: true)
+        engine?.submit(refused: { slot, err in self.complete(slot: slot, result: -Int(err)) }, completed: complete)
+    }
+
+    /// READ/WRITE (direct or indirect), or the data of a flush: validates every
+    /// segment, maps the pages, and queues one vectored iocb reading or writing
+    /// straight into the guest's pages.
+    private func startIO(_ q: BlkRequest, geometry g: DiskGeometry, dsync: Bool) {
+        let write = q.command != .read
+        guard freeCount > 0 else {
+            BlkStats.bump(stats.outOfRequests)
+            return fail(q, .ioError(EBUSY))
+        }
+        let n = q.nrSegments
+        // 1. The segment list, copied once into our scratch.
+        if q.isIndirect {
+            let per = BlkifLimits.segmentsPerIndirectPage
+            for p in 0..<q.indirectPages {
+                let gref = q.indirectGref(p)
+                let count = Swift.min(per, n - p * per)
+                guard copyIndirectPage(gref, into: segs + p * per, count: count) else {
+                    return fail(q, .grantMapFailed(gref))
+                }
+            }
+        } else {
+            withUnsafeBytes(of: q.directSegments) { b in
+                for i in 0..<n { segs[i] = b.load(fromByteOffset: i * 8, as: UInt64.self) }
+            }
+        }
+        // 2. Validation of the copy.
+        var total: UInt64 = 0
+        for i in 0..<n {
+            let s = BlkSegment(raw: segs[i])
+            if let e = q.validate(segment: s, index: i, geometry: g) { return fail(q, e) }
+            total &+= UInt64(s.sectors)
+        }
+        if let e = q.validateRange(totalSectors: total, geometry: g) { return fail(q, e) }
+
+        // 3. Map and describe the pages.
+        freeCount -= 1
+        let slot = Int(freeSlots[freeCount])
+        let sp = slots + slot
+        sp.pointee = SlotState(id: q.id, operation: q.responseOp, write: write, sectors: total, bytes: Int(total) << 9)
+        let iov = iovecs + slot * maxSeg
+        var aligned = true
+        let align = disk.backing.directAlignment - 1
+        for i in 0..<n {
+            let s = BlkSegment(raw: segs[i])
+            guard let page = mapSegment(slot: slot, gref: s.gref, guestWritable: !write) else {
+                release(slot: slot)
+                freeSlots[freeCount] = Int32(slot)
+                freeCount += 1
+                return fail(q, .grantMapFailed(s.gref))
+            }
+            let base = page + s.byteOffset
+            let len = s.sectors << 9
+            if (Int(bitPattern: base) | len) & align != 0 { aligned = false }
+            iov[i] = iovec(iov_base: base, iov_len: len)
+        }
+        guard let engine else {
+            // Null mode: the grants were mapped; no disk is touched.
+            return complete(slot: slot, result: sp.pointee.bytes)
+        }
+        let b = disk.backing
+        let fd = aligned || !b.isDirect ? b.fd : b.bufferedFD
+        engine.queueVector(slot: slot, write: write, fd: fd, iov: iov, count: n, offset: q.sector << 9, dsync: dsync)
+    }
+
+    /// An I/O finished (or was refused): release its grants and answer.
+    private func complete(slot: Int, result: Int) {
+        let sp = slots + slot
+        let ok = result == sp.pointee.bytes
+        if ok {
+            if sp.pointee.write {
+                BlkStats.bump(stats.sectorsWritten, by: sp.pointee.sectors)
+            } else {
+                BlkStats.bump(stats.sectorsRead, by: sp.pointee.sectors)
+            }
+        } else {
+            disk.logger.debug("\(disk.name) queue \(index): I/O of request \(sp.pointee.id) returned \(result)")
+        }
+        release(slot: slot)
+        respond(sp.pointee.id, sp.pointee.operation, ok ? .okay : .error)
+        freeSlots[freeCount] = Int32(slot)
+        freeCount += 1
+    }
+
+    private func release(slot: Int) {
+        let sp = slots + slot
+        let base = slot * maxSeg
+        for i in 0..<Int(sp.pointee.pins) { grants.release(pins[base + i]) }
+        for i in 0..<Int(sp.pointee.handles) { hv.unmap(handle: handles[base + i]) }
+        sp.pointee.pins = 0
+        sp.pointee.handles = 0
+    }
+
+    // MARK: Grants
+
+    /// The page of `gref` for one segment of `slot`: a persistent grant (kept
+    /// mapped, read-write) when the frontend negotiated them and there is room,
+    /// else a mapping for this request only, read-only unless we must write
+    /// into the page (a READ).
+    @inline(__always)
+    private func mapSegment(slot: Int, gref: GrantRef, guestWritable: Bool) -> UnsafeMutableRawPointer? {
+        let base = slot * maxSeg
+        if usePersistent {
+            if let i = grants.lookup(gref) {
+                pins[base + Int(slots[slot].pins)] = i
+                slots[slot].pins += 1
+                return grants.base(i)
+            }
+            if grants.canInsert, case .success(let m) = hv.mapGrant(domid: frontend, ref: gref, writable: true) {
+                let p = pointer(of: m)
+                if let i = grants.insert(gref: gref, handle: m.handle, base: p) {
+                    grantCount.store(grants.count, ordering: .relaxed)
+                    pins[base + Int(slots[slot].pins)] = i
+                    slots[slot].pins += 1
+                    return p
+                }
+                hv.unmapGrant(m)
+            }
+            persistentMisses &+= 1
+        }
+        switch hv.mapGrant(domid: frontend, ref: gref, writable: guestWritable) {
+        case .success(let m):
+            handles[base + Int(slots[slot].handles)] = m.handle
+            slots[slot].handles += 1
+            return pointer(of: m)
+        case .failure:
+            return nil
+        }
+    }
+
+    /// The mapped page's address, for iovecs. Sound to keep: the page stays
+    /// mapped until this queue unmaps its handle, which it does only after the
+    /// I/O using it has completed; iovec ranges are within the page because
+    /// `last_sect <= 7` was checked.
+    @inline(__always)
+    private func pointer(of m: GrantMapping) -> UnsafeMutableRawPointer {
+        (try? m.region.withUnsafeBytes(offset: 0, count: m.region.count) { UnsafeMutableRawPointer(mutating: $0.baseAddress!) })!
+    }
+
+    /// Copies `count` segment descriptors out of an indirect page (read once, XSA-155).
+    private func copyIndirectPage(_ gref: GrantRef, into dst: UnsafeMutablePointer<UInt64>, count: Int) -> Bool {
+        if usePersistent, let i = grants.lookup(gref) {
+            cxen_copy_from_shared(dst, grants.base(i), count * 8)
+            grants.release(i)
+            return true
+        }
+        guard case .success(let m) = hv.mapGrant(domid: frontend, ref: gref, writable: false) else { return false }
+        defer { hv.unmapGrant(m) }
+        do {
+            try m.region.withUnsafeBytes(offset: 0, count: count * 8) { cxen_copy_from_shared(dst, $0.baseAddress!, count * 8) }
+        } catch {
+            return false
+        }
+        return true
+    }
+}
+
+@inline(__always) func monotonicNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+}

@@ -1,0 +1,260 @@
+import CNetShim
+import CXen
+import Glibc
+import Logging
+import XenHV
+import XenRing
+
+/// One queue of a connected vif: its mapped tx and rx rings, event
+/// channel(s), tap queue descriptor and the thread that serves them.
+///
+/// The thread polls the event channel(s), the tap (only while the rx backlog
+/// has room) and a stop eventfd. Each wake-up runs a transmit pass and a
+/// receive pass; a rate-limited transmit side and a waiting receive backlog
+/// set the poll timeout.
+final class QueueWorker: @unchecked Sendable {
+    // Sound: after init, the engines and mappings are touched only by the
+    // worker thread; `stop()` joins it before releasing anything.
+    let shared: VifShared
+    let hypervisor: Hypervisor
+    let index: Int
+    let txMap: GrantMapping
+    let rxMap: GrantMapping
+    let txChannel: EventChannel
+    let rxChannel: EventChannel?  // split event channels only
+    let tapFD: CInt
+    let ownsFD: Bool
+    let stopFD: CInt
+    let rxNotify: Bool
+    var tx: TxEngine
+    var rx: RxEngine
+    private var thread: pthread_t?
+    private var lastDropLog: UInt64 = 0
+    private var dropsSinceLog = 0
+
+    init(shared: VifShared, hypervisor: Hypervisor, domid: DomID, rate: RateLimit?, rxQueueLimit: Int,
+         index: Int, rings: VifQueueRings, features: FrontendFeatures, tapFD: CInt, ownsFD: Bool) throws(VifError) {
+        self.shared = shared
+        self.hypervisor = hypervisor
+        self.index = index
+        self.tapFD = tapFD
+        self.ownsFD = ownsFD
+        self.rxNotify = features.rxNotify
+        var cleanup: [() -> Void] = []
+        if ownsFD { cleanup.append { _ = Glibc.close(tapFD) } }
+        func fail(_ e: VifError) -> VifError {
+            for c in cleanup.reversed() { c() }
+            return e
+        }
+        let txm: GrantMapping
+        switch hypervisor.mapGrant(domid: domid, ref: rings.txRingRef, writable: true) {
+        case .success(let m): txm = m
+        case .failure(let s): throw fail(.grant(ref: rings.txRingRef, s))
+        }
+        cleanup.append { hypervisor.unmapGrant(txm) }
+        let rxm: GrantMapping
+        switch hypervisor.mapGrant(domid: domid, ref: rings.rxRingRef, writable: true) {
+        case .success(let m): rxm = m
+        case .failure(let s): throw fail(.grant(ref: rings.rxRingRef, s))
+        }
+        cleanup.append { hypervisor.unmapGrant(rxm) }
+        txMap = txm
+        rxMap = rxm
+        func bind(_ port: EventPort) throws(VifError) -> EventChannel {
+            do {
+                let ch = try hypervisor.bindInterdomain(remote: domid, remotePort: port)
+                cleanup.append { try? ch.close() }
+                return ch
+            } catch {
+                throw fail(.eventChannel(port: port, "\(error)"))
+            }
+        }
+        switch rings.events {
+        case .shared(let p):
+            txChannel = try bind(p)
+            rxChannel = nil
+        case .split(let t, let r):
+            txChannel = try bind(t)
+            rxChannel = try bind(r)
+        }
+        stopFD = cxen_eventfd(0, Int32(O_NONBLOCK | O_CLOEXEC))
+        guard stopFD >= 0 else { throw fail(.badConnection("eventfd: \(String(cString: strerror(errno)))")) }
+        let txRing: SharedRing<NetifTxRing>
+        let rxRing: SharedRing<NetifRxRing>
+        do {
+            txRing = try txm.region.ring(NetifTxRing.self, pages: 1)
+            rxRing = try rxm.region.ring(NetifRxRing.self, pages: 1)
+        } catch {
+            Glibc.close(stopFD)
+            throw fail(.badConnection("\(error)"))
+        }
+        tx = TxEngine(ring: BackRing(attaching: txRing), hypervisor: hypervisor, domid: domid, tapFD: tapFD,
+                      stats: shared.stats, rate: rate)
+        rx = RxEngine(ring: BackRing(attaching: rxRing), hypervisor: hypervisor, domid: domid, tapFD: tapFD,
+                      stats: shared.stats, sg: features.sg, gsoTCPv4: features.sg && features.gsoTCPv4,
+                      gsoTCPv6: features.sg && features.gsoTCPv6, queueLimit: rxQueueLimit)
+    }
+
+    func start() {
+        let box = Unmanaged.passRetained(self)
+        var t = pthread_t()
+        let rc = pthread_create(&t, nil, { arg in
+            let w = Unmanaged<QueueWorker>.fromOpaque(arg!).takeRetainedValue()
+            w.run()
+            return nil
+        }, box.toOpaque())
+        precondition(rc == 0, "pthread_create: \(rc)")
+        thread = t
+    }
+
+    /// Stops and joins the thread, then unmaps the rings and closes the ports.
+    func stop() {
+        var one: UInt64 = 1
+        _ = write(stopFD, &one, 8)
+        if let t = thread { pthread_join(t, nil) }
+        thread = nil
+        hypervisor.unmapGrant(txMap)
+        hypervisor.unmapGrant(rxMap)
+        try? txChannel.close()
+        try? rxChannel?.close()
+        Glibc.close(stopFD)
+        if ownsFD { Glibc.close(tapFD) }
+    }
+
+    private func notify(tx: Bool, rx: Bool) {
+        if let rxChannel {
+            if tx { try? txChannel.notify() }
+            if rx { try? rxChannel.notify() }
+        } else if tx || rx {
+            try? txChannel.notify()
+        }
+    }
+
+    private func run() {
+        var txHoldUntil: UInt64 = 0
+        var fds = [pollfd](repeating: pollfd(), count: 4)
+        // Storm back-off (XSA-332): kicks that find no work in a row make the
+        // next waits ignore the event channel for a millisecond, so a guest
+        // notifying in a tight loop cannot make this thread spin on its behalf.
+        var kicked = false
+        var spurious = 0
+        while true {
+            let disabled = shared.disabled.load(ordering: .relaxed)
+            let before = (tx.ring.reqCons, rx.ring.reqCons, rx.count, tx.held == nil)
+            var now = RateLimiter.now()
+            var timeout: Int32 = -1
+            if !disabled {
+                // Transmit.
+                if now >= txHoldUntil {
+                    txHoldUntil = 0
+                    switch tx.run() {
+                    case .idle(let n):
+                        notify(tx: n, rx: false)
+                    case .rateLimited(let until, let n):
+                        notify(tx: n, rx: false)
+                        txHoldUntil = until
+                    case .fatal(let f, let n):
+                        notify(tx: n, rx: false)
+                        shared.fatal(f, queue: index)
+                        continue
+                    }
+                    if let d = tx.lastDrop {
+                        // Rate-limited like Linux's net_ratelimit: one line a second, with a count.
+                        dropsSinceLog += 1
+                        if now >= lastDropLog &+ 1_000_000_000 {
+                            shared.logger.warning("queue \(index): dropped a transmitted packet: \(d)\(dropsSinceLog > 1 ? " (\(dropsSinceLog) drops since the last report)" : "")")
+                            lastDropLog = now
+                            dropsSinceLog = 0
+                        }
+                        tx.lastDrop = nil
+                    }
+                }
+                // Receive (cheap when idle: a full backlog is not read, and
+                // the stall clock is checked on every wake-up).
+                do {
+                    try serveRx()
+                } catch {
+                    shared.fatal(.bogusRing(error), queue: index)
+                    continue
+                }
+                now = RateLimiter.now()
+                if txHoldUntil != 0 { timeout = Self.millis(until: txHoldUntil, now: now) }
+                if rx.count > 0 {
+                    let t: Int32 = rxNotify
+                        ? Self.millis(until: rx.waitingSince &+ shared.stallTimeout, now: now) : 10
+                    timeout = timeout < 0 ? t : min(timeout, t)
+                }
+            }
+            let after = (tx.ring.reqCons, rx.ring.reqCons, rx.count, tx.held == nil)
+            if before != after { spurious = 0 } else if kicked { spurious += 1 }
+            let backingOff = spurious >= Self.stormThreshold
+            if backingOff {
+                shared.stats.eventStormBackoffs.wrappingAdd(1, ordering: .relaxed)
+                timeout = timeout < 0 ? 1 : min(timeout, 1)
+                spurious = Self.stormThreshold / 2
+            }
+            var n = 0
+            fds[n] = pollfd(fd: stopFD, events: Int16(POLLIN), revents: 0); n += 1
+            let evtchnAt = n
+            if !backingOff {
+                fds[n] = pollfd(fd: txChannel.descriptor, events: Int16(POLLIN), revents: 0); n += 1
+                if let rxChannel { fds[n] = pollfd(fd: rxChannel.descriptor, events: Int16(POLLIN), revents: 0); n += 1 }
+            }
+            if !disabled && !rx.backlogFull { fds[n] = pollfd(fd: tapFD, events: Int16(POLLIN), revents: 0); n += 1 }
+            let r = poll(&fds, nfds_t(n), timeout)
+            if r < 0 && errno != EINTR { shared.logger.error("poll: \(String(cString: strerror(errno)))"); return }
+            if fds[0].revents != 0 { return }
+            kicked = false
+            if !backingOff {
+                if fds[evtchnAt].revents != 0 { _ = txChannel.consume(); kicked = true }
+                if let rxChannel, fds[evtchnAt + 1].revents != 0 { _ = rxChannel.consume(); kicked = true }
+            }
+        }
+    }
+
+    /// Consecutive kicks without work before the event channel is ignored for a millisecond.
+    static let stormThreshold = 64
+
+    @inline(__always) static func millis(until: UInt64, now: UInt64) -> Int32 {
+        guard until > now else { return 0 }
+        return Int32(min((until - now + 999_999) / 1_000_000, 60_000))
+    }
+
+    /// Reads the tap into the backlog and delivers to the posted buffers until
+    /// neither makes progress; handles the stalled-guest carrier.
+    private func serveRx() throws(RingError) {
+        var notifyRx = false
+        while true {
+            rx.readTap()
+            let before = rx.count
+            let postedBefore = rx.postedCount
+            notifyRx = try rx.deliver() || notifyRx
+            if rx.count == before && rx.postedCount == postedBefore { break }
+            if rx.count == 0 && rx.backlogEmpty {
+                rx.readTap()
+                if rx.count == 0 { break }
+            }
+        }
+        let now = RateLimiter.now()
+        if rx.carrierOff, rx.postedCount > 0 {
+            rx.carrierOff = false
+            try? shared.tap?.setCarrier(true)
+            shared.logger.info("queue \(index): guest rx ready, carrier on")
+        }
+        if rx.count > 0 {
+            if rx.waitingSince == 0 {
+                rx.waitingSince = now
+            } else if now &- rx.waitingSince >= shared.stallTimeout, !rx.carrierOff {
+                rx.carrierOff = true
+                rx.flushBacklog()
+                rx.waitingSince = 0
+                try? shared.tap?.setCarrier(false)
+                shared.logger.warning("queue \(index): guest rx stalled, carrier off")
+                _ = try rx.deliver()  // re-arm req_event so posting buffers wakes us
+            }
+        } else {
+            rx.waitingSince = 0
+        }
+        if notifyRx { notify(tx: false, rx: true) }
+    }
+}

@@ -1,0 +1,201 @@
+import CNetShim
+import CXen
+import Glibc
+import XenHV
+import XenRing
+
+/// The receive engine of one queue (tap -> guest): reads frames with their
+/// vnet header from the tap into a bounded backlog (XSA-392: a guest that
+/// posts no buffers cannot make us queue without limit), takes the buffers
+/// the frontend posted on the rx ring (each request copied once), and copies
+/// each frame into them with one batched grant copy per pass: several slots
+/// for a large frame, the GSO extra after the first slot, checksum flags on
+/// the first response.
+struct RxEngine: ~Copyable {
+    static let slotSize = 65536 + 128
+    static let pageSize = 4096
+
+    var ring: BackRing<NetifRxRing>
+    let hypervisor: Hypervisor
+    let domid: DomID
+    let tapFD: CInt
+    let stats: VifStats
+    let sg: Bool
+    let gsoTCPv4: Bool
+    let gsoTCPv6: Bool
+
+    // Backlog of frames read from the tap: a ring of fixed slots.
+    let capacity: Int
+    let buffers: UnsafeMutableRawPointer
+    var lengths: [Int]
+    var head = 0
+    var count = 0
+
+    // Buffers the frontend posted, copied off the ring.
+    var posted: [netif_rx_request]
+    var postedHead = 0
+    var postedCount = 0
+
+    var ops: [GrantCopy] = []
+    /// Planned responses in ring order: (request id, copy op index or -1 for the GSO extra, flags, length, gso).
+    var plan: [(id: UInt16, op: Int, flags: UInt16, length: Int, gso: TxGSO?)] = []
+
+    /// When the backlog started waiting for buffers (CLOCK_MONOTONIC ns), 0 when not waiting.
+    var waitingSince: UInt64 = 0
+    var carrierOff = false
+
+    init(ring: BackRing<NetifRxRing>, hypervisor: Hypervisor, domid: DomID, tapFD: CInt, stats: VifStats,
+         sg: Bool, gsoTCPv4: Bool, gsoTCPv6: Bool, queueLimit: Int) {
+        self.ring = ring
+        self.hypervisor = hypervisor
+        self.domid = domid
+        self.tapFD = tapFD
+        self.stats = stats
+        self.sg = sg
+        self.gsoTCPv4 = gsoTCPv4
+        self.gsoTCPv6 = gsoTCPv6
+        capacity = max(1, queueLimit)
+        buffers = UnsafeMutableRawPointer.allocate(byteCount: capacity * Self.slotSize, alignment: 4096)
+        lengths = Array(repeating: 0, count: capacity)
+        posted = Array(repeating: netif_rx_request(), count: Int(ring.size))
+        ops.reserveCapacity(Int(ring.size))
+        plan.reserveCapacity(Int(ring.size))
+    }
+
+    deinit { buffers.deallocate() }
+
+    var backlogFull: Bool { count == capacity }
+    var backlogEmpty: Bool { count == 0 }
+
+    @inline(__always) func slot(_ i: Int) -> UnsafeMutableRawPointer { buffers + i * Self.slotSize }
+
+    /// Reads frames until the tap is empty or the backlog is full. Frames read
+    /// while the carrier is off (a stalled guest) are dropped.
+    mutating func readTap() {
+        while count < capacity {
+            let i = (head + count) % capacity
+            let n = read(tapFD, slot(i), Self.slotSize)
+            if n < 0 {
+                if errno == EINTR { continue }
+                return  // EAGAIN: empty
+            }
+            guard n >= VnetHeader.size + 14 else {
+                stats.count(.rxShortRead)
+                continue
+            }
+            if carrierOff {
+                stats.count(.rxCarrierOff)
+                continue
+            }
+            lengths[i] = n
+            count += 1
+        }
+    }
+
+    /// Copies every posted request off the ring (once each).
+    mutating func takePosted() throws(RingError) {
+        while postedCount < posted.count, let r = try ring.nextRequest() {
+            posted[(postedHead + postedCount) % posted.count] = r
+            postedCount += 1
+        }
+    }
+
+    @inline(__always) mutating func popPosted() -> netif_rx_request {
+        let r = posted[postedHead]
+        postedHead = (postedHead + 1) % posted.count
+        postedCount -= 1
+        return r
+    }
+
+    private mutating func popBacklog() {
+        head = (head + 1) % capacity
+        count -= 1
+    }
+
+    /// Delivers as much of the backlog as the posted buffers allow. Returns
+    /// whether the frontend must be notified.
+    mutating func deliver() throws(RingError) -> Bool {
+        try takePosted()
+        ops.removeAll(keepingCapacity: true)
+        plan.removeAll(keepingCapacity: true)
+        while count > 0 {
+            let p = slot(head)
+            let total = lengths[head]
+            let h = VnetHeader.load(from: p)
+            let len = total - VnetHeader.size
+            var gso: TxGSO?
+            switch h.gsoKind {
+            case CNET_VNET_GSO_NONE: break
+            case CNET_VNET_GSO_TCPV4 where gsoTCPv4: gso = TxGSO(type: UInt8(XEN_NETIF_GSO_TYPE_TCPV4), size: h.gsoSize)
+            case CNET_VNET_GSO_TCPV6 where gsoTCPv6: gso = TxGSO(type: UInt8(XEN_NETIF_GSO_TYPE_TCPV6), size: h.gsoSize)
+            default:
+                stats.count(.rxUnsupportedGSO)
+                popBacklog()
+                continue
+            }
+            let dataSlots = (len + Self.pageSize - 1) / Self.pageSize
+            if dataSlots > 1 && !sg {
+                stats.count(.rxNoSGTooLarge)
+                popBacklog()
+                continue
+            }
+            let need = dataSlots + (gso == nil ? 0 : 1)
+            guard postedCount >= need else { break }
+            var flags: UInt16 = 0
+            if h.needsChecksum { flags |= UInt16(NETRXF_csum_blank | NETRXF_data_validated) }
+            else if h.dataValid { flags |= UInt16(NETRXF_data_validated) }
+            var off = 0
+            for s in 0..<dataSlots {
+                let req = popPosted()
+                let n = min(Self.pageSize, len - off)
+                var f: UInt16 = s == 0 ? flags : 0
+                if s + 1 < dataSlots { f |= UInt16(NETRXF_more_data) }
+                if s == 0 && gso != nil { f |= UInt16(NETRXF_extra_info) }
+                ops.append(GrantCopy(source: .local(p + VnetHeader.size + off),
+                                     dest: .grant(domid: domid, ref: req.gref, offset: 0), length: UInt16(n)))
+                plan.append((req.id, ops.count - 1, f, n, nil))
+                off += n
+                if s == 0, let g = gso {
+                    // The extra-info slot uses up a posted request; its buffer stays untouched.
+                    let extraReq = popPosted()
+                    plan.append((extraReq.id, -1, 0, 0, g))
+                }
+            }
+            stats.rxPackets.wrappingAdd(1, ordering: .relaxed)
+            stats.rxBytes.wrappingAdd(UInt64(len), ordering: .relaxed)
+            popBacklog()
+        }
+        if !ops.isEmpty { hypervisor.copyGrants(&ops) }
+        for e in plan {
+            if let g = e.gso {
+                var x = netif_extra_info()
+                x.type = UInt8(XEN_NETIF_EXTRA_TYPE_GSO)
+                x.flags = 0
+                x.u.gso.size = g.size
+                x.u.gso.type = g.type
+                x.u.gso.pad = 0
+                x.u.gso.features = 0
+                ring.enqueue(unsafeBitCast(x, to: netif_rx_response.self))
+            } else {
+                let ok = ops[e.op].status == .okay
+                if !ok { stats.count(.rxGrantCopy) }
+                ring.enqueue(netif_rx_response(id: e.id, offset: 0, flags: e.flags,
+                                               status: ok ? Int16(e.length) : Int16(NETIF_RSP_ERROR)))
+            }
+        }
+        var notify = false
+        if !plan.isEmpty { notify = ring.pushResponsesAndCheckNotify() }
+        // Ask for a kick when the frontend posts more, if we are waiting for buffers.
+        if count > 0 || carrierOff {
+            if try ring.finalCheckForRequests() { try takePosted() }
+        }
+        return notify
+    }
+
+    /// Drops the whole backlog (stalled guest).
+    mutating func flushBacklog() {
+        stats.count(.rxStalledFlush, UInt64(count))
+        head = 0
+        count = 0
+    }
+}

@@ -1,0 +1,75 @@
+import XenHV
+
+/// What a vif's xenstore keys mean, as pure functions the XenBus handshake
+/// can call with a key reader (relative paths, nil for a missing key):
+/// netback's `read_xenbus_vif_flags`, `connect_data_rings` and `xen_net_read_rate`.
+public enum VifKeys {
+    public struct KeyError: Error, CustomStringConvertible, Equatable, Sendable {
+        public let message: String
+        public var description: String { message }
+        init(_ m: String) { message = m }
+    }
+
+    static func flag(_ read: (String) -> String?, _ key: String, default d: Bool = false) -> Bool {
+        guard let v = read(key) else { return d }
+        return (UInt32(v) ?? 0) != 0
+    }
+
+    static func number(_ read: (String) -> String?, _ key: String, in dir: String) throws(KeyError) -> UInt32 {
+        let path = dir.isEmpty ? key : "\(dir)/\(key)"
+        guard let s = read(path) else { throw KeyError("reading \(path): missing") }
+        guard let v = UInt32(s) else { throw KeyError("reading \(path): '\(s)' is not a number") }
+        return v
+    }
+
+    /// The backend directory's keys (written by the toolstack): mac, mtu, rate.
+    public static func config(frontendDomid: DomID, devid: UInt32, maxQueues: Int,
+                              backend read: (String) -> String?) throws(KeyError) -> VifConfig {
+        var c = VifConfig(frontendDomid: frontendDomid, devid: devid, maxQueues: maxQueues)
+        if let m = read("mac") {
+            guard let mac = MACAddress(m) else { throw KeyError("bad mac '\(m)'") }
+            c.mac = mac
+        }
+        if let m = read("mtu") {
+            guard let mtu = UInt32(m), (68...65535).contains(mtu) else { throw KeyError("bad mtu '\(m)'") }
+            c.mtu = mtu
+        }
+        // A `rate` that does not parse means unlimited, as in Linux.
+        c.rate = read("rate").flatMap { RateLimit(xenstoreValue: $0) }
+        return c
+    }
+
+    /// The frontend directory's keys at connect time: queues (ring refs and
+    /// event channels, under queue-N/ when multi-queue) and features.
+    public static func connection(maxQueues: Int, frontend read: (String) -> String?) throws(KeyError) -> VifConnection {
+        let n: Int
+        if let s = read("multi-queue-num-queues") {
+            guard let v = Int(s) else { throw KeyError("multi-queue-num-queues '\(s)' is not a number") }
+            n = v
+        } else {
+            n = 1
+        }
+        guard n >= 1 else { throw KeyError("guest requested 0 queues") }
+        guard n <= maxQueues else { throw KeyError("guest requested \(n) queues, exceeding the maximum of \(maxQueues)") }
+        guard flag(read, "request-rx-copy") else { throw KeyError("frontend does not support rx-copy") }
+        var queues: [VifQueueRings] = []
+        for q in 0..<n {
+            let dir = n == 1 ? "" : "queue-\(q)"
+            let tx = try number(read, "tx-ring-ref", in: dir)
+            let rx = try number(read, "rx-ring-ref", in: dir)
+            let events: QueueEventChannels
+            if read(dir.isEmpty ? "event-channel" : "\(dir)/event-channel") != nil {
+                events = .shared(try number(read, "event-channel", in: dir))
+            } else {
+                events = .split(tx: try number(read, "event-channel-tx", in: dir), rx: try number(read, "event-channel-rx", in: dir))
+            }
+            queues.append(VifQueueRings(txRingRef: tx, rxRingRef: rx, events: events))
+        }
+        let features = FrontendFeatures(
+            rxCopy: true, rxNotify: flag(read, "feature-rx-notify"), sg: flag(read, "feature-sg"),
+            gsoTCPv4: flag(read, "feature-gso-tcpv4"), gsoTCPv6: flag(read, "feature-gso-tcpv6"),
+            noChecksumOffload: flag(read, "feature-no-csum-offload"),
+            ipv6ChecksumOffload: flag(read, "feature-ipv6-csum-offload"))
+        return VifConnection(queues: queues, features: features)
+    }
+}

@@ -1,0 +1,353 @@
+// The request dispatcher: one xs_wire message in, its reply (and any watch events)
+// queued on connections. Transport-independent and single-threaded.
+import Logging
+
+public final class XenStoreCore {
+    public let store = XSStore()
+    var watches = XSWatchIndex()
+    var connections: [Int: XSConnection] = [:]
+    var domains: [DomID: XSDomain] = [:]
+    var nextSerial = 1
+    var nextTxID: UInt32 = 1
+    /// Connections with output queued by someone else's request (watch events).
+    var dirtyList: [XSConnection] = []
+    /// Connections the core gave up on; the transport closes them.
+    var closing: [XSConnection] = []
+
+    public var defaultQuotas: XSQuotas
+    /// Per-domain quota overrides.
+    public var domainQuotas: [DomID: XSQuotas] = [:]
+    public var ringProvider: XenstoreRingProvider?
+    weak var ringHost: XSRingHost?
+    public var logger: Logger
+
+    public init(quotas: XSQuotas = .default, logger: Logger = Logger(label: "xenstored")) {
+        self.defaultQuotas = quotas
+        self.logger = logger
+    }
+
+    public var watchCount: Int { watches.count }
+    public var connectionCount: Int { connections.count }
+
+    func log(_ level: Logger.Level, _ msg: @autoclosure () -> String) {
+        logger.log(level: level, "\(msg())")
+    }
+
+    public func quotas(for domid: DomID) -> XSQuotas { domainQuotas[domid] ?? defaultQuotas }
+
+    /// A new client acting as `domid`. Socket clients are dom0 and privileged.
+    public func newConnection(domid: DomID, privileged: Bool) -> XSConnection {
+        let c = XSConnection(serial: nextSerial, domid: domid, privileged: privileged, quotas: quotas(for: domid))
+        nextSerial += 1
+        connections[c.serial] = c
+        return c
+    }
+
+    /// Tears down a connection's state (transactions, watches). Idempotent.
+    public func closeConnection(_ c: XSConnection, reason: String) {
+        guard !c.closed else { return }
+        c.closed = true
+        c.closeReason = reason
+        for t in c.transactions.values { store.abort(t) }
+        c.transactions.removeAll()
+        removeAllWatches(c)
+        connections[c.serial] = nil
+        if c.domid != 0 || !c.privileged { log(.info, "connection \(c.serial) (dom\(c.domid)) closed: \(reason)") }
+        if let d = domains[c.domid], d.conn === c {
+            // The domain stays introduced (C xenstored ignores a broken ring until release).
+            d.conn = nil
+            ringHost?.detachRing(c)
+        }
+    }
+
+    /// Gives up on a connection whose peer does not read its output.
+    func stall(_ c: XSConnection, reason: String) {
+        guard !c.closed else { return }
+        log(.warning, "connection \(c.serial) (dom\(c.domid)) stalled: \(reason)")
+        closeConnection(c, reason: reason)
+        closing.append(c)
+    }
+
+    @inline(__always)
+    func markDirty(_ c: XSConnection) {
+        if !c.dirty { c.dirty = true; dirtyList.append(c) }
+    }
+
+    /// Drains the list of connections with output queued from elsewhere.
+    func takeDirty() -> [XSConnection] {
+        if dirtyList.isEmpty { return [] }
+        let l = dirtyList
+        dirtyList.removeAll(keepingCapacity: true)
+        for c in l { c.dirty = false }
+        return l
+    }
+
+    func takeClosing() -> [XSConnection] {
+        if closing.isEmpty { return [] }
+        let l = closing
+        closing.removeAll()
+        return l
+    }
+
+    /// Closes connections whose oldest undelivered watch event is older than their
+    /// quota's timeout (C xenstored: 20 s).
+    func expireStalled(now: Double) {
+        for c in connections.values {
+            if let t = c.oldestEvent, now - t > c.quotas.watchEventTimeout {
+                stall(c, reason: "watch event undelivered for \(Int(now - t)) s")
+            }
+        }
+    }
+
+    // MARK: dispatch
+
+    /// Handles one request; its reply is queued on `c`.
+    public func process(_ c: XSConnection, _ h: XSHeader, _ payload: UnsafeRawBufferPointer) {
+        do throws(XSError) {
+            try dispatch(c, h, payload)
+        } catch {
+            c.enqueue(.error, reqID: h.reqID, txID: h.txID, error.wirePayload)
+        }
+    }
+
+    @inline(__always)
+    func transaction(_ c: XSConnection, _ h: XSHeader) throws(XSError) -> XSTransaction? {
+        if h.txID == 0 { return nil }
+        guard let t = c.transactions[h.txID] else { throw .ENOENT }
+        return t
+    }
+
+    @inline(__always)
+    func path(_ c: XSConnection, _ f: UnsafeRawBufferPointer, special: Bool = false) throws(XSError) -> (path: String, relative: Bool) {
+        try XSPath.canonicalize(f, domid: c.domid, allowSpecial: special,
+                                localLimit: c.privileged ? nil : c.quotas.maxPathLength)
+    }
+
+    /// The single argument of a one-string request (bytes before the first NUL).
+    @inline(__always)
+    func onearg(_ p: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer {
+        if let i = p.firstIndex(of: 0) { return UnsafeRawBufferPointer(rebasing: p[0..<i]) }
+        return p
+    }
+
+    func record(_ change: XSChange?, _ tx: XSTransaction?) {
+        guard let change else { return }
+        if let tx { tx.changes.append(change) } else { fire(change) }
+    }
+
+    func requirePrivileged(_ c: XSConnection) throws(XSError) {
+        if !c.privileged { throw .EACCES }
+    }
+
+    func dispatch(_ c: XSConnection, _ h: XSHeader, _ p: UnsafeRawBufferPointer) throws(XSError) {
+        guard let type = XSType(rawValue: h.type) else { throw .EINVAL }
+        let r = h.reqID
+        switch type {
+        case .read:
+            let tx = try transaction(c, h)
+            let (path, _) = try self.path(c, onearg(p))
+            if tx == nil, let n = store.nodes[path] {
+                // Hot path: no transaction, node present; no copies beyond the reply.
+                guard c.caller.access(n.perms).contains(.read) else { throw .EACCES }
+                n.value.withUnsafeBytes { c.enqueue(.read, reqID: r, txID: 0, $0) }
+                return
+            }
+            let v = try store.read(path, c.caller, tx)
+            c.enqueue(.read, reqID: r, txID: h.txID, v)
+
+        case .write:
+            let tx = try transaction(c, h)
+            guard let nul = p.firstIndex(of: 0) else { throw .EINVAL }
+            let (path, _) = try self.path(c, UnsafeRawBufferPointer(rebasing: p[0..<nul]))
+            let value = Array(UnsafeRawBufferPointer(rebasing: p[(nul + 1)...]))
+            record(try store.write(path, value, c.caller, tx), tx)
+            c.enqueueOK(.write, reqID: r, txID: h.txID)
+
+        case .mkdir:
+            let tx = try transaction(c, h)
+            let (path, _) = try self.path(c, onearg(p))
+            record(try store.mkdir(path, c.caller, tx), tx)
+            c.enqueueOK(.mkdir, reqID: r, txID: h.txID)
+
+        case .rm:
+            let tx = try transaction(c, h)
+            let (path, _) = try self.path(c, onearg(p))
+            if path == "/" { throw .EINVAL }
+            record(try store.rm(path, c.caller, tx), tx)
+            c.enqueueOK(.rm, reqID: r, txID: h.txID)
+
+        case .directory:
+            let tx = try transaction(c, h)
+            let (path, _) = try self.path(c, onearg(p))
+            let n = try store.directory(path, c.caller, tx)
+            let blob = n.childrenBlob()
+            if blob.count > c.quotas.maxPayload { throw .E2BIG }
+            c.enqueue(.directory, reqID: r, txID: h.txID, blob)
+
+        case .directoryPart:
+            let tx = try transaction(c, h)
+            let f = XSPayload.split(p)
+            guard f.count >= 2 else { throw .EINVAL }
+            let (path, _) = try self.path(c, f[0])
+            let off = Int(try parseUInt(f[1]))
+            let n = try store.directory(path, c.caller, tx)
+            let blob = n.childrenBlob()
+            guard off <= blob.count else { throw .EINVAL }
+            var reply = Array("\(n.generation)".utf8) + [0]
+            let room = c.quotas.maxPayload - reply.count - 1
+            // Whole names only; a final extra NUL marks the end of the list.
+            var end = off
+            var i = off
+            while i < blob.count {
+                var j = i
+                while blob[j] != 0 { j += 1 }
+                if j + 1 - off > room { break }
+                end = j + 1
+                i = j + 1
+            }
+            if end == off && off < blob.count { throw .E2BIG }
+            reply.append(contentsOf: blob[off..<end])
+            if end == blob.count { reply.append(0) }
+            c.enqueue(.directoryPart, reqID: r, txID: h.txID, reply)
+
+        case .getPerms:
+            let tx = try transaction(c, h)
+            let (path, _) = try self.path(c, onearg(p))
+            c.enqueue(.getPerms, reqID: r, txID: h.txID, try store.getPerms(path, c.caller, tx).wire)
+
+        case .setPerms:
+            let tx = try transaction(c, h)
+            let f = XSPayload.split(p)
+            guard f.count >= 2 else { throw .EINVAL }
+            let (path, _) = try self.path(c, f[0])
+            var entries: [XSPerm] = []
+            for x in f[1...] {
+                guard let e = XSPerm(Substring(String(xsBytes: x))) else { throw .EINVAL }
+                entries.append(e)
+            }
+            guard let perms = XSPermissions(entries: entries) else { throw .EINVAL }
+            record(try store.setPerms(path, perms, c.caller, tx), tx)
+            c.enqueueOK(.setPerms, reqID: r, txID: h.txID)
+
+        case .watch:
+            let f = XSPayload.split(p)
+            guard f.count >= 2 else { throw .EINVAL }
+            let (path, relative) = try self.path(c, f[0], special: true)
+            let token = String(xsBytes: f[1])
+            try addWatch(c, path: path, token: token, relative: relative)
+            c.enqueueOK(.watch, reqID: r, txID: h.txID)
+            // Fired once up front, after the reply (C xenstored does the same).
+            if let w = c.watches.last { queueEvent(w, path: path) }
+
+        case .unwatch:
+            let f = XSPayload.split(p)
+            guard f.count >= 2 else { throw .EINVAL }
+            let (path, _) = try self.path(c, f[0], special: true)
+            try removeWatch(c, path: path, token: String(xsBytes: f[1]))
+            c.enqueueOK(.unwatch, reqID: r, txID: h.txID)
+
+        case .resetWatches:
+            removeAllWatches(c)
+            for t in c.transactions.values { store.abort(t) }
+            c.transactions.removeAll()
+            c.enqueueOK(.resetWatches, reqID: r, txID: h.txID)
+
+        case .transactionStart:
+            if h.txID != 0 { throw .EBUSY }
+            if !c.privileged && c.transactions.count >= c.quotas.maxTransactions { throw .ENOSPC }
+            var id = nextTxID
+            while id == 0 || c.transactions[id] != nil { id &+= 1 }
+            nextTxID = id &+ 1
+            c.transactions[id] = store.begin(id: id)
+            c.enqueue(.transactionStart, reqID: r, txID: 0, Array("\(id)".utf8) + [0])
+
+        case .transactionEnd:
+            guard let t = try transaction(c, h) else { throw .EINVAL }
+            let arg = onearg(p)
+            guard arg.count == 1, arg[0] == UInt8(ascii: "T") || arg[0] == UInt8(ascii: "F") else { throw .EINVAL }
+            c.transactions[h.txID] = nil
+            if arg[0] == UInt8(ascii: "T") {
+                let changes = try store.commit(t)
+                for ch in changes { fire(ch) }
+            } else {
+                store.abort(t)
+            }
+            c.enqueueOK(.transactionEnd, reqID: r, txID: h.txID)
+
+        case .introduce:
+            try requirePrivileged(c)
+            let f = XSPayload.split(p)
+            guard f.count >= 3 else { throw .EINVAL }
+            let domid = try parseDomid(f[0])
+            let mfn = try parseUInt(f[1])
+            let port = try parseUInt(f[2])
+            guard port <= UInt64(UInt32.max) else { throw .EINVAL }
+            try introduce(domid: domid, mfn: mfn, port: UInt32(port))
+            c.enqueueOK(.introduce, reqID: r, txID: h.txID)
+
+        case .release:
+            try requirePrivileged(c)
+            let domid = try parseDomid(onearg(p))
+            if domid == 0 { throw .EINVAL }
+            try releaseDomain(domid)
+            c.enqueueOK(.release, reqID: r, txID: h.txID)
+
+        case .resume:
+            try requirePrivileged(c)
+            let domid = try parseDomid(onearg(p))
+            guard domains[domid] != nil else { throw .ENOENT }
+            c.enqueueOK(.resume, reqID: r, txID: h.txID)
+
+        case .isDomainIntroduced:
+            let domid = try parseDomid(onearg(p))
+            let yes = isIntroduced(domid)
+            c.enqueue(.isDomainIntroduced, reqID: r, txID: h.txID, [yes ? UInt8(ascii: "T") : UInt8(ascii: "F"), 0])
+
+        case .getDomainPath:
+            let domid = try parseDomid(onearg(p))
+            c.enqueue(.getDomainPath, reqID: r, txID: h.txID, Array(XSPath.domainPath(domid).utf8) + [0])
+
+        case .setTarget:
+            try requirePrivileged(c)
+            let f = XSPayload.split(p)
+            guard f.count >= 2 else { throw .EINVAL }
+            let domid = try parseDomid(f[0])
+            let target = try parseDomid(f[1])
+            guard let d = domains[domid], domains[target] != nil else { throw .ENOENT }
+            d.conn?.target = target
+            c.enqueueOK(.setTarget, reqID: r, txID: h.txID)
+
+        case .control:
+            try requirePrivileged(c)
+            let f = XSPayload.split(p)
+            guard let cmd = f.first else { throw .EINVAL }
+            let args = f.dropFirst().map { String(xsBytes: $0) }
+            let reply = try control(String(xsBytes: cmd), args)
+            c.enqueue(.control, reqID: r, txID: h.txID, Array(reply.utf8) + [0])
+
+        case .watchEvent, .error:
+            throw .EINVAL
+        }
+    }
+
+    /// XS_CONTROL commands (a subset of xenstore-control's): print, quota, help.
+    func control(_ cmd: String, _ args: [String]) throws(XSError) -> String {
+        switch cmd {
+        case "print":
+            log(.notice, "control print: \(args.joined(separator: " "))")
+            return "OK"
+        case "help":
+            return "print <string>\nquota\nquota <domid>\nhelp\n"
+        case "quota":
+            if let a = args.first {
+                guard let d = DomID(a), d < 0x7FF0 else { throw .EINVAL }
+                let n = store.ownedCount(d, nil)
+                return "Domain \(d): nodes \(n), watches \(domainWatchCount(d)), transactions \(connections.values.filter { $0.domid == d }.reduce(0) { $0 + $1.transactions.count })\n"
+            }
+            let q = defaultQuotas
+            return "nodes \(q.maxNodes)\nnode-size \(q.maxNodeSize)\nwatches \(q.maxWatches)\ntransactions \(q.maxTransactions)\noutstanding \(q.maxOutstanding)\npermissions \(q.maxPerms)\npath-max \(q.maxPathLength)\n"
+        default:
+            throw .EINVAL
+        }
+    }
+}

@@ -1,0 +1,106 @@
+// Domains (tools/xenstored/domain.c): INTRODUCE attaches a guest's ring, RELEASE (or
+// the hypervisor reporting the domain's death) detaches it and cleans up after it.
+import Glibc
+
+/// A guest's xenstore ring as the hypervisor hands it over: the 4096-byte page holding
+/// `struct xenstore_domain_interface`, a descriptor that becomes readable when the
+/// guest notifies (an eventfd: read 8 bytes to clear), and a way to notify the guest.
+public struct XenstoreRingPort: @unchecked Sendable {
+    /// Start of the shared page. Must stay mapped until `release` is called.
+    public var page: UnsafeMutableRawPointer
+    /// Readable when the guest kicked its event channel.
+    public var eventFD: Int32
+    /// Kicks the guest's event channel.
+    public var notify: @Sendable () -> Void
+    /// Called once when the domain is released (unmap, close descriptors).
+    public var release: @Sendable () -> Void
+
+    public init(page: UnsafeMutableRawPointer, eventFD: Int32,
+                notify: @escaping @Sendable () -> Void,
+                release: @escaping @Sendable () -> Void = {}) {
+        self.page = page; self.eventFD = eventFD; self.notify = notify; self.release = release
+    }
+}
+
+/// Resolves INTRODUCE's (domid, mfn, event-channel port) to the guest's ring. The
+/// hypervisor core plugs in here; tests pass a closure over memfd pages and eventfds.
+/// Throwing makes INTRODUCE fail with EINVAL.
+public typealias XenstoreRingProvider = (_ domid: DomID, _ mfn: UInt64, _ port: UInt32) throws -> XenstoreRingPort
+
+/// Attaches/detaches ring connections to the event loop (implemented by the daemon).
+protocol XSRingHost: AnyObject {
+    func attachRing(_ conn: XSConnection, _ port: XenstoreRingPort)
+    func detachRing(_ conn: XSConnection)
+}
+
+final class XSDomain {
+    let domid: DomID
+    let mfn: UInt64
+    let port: UInt32
+    var conn: XSConnection?
+    init(domid: DomID, mfn: UInt64, port: UInt32) { self.domid = domid; self.mfn = mfn; self.port = port }
+}
+
+extension XenStoreCore {
+    func parseDomid(_ f: UnsafeRawBufferPointer) throws(XSError) -> DomID {
+        guard !f.isEmpty, f.count <= 5 else { throw .EINVAL }
+        var v: UInt32 = 0
+        for c in f {
+            guard c >= UInt8(ascii: "0"), c <= UInt8(ascii: "9") else { throw .EINVAL }
+            v = v * 10 + UInt32(c - UInt8(ascii: "0"))
+        }
+        guard v < 0x7FF0 else { throw .EINVAL }  // DOMID_FIRST_RESERVED
+        return v
+    }
+
+    func parseUInt(_ f: UnsafeRawBufferPointer) throws(XSError) -> UInt64 {
+        guard !f.isEmpty, f.count <= 20 else { throw .EINVAL }
+        var v: UInt64 = 0
+        for c in f {
+            guard c >= UInt8(ascii: "0"), c <= UInt8(ascii: "9") else { throw .EINVAL }
+            let (m, o1) = v.multipliedReportingOverflow(by: 10)
+            let (s, o2) = m.addingReportingOverflow(UInt64(c - UInt8(ascii: "0")))
+            if o1 || o2 { throw .EINVAL }
+            v = s
+        }
+        return v
+    }
+
+    /// INTRODUCE: resolves the ring through the provider and starts serving it.
+    public func introduce(domid: DomID, mfn: UInt64, port: UInt32) throws(XSError) {
+        if domid == 0 { throw .EINVAL }
+        if let d = domains[domid] {
+            // Re-introducing the same ring is harmless; another ring for a live domain is not.
+            if d.mfn == mfn && d.port == port { return }
+            throw .EEXIST
+        }
+        guard let provider = ringProvider, let host = ringHost else { throw .EINVAL }
+        let ring: XenstoreRingPort
+        do { ring = try provider(domid, mfn, port) } catch { throw .EINVAL }
+        let d = XSDomain(domid: domid, mfn: mfn, port: port)
+        let conn = newConnection(domid: domid, privileged: false)
+        d.conn = conn
+        domains[domid] = d
+        host.attachRing(conn, ring)
+        log(.info, "introduced domain \(domid) (mfn \(mfn), port \(port))")
+        fire(XSChange(path: "@introduceDomain", recursive: false, perms: XSPermissions(owner: 0)))
+    }
+
+    /// Forgets a domain: drops its connection, watches and transactions, removes its
+    /// /local/domain/<domid> subtree, gives its other nodes to dom0, and fires
+    /// @releaseDomain. Called for XS_RELEASE and when the hypervisor reports the
+    /// domain's death. Throws ENOENT for a domain never introduced.
+    public func releaseDomain(_ domid: DomID) throws(XSError) {
+        guard let d = domains[domid] else { throw .ENOENT }
+        if let c = d.conn { closeConnection(c, reason: "domain released") }  // detaches the ring
+        domains[domid] = nil
+        // Dom0 cleans up, so watchers hear about the removal like any other change.
+        let dom0 = XSCaller(domid: 0, privileged: true)
+        if let change = try? store.rm(XSPath.domainPath(domid), dom0) { fire(change) }
+        store.disown(domid)
+        log(.info, "released domain \(domid)")
+        fire(XSChange(path: "@releaseDomain", recursive: false, perms: XSPermissions(owner: 0)))
+    }
+
+    public func isIntroduced(_ domid: DomID) -> Bool { domid == 0 || domains[domid] != nil }
+}

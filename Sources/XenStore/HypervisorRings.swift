@@ -1,0 +1,78 @@
+import Glibc
+import Logging
+import XenHV
+
+extension XenStoreCore {
+    /// Plugs in the hypervisor core: XS_INTRODUCE maps the guest's xenstore
+    /// page (start_info.store_mfn, a privileged foreign mapping, as C xenstored
+    /// maps it) and binds the guest's store event channel. Both are released
+    /// when the domain is.
+    public func useHypervisor(_ hv: Hypervisor) {
+        ringProvider = { domid, mfn, port in
+            guard domid < UInt32(HVLimits.firstReservedDomID), domid != 0 else { throw XenErrno.EINVAL }
+            let d = XenHV.DomID(domid)
+            let mapping = try hv.mapForeignFrames(domid: d, frame: mfn)
+            let channel = try hv.bindInterdomain(remote: d, remotePort: port)
+            return XenstoreRingPort(
+                page: mapping.region.unsafeBaseAddress, eventFD: channel.descriptor,
+                notify: { try? channel.notify() },
+                release: {
+                    try? channel.close()
+                    withExtendedLifetime(mapping) {}
+                })
+        }
+    }
+}
+
+/// Follows VIRQ_DOM_EXC: when the hypervisor reports a domain's death, every
+/// introduced domain it no longer has is released (its nodes' watches fire
+/// @releaseDomain), as C xenstored's domain_cleanup does.
+public final class DomainDeathWatcher: @unchecked Sendable {
+    // Sound: started once; the thread owns `virq` after start.
+    let hv: Hypervisor
+    let handle: XenStoreDaemonHandle
+    let virq: EventChannel
+    let logger: Logger
+
+    public init(hypervisor hv: Hypervisor, daemon handle: XenStoreDaemonHandle, logger: Logger) throws {
+        self.hv = hv
+        self.handle = handle
+        self.logger = logger
+        virq = try hv.bindVirq(3 /* VIRQ_DOM_EXC */)
+    }
+
+    /// Starts the watcher thread.
+    public func start() {
+        let t = Thread { [self] in
+            while true {
+                virq.wait()
+                guard let alive = try? Set(hv.listDomains().filter { $0.state != 3 }.map { UInt32($0.domid) }) else {
+                    logger.error("lost the hypervisor; domain deaths are no longer followed")
+                    return
+                }
+                handle.perform { core in
+                    for d in Array(core.domains.keys) where !alive.contains(d) {
+                        try? core.releaseDomain(d)
+                    }
+                }
+            }
+        }
+        t.start()
+    }
+}
+
+/// A plain detached thread (the watcher blocks in read(2) on its eventfd).
+final class Thread: @unchecked Sendable {
+    let body: @Sendable () -> Void
+    init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+    func start() {
+        var tid = pthread_t()
+        let box = Unmanaged.passRetained(self).toOpaque()
+        pthread_create(&tid, nil, { arg in
+            let t = Unmanaged<Thread>.fromOpaque(arg!).takeRetainedValue()
+            t.body()
+            return nil
+        }, box)
+        pthread_detach(tid)
+    }
+}

@@ -1,0 +1,54 @@
+// The node tree. Like C xenstored's tdb records, nodes live in a flat map keyed by
+// absolute path; each node keeps its children's names in creation order.
+
+public struct XSNode: Sendable, Equatable {
+    public var value: [UInt8]
+    public var perms: XSPermissions
+    public var children: [String]
+    /// Global modification counter value at the last change (DIRECTORY_PART's generation).
+    public var generation: UInt64
+
+    public init(value: [UInt8] = [], perms: XSPermissions, children: [String] = [], generation: UInt64 = 0) {
+        self.value = value; self.perms = perms; self.children = children; self.generation = generation
+    }
+
+    /// Bytes charged against the node-size quota: the value plus children's names.
+    var chargedSize: Int {
+        var n = value.count
+        for c in children { n += c.utf8.count + 1 }
+        return n
+    }
+
+    /// DIRECTORY reply: "a\0b\0".
+    func childrenBlob() -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(chargedSize - value.count)
+        for c in children { out.append(contentsOf: c.utf8); out.append(0) }
+        return out
+    }
+}
+
+/// A change to report to watchers: the node path, whether it removed a subtree (so
+/// watches below it fire too), and the node's permissions for the read check.
+public struct XSChange: Sendable {
+    public var path: String
+    public var recursive: Bool
+    public var perms: XSPermissions
+}
+
+/// Who is asking: the caller's domain, privilege and quotas.
+public struct XSCaller: Sendable {
+    public var domid: DomID
+    public var privileged: Bool
+    public var target: DomID?
+    public var quotas: XSQuotas
+
+    public init(domid: DomID, privileged: Bool, target: DomID? = nil, quotas: XSQuotas = .default) {
+        self.domid = domid; self.privileged = privileged; self.target = target; self.quotas = quotas
+    }
+
+    @inline(__always)
+    func access(_ p: XSPermissions) -> XSAccess {
+        p.access(for: domid, privileged: privileged, target: target)
+    }
+}

@@ -1,0 +1,33 @@
+// Quotas as data (C xenstored's defaults; docs/misc/xenstore.txt and xenstored -h).
+// They bind unprivileged domains only, as in C xenstored; dom0 is exempt.
+
+public struct XSQuotas: Sendable, Equatable {
+    /// Nodes a domain may own (C: quota_nb_entry_per_domain, -E). Over: ENOSPC.
+    public var maxNodes = 1000
+    /// Bytes in one node: value plus its children's names (C: -S). Over: ENOSPC.
+    public var maxNodeSize = 2048
+    /// Watches per domain (C: -W). Over: E2BIG.
+    public var maxWatches = 128
+    /// Open transactions per connection (C: -t). Over: ENOSPC.
+    public var maxTransactions = 10
+    /// Nodes touched by one transaction (C: quota_trans_nodes). Over: ENOSPC.
+    public var maxTransactionNodes = 1024
+    /// Requests whose replies are not yet delivered (C: -Q). Over: we stop reading
+    /// the connection until the client consumes replies (backpressure, no error).
+    public var maxOutstanding = 20
+    /// Message payload (XENSTORE_PAYLOAD_MAX). Over: the connection is closed.
+    public var maxPayload = 4096
+    /// Path length below /local/domain/<n>/ (XENSTORE_REL_PATH_MAX). Over: EINVAL.
+    public var maxPathLength = 2048
+    /// Permission entries on one node (C: quota_nb_perms_per_node). Over: ENOSPC.
+    public var maxPerms = 5
+    /// Bytes of undelivered output (replies and watch events) a connection may hold
+    /// before it is considered stalled and closed. Bounds memory for slow readers.
+    public var maxOutputBytes = 1 << 20
+    /// Seconds a watch event may wait undelivered (C: 20 s) before the connection is
+    /// closed as stalled.
+    public var watchEventTimeout: Double = 20
+
+    public init() {}
+    public static let `default` = XSQuotas()
+}

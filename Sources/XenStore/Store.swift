@@ -1,0 +1,257 @@
+// The store core: node lookups and the mutating operations, with permission checks
+// and node quotas, for the live tree or inside a transaction. Mirrors
+// tools/xenstored/core.c (get_node, create_node, do_write, do_mkdir, do_rm,
+// do_set_perms) in semantics, not in code.
+
+public final class XSStore {
+    var nodes: [String: XSNode] = [:]
+    /// Nodes owned per domain (for the node quota).
+    var owned: [DomID: Int] = [:]
+    var generation: UInt64 = 1
+    /// Open transactions, which need pre-change versions of nodes changed outside them.
+    var open: [ObjectIdentifier: XSTransaction] = [:]
+
+    public init() {
+        // The tree C xenstored starts with (setup_structure): /, /tool, /tool/xenstored.
+        let rootPerms = XSPermissions(owner: 0)
+        nodes["/"] = XSNode(perms: rootPerms, children: ["tool"])
+        nodes["/tool"] = XSNode(perms: rootPerms, children: ["xenstored"])
+        nodes["/tool/xenstored"] = XSNode(perms: rootPerms)
+        owned[0] = 3
+    }
+
+    public var nodeCount: Int { nodes.count }
+
+    // MARK: views
+
+    @inline(__always)
+    func node(_ path: String, _ tx: XSTransaction?) -> XSNode? {
+        guard let tx else { return nodes[path] }
+        if let w = tx.writes[path] { return w }
+        tx.reads.insert(path)
+        if let p = tx.preserved[path] { return p }
+        return nodes[path]
+    }
+
+    @inline(__always)
+    func put(_ path: String, _ n: XSNode?, _ tx: XSTransaction?) {
+        if let tx { tx.writes[path] = .some(n); return }
+        if !open.isEmpty {
+            let old = nodes[path]
+            for t in open.values where t.preserved.index(forKey: path) == nil {
+                t.preserved[path] = .some(old)
+            }
+        }
+        nodes[path] = n
+    }
+
+    @inline(__always)
+    func nextGeneration() -> UInt64 { generation &+= 1; return generation }
+
+    func ownedCount(_ d: DomID, _ tx: XSTransaction?) -> Int {
+        (owned[d] ?? 0) + (tx?.nodeDelta[d] ?? 0)
+    }
+
+    func adjustOwned(_ d: DomID, _ delta: Int, _ tx: XSTransaction?) {
+        if let tx { tx.nodeDelta[d, default: 0] += delta } else { owned[d, default: 0] += delta }
+    }
+
+    func checkTxSize(_ tx: XSTransaction?, _ c: XSCaller) throws(XSError) {
+        if let tx, !c.privileged, tx.touchedCount > c.quotas.maxTransactionNodes { throw .ENOSPC }
+    }
+
+    // MARK: lookup with C xenstored's error rules
+
+    /// Gets a node the caller may access with `need`. A missing node gives ENOENT if the
+    /// closest existing ancestor grants `need`, else EACCES (errno_from_parents), so a
+    /// guest cannot probe trees it cannot read.
+    public func get(_ path: String, need: XSAccess, _ c: XSCaller, _ tx: XSTransaction?) throws(XSError) -> XSNode {
+        if let n = node(path, tx) {
+            guard c.access(n.perms).isSuperset(of: need) else { throw .EACCES }
+            return n
+        }
+        throw errorFromParents(path, need: need, c, tx)
+    }
+
+    func errorFromParents(_ path: String, need: XSAccess, _ c: XSCaller, _ tx: XSTransaction?) -> XSError {
+        var p = XSPath.parent(path)
+        while let q = p {
+            if let n = node(q, tx) {
+                return c.access(n.perms).isSuperset(of: need) ? .ENOENT : .EACCES
+            }
+            p = XSPath.parent(q)
+        }
+        return .ENOENT
+    }
+
+    // MARK: operations
+
+    public func read(_ path: String, _ c: XSCaller, _ tx: XSTransaction? = nil) throws(XSError) -> [UInt8] {
+        let n = try get(path, need: .read, c, tx)
+        try checkTxSize(tx, c)
+        return n.value
+    }
+
+    public func directory(_ path: String, _ c: XSCaller, _ tx: XSTransaction? = nil) throws(XSError) -> XSNode {
+        let n = try get(path, need: .read, c, tx)
+        try checkTxSize(tx, c)
+        return n
+    }
+
+    public func getPerms(_ path: String, _ c: XSCaller, _ tx: XSTransaction? = nil) throws(XSError) -> XSPermissions {
+        try get(path, need: .read, c, tx).perms
+    }
+
+    /// WRITE: sets a value, creating missing parents (which inherit their parent's
+    /// permissions; an unprivileged creator becomes the owner).
+    @discardableResult
+    public func write(_ path: String, _ value: [UInt8], _ c: XSCaller, _ tx: XSTransaction? = nil) throws(XSError) -> XSChange {
+        if var n = node(path, tx) {
+            guard c.access(n.perms).contains(.write) else { throw .EACCES }
+            if !c.privileged && value.count + (n.chargedSize - n.value.count) > c.quotas.maxNodeSize {
+                throw .ENOSPC
+            }
+            n.value = value
+            n.generation = nextGeneration()
+            let perms = n.perms
+            put(path, n, tx)
+            try checkTxSize(tx, c)
+            return XSChange(path: path, recursive: false, perms: perms)
+        }
+        let perms = try create(path, value, c, tx)
+        return XSChange(path: path, recursive: false, perms: perms)
+    }
+
+    /// MKDIR: creates an empty node; an existing writable node is left alone.
+    /// Returns nil when nothing changed.
+    public func mkdir(_ path: String, _ c: XSCaller, _ tx: XSTransaction? = nil) throws(XSError) -> XSChange? {
+        if let n = node(path, tx) {
+            guard c.access(n.perms).contains(.write) else { throw .EACCES }
+            return nil
+        }
+        let perms = try create(path, [], c, tx)
+        return XSChange(path: path, recursive: false, perms: perms)
+    }
+
+    func create(_ path: String, _ value: [UInt8], _ c: XSCaller, _ tx: XSTransaction?) throws(XSError) -> XSPermissions {
+        // Collect the missing chain up to the closest existing ancestor.
+        var missing: [String] = [path]
+        var anc = XSPath.parent(path)
+        var ancestorNode: XSNode? = nil
+        while let a = anc {
+            if let n = node(a, tx) { ancestorNode = n; break }
+            missing.append(a)
+            anc = XSPath.parent(a)
+        }
+        guard let ancestorPath = anc, var parent = ancestorNode else { throw .ENOENT }
+        guard c.access(parent.perms).contains(.write) else { throw .EACCES }
+        if !c.privileged {
+            if value.count > c.quotas.maxNodeSize { throw .ENOSPC }
+            if ownedCount(c.domid, tx) + missing.count > c.quotas.maxNodes { throw .ENOSPC }
+            let name = XSPath.basename(missing.last!)
+            if parent.chargedSize + name.utf8.count + 1 > c.quotas.maxNodeSize { throw .ENOSPC }
+        }
+        var parentPath = ancestorPath
+        var perms = parent.perms
+        if !c.privileged { perms.owner = c.domid }
+        let gen = nextGeneration()
+        for p in missing.reversed() {
+            parent.children.append(String(XSPath.basename(p)))
+            parent.generation = gen
+            put(parentPath, parent, tx)
+            adjustOwned(perms.owner, 1, tx)
+            parent = XSNode(value: p == path ? value : [], perms: perms, generation: gen)
+            parentPath = p
+        }
+        put(path, parent, tx)
+        try checkTxSize(tx, c)
+        return perms
+    }
+
+    /// RM: removes a node and its subtree. Removing a missing node whose parent exists
+    /// succeeds (returns nil); removing "/" is EINVAL.
+    public func rm(_ path: String, _ c: XSCaller, _ tx: XSTransaction? = nil) throws(XSError) -> XSChange? {
+        guard let n = node(path, tx) else {
+            let e = errorFromParents(path, need: .write, c, tx)
+            if e == .ENOENT, let p = XSPath.parent(path), node(p, tx) != nil { return nil }
+            throw e
+        }
+        guard c.access(n.perms).contains(.write) else { throw .EACCES }
+        guard let parentPath = XSPath.parent(path), var parent = node(parentPath, tx) else { throw .EINVAL }
+        removeSubtree(path, n, tx)
+        let name = XSPath.basename(path)
+        if let i = parent.children.firstIndex(where: { $0 == name }) { parent.children.remove(at: i) }
+        parent.generation = nextGeneration()
+        put(parentPath, parent, tx)
+        try checkTxSize(tx, c)
+        return XSChange(path: path, recursive: true, perms: n.perms)
+    }
+
+    func removeSubtree(_ path: String, _ n: XSNode, _ tx: XSTransaction?) {
+        for child in n.children {
+            let cp = XSPath.child(path, child)
+            if let cn = node(cp, tx) { removeSubtree(cp, cn, tx) }
+        }
+        adjustOwned(n.perms.owner, -1, tx)
+        put(path, nil, tx)
+    }
+
+    /// SET_PERMS: only the owner (or a privileged caller) may; unprivileged callers may
+    /// not give the node away (EPERM).
+    public func setPerms(_ path: String, _ perms: XSPermissions, _ c: XSCaller, _ tx: XSTransaction? = nil) throws(XSError) -> XSChange {
+        var n = try get(path, need: [.write, .owner], c, tx)
+        if !c.privileged {
+            if perms.entries.count > c.quotas.maxPerms { throw .ENOSPC }
+            if perms.owner != n.perms.owner { throw .EPERM }
+        }
+        if perms.owner != n.perms.owner {
+            adjustOwned(n.perms.owner, -1, tx)
+            adjustOwned(perms.owner, 1, tx)
+        }
+        n.perms = perms
+        n.generation = nextGeneration()
+        put(path, n, tx)
+        try checkTxSize(tx, c)
+        return XSChange(path: path, recursive: false, perms: perms)
+    }
+
+    // MARK: transactions
+
+    public func begin(id: UInt32) -> XSTransaction {
+        let t = XSTransaction(id: id)
+        open[ObjectIdentifier(t)] = t
+        return t
+    }
+
+    public func abort(_ t: XSTransaction) {
+        open[ObjectIdentifier(t)] = nil
+    }
+
+    /// Commits, or throws EAGAIN leaving the store untouched. Returns the changes to
+    /// announce. Quotas were checked as the transaction ran.
+    public func commit(_ t: XSTransaction) throws(XSError) -> [XSChange] {
+        open[ObjectIdentifier(t)] = nil
+        if t.conflicts() { throw .EAGAIN }
+        for (path, n) in t.writes {
+            put(path, n, nil)
+        }
+        for (d, delta) in t.nodeDelta { owned[d, default: 0] += delta }
+        return t.changes
+    }
+
+    // MARK: domain clean-up
+
+    /// Gives every node owned by `domid` to dom0, as C xenstored does when a domain goes
+    /// away, so a later domain reusing the id inherits nothing.
+    func disown(_ domid: DomID) {
+        guard (owned[domid] ?? 0) > 0 else { return }
+        var moved = 0
+        for (path, var n) in nodes where n.perms.owner == domid {
+            n.perms.owner = 0
+            put(path, n, nil)
+            moved += 1
+        }
+        owned[domid] = nil
+        owned[0, default: 0] += moved
+    }
+}

@@ -1,0 +1,116 @@
+// Watches (docs/misc/xenstore.txt WATCH/UNWATCH/WATCH_EVENT): a watch on P fires for
+// changes to P and anything below it, and once when registered. Removal of a subtree
+// also fires watches set below the removed node. Watches are indexed by path so a
+// change costs one lookup per ancestor, not a scan of every watch.
+
+final class XSWatch {
+    unowned let conn: XSConnection
+    let path: String
+    let token: String
+    /// Registered with a relative path: events report paths relative to the domain home.
+    let relative: Bool
+
+    init(conn: XSConnection, path: String, token: String, relative: Bool) {
+        self.conn = conn; self.path = path; self.token = token; self.relative = relative
+    }
+}
+
+struct XSWatchIndex {
+    private(set) var byPath: [String: [XSWatch]] = [:]
+    private(set) var count = 0
+
+    mutating func add(_ w: XSWatch) {
+        byPath[w.path, default: []].append(w)
+        count += 1
+    }
+
+    mutating func remove(_ w: XSWatch) {
+        guard var list = byPath[w.path], let i = list.firstIndex(where: { $0 === w }) else { return }
+        list.remove(at: i)
+        byPath[w.path] = list.isEmpty ? nil : list
+        count -= 1
+    }
+
+    /// Calls `body(watch, reportedPath)` for every watch a change at `path` fires.
+    func matches(_ change: XSChange, _ body: (XSWatch, String) -> Void) {
+        let path = change.path
+        if path.utf8.first == UInt8(ascii: "@") {
+            byPath[path]?.forEach { body($0, path) }
+            return
+        }
+        // The node itself and its ancestors.
+        var p: String? = path
+        while let q = p {
+            if let list = byPath[q] { for w in list { body(w, path) } }
+            p = XSPath.parent(q)
+        }
+        // Removal: watches strictly below the removed node fire with their own path.
+        if change.recursive {
+            for (wp, list) in byPath where wp != path && XSPath.isSelfOrDescendant(wp, of: path) {
+                for w in list { body(w, wp) }
+            }
+        }
+    }
+}
+
+extension XenStoreCore {
+    /// Queues the WATCH_EVENT messages a change causes. A watcher only hears about
+    /// nodes it may read; special (@) events go to privileged connections only.
+    func fire(_ change: XSChange) {
+        guard watches.count > 0 else { return }
+        let special = change.path.utf8.first == UInt8(ascii: "@")
+        watches.matches(change) { w, reported in
+            let c = w.conn
+            if c.closed { return }
+            if special {
+                if !c.privileged { return }
+            } else if !c.caller.access(change.perms).contains(.read) {
+                return
+            }
+            queueEvent(w, path: reported)
+        }
+    }
+
+    func queueEvent(_ w: XSWatch, path: String) {
+        let c = w.conn
+        let shown = w.relative ? XSPath.relativize(path, domid: c.domid) : path
+        var body: [UInt8] = []
+        body.reserveCapacity(shown.utf8.count + w.token.utf8.count + 2)
+        body.append(contentsOf: shown.utf8); body.append(0)
+        body.append(contentsOf: w.token.utf8); body.append(0)
+        c.enqueue(.watchEvent, reqID: 0, txID: 0, body)
+        if c.oldestEvent == nil { c.oldestEvent = monotonicSeconds() }
+        markDirty(c)
+        // A reader that never drains cannot make us hold unbounded output.
+        if c.pendingBytes > c.quotas.maxOutputBytes {
+            stall(c, reason: "undelivered output exceeds \(c.quotas.maxOutputBytes) bytes")
+        }
+    }
+
+    func addWatch(_ c: XSConnection, path: String, token: String, relative: Bool) throws(XSError) {
+        // @introduceDomain / @releaseDomain are for the toolstack only.
+        if path.utf8.first == UInt8(ascii: "@") && !c.privileged { throw .EACCES }
+        if c.watches.contains(where: { $0.path == path && $0.token == token }) { throw .EEXIST }
+        if !c.privileged && domainWatchCount(c.domid) >= c.quotas.maxWatches { throw .E2BIG }
+        let w = XSWatch(conn: c, path: path, token: token, relative: relative)
+        c.watches.append(w)
+        watches.add(w)
+    }
+
+    func removeWatch(_ c: XSConnection, path: String, token: String) throws(XSError) {
+        guard let i = c.watches.firstIndex(where: { $0.path == path && $0.token == token }) else { throw .ENOENT }
+        watches.remove(c.watches[i])
+        c.watches.remove(at: i)
+    }
+
+    func removeAllWatches(_ c: XSConnection) {
+        for w in c.watches { watches.remove(w) }
+        c.watches.removeAll()
+    }
+
+    func domainWatchCount(_ d: DomID) -> Int {
+        var n = 0
+        for c in connections.values where c.domid == d { n += c.watches.count }
+        return n
+    }
+}

@@ -1,0 +1,110 @@
+import Dispatch
+import Foundation
+import Glibc
+import Logging
+import XenBus
+import XenHV
+import XenStore
+
+/// A private dom0 for integration tests and benchmarks: a real xenhv process,
+/// xenstored (in-process, with its guest rings on the hypervisor core and
+/// VIRQ_DOM_EXC followed), a toolstack connection to each, and helpers for the
+/// toolstack's part of `xl create`. Everything is torn down at deinit.
+public final class Dom0Harness: @unchecked Sendable {
+    public let dir: String
+    public let xenhvPID: pid_t
+    /// The toolstack's hypervisor connection.
+    public let hypervisor: Hypervisor
+    /// The toolstack's xenstore connection (over the Unix socket).
+    public let xenstore: XenBusClient
+    public let xenstoreSocket: String
+    public let hypervisorSocket: String
+    let daemon: XenStoreDaemon
+    let stopped = DispatchSemaphore(value: 0)
+
+    /// Where `swift build` put the executables (XEN_BUILD_DIR, else .build/debug).
+    public static func buildDirectory(packageRoot: String) -> String {
+        ProcessInfo.processInfo.environment["XEN_BUILD_DIR"] ?? packageRoot + "/.build/debug"
+    }
+
+    public init(buildDirectory: String) throws {
+        var template = Array("/tmp/xen-dom0-XXXXXX".utf8CString)
+        dir = String(cString: mkdtemp(&template)!)
+        hypervisorSocket = dir + "/xenhv.sock"
+        xenstoreSocket = dir + "/xenstored.sock"
+        var p: [CInt] = [-1, -1]
+        guard pipe(&p) == 0 else { throw HypervisorError.system(call: "pipe", errno: errno) }
+        _ = fcntl(p[0], F_SETFD, FD_CLOEXEC)
+        xenhvPID = try ProcessLauncher.spawn(buildDirectory + "/xenhv",
+                                             arguments: ["--socket", hypervisorSocket, "--log-level", "error"],
+                                             descriptors: [(p[1], 1)])
+        close(p[1])
+        let ready = ProcessLauncher.readLine(p[0])
+        close(p[0])
+        guard ready.hasPrefix("xenhv ready") else { throw HypervisorError.protocolViolation("xenhv did not start") }
+        hypervisor = try Hypervisor.connect(socketPath: hypervisorSocket)
+
+        let hv = try Hypervisor.connect(socketPath: hypervisorSocket)
+        let core = XenStoreCore(quotas: .default)
+        core.useHypervisor(hv)
+        daemon = try XenStoreDaemon(core: core)
+        try daemon.listen(path: xenstoreSocket)
+        try DomainDeathWatcher(hypervisor: hv, daemon: daemon.handle, logger: Logger(label: "xenstored")).start()
+        nonisolated(unsafe) let d = daemon
+        let sem = stopped
+        Foundation.Thread { d.run(); sem.signal() }.start()
+        xenstore = try XenBusClient.connect(socketPath: xenstoreSocket)
+    }
+
+    /// A new xenstore connection for a dom0 service (a backend).
+    public func dom0XenStore() throws -> XenBusClient { try XenBusClient.connect(socketPath: xenstoreSocket) }
+    /// A new hypervisor connection for a dom0 service.
+    public func dom0Hypervisor() throws -> Hypervisor { try Hypervisor.connect(socketPath: hypervisorSocket) }
+
+    public struct Guest: @unchecked Sendable {
+        public let domain: Hypervisor.CreatedDomain
+        /// The guest's own hypervisor connection (in this process).
+        public let hypervisor: Hypervisor
+        /// The guest's xenstore connection over its ring page.
+        public let xenstore: XenBusClient
+        public var domid: XenHV.DomID { domain.domid }
+        public var home: String { "/local/domain/\(domain.domid)" }
+    }
+
+    /// The toolstack's part of `xl create`: the domain, its home directory owned
+    /// by it (name, domid), XS_INTRODUCE of its ring; then the guest side's own
+    /// connections, played in this process.
+    public func createGuest(name: String, pages: UInt32 = 1024) throws -> Guest {
+        let d = try prepareGuest(name: name, pages: pages)
+        let hv = try Hypervisor.guest(descriptor: d.guestDescriptor)
+        return Guest(domain: d, hypervisor: hv, xenstore: try XenBusClient.guest(hypervisor: hv))
+    }
+
+    /// The toolstack's part only: the domain, its home directory and its
+    /// introduction; the caller hands `guestDescriptor` to a guest process.
+    public func prepareGuest(name: String, pages: UInt32 = 1024) throws -> Hypervisor.CreatedDomain {
+        let d = try hypervisor.createDomain(pages: pages, name: name)
+        let home = "/local/domain/\(d.domid)"
+        try xenstore.write(home + "/name", name)
+        try xenstore.write(home + "/domid", "\(d.domid)")
+        try xenstore.setPermissions(home, [XSPerm(XenStore.DomID(d.domid), [])])
+        try xenstore.introduce(domid: XenStore.DomID(d.domid), mfn: d.storeMFN, port: d.storePort)
+        return d
+    }
+
+    /// Waits (bounded) until `<dir>/state` satisfies `predicate`.
+    public static func wait(_ xs: XenBusClient, state dir: String, seconds: Double = 20,
+                            _ predicate: (XenBus.XenbusState) -> Bool) -> XenBus.XenbusState? {
+        xs.awaitState(at: dir, seconds: seconds, predicate)
+    }
+
+    deinit {
+        xenstore.close()
+        daemon.handle.stop()
+        stopped.wait()
+        kill(xenhvPID, SIGTERM)
+        var st: Int32 = 0
+        waitpid(xenhvPID, &st, 0)
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+}

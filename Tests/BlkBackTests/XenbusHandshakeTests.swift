@@ -1,0 +1,85 @@
+import BlkBack
+import BlkFrontKit
+import Foundation
+import Glibc
+import Testing
+import XenBus
+import XenHV
+import XenRing
+import XenStore
+import XenTestKit
+
+/// blkback's XenBus handshake with a frontend playing by blkif.h, over a real
+/// xenstored and real rings: toolstack keys -> InitWait -> the frontend's ring
+/// keys -> Connected -> I/O landing in the image -> Closing/Closed -> reconnect
+/// -> detach.
+@Suite struct XenbusHandshakeTests {
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().path
+
+    @Test func handshakeConnectsServesAndReconnects() throws {
+        let s = try Dom0Harness(buildDirectory: Dom0Harness.buildDirectory(packageRoot: Self.root))
+        let image = s.dir + "/disk.img"
+        #expect(FileManager.default.createFile(atPath: image, contents: nil))
+        #expect(truncate(image, 8 << 20) == 0)
+
+        let service = BlkbackService(hypervisor: try s.dom0Hypervisor(), xenbus: try s.dom0XenStore(),
+                                     logger: .init(label: "blkback"))
+        try service.start()
+        defer { service.stop() }
+
+        let g = try s.createGuest(name: "disky")
+        defer { g.xenstore.close() }
+        let dev = XenBusDevice(type: "vbd", frontendDomid: XenStore.DomID(g.domid), devid: 51712)
+        try s.xenstore.createDevice(dev, backend: ["params": image, "mode": "w", "type": "file",
+                                                   "device-type": "disk", "discard-enable": "1"],
+                                    frontend: ["virtual-device": "51712", "device-type": "disk"])
+        #expect(Dom0Harness.wait(s.xenstore, state: dev.backendPath) { $0 == .initWait } == .initWait)
+        // What the backend offers, as the frontend reads it.
+        #expect(try g.xenstore.read(dev.backendPath + "/max-ring-page-order") == "4")
+        #expect(try g.xenstore.read(dev.backendPath + "/feature-max-indirect-segments") == "256")
+
+        func connect() throws -> BlkFront<BlkifRing> {
+            let front = try BlkFront<BlkifRing>(guest: g.hypervisor, queues: 1, ringPageOrder: 1)
+            let q = front.queues[0]
+            try g.xenstore.transaction { t in
+                try t.write(dev.frontendPath + "/ring-page-order", "1")
+                for (i, r) in q.ringRefs.enumerated() { try t.write(dev.frontendPath + "/ring-ref\(i)", "\(r)") }
+                try t.write(dev.frontendPath + "/event-channel", "\(q.port)")
+                try t.write(dev.frontendPath + "/protocol", "x86_64-abi")
+                try t.write(dev.frontendPath + "/feature-persistent", "1")
+            }
+            try g.xenstore.switchState(at: dev.frontendPath, to: .initialised)
+            #expect(Dom0Harness.wait(g.xenstore, state: dev.backendPath) { $0 == .connected } == .connected)
+            return front
+        }
+
+        let front = try connect()
+        #expect(try g.xenstore.read(dev.backendPath + "/sectors") == "\((8 << 20) / 512)")
+        #expect(try g.xenstore.read(dev.backendPath + "/feature-flush-cache") == "1")
+        #expect(try g.xenstore.read(dev.backendPath + "/feature-discard") == "1")
+        let data = (0..<8192).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        #expect(try front.write(sector: 16, data) == 0)
+        #expect(try front.flush() == 0)
+        let onDisk = try FileHandle(forReadingFrom: URL(fileURLWithPath: image))
+        try onDisk.seek(toOffset: 16 * 512)
+        #expect([UInt8](try onDisk.read(upToCount: 8192) ?? Data()) == data)
+        #expect(try front.read(sector: 16, bytes: 8192).data == data)
+
+        // Frontend closes: the backend follows; a new Initialising is a reconnect.
+        try g.xenstore.switchState(at: dev.frontendPath, to: .closing)
+        #expect(Dom0Harness.wait(g.xenstore, state: dev.backendPath) { $0 == .closing } == .closing)
+        try g.xenstore.switchState(at: dev.frontendPath, to: .closed)
+        #expect(Dom0Harness.wait(g.xenstore, state: dev.backendPath) { $0 == .closed } == .closed)
+        try g.xenstore.switchState(at: dev.frontendPath, to: .initialising)
+        #expect(Dom0Harness.wait(g.xenstore, state: dev.backendPath) { $0 == .initWait } == .initWait)
+        let again = try connect()
+        #expect(try again.read(sector: 16, bytes: 8192).data == data)
+
+        // The toolstack removes the device: the backend lets go of it.
+        #expect(service.deviceNames == [dev.backendPath])
+        try s.xenstore.destroyDevice(dev)
+        service.settle()
+        #expect(service.deviceNames.isEmpty)
+    }
+}

@@ -1,0 +1,140 @@
+import BlkBack
+import Foundation
+import Glibc
+import Testing
+import XenBus
+import XenHV
+import XenStore
+import XenTestKit
+
+/// The whole disk path with real parts: qemu-io (NBD client) -> pvguest's NBD
+/// server -> blkfront -> blkif ring and grants -> blkback -> a raw image file.
+@Suite struct DiskPathTests {
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().path
+
+    /// A dom0 with blkback, one guest process (pvguest) with the given disks.
+    final class Rig {
+        let dom0: Dom0Harness
+        let blkback: BlkbackService
+        let domain: Hypervisor.CreatedDomain
+        let guest: pid_t
+        /// vdev -> NBD URI, as pvguest printed them.
+        var disks: [String: String] = [:]
+
+        init(disks spec: [(vdev: String, devid: Int, image: String, mode: String)]) throws {
+            let build = Dom0Harness.buildDirectory(packageRoot: DiskPathTests.root)
+            dom0 = try Dom0Harness(buildDirectory: build)
+            blkback = BlkbackService(hypervisor: try dom0.dom0Hypervisor(), xenbus: try dom0.dom0XenStore(),
+                                     logger: .init(label: "blkback"))
+            try blkback.start()
+            domain = try dom0.prepareGuest(name: "pv", pages: 4096)
+            for d in spec {
+                let dev = XenBusDevice(type: "vbd", frontendDomid: XenStore.DomID(domain.domid), devid: d.devid)
+                try dom0.xenstore.createDevice(dev, backend: ["params": d.image, "mode": d.mode, "type": "file",
+                                                              "dev": d.vdev, "device-type": "disk", "discard-enable": "1"],
+                                               frontend: ["virtual-device": "\(d.devid)", "device-type": "disk"])
+            }
+            var out: [CInt] = [-1, -1]
+            _ = pipe(&out)
+            _ = fcntl(out[0], F_SETFD, FD_CLOEXEC)
+            guest = try ProcessLauncher.spawn(build + "/pvguest", arguments: ["--nbd-dir", dom0.dir],
+                                              environment: ["XENHV_GUEST_FD": "3"],
+                                              descriptors: [(out[1], 1), (domain.guestDescriptor, 3)])
+            close(out[1])
+            close(domain.guestDescriptor)
+            try dom0.hypervisor.attachProcess(guest, to: domain.domid)
+            while true {
+                let line = ProcessLauncher.readLine(out[0])
+                if line.isEmpty || line.hasPrefix("pvguest ready") { break }
+                let w = line.split(separator: " ")
+                if w.first == "disk", let uri = w.last { disks[String(w[1])] = String(uri) }
+            }
+            close(out[0])
+        }
+
+        deinit {
+            try? dom0.hypervisor.destroyDomain(domain.domid)  // kills pvguest
+            var st: Int32 = 0
+            waitpid(guest, &st, 0)
+            blkback.stop()
+        }
+    }
+
+    static func image(_ dir: String, _ name: String, size: off_t) -> String {
+        let p = dir + "/" + name
+        FileManager.default.createFile(atPath: p, contents: nil)
+        truncate(p, size)
+        return p
+    }
+
+    static func qemuIO(_ uri: String, _ commands: [String], readOnly: Bool = false) throws -> (Int32, String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/qemu-io")
+        p.arguments = ["-f", "raw"] + (readOnly ? ["-r"] : []) + [uri] + commands.flatMap { ["-c", $0] }
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = pipe
+        try p.run()
+        let out = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, String(decoding: out, as: UTF8.self))
+    }
+
+    static func bytes(_ path: String, at offset: UInt64, count: Int) throws -> [UInt8] {
+        let h = try FileHandle(forReadingFrom: URL(fileURLWithPath: path))
+        defer { try? h.close() }
+        try h.seek(toOffset: offset)
+        return [UInt8](try h.read(upToCount: count) ?? Data())
+    }
+
+    static func allocatedBlocks(_ path: String) -> Int {
+        var st = stat()
+        stat(path, &st)
+        return Int(st.st_blocks)
+    }
+
+    @Test func qemuIOWritesLandInTheImageAndReadBack() throws {
+        var template = Array("/tmp/pvdisk-XXXXXX".utf8CString)
+        let dir = String(cString: mkdtemp(&template)!)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let img = Self.image(dir, "xvda.img", size: 64 << 20)
+        let ro = Self.image(dir, "xvdb.img", size: 8 << 20)
+        let rig = try Rig(disks: [("xvda", 51712, img, "w"), ("xvdb", 51728, ro, "r")])
+        guard let a = rig.disks["xvda"], let b = rig.disks["xvdb"] else {
+            Issue.record("pvguest exported \(rig.disks)")
+            return
+        }
+
+        let (rc, out) = try Self.qemuIO(a, [
+            "write -P 0xa5 0 65536",
+            "write -P 0x5a 1048576 131072",
+            "write -P 0x33 40960000 4096",
+            "flush",
+            "read -P 0xa5 0 65536",
+            "read -P 0x5a 1048576 131072",
+            "read -P 0 65536 4096",
+        ])
+        #expect(rc == 0 && !out.contains("failed") && !out.contains("error"), "\(out)")
+        // Each write landed at its offset in the image file.
+        #expect(try Self.bytes(img, at: 0, count: 65536) == [UInt8](repeating: 0xA5, count: 65536))
+        #expect(try Self.bytes(img, at: 1_048_576, count: 131_072) == [UInt8](repeating: 0x5A, count: 131_072))
+        #expect(try Self.bytes(img, at: 40_960_000, count: 4096) == [UInt8](repeating: 0x33, count: 4096))
+        #expect(try Self.bytes(img, at: 65536, count: 4096) == [UInt8](repeating: 0, count: 4096))
+
+        // Discard punches a hole: the image's allocated blocks shrink.
+        let (rc2, out2) = try Self.qemuIO(a, ["write -P 0x77 8388608 2097152", "flush"])
+        #expect(rc2 == 0, "\(out2)")
+        let before = Self.allocatedBlocks(img)
+        let (rc3, out3) = try Self.qemuIO(a, ["discard 8388608 2097152", "flush", "read -P 0 8388608 2097152"])
+        #expect(rc3 == 0 && !out3.contains("failed"), "\(out3)")
+        #expect(Self.allocatedBlocks(img) <= before - 2097152 / 512, "blocks \(before) -> \(Self.allocatedBlocks(img))")
+
+        // A read-only disk reads, and refuses writes with an error.
+        let (rc4, out4) = try Self.qemuIO(b, ["read -P 0 0 4096"], readOnly: true)
+        #expect(rc4 == 0, "\(out4)")
+        let (rc5, out5) = try Self.qemuIO(b, ["write -P 1 0 4096"])
+        #expect(rc5 != 0 && out5.contains("Permission denied"), "\(out5)")
+        #expect(try Self.bytes(ro, at: 0, count: 4096) == [UInt8](repeating: 0, count: 4096))
+    }
+}
