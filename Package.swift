@@ -62,7 +62,7 @@ let package = Package(
         .executableTarget(
             name: "xenstored",
             dependencies: [
-                "XenStore",
+                "XenStore", "XenHV",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
@@ -166,7 +166,7 @@ let package = Package(
         .testTarget(name: "FuzzReplayTests", dependencies: ["RingFuzz"]),
 
         // The toolstack's library: xl.cfg, disk and vif specifications (xenctl).
-        .target(name: "XenCtl", dependencies: ["CXen", "XenHV", .product(name: "Logging", package: "swift-log")]),
+        .target(name: "XenCtl", dependencies: ["CXen", "XenHV", "XenBus", "XenStore", .product(name: "Logging", package: "swift-log")]),
         .executableTarget(
             name: "xenctl",
             dependencies: [

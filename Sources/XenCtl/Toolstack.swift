@@ -22,7 +22,8 @@ public struct Toolstack: Sendable {
             ServiceSpec(name: "xenhv", executable: bindir + "/xenhv",
                         arguments: ["--socket", hypervisorSocket], readyLine: "xenhv ready"),
             ServiceSpec(name: "xenstored", executable: bindir + "/xenstored",
-                        arguments: ["--socket", xenstoreSocket], readyLine: "xenstored ready"),
+                        arguments: ["--socket", xenstoreSocket, "--hypervisor", hypervisorSocket],
+                        readyLine: "xenstored ready"),
         ]
     }
 
@@ -139,12 +140,21 @@ public struct Toolstack: Sendable {
         let d = try resolve(hv, domain)
         guard d.domid != 0 else { throw Failure("domain 0 cannot be destroyed") }
         try hv.destroyDomain(d.domid)
+        if let xs = try? connectStore() {
+            removeStoreEntries(of: d.domid, xs)
+            xs.close()
+        }
     }
 
     /// Destroys every guest (before the services stop).
     public func destroyAllGuests() {
         guard let hv = try? Hypervisor.connect(socketPath: hypervisorSocket), let all = try? hv.listDomains() else { return }
-        for d in all where d.domid != 0 { try? hv.destroyDomain(d.domid) }
+        let xs = try? connectStore()
+        for d in all where d.domid != 0 {
+            try? hv.destroyDomain(d.domid)
+            if let xs { removeStoreEntries(of: d.domid, xs) }
+        }
+        xs?.close()
     }
 }
 

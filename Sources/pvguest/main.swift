@@ -19,6 +19,9 @@ struct PVGuestCommand: ParsableCommand {
     @Option(help: "Directory for the NBD sockets (default: $XEN_RUN_DIR/guests/<domid>).")
     var nbdDir: String?
 
+    @Option(help: "Descriptor to write the disk lines and the ready line to, then close (the toolstack's pipe).")
+    var readyFD: Int32?
+
     @Option(help: "Ring page order to ask the backends for (0-4).")
     var ringPageOrder = 1
 
@@ -44,6 +47,7 @@ struct PVGuestCommand: ParsableCommand {
         let pages = try GuestPages(hypervisor: hv)
         let grants = try GrantRefs(hypervisor: hv)
 
+        var lines: [String] = []
         var servers: [NBDServer] = []
         for devid in ((try? xs.directory(home + "/device/vbd")) ?? []).sorted() {
             let fe = home + "/device/vbd/" + devid
@@ -55,10 +59,15 @@ struct PVGuestCommand: ParsableCommand {
             let socket = "\(dir)/\(name).sock"
             try server.listen(unixPath: socket)
             servers.append(server)
-            print("disk \(name) \(device.size / 512) sectors\(device.isReadOnly ? " ro" : "") nbd+unix:///\(name)?socket=\(socket)")
+            lines.append("disk \(name) \(device.size / 512) sectors\(device.isReadOnly ? " ro" : "") nbd+unix:///\(name)?socket=\(socket)")
         }
-        print("pvguest ready domain \(hv.domid)")
+        lines.append("pvguest ready domain \(hv.domid)")
+        for l in lines { print(l) }
         fflush(nil)
+        if let fd = readyFD {
+            for l in lines { ProcessLauncher.writeLine(fd, l) }
+            close(fd)
+        }
         _ = term.count
         var sig: Int32 = 0
         sigwait(&set, &sig)

@@ -12,7 +12,8 @@ struct XenCtlCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "xenctl",
         abstract: "The toolstack: dom0 services and xl's verbs.",
-        subcommands: [Up.self, Down.self, Status.self, List.self, Destroy.self, Units.self, Supervise.self])
+        subcommands: [Up.self, Down.self, Status.self, Create.self, List.self, Destroy.self, BlockList.self, Units.self,
+                      Supervise.self])
 }
 
 struct RunDirOption: ParsableArguments {
@@ -71,6 +72,28 @@ struct Destroy: ParsableCommand {
     @Argument(help: "Domain name or id.") var domain: String
     func run() throws {
         do { try Toolstack(runDir: rd.path).destroy(domain) } catch { fail("\(error)") }
+    }
+}
+
+struct Create: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Create a domain from an xl.cfg file; its kernel is a pvguest.")
+    @OptionGroup var rd: RunDirOption
+    @Argument(help: "The domain's xl.cfg file.") var config: String
+    func run() throws {
+        do {
+            let g = try Toolstack(runDir: rd.path).create(configPath: config)
+            print("Created domain \(g.name) (id \(g.domid)), guest process \(g.pid)")
+            for (vdev, uri) in g.disks { print("  disk \(vdev): \(uri)") }
+        } catch { fail("\(error)") }
+    }
+}
+
+struct BlockList: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "block-list", abstract: "List a domain's virtual disks, as xl block-list does.")
+    @OptionGroup var rd: RunDirOption
+    @Argument(help: "Domain name or id.") var domain: String
+    func run() throws {
+        do { print(try Toolstack(runDir: rd.path).blockList(domain)) } catch { fail("\(error)") }
     }
 }
 

@@ -2,6 +2,7 @@
 import ArgumentParser
 import Glibc
 import Logging
+import XenHV
 import XenStore
 
 @main
@@ -12,6 +13,9 @@ struct XenstoredCommand: ParsableCommand {
 
     @Option(help: "Unix socket path (default: $XEN_RUN_DIR/xenstored/socket, XEN_RUN_DIR=/run/swiftxen).")
     var socket: String?
+
+    @Option(help: "xenhv's socket: serve guests over their xenstore rings and follow domain deaths (VIRQ_DOM_EXC).")
+    var hypervisor: String?
 
     @Option(help: "Nodes a domain may own (C xenstored -E).") var quotaNodes = XSQuotas.default.maxNodes
     @Option(help: "Bytes per node (C xenstored -S).") var quotaNodeSize = XSQuotas.default.maxNodeSize
@@ -86,6 +90,11 @@ struct XenstoredCommand: ParsableCommand {
         let daemon = try XenStoreDaemon(core: core)
         try daemon.listen(path: path)
         let handle = daemon.handle
+        if let hvPath = hypervisor {
+            let hv = try Hypervisor.connect(socketPath: hvPath)
+            core.useHypervisor(hv)
+            try DomainDeathWatcher(hypervisor: hv, daemon: handle, logger: Logger(label: "xenstored")).start()
+        }
         // SIGTERM/SIGINT: stop the loop so the socket file is removed.
         XenstoredCommand.installStopSignals(handle)
         print("xenstored ready \(path)")

@@ -58,6 +58,9 @@ import XenHV
     @Test func udpChecksumBlankIsCompletedByTheKernel() throws {
         try udpBothWays(mtu: 9000, features: .all, size: 6000, csumBlank: true)
     }
+    @Test func udpWithoutRxNotify() throws {
+        try udpBothWays(mtu: 1500, features: FrontendFeatures(rxNotify: false, sg: true), size: 900)
+    }
     @Test func udpSplitEventChannels() throws { try udpBothWays(mtu: 1500, features: .all, size: 512, split: true) }
 
     @Test func pingBothWays() throws {

@@ -1,0 +1,135 @@
+import Foundation
+import Glibc
+import XenBus
+import XenHV
+import XenStore
+
+extension Toolstack {
+    /// What `xenctl create` made.
+    public struct CreatedGuest: Sendable {
+        public let name: String
+        public let domid: XenHV.DomID
+        public let pid: pid_t
+        /// (vdev, NBD URI) per disk.
+        public let disks: [(String, String)]
+    }
+
+    func connectStore() throws -> XenBusClient {
+        do { return try XenBusClient.connect(socketPath: xenstoreSocket) } catch {
+            throw Failure("xenstored is not running at \(xenstoreSocket) (xenctl up starts it)")
+        }
+    }
+
+    /// `xl create CONFIG`: the domain, its store directory, each disk as a vbd
+    /// for blkback, and a pvguest process as its kernel. Any failure undoes all
+    /// of it: no domain, no store node, no process is left behind.
+    public func create(configPath: String) throws -> CreatedGuest {
+        guard let text = try? String(contentsOfFile: configPath, encoding: .utf8) else {
+            throw Failure("\(configPath): cannot read the file")
+        }
+        let config: DomainConfig
+        do { config = try DomainConfig(try XLConfig(parsing: text, file: configPath)) } catch {
+            throw Failure("\(error)")
+        }
+        for d in config.disks where access(d.target, F_OK) != 0 {
+            throw Failure("\(configPath): disk \(d.vdev): target \(d.target) does not exist")
+        }
+        let hv = try connect()
+        let xs = try connectStore()
+        defer { xs.close() }
+        if try hv.listDomains().contains(where: { $0.name == config.name }) {
+            throw Failure("domain '\(config.name)' already exists")
+        }
+        let dom: Hypervisor.CreatedDomain
+        do { dom = try hv.createDomain(pages: config.memory * 256, name: config.name) } catch {
+            throw Failure("creating domain '\(config.name)': \(error)")
+        }
+        var child: pid_t = 0
+        do {
+            let id = XenStore.DomID(dom.domid)
+            let home = "/local/domain/\(dom.domid)"
+            try xs.transaction { t in
+                try t.write(home + "/name", config.name)
+                try t.write(home + "/domid", "\(dom.domid)")
+                try t.write(home + "/memory/target", "\(UInt64(config.memory) * 1024)")
+                try t.setPermissions(home, [XSPerm(id, [])])
+            }
+            try xs.introduce(domid: id, mfn: dom.storeMFN, port: dom.storePort)
+            for disk in config.disks {
+                try xs.createDevice(
+                    XenBusDevice(type: "vbd", frontendDomid: id, devid: Int(disk.devid)),
+                    backend: ["params": disk.target, "mode": disk.access.rawValue, "type": "file", "dev": disk.vdev,
+                              "device-type": disk.isCDROM ? "cdrom" : "disk", "discard-enable": disk.discard ? "1" : "0",
+                              "removable": "0", "bootable": "1"],
+                    frontend: ["virtual-device": "\(disk.devid)", "device-type": disk.isCDROM ? "cdrom" : "disk"])
+            }
+            let guestDir = runDir + "/guests/\(dom.domid)"
+            try FileManager.default.createDirectory(atPath: guestDir, withIntermediateDirectories: true)
+            let log = open(runDir + "/logs/guest-\(config.name).log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            defer { if log >= 0 { close(log) } }
+            var ready: [CInt] = [-1, -1]
+            guard pipe(&ready) == 0 else { throw Failure("pipe: \(String(cString: strerror(errno)))") }
+            _ = fcntl(ready[0], F_SETFD, FD_CLOEXEC)
+            defer { close(ready[0]) }
+            let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
+            defer { close(null) }
+            child = try ProcessLauncher.spawn(
+                ProcessLauncher.executableDirectory + "/pvguest",
+                arguments: ["--nbd-dir", guestDir, "--ready-fd", "4"],
+                environment: ["XENHV_GUEST_FD": "3", "XEN_RUN_DIR": runDir],
+                descriptors: [(null, 0), (log >= 0 ? log : null, 1), (log >= 0 ? log : null, 2), (dom.guestDescriptor, 3), (ready[1], 4)],
+                newSession: true)
+            close(ready[1])
+            close(dom.guestDescriptor)
+            try hv.attachProcess(child, to: dom.domid)
+            var disks: [(String, String)] = []
+            var up = false
+            while true {
+                let line = ProcessLauncher.readLine(ready[0])
+                if line.isEmpty { break }
+                let w = line.split(separator: " ")
+                if w.first == "disk", w.count >= 2, let uri = w.last { disks.append((String(w[1]), String(uri))) }
+                if line.hasPrefix("pvguest ready") { up = true }
+            }
+            guard up else {
+                throw Failure("domain '\(config.name)': the guest did not come up; see \(runDir)/logs/guest-\(config.name).log")
+            }
+            return CreatedGuest(name: config.name, domid: dom.domid, pid: child, disks: disks)
+        } catch {
+            try? hv.destroyDomain(dom.domid)  // also stops the guest process
+            if child > 0 { var st: Int32 = 0; waitpid(child, &st, 0) }
+            removeStoreEntries(of: dom.domid, xs)
+            throw error as? Failure ?? Failure("creating domain '\(config.name)': \(error)")
+        }
+    }
+
+    /// Removes a domain's home and its device directories (libxl's part of destroy).
+    func removeStoreEntries(of domid: XenHV.DomID, _ xs: XenBusClient) {
+        _ = try? xs.transaction { t in
+            for type in ["vbd", "vif"] {
+                try t.rmIfPresent("/local/domain/0/backend/\(type)/\(domid)")
+            }
+            try t.rmIfPresent("/local/domain/\(domid)")
+        }
+        try? FileManager.default.removeItem(atPath: runDir + "/guests/\(domid)")
+    }
+
+    /// `xl block-list DOMAIN`.
+    public func blockList(_ domain: String) throws -> String {
+        let hv = try connect()
+        let d = try resolve(hv, domain)
+        let xs = try connectStore()
+        defer { xs.close() }
+        var out = "Vdev  BE  handle state evt-ch ring-ref BE-path"
+        let root = "/local/domain/0/backend/vbd/\(d.domid)"
+        for devid in ((try? xs.directory(root)) ?? []).sorted() {
+            let be = root + "/" + devid
+            let fe = (try? xs.read(be + "/frontend")) ?? ""
+            let state = (try? xs.read(be + "/state")) ?? "?"
+            let evt = ((try? xs.readIfExists(fe + "/event-channel")) ?? nil) ?? "-1"
+            let ring = (((try? xs.readIfExists(fe + "/ring-ref")) ?? nil) ?? ((try? xs.readIfExists(fe + "/ring-ref0")) ?? nil)) ?? "-1"
+            out += "\n" + devid.padding(6) + "0".padding(4) + "0".padding(7) + state.padding(6) + evt.padding(7) + ring.padding(9) + be
+        }
+        return out
+    }
+}
