@@ -1,3 +1,5 @@
+import XenStore
+
 /// Fuzz entry points over the project's real code. libFuzzer calls them through
 /// `xen-fuzz` (scripts/fuzz); the normal test suite replays every corpus file
 /// and every crash ever found through the same functions.
@@ -7,11 +9,17 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     case ringConsumer = "ring-consumer"
     /// A front end consuming responses a lying back end published.
     case ringProducer = "ring-producer"
+    /// xenstored's message handling: xs_wire messages from a guest and dom0.
+    case xsWire = "xs-wire"
+    /// xenstored's reader of a guest's xenstore ring page.
+    case xsRing = "xs-ring"
 
     public func run(_ data: UnsafeRawBufferPointer) {
         switch self {
         case .ringConsumer: fuzzRingConsumer(data)
         case .ringProducer: fuzzRingProducer(data)
+        case .xsWire: XenStoreFuzzing.wire(data)
+        case .xsRing: XenStoreFuzzing.ring(data)
         }
     }
 }
