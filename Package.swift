@@ -120,7 +120,7 @@ let package = Package(
         .executableTarget(
             name: "blkback",
             dependencies: [
-                "BlkBack",
+                "BlkBack", "XenBus", "XenHV", "CXen",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
@@ -131,7 +131,7 @@ let package = Package(
         .target(
             name: "NetBack",
             dependencies: [
-                "CXen", "CNetShim", "CNetlink", "XenHV", "XenRing",
+                "CXen", "CNetShim", "CNetlink", "XenHV", "XenRing", "XenBus", "XenStore",
                 .product(name: "Logging", package: "swift-log"),
             ]),
         // A simulated netfront (guest side of the netif rings) for tests and benchmarks.
@@ -146,7 +146,7 @@ let package = Package(
         .executableTarget(
             name: "netback",
             dependencies: [
-                "NetBack",
+                "NetBack", "XenBus", "XenHV", "CXen",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),

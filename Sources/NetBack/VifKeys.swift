@@ -7,7 +7,7 @@ public enum VifKeys {
     public struct KeyError: Error, CustomStringConvertible, Equatable, Sendable {
         public let message: String
         public var description: String { message }
-        init(_ m: String) { message = m }
+        public init(_ m: String) { message = m }
     }
 
     static func flag(_ read: (String) -> String?, _ key: String, default d: Bool = false) -> Bool {

@@ -1,16 +1,26 @@
 import ArgumentParser
 import BlkBack
+import CXen
 import Foundation
+import Glibc
 import Logging
+import XenBus
+import XenHV
 
-/// `blkback`: the block backend daemon. Devices are created and connected by
-/// the XenBus handshake (not wired yet: until then it serves no devices) or,
-/// for a quick check, `--probe IMAGE` opens an image as a VBD would and prints
-/// what the backend would advertise.
+/// `blkback`: the block backend daemon. With --hypervisor and --xenstore it
+/// serves every vbd the toolstack writes under /local/domain/0/backend/vbd
+/// (the XenBus handshake of blkif.h) until SIGTERM; `--probe IMAGE` opens an
+/// image as a VBD would and prints what the backend would advertise.
 struct BlkBackCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "blkback",
         abstract: "Block backend: blkif rings served from raw images and block devices with libaio.")
+
+    @Option(help: "xenhv's socket (default: $XEN_RUN_DIR/xenhv.sock).")
+    var hypervisor: String?
+
+    @Option(help: "xenstored's socket (default: $XEN_RUN_DIR/xenstored/socket).")
+    var xenstore: String?
 
     @Option(help: "Open this image or block device as a VBD would, print its features, and exit.")
     var probe: String?
@@ -24,17 +34,30 @@ struct BlkBackCommand: ParsableCommand {
     func run() throws {
         var logger = Logger(label: "blkback")
         logger.logLevel = logLevel
-        guard let path = probe else {
-            print("blkback: the XenBus handshake is not wired yet; use --probe IMAGE to check an image")
+        if let path = probe {
+            let dev = try VirtualBlockDevice(name: "probe", backing: BackingOptions(path: path, readOnly: readOnly), logger: logger)
+            defer { dev.close() }
+            let f = dev.features
+            print("sectors \(f.sectors) sector-size \(f.sectorSize) info \(f.info) direct-io \(dev.usesDirectIO)")
+            print("feature-flush-cache \(f.flushCache ? 1 : 0) feature-barrier \(f.barrier ? 1 : 0) feature-persistent 1")
+            print("feature-discard \(f.discard ? 1 : 0) discard-granularity \(f.discardGranularity) discard-secure \(f.discardSecure ? 1 : 0)")
+            print("feature-max-indirect-segments \(f.maxIndirectSegments) max-ring-page-order \(f.maxRingPageOrder) multi-queue-max-queues \(f.maxQueues)")
             return
         }
-        let dev = try VirtualBlockDevice(name: "probe", backing: BackingOptions(path: path, readOnly: readOnly), logger: logger)
-        defer { dev.close() }
-        let f = dev.features
-        print("sectors \(f.sectors) sector-size \(f.sectorSize) info \(f.info) direct-io \(dev.usesDirectIO)")
-        print("feature-flush-cache \(f.flushCache ? 1 : 0) feature-barrier \(f.barrier ? 1 : 0) feature-persistent 1")
-        print("feature-discard \(f.discard ? 1 : 0) discard-granularity \(f.discardGranularity) discard-secure \(f.discardSecure ? 1 : 0)")
-        print("feature-max-indirect-segments \(f.maxIndirectSegments) max-ring-page-order \(f.maxRingPageOrder) multi-queue-max-queues \(f.maxQueues)")
+        let runDir = ProcessInfo.processInfo.environment["XEN_RUN_DIR"] ?? "/run/swiftxen"
+        // Termination signals are blocked before any thread starts, so all inherit the mask.
+        let sfd = cxen_termination_signalfd()
+        let hv = try Hypervisor.connect(socketPath: hypervisor ?? runDir + "/xenhv.sock")
+        let xs = try XenBusClient.connect(socketPath: xenstore ?? runDir + "/xenstored/socket")
+        let service = BlkbackService(hypervisor: hv, xenbus: xs, logger: logger)
+        try service.start()
+        service.settle()
+        _ = "blkback ready\n".withCString { write(1, $0, strlen($0)) }
+        var pfd = pollfd(fd: sfd, events: Int16(POLLIN), revents: 0)
+        while poll(&pfd, 1, -1) < 0 && errno == EINTR {}
+        logger.info("stopping: detaching \(service.deviceNames.count) device(s)")
+        service.stop()
+        xs.close()
     }
 }
 

@@ -7,6 +7,8 @@ import CXen
 import Glibc
 import Logging
 import NetBack
+import Foundation
+import XenBus
 import XenHV
 
 struct QueueSpec: ExpressibleByArgument {
@@ -24,8 +26,13 @@ struct NetbackCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "netback", abstract: "Serve a vif's netif rings on a tap vif<domid>.<devid>.")
 
-    @Option(help: "xenhv's socket.") var xenhvSocket = "/run/xenhv/xenhv.sock"
-    @Option(help: "The frontend's domain id.") var domid: UInt16
+    @Option(help: "xenhv's socket.") var xenhvSocket: String?
+    @Option(help: "xenstored's socket: serve every vif under /local/domain/0/backend/vif (the XenBus handshake).")
+    var xenstore: String?
+    @Option(help: "With --xenstore: the hotplug script run for a vif without a `script` key.")
+    var hotplugScript: String?
+    @Option(help: "With --xenstore: queues offered to each frontend.") var maxQueues = 1
+    @Option(help: "The frontend's domain id (single-vif mode).") var domid: UInt16?
     @Option(help: "Device id (the vif's handle).") var devid: UInt32 = 0
     @Option(name: .customLong("queue"), help: "TX-REF,RX-REF,EVTCHN[,EVTCHN-RX] per queue (repeat for multi-queue).")
     var queues: [QueueSpec] = []
@@ -38,6 +45,8 @@ struct NetbackCommand: ParsableCommand {
     @Option(help: "Log level.") var logLevel: Logger.Level = .info
 
     func validate() throws {
+        if xenstore != nil { return }
+        guard domid != nil else { throw ValidationError("--domid is needed without --xenstore") }
         guard !queues.isEmpty else { throw ValidationError("at least one --queue is needed") }
         if let mac, MACAddress(mac) == nil { throw ValidationError("bad MAC address '\(mac)'") }
         if let rate, RateLimit(xenstoreValue: rate) == nil { throw ValidationError("bad rate '\(rate)' (want BYTES,USEC)") }
@@ -50,7 +59,13 @@ struct NetbackCommand: ParsableCommand {
         let log = Logger(label: "netback")
         // Block the termination signals before any worker thread exists, so they inherit the mask.
         let sfd = cxen_termination_signalfd()
-        let hv = try Hypervisor.connect(socketPath: xenhvSocket)
+        let runDir = ProcessInfo.processInfo.environment["XEN_RUN_DIR"] ?? "/run/swiftxen"
+        let hv = try Hypervisor.connect(socketPath: xenhvSocket ?? runDir + "/xenhv.sock")
+        if let xenstore {
+            try serve(hv: hv, xenstorePath: xenstore, signals: sfd, log: log)
+            return
+        }
+        let domid = self.domid!
         let f = Set(features.split(separator: ","))
         var cfg = VifConfig(frontendDomid: domid, devid: devid, mac: mac.flatMap { MACAddress($0) }, mtu: mtu,
                             rate: rate.flatMap { RateLimit(xenstoreValue: $0) }, maxQueues: queues.count)
@@ -76,6 +91,28 @@ struct NetbackCommand: ParsableCommand {
         _ = read(sfd, &buf, buf.count)
         log.info("stopping: \(vif.stats.snapshot)")
         vif.close()
+    }
+}
+
+extension NetbackCommand {
+    /// Service mode: every vif the toolstack writes, through the XenBus handshake.
+    func serve(hv: Hypervisor, xenstorePath: String, signals sfd: CInt, log: Logger) throws {
+        let xs = try XenBusClient.connect(socketPath: xenstorePath)
+        let dir = ProcessLauncher.executableDirectory
+        // Installed next to us, or the source tree's scripts/ for a build directory.
+        let script = hotplugScript ?? ["\(dir)/vif-bridge", "\(dir)/../../scripts/vif-bridge"]
+            .first { access($0, X_OK) == 0 } ?? "\(dir)/vif-bridge"
+        let driver = NetbackDriver(hypervisor: hv, logger: log, maxQueues: max(1, maxQueues), defaultScript: script,
+                                   scriptEnvironment: ["XENSTORED_PATH": xenstorePath, "XEN_NETLINK": "\(dir)/xen-netlink"])
+        let service = NetbackService(xenbus: xs, driver: driver, logger: log)
+        try service.start()
+        service.settle()
+        _ = "netback ready\n".withCString { write(1, $0, strlen($0)) }
+        var pfd = pollfd(fd: sfd, events: Int16(POLLIN), revents: 0)
+        while poll(&pfd, 1, -1) < 0 && errno == EINTR {}
+        log.info("stopping: removing \(service.deviceNames.count) vif(s)")
+        service.stop()
+        xs.close()
     }
 }
 

@@ -1,0 +1,91 @@
+import Glibc
+import Logging
+import XenBus
+import XenHV
+import XenStore
+
+/// netback's part of the XenBus handshake (Linux's xen-netback/xenbus.c),
+/// driven by ``XenBusBackend``:
+///
+/// 1. probe: the toolstack's keys (mac, mtu, rate) make the tap vif<domid>.<devid>;
+///    the backend offers its features; the hotplug script named by `script`
+///    (default: our vif-bridge) runs with Xen's conventions — `vif`,
+///    `XENBUS_PATH=backend/vif/<domid>/<devid>`, argument `online` — and the
+///    device goes on (to InitWait) only once it wrote hotplug-status=connected;
+/// 2. connect: the frontend's tx/rx-ring-ref, event channel(s), queue-N/ and
+///    feature keys, read with ``VifKeys``, connect the vif (then Connected);
+/// 3. disconnect on Closing/Closed; on removal the script runs `offline` and
+///    the tap goes away.
+public final class NetbackDriver: XenBusBackendDriver {
+    public let type = "vif"
+    let hv: Hypervisor
+    let logger: Logger
+    let maxQueues: Int
+    /// The default hotplug script, and the environment every script gets
+    /// (XENSTORED_PATH so xenstore-read/-write reach our xenstored, XEN_NETLINK).
+    let defaultScript: String
+    let scriptEnvironment: [String: String]
+
+    public init(hypervisor: Hypervisor, logger: Logger, maxQueues: Int = 1, defaultScript: String,
+                scriptEnvironment: [String: String]) {
+        hv = hypervisor
+        self.logger = logger
+        self.maxQueues = maxQueues
+        self.defaultScript = defaultScript
+        self.scriptEnvironment = scriptEnvironment
+    }
+
+    public func probe(_ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) throws -> Vif? {
+        let path = dev.backendPath
+        guard try xs.readIfExists(path + "/mac") != nil else { return nil }  // the toolstack's keys are not in yet
+        let cfg = try VifKeys.config(frontendDomid: XenHV.DomID(dev.frontendDomid), devid: UInt32(dev.devid),
+                                     maxQueues: maxQueues) { k in (try? xs.readIfExists(path + "/" + k)) ?? nil }
+        let vif = try Vif(hypervisor: hv, config: cfg, logger: logger)
+        do {
+            try xs.transaction { t in
+                for (k, v) in Vif.backendFeatures(maxQueues: maxQueues) { try t.write(path + "/" + k, v) }
+            }
+            let script = ((try xs.readIfExists(path + "/script")) ?? nil).flatMap { $0.isEmpty ? nil : $0 } ?? defaultScript
+            try hotplug(script, "online", vif: vif.name, dev: dev)
+            guard (try xs.readIfExists(path + "/hotplug-status")) == "connected" else {
+                throw VifKeys.KeyError("the hotplug script \(script) did not write hotplug-status=connected")
+            }
+        } catch {
+            vif.close()
+            throw error
+        }
+        logger.info("\(path): \(vif.name) ready for the frontend")
+        return vif
+    }
+
+    public func connect(_ vif: Vif, _ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) throws {
+        let c = try VifKeys.connection(maxQueues: maxQueues) { k in (try? xs.readIfExists(frontendPath + "/" + k)) ?? nil }
+        try vif.connect(c)
+    }
+
+    public func disconnect(_ vif: Vif) { vif.disconnect() }
+
+    public func remove(_ vif: Vif, _ dev: XenBusDevice) {
+        try? hotplug(defaultScript, "offline", vif: vif.name, dev: dev)
+        vif.close()
+    }
+
+    /// Runs a hotplug script the way Xen's hotplug runner does.
+    func hotplug(_ script: String, _ action: String, vif: String, dev: XenBusDevice) throws {
+        var env = scriptEnvironment
+        env["vif"] = vif
+        env["XENBUS_PATH"] = "backend/vif/\(dev.frontendDomid)/\(dev.devid)"
+        let null = open("/dev/null", O_RDWR | O_CLOEXEC)
+        defer { close(null) }
+        let pid = try ProcessLauncher.spawn(script, arguments: [action], environment: env,
+                                            descriptors: [(null, 0), (null, 1), (2, 2)])
+        var st: Int32 = 0
+        while waitpid(pid, &st, 0) < 0 && errno == EINTR {}
+        guard st & 0x7F == 0, (st >> 8) & 0xFF == 0 else {
+            throw VifKeys.KeyError("hotplug script \(script) \(action) failed (status \(st))")
+        }
+    }
+}
+
+/// netback as a XenBus backend service.
+public typealias NetbackService = XenBusBackend<NetbackDriver>

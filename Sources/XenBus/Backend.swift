@@ -1,0 +1,195 @@
+import Dispatch
+import Logging
+import XenStore
+
+/// What one kind of backend (vbd, vif) does at each step of the XenBus
+/// handshake; ``XenBusBackend`` drives it. All calls come on the backend's
+/// serial queue, one at a time.
+public protocol XenBusBackendDriver: AnyObject {
+    associatedtype Device
+    /// The `<type>` directory under /local/domain/0/backend.
+    var type: String { get }
+    /// The toolstack's keys are in `dev.backendPath`: open the device, write
+    /// what the backend offers. Return nil to wait for more keys. The engine
+    /// switches to InitWait afterwards.
+    func probe(_ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) throws -> Device?
+    /// The frontend is Initialised or Connected and the backend in InitWait (or
+    /// Connected but torn down): read its keys, connect, write what the
+    /// frontend needs. The engine switches to Connected afterwards.
+    func connect(_ device: Device, _ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) throws
+    /// Frontend Closing/Closed/gone, or a reconnect: release rings and ports.
+    func disconnect(_ device: Device)
+    /// The backend directory is gone: release everything the device holds.
+    func remove(_ device: Device, _ dev: XenBusDevice)
+}
+
+/// The backend half of the XenBus state machine, as Linux's xenbus_probe and
+/// each driver's frontend_changed do it: watches /local/domain/0/backend/<type>,
+/// probes new devices, follows each frontend's `state`, and detaches devices
+/// whose directory the toolstack removed. A failure is reported like
+/// xenbus_dev_fatal: the reason in `<backend>/error`, the device Closing.
+public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendable {
+    // Sound: `devices` and the driver are only touched on `queue`.
+    public let xs: XenBusClient
+    let driver: Driver
+    let logger: Logger
+    let queue: DispatchQueue
+    let root: String
+    var devices: [String: Entry] = [:]
+    var rootWatch: XenBusWatch?
+
+    final class Entry {
+        let dev: XenBusDevice
+        let frontendPath: String
+        var device: Driver.Device?
+        var frontendWatch: XenBusWatch?
+        init(dev: XenBusDevice, frontendPath: String) {
+            self.dev = dev
+            self.frontendPath = frontendPath
+        }
+    }
+
+    public init(xenbus: XenBusClient, driver: Driver, logger: Logger) {
+        xs = xenbus
+        self.driver = driver
+        self.logger = logger
+        queue = DispatchQueue(label: "xenbus-backend-\(driver.type)")
+        root = XenBusDevice.backendRoot(type: driver.type)
+    }
+
+    /// Starts watching the backend directory (the first event rescans all).
+    public func start() throws {
+        rootWatch = try xs.watch(root, token: "backend-\(driver.type)") { [weak self] e in
+            guard let self else { return }
+            self.queue.async { self.changed(e.path) }
+        }
+    }
+
+    /// Returns once every watch event xenstored sent before now has been
+    /// handled: a round trip on our connection (events precede the reply on the
+    /// wire), then a pass through the event queue.
+    public func settle() {
+        _ = try? xs.exists("/")
+        queue.sync {}
+    }
+
+    /// Devices currently open, by backend path.
+    public var deviceNames: [String] { queue.sync { devices.filter { $0.value.device != nil }.keys.sorted() } }
+
+    /// Runs `body` on the queue with the open devices (statistics, tests).
+    public func withDevices<R>(_ body: ([String: Driver.Device]) -> R) -> R {
+        queue.sync { body(devices.compactMapValues(\.device)) }
+    }
+
+    /// Detaches everything (daemon shutdown).
+    public func stop() {
+        if let w = rootWatch { try? xs.unwatch(w) }
+        queue.sync {
+            for (_, e) in devices { teardown(e) }
+            devices.removeAll()
+        }
+    }
+
+    func changed(_ path: String) {
+        let rel = path.hasPrefix(root) ? path.dropFirst(root.count).split(separator: "/") : []
+        if rel.count < 2 {
+            rescan()
+        } else {
+            reconcile(root + "/" + rel[0] + "/" + rel[1])
+        }
+    }
+
+    func rescan() {
+        var seen = Set<String>()
+        for fe in (try? xs.directory(root)) ?? [] {
+            for dev in (try? xs.directory(root + "/" + fe)) ?? [] {
+                let p = root + "/" + fe + "/" + dev
+                seen.insert(p)
+                reconcile(p)
+            }
+        }
+        for (p, e) in devices where !seen.contains(p) {
+            teardown(e)
+            devices.removeValue(forKey: p)
+        }
+    }
+
+    func reconcile(_ path: String) {
+        guard (try? xs.exists(path)) == true else {
+            if let e = devices.removeValue(forKey: path) {
+                logger.info("\(path): removed by the toolstack")
+                teardown(e)
+            }
+            return
+        }
+        if let e = devices[path] {
+            if e.device != nil { frontendChanged(e) }
+            return
+        }
+        guard let dev = XenBusDevice(backendPath: path), dev.frontendDomid < 0x7FF0,
+              let fe = (try? xs.readIfExists(path + "/frontend")) ?? nil else { return }
+        let e = Entry(dev: dev, frontendPath: fe)
+        do {
+            guard let device = try driver.probe(dev, frontendPath: fe, xs: xs) else { return }
+            devices[path] = e
+            e.device = device
+            try xs.switchState(at: path, to: .initWait)
+            e.frontendWatch = try xs.watch(fe + "/state", token: "backend:" + path) { [weak self] _ in
+                guard let self else { return }
+                self.queue.async { if let e = self.devices[path], e.device != nil { self.frontendChanged(e) } }
+            }
+        } catch {
+            devices[path] = e  // remembered, so the failure is not retried on every event
+            fatal(path, "probing the device: \(error)")
+        }
+    }
+
+    /// Linux's frontend_changed.
+    func frontendChanged(_ e: Entry) {
+        guard let device = e.device else { return }
+        let path = e.dev.backendPath
+        let fe = (try? xs.state(at: e.frontendPath)) ?? .unknown
+        let be = (try? xs.state(at: path)) ?? .unknown
+        switch fe {
+        case .initialising:
+            // A frontend coming back after Closed: offer the device again.
+            if be == .closed || be == .closing {
+                driver.disconnect(device)
+                try? xs.switchState(at: path, to: .initWait)
+            }
+        case .initialised, .connected:
+            guard be == .initWait else { return }
+            do {
+                try driver.connect(device, e.dev, frontendPath: e.frontendPath, xs: xs)
+                try xs.switchState(at: path, to: .connected)
+            } catch {
+                driver.disconnect(device)
+                fatal(path, "connecting to the frontend: \(error)")
+            }
+        case .closing:
+            driver.disconnect(device)
+            try? xs.switchState(at: path, to: .closing)
+        case .closed, .unknown:
+            driver.disconnect(device)
+            try? xs.switchState(at: path, to: .closed)
+        default:
+            break
+        }
+    }
+
+    /// xenbus_dev_fatal.
+    func fatal(_ path: String, _ message: String) {
+        logger.error("\(path): \(message)")
+        try? xs.write(path + "/error", message)
+        try? xs.switchState(at: path, to: .closing)
+    }
+
+    func teardown(_ e: Entry) {
+        if let w = e.frontendWatch { try? xs.unwatch(w) }
+        if let d = e.device {
+            driver.disconnect(d)
+            driver.remove(d, e.dev)
+        }
+        e.device = nil
+    }
+}
