@@ -12,6 +12,8 @@ extension Toolstack {
         public let pid: pid_t
         /// (vdev, NBD URI) per disk.
         public let disks: [(String, String)]
+        /// The lines pvguest printed for its NICs ("nic IFNAME netns NS mac MAC").
+        public let nics: [String]
     }
 
     func connectStore() throws -> XenBusClient {
@@ -32,7 +34,10 @@ extension Toolstack {
             throw Failure("\(error)")
         }
         for d in config.disks where access(d.target, F_OK) != 0 {
-            throw Failure("\(configPath): disk \(d.vdev): target \(d.target) does not exist")
+            throw Failure("\(configPath):\(configLine(text, "disk")): disk \(d.vdev): target \(d.target) does not exist")
+        }
+        for v in config.vifs where access("/sys/class/net/\(v.bridge)/bridge", F_OK) != 0 {
+            throw Failure("\(configPath):\(configLine(text, "vif")): bridge '\(v.bridge)' does not exist (xen-netlink bridge-add \(v.bridge) creates it)")
         }
         let hv = try connect()
         let xs = try connectStore()
@@ -63,6 +68,15 @@ extension Toolstack {
                               "removable": "0", "bootable": "1"],
                     frontend: ["virtual-device": "\(disk.devid)", "device-type": disk.isCDROM ? "cdrom" : "disk"])
             }
+            for (i, vif) in config.vifs.enumerated() {
+                let mac = (vif.mac ?? MACAddress.randomXen()).description
+                var be = ["mac": mac, "bridge": vif.bridge, "handle": "\(i)", "type": "vif"]
+                if let script = vif.script { be["script"] = script }
+                if let rate = vif.rate { be["rate"] = rate.xenstoreValue }
+                if let mtu = vif.mtu { be["mtu"] = "\(mtu)" }
+                try xs.createDevice(XenBusDevice(type: "vif", frontendDomid: id, devid: i), backend: be,
+                                    frontend: ["mac": mac, "handle": "\(i)"])
+            }
             let guestDir = runDir + "/guests/\(dom.domid)"
             try FileManager.default.createDirectory(atPath: guestDir, withIntermediateDirectories: true)
             let log = open(runDir + "/logs/guest-\(config.name).log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
@@ -83,18 +97,20 @@ extension Toolstack {
             close(dom.guestDescriptor)
             try hv.attachProcess(child, to: dom.domid)
             var disks: [(String, String)] = []
+            var nics: [String] = []
             var up = false
             while true {
                 let line = ProcessLauncher.readLine(ready[0])
                 if line.isEmpty { break }
                 let w = line.split(separator: " ")
                 if w.first == "disk", w.count >= 2, let uri = w.last { disks.append((String(w[1]), String(uri))) }
+                if w.first == "nic" { nics.append(line) }
                 if line.hasPrefix("pvguest ready") { up = true }
             }
             guard up else {
                 throw Failure("domain '\(config.name)': the guest did not come up; see \(runDir)/logs/guest-\(config.name).log")
             }
-            return CreatedGuest(name: config.name, domid: dom.domid, pid: child, disks: disks)
+            return CreatedGuest(name: config.name, domid: dom.domid, pid: child, disks: disks, nics: nics)
         } catch {
             try? hv.destroyDomain(dom.domid)  // also stops the guest process
             if child > 0 { var st: Int32 = 0; waitpid(child, &st, 0) }
@@ -132,4 +148,17 @@ extension Toolstack {
         }
         return out
     }
+}
+
+/// The line of the last `key =` setting in an xl.cfg text (for errors that
+/// name a setting found only after parsing).
+func configLine(_ text: String, _ key: String) -> Int {
+    var last = 1
+    for (i, line) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+        let t = line.drop { $0 == " " || $0 == "\t" }
+        if t.hasPrefix(key), t.dropFirst(key.count).drop(while: { $0 == " " }).first.map({ $0 == "=" || $0 == "+" }) == true {
+            last = i + 1
+        }
+    }
+    return last
 }

@@ -10,11 +10,14 @@ public struct ServiceSpec: Sendable, Equatable {
     public var arguments: [String]
     /// The service is up once it prints a stdout line starting with this.
     public var readyLine: String
-    public init(name: String, executable: String, arguments: [String], readyLine: String) {
+    /// Services this one needs: it restarts when one of them does.
+    public var dependsOn: [String]
+    public init(name: String, executable: String, arguments: [String], readyLine: String, dependsOn: [String] = []) {
         self.name = name
         self.executable = executable
         self.arguments = arguments
         self.readyLine = readyLine
+        self.dependsOn = dependsOn
     }
     public var commandLine: String { ([executable] + arguments).joined(separator: " ") }
 }
@@ -35,8 +38,11 @@ public final class Supervisor {
         var restartAt: Double?
         var backoff: Double = 0.5
         var lineBuffer: [UInt8] = []
+        var everStarted = false
         /// Stopped on purpose (a dependency restarts): not a crash.
         var expectedExit = false
+        /// Stopped with a dependency; started again in order once that is ready.
+        var waitingForDependency = false
         init(_ s: ServiceSpec) { spec = s }
     }
 
@@ -91,7 +97,11 @@ public final class Supervisor {
             // Start the next service once the previous one is ready.
             while startIndex + 1 < services.count, services[startIndex].ready {
                 startIndex += 1
-                if services[startIndex].pid == 0 && services[startIndex].restartAt == nil { start(services[startIndex]) }
+                let next = services[startIndex]
+                if next.pid == 0 && next.restartAt == nil && (next.waitingForDependency || !next.everStarted) {
+                    next.waitingForDependency = false
+                    start(next)
+                }
             }
             let t = Self.monotonic()
             for s in services where s.restartAt.map({ $0 <= t }) ?? false {
@@ -115,6 +125,7 @@ public final class Supervisor {
                                               descriptors: [(p[1], 1), (s.log, 2)])
             s.stdout = p[0]
             s.ready = false
+            s.everStarted = true
             s.startedAt = Self.monotonic()
             logger.info("started \(s.spec.name)", metadata: ["pid": "\(s.pid)"])
         } catch {
@@ -169,16 +180,32 @@ public final class Supervisor {
             // A service that ran a minute is healthy again: reset its back-off.
             if Self.monotonic() - s.startedAt > 60 { s.backoff = 0.5 }
             scheduleRestart(s)
-            // Later services depend on this one (a new xenhv has no domains, a new
-            // xenstored no connections): stop them; they start again in order.
-            for later in services[(i + 1)...] where later.pid > 0 {
-                later.expectedExit = true
-                later.restartAt = nil
-                kill(later.pid, SIGTERM)
+            // Its dependents (a new xenhv has no domains, a new xenstored no
+            // connections) stop too and start again, in order, once it is ready.
+            let dependents = self.dependents(of: s.spec.name)
+            for d in services[(i + 1)...] where dependents.contains(d.spec.name) {
+                if d.pid > 0 {
+                    d.expectedExit = true
+                    kill(d.pid, SIGTERM)
+                }
+                d.restartAt = nil
+                d.waitingForDependency = true
             }
-            for later in services[(i + 1)...] { later.restartAt = nil }
             startIndex = min(startIndex, i)
         }
+    }
+
+    /// Every service that needs `name`, directly or through another.
+    func dependents(of name: String) -> Set<String> {
+        var out = Set<String>()
+        var frontier = [name]
+        while let n = frontier.popLast() {
+            for s in services where s.spec.dependsOn.contains(n) && !out.contains(s.spec.name) {
+                out.insert(s.spec.name)
+                frontier.append(s.spec.name)
+            }
+        }
+        return out
     }
 
     func scheduleRestart(_ s: Service) {

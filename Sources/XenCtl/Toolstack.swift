@@ -23,7 +23,11 @@ public struct Toolstack: Sendable {
                         arguments: ["--socket", hypervisorSocket], readyLine: "xenhv ready"),
             ServiceSpec(name: "xenstored", executable: bindir + "/xenstored",
                         arguments: ["--socket", xenstoreSocket, "--hypervisor", hypervisorSocket],
-                        readyLine: "xenstored ready"),
+                        readyLine: "xenstored ready", dependsOn: ["xenhv"]),
+            ServiceSpec(name: "blkback", executable: bindir + "/blkback",
+                        arguments: ["--hypervisor", hypervisorSocket, "--xenstore", xenstoreSocket], readyLine: "blkback ready", dependsOn: ["xenhv", "xenstored"]),
+            ServiceSpec(name: "netback", executable: bindir + "/netback",
+                        arguments: ["--xenhv-socket", hypervisorSocket, "--xenstore", xenstoreSocket], readyLine: "netback ready", dependsOn: ["xenhv", "xenstored"]),
         ]
     }
 
@@ -32,7 +36,8 @@ public struct Toolstack: Sendable {
         let specs = t.services(bindir: bindir)
         return specs.enumerated().map { i, s in
             // BindsTo: a restarted dependency restarts its dependents, as the supervisor does.
-            let after = i == 0 ? "" : "\nAfter=swiftxen-\(specs[i - 1].name).service\nBindsTo=swiftxen-\(specs[i - 1].name).service"
+            let deps = s.dependsOn.map { "swiftxen-\($0).service" }.joined(separator: " ")
+            let after = deps.isEmpty ? "" : "\nAfter=\(deps)\nBindsTo=\(deps)"
             return ("swiftxen-\(s.name).service", """
                 [Unit]
                 Description=SwiftXen \(s.name)\(after)

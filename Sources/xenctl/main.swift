@@ -84,6 +84,7 @@ struct Create: ParsableCommand {
             let g = try Toolstack(runDir: rd.path).create(configPath: config)
             print("Created domain \(g.name) (id \(g.domid)), guest process \(g.pid)")
             for (vdev, uri) in g.disks { print("  disk \(vdev): \(uri)") }
+            for n in g.nics { print("  " + n) }
         } catch { fail("\(error)") }
     }
 }

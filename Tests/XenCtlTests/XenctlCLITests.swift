@@ -53,7 +53,10 @@ import XenCtl
         }
         let (rc, out, err) = try xenctl("up", runDir: run)
         #expect(rc == 0, "\(err)")
-        #expect(out.contains("xenhv") && out.contains("xenstored") && out.contains("running"), "\(out)")
+        for name in ["xenhv", "xenstored", "blkback", "netback"] {
+            #expect(out.contains(name), "\(out)")
+        }
+        #expect(out.components(separatedBy: "running").count == 5, "\(out)")
         // Idempotent.
         #expect(try xenctl("up", runDir: run).0 == 0)
 
@@ -61,8 +64,13 @@ import XenCtl
         #expect(list.contains("Domain-0"), "\(list)")
         #expect(try xenctl("destroy", "nosuch", runDir: run) .2 == "xenctl: no domain 'nosuch'\n")
 
-        // Each service killed -9 comes back (xenhv's dependents restart with it).
-        for name in ["xenstored", "xenhv"] {
+        // Each service killed -9 comes back; a backend's crash leaves the other
+        // backend alone; xenhv's dependents restart with it.
+        let netbackBefore = ServiceStatus.read(runDir: run)!.first { $0.name == "netback" }!.pid
+        for name in ["blkback", "netback", "xenstored", "xenhv"] {
+            if name == "netback" {
+                #expect(ServiceStatus.read(runDir: run)!.first { $0.name == "netback" }!.pid == netbackBefore)
+            }
             let before = ServiceStatus.read(runDir: run)!
             let old = before.first { $0.name == name }!
             #expect(kill(old.pid, SIGKILL) == 0)
@@ -70,7 +78,7 @@ import XenCtl
             #expect(now != nil, "\(name) was not restarted")
             #expect((now?.restarts ?? 0) >= 1)
         }
-        #expect(waitRestarted("xenstored", from: 0, runDir: run) != nil)
+        for name in ["xenstored", "blkback", "netback"] { #expect(waitRestarted(name, from: 0, runDir: run) != nil) }
         #expect(try xenctl("list", runDir: run).0 == 0)
 
         let (drc, _, derr) = try xenctl("down", runDir: run)
