@@ -23,6 +23,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.0.0"),
     ],
     targets: [
         // The thin C shim: libxen-dev headers, barriers, atomics, SCM_RIGHTS, memfd, eventfd.
@@ -166,7 +167,13 @@ let package = Package(
         .testTarget(name: "FuzzReplayTests", dependencies: ["RingFuzz"]),
 
         // The toolstack's library: xl.cfg, disk and vif specifications (xenctl).
-        .target(name: "XenCtl", dependencies: ["CXen", "XenHV", "XenBus", "XenStore", .product(name: "Logging", package: "swift-log")]),
+        .target(
+            name: "XenCtl",
+            dependencies: [
+                "CXen", "XenHV", "XenBus", "XenStore",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+            ]),
         .executableTarget(
             name: "xenctl",
             dependencies: [

@@ -76,6 +76,15 @@ public final class BlkbackDriver: XenBusBackendDriver {
         device.close()
     }
 
+    /// Linux blkback's statistics (oo_req, rd_req, wr_req, f_req, ds_req, rd_sect, wr_sect) and ours.
+    public func counters(_ device: VirtualBlockDevice) -> [(String, UInt64)] {
+        let s = device.stats
+        return [("oo_req", s.outOfRequests), ("rd_req", s.readRequests), ("wr_req", s.writeRequests),
+                ("f_req", s.flushRequests), ("ds_req", s.discardRequests), ("rd_sect", s.sectorsRead),
+                ("wr_sect", s.sectorsWritten), ("errors", s.errors), ("unsupported", s.unsupported),
+                ("event_storms", s.spuriousStorms), ("persistent_grants", UInt64(device.persistentGrants))]
+    }
+
     /// Reads and checks the frontend's ring keys (blkif.h), single or multi-queue.
     func readRings(_ device: VirtualBlockDevice, _ dev: XenBusDevice, _ fe: String, _ xs: XenBusClient) throws -> FrontendConfig {
         func number(_ key: String) throws -> UInt32 {

@@ -65,6 +65,18 @@ public final class NetbackDriver: XenBusBackendDriver {
 
     public func disconnect(_ vif: Vif) { vif.disconnect() }
 
+    /// Per-vif counters, drops and errors by reason.
+    public func counters(_ vif: Vif) -> [(String, UInt64)] {
+        let s = vif.stats.snapshot
+        var out: [(String, UInt64)] = [("tx_packets", s.txPackets), ("tx_bytes", s.txBytes), ("rx_packets", s.rxPackets),
+                                      ("rx_bytes", s.rxBytes), ("tx_drops", s.txDrops), ("rx_drops", s.rxDrops),
+                                      ("tx_errors", s.txErrors), ("tx_rate_limited", s.txRateLimited)]
+        for (reason, n) in s.reasons.sorted(by: { $0.key < $1.key }) {
+            out.append(("reason_" + reason.map { $0.isLetter || $0.isNumber ? $0 : "_" }.reduce("") { $0 + String($1) }, n))
+        }
+        return out
+    }
+
     public func remove(_ vif: Vif, _ dev: XenBusDevice) {
         try? hotplug(defaultScript, "offline", vif: vif.name, dev: dev)
         vif.close()

@@ -1,4 +1,5 @@
 import Dispatch
+import Glibc
 import Logging
 import XenStore
 
@@ -21,6 +22,12 @@ public protocol XenBusBackendDriver: AnyObject {
     func disconnect(_ device: Device)
     /// The backend directory is gone: release everything the device holds.
     func remove(_ device: Device, _ dev: XenBusDevice)
+    /// The device's statistics as named counters (Linux's sysfs statistics).
+    func counters(_ device: Device) -> [(String, UInt64)]
+}
+
+extension XenBusBackendDriver {
+    public func counters(_ device: Device) -> [(String, UInt64)] { [] }
 }
 
 /// The backend half of the XenBus state machine, as Linux's xenbus_probe and
@@ -79,6 +86,38 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
     /// Runs `body` on the queue with the open devices (statistics, tests).
     public func withDevices<R>(_ body: ([String: Driver.Device]) -> R) -> R {
         queue.sync { body(devices.compactMapValues(\.device)) }
+    }
+
+    /// Every open device's counters as lines `TYPE DOMID DEVID COUNTER VALUE`.
+    public func statisticsText() -> String {
+        queue.sync {
+            var out = ""
+            for (_, e) in devices.sorted(by: { $0.key < $1.key }) {
+                guard let d = e.device else { continue }
+                for (name, value) in driver.counters(d) {
+                    out += "\(driver.type) \(e.dev.frontendDomid) \(e.dev.devid) \(name) \(value)\n"
+                }
+            }
+            return out
+        }
+    }
+
+    /// Publishes ``statisticsText()`` to `path` every `seconds` (written to a
+    /// temporary file and renamed, so readers never see half a file), for the
+    /// toolstack's `xenctl top` and metrics.
+    public func publishStatistics(to path: String, every seconds: Double = 1) {
+        let timer = DispatchQueue(label: "xenbus-backend-stats-\(driver.type)")
+        @Sendable func tick() {
+            let text = statisticsText()
+            let tmp = path + ".tmp"
+            if let f = fopen(tmp, "w") {
+                fputs(text, f)
+                fclose(f)
+                rename(tmp, path)
+            }
+            timer.asyncAfter(deadline: .now() + seconds, execute: tick)
+        }
+        timer.async(execute: tick)
     }
 
     /// Detaches everything (daemon shutdown).

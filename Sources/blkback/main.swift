@@ -52,6 +52,8 @@ struct BlkBackCommand: ParsableCommand {
         let service = BlkbackService(hypervisor: hv, xenbus: xs, logger: logger)
         try service.start()
         service.settle()
+        mkdir(runDir + "/stats", 0o755)
+        service.publishStatistics(to: runDir + "/stats/blkback.stats")
         _ = "blkback ready\n".withCString { write(1, $0, strlen($0)) }
         var pfd = pollfd(fd: sfd, events: Int16(POLLIN), revents: 0)
         while poll(&pfd, 1, -1) < 0 && errno == EINTR {}

@@ -99,14 +99,24 @@ extension NetbackCommand {
     func serve(hv: Hypervisor, xenstorePath: String, signals sfd: CInt, log: Logger) throws {
         let xs = try XenBusClient.connect(socketPath: xenstorePath)
         let dir = ProcessLauncher.executableDirectory
-        // Installed next to us, or the source tree's scripts/ for a build directory.
-        let script = hotplugScript ?? ["\(dir)/vif-bridge", "\(dir)/../../scripts/vif-bridge"]
-            .first { access($0, X_OK) == 0 } ?? "\(dir)/vif-bridge"
+        // $XEN_SCRIPTS_DIR, installed next to us, or the source tree's scripts/
+        // above a build directory (.build/<triple>/<config>/).
+        let env = ProcessInfo.processInfo.environment
+        var candidates = [env["XEN_SCRIPTS_DIR"].map { "\($0)/vif-bridge" }, "\(dir)/vif-bridge"].compactMap { $0 }
+        var up = dir
+        for _ in 0..<4 {
+            up += "/.."
+            candidates.append("\(up)/scripts/vif-bridge")
+        }
+        let script: String = hotplugScript ?? candidates.first(where: { access($0, X_OK) == 0 }) ?? "\(dir)/vif-bridge"
         let driver = NetbackDriver(hypervisor: hv, logger: log, maxQueues: max(1, maxQueues), defaultScript: script,
                                    scriptEnvironment: ["XENSTORED_PATH": xenstorePath, "XEN_NETLINK": "\(dir)/xen-netlink"])
         let service = NetbackService(xenbus: xs, driver: driver, logger: log)
         try service.start()
         service.settle()
+        let runDir = ProcessInfo.processInfo.environment["XEN_RUN_DIR"] ?? "/run/swiftxen"
+        mkdir(runDir + "/stats", 0o755)
+        service.publishStatistics(to: runDir + "/stats/netback.stats")
         _ = "netback ready\n".withCString { write(1, $0, strlen($0)) }
         var pfd = pollfd(fd: sfd, events: Int16(POLLIN), revents: 0)
         while poll(&pfd, 1, -1) < 0 && errno == EINTR {}

@@ -12,8 +12,8 @@ struct XenCtlCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "xenctl",
         abstract: "The toolstack: dom0 services and xl's verbs.",
-        subcommands: [Up.self, Down.self, Status.self, Create.self, List.self, Destroy.self, BlockList.self, Units.self,
-                      Supervise.self])
+        subcommands: [Up.self, Down.self, Status.self, Create.self, List.self, Destroy.self, BlockList.self, Top.self,
+                      Metrics.self, Units.self, Supervise.self])
 }
 
 struct RunDirOption: ParsableArguments {
@@ -95,6 +95,36 @@ struct BlockList: ParsableCommand {
     @Argument(help: "Domain name or id.") var domain: String
     func run() throws {
         do { print(try Toolstack(runDir: rd.path).blockList(domain)) } catch { fail("\(error)") }
+    }
+}
+
+struct Top: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Live per-device statistics (requests, packets, bytes, errors).")
+    @OptionGroup var rd: RunDirOption
+    @Flag(help: "Print one table and exit.") var once = false
+    @Option(help: "Seconds between refreshes.") var interval: Double = 1
+    func run() throws {
+        let t = Toolstack(runDir: rd.path)
+        guard t.supervisorPID() != nil else { fail("dom0 services are not running (xenctl up starts them)") }
+        var previous = t.statistics()
+        if once { print(t.topTable(previous: [], seconds: 0)); return }
+        while true {
+            var p = pollfd(fd: -1, events: 0, revents: 0)
+            _ = poll(&p, 0, Int32(interval * 1000))
+            print("\u{1B}[H\u{1B}[2J" + t.topTable(previous: previous, seconds: interval))
+            previous = t.statistics()
+        }
+    }
+}
+
+struct Metrics: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Per-device counters and service health in Prometheus text format.")
+    @OptionGroup var rd: RunDirOption
+    @Option(help: "Serve GET /metrics on 127.0.0.1:PORT instead of printing once.") var listen: UInt16?
+    func run() throws {
+        let t = Toolstack(runDir: rd.path)
+        guard let port = listen else { print(t.metricsText(), terminator: ""); return }
+        do { try MetricsServer.serve(port: port) { t.metricsText() } } catch { fail("\(error)") }
     }
 }
 

@@ -92,6 +92,101 @@ import XenCtl
         #expect(lrc != 0 && lerr.hasPrefix("xenctl: xenhv is not running at") && lerr.split(separator: "\n").count == 1)
     }
 
+    /// create/destroy/list/block-list/top/metrics with a real guest and real I/O,
+    /// and every bad input: one line naming the file and line or the object, a
+    /// non-zero exit, nothing half-created. Root: it makes a bridge and a tap.
+    @Test func createServesADiskAndBadInputLeavesNothing() throws {
+        let run = NSTemporaryDirectory() + "xenctl-create-\(UUID().uuidString.prefix(8))"
+        let bridge = "xbt\(getpid() % 100000)"
+        let netlink = URL(fileURLWithPath: Self.bin).deletingLastPathComponent().appendingPathComponent("xen-netlink").path
+        func sh(_ exe: String, _ args: [String]) -> Int32 {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: exe)
+            p.arguments = args
+            p.standardOutput = FileHandle.nullDevice
+            p.standardError = FileHandle.nullDevice
+            try? p.run()
+            p.waitUntilExit()
+            return p.terminationStatus
+        }
+        defer {
+            _ = try? xenctl("down", runDir: run)
+            for pid in processes(mentioning: run) { kill(pid, SIGKILL) }
+            _ = sh(netlink, ["bridge-del", bridge])
+            try? FileManager.default.removeItem(atPath: run)
+        }
+        try FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true)
+        #expect(try xenctl("up", runDir: run).0 == 0)
+        #expect(sh(netlink, ["bridge-add", bridge]) == 0)
+        let img = run + "/disk.img"
+        #expect(FileManager.default.createFile(atPath: img, contents: nil) && truncate(img, 64 << 20) == 0)
+        func cfg(_ name: String, _ body: String) -> String {
+            let p = run + "/\(name).cfg"
+            FileManager.default.createFile(atPath: p, contents: Data(body.utf8))
+            return p
+        }
+
+        // Bad input: each one line naming file:line or the object, non-zero exit.
+        let bad: [(String, String)] = [
+            (cfg("syntax", "name = 'a'\nmemory = = 3\n"), "syntax.cfg:2: "),
+            (cfg("missing", "name = 'b'\ndisk = [ 'vdev=xvda, target=\(run)/nope.img' ]\n"), "missing.cfg:2: disk xvda: target \(run)/nope.img does not exist"),
+            (cfg("badbridge", "name = 'c'\nvif = [ 'bridge=bad/name' ]\n"), "badbridge.cfg:2: vif 'bridge=bad/name': 'bad/name' is not a valid bridge name"),
+            (cfg("nobridge", "name = 'd'\n\nvif = [ 'bridge=nosuchbr0' ]\n"), "nobridge.cfg:3: bridge 'nosuchbr0' does not exist"),
+            (cfg("dupvdev", "name = 'e'\ndisk = [ 'vdev=xvda, target=\(img)', 'vdev=xvda, target=\(img)' ]\n"), "dupvdev.cfg:2: duplicate vdev 'xvda'"),
+        ]
+        for (path, message) in bad {
+            let (rc, out, err) = try xenctl("create", path, runDir: run)
+            #expect(rc != 0 && out.isEmpty, "\(path)")
+            #expect(err.hasPrefix("xenctl: " + run + "/") && err.contains(message) && err.split(separator: "\n").count == 1, "\(err)")
+        }
+        #expect(try xenctl("destroy", "ghost", runDir: run).2 == "xenctl: no domain 'ghost'\n")
+        #expect(try xenctl("block-list", "ghost", runDir: run).0 != 0)
+        // Nothing half-made by the failures.
+        #expect(try xenctl("list", runDir: run).1.split(separator: "\n").count == 2)
+
+        // A good guest: disk and vif.
+        let good = cfg("good", "name = 'good'\nmemory = 32\ndisk = [ 'format=raw, vdev=xvda, access=rw, target=\(img)' ]\nvif = [ 'mac=00:16:3e:00:00:42, bridge=\(bridge)' ]\n")
+        let (rc, out, err) = try xenctl("create", good, runDir: run)
+        #expect(rc == 0, "\(err)")
+        guard let uri = out.split(separator: "\n").first(where: { $0.contains("disk xvda:") })?.split(separator: " ").last else {
+            Issue.record("no disk line in \(out)")
+            return
+        }
+        #expect(try xenctl("create", good, runDir: run).2 == "xenctl: domain 'good' already exists\n")
+        let q = Process()
+        q.executableURL = URL(fileURLWithPath: "/usr/bin/qemu-io")
+        q.arguments = ["-f", "raw", String(uri), "-c", "write -P 0x42 0 65536", "-c", "read -P 0x42 0 65536"]
+        q.standardOutput = FileHandle.nullDevice
+        try q.run()
+        q.waitUntilExit()
+        #expect(q.terminationStatus == 0)
+        let (_, blocks, _) = try xenctl("block-list", "good", runDir: run)
+        #expect(blocks.contains("51712") && blocks.contains("/local/domain/0/backend/vbd/"), "\(blocks)")
+        #expect(FileManager.default.fileExists(atPath: "/sys/class/net/\(bridge)/brif/vif1.0"))
+
+        // The backends publish counters each second; wait (bounded) for the I/O to show.
+        var metrics = ""
+        for _ in 0..<100 {
+            metrics = try xenctl("metrics", runDir: run).1
+            if metrics.contains("swiftxen_vbd_wr_req_total{domain=\"good\"") && !metrics.contains("swiftxen_vbd_wr_req_total{domain=\"good\",domid=\"1\",devid=\"51712\"} 0") { break }
+            var p = pollfd(fd: -1, events: 0, revents: 0)
+            _ = poll(&p, 0, 50)
+        }
+        #expect(metrics.contains("swiftxen_vbd_wr_sect_total{domain=\"good\",domid=\"1\",devid=\"51712\"} 128"), "\(metrics)")
+        #expect(metrics.contains("swiftxen_vif_tx_packets_total{domain=\"good\""), "\(metrics)")
+        #expect(metrics.components(separatedBy: "swiftxen_service_up{").count == 5)
+        let top = try xenctl("top", "--once", runDir: run).1
+        #expect(top.contains("good") && top.contains("vbd 51712") && top.contains("65536"), "\(top)")
+
+        // Destroy takes the guest, its tap and its store entries away.
+        #expect(try xenctl("destroy", "good", runDir: run).0 == 0)
+        #expect(try xenctl("list", runDir: run).1.split(separator: "\n").count == 2)
+        let (drc, _, _) = try xenctl("down", runDir: run)
+        #expect(drc == 0)
+        #expect(!FileManager.default.fileExists(atPath: "/sys/class/net/vif1.0"))
+        #expect(processes(mentioning: run).isEmpty)
+    }
+
     @Test func unitsCarryTheSupervisorsCommandLines() throws {
         let units = Toolstack.systemdUnits(bindir: "/usr/local/bin")
         let specs = Toolstack(runDir: "/run/swiftxen").services(bindir: "/usr/local/bin")

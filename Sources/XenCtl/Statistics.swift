@@ -1,0 +1,91 @@
+import Glibc
+import Prometheus
+
+/// One device's counters as its backend published them in `<run-dir>/stats/`.
+public struct DeviceStatistics: Sendable, Equatable {
+    public let type: String
+    public let domid: UInt32
+    public let devid: Int
+    public var counters: [String: UInt64]
+}
+
+extension Toolstack {
+    /// Every backend's published counters, by device.
+    public func statistics() -> [DeviceStatistics] {
+        var byDevice: [String: DeviceStatistics] = [:]
+        for file in ["blkback.stats", "netback.stats"] {
+            guard let f = fopen(runDir + "/stats/" + file, "r") else { continue }
+            defer { fclose(f) }
+            var line: UnsafeMutablePointer<CChar>?
+            var cap = 0
+            while getline(&line, &cap, f) > 0, let l = line {
+                let w = String(cString: l).split(separator: " ")
+                guard w.count == 5, let d = UInt32(w[1]), let dev = Int(w[2]),
+                      let v = UInt64(w[4].filter(\.isNumber)) else { continue }
+                let key = "\(w[0]) \(d) \(dev)"
+                byDevice[key, default: DeviceStatistics(type: String(w[0]), domid: d, devid: dev, counters: [:])]
+                    .counters[String(w[3])] = v
+            }
+            free(line)
+        }
+        return byDevice.values.sorted { ($0.domid, $0.type, $0.devid) < ($1.domid, $1.type, $1.devid) }
+    }
+
+    /// `xenctl top`: one table of every device's counters, with rates against `previous`.
+    public func topTable(previous: [DeviceStatistics], seconds: Double) -> String {
+        let now = statistics()
+        let names: [UInt32: String] = (try? connect().listDomains()).map {
+            Dictionary($0.map { (UInt32($0.domid), $0.name) }, uniquingKeysWith: { a, _ in a })
+        } ?? [:]
+        func rate(_ d: DeviceStatistics, _ k: String) -> String {
+            guard seconds > 0, let p = previous.first(where: { $0.type == d.type && $0.domid == d.domid && $0.devid == d.devid }),
+                  let a = p.counters[k], let b = d.counters[k], b >= a else { return "-" }
+            return String(Int(Double(b - a) / seconds))
+        }
+        var out = "Domain           Device      " + "ops-in".leftPadding(10) + "ops-out".leftPadding(10)
+            + "/s-in".leftPadding(8) + "/s-out".leftPadding(8) + "bytes-in".leftPadding(14) + "bytes-out".leftPadding(14)
+            + "errors".leftPadding(8)
+        for d in now {
+            let c = d.counters
+            let dom = (names[d.domid] ?? "d\(d.domid)").padding(16)
+            if d.type == "vbd" {
+                out += "\n" + dom + " " + "vbd \(d.devid)".padding(11) + String(c["rd_req"] ?? 0).leftPadding(10)
+                    + String(c["wr_req"] ?? 0).leftPadding(10) + rate(d, "rd_req").leftPadding(8) + rate(d, "wr_req").leftPadding(8)
+                    + String((c["rd_sect"] ?? 0) * 512).leftPadding(14) + String((c["wr_sect"] ?? 0) * 512).leftPadding(14)
+                    + String(c["errors"] ?? 0).leftPadding(8)
+            } else {
+                out += "\n" + dom + " " + "vif \(d.devid)".padding(11) + String(c["rx_packets"] ?? 0).leftPadding(10)
+                    + String(c["tx_packets"] ?? 0).leftPadding(10) + rate(d, "rx_packets").leftPadding(8)
+                    + rate(d, "tx_packets").leftPadding(8) + String(c["rx_bytes"] ?? 0).leftPadding(14)
+                    + String(c["tx_bytes"] ?? 0).leftPadding(14)
+                    + String((c["tx_errors"] ?? 0) + (c["tx_drops"] ?? 0) + (c["rx_drops"] ?? 0)).leftPadding(8)
+            }
+        }
+        return out
+    }
+
+    /// Per-device counters and service health in the Prometheus text format.
+    public func metricsText() -> String {
+        let registry = PrometheusCollectorRegistry()
+        let names: [UInt32: String] = (try? connect().listDomains()).map {
+            Dictionary($0.map { (UInt32($0.domid), $0.name) }, uniquingKeysWith: { a, _ in a })
+        } ?? [:]
+        for d in statistics() {
+            let labels = [("domain", names[d.domid] ?? "d\(d.domid)"), ("domid", "\(d.domid)"), ("devid", "\(d.devid)")]
+            for (k, v) in d.counters.sorted(by: { $0.key < $1.key }) {
+                let metric = "swiftxen_\(d.type)_\(k)"
+                if k == "persistent_grants" {
+                    registry.makeGauge(name: metric, labels: labels).set(Int64(v))
+                } else {
+                    registry.makeCounter(name: metric + "_total", labels: labels).increment(by: Int64(clamping: v))
+                }
+            }
+        }
+        for s in ServiceStatus.read(runDir: runDir) ?? [] {
+            registry.makeGauge(name: "swiftxen_service_up", labels: [("service", s.name)]).set(Int64(s.state == "running" ? 1 : 0))
+            registry.makeCounter(name: "swiftxen_service_restarts_total", labels: [("service", s.name)]).increment(by: Int64(s.restarts))
+        }
+        registry.makeGauge(name: "swiftxen_domains").set(Int64(names.count))
+        return registry.emitToString()
+    }
+}
