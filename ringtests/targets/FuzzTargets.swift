@@ -13,6 +13,10 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     case xsWire = "xs-wire"
     /// xenstored's reader of a guest's xenstore ring page.
     case xsRing = "xs-ring"
+    /// blkback's request decoding and validation, both ABIs.
+    case blkifRequest = "blkif-request"
+    /// netback's transmit packet assembly and offload header setup.
+    case netifTx = "netif-tx"
 
     public func run(_ data: UnsafeRawBufferPointer) {
         switch self {
@@ -20,6 +24,8 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         case .ringProducer: fuzzRingProducer(data)
         case .xsWire: XenStoreFuzzing.wire(data)
         case .xsRing: XenStoreFuzzing.ring(data)
+        case .blkifRequest: fuzzBlkifRequest(data)
+        case .netifTx: fuzzNetifTx(data)
         }
     }
 }
