@@ -46,10 +46,12 @@ struct MapHandles {
     /// Live mappings per granting domain: a dying domain's objects are dropped
     /// from the cache once this reaches zero.
     var perDomain: [DomID: Int] = [:]
+    /// Our maptrack's size, as xenhv set it (Xen's max_maptrack_frames).
+    var capacity: GrantHandle = HVLimits.maptrackEntries
 
     mutating func allocate() -> GrantHandle? {
         if let h = free.popLast() { return h }
-        guard highWater < HVLimits.maptrackEntries else { return nil }
+        guard highWater < capacity else { return nil }
         defer { highWater += 1 }
         addresses.append(0)
         return highWater
@@ -164,7 +166,7 @@ extension Hypervisor {
     /// `GNTTABOP_unmap_grant_ref` by handle: GNTST_bad_handle for a handle not in use.
     @discardableResult
     public func unmap(handle: GrantHandle) -> GrantStatus {
-        guard maptrack != nil, handle < HVLimits.maptrackEntries else { return .badHandle }
+        guard maptrack != nil, handle < state.withLock({ $0.maps.capacity }) else { return .badHandle }
         let e = cxen_load_acquire_u64(maptrackEntry(handle))
         guard e & MaptrackLayout.inUse != 0 else { return .badHandle }
         let d = DomID(truncatingIfNeeded: e >> 32)

@@ -94,6 +94,7 @@ public final class Hypervisor: @unchecked Sendable {
         domid = try r.u16()
         clientID = try r.u32()
         let pages = try r.u32()
+        let maptrackEntries = try r.u32()
         let fds = reply.fds
         let need = domid == 0 ? 3 : 4
         guard fds.count == need else {
@@ -103,7 +104,8 @@ public final class Hypervisor: @unchecked Sendable {
         sharedInfo = SharedInfo(memory: try SharedMemory(adopting: fds[0], size: HVLimits.pageSize, writable: true))
         portGenerations = try SharedMemory(adopting: fds[1], size: Int(HVLimits.eventChannelPorts) * 4, writable: false)
         if domid == 0 {
-            maptrack = try SharedMemory(adopting: fds[2], size: MaptrackLayout.size, writable: true)
+            maptrack = try SharedMemory(adopting: fds[2], size: MaptrackLayout.size(entries: maptrackEntries), writable: true)
+            state.withLock { $0.maps.capacity = maptrackEntries }
             memory = nil
             grantTableMemory = nil
         } else {

@@ -20,9 +20,12 @@ public enum HVLimits {
     public static let grantEntriesPerFrame: UInt32 = 512
     /// Frames a new domain's table starts with (Linux guests ask for more with setup_table).
     public static let initialGrantFrames: UInt32 = 4
-    /// Xen's default `max_maptrack_frames` (1024) times `MAPTRACK_PER_PAGE` (4096 / 16-byte
-    /// `struct grant_mapping`): handles one mapper can hold at once.
-    public static let maptrackEntries: UInt32 = 1024 * 256
+    /// Xen's default `max_maptrack_frames` (1024); xenhv's --max-maptrack-frames changes it.
+    public static let maptrackFrames: UInt32 = 1024
+    /// `MAPTRACK_PER_PAGE`: 4096 / 16-byte `struct grant_mapping`.
+    public static let maptrackEntriesPerFrame: UInt32 = 256
+    /// Handles one mapper can hold at once, by default.
+    public static let maptrackEntries: UInt32 = maptrackFrames * maptrackEntriesPerFrame
     /// `DOMID_FIRST_RESERVED`: domain ids from here up are special.
     public static let firstReservedDomID: DomID = 0x7FF0
     /// `DOMID_SELF`.
@@ -85,7 +88,7 @@ package enum MaptrackLayout {
     package static let entryStride = 8
     package static let inUse: UInt64 = 1 << 48
     package static let writable: UInt64 = 1 << 49
-    package static var size: Int { headerSize + Int(HVLimits.maptrackEntries) * entryStride }
+    package static func size(entries: UInt32) -> Int { headerSize + Int(entries) * entryStride }
 
     @inline(__always) package static func pack(domid: DomID, ref: GrantRef, writable w: Bool) -> UInt64 {
         UInt64(ref) | UInt64(domid) << 32 | inUse | (w ? writable : 0)

@@ -11,7 +11,13 @@ import XenHV
 public final class HypervisorDaemon {
     public struct Configuration: Sendable {
         public var socketPath: String
-        public init(socketPath: String) { self.socketPath = socketPath }
+        /// Xen's `gnttab_max_maptrack_frames`: each dom0 mapper's handles, in frames of 256.
+        public var maptrackFrames: UInt32
+        public init(socketPath: String, maptrackFrames: UInt32 = HVLimits.maptrackFrames) {
+            self.socketPath = socketPath
+            self.maptrackFrames = maptrackFrames
+        }
+        var maptrackEntries: UInt32 { maptrackFrames * HVLimits.maptrackEntriesPerFrame }
     }
 
     /// A connected process: a dom0 service on the socket, or a guest on the
@@ -182,13 +188,13 @@ public final class HypervisorDaemon {
             guard !c.greeted else { throw XenErrno.EINVAL }
             c.greeted = true
             let dom = try domain(c.domid, for: c)
-            w.u16(c.domid); w.u32(c.id); w.u32(dom.pages)
+            w.u16(c.domid); w.u32(c.id); w.u32(dom.pages); w.u32(config.maptrackEntries)
             fds.append(dom.sharedInfo.fd.rawValue)
             let ro = try dom.portGenerations.readOnlyDescriptor()
             ownedOnlyForSending.insert(ro)
             fds.append(ro)
             if c.domid == 0 {
-                let mt = try SharedMemory(creating: "xen-maptrack-\(c.id)", size: MaptrackLayout.size)
+                let mt = try SharedMemory(creating: "xen-maptrack-\(c.id)", size: MaptrackLayout.size(entries: config.maptrackEntries))
                 c.maptrack = mt
                 fds.append(mt.fd.rawValue)
             } else {

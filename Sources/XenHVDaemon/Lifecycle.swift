@@ -89,7 +89,7 @@ extension HypervisorDaemon {
         struct Key: Hashable { let domid: DomID; let ref: GrantRef }
         var touched = Set<Key>()
         let hw = Int(cxen_load_acquire_u32(maptrack.base!.assumingMemoryBound(to: UInt32.self)))
-        for h in 0..<min(hw, Int(HVLimits.maptrackEntries)) {
+        for h in 0..<min(hw, Int(config.maptrackEntries)) {
             let e = entry(maptrack, h)
             if e & MaptrackLayout.inUse != 0 {
                 touched.insert(Key(domid: DomID(truncatingIfNeeded: e >> 32), ref: GrantRef(truncatingIfNeeded: e)))
@@ -110,7 +110,7 @@ extension HypervisorDaemon {
             var r: UInt32 = 0, w: UInt32 = 0
             for mt in live {
                 let n = Int(cxen_load_acquire_u32(mt.base!.assumingMemoryBound(to: UInt32.self)))
-                for h in 0..<min(n, Int(HVLimits.maptrackEntries)) {
+                for h in 0..<min(n, Int(config.maptrackEntries)) {
                     let e = entry(mt, h)
                     guard e & MaptrackLayout.inUse != 0, DomID(truncatingIfNeeded: e >> 32) == key.domid,
                           GrantRef(truncatingIfNeeded: e) == key.ref else { continue }

@@ -236,3 +236,21 @@ import XenHV
         #expect(Self.descriptors(of: w.domid, xenhv: f.daemon.pid) > 0)
     }
 }
+
+@Suite struct MaptrackLimitTests {
+    /// A mapper holds at most max_maptrack_frames * 256 handles: the next map
+    /// is GNTST_no_space (checked before the ref), and a freed handle is reused.
+    @Test func mapsBeyondTheMaptrackGetNoSpace() throws {
+        let f = try HypervisorFixture(xenhvArguments: ["--max-maptrack-frames", "1"])
+        let (d, g) = try f.guest(pages: 512)
+        for r in 0..<257 { #expect(g.send("grant \(r + 8) 0 \(r + 16) ro") == "ok") }
+        var maps: [GrantMapping] = []
+        for r in 0..<256 { maps.append(try f.dom0.mapGrant(domid: d.domid, ref: GrantRef(r + 8), writable: false).get()) }
+        #expect(throws: GrantStatus.noSpace) { try f.dom0.mapGrant(domid: d.domid, ref: 264, writable: false).get() }
+        // The limit is checked before the ref, as on Xen.
+        #expect(throws: GrantStatus.noSpace) { try f.dom0.mapGrant(domid: d.domid, ref: .max, writable: false).get() }
+        #expect(f.dom0.unmapGrant(maps.removeLast()) == .okay)
+        maps.append(try f.dom0.mapGrant(domid: d.domid, ref: 264, writable: false).get())
+        for m in maps { #expect(f.dom0.unmapGrant(m) == .okay) }
+    }
+}

@@ -92,11 +92,11 @@ final class HypervisorFixture {
     let daemon: Child
     let dom0: Hypervisor
 
-    init() throws {
+    init(xenhvArguments: [String] = []) throws {
         dir = FileManager.default.temporaryDirectory.appendingPathComponent("xenhv-test-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         socket = dir + "/xenhv.sock"
-        daemon = try Child("xenhv", ["--socket", socket, "--log-level", "error"])
+        daemon = try Child("xenhv", ["--socket", socket, "--log-level", "error"] + xenhvArguments)
         guard let line = daemon.readLine(), line.hasPrefix("xenhv ready") else {
             throw HypervisorError.protocolViolation("xenhv did not start")
         }
