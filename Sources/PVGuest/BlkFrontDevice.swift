@@ -13,32 +13,112 @@ import XenStore
 /// handshake, and a ``BlockDevice`` the NBD server exports, so real tools
 /// (qemu-io, nbdcopy, fio) drive the guest's disk through the rings.
 ///
-/// Each ring slot owns eleven data pages granted once to the backend (its
-/// grants persist, matching feature-persistent): a request's data is copied
-/// between the NBD buffer and the slot's pages, split at 44 KiB. Requests carry
-/// their slot index as id; a response naming a slot with nothing in flight is
-/// ignored as the lie it is.
+/// Each ring slot owns its data pages (eleven, or 32 with indirect segments)
+/// granted once to the backend (its grants persist, matching
+/// feature-persistent): a request's data is copied between the NBD buffer and
+/// the slot's pages, split at 44 KiB (128 KiB indirect). Requests carry their
+/// slot index as id; a response naming a slot with nothing in flight on that
+/// queue is ignored as the lie it is.
+///
+/// Backend recovery (Linux's blkif_recover, driven here by the backend going
+/// away rather than by a guest resume): when our event channel goes unbound
+/// (xenhv closes a dead backend's ports and wakes us) or the backend's `state`
+/// leaves Connected (a new blkback probing the directory switches it to
+/// InitWait), the completion thread tears the ring down (ends access to its
+/// grants where nobody maps them, closes the port), cycles the frontend
+/// through Closed and Initialising so the backend drops whatever it holds,
+/// redoes the handshake with a fresh ring and event channel, and republishes
+/// every request still unanswered, in submission order. NBD clients see no
+/// error; requests submitted meanwhile wait in their slots.
+///
+/// Multi-queue: when the backend offers multi-queue-max-queues > 1, the device
+/// uses one ring and event channel per queue (up to one per CPU, as Linux),
+/// each with its own slots and lock; submissions go round-robin, one thread
+/// completes all queues. Large requests use BLKIF_OP_INDIRECT when the
+/// backend offers feature-max-indirect-segments.
 public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
-    // Sound: the ring is behind `ring`'s mutex, in-flight slots behind
-    // `inFlight`; everything else is immutable after the handshake.
+    // Sound: each queue's ring, channel and in-flight table are behind its
+    // `state` mutex; `links` and `sectors` are only touched by init and then the
+    // completion thread; everything else is immutable after the handshake.
     public let size: UInt64
     public let isReadOnly: Bool
     public let canTrim: Bool
     public let canFlush: Bool
     public let frontendPath: String
+    let backendPath: String
+    let backendID: XenHV.DomID
+    let ringOrder: Int
     let hv: Hypervisor
-    let ring: Mutex<FrontRing<BlkifRing>>
-    let channel: EventChannel
+    let xs: XenBusClient
+    let pages: GuestPages
+    let grants: GrantRefs
     let slotPages: [GuestRegion]
     let slotRefs: [[GrantRef]]
-    let freeSlots: Mutex<[Int]>
-    let slotAvailable: DispatchSemaphore
-    let inFlight: Mutex<[Pending?]>
+    let queues: [Queue]
+    var links: [Link]
+    var sectors: UInt64
+    let nextQueue = Atomic<Int>(0)
+    var backendWatch: XenBusWatch?
     let logger: Logger
     let failed = Atomic<Bool>(false)
+    /// Set by the backend-state watch; the completion thread looks at the store.
+    let backendChanged = Atomic<Bool>(false)
+    let recoveryCount = Atomic<Int>(0)
+
+    /// How many times the device reconnected to a new or restarted backend.
+    public var recoveries: Int { recoveryCount.load(ordering: .relaxed) }
 
     static let segmentsPerRequest = Int(BLKIF_MAX_SEGMENTS_PER_REQUEST)
-    static let chunk = segmentsPerRequest * HVLimits.pageSize
+    /// Segments per slot when the backend offers indirect descriptors (Linux
+    /// blkfront's default max_indirect_segments).
+    static let indirectSegments = 32
+    /// Data pages per slot: 11, or `indirectSegments` with indirect requests.
+    let segmentsPerSlot: Int
+    /// Largest ring request, in bytes.
+    var chunk: Int { segmentsPerSlot * HVLimits.pageSize }
+    /// Per slot, the indirect page (granted read-only) listing the data pages
+    /// of a BLKIF_OP_INDIRECT request; empty without indirect descriptors.
+    let indirectPages: [GuestRegion]
+    let indirectRefs: [GrantRef]
+
+    /// What submitters and the completion thread share. `ring` and `channel`
+    /// are nil while the backend is being reconnected: requests then only
+    /// enter `inFlight`, and recovery publishes them.
+    struct State {
+        var ring: FrontRing<BlkifRing>?
+        var channel: EventChannel?
+        var inFlight: [Pending?]
+        var sequence: UInt64 = 0
+    }
+
+    /// One queue (multi-queue-num-queues): its ring's slots, `firstSlot` and
+    /// on, are used as request ids; `inFlight` is indexed from `firstSlot`.
+    final class Queue: Sendable {
+        let index: Int
+        let firstSlot: Int
+        let slots: Int
+        let state: Mutex<State>
+        let freeSlots: Mutex<[Int]>
+        let slotAvailable: DispatchSemaphore
+        init(index: Int, firstSlot: Int, slots: Int) {
+            self.index = index
+            self.firstSlot = firstSlot
+            self.slots = slots
+            state = Mutex(State(ring: nil, channel: nil, inFlight: Array(repeating: nil, count: slots)))
+            freeSlots = Mutex(Array((firstSlot..<firstSlot + slots).reversed()))
+            slotAvailable = DispatchSemaphore(value: slots)
+        }
+    }
+
+    /// One handshake's ring and port, per queue.
+    struct Link {
+        let ringFrame: UInt32
+        let ringRefs: [GrantRef]
+        let channel: EventChannel
+        /// The port's status once the backend bound it; anything else later
+        /// means the backend closed it (it died, or disconnected).
+        let bound: EventChannelStatus
+    }
 
     /// One NBD operation, possibly split over several ring requests.
     final class Group: @unchecked Sendable {
@@ -64,79 +144,182 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         let group: Group
         let readInto: UnsafeMutableRawPointer?
         let length: Int
+        /// The request as published, kept to republish it after a reconnect.
+        let request: blkif_request
+        let sequence: UInt64
     }
 
     /// Connects the device at `frontendPath` (/local/domain/<me>/device/vbd/<devid>):
     /// waits for the backend's InitWait, sets up the ring, announces it, and
     /// waits for Connected.
     public init(hypervisor hv: Hypervisor, xenstore xs: XenBusClient, frontendPath fe: String,
-                pages: GuestPages, grants: GrantRefs, ringPageOrder wantOrder: Int = 1,
+                pages: GuestPages, grants: GrantRefs, ringPageOrder wantOrder: Int = 1, queues wantQueues: Int? = nil,
                 logger: Logger = Logger(label: "blkfront")) throws {
         self.hv = hv
+        self.xs = xs
+        self.pages = pages
+        self.grants = grants
         self.frontendPath = fe
         self.logger = logger
         let be = try xs.read(fe + "/backend")
+        backendPath = be
         guard let beID = XenHV.DomID(try xs.read(fe + "/backend-id")) else {
             throw HypervisorError.protocolViolation("\(fe)/backend-id is not a domain id")
         }
+        backendID = beID
         guard let s = xs.awaitState(at: be, { $0 == .initWait || $0 == .connected || $0 == .closed || $0 == .closing }),
               s == .initWait else {
             throw HypervisorError.protocolViolation("backend \(be) did not reach InitWait")
         }
         let maxOrder = Int((try xs.readIfExists(be + "/max-ring-page-order")) ?? "0") ?? 0
         let order = max(0, min(wantOrder, maxOrder, RingLayout.maxOrder))
-        let ringPages = 1 << order
-        let ringFrame = try pages.allocate(ringPages)
-        let ringRefs = try (0..<ringPages).map { try grants.grant(frame: ringFrame + UInt32($0), to: beID, readOnly: false) }
-        let shared = try pages.page(ringFrame, count: ringPages).ring(BlkifRing.self, pages: ringPages)
-        let front = FrontRing(initializing: shared)
-        let slots = Int(front.size)
-        let dataFrame = try pages.allocate(slots * Self.segmentsPerRequest)
+        ringOrder = order
+        // Linux: min(backend's multi-queue-max-queues, online CPUs).
+        let maxQueues = Int((try xs.readIfExists(be + "/multi-queue-max-queues")) ?? "1") ?? 1
+        let cpus = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
+        var nq = max(1, min(wantQueues ?? cpus, maxQueues, 16))
+        // Bounce pages come out of guest memory: this device takes at most half
+        // of what is left (other disks and NICs come after it), fewer queues
+        // and no indirect segments when that is short.
+        let budget = (Int(pages.limit) - Int(pages.next.withLock { $0 })) / 2
+        var ringFrames = [try pages.allocate(1 << order)]
+        let perQueue = Int(try pages.page(ringFrames[0], count: 1 << order).ring(BlkifRing.self, pages: 1 << order).size)
+        while nq > 1 && nq * (perQueue * Self.segmentsPerRequest + (1 << order)) > budget { nq -= 1 }
+        for _ in 1..<nq { ringFrames.append(try pages.allocate(1 << order)) }
+        let slots = perQueue * nq
+        // Indirect descriptors when the backend takes them and our memory
+        // holds the larger slots (Linux: feature-max-indirect-segments).
+        let maxIndirect = Int((try xs.readIfExists(be + "/feature-max-indirect-segments")) ?? "0") ?? 0
+        var perSlot = Self.segmentsPerRequest
+        var dataFrame: UInt32
+        var indirectFrame: UInt32? = nil
+        if maxIndirect >= Self.indirectSegments, slots * (Self.indirectSegments + 1) <= budget,
+           let d = try? pages.allocate(slots * (Self.indirectSegments + 1)) {
+            perSlot = Self.indirectSegments
+            dataFrame = d
+            indirectFrame = d + UInt32(slots * perSlot)
+        } else {
+            dataFrame = try pages.allocate(slots * perSlot)
+        }
+        segmentsPerSlot = perSlot
         var regions: [GuestRegion] = []
         var refs: [[GrantRef]] = []
+        var indPages: [GuestRegion] = []
+        var indRefs: [GrantRef] = []
         for i in 0..<slots {
-            let first = dataFrame + UInt32(i * Self.segmentsPerRequest)
-            regions.append(pages.page(first, count: Self.segmentsPerRequest))
-            refs.append(try (0..<Self.segmentsPerRequest).map {
+            let first = dataFrame + UInt32(i * perSlot)
+            regions.append(pages.page(first, count: perSlot))
+            refs.append(try (0..<perSlot).map {
                 try grants.grant(frame: first + UInt32($0), to: beID, readOnly: false)
             })
+            if let f = indirectFrame {
+                indPages.append(pages.page(f + UInt32(i)))
+                indRefs.append(try grants.grant(frame: f + UInt32(i), to: beID, readOnly: true))
+            }
         }
-        let port = try hv.allocUnbound(remote: beID)
-        channel = try hv.channel(port)
-        ring = Mutex(front)
+        indirectPages = indPages
+        indirectRefs = indRefs
         slotPages = regions
         slotRefs = refs
-        freeSlots = Mutex(Array((0..<slots).reversed()))
-        slotAvailable = DispatchSemaphore(value: slots)
-        inFlight = Mutex(Array(repeating: nil, count: slots))
+        let qs = (0..<nq).map { Queue(index: $0, firstSlot: $0 * perQueue, slots: perQueue) }
+        queues = qs
 
-        try xs.transaction { t in
-            if order == 0 {
-                try t.write(fe + "/ring-ref", "\(ringRefs[0])")
-            } else {
-                try t.write(fe + "/ring-page-order", "\(order)")
-                for (i, r) in ringRefs.enumerated() { try t.write(fe + "/ring-ref\(i)", "\(r)") }
-            }
-            try t.write(fe + "/event-channel", "\(port)")
-            try t.write(fe + "/protocol", "x86_64-abi")
-            try t.write(fe + "/feature-persistent", "1")
-        }
-        try xs.switchState(at: fe, to: .initialised)
-        guard xs.awaitState(at: be, { $0 == .connected || $0 == .closing || $0 == .closed }) == .connected else {
-            let why = (try? xs.readIfExists(be + "/error")) ?? nil
-            throw HypervisorError.protocolViolation("backend \(be) did not connect\(why.map { ": \($0)" } ?? "")")
-        }
-        guard let sectors = UInt64(try xs.read(be + "/sectors")) else {
-            throw HypervisorError.protocolViolation("\(be)/sectors is not a number")
-        }
-        let info = UInt32((try xs.readIfExists(be + "/info")) ?? "0") ?? 0
+        let (links, rings, sectors) = try Self.handshake(hv: hv, xs: xs, fe: fe, be: be, beID: beID, order: order,
+                                                         indirect: perSlot > Self.segmentsPerRequest ? perSlot : 0,
+                                                         pages: pages, grants: grants, reuse: ringFrames)
+        self.links = links
+        self.sectors = sectors
         size = sectors * 512
+        let info = UInt32((try xs.readIfExists(be + "/info")) ?? "0") ?? 0
         isReadOnly = info & UInt32(VDISK_READONLY) != 0
         canFlush = (try xs.readIfExists(be + "/feature-flush-cache")) == "1"
         canTrim = (try xs.readIfExists(be + "/feature-discard")) == "1" && !isReadOnly
+        for (i, q) in qs.enumerated() {
+            q.state.withLock { s in
+                s.ring = rings[i]
+                s.channel = links[i].channel
+            }
+        }
         try xs.switchState(at: fe, to: .connected)
+        backendWatch = try xs.watch(be + "/state", token: "blkfront:" + fe) { [weak self] _ in
+            guard let self else { return }
+            self.backendChanged.store(true, ordering: .releasing)
+            self.wakeCompletions()
+        }
         startCompletions()
-        logger.info("\(fe): connected to \(be): \(sectors) sectors, ring of \(slots) slots (\(ringPages) page(s))")
+        logger.info("\(fe): connected to \(be): \(sectors) sectors, \(nq) queue(s) of \(perQueue) slots (\(1 << order) ring page(s)), \(perSlot) segments per request\(indirectRefs.isEmpty ? "" : " (indirect)")")
+    }
+
+    /// The frontend's half of one handshake, the backend being in InitWait:
+    /// per queue a ring (on `reuse`'s frames, else new ones) granted to the
+    /// backend and an unbound port for it; the keys (queue-N/ directories with
+    /// several queues), Initialised, then the backend's Connected.
+    static func handshake(hv: Hypervisor, xs: XenBusClient, fe: String, be: String, beID: XenHV.DomID, order: Int,
+                          indirect: Int, pages: GuestPages, grants: GrantRefs, reuse: [UInt32]?,
+                          queues nq: Int? = nil) throws -> ([Link], [FrontRing<BlkifRing>], UInt64) {
+        let nq = nq ?? reuse?.count ?? 1
+        let maxOrder = Int((try xs.readIfExists(be + "/max-ring-page-order")) ?? "0") ?? 0
+        guard order <= maxOrder else {
+            throw HypervisorError.protocolViolation("backend \(be) now offers ring order \(maxOrder) < our \(order)")
+        }
+        let maxIndirect = Int((try xs.readIfExists(be + "/feature-max-indirect-segments")) ?? "0") ?? 0
+        guard indirect <= maxIndirect else {
+            throw HypervisorError.protocolViolation("backend \(be) now takes \(maxIndirect) indirect segments < our \(indirect)")
+        }
+        let maxQueues = Int((try xs.readIfExists(be + "/multi-queue-max-queues")) ?? "1") ?? 1
+        guard nq <= max(1, maxQueues) else {
+            throw HypervisorError.protocolViolation("backend \(be) now takes \(maxQueues) queues < our \(nq)")
+        }
+        let ringPages = 1 << order
+        var links: [Link] = []
+        var rings: [FrontRing<BlkifRing>] = []
+        func release() {
+            for l in links {
+                try? l.channel.close()
+                for r in l.ringRefs where hv.grantTable!.endAccess(r) { grants.release(r) }
+            }
+        }
+        do {
+            for q in 0..<nq {
+                let ringFrame = try reuse?[q] ?? pages.allocate(ringPages)
+                let region = pages.page(ringFrame, count: ringPages)
+                try region.fill(0, at: 0, count: ringPages * HVLimits.pageSize)
+                let ringRefs = try (0..<ringPages).map { try grants.grant(frame: ringFrame + UInt32($0), to: beID, readOnly: false) }
+                rings.append(FrontRing(initializing: try region.ring(BlkifRing.self, pages: ringPages)))
+                let port = try hv.allocUnbound(remote: beID)
+                links.append(Link(ringFrame: ringFrame, ringRefs: ringRefs, channel: try hv.channel(port), bound: .closed))
+            }
+            try xs.transaction { t in
+                if order > 0 { try t.write(fe + "/ring-page-order", "\(order)") }
+                if nq > 1 { try t.write(fe + "/multi-queue-num-queues", "\(nq)") }
+                for (q, l) in links.enumerated() {
+                    let dir = nq == 1 ? fe : fe + "/queue-\(q)"
+                    if order == 0 {
+                        try t.write(dir + "/ring-ref", "\(l.ringRefs[0])")
+                    } else {
+                        for (i, r) in l.ringRefs.enumerated() { try t.write(dir + "/ring-ref\(i)", "\(r)") }
+                    }
+                    try t.write(dir + "/event-channel", "\(l.channel.port)")
+                }
+                try t.write(fe + "/protocol", "x86_64-abi")
+                try t.write(fe + "/feature-persistent", "1")
+            }
+            try xs.switchState(at: fe, to: .initialised)
+            guard xs.awaitState(at: be, { $0 == .connected || $0 == .closing || $0 == .closed }) == .connected else {
+                let why = (try? xs.readIfExists(be + "/error")) ?? nil
+                throw HypervisorError.protocolViolation("backend \(be) did not connect\(why.map { ": \($0)" } ?? "")")
+            }
+            guard let sectors = UInt64(try xs.read(be + "/sectors")) else {
+                throw HypervisorError.protocolViolation("\(be)/sectors is not a number")
+            }
+            let bound = try links.map { l in
+                Link(ringFrame: l.ringFrame, ringRefs: l.ringRefs, channel: l.channel, bound: try hv.status(of: l.channel.port))
+            }
+            return (bound, rings, sectors)
+        } catch {
+            release()
+            throw error
+        }
     }
 
     // MARK: BlockDevice
@@ -186,22 +369,38 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                   completion: @escaping @Sendable (Int32?) -> Void) {
         guard offset % 512 == 0, count % 512 == 0, count > 0 else { completion(EINVAL); return }
         guard !isReadOnly || op == UInt8(BLKIF_OP_READ) else { completion(EPERM); return }
-        let parts = (count + Self.chunk - 1) / Self.chunk
+        let chunk = self.chunk
+        let parts = (count + chunk - 1) / chunk
         let group = Group(parts: parts, completion: completion)
         for p in 0..<parts {
-            let off = p * Self.chunk
-            let len = min(Self.chunk, count - off)
+            let off = p * chunk
+            let len = min(chunk, count - off)
             submit(group, readInto: dst.map { $0 + off }, length: len) { [self] req, slot in
-                req.operation = op
-                req.sector_number = (offset + UInt64(off)) / 512
+                let sector = (offset + UInt64(off)) / 512
                 let segs = (len + HVLimits.pageSize - 1) / HVLimits.pageSize
-                req.nr_segments = UInt8(segs)
-                withUnsafeMutableBytes(of: &req.seg) { raw in
-                    let s = raw.bindMemory(to: blkif_request_segment.self)
-                    for i in 0..<segs {
-                        let bytes = min(HVLimits.pageSize, len - i * HVLimits.pageSize)
-                        s[i] = blkif_request_segment(gref: slotRefs[slot][i], first_sect: 0, last_sect: UInt8(bytes / 512 - 1))
+                let list = (0..<segs).map { i in
+                    blkif_request_segment(gref: slotRefs[slot][i], first_sect: 0,
+                                          last_sect: UInt8(min(HVLimits.pageSize, len - i * HVLimits.pageSize) / 512 - 1))
+                }
+                if segs <= Self.segmentsPerRequest {
+                    req.operation = op
+                    req.sector_number = sector
+                    req.nr_segments = UInt8(segs)
+                    withUnsafeMutableBytes(of: &req.seg) { raw in
+                        let s = raw.bindMemory(to: blkif_request_segment.self)
+                        for i in 0..<segs { s[i] = list[i] }
                     }
+                } else {
+                    // BLKIF_OP_INDIRECT: the segments go in the slot's indirect page.
+                    list.withUnsafeBytes { try? indirectPages[slot].write($0, at: 0) }
+                    var ind = blkif_request_indirect()
+                    ind.operation = UInt8(BLKIF_OP_INDIRECT)
+                    ind.indirect_op = op
+                    ind.nr_segments = UInt16(segs)
+                    ind.id = req.id
+                    ind.sector_number = sector
+                    ind.indirect_grefs.0 = indirectRefs[slot]
+                    withUnsafeMutableBytes(of: &req) { $0.storeBytes(of: ind, as: blkif_request_indirect.self) }
                 }
                 if let src {
                     try? slotPages[slot].write(UnsafeRawBufferPointer(start: src + off, count: len), at: 0)
@@ -210,21 +409,28 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         }
     }
 
-    /// Takes a slot (waiting for one), fills its request and publishes it.
+    /// Takes a slot (waiting for one), fills its request and publishes it, or
+    /// while the backend is being reconnected leaves it for recovery to publish.
     func submit(_ group: Group, readInto: UnsafeMutableRawPointer?, length: Int, fill: (inout blkif_request, Int) -> Void) {
         guard !failed.load(ordering: .acquiring) else { group.partDone(EIO); return }
-        slotAvailable.wait()
-        let slot = freeSlots.withLock { $0.removeLast() }
+        let q = queues.count == 1 ? queues[0]
+            : queues[nextQueue.wrappingAdd(1, ordering: .relaxed).oldValue % queues.count]
+        q.slotAvailable.wait()
+        let slot = q.freeSlots.withLock { $0.removeLast() }
         var req = blkif_request()
         req.id = UInt64(slot)
         fill(&req, slot)
-        inFlight.withLock { $0[slot] = Pending(group: group, readInto: readInto, length: length) }
         let request = req
-        let notify = ring.withLock { r -> Bool in
-            r.enqueue(request)
-            return r.pushRequestsAndCheckNotify()
+        let kick: EventChannel? = q.state.withLock { s in
+            s.sequence += 1
+            s.inFlight[slot - q.firstSlot] = Pending(group: group, readInto: readInto, length: length, request: request, sequence: s.sequence)
+            guard var r = s.ring else { return nil }
+            r.enqueue(request)  // never full: one slot per ring entry
+            let notify = r.pushRequestsAndCheckNotify()
+            s.ring = r
+            return notify ? s.channel : nil
         }
-        if notify { try? channel.notify() }
+        try? kick?.notify()
     }
 
     // MARK: Completion
@@ -234,36 +440,101 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         t.start()
     }
 
-    func completions() {
-        while !failed.load(ordering: .acquiring) {
-            do {
-                while let rsp = try ring.withLock({ r throws(RingError) in try r.nextResponse() }) {
-                    complete(rsp)
-                }
-                if try ring.withLock({ r throws(RingError) in try r.finalCheckForResponses() }) { continue }
-            } catch {
-                logger.error("\(frontendPath): \(error); failing the device")
-                failed.store(true, ordering: .releasing)
-                for slot in 0..<slotPages.count {
-                    if let p = inFlight.withLock({ s -> Pending? in defer { s[slot] = nil }; return s[slot] }) {
-                        p.group.partDone(EIO)
-                    }
-                }
-                return
-            }
-            channel.wait()
+    /// Wakes the completion thread (a kick of our own port's eventfd).
+    func wakeCompletions() {
+        queues[0].state.withLock { s in
+            guard let fd = s.channel?.descriptor else { return }
+            var one: UInt64 = 1
+            _ = Glibc.write(fd, &one, 8)
         }
     }
 
-    func complete(_ rsp: blkif_response) {
-        let slot = Int(truncatingIfNeeded: rsp.id)
-        guard rsp.id < UInt64(slotPages.count),
-              let p = inFlight.withLock({ s -> Pending? in defer { s[slot] = nil }; return s[slot] }) else {
-            logger.warning("\(frontendPath): response for request \(rsp.id), which is not in flight; ignored")
-            return
+    func completions() {
+        var checkPort = false
+        while !failed.load(ordering: .acquiring) {
+            if backendChanged.exchange(false, ordering: .acquiringAndReleasing) || checkPort {
+                checkPort = false
+                if let why = connectionLost() {
+                    recover(why)
+                    continue
+                }
+            }
+            do {
+                while try drainAll() > 0 {}
+                var more = false
+                for q in queues {
+                    more = try q.state.withLock { s throws -> Bool in
+                        guard var r = s.ring else { return false }
+                        defer { s.ring = r }
+                        return try r.finalCheckForResponses()
+                    } || more
+                }
+                if more { continue }
+                waitForEvents()
+                // A wake with nothing to consume may be xenhv waking us as the
+                // backend's port closed (the backend died or disconnected).
+                checkPort = try drainAll() == 0
+            } catch {
+                logger.error("\(frontendPath): \(error); failing the device")
+                failAll()
+                return
+            }
         }
+    }
+
+    /// Blocks until an event is delivered on any queue's port.
+    func waitForEvents() {
+        if links.count == 1 { links[0].channel.wait(); return }
+        var delivered = false
+        for l in links where l.channel.consume() { delivered = true }
+        if delivered { return }
+        var fds = links.map { pollfd(fd: $0.channel.descriptor, events: Int16(POLLIN), revents: 0) }
+        while poll(&fds, nfds_t(fds.count), -1) < 0 && errno == EINTR {}
+        for l in links { _ = l.channel.consume() }
+    }
+
+    /// Fails every request in flight with EIO (the device is dead).
+    func failAll() {
+        failed.store(true, ordering: .releasing)
+        for q in queues {
+            let lost = q.state.withLock { s -> [Pending] in
+                defer { s.inFlight = Array(repeating: nil, count: s.inFlight.count) }
+                return s.inFlight.compactMap { $0 }
+            }
+            for p in lost { p.group.partDone(EIO) }
+        }
+    }
+
+    func drainAll() throws -> Int {
+        var n = 0
+        for q in queues { n += try drainResponses(q) }
+        return n
+    }
+
+    /// Consumes the responses on one queue's ring; returns how many.
+    func drainResponses(_ q: Queue) throws -> Int {
+        let answered = try q.state.withLock { s throws -> [(Int, Int32, Pending)] in
+            guard var r = s.ring else { return [] }
+            defer { s.ring = r }
+            var out: [(Int, Int32, Pending)] = []
+            while let rsp = try r.nextResponse() {
+                let local = Int(truncatingIfNeeded: rsp.id &- UInt64(q.firstSlot))
+                guard rsp.id >= UInt64(q.firstSlot), rsp.id < UInt64(q.firstSlot + q.slots), let p = s.inFlight[local] else {
+                    logger.warning("\(frontendPath): response for request \(rsp.id), which is not in flight on queue \(q.index); ignored")
+                    continue
+                }
+                s.inFlight[local] = nil
+                out.append((q.firstSlot + local, Int32(rsp.status), p))
+            }
+            return out
+        }
+        for (slot, status, p) in answered { complete(q, slot, status, p) }
+        return answered.count
+    }
+
+    func complete(_ q: Queue, _ slot: Int, _ status: Int32, _ p: Pending) {
         var err: Int32? = nil
-        switch Int32(rsp.status) {
+        switch status {
         case BLKIF_RSP_OKAY:
             if let dst = p.readInto {
                 try? slotPages[slot].read(into: UnsafeMutableRawBufferPointer(start: dst, count: p.length), at: 0)
@@ -271,9 +542,105 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         case BLKIF_RSP_EOPNOTSUPP: err = 95  // ENOTSUP
         default: err = EIO
         }
-        freeSlots.withLock { $0.append(slot) }
-        slotAvailable.signal()
+        q.freeSlots.withLock { $0.append(slot) }
+        q.slotAvailable.signal()
         p.group.partDone(err)
+    }
+
+    // MARK: Recovery
+
+    /// Why the current connection is gone, or nil while it stands: a port no
+    /// longer bound as the backend bound it, or the backend's state not Connected.
+    func connectionLost() -> String? {
+        for l in links {
+            let port = (try? hv.status(of: l.channel.port)) ?? .closed
+            if port != l.bound { return "event channel \(l.channel.port) is now \(port)" }
+        }
+        let be = (try? xs.state(at: backendPath)) ?? .unknown
+        if be != .connected { return "backend state is \(be)" }
+        return nil
+    }
+
+    /// blkif_recover: drop the old rings, reconnect, republish what is unanswered.
+    func recover(_ why: String) {
+        logger.warning("\(frontendPath): backend \(backendPath) lost (\(why)); reconnecting")
+        // Answers the old backend published still count.
+        _ = try? drainAll()
+        for q in queues {
+            q.state.withLock { s in
+                s.ring = nil
+                s.channel = nil
+            }
+        }
+        // Ring pages nobody maps any more are reused; others are left to the old mapping.
+        var reusable = true
+        for l in links {
+            try? l.channel.close()
+            for r in l.ringRefs {
+                if hv.grantTable!.endAccess(r) { grants.release(r) } else { reusable = false }
+            }
+        }
+        var reuse: [UInt32]? = reusable ? links.map(\.ringFrame) : nil
+        var attempt = 0
+        while !failed.load(ordering: .acquiring) {
+            attempt += 1
+            do {
+                // Closed makes any backend instance drop what it holds of us;
+                // Initialising after its Closed asks it for InitWait again.
+                try xs.switchState(at: frontendPath, to: .closed)
+                guard try awaitBackend(.closed) else { continue }
+                try xs.switchState(at: frontendPath, to: .initialising)
+                guard try awaitBackend(.initWait) else { continue }
+                let (newLinks, rings, newSectors) = try Self.handshake(
+                    hv: hv, xs: xs, fe: frontendPath, be: backendPath, beID: backendID, order: ringOrder,
+                    indirect: indirectPages.isEmpty ? 0 : segmentsPerSlot, pages: pages, grants: grants,
+                    reuse: reuse, queues: queues.count)
+                if newSectors != sectors {
+                    logger.warning("\(frontendPath): backend now reports \(newSectors) sectors (was \(sectors))")
+                }
+                links = newLinks
+                sectors = newSectors
+                try xs.switchState(at: frontendPath, to: .connected)
+                var count = 0
+                for (i, q) in queues.enumerated() {
+                    let (kick, n) = q.state.withLock { s -> (Bool, Int) in
+                        var r = rings[i]
+                        let unanswered = s.inFlight.compactMap { $0 }.sorted { $0.sequence < $1.sequence }
+                        for p in unanswered { r.enqueue(p.request) }
+                        let kick = r.pushRequestsAndCheckNotify()
+                        s.ring = r
+                        s.channel = newLinks[i].channel
+                        return (kick, unanswered.count)
+                    }
+                    if kick { try? newLinks[i].channel.notify() }
+                    count += n
+                }
+                recoveryCount.add(1, ordering: .relaxed)
+                logger.warning("\(frontendPath): reconnected to \(backendPath); \(count) request(s) resubmitted")
+                return
+            } catch {
+                logger.warning("\(frontendPath): reconnect attempt \(attempt) failed: \(error)")
+                reuse = nil
+                // Back off before retrying the handshake (not a synchronisation).
+                usleep(UInt32(min(attempt, 10)) * 100_000)
+            }
+        }
+    }
+
+    /// Waits (indefinitely, in bounded steps) for the backend's state; false
+    /// after a step that saw something unexpected, to restart the cycle; throws
+    /// when the toolstack removed the backend.
+    func awaitBackend(_ want: XenBus.XenbusState) throws -> Bool {
+        while !failed.load(ordering: .acquiring) {
+            if xs.awaitState(at: backendPath, seconds: 30, { $0 == want }) != nil { return true }
+            guard (try? xs.exists(backendPath)) == true else {
+                logger.error("\(frontendPath): backend \(backendPath) removed; failing the device")
+                failAll()
+                throw HypervisorError.protocolViolation("backend removed")
+            }
+            return false
+        }
+        return false
     }
 }
 

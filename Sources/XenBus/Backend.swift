@@ -50,6 +50,10 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
         let frontendPath: String
         var device: Driver.Device?
         var frontendWatch: XenBusWatch?
+        /// The frontend was already Initialised/Connected when we probed: its
+        /// keys belong to a previous backend (one that died), so we connect
+        /// only after it has started over (Closed, then Initialising).
+        var frontendStale = false
         init(dev: XenBusDevice, frontendPath: String) {
             self.dev = dev
             self.frontendPath = frontendPath
@@ -172,7 +176,12 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
             guard let device = try driver.probe(dev, frontendPath: fe, xs: xs) else { return }
             devices[path] = e
             e.device = device
-            try xs.switchState(at: path, to: .initWait)
+            let feState = (try? xs.state(at: fe)) ?? .unknown
+            e.frontendStale = feState == .initialised || feState == .connected
+            if e.frontendStale {
+                logger.info("\(path): the frontend is \(feState) with a previous backend's rings; waiting for it to reconnect")
+            }
+            try switchState(path, to: .initWait)
             e.frontendWatch = try xs.watch(fe + "/state", token: "backend:" + path) { [weak self] _ in
                 guard let self else { return }
                 self.queue.async { if let e = self.devices[path], e.device != nil { self.frontendChanged(e) } }
@@ -189,28 +198,29 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
         let path = e.dev.backendPath
         let fe = (try? xs.state(at: e.frontendPath)) ?? .unknown
         let be = (try? xs.state(at: path)) ?? .unknown
+        if fe != .initialised && fe != .connected { e.frontendStale = false }
         switch fe {
         case .initialising:
             // A frontend coming back after Closed: offer the device again.
             if be == .closed || be == .closing {
                 driver.disconnect(device)
-                try? xs.switchState(at: path, to: .initWait)
+                try? switchState(path, to: .initWait)
             }
         case .initialised, .connected:
-            guard be == .initWait else { return }
+            guard be == .initWait, !e.frontendStale else { return }
             do {
                 try driver.connect(device, e.dev, frontendPath: e.frontendPath, xs: xs)
-                try xs.switchState(at: path, to: .connected)
+                try switchState(path, to: .connected)
             } catch {
                 driver.disconnect(device)
                 fatal(path, "connecting to the frontend: \(error)")
             }
         case .closing:
             driver.disconnect(device)
-            try? xs.switchState(at: path, to: .closing)
+            try? switchState(path, to: .closing)
         case .closed, .unknown:
             driver.disconnect(device)
-            try? xs.switchState(at: path, to: .closed)
+            try? switchState(path, to: .closed)
         default:
             break
         }
@@ -219,8 +229,22 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
     /// xenbus_dev_fatal.
     func fatal(_ path: String, _ message: String) {
         logger.error("\(path): \(message)")
-        try? xs.write(path + "/error", message)
-        try? xs.switchState(at: path, to: .closing)
+        try? xs.transaction { t in
+            guard try t.readIfExists(path + "/state") != nil else { return }
+            try t.write(path + "/error", message)
+        }
+        try? switchState(path, to: .closing)
+    }
+
+    /// xenbus_switch_state: writes `<path>/state` only while it exists, checked in
+    /// the same transaction (as Linux's __xenbus_switch_state does), so a late event
+    /// for a device the toolstack removed cannot re-create its directory (which
+    /// would also keep the device open: its removal would never be seen).
+    func switchState(_ path: String, to new: XenbusState) throws {
+        try xs.transaction { t in
+            guard let current = try t.readIfExists(path + "/state") else { return }
+            if current != "\(new.rawValue)" { try t.write(path + "/state", "\(new.rawValue)") }
+        }
     }
 
     func teardown(_ e: Entry) {
