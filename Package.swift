@@ -187,7 +187,7 @@ let package = Package(
         .target(
             name: "PVGuest",
             dependencies: [
-                "CXen", "XenHV", "XenRing", "XenBus", "XenStore", "NBD",
+                "CXen", "XenHV", "XenRing", "XenBus", "XenStore", "NBD", "NetBack", "CNetShim",
                 .product(name: "Logging", package: "swift-log"),
             ]),
         .executableTarget(
@@ -198,6 +198,8 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]),
 
+        // The network path end to end: pvguest's netfront NIC <-> netback process <-> bridge (root, namespaces).
+        .testTarget(name: "PVGuestNetTests", dependencies: ["PVGuest", "XenHV", "XenBus", "XenStore", "XenTestKit"]),
         .testTarget(
             name: "PVGuestTests",
             dependencies: ["PVGuest", "BlkBack", "XenHV", "XenBus", "XenStore", "XenTestKit", "NBD"]),
@@ -206,7 +208,14 @@ let package = Package(
         // (xenhv process, hypervisor-backed xenstored, toolstack connections).
         .target(
             name: "XenTestKit",
-            dependencies: ["XenHV", "XenStore", "XenBus", .product(name: "Logging", package: "swift-log")]),
+            dependencies: ["XenHV", "XenStore", "XenBus", "XenRing", "CXen", "BlkBack", "BlkFrontKit",
+                           .product(name: "Logging", package: "swift-log")]),
+        // Hostile frontends against the whole dom0 (issue 6): double fetch, grants, event
+        // storms, XenBus and xenstore abuse, each with a second guest that must keep working.
+        .testTarget(
+            name: "HostileTests",
+            dependencies: ["XenTestKit", "BlkBack", "BlkFrontKit", "NetBack", "NetFrontKit", "CNetShim", "XenHV", "XenRing",
+                           "XenBus", "XenStore", "CXen", .product(name: "Logging", package: "swift-log")]),
 
         // NBD server (newstyle fixed): how pvguest exposes its disks to qemu-io, nbdinfo and fio.
         .target(name: "NBD", dependencies: [.product(name: "Logging", package: "swift-log")]),

@@ -166,7 +166,15 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
             return
         }
         if let e = devices[path] {
-            if e.device != nil { frontendChanged(e) }
+            guard let device = e.device else { return }
+            // The toolstack takes the device offline (libxl's device removal:
+            // online=0, state Closing): disconnect and report Closed.
+            if (try? xs.readIfExists(path + "/online")) == "0", (try? xs.state(at: path)) == .closing {
+                driver.disconnect(device)
+                try? switchState(path, to: .closed)
+                return
+            }
+            frontendChanged(e)
             return
         }
         guard let dev = XenBusDevice(backendPath: path), dev.frontendDomid < 0x7FF0,

@@ -162,3 +162,53 @@ func configLine(_ text: String, _ key: String) -> Int {
     }
     return last
 }
+
+extension Toolstack {
+    /// `xl block-detach DOMAIN VDEV` / `xl network-detach DOMAIN DEVID`, as
+    /// libxl removes a device: the backend is told to go offline (online=0,
+    /// state Closing), given up to `seconds` to reach Closed, and both
+    /// directories are removed; the backend then releases the device.
+    public func detach(_ domain: String, type: String, device: String, seconds: Double = 10) throws {
+        let hv = try connect()
+        let d = try resolve(hv, domain)
+        let devid: Int
+        if type == "vbd" {
+            guard let id = Int(device) ?? (try? DiskSpec.devid(of: device)).map(Int.init) else {
+                throw Failure("'\(device)' is not a virtual device (xvda, 51712, ...)")
+            }
+            devid = id
+        } else {
+            guard let id = Int(device) else { throw Failure("'\(device)' is not a vif device id") }
+            devid = id
+        }
+        let xs = try connectStore()
+        defer { xs.close() }
+        let dev = XenBusDevice(type: type, frontendDomid: XenStore.DomID(d.domid), devid: devid)
+        guard (try? xs.exists(dev.backendPath)) == true else {
+            throw Failure("domain '\(d.name)' has no \(type) \(device)")
+        }
+        try xs.write(dev.backendPath + "/online", "0")
+        try xs.switchState(at: dev.backendPath, to: .closing)
+        _ = xs.awaitState(at: dev.backendPath, seconds: seconds) { $0 == .closed || $0 == .unknown }
+        try xs.destroyDevice(dev)
+    }
+
+    /// `xl network-list DOMAIN`.
+    public func networkList(_ domain: String) throws -> String {
+        let hv = try connect()
+        let d = try resolve(hv, domain)
+        let xs = try connectStore()
+        defer { xs.close() }
+        var out = "Idx BE Mac Addr.         handle state evt-ch   tx-/rx-ring-ref BE-path"
+        let root = "/local/domain/0/backend/vif/\(d.domid)"
+        for devid in ((try? xs.directory(root)) ?? []).sorted(by: { (Int($0) ?? 0) < (Int($1) ?? 0) }) {
+            let be = root + "/" + devid
+            func r(_ p: String) -> String { ((try? xs.readIfExists(p)) ?? nil) ?? "-1" }
+            let fe = r(be + "/frontend")
+            out += "\n" + devid.padding(4) + "0".padding(3) + r(be + "/mac").padding(18) + devid.padding(7)
+                + r(be + "/state").padding(6) + r(fe + "/event-channel").padding(9)
+                + (r(fe + "/tx-ring-ref") + "/" + r(fe + "/rx-ring-ref")).padding(16) + be
+        }
+        return out
+    }
+}

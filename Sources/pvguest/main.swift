@@ -1,6 +1,7 @@
 // pvguest: a PV guest process. Its "kernel" connects to xenstore over its ring,
 // brings up a blkfront for each vbd the toolstack gave it, and exports every
-// disk over NBD so real tools drive it. Argument parsing only; see PVGuest.
+// disk over NBD so real tools drive it; each vif becomes a netfront whose NIC
+// is a tap in the guest's network namespace. Argument parsing only; see PVGuest.
 import ArgumentParser
 import Foundation
 import Glibc
@@ -14,7 +15,7 @@ import XenHV
 struct PVGuestCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "pvguest",
-        abstract: "A PV guest: blkfront disks exported over NBD (run by the toolstack with XENHV_GUEST_FD).")
+        abstract: "A PV guest: blkfront disks exported over NBD, netfront NICs as taps in a network namespace (run by the toolstack with XENHV_GUEST_FD).")
 
     @Option(help: "Directory for the NBD sockets (default: $XEN_RUN_DIR/guests/<domid>).")
     var nbdDir: String?
@@ -25,14 +26,25 @@ struct PVGuestCommand: ParsableCommand {
     @Option(help: "Ring page order to ask the backends for (0-4).")
     var ringPageOrder = 1
 
+    @Option(help: "Network namespace for the NICs (taps eth<devid>), created when missing (default: xen-<domid>).")
+    var netns: String?
+
+    @Option(help: .hidden)
+    var reapNetns: String?
+
     func validate() throws {
         guard (0...4).contains(ringPageOrder) else { throw ValidationError("--ring-page-order must be 0..4") }
+        if let netns, !NetNamespace.isValidName(netns) { throw ValidationError("bad --netns name '\(netns)'") }
     }
 
     func run() throws {
+        if let reapNetns {
+            Self.reap(reapNetns)
+            return
+        }
         var logger = Logger(label: "pvguest")
         logger.logLevel = .info
-        var term: [CInt] = [SIGTERM, SIGINT, SIGHUP]
+        let term: [CInt] = [SIGTERM, SIGINT, SIGHUP]
         var set = sigset_t()
         sigemptyset(&set)
         for s in term { sigaddset(&set, s) }
@@ -61,6 +73,29 @@ struct PVGuestCommand: ParsableCommand {
             servers.append(server)
             lines.append("disk \(name) \(device.size / 512) sectors\(device.isReadOnly ? " ro" : "") nbd+unix:///\(name)?socket=\(socket)")
         }
+        var nics: [NetFrontDevice] = []
+        let namespace = netns ?? "xen-\(hv.domid)"
+        for devid in ((try? xs.directory(home + "/device/vif")) ?? []).sorted(by: { (Int($0) ?? 0) < (Int($1) ?? 0) }) {
+            // A NIC that cannot connect is left out, as a Linux guest boots without it.
+            let existed = NetNamespace.exists(namespace)
+            let nic: NetFrontDevice
+            do {
+                nic = try NetFrontDevice(hypervisor: hv, xenstore: xs, frontendPath: home + "/device/vif/" + devid,
+                                         pages: pages, grants: grants, namespace: namespace,
+                                         interfaceName: "eth\(devid)", logger: logger)
+            } catch {
+                logger.error("vif \(devid): \(error); the guest has no such NIC")
+                if !existed && nics.isEmpty { NetNamespace.remove(namespace) }
+                continue
+            }
+            nics.append(nic)
+            if nic.createdNamespace {
+                do { try Self.startReaper(for: namespace) } catch {
+                    logger.warning("netns \(namespace): no reaper (\(error)); it outlives a killed guest")
+                }
+            }
+            lines.append("nic \(nic.interfaceName) netns \(namespace) mac \(nic.mac)")
+        }
         lines.append("pvguest ready domain \(hv.domid)")
         for l in lines { print(l) }
         fflush(nil)
@@ -72,6 +107,31 @@ struct PVGuestCommand: ParsableCommand {
         var sig: Int32 = 0
         sigwait(&set, &sig)
         for s in servers { s.stop() }
+        for n in nics { n.stop() }
         xs.close()
+    }
+
+    /// A namespace this guest created must not outlive it, even after SIGKILL
+    /// (the toolstack's destroy): a child in its own session holds the read
+    /// end of a pipe only we can write, and removes the namespace at EOF.
+    static func startReaper(for namespace: String) throws {
+        var p: [CInt] = [-1, -1]
+        guard pipe(&p) == 0 else { throw HypervisorError.system(call: "pipe", errno: errno) }
+        for fd in p { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        let null = open("/dev/null", O_RDWR | O_CLOEXEC)
+        defer { close(null); close(p[0]) }
+        _ = try ProcessLauncher.spawn(ProcessLauncher.executableDirectory + "/pvguest", arguments: ["--reap-netns", namespace],
+                                      descriptors: [(p[0], 0), (null, 1), (2, 2)], newSession: true)
+        // p[1] stays open (close-on-exec) for the rest of our life.
+    }
+
+    /// The reaper: waits for EOF on stdin (the guest is gone), then removes the namespace.
+    static func reap(_ namespace: String) {
+        var b: UInt8 = 0
+        while true {
+            let n = read(0, &b, 1)
+            if n == 0 || (n < 0 && errno != EINTR) { break }
+        }
+        NetNamespace.remove(namespace)
     }
 }

@@ -12,8 +12,9 @@ struct XenCtlCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "xenctl",
         abstract: "The toolstack: dom0 services and xl's verbs.",
-        subcommands: [Up.self, Down.self, Status.self, Create.self, List.self, Destroy.self, BlockList.self, Top.self,
-                      Metrics.self, Units.self, Supervise.self])
+        subcommands: [Up.self, Down.self, Status.self, Create.self, List.self, Destroy.self, BlockList.self,
+                      BlockDetach.self, NetworkList.self, NetworkDetach.self, Top.self, Metrics.self, Units.self,
+                      Supervise.self])
 }
 
 struct RunDirOption: ParsableArguments {
@@ -95,6 +96,35 @@ struct BlockList: ParsableCommand {
     @Argument(help: "Domain name or id.") var domain: String
     func run() throws {
         do { print(try Toolstack(runDir: rd.path).blockList(domain)) } catch { fail("\(error)") }
+    }
+}
+
+struct BlockDetach: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "block-detach", abstract: "Detach a virtual disk, as xl block-detach does.")
+    @OptionGroup var rd: RunDirOption
+    @Argument(help: "Domain name or id.") var domain: String
+    @Argument(help: "The disk: vdev (xvda) or device number (51712).") var device: String
+    func run() throws {
+        do { try Toolstack(runDir: rd.path).detach(domain, type: "vbd", device: device) } catch { fail("\(error)") }
+    }
+}
+
+struct NetworkList: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "network-list", abstract: "List a domain's NICs, as xl network-list does.")
+    @OptionGroup var rd: RunDirOption
+    @Argument(help: "Domain name or id.") var domain: String
+    func run() throws {
+        do { print(try Toolstack(runDir: rd.path).networkList(domain)) } catch { fail("\(error)") }
+    }
+}
+
+struct NetworkDetach: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "network-detach", abstract: "Detach a NIC, as xl network-detach does.")
+    @OptionGroup var rd: RunDirOption
+    @Argument(help: "Domain name or id.") var domain: String
+    @Argument(help: "The NIC's device id (0, 1, ...).") var device: String
+    func run() throws {
+        do { try Toolstack(runDir: rd.path).detach(domain, type: "vif", device: device) } catch { fail("\(error)") }
     }
 }
 

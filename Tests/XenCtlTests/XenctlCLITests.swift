@@ -168,7 +168,8 @@ import XenCtl
         var metrics = ""
         for _ in 0..<100 {
             metrics = try xenctl("metrics", runDir: run).1
-            if metrics.contains("swiftxen_vbd_wr_req_total{domain=\"good\"") && !metrics.contains("swiftxen_vbd_wr_req_total{domain=\"good\",domid=\"1\",devid=\"51712\"} 0") { break }
+            if metrics.contains("swiftxen_vbd_wr_sect_total{domain=\"good\",domid=\"1\",devid=\"51712\"} 128"),
+               metrics.contains("swiftxen_vif_tx_packets_total{domain=\"good\"") { break }
             var p = pollfd(fd: -1, events: 0, revents: 0)
             _ = poll(&p, 0, 50)
         }
@@ -177,6 +178,22 @@ import XenCtl
         #expect(metrics.components(separatedBy: "swiftxen_service_up{").count == 5)
         let top = try xenctl("top", "--once", runDir: run).1
         #expect(top.contains("good") && top.contains("vbd 51712") && top.contains("65536"), "\(top)")
+
+        // network-list shows the vif; detaching it takes the tap away; the disk detaches too.
+        let (_, nics, _) = try xenctl("network-list", "good", runDir: run)
+        #expect(nics.contains("00:16:3e:00:00:42") && nics.contains("/local/domain/0/backend/vif/1/0"), "\(nics)")
+        #expect(try xenctl("network-detach", "good", "0", runDir: run).0 == 0)
+        // netback removes the tap once the toolstack removed the device (bounded wait).
+        var tapGone = false
+        for _ in 0..<200 where !tapGone {
+            tapGone = !FileManager.default.fileExists(atPath: "/sys/class/net/vif1.0")
+            if !tapGone { var p = pollfd(fd: -1, events: 0, revents: 0); _ = poll(&p, 0, 25) }
+        }
+        #expect(tapGone)
+        #expect(try xenctl("network-list", "good", runDir: run).1.split(separator: "\n").count == 1)
+        #expect(try xenctl("block-detach", "good", "xvda", runDir: run).0 == 0)
+        #expect(try xenctl("block-list", "good", runDir: run).1.split(separator: "\n").count == 1)
+        #expect(try xenctl("block-detach", "good", "xvdb", runDir: run).2 == "xenctl: domain 'good' has no vbd xvdb\n")
 
         // Destroy takes the guest, its tap and its store entries away.
         #expect(try xenctl("destroy", "good", runDir: run).0 == 0)

@@ -1,0 +1,630 @@
+import CNetShim
+import CXen
+import Dispatch
+import Glibc
+import Logging
+import NetBack
+import Synchronization
+import XenBus
+import XenHV
+import XenRing
+
+/// pvguest's netfront (Linux's xen-netfront): the frontend half of the
+/// netif.h handshake on /local/domain/<me>/device/vif/<devid>, and the guest's
+/// NIC — a tap with vnet headers inside a network namespace — so the
+/// namespace's real stack (ping, iperf3) drives the vif.
+///
+/// One queue, one event channel. Each tx id (0-255) owns one granted page;
+/// each rx ring slot owns one granted page and an rx request's id is its slot
+/// (as in Linux), so every rx response is checked against its position.
+/// Everything the backend writes on the rings is validated: ids, sizes,
+/// offsets, statuses, extra-info types, slot counts.
+///
+/// When the backend rewrites its state after the device connected (a
+/// restarted netback re-offering the device, or Closing), the data path
+/// stops and the frontend goes Closing -> Closed -> Initialising and redoes
+/// the handshake on fresh rings and a fresh event channel.
+public final class NetFrontDevice: @unchecked Sendable {
+    // Sound: the immutable configuration is set in init; `session` and the
+    // flags are behind `control`; each session's rings are used only by its
+    // data thread.
+    public let frontendPath: String
+    public let backendPath: String
+    public let backendID: DomID
+    public let mac: MACAddress
+    public let mtu: UInt32
+    public let interfaceName: String
+    public let namespace: String
+    /// Whether this device created `namespace` (and removes it on `stop`).
+    public let createdNamespace: Bool
+    public let stats = NetFrontStats()
+
+    let hv: Hypervisor
+    let xs: XenBusClient
+    let logger: Logger
+    let tap: Tap
+    let txRingFrame: UInt32
+    let rxRingFrame: UInt32
+    let txRingRef: GrantRef
+    let rxRingRef: GrantRef
+    let txPages: GuestRegion
+    let rxPages: GuestRegion
+    let txRefs: [GrantRef]
+    let rxRefs: [GrantRef]
+    let pages: GuestPages
+
+    let control = Mutex<(session: Session?, stopped: Bool)>((nil, false))
+    /// Writes to the backend's state node (counted by the watch callback).
+    let backendEvents = Atomic<Int>(0)
+    let wake = DispatchSemaphore(value: 0)
+    /// Handshakes completed (1 after init; more after reconnects).
+    public var connections: Int { connectionCount.load(ordering: .relaxed) }
+    let connectionCount = Atomic<Int>(0)
+
+    static let ringSize = 256
+    /// Slots a tx packet may use: the frame (at most 64 KiB, 16-17 pages) and one GSO extra.
+    static let maxTxSlots = 18
+    static let maxFrame = 65535
+    static let maxRxSlots = 19
+
+    /// Connects the vif at `frontendPath` and creates its NIC `interfaceName`
+    /// in network namespace `namespace` (created when missing).
+    public init(hypervisor hv: Hypervisor, xenstore xs: XenBusClient, frontendPath fe: String,
+                pages: GuestPages, grants: GrantRefs, namespace: String, interfaceName: String = "eth0",
+                logger: Logger = Logger(label: "netfront")) throws {
+        self.hv = hv
+        self.xs = xs
+        self.logger = logger
+        self.pages = pages
+        self.frontendPath = fe
+        self.namespace = namespace
+        let be = try xs.read(fe + "/backend")
+        backendPath = be
+        guard let beID = XenHV.DomID(try xs.read(fe + "/backend-id")) else {
+            throw HypervisorError.protocolViolation("\(fe)/backend-id is not a domain id")
+        }
+        backendID = beID
+        let macString = try xs.readIfExists(fe + "/mac") ?? xs.readIfExists(be + "/mac")
+        guard let macString, let m = MACAddress(macString) else {
+            throw HypervisorError.protocolViolation("\(fe)/mac is missing or not a MAC address")
+        }
+        mac = m
+        let mtuString = try xs.readIfExists(fe + "/mtu") ?? xs.readIfExists(be + "/mtu")
+        if let mtuString {
+            guard let v = UInt32(mtuString), (68...65535).contains(v) else {
+                throw HypervisorError.protocolViolation("bad mtu '\(mtuString)'")
+            }
+            mtu = v
+        } else {
+            mtu = 1500
+        }
+
+        // The NIC: a tap inside the guest's namespace, with our MAC, up.
+        let mac = self.mac, mtu = self.mtu
+        let (made, created) = try NetNamespace.run(in: namespace, create: true) { () throws -> Tap in
+            let t = try Tap(name: interfaceName)
+            // The socket is bound to the namespace it was opened in.
+            let nl = try Netlink()
+            try nl.setAddress(t.name, mac)
+            try nl.setMTU(t.name, mtu)
+            try nl.setUp(t.name)
+            try? nl.setUp("lo")
+            return t
+        }
+        tap = made
+        createdNamespace = created
+        self.interfaceName = made.name
+        try? tap.setCarrier(false)
+
+        // Rings and buffers, granted once for the device's life: a reconnect
+        // reinitialises the rings on the same pages.
+        txRingFrame = try pages.allocate(2)
+        rxRingFrame = txRingFrame + 1
+        txRingRef = try grants.grant(frame: txRingFrame, to: beID, readOnly: false)
+        rxRingRef = try grants.grant(frame: rxRingFrame, to: beID, readOnly: false)
+        let txFirst = try pages.allocate(Self.ringSize)
+        let rxFirst = try pages.allocate(Self.ringSize)
+        txPages = pages.page(txFirst, count: Self.ringSize)
+        rxPages = pages.page(rxFirst, count: Self.ringSize)
+        // The backend only reads tx buffers; it writes rx buffers (grant copy).
+        txRefs = try (0..<Self.ringSize).map { try grants.grant(frame: txFirst + UInt32($0), to: beID, readOnly: true) }
+        rxRefs = try (0..<Self.ringSize).map { try grants.grant(frame: rxFirst + UInt32($0), to: beID, readOnly: false) }
+
+        _ = try xs.watch(be + "/state") { [weak self] _ in
+            guard let self else { return }
+            self.backendEvents.wrappingAdd(1, ordering: .releasing)
+            self.wake.signal()
+        }
+        try handshake(timeout: 30)
+        let t = CompletionThread { [self] in supervise() }
+        t.start()
+    }
+
+    // MARK: Handshake
+
+    /// Waits for the backend's InitWait, sets up fresh rings and an event
+    /// channel, announces them with our features, goes Connected and waits
+    /// for the backend's Connected; then starts the data path.
+    /// On a reconnect the backend is still Closed when we go Initialising:
+    /// only InitWait ends the wait then.
+    func handshake(timeout: Double, reconnecting: Bool = false) throws {
+        let fe = frontendPath, be = backendPath
+        let settledStates: Set<XenBus.XenbusState> = reconnecting ? [.initWait] : [.initWait, .connected, .closing, .closed]
+        guard let s = xs.awaitState(at: be, seconds: timeout, { settledStates.contains($0) }), s == .initWait else {
+            throw HypervisorError.protocolViolation("backend \(be) did not reach InitWait")
+        }
+        let features = Set(["feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6", "feature-ipv6-csum-offload",
+                            "feature-rx-copy", "feature-split-event-channels"].filter {
+            ((try? xs.readIfExists(be + "/" + $0)) ?? nil) == "1"
+        })
+        guard features.contains("feature-rx-copy") else {
+            throw HypervisorError.protocolViolation("backend \(be) does not offer feature-rx-copy")
+        }
+        let sg = features.contains("feature-sg")
+        let gso4 = sg && features.contains("feature-gso-tcpv4")
+        let gso6 = sg && features.contains("feature-gso-tcpv6")
+        // What the guest kernel may hand us: checksum offload, and TSO only when the backend takes GSO.
+        try tap.setOffload(checksum: true, tso4: gso4, tso6: gso6)
+
+        let txShared = try pages.page(txRingFrame).ring(NetifTxRing.self, pages: 1)
+        let rxShared = try pages.page(rxRingFrame).ring(NetifRxRing.self, pages: 1)
+        let port = try hv.allocUnbound(remote: backendID)
+        let channel = try hv.channel(port)
+        let session = try Session(device: self, tx: FrontRing(initializing: txShared), rx: FrontRing(initializing: rxShared),
+                                  channel: channel, sg: sg, gso4: gso4, gso6: gso6)
+        do {
+            try xs.transaction { t in
+                try t.write(fe + "/tx-ring-ref", "\(txRingRef)")
+                try t.write(fe + "/rx-ring-ref", "\(rxRingRef)")
+                try t.write(fe + "/event-channel", "\(port)")
+                try t.write(fe + "/request-rx-copy", "1")
+                try t.write(fe + "/feature-rx-notify", "1")
+                try t.write(fe + "/feature-sg", sg ? "1" : "0")
+                try t.write(fe + "/feature-gso-tcpv4", gso4 ? "1" : "0")
+                try t.write(fe + "/feature-gso-tcpv6", gso6 ? "1" : "0")
+                try t.write(fe + "/feature-ipv6-csum-offload", "1")
+            }
+            try xs.switchState(at: fe, to: .connected)
+            guard xs.awaitState(at: be, seconds: timeout, { $0 == .connected || $0 == .closing || $0 == .closed }) == .connected else {
+                let why = (try? xs.readIfExists(be + "/error")) ?? nil
+                throw HypervisorError.protocolViolation("backend \(be) did not connect\(why.map { ": \($0)" } ?? "")")
+            }
+        } catch {
+            try? channel.close()
+            throw error
+        }
+        // Every write to the backend's state from here on is a renegotiation.
+        session.baseline = backendEvents.load(ordering: .acquiring)
+        // A stop() that came while we were connecting wins.
+        guard control.withLock({ c -> Bool in
+            guard !c.stopped else { return false }
+            c.session = session
+            return true
+        }) else {
+            try? channel.close()
+            return
+        }
+        session.start()
+        try? tap.setCarrier(true)
+        connectionCount.wrappingAdd(1, ordering: .relaxed)
+        logger.info("\(fe): connected to \(be) as \(interfaceName) in netns \(namespace) (mtu \(mtu), sg \(sg), gso \(gso4)/\(gso6))")
+        if (try? xs.state(at: be)) != .connected { wake.signal() }
+    }
+
+    /// The reconnect loop: waits for a renegotiation (or a data-path failure),
+    /// then closes the device with the backend and connects again.
+    func supervise() {
+        while true {
+            wake.wait()
+            let (session, stopped) = control.withLock { ($0.session, $0.stopped) }
+            if stopped { return }
+            if let session, !session.failed.load(ordering: .acquiring),
+               backendEvents.load(ordering: .acquiring) == session.baseline,
+               (try? xs.state(at: backendPath)) == .connected {
+                continue  // nothing changed
+            }
+            guard (try? xs.exists(backendPath)) == true else {
+                logger.info("\(frontendPath): backend \(backendPath) removed; NIC stays down")
+                stopSession()
+                return
+            }
+            logger.info("\(frontendPath): backend renegotiates; reconnecting")
+            stopSession()
+            reconnect()
+        }
+    }
+
+    func stopSession() {
+        let s = control.withLock { c -> Session? in defer { c.session = nil }; return c.session }
+        try? tap.setCarrier(false)
+        s?.stop()
+    }
+
+    /// Closing -> Closed -> Initialising, then the handshake again, retried
+    /// until it works or the device stops.
+    func reconnect() {
+        let fe = frontendPath, be = backendPath
+        while !control.withLock({ $0.stopped }) {
+            try? xs.switchState(at: fe, to: .closing)
+            _ = xs.awaitState(at: be, seconds: 5) { $0 == .closing || $0 == .closed }
+            try? xs.switchState(at: fe, to: .closed)
+            _ = xs.awaitState(at: be, seconds: 5) { $0 == .closed }
+            try? xs.switchState(at: fe, to: .initialising)
+            do {
+                try handshake(timeout: 30, reconnecting: true)
+                return
+            } catch {
+                logger.warning("\(fe): reconnect failed: \(error); retrying")
+                if (try? xs.exists(be)) != true { return }
+            }
+        }
+    }
+
+    /// Stops the data path and closes the device with the backend.
+    public func stop() {
+        control.withLock { $0.stopped = true }
+        wake.signal()
+        stopSession()
+        try? xs.switchState(at: frontendPath, to: .closing)
+        _ = xs.awaitState(at: backendPath, seconds: 2) { $0 == .closing || $0 == .closed }
+        try? xs.switchState(at: frontendPath, to: .closed)
+        if createdNamespace { NetNamespace.remove(namespace) }
+    }
+}
+
+/// Counters of one NIC.
+public final class NetFrontStats: Sendable {
+    public let txPackets = Atomic<UInt64>(0)
+    public let txBytes = Atomic<UInt64>(0)
+    public let txDropped = Atomic<UInt64>(0)
+    public let txErrors = Atomic<UInt64>(0)
+    public let rxPackets = Atomic<UInt64>(0)
+    public let rxBytes = Atomic<UInt64>(0)
+    public let rxDropped = Atomic<UInt64>(0)
+    /// Values from the backend that broke the protocol (bad id, size, offset, extra).
+    public let protocolErrors = Atomic<UInt64>(0)
+    public init() {}
+}
+
+extension NetFrontDevice {
+    /// One connection's data path: the rings, the event channel and the thread
+    /// that moves frames between them and the tap.
+    final class Session: @unchecked Sendable {
+        // Sound: the rings and buffers are touched only by the data thread
+        // (after `start`); `failed` and `baseline` are read by the supervisor.
+        unowned let device: NetFrontDevice
+        var tx: FrontRing<NetifTxRing>
+        var rx: FrontRing<NetifRxRing>
+        let channel: EventChannel
+        let sg: Bool, gso4: Bool, gso6: Bool
+        let stopFD: CInt
+        let done = DispatchSemaphore(value: 0)
+        let failed = Atomic<Bool>(false)
+        var baseline = 0
+
+        var freeTx: [UInt16] = Array((0..<UInt16(NetFrontDevice.ringSize)).reversed())
+        var txOut = [Bool](repeating: false, count: NetFrontDevice.ringSize)
+        /// A frame read from the tap: vnet header, then the frame.
+        let txBuffer: UnsafeMutableRawPointer
+        static let txBufferSize = VnetHeader.size + 65536 + 256
+        /// An rx frame being assembled: room for its vnet header, then the frame.
+        let rxBuffer: UnsafeMutableRawPointer
+        static let rxBufferSize = VnetHeader.size + 65536 + 4096
+        var rxLength = 0
+        var rxSlots = 0
+        var rxFlags: UInt16 = 0
+        var rxGSO: TxGSO?
+        var rxBad = false
+        var rxInFrame = false
+        var expectExtra = false
+
+        init(device: NetFrontDevice, tx: FrontRing<NetifTxRing>, rx: FrontRing<NetifRxRing>, channel: EventChannel,
+             sg: Bool, gso4: Bool, gso6: Bool) throws {
+            self.device = device
+            self.tx = tx
+            self.rx = rx
+            self.channel = channel
+            self.sg = sg
+            self.gso4 = gso4
+            self.gso6 = gso6
+            stopFD = cxen_eventfd(0, O_CLOEXEC | O_NONBLOCK)  // EFD_CLOEXEC | EFD_NONBLOCK
+            guard stopFD >= 0 else { throw HypervisorError.system(call: "eventfd", errno: errno) }
+            txBuffer = .allocate(byteCount: Self.txBufferSize, alignment: 64)
+            rxBuffer = .allocate(byteCount: Self.rxBufferSize, alignment: 64)
+            postRx()
+        }
+
+        deinit {
+            close(stopFD)
+            txBuffer.deallocate()
+            rxBuffer.deallocate()
+        }
+
+        func start() {
+            let t = CompletionThread { [self] in run(); done.signal() }
+            t.start()
+        }
+
+        /// Stops the thread and waits for it; closes the event channel.
+        func stop() {
+            var one: UInt64 = 1
+            _ = write(stopFD, &one, 8)
+            done.wait()
+            try? channel.close()
+        }
+
+        var stats: NetFrontStats { device.stats }
+
+        func protocolError(_ what: @autoclosure () -> String) {
+            let n = stats.protocolErrors.wrappingAdd(1, ordering: .relaxed).newValue
+            if n <= 10 { device.logger.warning("\(device.frontendPath): backend \(what())") }
+        }
+
+        // MARK: Loop
+
+        func run() {
+            var pfds = [pollfd(fd: stopFD, events: Int16(POLLIN), revents: 0),
+                        pollfd(fd: channel.descriptor, events: Int16(POLLIN), revents: 0),
+                        pollfd(fd: device.tap.queues[0], events: Int16(POLLIN), revents: 0)]
+            do {
+                var notify = false
+                while true {
+                    if pfds[0].revents != 0 { return }
+                    _ = channel.consume()
+                    try reapTx()
+                    try receive()
+                    notify = try transmit() || notify
+                    if notify {
+                        try? channel.notify()
+                        notify = false
+                    }
+                    // Ask for an event for the next responses, then look again before sleeping.
+                    if try tx.finalCheckForResponses() { continue }
+                    if try rx.finalCheckForResponses() { continue }
+                    let tapReady = txRoom
+                    pfds[2].events = tapReady ? Int16(POLLIN) : 0
+                    for i in pfds.indices { pfds[i].revents = 0 }
+                    while poll(&pfds, nfds_t(pfds.count), -1) < 0 && errno == EINTR {}
+                }
+            } catch {
+                device.logger.error("\(device.frontendPath): \(error); stopping the data path")
+                failed.store(true, ordering: .releasing)
+                device.wake.signal()
+            }
+        }
+
+        /// Room on the tx ring and in tx buffers for the largest packet.
+        var txRoom: Bool { tx.freeRequests >= UInt32(NetFrontDevice.maxTxSlots) && freeTx.count >= NetFrontDevice.maxTxSlots }
+
+        // MARK: Transmit (tap -> tx ring)
+
+        func reapTx() throws(RingError) {
+            while let r = try tx.nextResponse() {
+                if r.status == Int16(NETIF_RSP_NULL) { continue }  // an extra-info slot's answer
+                guard r.id < UInt16(NetFrontDevice.ringSize), txOut[Int(r.id)] else {
+                    protocolError("answered tx id \(r.id), which is not outstanding")
+                    continue
+                }
+                txOut[Int(r.id)] = false
+                freeTx.append(r.id)
+                switch Int32(r.status) {
+                case NETIF_RSP_OKAY: break
+                case NETIF_RSP_DROPPED: stats.txDropped.wrappingAdd(1, ordering: .relaxed)
+                case NETIF_RSP_ERROR: stats.txErrors.wrappingAdd(1, ordering: .relaxed)
+                default: protocolError("tx status \(r.status)")
+                }
+            }
+        }
+
+        /// Reads frames from the tap while the ring has room; returns whether to notify.
+        func transmit() throws -> Bool {
+            let fd = device.tap.queues[0]
+            var queued = false
+            var batch = 0
+            while txRoom && batch < 64 {
+                let n = read(fd, txBuffer, Self.txBufferSize)
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    break  // EAGAIN: the tap is empty
+                }
+                batch += 1
+                guard n >= VnetHeader.size + 14, n - VnetHeader.size <= NetFrontDevice.maxFrame else {
+                    stats.txDropped.wrappingAdd(1, ordering: .relaxed)
+                    continue
+                }
+                if enqueue(length: n - VnetHeader.size) { queued = true }
+            }
+            return queued && tx.pushRequestsAndCheckNotify()
+        }
+
+        /// Puts one frame from `txBuffer` on the ring: data slots of up to a
+        /// page (NETTXF_more_data), the GSO extra after the first.
+        func enqueue(length len: Int) -> Bool {
+            let h = VnetHeader.load(from: txBuffer)
+            var gso: TxGSO?
+            switch h.gsoKind {
+            case CNET_VNET_GSO_NONE: break
+            case CNET_VNET_GSO_TCPV4 where gso4: gso = TxGSO(type: UInt8(XEN_NETIF_GSO_TYPE_TCPV4), size: h.gsoSize)
+            case CNET_VNET_GSO_TCPV6 where gso6: gso = TxGSO(type: UInt8(XEN_NETIF_GSO_TYPE_TCPV6), size: h.gsoSize)
+            default:
+                stats.txDropped.wrappingAdd(1, ordering: .relaxed)
+                return false
+            }
+            if gso != nil && h.gsoSize == 0 {
+                stats.txDropped.wrappingAdd(1, ordering: .relaxed)
+                return false
+            }
+            let page = HVLimits.pageSize
+            let slots = (len + page - 1) / page
+            guard sg || slots == 1, slots + (gso == nil ? 0 : 1) <= NetFrontDevice.maxTxSlots else {
+                stats.txDropped.wrappingAdd(1, ordering: .relaxed)
+                return false
+            }
+            var flags: UInt16 = 0
+            if h.needsChecksum { flags |= UInt16(NETTXF_csum_blank | NETTXF_data_validated) }
+            else if h.dataValid { flags |= UInt16(NETTXF_data_validated) }
+            let data = txBuffer + VnetHeader.size
+            for s in 0..<slots {
+                let id = freeTx.removeLast()
+                txOut[Int(id)] = true
+                let n = min(page, len - s * page)
+                // Cannot fail: id < 256 and n <= one page, inside the 256-page region.
+                try! device.txPages.write(UnsafeRawBufferPointer(start: data + s * page, count: n), at: Int(id) * page)
+                var r = netif_tx_request()
+                r.gref = device.txRefs[Int(id)]
+                r.offset = 0
+                r.id = id
+                r.size = UInt16(s == 0 ? len : n)
+                var f: UInt16 = s == 0 ? flags : 0
+                if s + 1 < slots { f |= UInt16(NETTXF_more_data) }
+                if s == 0 && gso != nil { f |= UInt16(NETTXF_extra_info) }
+                r.flags = f
+                tx.enqueue(r)
+                if s == 0, let g = gso {
+                    var x = netif_extra_info()
+                    x.type = UInt8(XEN_NETIF_EXTRA_TYPE_GSO)
+                    x.flags = 0
+                    x.u.gso.size = g.size
+                    x.u.gso.type = g.type
+                    var slot = netif_tx_request()
+                    // Sound: netif_extra_info and netif_tx_request are both 12-byte plain C structs sharing a ring slot.
+                    withUnsafeMutableBytes(of: &slot) { p in withUnsafeBytes(of: x) { p.copyMemory(from: $0) } }
+                    tx.enqueue(slot)
+                }
+            }
+            stats.txPackets.wrappingAdd(1, ordering: .relaxed)
+            stats.txBytes.wrappingAdd(UInt64(len), ordering: .relaxed)
+            return true
+        }
+
+        // MARK: Receive (rx ring -> tap)
+
+        /// Keeps every rx slot posted: request id = slot = buffer page.
+        @discardableResult
+        func postRx() -> Bool {
+            var posted = false
+            while !rx.isFull {
+                let id = UInt16(rx.reqProdPvt & UInt32(NetFrontDevice.ringSize - 1))
+                var r = netif_rx_request()
+                r.id = id
+                r.gref = device.rxRefs[Int(id)]
+                rx.enqueue(r)
+                posted = true
+            }
+            return posted && rx.pushRequestsAndCheckNotify()
+        }
+
+        func receive() throws {
+            var any = false
+            while true {
+                let index = rx.rspCons
+                guard let r = try rx.nextResponse() else { break }
+                any = true
+                take(r, slot: Int(index & UInt32(NetFrontDevice.ringSize - 1)))
+            }
+            if any && postRx() { try? channel.notify() }
+        }
+
+        /// One rx response, in ring order.
+        func take(_ r: netif_rx_response, slot: Int) {
+            rxSlots += 1
+            if expectExtra {
+                // Sound: netif_extra_info and netif_rx_response are both 8-byte plain C structs sharing a ring slot.
+                let x = unsafeBitCast(r, to: netif_extra_info.self)
+                expectExtra = x.flags & UInt8(XEN_NETIF_EXTRA_FLAG_MORE) != 0
+                switch Int32(x.type) {
+                case XEN_NETIF_EXTRA_TYPE_GSO:
+                    let t = Int32(x.u.gso.type)
+                    if (t == XEN_NETIF_GSO_TYPE_TCPV4 || t == XEN_NETIF_GSO_TYPE_TCPV6) && x.u.gso.size > 0 {
+                        rxGSO = TxGSO(type: x.u.gso.type, size: x.u.gso.size)
+                    } else {
+                        protocolError("sent GSO type \(x.u.gso.type) size \(x.u.gso.size)")
+                        rxBad = true
+                    }
+                case 1..<XEN_NETIF_EXTRA_TYPE_MAX: break  // not ours to act on
+                default:
+                    protocolError("sent extra type \(x.type)")
+                    rxBad = true
+                }
+                if !expectExtra && rxFlags & UInt16(NETRXF_more_data) == 0 { finishFrame() }
+                return
+            }
+            if !rxInFrame {
+                rxInFrame = true
+                rxFlags = r.flags
+            } else {
+                rxFlags = (rxFlags & ~UInt16(NETRXF_more_data)) | (r.flags & UInt16(NETRXF_more_data))
+            }
+            let size = Int(r.status), off = Int(r.offset)
+            if r.id != UInt16(slot) {
+                protocolError("answered rx id \(r.id) in slot \(slot)")
+                rxBad = true
+            } else if r.status < 0 {
+                rxBad = true
+            } else if off + size > HVLimits.pageSize {
+                protocolError("rx slot offset \(off) size \(size) crosses the page")
+                rxBad = true
+            } else if rxLength + size > NetFrontDevice.maxFrame + 14 {
+                protocolError("rx frame longer than \(rxLength + size) bytes")
+                rxBad = true
+            } else if !rxBad {
+                // Cannot fail: slot < 256 and off + size <= one page were checked above.
+                try! device.rxPages.read(into: UnsafeMutableRawBufferPointer(start: rxBuffer + VnetHeader.size + rxLength, count: size),
+                                         at: slot * HVLimits.pageSize + off)
+                rxLength += size
+            }
+            if rxSlots > NetFrontDevice.maxRxSlots && !rxBad {
+                protocolError("rx frame over \(NetFrontDevice.maxRxSlots) slots")
+                rxBad = true
+            }
+            if rxSlots == 1 && r.flags & UInt16(NETRXF_extra_info) != 0 {
+                expectExtra = true
+                return
+            }
+            if r.flags & UInt16(NETRXF_more_data) == 0 { finishFrame() }
+        }
+
+        /// Writes the assembled frame to the tap with its vnet header, or drops it.
+        func finishFrame() {
+            defer {
+                rxLength = 0; rxSlots = 0; rxFlags = 0; rxGSO = nil; rxBad = false; rxInFrame = false; expectExtra = false
+            }
+            guard !rxBad, rxLength >= 14 else {
+                stats.rxDropped.wrappingAdd(1, ordering: .relaxed)
+                return
+            }
+            let frame = UnsafeMutableRawBufferPointer(start: rxBuffer + VnetHeader.size, count: rxLength)
+            var h = VnetHeader()
+            let blank = rxFlags & UInt16(NETRXF_csum_blank) != 0
+            if blank || rxGSO != nil {
+                guard let loc = try? PacketParser.checksumLocation(UnsafeRawBufferPointer(frame)) else {
+                    stats.rxDropped.wrappingAdd(1, ordering: .relaxed)
+                    return
+                }
+                if !blank { PacketParser.writePseudoHeaderChecksum(frame, loc) }
+                h.flags = CNET_VNET_F_NEEDS_CSUM
+                h.csumStart = UInt16(loc.l4Offset)
+                h.csumOffset = UInt16(loc.checksumOffset)
+                if let g = rxGSO {
+                    guard loc.l4Protocol == 6, loc.isIPv6 == (Int32(g.type) == XEN_NETIF_GSO_TYPE_TCPV6) else {
+                        stats.rxDropped.wrappingAdd(1, ordering: .relaxed)
+                        return
+                    }
+                    h.gsoType = loc.isIPv6 ? CNET_VNET_GSO_TCPV6 : CNET_VNET_GSO_TCPV4
+                    h.gsoSize = g.size
+                    h.headerLength = UInt16(loc.headerLength)
+                }
+            } else if rxFlags & UInt16(NETRXF_data_validated) != 0 {
+                h.flags = CNET_VNET_F_DATA_VALID
+            }
+            h.store(to: rxBuffer)
+            let n = write(device.tap.queues[0], rxBuffer, VnetHeader.size + rxLength)
+            if n == VnetHeader.size + rxLength {
+                stats.rxPackets.wrappingAdd(1, ordering: .relaxed)
+                stats.rxBytes.wrappingAdd(UInt64(rxLength), ordering: .relaxed)
+            } else {
+                stats.rxDropped.wrappingAdd(1, ordering: .relaxed)
+            }
+        }
+    }
+}

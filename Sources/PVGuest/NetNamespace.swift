@@ -1,0 +1,81 @@
+import CNetShim
+import Glibc
+import XenHV
+
+/// Named network namespaces as iproute2 keeps them (`/run/netns/NAME`, a bind
+/// mount of a namespace's nsfs inode), entered with setns(2) for the calling
+/// thread only — never by running `ip`.
+public enum NetNamespace {
+    public static let directory = "/run/netns"
+    static let cloneNewNet: Int32 = 0x4000_0000  // CLONE_NEWNET
+    static let msBind: UInt = 4096  // MS_BIND
+    static let mntDetach: Int32 = 2  // MNT_DETACH
+
+    /// unshare(2): Glibc declares it only under _GNU_SOURCE, so it is looked up in libc.
+    static let libcUnshare: (@convention(c) (Int32) -> Int32)? = {
+        // Sound: libc's `int unshare(int flags)` has exactly this C signature.
+        guard let f = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "unshare") else { return nil }
+        return unsafeBitCast(f, to: (@convention(c) (Int32) -> Int32).self)
+    }()
+
+    public static func path(_ name: String) -> String { directory + "/" + name }
+
+    public static func isValidName(_ name: String) -> Bool {
+        !name.isEmpty && name != "." && name != ".." && !name.contains("/") && name.utf8.count < 256
+    }
+
+    public static func exists(_ name: String) -> Bool { access(path(name), F_OK) == 0 }
+
+    /// Runs `body` with the calling thread inside namespace `name`, creating
+    /// the namespace first (what `ip netns add` does: unshare, then bind-mount
+    /// the thread's nsfs file) when it is missing and `create` is set. The
+    /// thread is back in its own namespace when this returns or throws.
+    /// Descriptors and netlink sockets opened by `body` stay bound to `name`.
+    public static func run<T>(in name: String, create: Bool, _ body: () throws -> T) throws -> (value: T, created: Bool) {
+        guard isValidName(name) else { throw HypervisorError.protocolViolation("bad network namespace name '\(name)'") }
+        let home = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC)
+        guard home >= 0 else { throw HypervisorError.system(call: "open /proc/thread-self/ns/net", errno: errno) }
+        defer {
+            // A thread stuck in the guest's namespace would put every later
+            // socket of this thread there: that is not recoverable.
+            precondition(cnet_enter_netns(home) == 0, "cannot return to the original network namespace")
+            close(home)
+        }
+        var created = false
+        let p = path(name)
+        let fd = open(p, O_RDONLY | O_CLOEXEC)
+        if fd >= 0 {
+            let r = cnet_enter_netns(fd)
+            close(fd)
+            guard r == 0 else { throw HypervisorError.system(call: "setns \(p)", errno: -r) }
+        } else {
+            guard create else { throw HypervisorError.system(call: "open \(p)", errno: errno) }
+            if mkdir(directory, 0o755) != 0 && errno != EEXIST {
+                throw HypervisorError.system(call: "mkdir \(directory)", errno: errno)
+            }
+            let f = open(p, O_RDONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0)
+            guard f >= 0 else { throw HypervisorError.system(call: "create \(p)", errno: errno) }
+            close(f)
+            guard let unshare = libcUnshare, unshare(cloneNewNet) == 0 else {
+                let e = errno
+                unlink(p)
+                throw HypervisorError.system(call: "unshare(CLONE_NEWNET)", errno: e)
+            }
+            guard mount("/proc/thread-self/ns/net", p, "none", msBind, nil) == 0 else {
+                let e = errno
+                unlink(p)
+                throw HypervisorError.system(call: "bind-mount \(p)", errno: e)
+            }
+            created = true
+        }
+        return (try body(), created)
+    }
+
+    /// Removes a namespace made by ``run(in:create:_:)`` (`ip netns del`).
+    public static func remove(_ name: String) {
+        guard isValidName(name) else { return }
+        let p = path(name)
+        _ = umount2(p, mntDetach)
+        unlink(p)
+    }
+}

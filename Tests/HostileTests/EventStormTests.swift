@@ -1,0 +1,160 @@
+import BlkBack
+import BlkFrontKit
+import Foundation
+import Glibc
+import Synchronization
+import Testing
+import XenBus
+import XenHV
+import XenRing
+import XenStore
+import XenTestKit
+
+extension Hostile {
+    /// XSA-332: a frontend that notifies in a tight loop with no work.
+    @Suite struct EventStormTests {
+        /// Bounds, stated: the storming ring's backend thread uses at most this
+        /// fraction of one core while the storm lasts...
+        static let maxBackendCore = 0.25
+        /// ...and the other guest keeps at least this fraction of its baseline
+        /// throughput (baseline: the same stormer vCPU spinning without kicking).
+        static let minBystanderRatio = 0.5
+        static let stormSeconds = 1.5
+        /// What xenstored guarantees today under a kick storm (see the known issue).
+        static let minXenStoreRatio = 0.2
+
+        @Test func aKickStormCostsTheBackendLittleAndTheOtherGuestKeepsItsThroughput() throws {
+            let d = try HostileDom0()
+            let h = try d.guest("stormer"), g = try d.guest("bystander")
+            let other = try XenBusDisk(d.s, guest: g, bytes: 1 << 20)
+            let worker = try DiskWorker(other)
+            // The threads blkback starts for the storming ring are the ones that appear with it.
+            let before = Set(threadCPUTicks().keys)
+            let disk = try XenBusDisk(d.s, guest: h)
+            let backendThreads = Set(threadCPUTicks().keys).subtracting(before)
+            #expect(!backendThreads.isEmpty)
+
+            // The stormer's vCPU runs throughout; it spins without kicking in the
+            // baseline windows and kicks in tight loops in the storm windows, which
+            // alternate, so the machine's other load weighs on both alike.
+            let phase = Atomic<Int>(0)  // 0 spin, 1 kick, 2 quit
+            let kicks = Atomic<Int>(0)
+            let channel = disk.front.queues[0].channel
+            let stormer = TestThread {
+                var n = 0, spins = 0
+                while true {
+                    let p = phase.load(ordering: .relaxed)
+                    if p == 2 { break }
+                    for _ in 0..<64 {
+                        if p == 1 { try? channel.notify(); n += 1 } else { spins &+= 1 }
+                    }
+                }
+                kicks.store(n, ordering: .releasing)
+                _ = spins
+            }
+            var base = 0.0, storm = 0.0, failures: [String] = []
+            var windows: [(before: [Int32: Int], after: [Int32: Int])] = []
+            var stormSeconds = 0.0
+            let window = 0.2
+            for _ in 0..<Int(Self.stormSeconds / window) {
+                phase.store(0, ordering: .relaxed)
+                let b = worker.throughput(seconds: window)
+                phase.store(1, ordering: .relaxed)
+                let t0 = Date(), c0 = threadCPUTicks()
+                let s = worker.throughput(seconds: window)
+                let c1 = threadCPUTicks()
+                stormSeconds += Date().timeIntervalSince(t0)
+                windows.append((c0, c1))
+                base += b.perSecond
+                storm += s.perSecond
+                failures += b.failures + s.failures
+            }
+            phase.store(2, ordering: .relaxed)
+            stormer.join()
+            // The storming ring's queue thread: started by its connect and joined by its
+            // detach (other suites running in parallel start threads too).
+            let b = try disk.front.makeBuffer(pages: 1)
+            let r = try disk.answer(try disk.front.rwRequest(BlkifOp.read, sector: 0, buffer: b, bytes: 4096))
+            #expect(r.status == 0 && r.paddingZero, "the stormer's ring still serves")
+            #expect(d.device(disk.dev)?.stoppedQueues.isEmpty == true)
+            let storms = d.device(disk.dev)?.stats.spuriousStorms ?? 0
+            try disk.detach(d.s, backend: d.blkback)
+            let queueThreads = backendThreads.subtracting(threadCPUTicks().keys)
+            #expect(!queueThreads.isEmpty)
+            let backendTicks = windows.reduce(0) { sum, w in
+                sum + queueThreads.reduce(0) { $0 + (w.after[$1] ?? 0) - (w.before[$1] ?? 0) }
+            }
+            let backendCore = Double(backendTicks) / clockTicksPerSecond / stormSeconds
+            let ratio = storm / base
+            print(String(format: "kick storm: %d kicks in %.2f s; storming ring's backend threads %.1f%% of a core; muted %d times; bystander %.0f/s vs baseline %.0f/s (%.2f)",
+                         kicks.load(ordering: .acquiring), stormSeconds, backendCore * 100, storms,
+                         storm * window / stormSeconds, base * window / stormSeconds, ratio))
+            #expect(kicks.load(ordering: .acquiring) > 10_000)
+            #expect(backendCore <= Self.maxBackendCore, "backend used \(backendCore) of a core")
+            #expect(storms > 0)
+            #expect(failures.isEmpty, "\(failures)")
+            #expect(ratio >= Self.minBystanderRatio, "bystander at \(ratio) of its baseline")
+        }
+        /// The same storm on a guest's xenstore event channel (XSA-332 for
+        /// xenstored). The other guest's xenstore traffic must keep flowing
+        /// within the same bound of its baseline; xenstored's own CPU during the
+        /// storm is a known issue: it has no storm back-off yet and spends most
+        /// of a core on kicks that bring no request.
+        @Test func aXenStoreKickStormLeavesOtherGuestsServed() throws {
+            let before = Set(threadCPUTicks().keys)
+            let d = try HostileDom0()
+            // xenstored's thread is among the ones the dom0 harness started.
+            let dom0Threads = Set(threadCPUTicks().keys).subtracting(before)
+            let h = try d.guest("stormer"), g = try d.guest("bystander")
+            let channel = try h.hypervisor.channel(h.domain.storePort)
+            let phase = Atomic<Int>(0)  // 0 spin, 1 kick, 2 quit
+            let stormer = TestThread {
+                var spins = 0
+                while true {
+                    let p = phase.load(ordering: .relaxed)
+                    if p == 2 { break }
+                    for _ in 0..<64 { if p == 1 { try? channel.notify() } else { spins &+= 1 } }
+                }
+                _ = spins
+            }
+            func rounds(_ seconds: Double) throws -> Double {
+                var n = 0
+                let start = Date()
+                while Date().timeIntervalSince(start) < seconds {
+                    try g.xenstore.write("data/x", "\(n)")
+                    guard try g.xenstore.read("data/x") == "\(n)" else { throw XenBusError.protocolViolation("read back") }
+                    n += 1
+                }
+                return Double(2 * n) / Date().timeIntervalSince(start)
+            }
+            var base = 0.0, storm = 0.0
+            for _ in 0..<5 {
+                phase.store(0, ordering: .relaxed)
+                base += try rounds(0.2)
+                phase.store(1, ordering: .relaxed)
+                storm += try rounds(0.2)
+            }
+            // The storm alone, no traffic: what the kicks cost dom0's threads.
+            let c0 = threadCPUTicks(), t0 = Date()
+            _ = try pollUntil(seconds: 0.5) { false }
+            let c1 = threadCPUTicks()
+            let idleStormCore = Double(dom0Threads.reduce(0) { $0 + (c1[$1] ?? 0) - (c0[$1] ?? 0) })
+                / clockTicksPerSecond / Date().timeIntervalSince(t0)
+            phase.store(2, ordering: .relaxed)
+            stormer.join()
+            let ratio = storm / base
+            print(String(format: "xenstore kick storm: bystander %.0f/s vs baseline %.0f/s (%.2f); dom0 threads %.0f%% of a core on kicks alone",
+                         storm / 5, base / 5, ratio, idleStormCore * 100))
+            // Served throughout (every round trip above answered and read back)...
+            #expect(ratio >= Self.minXenStoreRatio, "bystander at \(ratio) of its baseline")
+            try g.xenstore.write("data/after", "ok")
+            #expect(try d.s.xenstore.read(g.home + "/data/after") == "ok")
+            // ...but not yet within the bounds blkback meets: measured 0.40-0.63 of
+            // baseline, and 44-98% of a core for xenstored on kicks alone (2 cores).
+            withKnownIssue("xenstored has no back-off for event storms (XSA-332)", isIntermittent: true) {
+                #expect(idleStormCore <= Self.maxBackendCore)
+                #expect(ratio >= Self.minBystanderRatio)
+            }
+        }
+    }
+}
