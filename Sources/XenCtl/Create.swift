@@ -142,8 +142,15 @@ extension Toolstack {
             let be = root + "/" + devid
             let fe = (try? xs.read(be + "/frontend")) ?? ""
             let state = (try? xs.read(be + "/state")) ?? "?"
-            let evt = ((try? xs.readIfExists(fe + "/event-channel")) ?? nil) ?? "-1"
-            let ring = (((try? xs.readIfExists(fe + "/ring-ref")) ?? nil) ?? ((try? xs.readIfExists(fe + "/ring-ref0")) ?? nil)) ?? "-1"
+            // Multi-queue frontends keep their keys under queue-0/ and up.
+            func key(_ k: String) -> String? {
+                for dir in [fe, fe + "/queue-0"] {
+                    if let v = (try? xs.readIfExists(dir + "/" + k)) ?? nil { return v }
+                }
+                return nil
+            }
+            let evt = key("event-channel") ?? "-1"
+            let ring = key("ring-ref") ?? key("ring-ref0") ?? "-1"
             out += "\n" + devid.padding(6) + "0".padding(4) + "0".padding(7) + state.padding(6) + evt.padding(7) + ring.padding(9) + be
         }
         return out
