@@ -436,8 +436,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     // MARK: Completion
 
     func startCompletions() {
-        let t = CompletionThread { [self] in completions() }
-        t.start()
+        DetachedThread.start { [self] in completions() }
     }
 
     /// Wakes the completion thread (a kick of our own port's eventfd).
@@ -641,20 +640,5 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
             return false
         }
         return false
-    }
-}
-
-/// The completion loop's thread.
-final class CompletionThread: @unchecked Sendable {
-    let body: @Sendable () -> Void
-    init(_ body: @escaping @Sendable () -> Void) { self.body = body }
-    func start() {
-        var tid = pthread_t()
-        let box = Unmanaged.passRetained(self).toOpaque()
-        pthread_create(&tid, nil, { arg in
-            Unmanaged<CompletionThread>.fromOpaque(arg!).takeRetainedValue().body()
-            return nil
-        }, box)
-        pthread_detach(tid)
     }
 }

@@ -136,8 +136,7 @@ public final class NetFrontDevice: @unchecked Sendable {
             self.wake.signal()
         }
         try handshake(timeout: 30)
-        let t = CompletionThread { [self] in supervise() }
-        t.start()
+        DetachedThread.start { [self] in supervise() }
     }
 
     // MARK: Handshake
@@ -341,8 +340,7 @@ extension NetFrontDevice {
         }
 
         func start() {
-            let t = CompletionThread { [self] in run(); done.signal() }
-            t.start()
+            DetachedThread.start { [self] in run(); done.signal() }
         }
 
         /// Stops the thread and waits for it; closes the event channel.

@@ -109,3 +109,22 @@ public enum UnixSocketAddress {
         }
     }
 }
+
+/// A detached OS thread for a loop that blocks in system calls (a ring's
+/// completion loop, a VIRQ watcher): one place instead of a copy per module.
+public final class DetachedThread: @unchecked Sendable {
+    // Sound: `body` is immutable and only run once, on the new thread.
+    let body: @Sendable () -> Void
+    init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+
+    /// Starts `body` on a new detached thread.
+    public static func start(_ body: @escaping @Sendable () -> Void) {
+        let box = Unmanaged.passRetained(DetachedThread(body)).toOpaque()
+        var tid = pthread_t()
+        pthread_create(&tid, nil, { arg in
+            Unmanaged<DetachedThread>.fromOpaque(arg!).takeRetainedValue().body()
+            return nil
+        }, box)
+        pthread_detach(tid)
+    }
+}

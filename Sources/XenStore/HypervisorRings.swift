@@ -43,7 +43,7 @@ public final class DomainDeathWatcher: @unchecked Sendable {
 
     /// Starts the watcher thread.
     public func start() {
-        let t = Thread { [self] in
+        DetachedThread.start { [self] in
             while true {
                 virq.wait()
                 guard let alive = try? Set(hv.listDomains().filter { $0.state != 3 }.map { UInt32($0.domid) }) else {
@@ -57,22 +57,5 @@ public final class DomainDeathWatcher: @unchecked Sendable {
                 }
             }
         }
-        t.start()
-    }
-}
-
-/// A plain detached thread (the watcher blocks in read(2) on its eventfd).
-final class Thread: @unchecked Sendable {
-    let body: @Sendable () -> Void
-    init(_ body: @escaping @Sendable () -> Void) { self.body = body }
-    func start() {
-        var tid = pthread_t()
-        let box = Unmanaged.passRetained(self).toOpaque()
-        pthread_create(&tid, nil, { arg in
-            let t = Unmanaged<Thread>.fromOpaque(arg!).takeRetainedValue()
-            t.body()
-            return nil
-        }, box)
-        pthread_detach(tid)
     }
 }
