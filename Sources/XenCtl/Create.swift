@@ -54,10 +54,12 @@ extension Toolstack {
             let id = XenStore.DomID(dom.domid)
             let home = "/local/domain/\(dom.domid)"
             try xs.transaction { t in
+                // The home first, owned by the guest; its children inherit that (libxl's order).
+                try t.mkdir(home)
+                try t.setPermissions(home, [XSPerm(id, [])])
                 try t.write(home + "/name", config.name)
                 try t.write(home + "/domid", "\(dom.domid)")
                 try t.write(home + "/memory/target", "\(UInt64(config.memory) * 1024)")
-                try t.setPermissions(home, [XSPerm(id, [])])
             }
             try xs.introduce(domid: id, mfn: dom.storeMFN, port: dom.storePort)
             for disk in config.disks {

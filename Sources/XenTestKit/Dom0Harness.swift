@@ -85,9 +85,11 @@ public final class Dom0Harness: @unchecked Sendable {
     public func prepareGuest(name: String, pages: UInt32 = 1024) throws -> Hypervisor.CreatedDomain {
         let d = try hypervisor.createDomain(pages: pages, name: name)
         let home = "/local/domain/\(d.domid)"
+        // The home first, owned by the guest; its children inherit that (libxl's order).
+        try xenstore.mkdir(home)
+        try xenstore.setPermissions(home, [XSPerm(XenStore.DomID(d.domid), [])])
         try xenstore.write(home + "/name", name)
         try xenstore.write(home + "/domid", "\(d.domid)")
-        try xenstore.setPermissions(home, [XSPerm(XenStore.DomID(d.domid), [])])
         try xenstore.introduce(domid: XenStore.DomID(d.domid), mfn: d.storeMFN, port: d.storePort)
         return d
     }

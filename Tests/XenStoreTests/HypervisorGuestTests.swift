@@ -38,6 +38,8 @@ import XenTestKit
         defer { g1.xenstore.close(); g2.xenstore.close() }
         #expect(try s.xenstore.isDomainIntroduced(XenStore.DomID(g1.domid)))
         #expect(try g1.xenstore.getDomainPath(XenStore.DomID(g1.domid)) == g1.home)
+        // The toolstack's nodes in its home are the guest's own.
+        #expect(try g1.xenstore.read("name") == "one")
 
         // Its own subtree: absolute and relative paths.
         try g1.xenstore.write(g1.home + "/data/x", "hello")
