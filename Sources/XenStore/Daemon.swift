@@ -144,7 +144,8 @@ public final class XenStoreDaemon: XSRingHost {
                 pfds = interest.map { pollfd(fd: $0.key, events: $0.value, revents: 0) }
                 pollSetChanged = false
             }
-            let n = pfds.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), 1000) }
+            let timeout = muted.isEmpty ? 1000 : Int32(max(0, min(1000, ((muted.map(\.mutedUntil).min() ?? 0) - monotonicSeconds()) * 1000 + 1)))
+            let n = pfds.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), timeout) }
             if n < 0 {
                 if errno == EINTR { continue }
                 core.log(.critical, "poll: \(String(cString: strerror(errno)))")
@@ -162,14 +163,47 @@ public final class XenStoreDaemon: XSRingHost {
                     case .ring(let r)?:
                         var v: UInt64 = 0
                         _ = read(fd, &v, 8)
+                        let before = (r.reqCons, r.rspProd)
                         serviceRing(r)
+                        throttleStorm(r, moved: before != (r.reqCons, r.rspProd))
                     case nil: break
                     }
                 }
             }
+            unmuteExpired()
             afterEvents()
             let now = monotonicSeconds()
             if now - lastExpiry >= 1 { core.expireStalled(now: now); lastExpiry = now; afterEvents() }
+        }
+    }
+
+    /// Rings whose event channel is muted for a storm of empty kicks.
+    var muted: [RingEndpoint] = []
+    static let stormKicks = 64
+    static let stormMuteSeconds = 0.002
+
+    /// XSA-332: a guest that kicks its event channel in a tight loop with no
+    /// work must not eat a core. After `stormKicks` kicks in a row that moved
+    /// nothing, its channel leaves the poll set for `stormMuteSeconds`; the
+    /// ring is serviced again when the mute ends, so no request is lost.
+    func throttleStorm(_ r: RingEndpoint, moved: Bool) {
+        guard !moved else { r.idleKicks = 0; return }
+        r.idleKicks += 1
+        guard r.idleKicks >= Self.stormKicks, !r.dead, byFD[r.port.eventFD] != nil else { return }
+        r.idleKicks = 0
+        r.mutedUntil = monotonicSeconds() + Self.stormMuteSeconds
+        remove(r.port.eventFD)
+        muted.append(r)
+    }
+
+    func unmuteExpired() {
+        guard !muted.isEmpty else { return }
+        let now = monotonicSeconds()
+        let (due, rest) = (muted.filter { $0.mutedUntil <= now }, muted.filter { $0.mutedUntil > now })
+        muted = rest
+        for r in due where !r.dead && byFD[r.port.eventFD] != nil {
+            add(r.port.eventFD, events: Self.POLLIN)
+            serviceRing(r)
         }
     }
 

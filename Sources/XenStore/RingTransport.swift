@@ -31,6 +31,9 @@ final class RingEndpoint {
     /// Bytes copied out of the request ring not yet parsed (at most one message + 1 KiB).
     var inbuf: [UInt8] = []
     var dead = false
+    /// Kicks in a row that moved nothing, and when a storm mute ends (XSA-332).
+    var idleKicks = 0
+    var mutedUntil: Double = 0
 
     init(conn: XSConnection, port: XenstoreRingPort) {
         self.conn = conn
