@@ -161,11 +161,8 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         self.grants = grants
         self.frontendPath = fe
         self.logger = logger
-        let be = try xs.read(fe + "/backend")
+        let (be, beID) = try backend(of: fe, xs)
         backendPath = be
-        guard let beID = XenHV.DomID(try xs.read(fe + "/backend-id")) else {
-            throw HypervisorError.protocolViolation("\(fe)/backend-id is not a domain id")
-        }
         backendID = beID
         guard let s = xs.awaitState(at: be, { $0 == .initWait || $0 == .connected || $0 == .closed || $0 == .closing }),
               s == .initWait else {

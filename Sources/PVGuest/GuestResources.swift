@@ -1,4 +1,5 @@
 import Synchronization
+import XenBus
 import XenHV
 
 /// The guest kernel's page allocator, over its own pseudo-physical memory:
@@ -72,4 +73,14 @@ public final class GrantRefs: Sendable {
         hv.grantTable!.grantAccess(r, to: domid, frame: frame, readOnly: readOnly)
         return r
     }
+}
+
+/// The backend a toolstack named in a frontend directory: its `backend` path
+/// and `backend-id` domain, checked.
+func backend(of frontendPath: String, _ xs: XenBusClient) throws -> (path: String, id: DomID) {
+    let path = try xs.read(frontendPath + "/backend")
+    guard let id = DomID(try xs.read(frontendPath + "/backend-id")), id < HVLimits.firstReservedDomID else {
+        throw HypervisorError.protocolViolation("\(frontendPath)/backend-id is not a domain id")
+    }
+    return (path, id)
 }

@@ -78,11 +78,8 @@ public final class NetFrontDevice: @unchecked Sendable {
         self.pages = pages
         self.frontendPath = fe
         self.namespace = namespace
-        let be = try xs.read(fe + "/backend")
+        let (be, beID) = try backend(of: fe, xs)
         backendPath = be
-        guard let beID = XenHV.DomID(try xs.read(fe + "/backend-id")) else {
-            throw HypervisorError.protocolViolation("\(fe)/backend-id is not a domain id")
-        }
         backendID = beID
         let macString = try xs.readIfExists(fe + "/mac") ?? xs.readIfExists(be + "/mac")
         guard let macString, let m = MACAddress(macString) else {
