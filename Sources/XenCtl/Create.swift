@@ -221,3 +221,33 @@ extension Toolstack {
         return out
     }
 }
+
+extension Toolstack {
+    /// `xl shutdown DOMAIN`: asks the guest to power off (control/shutdown),
+    /// waits up to `seconds` for it to report the shutdown, then destroys it
+    /// (on_poweroff=destroy).
+    public func shutdown(_ domain: String, seconds: Double = 30) throws {
+        let hv = try connect()
+        let d = try resolve(hv, domain)
+        guard d.domid != 0 else { throw Failure("domain 0 cannot be shut down from here") }
+        let xs = try connectStore()
+        defer { xs.close() }
+        try xs.write("/local/domain/\(d.domid)/control/shutdown", "poweroff")
+        var deadline = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &deadline)
+        let end = Double(deadline.tv_sec) + seconds
+        while true {
+            let now = (try hv.listDomains()).first { $0.domid == d.domid }
+            if now == nil || now?.state == DomainState.shutdown.rawValue { break }
+            var t = timespec()
+            clock_gettime(CLOCK_MONOTONIC, &t)
+            guard Double(t.tv_sec) < end else {
+                throw Failure("domain '\(d.name)' did not shut down within \(Int(seconds)) s")
+            }
+            var p = pollfd(fd: -1, events: 0, revents: 0)
+            _ = poll(&p, 0, 50)
+        }
+        try? hv.destroyDomain(d.domid)
+        removeStoreEntries(of: d.domid, xs)
+    }
+}

@@ -170,6 +170,10 @@ public final class Hypervisor: @unchecked Sendable {
     public func destroyDomain(_ d: DomID) throws { _ = try call(.destroyDomain) { $0.u16(d) } }
     /// Names the process that runs domain `d` (the toolstack knows it; dom0 only),
     /// so pause, unpause and destroy act on it.
+    /// `SCHEDOP_shutdown` (guests): our domain shut itself down cleanly; the
+    /// toolstack sees the shutdown state and VIRQ_DOM_EXC, then destroys it.
+    public func shutdownSelf() throws { _ = try call(.shutdown) }
+
     public func attachProcess(_ pid: Int32, to d: DomID) throws {
         _ = try call(.attachProcess) { $0.u16(d); $0.u32(UInt32(bitPattern: pid)) }
     }

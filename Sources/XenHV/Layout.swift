@@ -68,6 +68,8 @@ public enum DomainState: UInt32, Sendable, CustomStringConvertible {
     case dying = 3
     /// The guest process went away without the toolstack destroying the domain.
     case crashed = 4
+    /// The guest shut itself down (SCHEDOP_shutdown): it exits; the toolstack destroys it.
+    case shutdown = 5
 
     /// xl list's state column ("rbpscd": running, blocked, paused, shutdown, crashed, dying).
     public var description: String {
@@ -75,6 +77,7 @@ public enum DomainState: UInt32, Sendable, CustomStringConvertible {
         case .running: "r-----"
         case .paused: "--p---"
         case .crashed: "----c-"
+        case .shutdown: "---s--"
         case .dying: "-----d"
         }
     }

@@ -38,6 +38,8 @@ package enum HVOp: UInt32 {
     case querySize
     /// Tells xenhv which process runs a domain (for pause, unpause, destroy).
     case attachProcess
+    /// SCHEDOP_shutdown: the guest reports a clean shutdown of itself.
+    case shutdown
 }
 
 /// Little-endian encoder for protocol payloads.

@@ -233,6 +233,15 @@ public final class HypervisorDaemon {
             if dom.process > 0 { kill(dom.process, pause ? SIGSTOP : SIGCONT) }
             dom.active.setState(pause ? .paused : .running)
 
+        case .shutdown:
+            let dom = try domain(c.domid, for: c)
+            guard dom.domid != 0 else { throw XenErrno.EINVAL }
+            if dom.state == .running || dom.state == .paused {
+                dom.active.setState(.shutdown)
+                logger.info("domain \(dom.domid) shut down", metadata: ["name": "\(dom.name)"])
+                raiseDomExc()
+            }
+
         case .attachProcess:
             try requirePrivileged(c)
             let d = try r.u16()

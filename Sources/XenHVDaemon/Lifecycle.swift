@@ -61,7 +61,8 @@ extension HypervisorDaemon {
         clients.removeValue(forKey: c.fd)
         Glibc.close(c.fd)
         if c.domid != 0 {
-            if let dom = domains[c.domid], dom.state != .dying {
+            // A guest that shut down cleanly is expected to go away.
+            if let dom = domains[c.domid], dom.state != .dying, dom.state != .shutdown {
                 dom.active.setState(.crashed)
                 logger.warning("domain \(c.domid) lost its guest process", metadata: ["name": "\(dom.name)"])
                 raiseDomExc()

@@ -44,7 +44,8 @@ struct PVGuestCommand: ParsableCommand {
         }
         var logger = Logger(label: "pvguest")
         logger.logLevel = .info
-        let term: [CInt] = [SIGTERM, SIGINT, SIGHUP]
+        // SIGUSR1: the toolstack asked for a shutdown through control/shutdown.
+        let term: [CInt] = [SIGTERM, SIGINT, SIGHUP, SIGUSR1]
         var set = sigset_t()
         sigemptyset(&set)
         for s in term { sigaddset(&set, s) }
@@ -104,10 +105,32 @@ struct PVGuestCommand: ParsableCommand {
             close(fd)
         }
         _ = term.count
+        // control/shutdown (Linux's xenbus shutdown handler): poweroff, halt or
+        // reboot ends the guest cleanly; the node is cleared to acknowledge.
+        // The watch callback runs on the client's reader thread, which must not
+        // wait for a reply itself: it only wakes the main thread.
+        let shutdownWatch = try xs.watch(home + "/control/shutdown") { _ in kill(getpid(), SIGUSR1) }
         var sig: Int32 = 0
-        sigwait(&set, &sig)
+        while true {
+            sigwait(&set, &sig)
+            guard sig == SIGUSR1 else { break }
+            if let v = (try? xs.readIfExists(home + "/control/shutdown")) ?? nil, ["poweroff", "halt", "reboot"].contains(v) {
+                try? xs.write(home + "/control/shutdown", "")
+                break
+            }
+        }
+        try? xs.unwatch(shutdownWatch)
         for s in servers { s.stop() }
         for n in nics { n.stop() }
+        if sig == SIGUSR1 {
+            // Frontends close (the backends release their rings), then SCHEDOP_shutdown.
+            for fe in ((try? xs.directory(home + "/device/vbd")) ?? []).map({ home + "/device/vbd/" + $0 })
+                + ((try? xs.directory(home + "/device/vif")) ?? []).map({ home + "/device/vif/" + $0 }) {
+                try? xs.switchState(at: fe, to: .closed)
+            }
+            try? hv.shutdownSelf()
+            logger.info("shut down at the toolstack's request")
+        }
         xs.close()
     }
 

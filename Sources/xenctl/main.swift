@@ -13,7 +13,7 @@ struct XenCtlCommand: ParsableCommand {
         commandName: "xenctl",
         abstract: "The toolstack: dom0 services and xl's verbs.",
         subcommands: [Up.self, Down.self, Status.self, Create.self, List.self, Destroy.self, BlockList.self,
-                      BlockDetach.self, NetworkList.self, NetworkDetach.self, Top.self, Metrics.self, Units.self,
+                      BlockDetach.self, NetworkList.self, NetworkDetach.self, Shutdown.self, Top.self, Metrics.self, Units.self,
                       Supervise.self])
 }
 
@@ -125,6 +125,16 @@ struct NetworkDetach: ParsableCommand {
     @Argument(help: "The NIC's device id (0, 1, ...).") var device: String
     func run() throws {
         do { try Toolstack(runDir: rd.path).detach(domain, type: "vif", device: device) } catch { fail("\(error)") }
+    }
+}
+
+struct Shutdown: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Ask a domain to shut down, wait for it, and destroy it (xl shutdown).")
+    @OptionGroup var rd: RunDirOption
+    @Argument(help: "Domain name or id.") var domain: String
+    @Option(help: "Seconds to wait for the guest.") var timeout: Double = 30
+    func run() throws {
+        do { try Toolstack(runDir: rd.path).shutdown(domain, seconds: timeout) } catch { fail("\(error)") }
     }
 }
 

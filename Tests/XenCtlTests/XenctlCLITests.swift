@@ -195,8 +195,21 @@ import XenCtl
         #expect(try xenctl("block-list", "good", runDir: run).1.split(separator: "\n").count == 1)
         #expect(try xenctl("block-detach", "good", "xvdb", runDir: run).2 == "xenctl: domain 'good' has no vbd xvdb\n")
 
-        // Destroy takes the guest, its tap and its store entries away.
-        #expect(try xenctl("destroy", "good", runDir: run).0 == 0)
+        // Shutdown: the guest powers off cleanly (its process exits), the domain goes.
+        let guestPID = Int32(out.split(separator: "guest process ").last?.split(separator: "\n").first ?? "") ?? 0
+        let (src, _, serr) = try xenctl("shutdown", "good", runDir: run)
+        #expect(src == 0, "\(serr)")
+        #expect(try xenctl("list", runDir: run).1.split(separator: "\n").count == 2)
+        // Exited: gone, or a zombie until init reaps the orphan.
+        let stat = (try? String(contentsOfFile: "/proc/\(guestPID)/stat", encoding: .utf8)) ?? ""
+        #expect(guestPID > 0 && (stat.isEmpty || stat.split(separator: ")").last?.split(separator: " ").first == "Z"), "\(stat)")
+        let guestLog = (try? String(contentsOfFile: run + "/logs/guest-good.log", encoding: .utf8)) ?? ""
+        #expect(guestLog.contains("shut down at the toolstack's request"), "\(guestLog)")
+
+        // Destroy takes a guest and its store entries away.
+        let other = cfg("other", "name = 'other'\nmemory = 16\n")
+        #expect(try xenctl("create", other, runDir: run).0 == 0)
+        #expect(try xenctl("destroy", "other", runDir: run).0 == 0)
         #expect(try xenctl("list", runDir: run).1.split(separator: "\n").count == 2)
         let (drc, _, _) = try xenctl("down", runDir: run)
         #expect(drc == 0)
