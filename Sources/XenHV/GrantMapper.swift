@@ -189,7 +189,7 @@ extension Hypervisor {
         state.withLock { s in
             s.maps.release(handle)
             s.maps.perDomain[dom.domid, default: 1] -= 1
-            s.evictDeadDomains()
+            s.evictIfDead(dom.domid)
         }
     }
 

@@ -37,13 +37,17 @@ public final class Hypervisor: @unchecked Sendable {
         var peers: [EventPort: (generation: UInt32, fd: CInt)] = [:]
         var maps = MapHandles()
 
-        /// Drops destroyed domains nothing of ours maps any more, so a backend
-        /// that outlives many guests does not keep their descriptors.
+        /// Drops domain `d` if it was destroyed and nothing of ours maps it any
+        /// more, so a backend that outlives many guests keeps no descriptors of theirs.
+        mutating func evictIfDead(_ d: DomID) {
+            guard let f = domains[d], f.active.state == .dying, maps.perDomain[d, default: 0] == 0 else { return }
+            domains.removeValue(forKey: d)
+            maps.perDomain.removeValue(forKey: d)
+        }
+
+        /// The same for every cached domain (slow path: a lookup that missed).
         mutating func evictDeadDomains() {
-            for (d, f) in domains where f.active.state == .dying && maps.perDomain[d, default: 0] == 0 {
-                domains.removeValue(forKey: d)
-                maps.perDomain.removeValue(forKey: d)
-            }
+            for d in Array(domains.keys) { evictIfDead(d) }
         }
     }
 
@@ -308,11 +312,9 @@ public final class Hypervisor: @unchecked Sendable {
 
     /// Opens (once) the shared objects of a foreign domain, for mapping and copying.
     func foreignDomain(_ d: DomID) -> ForeignDomain? {
-        let cached: ForeignDomain? = state.withLock { s in
-            s.evictDeadDomains()
-            return s.domains[d]
-        }
-        if let f = cached, f.active.state != .dying { return f }
+        // Fast path (every grant map and copy): one dictionary lookup.
+        if let f = state.withLock({ $0.domains[d] }), f.active.state != .dying { return f }
+        state.withLock { $0.evictDeadDomains() }
         guard isPrivileged, let (r, fds) = try? call(.openDomain, { $0.u16(d) }) else { return nil }
         var reader = r
         guard fds.count == 3, let pages = try? reader.u32(),
