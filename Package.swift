@@ -224,10 +224,10 @@ let package = Package(
         .testTarget(
             name: "BlkBackTests",
             dependencies: ["BlkBack", "BlkFrontKit", "XenHV", "XenRing", "CXen", "XenBus", "XenStore", "XenTestKit", .product(name: "Logging", package: "swift-log")]),
-        .testTarget(name: "NetBackTests", dependencies: ["NetBack", "NetFrontKit", "XenHV", "XenRing", "CXen", "CNetShim"]),
+        .testTarget(name: "NetBackTests", dependencies: ["XenTestKit", "NetBack", "NetFrontKit", "XenHV", "XenRing", "CXen", "CNetShim"]),
         .testTarget(name: "XenABITests", dependencies: ["CXen", "CXenTestSupport", "XenRing"]),
         .testTarget(name: "XenRingTests", dependencies: ["XenRing", "CXen", "CXenTestSupport"]),
-        .testTarget(name: "XenHVTests", dependencies: ["XenHV", "XenRing", "CXen"]),
+        .testTarget(name: "XenHVTests", dependencies: ["XenHV", "XenRing", "CXen", "XenTestKit"]),
         .testTarget(name: "XenStoreTests", dependencies: ["XenStore", "XenBus", "XenHV", "CXen", "XenTestKit"]),
     ],
     swiftLanguageModes: [.v6]

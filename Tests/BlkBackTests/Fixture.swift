@@ -6,21 +6,11 @@ import Logging
 import Testing
 import XenHV
 import XenRing
+import XenTestKit
 
 /// The suites that start xenhv: run one test at a time (they count the
 /// process's descriptors and share two cores with the backend's threads).
 @Suite(.serialized) enum BlkBackIntegration {}
-
-/// Where `swift build` put xenhv.
-enum BuildProducts {
-    static var directory: String {
-        if let d = ProcessInfo.processInfo.environment["XEN_BUILD_DIR"] { return d }
-        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent()
-        return root.appendingPathComponent(".build/debug").path
-    }
-    static func path(_ name: String) -> String { directory + "/" + name }
-}
 
 /// A private xenhv on its own socket, a dom0 connection (the backend's) and
 /// any number of guest connections held by this same process (the frontends').

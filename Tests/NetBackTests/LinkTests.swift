@@ -4,6 +4,7 @@ import Glibc
 import NetBack
 import NetFrontKit
 import Testing
+import XenTestKit
 
 /// Taps, bridges and the xen-netlink tool against the real kernel.
 /// Needs root (CAP_NET_ADMIN) and /dev/net/tun; every link is removed in a defer.

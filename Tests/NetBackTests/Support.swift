@@ -5,17 +5,7 @@ import CNetShim
 import NetBack
 import NetFrontKit
 import XenHV
-
-/// Where `swift build` put the executables the tests start.
-enum BuildProducts {
-    static var directory: String {
-        if let d = ProcessInfo.processInfo.environment["XEN_BUILD_DIR"] { return d }
-        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent()
-        return root.appendingPathComponent(".build/debug").path
-    }
-    static func path(_ name: String) -> String { directory + "/" + name }
-}
+import XenTestKit
 
 struct CommandResult {
     let status: Int32

@@ -1,17 +1,7 @@
 import Foundation
 import Glibc
 import XenHV
-
-/// Where `swift build` put the executables the tests start.
-enum BuildProducts {
-    static var directory: String {
-        if let d = ProcessInfo.processInfo.environment["XEN_BUILD_DIR"] { return d }
-        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent()
-        return root.appendingPathComponent(".build/debug").path
-    }
-    static func path(_ name: String) -> String { directory + "/" + name }
-}
+import XenTestKit
 
 /// A child process with line-oriented pipes on stdin/stdout.
 final class Child {
