@@ -181,7 +181,7 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
-        .testTarget(name: "XenCtlTests", dependencies: ["XenCtl"]),
+        .testTarget(name: "XenCtlTests", dependencies: ["XenCtl", "XenTestKit"]),
 
         // pvguest: a PV guest process whose blkfront disks are exported over NBD.
         .target(

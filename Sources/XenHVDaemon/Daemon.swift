@@ -13,9 +13,14 @@ public final class HypervisorDaemon {
         public var socketPath: String
         /// Xen's `gnttab_max_maptrack_frames`: each dom0 mapper's handles, in frames of 256.
         public var maptrackFrames: UInt32
-        public init(socketPath: String, maptrackFrames: UInt32 = HVLimits.maptrackFrames) {
+        /// The first domid handed out (Xen starts at 1). Separate dom0s on one
+        /// host (tests, side-by-side setups) start elsewhere so their tap
+        /// names (vif<domid>.<devid>) do not collide.
+        public var firstDomID: DomID
+        public init(socketPath: String, maptrackFrames: UInt32 = HVLimits.maptrackFrames, firstDomID: DomID = 1) {
             self.socketPath = socketPath
             self.maptrackFrames = maptrackFrames
+            self.firstDomID = firstDomID
         }
         var maptrackEntries: UInt32 { maptrackFrames * HVLimits.maptrackEntriesPerFrame }
     }
@@ -53,6 +58,7 @@ public final class HypervisorDaemon {
 
     public init(configuration: Configuration, logger: Logger) throws {
         self.config = configuration
+        self.nextDomID = configuration.firstDomID
         self.logger = logger
         signalFD = cxen_termination_signalfd()
         guard signalFD >= 0 else { throw HypervisorError.system(call: "signalfd", errno: errno) }

@@ -1,5 +1,6 @@
 import Dispatch
 import Foundation
+import Synchronization
 import Glibc
 import Logging
 import XenBus
@@ -27,6 +28,16 @@ public final class Dom0Harness: @unchecked Sendable {
         ProcessInfo.processInfo.environment["XEN_BUILD_DIR"] ?? packageRoot + "/.build/debug"
     }
 
+    /// A first domid for a private xenhv that other test processes and other
+    /// harnesses in this one are unlikely to use, so tap names (vif<domid>.N)
+    /// of dom0s running side by side do not collide.
+    public static func distinctFirstDomID() -> UInt16 {
+        let n = harnessCounter.withLock { c -> UInt32 in c += 1; return c }
+        // 300 bands of 100 domids per process id, a band per harness after that.
+        let band = (UInt32(getpid()) &* 7 &+ n &* 31) % 300
+        return UInt16(100 + band * 100)
+    }
+
     public init(buildDirectory: String) throws {
         var template = Array("/tmp/xen-dom0-XXXXXX".utf8CString)
         dir = String(cString: mkdtemp(&template)!)
@@ -36,7 +47,8 @@ public final class Dom0Harness: @unchecked Sendable {
         guard pipe(&p) == 0 else { throw HypervisorError.system(call: "pipe", errno: errno) }
         _ = fcntl(p[0], F_SETFD, FD_CLOEXEC)
         xenhvPID = try ProcessLauncher.spawn(buildDirectory + "/xenhv",
-                                             arguments: ["--socket", hypervisorSocket, "--log-level", "error"],
+                                             arguments: ["--socket", hypervisorSocket, "--log-level", "error",
+                                                         "--first-domid", "\(Self.distinctFirstDomID())"],
                                              descriptors: [(p[1], 1)])
         close(p[1])
         let ready = ProcessLauncher.readLine(p[0])
@@ -110,3 +122,5 @@ public final class Dom0Harness: @unchecked Sendable {
         try? FileManager.default.removeItem(atPath: dir)
     }
 }
+
+private let harnessCounter = Mutex<UInt32>(0)

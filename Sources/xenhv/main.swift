@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Logging
+import XenHV
 import XenHVDaemon
 
 /// `xenhv`: the hypervisor core's daemon (domain lifecycle, descriptors, clean-up).
@@ -15,8 +16,14 @@ struct XenHV: ParsableCommand {
     @Option(help: "Grant handles each dom0 mapper may hold, in frames of 256 (Xen's gnttab_max_maptrack_frames).")
     var maxMaptrackFrames: UInt32 = 1024
 
+    @Option(help: "First domid to hand out (default: $XENHV_FIRST_DOMID, else 1, as Xen). Lets several dom0s share a host without tap-name clashes.")
+    var firstDomid: UInt16?
+
     func validate() throws {
         guard (1...4096).contains(maxMaptrackFrames) else { throw ValidationError("--max-maptrack-frames must be 1..4096") }
+        if let d = firstDomid, !(1..<HVLimits.firstReservedDomID).contains(d) {
+            throw ValidationError("--first-domid must be 1..\(HVLimits.firstReservedDomID - 1)")
+        }
     }
 
     @Option(help: "Log level (trace, debug, info, notice, warning, error, critical).")
@@ -29,7 +36,17 @@ struct XenHV: ParsableCommand {
             atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
         var logger = Logger(label: "xenhv")
         logger.logLevel = logLevel
-        let daemon = try HypervisorDaemon(configuration: .init(socketPath: path, maptrackFrames: maxMaptrackFrames), logger: logger)
+        var first: UInt16 = 1
+        if let d = firstDomid {
+            first = d
+        } else if let e = ProcessInfo.processInfo.environment["XENHV_FIRST_DOMID"] {
+            guard let d = UInt16(e), (1..<HVLimits.firstReservedDomID).contains(d) else {
+                throw ValidationError("XENHV_FIRST_DOMID='\(e)' must be 1..\(HVLimits.firstReservedDomID - 1)")
+            }
+            first = d
+        }
+        let daemon = try HypervisorDaemon(
+            configuration: .init(socketPath: path, maptrackFrames: maxMaptrackFrames, firstDomID: first), logger: logger)
         daemon.run()
     }
 }

@@ -129,14 +129,6 @@ import XenTestKit
         }
 
         func startGuest() throws {
-            // netback names the tap vif<domid>.0, and every private xenhv starts
-            // at domain 1: skip a per-run number of ids so a parallel suite's
-            // vif1.0 cannot be ours.
-            for _ in 0..<(8 + Int(getpid() % 32)) {
-                let skip = try dom0.hypervisor.createDomain(pages: 64, name: "skip")
-                close(skip.guestDescriptor)
-                try dom0.hypervisor.destroyDomain(skip.domid)
-            }
             let d = try dom0.prepareGuest(name: "pvnet", pages: 4096)
             domain = d
             let dev = XenBusDevice(type: "vif", frontendDomid: XenStore.DomID(d.domid), devid: 0)

@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import Testing
 import XenCtl
+import XenTestKit
 
 /// xenctl end to end against the real daemons (root: it starts xenhv and xenstored).
 @Suite(.serialized) struct XenctlCLITests {
@@ -15,6 +16,10 @@ import XenCtl
         let p = Process()
         p.executableURL = URL(fileURLWithPath: Self.bin)
         p.arguments = args + ["--run-dir", runDir]
+        // A private dom0 whose domids (and so tap names) no parallel test shares.
+        var env = ProcessInfo.processInfo.environment
+        env["XENHV_FIRST_DOMID"] = env["XENHV_FIRST_DOMID"] ?? "\(Dom0Harness.distinctFirstDomID())"
+        p.environment = env
         let out = Pipe(), err = Pipe()
         p.standardOutput = out
         p.standardError = err
@@ -153,6 +158,8 @@ import XenCtl
             return
         }
         #expect(try xenctl("create", good, runDir: run).2 == "xenctl: domain 'good' already exists\n")
+        let domid = out.split(separator: "(id ").last?.split(separator: ")").first.map(String.init) ?? "?"
+        let tap = "vif\(domid).0"
         let q = Process()
         q.executableURL = URL(fileURLWithPath: "/usr/bin/qemu-io")
         q.arguments = ["-f", "raw", String(uri), "-c", "write -P 0x42 0 65536", "-c", "read -P 0x42 0 65536"]
@@ -162,18 +169,18 @@ import XenCtl
         #expect(q.terminationStatus == 0)
         let (_, blocks, _) = try xenctl("block-list", "good", runDir: run)
         #expect(blocks.contains("51712") && blocks.contains("/local/domain/0/backend/vbd/"), "\(blocks)")
-        #expect(FileManager.default.fileExists(atPath: "/sys/class/net/\(bridge)/brif/vif1.0"))
+        #expect(FileManager.default.fileExists(atPath: "/sys/class/net/\(bridge)/brif/\(tap)"))
 
         // The backends publish counters each second; wait (bounded) for the I/O to show.
         var metrics = ""
         for _ in 0..<100 {
             metrics = try xenctl("metrics", runDir: run).1
-            if metrics.contains("swiftxen_vbd_wr_sect_total{domain=\"good\",domid=\"1\",devid=\"51712\"} 128"),
+            if metrics.contains("swiftxen_vbd_wr_sect_total{domain=\"good\",domid=\"\(domid)\",devid=\"51712\"} 128"),
                metrics.contains("swiftxen_vif_tx_packets_total{domain=\"good\"") { break }
             var p = pollfd(fd: -1, events: 0, revents: 0)
             _ = poll(&p, 0, 50)
         }
-        #expect(metrics.contains("swiftxen_vbd_wr_sect_total{domain=\"good\",domid=\"1\",devid=\"51712\"} 128"), "\(metrics)")
+        #expect(metrics.contains("swiftxen_vbd_wr_sect_total{domain=\"good\",domid=\"\(domid)\",devid=\"51712\"} 128"), "\(metrics)")
         #expect(metrics.contains("swiftxen_vif_tx_packets_total{domain=\"good\""), "\(metrics)")
         #expect(metrics.components(separatedBy: "swiftxen_service_up{").count == 5)
         let top = try xenctl("top", "--once", runDir: run).1
@@ -181,12 +188,12 @@ import XenCtl
 
         // network-list shows the vif; detaching it takes the tap away; the disk detaches too.
         let (_, nics, _) = try xenctl("network-list", "good", runDir: run)
-        #expect(nics.contains("00:16:3e:00:00:42") && nics.contains("/local/domain/0/backend/vif/1/0"), "\(nics)")
+        #expect(nics.contains("00:16:3e:00:00:42") && nics.contains("/local/domain/0/backend/vif/\(domid)/0"), "\(nics)")
         #expect(try xenctl("network-detach", "good", "0", runDir: run).0 == 0)
         // netback removes the tap once the toolstack removed the device (bounded wait).
         var tapGone = false
         for _ in 0..<200 where !tapGone {
-            tapGone = !FileManager.default.fileExists(atPath: "/sys/class/net/vif1.0")
+            tapGone = !FileManager.default.fileExists(atPath: "/sys/class/net/\(tap)")
             if !tapGone { var p = pollfd(fd: -1, events: 0, revents: 0); _ = poll(&p, 0, 25) }
         }
         #expect(tapGone)
@@ -213,7 +220,7 @@ import XenCtl
         #expect(try xenctl("list", runDir: run).1.split(separator: "\n").count == 2)
         let (drc, _, _) = try xenctl("down", runDir: run)
         #expect(drc == 0)
-        #expect(!FileManager.default.fileExists(atPath: "/sys/class/net/vif1.0"))
+        #expect(!FileManager.default.fileExists(atPath: "/sys/class/net/\(tap)"))
         #expect(processes(mentioning: run).isEmpty)
     }
 
