@@ -128,6 +128,12 @@ public final class FrontQueue: @unchecked Sendable {
     }
     public var freeTxIDs: Int { freeTx.count }
 
+    /// The raw 12 bytes of tx ring slot `index` (request/response union), to
+    /// check what the backend left in it.
+    public func txSlotBytes(_ index: UInt32) throws -> [UInt8] {
+        try memory.bytes(at: firstPage * 4096 + 64 + Int(index & (tx.size - 1)) * 12, count: 12)
+    }
+
     // MARK: Transmit
 
     /// Queues a frame split into slots of at most `fragmentSize` bytes (the
@@ -288,6 +294,20 @@ public final class FrontQueue: @unchecked Sendable {
         if rx.pushRequestsAndCheckNotify() { try (rxChannel ?? txChannel).notify() }
         return posted
     }
+
+    /// Publishes queued rx requests and kicks unconditionally (a hostile or careless guest).
+    public func pushRxAndKick() throws {
+        rx.pushRequests()
+        try (rxChannel ?? txChannel).notify()
+    }
+
+    /// Writes bytes into rx buffer `id`'s page.
+    public func writeRxBuffer(_ id: UInt16, _ bytes: [UInt8]) throws {
+        try bytes.withUnsafeBytes { try memory.write($0, at: rxPage(id) * 4096) }
+    }
+
+    /// The whole page of rx buffer `id`.
+    public func rxBuffer(_ id: UInt16) throws -> [UInt8] { try memory.bytes(at: rxPage(id) * 4096, count: 4096) }
 
     /// Waits up to `timeout` ms for one whole frame; its buffers are reposted
     /// when `repost` is set.
