@@ -26,20 +26,27 @@ public final class NBDServer: @unchecked Sendable {
         self.logger = logger
     }
 
-    /// Listens on a Unix socket (replacing a stale one) and serves in the background.
+    /// Listens on a Unix socket (replacing a stale one) and serves in the
+    /// background. The socket is bound under a temporary name and renamed
+    /// into place once it listens, so whoever sees `path` can connect to it.
     public func listen(unixPath path: String) throws {
         let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard s >= 0 else { throw NBDError.system("socket", errno) }
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { close(s); throw NBDError.system("socket path", ENAMETOOLONG) }
+        let room = MemoryLayout.size(ofValue: addr.sun_path)
+        guard path.utf8.count < room else { close(s); throw NBDError.system("socket path", ENAMETOOLONG) }
+        let bound = path.utf8.count + 1 < room ? path + "~" : path
+        let bytes = Array(bound.utf8)
         withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes); $0[bytes.count] = 0 }
-        unlink(path)
+        unlink(bound)
         let r = withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
-        guard r == 0, Glibc.listen(s, 16) == 0 else { let e = errno; close(s); throw NBDError.system("bind \(path)", e) }
+        guard r == 0, Glibc.listen(s, 16) == 0 else { let e = errno; close(s); unlink(bound); throw NBDError.system("bind \(path)", e) }
+        guard bound == path || rename(bound, path) == 0 else {
+            let e = errno; close(s); unlink(bound); throw NBDError.system("rename \(bound) to \(path)", e)
+        }
         listenFD = s
         unixPath = path
         startAccepting()

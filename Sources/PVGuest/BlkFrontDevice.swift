@@ -64,6 +64,11 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     /// Set by the backend-state watch; the completion thread looks at the store.
     let backendChanged = Atomic<Bool>(false)
     let recoveryCount = Atomic<Int>(0)
+    /// Signalled when the completion thread has returned.
+    let completionsDone = DispatchSemaphore(value: 0)
+    let closed = Atomic<Bool>(false)
+    /// The slots' data and indirect pages, given back at ``close()``.
+    let dataExtent: (first: UInt32, count: Int)
 
     /// How many times the device reconnected to a new or restarted backend.
     public var recoveries: Int { recoveryCount.load(ordering: .relaxed) }
@@ -164,7 +169,18 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         let (be, beID) = try backend(of: fe, xs)
         backendPath = be
         backendID = beID
-        guard let s = xs.awaitState(at: be, { $0 == .initWait || $0 == .connected || $0 == .closed || $0 == .closing }),
+        // What this init took, handed back if it fails (a hotplugged device
+        // that does not connect must not cost the guest its memory).
+        var frames: [(UInt32, Int)] = []
+        var granted: [GrantRef] = []
+        var done = false
+        defer {
+            if !done {
+                if grants.revoke(granted) { for (f, n) in frames { pages.free(f, count: n) } }
+            }
+        }
+        // Unknown: the toolstack removed the device before it connected.
+        guard let s = xs.awaitState(at: be, { [.initWait, .connected, .closed, .closing, .unknown].contains($0) }),
               s == .initWait else {
             throw HypervisorError.protocolViolation("backend \(be) did not reach InitWait")
         }
@@ -178,11 +194,15 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         // Bounce pages come out of guest memory: this device takes at most half
         // of what is left (other disks and NICs come after it), fewer queues
         // and no indirect segments when that is short.
-        let budget = (Int(pages.limit) - Int(pages.next.withLock { $0 })) / 2
+        let budget = pages.available / 2
         var ringFrames = [try pages.allocate(1 << order)]
+        frames.append((ringFrames[0], 1 << order))
         let perQueue = Int(try pages.page(ringFrames[0], count: 1 << order).ring(BlkifRing.self, pages: 1 << order).size)
         while nq > 1 && nq * (perQueue * Self.segmentsPerRequest + (1 << order)) > budget { nq -= 1 }
-        for _ in 1..<nq { ringFrames.append(try pages.allocate(1 << order)) }
+        for _ in 1..<nq {
+            ringFrames.append(try pages.allocate(1 << order))
+            frames.append((ringFrames.last!, 1 << order))
+        }
         let slots = perQueue * nq
         // Indirect descriptors when the backend takes them and our memory
         // holds the larger slots (Linux: feature-max-indirect-segments).
@@ -195,9 +215,12 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
             perSlot = Self.indirectSegments
             dataFrame = d
             indirectFrame = d + UInt32(slots * perSlot)
+            dataExtent = (d, slots * (Self.indirectSegments + 1))
         } else {
             dataFrame = try pages.allocate(slots * perSlot)
+            dataExtent = (dataFrame, slots * perSlot)
         }
+        frames.append(dataExtent)
         segmentsPerSlot = perSlot
         var regions: [GuestRegion] = []
         var refs: [[GrantRef]] = []
@@ -206,12 +229,16 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         for i in 0..<slots {
             let first = dataFrame + UInt32(i * perSlot)
             regions.append(pages.page(first, count: perSlot))
-            refs.append(try (0..<perSlot).map {
-                try grants.grant(frame: first + UInt32($0), to: beID, readOnly: false)
-            })
+            var slotRefs: [GrantRef] = []
+            for p in 0..<perSlot {
+                slotRefs.append(try grants.grant(frame: first + UInt32(p), to: beID, readOnly: false))
+                granted.append(slotRefs.last!)
+            }
+            refs.append(slotRefs)
             if let f = indirectFrame {
                 indPages.append(pages.page(f + UInt32(i)))
                 indRefs.append(try grants.grant(frame: f + UInt32(i), to: beID, readOnly: true))
+                granted.append(indRefs.last!)
             }
         }
         indirectPages = indPages
@@ -244,6 +271,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
             self.wakeCompletions()
         }
         startCompletions()
+        done = true
         logger.info("\(fe): connected to \(be): \(sectors) sectors, \(nq) queue(s) of \(perQueue) slots (\(1 << order) ring page(s)), \(perSlot) segments per request\(indirectRefs.isEmpty ? "" : " (indirect)")")
     }
 
@@ -302,7 +330,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                 try t.write(fe + "/feature-persistent", "1")
             }
             try xs.switchState(at: fe, to: .initialised)
-            guard xs.awaitState(at: be, { $0 == .connected || $0 == .closing || $0 == .closed }) == .connected else {
+            guard xs.awaitState(at: be, { [.connected, .closing, .closed, .unknown].contains($0) }) == .connected else {
                 let why = (try? xs.readIfExists(be + "/error")) ?? nil
                 throw HypervisorError.protocolViolation("backend \(be) did not connect\(why.map { ": \($0)" } ?? "")")
             }
@@ -418,14 +446,23 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         req.id = UInt64(slot)
         fill(&req, slot)
         let request = req
-        let kick: EventChannel? = q.state.withLock { s in
+        // Checked again under the lock: failAll sets `failed` before it empties
+        // the in-flight table, so a request either is failed by it or sees it.
+        let (kick, refused): (EventChannel?, Bool) = q.state.withLock { s in
+            guard !failed.load(ordering: .acquiring) else { return (nil, true) }
             s.sequence += 1
             s.inFlight[slot - q.firstSlot] = Pending(group: group, readInto: readInto, length: length, request: request, sequence: s.sequence)
-            guard var r = s.ring else { return nil }
+            guard var r = s.ring else { return (nil, false) }
             r.enqueue(request)  // never full: one slot per ring entry
             let notify = r.pushRequestsAndCheckNotify()
             s.ring = r
-            return notify ? s.channel : nil
+            return (notify ? s.channel : nil, false)
+        }
+        if refused {
+            q.freeSlots.withLock { $0.append(slot) }
+            q.slotAvailable.signal()
+            group.partDone(EIO)
+            return
         }
         try? kick?.notify()
     }
@@ -433,7 +470,10 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     // MARK: Completion
 
     func startCompletions() {
-        DetachedThread.start { [self] in completions() }
+        DetachedThread.start { [self] in
+            completions()
+            completionsDone.signal()
+        }
     }
 
     /// Wakes the completion thread (a kick of our own port's eventfd).
@@ -451,6 +491,13 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
             if backendChanged.exchange(false, ordering: .acquiringAndReleasing) || checkPort {
                 checkPort = false
                 if let why = connectionLost() {
+                    // The toolstack detaching the disk is no outage to recover
+                    // from: the device fails until the guest closes it.
+                    if backendDetached() {
+                        logger.info("\(frontendPath): backend \(backendPath) is going away (\(why)); the disk is detached")
+                        failAll()
+                        return
+                    }
                     recover(why)
                     continue
                 }
@@ -489,16 +536,65 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         for l in links { _ = l.channel.consume() }
     }
 
-    /// Fails every request in flight with EIO (the device is dead).
+    /// Fails every request in flight with EIO (the device is dead); their
+    /// slots go back, so no submitter waits for one forever.
     func failAll() {
         failed.store(true, ordering: .releasing)
         for q in queues {
-            let lost = q.state.withLock { s -> [Pending] in
+            let lost = q.state.withLock { s -> [(Int, Pending)] in
                 defer { s.inFlight = Array(repeating: nil, count: s.inFlight.count) }
-                return s.inFlight.compactMap { $0 }
+                return s.inFlight.enumerated().compactMap { i, p in p.map { (q.firstSlot + i, $0) } }
             }
-            for p in lost { p.group.partDone(EIO) }
+            for (slot, p) in lost {
+                q.freeSlots.withLock { $0.append(slot) }
+                q.slotAvailable.signal()
+                p.group.partDone(EIO)
+            }
         }
+    }
+
+    /// Whether the toolstack is taking the device away (libxl's removal:
+    /// online=0, then Closing) or has removed the backend directory.
+    func backendDetached() -> Bool {
+        guard let online = (try? xs.readIfExists(backendPath + "/online")) ?? nil else { return true }
+        return online == "0"
+    }
+
+    /// Closes the disk for good (Linux's blkfront_closing, on a detach or the
+    /// guest's shutdown): requests in flight and later ones fail with EIO, the
+    /// frontend goes Closed (while its directory exists), and the rings, ports,
+    /// grants and pages go back to the guest — those the backend still maps
+    /// stay granted and unused.
+    public func close() {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        failAll()
+        if let w = backendWatch { try? xs.unwatch(w) }
+        wakeCompletions()
+        // The completion thread may be in a reconnect's handshake, which ends
+        // at its own timeout; only once it is out are the rings free to go.
+        guard completionsDone.wait(timeout: .now() + 35) == .success else {
+            logger.warning("\(frontendPath): the completion thread did not stop; its rings stay allocated")
+            return
+        }
+        // The backend lets go of the rings and persistent grants on our Closed.
+        try? xs.switchStateIfPresent(at: frontendPath, to: .closed)
+        _ = xs.awaitState(at: backendPath, seconds: 2) { $0 == .closed || $0 == .unknown }
+        for q in queues {
+            q.state.withLock { s in
+                s.ring = nil
+                s.channel = nil
+            }
+        }
+        for l in links {
+            try? l.channel.close()
+            if grants.revoke(l.ringRefs) { pages.free(l.ringFrame, count: 1 << ringOrder) }
+        }
+        if grants.revoke(slotRefs.flatMap { $0 } + indirectRefs) {
+            pages.free(dataExtent.first, count: dataExtent.count)
+        } else {
+            logger.warning("\(frontendPath): the backend still maps data pages; they stay granted")
+        }
+        logger.info("\(frontendPath): closed")
     }
 
     func drainAll() throws -> Int {
@@ -583,9 +679,9 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
             do {
                 // Closed makes any backend instance drop what it holds of us;
                 // Initialising after its Closed asks it for InitWait again.
-                try xs.switchState(at: frontendPath, to: .closed)
+                try xs.switchStateIfPresent(at: frontendPath, to: .closed)
                 guard try awaitBackend(.closed) else { continue }
-                try xs.switchState(at: frontendPath, to: .initialising)
+                try xs.switchStateIfPresent(at: frontendPath, to: .initialising)
                 guard try awaitBackend(.initWait) else { continue }
                 let (newLinks, rings, newSectors) = try Self.handshake(
                     hv: hv, xs: xs, fe: frontendPath, be: backendPath, beID: backendID, order: ringOrder,
@@ -596,7 +692,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                 }
                 links = newLinks
                 sectors = newSectors
-                try xs.switchState(at: frontendPath, to: .connected)
+                try xs.switchStateIfPresent(at: frontendPath, to: .connected)
                 var count = 0
                 for (i, q) in queues.enumerated() {
                     let (kick, n) = q.state.withLock { s -> (Bool, Int) in

@@ -5,28 +5,66 @@ import XenHV
 /// The guest kernel's page allocator, over its own pseudo-physical memory:
 /// frames handed to drivers for rings and I/O buffers. The builder's special
 /// pages at the top (start_info, xenstore, console) are never handed out.
+/// A device that goes away (hot-unplug) gives its frames back with ``free(_:count:)``
+/// once no grant exposes them any more; the next device reuses them.
 public final class GuestPages: Sendable {
     let memory: SharedMemory
-    let next: Mutex<UInt32>
+    /// The bump pointer and the extents given back (sorted, coalesced).
+    let state: Mutex<(next: UInt32, free: [Range<UInt32>])>
     let limit: UInt32
 
     public init(hypervisor hv: Hypervisor, firstFrame: UInt32 = 16) throws {
         guard let m = hv.memory else { throw HypervisorError.protocolViolation("not a guest connection") }
         memory = m
-        next = Mutex(firstFrame)
+        state = Mutex((firstFrame, []))
         limit = UInt32(m.size / HVLimits.pageSize) - SpecialPages.reserved
     }
 
-    /// `n` consecutive zeroed frames; they stay allocated for the guest's life.
+    /// `n` consecutive zeroed frames (first fit among freed extents, else fresh ones).
     public func allocate(_ n: Int) throws -> UInt32 {
-        let first: UInt32? = next.withLock { f in
-            guard UInt64(f) + UInt64(n) <= UInt64(limit) else { return nil }
-            defer { f += UInt32(n) }
-            return f
+        let first: UInt32? = state.withLock { s in
+            if let i = s.free.firstIndex(where: { $0.count >= n }) {
+                let r = s.free[i]
+                if r.count == n { s.free.remove(at: i) } else { s.free[i] = r.lowerBound + UInt32(n)..<r.upperBound }
+                return r.lowerBound
+            }
+            guard UInt64(s.next) + UInt64(n) <= UInt64(limit) else { return nil }
+            defer { s.next += UInt32(n) }
+            return s.next
         }
         guard let first else { throw HypervisorError.protocolViolation("guest memory exhausted (\(limit) pages)") }
         try memory.region.fill(0, at: Int(first) * HVLimits.pageSize, count: n * HVLimits.pageSize)
         return first
+    }
+
+    /// Gives back `n` frames from `first` (Linux's free_pages). Only for frames
+    /// no grant still exposes: see ``GrantRefs/revoke(_:)``.
+    public func free(_ first: UInt32, count n: Int) {
+        guard n > 0 else { return }
+        state.withLock { s in
+            var extents = s.free
+            extents.append(first..<first + UInt32(n))
+            extents.sort { $0.lowerBound < $1.lowerBound }
+            var merged: [Range<UInt32>] = []
+            for r in extents {
+                if let last = merged.last, last.upperBound >= r.lowerBound {
+                    merged[merged.count - 1] = last.lowerBound..<max(last.upperBound, r.upperBound)
+                } else {
+                    merged.append(r)
+                }
+            }
+            // An extent ending at the bump pointer goes back to it.
+            if let last = merged.last, last.upperBound == s.next {
+                s.next = last.lowerBound
+                merged.removeLast()
+            }
+            s.free = merged
+        }
+    }
+
+    /// Frames still free, fresh or given back.
+    public var available: Int {
+        state.withLock { s in Int(limit - s.next) + s.free.reduce(0) { $0 + $1.count } }
     }
 
     /// The frame as a bounds-checked region.
@@ -66,6 +104,17 @@ public final class GrantRefs: Sendable {
     }
 
     public func release(_ r: GrantRef) { state.withLock { $0.free.append(r) } }
+
+    /// Ends the backend's access to `refs` (gnttab_end_foreign_access) and
+    /// frees them; a ref the backend still maps stays granted (its page must
+    /// not be reused: Linux defers freeing it). True when every ref was revoked.
+    public func revoke(_ refs: [GrantRef]) -> Bool {
+        var all = true
+        for r in refs {
+            if hv.grantTable!.endAccess(r) { release(r) } else { all = false }
+        }
+        return all
+    }
 
     /// Grants `frame` to `domid` on a fresh ref.
     public func grant(frame: UInt32, to domid: DomID, readOnly: Bool) throws -> GrantRef {

@@ -52,6 +52,11 @@ public final class NetFrontDevice: @unchecked Sendable {
     let txRefs: [GrantRef]
     let rxRefs: [GrantRef]
     let pages: GuestPages
+    let grants: GrantRefs
+    /// The first frames of the 256 tx and 256 rx buffer pages.
+    let txFirst: UInt32
+    let rxFirst: UInt32
+    var backendWatch: XenBusWatch?
 
     let control = Mutex<(session: Session?, stopped: Bool)>((nil, false))
     /// Writes to the backend's state node (counted by the watch callback).
@@ -76,6 +81,7 @@ public final class NetFrontDevice: @unchecked Sendable {
         self.xs = xs
         self.logger = logger
         self.pages = pages
+        self.grants = grants
         self.frontendPath = fe
         self.namespace = namespace
         let (be, beID) = try backend(of: fe, xs)
@@ -121,18 +127,28 @@ public final class NetFrontDevice: @unchecked Sendable {
         rxRingRef = try grants.grant(frame: rxRingFrame, to: beID, readOnly: false)
         let txFirst = try pages.allocate(Self.ringSize)
         let rxFirst = try pages.allocate(Self.ringSize)
+        self.txFirst = txFirst
+        self.rxFirst = rxFirst
         txPages = pages.page(txFirst, count: Self.ringSize)
         rxPages = pages.page(rxFirst, count: Self.ringSize)
         // The backend only reads tx buffers; it writes rx buffers (grant copy).
         txRefs = try (0..<Self.ringSize).map { try grants.grant(frame: txFirst + UInt32($0), to: beID, readOnly: true) }
         rxRefs = try (0..<Self.ringSize).map { try grants.grant(frame: rxFirst + UInt32($0), to: beID, readOnly: false) }
 
-        _ = try xs.watch(be + "/state") { [weak self] _ in
+        backendWatch = try xs.watch(be + "/state") { [weak self] _ in
             guard let self else { return }
             self.backendEvents.wrappingAdd(1, ordering: .releasing)
             self.wake.signal()
         }
-        try handshake(timeout: 30)
+        do {
+            try handshake(timeout: 30)
+        } catch {
+            // A NIC that does not connect gives back what it took.
+            control.withLock { $0.stopped = true }
+            if let w = backendWatch { try? xs.unwatch(w) }
+            releaseResources()
+            throw error
+        }
         DetachedThread.start { [self] in supervise() }
     }
 
@@ -145,7 +161,8 @@ public final class NetFrontDevice: @unchecked Sendable {
     /// only InitWait ends the wait then.
     func handshake(timeout: Double, reconnecting: Bool = false) throws {
         let fe = frontendPath, be = backendPath
-        let settledStates: Set<XenBus.XenbusState> = reconnecting ? [.initWait] : [.initWait, .connected, .closing, .closed]
+        // Unknown: the toolstack removed the device before it connected.
+        let settledStates: Set<XenBus.XenbusState> = reconnecting ? [.initWait] : [.initWait, .connected, .closing, .closed, .unknown]
         guard let s = xs.awaitState(at: be, seconds: timeout, { settledStates.contains($0) }), s == .initWait else {
             throw HypervisorError.protocolViolation("backend \(be) did not reach InitWait")
         }
@@ -180,8 +197,8 @@ public final class NetFrontDevice: @unchecked Sendable {
                 try t.write(fe + "/feature-gso-tcpv6", gso6 ? "1" : "0")
                 try t.write(fe + "/feature-ipv6-csum-offload", "1")
             }
-            try xs.switchState(at: fe, to: .connected)
-            guard xs.awaitState(at: be, seconds: timeout, { $0 == .connected || $0 == .closing || $0 == .closed }) == .connected else {
+            try xs.switchStateIfPresent(at: fe, to: .connected)
+            guard xs.awaitState(at: be, seconds: timeout, { [.connected, .closing, .closed, .unknown].contains($0) }) == .connected else {
                 let why = (try? xs.readIfExists(be + "/error")) ?? nil
                 throw HypervisorError.protocolViolation("backend \(be) did not connect\(why.map { ": \($0)" } ?? "")")
             }
@@ -219,8 +236,10 @@ public final class NetFrontDevice: @unchecked Sendable {
                (try? xs.state(at: backendPath)) == .connected {
                 continue  // nothing changed
             }
-            guard (try? xs.exists(backendPath)) == true else {
-                logger.info("\(frontendPath): backend \(backendPath) removed; NIC stays down")
+            // The toolstack removing the device (online=0, or the directory
+            // gone) is no renegotiation: the NIC stays down until the guest removes it.
+            guard let online = (try? xs.readIfExists(backendPath + "/online")) ?? nil, online != "0" else {
+                logger.info("\(frontendPath): backend \(backendPath) is going away; NIC stays down")
                 stopSession()
                 return
             }
@@ -241,11 +260,11 @@ public final class NetFrontDevice: @unchecked Sendable {
     func reconnect() {
         let fe = frontendPath, be = backendPath
         while !control.withLock({ $0.stopped }) {
-            try? xs.switchState(at: fe, to: .closing)
+            try? xs.switchStateIfPresent(at: fe, to: .closing)
             _ = xs.awaitState(at: be, seconds: 5) { $0 == .closing || $0 == .closed }
-            try? xs.switchState(at: fe, to: .closed)
+            try? xs.switchStateIfPresent(at: fe, to: .closed)
             _ = xs.awaitState(at: be, seconds: 5) { $0 == .closed }
-            try? xs.switchState(at: fe, to: .initialising)
+            try? xs.switchStateIfPresent(at: fe, to: .initialising)
             do {
                 try handshake(timeout: 30, reconnecting: true)
                 return
@@ -256,15 +275,27 @@ public final class NetFrontDevice: @unchecked Sendable {
         }
     }
 
-    /// Stops the data path and closes the device with the backend.
+    /// Stops the data path and closes the device with the backend (Linux's
+    /// xennet_remove); the rings, grants and buffer pages go back to the guest
+    /// once the backend has let go of them. The NIC goes with the last
+    /// reference to the device.
     public func stop() {
-        control.withLock { $0.stopped = true }
+        guard !control.withLock({ c -> Bool in defer { c.stopped = true }; return c.stopped }) else { return }
         wake.signal()
         stopSession()
-        try? xs.switchState(at: frontendPath, to: .closing)
-        _ = xs.awaitState(at: backendPath, seconds: 2) { $0 == .closing || $0 == .closed }
-        try? xs.switchState(at: frontendPath, to: .closed)
+        if let w = backendWatch { try? xs.unwatch(w) }
+        try? xs.switchStateIfPresent(at: frontendPath, to: .closing)
+        _ = xs.awaitState(at: backendPath, seconds: 2) { [.closing, .closed, .unknown].contains($0) }
+        try? xs.switchStateIfPresent(at: frontendPath, to: .closed)
+        releaseResources()
         if createdNamespace { NetNamespace.remove(namespace) }
+    }
+
+    /// Revokes the grants and frees the pages the backend no longer maps.
+    func releaseResources() {
+        if grants.revoke([txRingRef, rxRingRef]) { pages.free(txRingFrame, count: 2) }
+        if grants.revoke(txRefs) { pages.free(txFirst, count: Self.ringSize) }
+        if grants.revoke(rxRefs) { pages.free(rxFirst, count: Self.ringSize) }
     }
 }
 

@@ -249,10 +249,7 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
     /// for a device the toolstack removed cannot re-create its directory (which
     /// would also keep the device open: its removal would never be seen).
     func switchState(_ path: String, to new: XenbusState) throws {
-        try xs.transaction { t in
-            guard let current = try t.readIfExists(path + "/state") else { return }
-            if current != "\(new.rawValue)" { try t.write(path + "/state", "\(new.rawValue)") }
-        }
+        try xs.switchStateIfPresent(at: path, to: new)
     }
 
     func teardown(_ e: Entry) {

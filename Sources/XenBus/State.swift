@@ -78,6 +78,16 @@ extension XenBusClient {
         try write(dir + "/state", "\(new.rawValue)")
     }
 
+    /// Writes `<dir>/state` only while it exists, checked in the same
+    /// transaction (Linux's __xenbus_switch_state): a late write for a device
+    /// the toolstack removed must not re-create its directory.
+    public func switchStateIfPresent(at dir: String, to new: XenbusState) throws {
+        try transaction { t in
+            guard let current = try t.readIfExists(dir + "/state") else { return }
+            if current != "\(new.rawValue)" { try t.write(dir + "/state", "\(new.rawValue)") }
+        }
+    }
+
     /// Waits until `<dir>/state` satisfies `predicate` (xenbus_wait_for_state), using a
     /// watch; skipped states are fine since only the current value is tested.
     public func waitForState(at dir: String, timeout: Double = 30,
@@ -98,11 +108,17 @@ extension XenBusClient {
     /// with libxl's permissions — the backend dir owned by the backend domain and
     /// readable by the frontend, the frontend dir owned by the frontend domain and
     /// readable by the backend — cross-linked, both in state Initialising.
+    /// `exclusive`: fail with EEXIST, checked in the same transaction, when
+    /// either directory exists (a hotplug must not replace a device); else a
+    /// leftover is replaced.
     public func createDevice(_ d: XenBusDevice, backend: [String: String] = [:],
-                             frontend: [String: String] = [:]) throws {
+                             frontend: [String: String] = [:], exclusive: Bool = false) throws {
         try transaction { t in
             let bePerms = [XSPerm(d.backendDomid, .none), XSPerm(d.frontendDomid, .read)]
             let fePerms = [XSPerm(d.frontendDomid, .none), XSPerm(d.backendDomid, .read)]
+            if exclusive {
+                for p in [d.backendPath, d.frontendPath] where try t.readIfExists(p) != nil { throw XenBusError.xs(.EEXIST) }
+            }
             try t.rmIfPresent(d.backendPath)
             try t.rmIfPresent(d.frontendPath)
             try t.mkdir(d.backendPath)

@@ -33,11 +33,11 @@ extension Toolstack {
         do { config = try DomainConfig(try XLConfig(parsing: text, file: configPath)) } catch {
             throw Failure("\(error)")
         }
-        for d in config.disks where access(d.target, F_OK) != 0 {
-            throw Failure("\(configPath):\(configLine(text, "disk")): disk \(d.vdev): target \(d.target) does not exist")
+        for d in config.disks {
+            if let why = Self.missingTarget(d) { throw Failure("\(configPath):\(configLine(text, "disk")): \(why)") }
         }
-        for v in config.vifs where access("/sys/class/net/\(v.bridge)/bridge", F_OK) != 0 {
-            throw Failure("\(configPath):\(configLine(text, "vif")): bridge '\(v.bridge)' does not exist (xen-netlink bridge-add \(v.bridge) creates it)")
+        for v in config.vifs {
+            if let why = Self.missingBridge(v) { throw Failure("\(configPath):\(configLine(text, "vif")): \(why)") }
         }
         let hv = try connect()
         let xs = try connectStore()
@@ -62,23 +62,8 @@ extension Toolstack {
                 try t.write(home + "/memory/target", "\(UInt64(config.memory) * 1024)")
             }
             try xs.introduce(domid: id, mfn: dom.storeMFN, port: dom.storePort)
-            for disk in config.disks {
-                try xs.createDevice(
-                    XenBusDevice(type: "vbd", frontendDomid: id, devid: Int(disk.devid)),
-                    backend: ["params": disk.target, "mode": disk.access.rawValue, "type": "file", "dev": disk.vdev,
-                              "device-type": disk.isCDROM ? "cdrom" : "disk", "discard-enable": disk.discard ? "1" : "0",
-                              "removable": "0", "bootable": "1"],
-                    frontend: ["virtual-device": "\(disk.devid)", "device-type": disk.isCDROM ? "cdrom" : "disk"])
-            }
-            for (i, vif) in config.vifs.enumerated() {
-                let mac = (vif.mac ?? MACAddress.randomXen()).description
-                var be = ["mac": mac, "bridge": vif.bridge, "handle": "\(i)", "type": "vif"]
-                if let script = vif.script { be["script"] = script }
-                if let rate = vif.rate { be["rate"] = rate.xenstoreValue }
-                if let mtu = vif.mtu { be["mtu"] = "\(mtu)" }
-                try xs.createDevice(XenBusDevice(type: "vif", frontendDomid: id, devid: i), backend: be,
-                                    frontend: ["mac": mac, "handle": "\(i)"])
-            }
+            for disk in config.disks { try addDisk(disk, to: id, xs) }
+            for (i, vif) in config.vifs.enumerated() { _ = try addVif(vif, devid: i, to: id, xs) }
             let guestDir = runDir + "/guests/\(dom.domid)"
             try FileManager.default.createDirectory(atPath: guestDir, withIntermediateDirectories: true)
             let log = open(runDir + "/logs/guest-\(config.name).log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
@@ -105,7 +90,7 @@ extension Toolstack {
                 let line = ProcessLauncher.readLine(ready[0])
                 if line.isEmpty { break }
                 let w = line.split(separator: " ")
-                if w.first == "disk", w.count >= 2, let uri = w.last { disks.append((String(w[1]), String(uri))) }
+                if let disk = Self.diskEntry(line) { disks.append(disk) }
                 if w.first == "nic" { nics.append(line) }
                 if line.hasPrefix("pvguest ready") { up = true }
             }
@@ -196,10 +181,7 @@ extension Toolstack {
         guard (try? xs.exists(dev.backendPath)) == true else {
             throw Failure("domain '\(d.name)' has no \(type) \(device)")
         }
-        try xs.write(dev.backendPath + "/online", "0")
-        try xs.switchState(at: dev.backendPath, to: .closing)
-        _ = xs.awaitState(at: dev.backendPath, seconds: seconds) { $0 == .closed || $0 == .unknown }
-        try xs.destroyDevice(dev)
+        try removeDevice(dev, xs, seconds: seconds)
     }
 
     /// `xl network-list DOMAIN`.

@@ -45,7 +45,8 @@ struct PVGuestCommand: ParsableCommand {
         var logger = Logger(label: "pvguest")
         logger.logLevel = .info
         // SIGUSR1: the toolstack asked for a shutdown through control/shutdown.
-        let term: [CInt] = [SIGTERM, SIGINT, SIGHUP, SIGUSR1]
+        // SIGUSR2: a device directory changed (hotplug).
+        let term: [CInt] = [SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2]
         var set = sigset_t()
         sigemptyset(&set)
         for s in term { sigaddset(&set, s) }
@@ -60,43 +61,21 @@ struct PVGuestCommand: ParsableCommand {
         let pages = try GuestPages(hypervisor: hv)
         let grants = try GrantRefs(hypervisor: hv)
 
-        var lines: [String] = []
-        var servers: [NBDServer] = []
-        for devid in ((try? xs.directory(home + "/device/vbd")) ?? []).sorted() {
-            let fe = home + "/device/vbd/" + devid
-            let device = try BlkFrontDevice(hypervisor: hv, xenstore: xs, frontendPath: fe, pages: pages, grants: grants,
-                                            ringPageOrder: ringPageOrder, logger: logger)
-            let be = try xs.read(fe + "/backend")
-            let name = (try? xs.readIfExists(be + "/dev")) ?? nil ?? "d\(devid)"
-            let server = NBDServer(exportName: name, device: device, logger: logger)
-            let socket = "\(dir)/\(name).sock"
-            try server.listen(unixPath: socket)
-            servers.append(server)
-            lines.append("disk \(name) \(device.size / 512) sectors\(device.isReadOnly ? " ro" : "") nbd+unix:///\(name)?socket=\(socket)")
-        }
-        var nics: [NetFrontDevice] = []
-        let namespace = netns ?? "xen-\(hv.domid)"
-        for devid in ((try? xs.directory(home + "/device/vif")) ?? []).sorted(by: { (Int($0) ?? 0) < (Int($1) ?? 0) }) {
-            // A NIC that cannot connect is left out, as a Linux guest boots without it.
-            let existed = NetNamespace.exists(namespace)
-            let nic: NetFrontDevice
-            do {
-                nic = try NetFrontDevice(hypervisor: hv, xenstore: xs, frontendPath: home + "/device/vif/" + devid,
-                                         pages: pages, grants: grants, namespace: namespace,
-                                         interfaceName: "eth\(devid)", logger: logger)
-            } catch {
-                logger.error("vif \(devid): \(error); the guest has no such NIC")
-                if !existed && nics.isEmpty { NetNamespace.remove(namespace) }
-                continue
-            }
-            nics.append(nic)
-            if nic.createdNamespace {
+        // The frontend bus: every device now and any the toolstack adds later
+        // (hotplug). Its watch callbacks only raise SIGUSR2; this thread rescans.
+        let log = logger
+        let devices = GuestDevices(
+            hypervisor: hv, xenstore: xs, home: home, pages: pages, grants: grants,
+            options: .init(nbdDir: dir, ringPageOrder: ringPageOrder, namespace: netns ?? "xen-\(hv.domid)") { namespace in
                 do { try Self.startReaper(for: namespace) } catch {
-                    logger.warning("netns \(namespace): no reaper (\(error)); it outlives a killed guest")
+                    log.warning("netns \(namespace): no reaper (\(error)); it outlives a killed guest")
                 }
-            }
-            lines.append("nic \(nic.interfaceName) netns \(namespace) mac \(nic.mac)")
-        }
+            },
+            logger: logger, wake: { kill(getpid(), SIGUSR2) })
+        try devices.start()
+        // Boot waits for the devices present now (each bounded by its own timeouts).
+        if !devices.settle(seconds: 120) { logger.warning("some devices are still connecting; they come up later") }
+        var lines = devices.lines
         lines.append("pvguest ready domain \(hv.domid)")
         for l in lines { print(l) }
         fflush(nil)
@@ -113,6 +92,10 @@ struct PVGuestCommand: ParsableCommand {
         var sig: Int32 = 0
         while true {
             sigwait(&set, &sig)
+            if sig == SIGUSR2 {
+                devices.rescan()
+                continue
+            }
             guard sig == SIGUSR1 else { break }
             if let v = (try? xs.readIfExists(home + "/control/shutdown")) ?? nil, ["poweroff", "halt", "reboot"].contains(v) {
                 try? xs.write(home + "/control/shutdown", "")
@@ -120,8 +103,7 @@ struct PVGuestCommand: ParsableCommand {
             }
         }
         try? xs.unwatch(shutdownWatch)
-        for s in servers { s.stop() }
-        for n in nics { n.stop() }
+        devices.stopAll()
         if sig == SIGUSR1 {
             // Frontends close (the backends release their rings), then SCHEDOP_shutdown.
             for fe in ((try? xs.directory(home + "/device/vbd")) ?? []).map({ home + "/device/vbd/" + $0 })

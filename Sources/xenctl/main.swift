@@ -13,7 +13,7 @@ struct XenCtlCommand: ParsableCommand {
         commandName: "xenctl",
         abstract: "The toolstack: dom0 services and xl's verbs.",
         subcommands: [Up.self, Down.self, Status.self, Create.self, List.self, Destroy.self, BlockList.self,
-                      BlockDetach.self, NetworkList.self, NetworkDetach.self, Shutdown.self, Top.self, Metrics.self, Units.self,
+                      BlockAttach.self, BlockDetach.self, NetworkList.self, NetworkAttach.self, NetworkDetach.self, Shutdown.self, Top.self, Metrics.self, Units.self,
                       Supervise.self])
 }
 
@@ -99,6 +99,21 @@ struct BlockList: ParsableCommand {
     }
 }
 
+struct BlockAttach: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "block-attach", abstract: "Attach a virtual disk to a running domain, as xl block-attach does; prints its NBD URI.")
+    @OptionGroup var rd: RunDirOption
+    @Argument(help: "Domain name or id.") var domain: String
+    @Argument(help: "The disk in xl's syntax, e.g. 'format=raw, vdev=xvdb, access=rw, target=/path/disk.img'.") var disk: String
+    @Option(help: "Seconds to wait for the guest to connect the disk (then it is removed again).") var timeout: Double = 30
+    func run() throws {
+        do {
+            let (vdev, uri) = try Toolstack(runDir: rd.path).blockAttach(domain, spec: disk, seconds: timeout)
+            print("disk \(vdev): \(uri)")
+        } catch { fail("\(error)") }
+    }
+}
+
 struct BlockDetach: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "block-detach", abstract: "Detach a virtual disk, as xl block-detach does.")
     @OptionGroup var rd: RunDirOption
@@ -115,6 +130,18 @@ struct NetworkList: ParsableCommand {
     @Argument(help: "Domain name or id.") var domain: String
     func run() throws {
         do { print(try Toolstack(runDir: rd.path).networkList(domain)) } catch { fail("\(error)") }
+    }
+}
+
+struct NetworkAttach: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "network-attach", abstract: "Attach a NIC to a running domain, as xl network-attach does; prints the guest's NIC.")
+    @OptionGroup var rd: RunDirOption
+    @Argument(help: "Domain name or id.") var domain: String
+    @Argument(help: "The NIC in xl's syntax, e.g. 'mac=00:16:3e:01:02:03, bridge=xenbr0'.") var vif: String
+    @Option(help: "Seconds to wait for the guest to connect the NIC (then it is removed again).") var timeout: Double = 30
+    func run() throws {
+        do { print(try Toolstack(runDir: rd.path).networkAttach(domain, spec: vif, seconds: timeout)) } catch { fail("\(error)") }
     }
 }
 

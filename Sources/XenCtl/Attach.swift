@@ -1,0 +1,177 @@
+import Foundation
+import Glibc
+import XenBus
+import XenHV
+import XenStore
+
+/// Device hotplug: the store layout `create` and the attach verbs share, and
+/// `xl block-attach` / `xl network-attach`.
+extension Toolstack {
+    /// libxl_device_disk_add's store part: the vbd's backend and frontend
+    /// directories for blkback and the guest. `exclusive`: an existing device
+    /// with that vdev is an error (EEXIST), not replaced.
+    func addDisk(_ disk: DiskSpec, to domid: XenStore.DomID, _ xs: XenBusClient, exclusive: Bool = false) throws {
+        try xs.createDevice(
+            XenBusDevice(type: "vbd", frontendDomid: domid, devid: Int(disk.devid)),
+            backend: ["params": disk.target, "mode": disk.access.rawValue, "type": "file", "dev": disk.vdev,
+                      "device-type": disk.isCDROM ? "cdrom" : "disk", "discard-enable": disk.discard ? "1" : "0",
+                      "removable": "0", "bootable": "1"],
+            frontend: ["virtual-device": "\(disk.devid)", "device-type": disk.isCDROM ? "cdrom" : "disk"],
+            exclusive: exclusive)
+    }
+
+    /// libxl_device_nic_add's store part: the vif's directories for netback
+    /// and the guest; returns the MAC (the spec's, or a random one in Xen's OUI).
+    @discardableResult
+    func addVif(_ vif: VifSpec, devid: Int, to domid: XenStore.DomID, _ xs: XenBusClient, exclusive: Bool = false) throws -> String {
+        let mac = (vif.mac ?? MACAddress.randomXen()).description
+        var be = ["mac": mac, "bridge": vif.bridge, "handle": "\(devid)", "type": "vif"]
+        if let script = vif.script { be["script"] = script }
+        if let rate = vif.rate { be["rate"] = rate.xenstoreValue }
+        if let mtu = vif.mtu { be["mtu"] = "\(mtu)" }
+        try xs.createDevice(XenBusDevice(type: "vif", frontendDomid: domid, devid: devid), backend: be,
+                            frontend: ["mac": mac, "handle": "\(devid)"], exclusive: exclusive)
+        return mac
+    }
+
+    /// Why a disk cannot be attached as given (its target is missing), or nil.
+    static func missingTarget(_ d: DiskSpec) -> String? {
+        access(d.target, F_OK) == 0 ? nil : "disk \(d.vdev): target \(d.target) does not exist"
+    }
+
+    /// Why a vif cannot be attached as given (its bridge is missing), or nil.
+    static func missingBridge(_ v: VifSpec) -> String? {
+        access("/sys/class/net/\(v.bridge)/bridge", F_OK) == 0
+            ? nil : "bridge '\(v.bridge)' does not exist (xen-netlink bridge-add \(v.bridge) creates it)"
+    }
+
+    /// (vdev, NBD URI) from a guest's line "disk NAME SECTORS sectors [ro] URI".
+    static func diskEntry(_ line: String) -> (String, String)? {
+        let w = line.split(separator: " ")
+        guard w.first == "disk", w.count >= 3, let uri = w.last else { return nil }
+        return (String(w[1]), String(uri))
+    }
+
+    /// `xl block-attach DOMAIN DISKSPEC`: the disk's directories as `create`
+    /// writes them, then a bounded wait for the guest to bring it up; returns
+    /// its (vdev, NBD URI). On any failure the device is removed again.
+    public func blockAttach(_ domain: String, spec: String, seconds: Double = 30) throws -> (vdev: String, uri: String) {
+        let disk: DiskSpec
+        do { disk = try DiskSpec(parsing: spec) } catch { throw Failure("disk '\(spec)': \(error.message)") }
+        if let why = Self.missingTarget(disk) { throw Failure(why) }
+        let (hv, d) = try attachTarget(domain)
+        let xs = try connectStore()
+        defer { xs.close() }
+        let dev = XenBusDevice(type: "vbd", frontendDomid: XenStore.DomID(d.domid), devid: Int(disk.devid))
+        do { try addDisk(disk, to: dev.frontendDomid, xs, exclusive: true) } catch XenBusError.xs(.EEXIST) {
+            throw Failure("domain '\(d.name)' already has a disk \(disk.vdev) (device \(disk.devid))")
+        }
+        let line = try awaitGuest(dev, "disk \(disk.vdev)", domain: d, hv, xs, seconds: seconds)
+        guard let entry = Self.diskEntry(line) else {
+            try? removeDevice(dev, xs)
+            throw Failure("domain '\(d.name)': disk \(disk.vdev): the guest reported '\(line)'; removed")
+        }
+        return entry
+    }
+
+    /// `xl network-attach DOMAIN VIFSPEC` on the lowest free device id: the
+    /// vif's directories as `create` writes them, then a bounded wait for the
+    /// guest's NIC; returns the guest's line ("nic IFNAME netns NS mac MAC").
+    /// On any failure the device (and so its tap) is removed again.
+    public func networkAttach(_ domain: String, spec: String, seconds: Double = 30) throws -> String {
+        let vif: VifSpec
+        do { vif = try VifSpec(parsing: spec) } catch { throw Failure("vif '\(spec)': \(error.message)") }
+        if let why = Self.missingBridge(vif) { throw Failure(why) }
+        let (hv, d) = try attachTarget(domain)
+        let xs = try connectStore()
+        defer { xs.close() }
+        let id = XenStore.DomID(d.domid)
+        var dev: XenBusDevice
+        while true {
+            // libxl: the lowest device id neither directory uses.
+            let used = Set(((try? xs.directory(XenBusDevice.backendRoot(type: "vif") + "/\(d.domid)")) ?? [])
+                + ((try? xs.directory("/local/domain/\(d.domid)/device/vif")) ?? []))
+            dev = XenBusDevice(type: "vif", frontendDomid: id, devid: (0...).first { !used.contains("\($0)") }!)
+            do {
+                try addVif(vif, devid: dev.devid, to: id, xs, exclusive: true)
+                break
+            } catch XenBusError.xs(.EEXIST) {
+                continue  // another attach took that id meanwhile
+            }
+        }
+        do {
+            return try awaitGuest(dev, "vif \(dev.devid)", domain: d, hv, xs, seconds: seconds)
+        } catch {
+            awaitTapGone(domid: d.domid, devid: dev.devid)
+            throw error
+        }
+    }
+
+    /// The domain to attach to, checked: it exists and is a guest.
+    func attachTarget(_ domain: String) throws -> (Hypervisor, Hypervisor.DomainInfo) {
+        let hv = try connect()
+        let d = try resolve(hv, domain)
+        guard d.domid != 0 else { throw Failure("domain 0 takes no devices here (its kernel is the host's)") }
+        return (hv, d)
+    }
+
+    /// Waits (at most `seconds`) until the guest lists `dev` in its devices
+    /// file (it connected: the disk's NBD socket listens, the NIC is up) and
+    /// returns the guest's line. A backend that reports an error, a domain
+    /// that goes away or the timeout fail it, and the device is removed.
+    func awaitGuest(_ dev: XenBusDevice, _ what: String, domain d: Hypervisor.DomainInfo, _ hv: Hypervisor, _ xs: XenBusClient,
+                    seconds: Double) throws -> String {
+        let file = runDir + "/guests/\(d.domid)/devices"
+        let key = "\(dev.type)/\(dev.devid) "
+        var now = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        let end = Double(now.tv_sec) + Double(now.tv_nsec) / 1e9 + seconds
+        var failure: String
+        while true {
+            if let text = try? String(contentsOfFile: file, encoding: .utf8),
+               let line = text.split(separator: "\n").first(where: { $0.hasPrefix(key) }) {
+                return String(line.dropFirst(key.count))
+            }
+            if let error = (try? xs.readIfExists(dev.backendPath + "/error")) ?? nil {
+                failure = "the backend failed: \(error)"
+                break
+            }
+            guard (try? hv.listDomains())?.contains(where: { $0.domid == d.domid }) == true else {
+                failure = "the domain went away"
+                break
+            }
+            clock_gettime(CLOCK_MONOTONIC, &now)
+            guard Double(now.tv_sec) + Double(now.tv_nsec) / 1e9 < end else {
+                failure = "the guest did not connect it within \(Int(seconds)) s (see \(runDir)/logs/guest-\(d.name).log)"
+                break
+            }
+            var p = pollfd(fd: -1, events: 0, revents: 0)
+            _ = poll(&p, 0, 50)
+        }
+        try? removeDevice(dev, xs)
+        throw Failure("domain '\(d.name)': \(what): \(failure); removed")
+    }
+
+    /// libxl's device removal: the backend goes offline (online=0, state
+    /// Closing), gets up to `seconds` to reach Closed, then both directories go.
+    func removeDevice(_ dev: XenBusDevice, _ xs: XenBusClient, seconds: Double = 10) throws {
+        // Only while the backend directory exists: a write would re-create it.
+        try? xs.transaction { t in
+            guard try t.readIfExists(dev.backendPath + "/state") != nil else { return }
+            try t.write(dev.backendPath + "/online", "0")
+            try t.write(dev.backendPath + "/state", "\(XenbusState.closing.rawValue)")
+        }
+        _ = xs.awaitState(at: dev.backendPath, seconds: seconds) { $0 == .closed || $0 == .unknown }
+        try xs.destroyDevice(dev)
+    }
+
+    /// Waits (bounded) until netback has removed the vif's tap, so a failed
+    /// attach leaves none behind.
+    func awaitTapGone(domid: XenHV.DomID, devid: Int, seconds: Int = 10) {
+        let deadline = time(nil) + seconds
+        while access("/sys/class/net/vif\(domid).\(devid)", F_OK) == 0 && time(nil) < deadline {
+            var p = pollfd(fd: -1, events: 0, revents: 0)
+            _ = poll(&p, 0, 50)
+        }
+    }
+}
