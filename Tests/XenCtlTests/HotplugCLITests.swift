@@ -1,0 +1,245 @@
+import Foundation
+import Glibc
+import Testing
+import XenCtl
+
+/// Device hotplug end to end: `xenctl block-attach` / `network-attach` /
+/// `*-detach` against the real daemons and a running pvguest that brings its
+/// frontends up and down (root: bridges, taps, network namespaces). Part of
+/// the serialized xenctl suite.
+extension XenctlCLITests {
+    /// Runs a program, output discarded; its exit status.
+    @discardableResult
+    func sh(_ exe: String, _ args: [String], environment: [String: String]? = nil) -> Int32 {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: exe)
+        p.arguments = args
+        if let environment { p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try? p.run()
+        p.waitUntilExit()
+        return p.terminationStatus
+    }
+
+    /// Polls `condition` every 25 ms for at most `seconds`.
+    func eventually(seconds: Double = 10, _ condition: () -> Bool) -> Bool {
+        let end = Date().addingTimeInterval(seconds)
+        while Date() < end {
+            if condition() { return true }
+            var p = pollfd(fd: -1, events: 0, revents: 0)
+            _ = poll(&p, 0, 25)
+        }
+        return condition()
+    }
+
+    /// Whether `path` exists in the run directory's xenstore (Debian's xenstore-exists).
+    func storeHas(_ path: String, runDir: String) -> Bool {
+        sh("/usr/bin/xenstore-exists", [path], environment: ["XENSTORED_PATH": runDir + "/xenstored/socket"]) == 0
+    }
+
+    /// The first 4 bytes of `file` at `offset`.
+    func bytes(_ file: String, at offset: UInt64 = 0) -> [UInt8] {
+        guard let h = FileHandle(forReadingAtPath: file) else { return [] }
+        defer { try? h.close() }
+        try? h.seek(toOffset: offset)
+        return [UInt8]((try? h.read(upToCount: 4)) ?? Data())
+    }
+
+    func qemuIO(_ uri: String, _ commands: [String]) -> Int32 {
+        sh("/usr/bin/qemu-io", ["-f", "raw", uri] + commands.flatMap { ["-c", $0] })
+    }
+
+    /// A guest with no devices, then disks attached and detached while it
+    /// runs: real I/O through each printed NBD URI lands in its image, a
+    /// detach takes only that disk's socket away, a re-attach works, and
+    /// every bad input is one line, a non-zero exit and no store node.
+    @Test func blockAttachHotplugsDisksIntoARunningGuest() throws {
+        let run = NSTemporaryDirectory() + "xenctl-hpblk-\(UUID().uuidString.prefix(8))"
+        var stopped: Int32 = 0
+        defer {
+            if stopped > 0 { kill(stopped, SIGCONT) }
+            _ = try? xenctl("down", runDir: run)
+            for pid in processes(mentioning: run) { kill(pid, SIGKILL) }
+            try? FileManager.default.removeItem(atPath: run)
+        }
+        try FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true)
+        #expect(try xenctl("up", runDir: run).0 == 0)
+        let imgA = run + "/a.img", imgB = run + "/b.img"
+        for img in [imgA, imgB] {
+            #expect(FileManager.default.createFile(atPath: img, contents: nil) && truncate(img, 32 << 20) == 0)
+        }
+        let cfg = run + "/bare.cfg"
+        FileManager.default.createFile(atPath: cfg, contents: Data("name = 'bare'\nmemory = 64\n".utf8))
+        let (crc, cout, cerr) = try xenctl("create", cfg, runDir: run)
+        #expect(crc == 0, "\(cerr)")
+        #expect(!cout.contains("disk") && !cout.contains("nic"), "\(cout)")
+        let domid = cout.split(separator: "(id ").last?.split(separator: ")").first.map(String.init) ?? "?"
+        let guestPID = Int32(cout.split(separator: "guest process ").last?.split(separator: "\n").first ?? "") ?? 0
+        let sockets = run + "/guests/\(domid)"
+
+        // Two disks, attached one after the other; each prints its URI.
+        let (arc, aout, aerr) = try xenctl("block-attach", "bare", "format=raw, vdev=xvdb, access=rw, target=\(imgA)", runDir: run)
+        #expect(arc == 0, "\(aerr)")
+        #expect(aout == "disk xvdb: nbd+unix:///xvdb?socket=\(sockets)/xvdb.sock\n", "\(aout)")
+        let uriA = "nbd+unix:///xvdb?socket=\(sockets)/xvdb.sock"
+        #expect(qemuIO(uriA, ["write -P 0x61 4096 65536", "read -P 0x61 4096 65536", "flush"]) == 0)
+        #expect(bytes(imgA, at: 4096) == [0x61, 0x61, 0x61, 0x61])
+        let (brc, bout, berr) = try xenctl("block-attach", "bare", "vdev=xvdc, target=\(imgB)", runDir: run)
+        #expect(brc == 0 && bout == "disk xvdc: nbd+unix:///xvdc?socket=\(sockets)/xvdc.sock\n", "\(bout)\(berr)")
+        let uriB = "nbd+unix:///xvdc?socket=\(sockets)/xvdc.sock"
+        #expect(qemuIO(uriB, ["write -P 0x62 0 65536", "flush"]) == 0)
+        #expect(bytes(imgB) == [0x62, 0x62, 0x62, 0x62])
+        let list = try xenctl("block-list", "bare", runDir: run).1
+        #expect(list.contains("51728") && list.contains("51744"), "\(list)")
+
+        // Detach one: its socket goes, the other keeps working.
+        #expect(try xenctl("block-detach", "bare", "xvdb", runDir: run).0 == 0)
+        #expect(eventually { access(sockets + "/xvdb.sock", F_OK) != 0 }, "xvdb's socket outlived the detach")
+        #expect(access(sockets + "/xvdc.sock", F_OK) == 0)
+        #expect(qemuIO(uriB, ["write -P 0x63 65536 65536", "read -P 0x63 65536 65536", "read -P 0x62 0 65536", "flush"]) == 0)
+        #expect(bytes(imgB, at: 65536) == [0x63, 0x63, 0x63, 0x63])
+        #expect(qemuIO(uriA, ["read 0 4096"]) != 0)
+        #expect(!storeHas("/local/domain/\(domid)/device/vbd/51728", runDir: run))
+
+        // Attached again, the same disk comes back with its data.
+        #expect(try xenctl("block-attach", "bare", "vdev=xvdb, target=\(imgA)", runDir: run).0 == 0)
+        #expect(qemuIO(uriA, ["read -P 0x61 4096 65536"]) == 0)
+
+        // Bad input: one line naming the object, non-zero exit, nothing left.
+        let bad: [([String], String)] = [
+            (["ghost", "vdev=xvdd, target=\(imgA)"], "xenctl: no domain 'ghost'\n"),
+            (["bare", "vdev=xvdd"], "xenctl: disk 'vdev=xvdd': no target given (e.g. target=/path/disk.img)\n"),
+            (["bare", "vdev=zzz, target=\(imgA)"], "xenctl: disk 'vdev=zzz, target=\(imgA)': 'zzz' is not a virtual device name (xvda, xvdb1, hda, sda...)\n"),
+            (["bare", "vdev=xvdd, target=\(run)/nope.img"], "xenctl: disk xvdd: target \(run)/nope.img does not exist\n"),
+            (["bare", "vdev=xvdc, target=\(imgA)"], "xenctl: domain 'bare' already has a disk xvdc (device 51744)\n"),
+        ]
+        for (args, message) in bad {
+            let (rc, out, err) = try xenctl("block-attach", args[0], args[1], runDir: run)
+            #expect(rc != 0 && out.isEmpty && err == message, "\(args): \(err)")
+        }
+        #expect(!storeHas("/local/domain/0/backend/vbd/\(domid)/51760", runDir: run))
+        // The duplicate left the existing xvdc alone.
+        #expect(qemuIO(uriB, ["read -P 0x62 0 65536"]) == 0)
+
+        // A guest that never connects: the attach times out and takes the device away.
+        #expect(guestPID > 0 && kill(guestPID, SIGSTOP) == 0)
+        stopped = guestPID
+        let (trc, tout, terr) = try xenctl("block-attach", "bare", "vdev=xvdd, target=\(imgA)", "--timeout", "1", runDir: run)
+        #expect(trc != 0 && tout.isEmpty && terr.split(separator: "\n").count == 1, "\(terr)")
+        #expect(terr.hasPrefix("xenctl: domain 'bare': disk xvdd: the guest did not connect it within 1 s"), "\(terr)")
+        #expect(!storeHas("/local/domain/0/backend/vbd/\(domid)/51760", runDir: run))
+        #expect(!storeHas("/local/domain/\(domid)/device/vbd/51760", runDir: run))
+        kill(guestPID, SIGCONT)
+        stopped = 0
+        // The guest, running again, never brings the removed disk up; a new attach works.
+        #expect(try xenctl("block-attach", "bare", "vdev=xvdd, target=\(imgA)", runDir: run).0 == 0)
+        #expect(access(sockets + "/xvdd.sock", F_OK) == 0)
+        #expect(try xenctl("block-list", "bare", runDir: run).1.split(separator: "\n").count == 4)
+
+        let (drc, _, _) = try xenctl("down", runDir: run)
+        #expect(drc == 0)
+        #expect(processes(mentioning: run).isEmpty)
+    }
+
+    /// NICs attached to and detached from a running guest: the tap joins the
+    /// bridge, eth<devid> appears in the guest's namespace and pings a peer
+    /// on the bridge; a detach takes tap and NIC away, the other NIC stays;
+    /// bad input leaves no store node and no tap.
+    @Test func networkAttachHotplugsNICsIntoARunningGuest() throws {
+        let run = NSTemporaryDirectory() + "xenctl-hpnet-\(UUID().uuidString.prefix(8))"
+        let tag = "\(getpid() % 100000)"
+        let bridge = "xhb\(tag)", vethHost = "xhv\(tag)a", vethPeer = "xhv\(tag)b", peerNS = "xhp\(tag)"
+        let ip = "/usr/sbin/ip"
+        let netlink = URL(fileURLWithPath: Self.bin).deletingLastPathComponent().appendingPathComponent("xen-netlink").path
+        var stopped: Int32 = 0
+        var guestNS = ""
+        defer {
+            if stopped > 0 { kill(stopped, SIGCONT) }
+            _ = try? xenctl("down", runDir: run)
+            for pid in processes(mentioning: run) { kill(pid, SIGKILL) }
+            sh(ip, ["netns", "del", peerNS])
+            if !guestNS.isEmpty { sh(ip, ["netns", "del", guestNS]) }
+            sh(ip, ["link", "del", vethHost])
+            sh(netlink, ["bridge-del", bridge])
+            try? FileManager.default.removeItem(atPath: run)
+        }
+        try FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true)
+        #expect(try xenctl("up", runDir: run).0 == 0)
+        // The peer: a namespace on a veth whose other end is on the bridge.
+        #expect(sh(netlink, ["bridge-add", bridge]) == 0)
+        #expect(sh(ip, ["netns", "add", peerNS]) == 0)
+        #expect(sh(ip, ["link", "add", vethHost, "type", "veth", "peer", "name", vethPeer, "netns", peerNS]) == 0)
+        #expect(sh(ip, ["link", "set", vethHost, "master", bridge, "up"]) == 0)
+        #expect(sh(ip, ["-n", peerNS, "addr", "add", "10.215.0.1/24", "dev", vethPeer]) == 0)
+        #expect(sh(ip, ["-n", peerNS, "link", "set", vethPeer, "up"]) == 0)
+
+        let cfg = run + "/bare.cfg"
+        FileManager.default.createFile(atPath: cfg, contents: Data("name = 'bare'\nmemory = 32\n".utf8))
+        let (crc, cout, cerr) = try xenctl("create", cfg, runDir: run)
+        #expect(crc == 0, "\(cerr)")
+        let domid = cout.split(separator: "(id ").last?.split(separator: ")").first.map(String.init) ?? "?"
+        let guestPID = Int32(cout.split(separator: "guest process ").last?.split(separator: "\n").first ?? "") ?? 0
+        guestNS = "xen-\(domid)"
+        #expect(access("/run/netns/" + guestNS, F_OK) != 0, "a guest without NICs has no namespace yet")
+
+        let (arc, aout, aerr) = try xenctl("network-attach", "bare", "mac=00:16:3e:00:15:01, bridge=\(bridge)", runDir: run)
+        #expect(arc == 0, "\(aerr)")
+        #expect(aout == "nic eth0 netns \(guestNS) mac 00:16:3e:00:15:01\n", "\(aout)")
+        #expect(access("/sys/class/net/\(bridge)/brif/vif\(domid).0", F_OK) == 0)
+        #expect(sh(ip, ["-n", guestNS, "link", "show", "eth0"]) == 0)
+        #expect(sh(ip, ["-n", guestNS, "addr", "add", "10.215.0.2/24", "dev", "eth0"]) == 0)
+        // ARP and ICMP through netfront, the rings, netback, the tap and the bridge.
+        var pinged = false
+        for _ in 0..<20 where !pinged {
+            pinged = sh(ip, ["netns", "exec", guestNS, "ping", "-c", "1", "-W", "1", "10.215.0.1"]) == 0
+        }
+        #expect(pinged, "no ping reply from the peer through the hotplugged NIC")
+
+        // A second NIC takes the lowest free id.
+        let (brc, bout, berr) = try xenctl("network-attach", "bare", "bridge=\(bridge)", runDir: run)
+        #expect(brc == 0 && bout.hasPrefix("nic eth1 netns \(guestNS) mac 00:16:3e:"), "\(bout)\(berr)")
+        #expect(access("/sys/class/net/\(bridge)/brif/vif\(domid).1", F_OK) == 0)
+
+        // Detaching eth0: tap and NIC go, eth1 stays.
+        #expect(try xenctl("network-detach", "bare", "0", runDir: run).0 == 0)
+        #expect(eventually { access("/sys/class/net/vif\(domid).0", F_OK) != 0 }, "the tap outlived the detach")
+        #expect(eventually { sh(ip, ["-n", guestNS, "link", "show", "eth0"]) != 0 }, "eth0 outlived the detach")
+        #expect(sh(ip, ["-n", guestNS, "link", "show", "eth1"]) == 0)
+        #expect(access("/sys/class/net/\(bridge)/brif/vif\(domid).1", F_OK) == 0)
+
+        // Bad input: one line naming the object, non-zero exit, no node, no tap.
+        let bad: [([String], String)] = [
+            (["ghost", "bridge=\(bridge)"], "xenctl: no domain 'ghost'\n"),
+            (["bare", "bridge=\(bridge), colour=red"], "xenctl: vif 'bridge=\(bridge), colour=red': unknown vif keyword 'colour'\n"),
+            (["bare", "mac=01:02:03:04:05:06, bridge=\(bridge)"], "xenctl: vif 'mac=01:02:03:04:05:06, bridge=\(bridge)': '01:02:03:04:05:06' is a multicast address; a NIC needs a unicast one\n"),
+            (["bare", "bridge=nosuch\(tag)"], "xenctl: bridge 'nosuch\(tag)' does not exist (xen-netlink bridge-add nosuch\(tag) creates it)\n"),
+        ]
+        for (args, message) in bad {
+            let (rc, out, err) = try xenctl("network-attach", args[0], args[1], runDir: run)
+            #expect(rc != 0 && out.isEmpty && err == message, "\(args): \(err)")
+        }
+        #expect(!storeHas("/local/domain/0/backend/vif/\(domid)/0", runDir: run))
+
+        // A guest that never connects: timeout, the device and its tap go again.
+        #expect(guestPID > 0 && kill(guestPID, SIGSTOP) == 0)
+        stopped = guestPID
+        let (trc, tout, terr) = try xenctl("network-attach", "bare", "bridge=\(bridge)", "--timeout", "1", runDir: run)
+        #expect(trc != 0 && tout.isEmpty && terr.hasPrefix("xenctl: domain 'bare': vif 0: the guest did not connect it within 1 s"), "\(terr)")
+        #expect(terr.split(separator: "\n").count == 1)
+        #expect(!storeHas("/local/domain/0/backend/vif/\(domid)/0", runDir: run))
+        #expect(!storeHas("/local/domain/\(domid)/device/vif/0", runDir: run))
+        #expect(access("/sys/class/net/vif\(domid).0", F_OK) != 0, "a failed attach left its tap")
+        kill(guestPID, SIGCONT)
+        stopped = 0
+
+        // The last NIC's detach takes the guest's namespace away with it.
+        #expect(try xenctl("network-detach", "bare", "1", runDir: run).0 == 0)
+        #expect(eventually { access("/sys/class/net/vif\(domid).1", F_OK) != 0 })
+        #expect(eventually { access("/run/netns/" + guestNS, F_OK) != 0 }, "\(guestNS) outlived the guest's last NIC")
+        #expect(try xenctl("network-list", "bare", runDir: run).1.split(separator: "\n").count == 1)
+
+        #expect(try xenctl("down", runDir: run).0 == 0)
+        #expect(processes(mentioning: run).isEmpty)
+    }
+}
