@@ -1,7 +1,8 @@
 // pvguest: a PV guest process. Its "kernel" connects to xenstore over its ring,
-// brings up a blkfront for each vbd the toolstack gave it, and exports every
-// disk over NBD so real tools drive it; each vif becomes a netfront whose NIC
-// is a tap in the guest's network namespace. Argument parsing only; see PVGuest.
+// brings up a blkfront for each vbd the toolstack gives it, at boot or hotplugged
+// later, and exports every disk over NBD so real tools drive it; each vif becomes
+// a netfront whose NIC is a tap in the guest's network namespace. Argument
+// parsing only; see PVGuest (GuestDevices).
 import ArgumentParser
 import Foundation
 import Glibc
@@ -17,7 +18,7 @@ struct PVGuestCommand: ParsableCommand {
         commandName: "pvguest",
         abstract: "A PV guest: blkfront disks exported over NBD, netfront NICs as taps in a network namespace (run by the toolstack with XENHV_GUEST_FD).")
 
-    @Option(help: "Directory for the NBD sockets (default: $XEN_RUN_DIR/guests/<domid>).")
+    @Option(help: "Directory for the NBD sockets and the `devices` list of what runs (default: $XEN_RUN_DIR/guests/<domid>).")
     var nbdDir: String?
 
     @Option(help: "Descriptor to write the disk lines and the ready line to, then close (the toolstack's pipe).")
