@@ -32,13 +32,12 @@ public final class NBDServer: @unchecked Sendable {
     public func listen(unixPath path: String) throws {
         let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard s >= 0 else { throw NBDError.system("socket", errno) }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let room = MemoryLayout.size(ofValue: addr.sun_path)
-        guard path.utf8.count < room else { close(s); throw NBDError.system("socket path", ENAMETOOLONG) }
-        let bound = path.utf8.count + 1 < room ? path + "~" : path
-        let bytes = Array(bound.utf8)
-        withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes); $0[bytes.count] = 0 }
+        guard path.utf8.count < MemoryLayout.size(ofValue: sockaddr_un().sun_path) else {
+            close(s); throw NBDError.system("socket path", ENAMETOOLONG)
+        }
+        let bound = path.utf8.count + 1 < MemoryLayout.size(ofValue: sockaddr_un().sun_path) ? path + "~" : path
+        var addr: sockaddr_un
+        do { addr = try unixAddress(bound) } catch { close(s); throw error }
         unlink(bound)
         let r = withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
@@ -107,9 +106,27 @@ public final class NBDServer: @unchecked Sendable {
 
 public enum NBDError: Error, CustomStringConvertible {
     case system(String, Int32)
+    /// The peer broke the protocol (bad magic, unexpected handle).
+    case protocolViolation(String)
+    /// The server answered a request with this NBD error (EIO, EPERM, ...).
+    case replyError(UInt32)
     public var description: String {
-        switch self { case let .system(what, e): "\(what): \(String(cString: strerror(e)))" }
+        switch self {
+        case let .system(what, e): "\(what): \(String(cString: strerror(e)))"
+        case let .protocolViolation(what): "NBD: \(what)"
+        case let .replyError(e): "NBD reply error \(e)"
+        }
     }
+}
+
+/// `sockaddr_un` for `path`, or ENAMETOOLONG.
+func unixAddress(_ path: String) throws -> sockaddr_un {
+    var addr = sockaddr_un()
+    addr.sun_family = sa_family_t(AF_UNIX)
+    let bytes = Array(path.utf8)
+    guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw NBDError.system("socket path \(path)", ENAMETOOLONG) }
+    withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes); $0[bytes.count] = 0 }
+    return addr
 }
 
 /// A detached pthread (Foundation's Thread is not needed for this).

@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import NBD
 import Synchronization
 import Testing
 import XenBus
@@ -11,7 +12,7 @@ import XenTestKit
 /// reconnects and resubmits what was in flight; the NBD client sees no error,
 /// and every write acknowledged before the last acknowledged flush is in the
 /// image. Real processes throughout: xenhv, blkback, pvguest; the NBD client
-/// is the small pipelined one below, which records every acknowledgement.
+/// is NBD's small pipelined one, which records every acknowledgement.
 @Suite struct BackendRestartTests {
     static let root = DiskPathTests.root
 
@@ -42,89 +43,6 @@ import XenTestKit
             var st: Int32 = 0
             waitpid(pid, &st, 0)
         }
-    }
-
-    /// A minimal NBD client (fixed newstyle, EXPORT_NAME, simple replies) over
-    /// a Unix socket; requests are pipelined, replies read in order of arrival.
-    final class NBDClient {
-        let fd: CInt
-        let size: UInt64
-
-        init(socket path: String) throws {
-            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            var addr = try UnixSocketAddress.make(path)
-            let rc = UnixSocketAddress.with(&addr) { connect(fd, $0, $1) }
-            guard rc == 0 else { close(fd); throw HypervisorError.system(call: "connect \(path)", errno: errno) }
-            // Every read is bounded: a reconnect that never happens fails the test, not hangs it.
-            var tv = timeval(tv_sec: 20, tv_usec: 0)
-            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-            do {
-                let hello = try Self.readExactly(fd, 18)
-                guard Self.u64(hello, 0) == 0x4E42_444D_4147_4943, Self.u64(hello, 8) == 0x4948_4156_454F_5054 else {
-                    throw HypervisorError.protocolViolation("not an NBD newstyle server")
-                }
-                var opt: [UInt8] = []
-                Self.put32(&opt, 3)  // fixed newstyle, no zeroes
-                Self.put64(&opt, 0x4948_4156_454F_5054)
-                Self.put32(&opt, 1)  // NBD_OPT_EXPORT_NAME, empty name: the default export
-                Self.put32(&opt, 0)
-                try Self.writeAll(fd, opt)
-                size = Self.u64(try Self.readExactly(fd, 10), 0)
-            } catch {
-                close(fd)
-                throw error
-            }
-            self.fd = fd
-        }
-
-        deinit { close(fd) }
-
-        func send(type: UInt16, handle: UInt64, offset: UInt64, length: UInt32, data: [UInt8] = []) throws {
-            var h: [UInt8] = []
-            Self.put32(&h, 0x2560_9513)
-            h += [0, 0, UInt8(type >> 8), UInt8(type & 0xFF)]
-            Self.put64(&h, handle)
-            Self.put64(&h, offset)
-            Self.put32(&h, length)
-            try writeAll(h + data)
-        }
-
-        /// One simple reply: (handle, error); `readLength(handle)` says how many data bytes follow.
-        func reply(readLength: (UInt64) -> Int = { _ in 0 }) throws -> (handle: UInt64, error: UInt32, data: [UInt8]) {
-            let r = try readExactly(16)
-            guard Self.u32(r, 0) == 0x6744_6698 else { throw HypervisorError.protocolViolation("bad reply magic") }
-            let handle = Self.u64(r, 8), err = Self.u32(r, 4)
-            let n = err == 0 ? readLength(handle) : 0
-            return (handle, err, n > 0 ? try readExactly(n) : [])
-        }
-
-        func writeAll(_ b: [UInt8]) throws { try Self.writeAll(fd, b) }
-        func readExactly(_ count: Int) throws -> [UInt8] { try Self.readExactly(fd, count) }
-
-        static func writeAll(_ fd: CInt, _ b: [UInt8]) throws {
-            var off = 0
-            while off < b.count {
-                let n = b[off...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
-                guard n > 0 else { throw HypervisorError.system(call: "write", errno: errno) }
-                off += n
-            }
-        }
-
-        static func readExactly(_ fd: CInt, _ count: Int) throws -> [UInt8] {
-            var b = [UInt8](repeating: 0, count: count)
-            var off = 0
-            while off < count {
-                let n = b[off...].withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-                guard n > 0 else { throw HypervisorError.system(call: "read (NBD reply)", errno: n == 0 ? EPIPE : errno) }
-                off += n
-            }
-            return b
-        }
-
-        static func u32(_ b: [UInt8], _ o: Int) -> UInt32 { b[o..<o + 4].reduce(0) { $0 << 8 | UInt32($1) } }
-        static func u64(_ b: [UInt8], _ o: Int) -> UInt64 { b[o..<o + 8].reduce(0) { $0 << 8 | UInt64($1) } }
-        static func put32(_ b: inout [UInt8], _ v: UInt32) { for s in stride(from: 24, through: 0, by: -8) { b.append(UInt8(truncatingIfNeeded: v >> UInt32(s))) } }
-        static func put64(_ b: inout [UInt8], _ v: UInt64) { for s in stride(from: 56, through: 0, by: -8) { b.append(UInt8(truncatingIfNeeded: v >> UInt64(s))) } }
     }
 
     /// The bytes of write `i`: its index, then a xorshift stream seeded by it.
