@@ -300,13 +300,23 @@ public final class ForeignMapping: @unchecked Sendable {
     public let region: GuestRegion
     let base: UnsafeMutableRawPointer
     let size: Int
-    init(domid: DomID, base: UnsafeMutableRawPointer, size: Int, writable: Bool) {
+    /// Counted like a grant mapping, so a dead domain's objects are dropped
+    /// at the last unmap of either kind.
+    let owner: Hypervisor
+    init(domid: DomID, base: UnsafeMutableRawPointer, size: Int, writable: Bool, owner: Hypervisor) {
         self.domid = domid
         self.base = base
         self.size = size
+        self.owner = owner
         region = GuestRegion(base: base, count: size, writable: writable)
     }
-    deinit { munmap(base, size) }
+    deinit {
+        munmap(base, size)
+        owner.state.withLock { s in
+            s.maps.perDomain[domid, default: 1] -= 1
+            s.evictIfDead(domid)
+        }
+    }
 }
 
 extension Hypervisor {
@@ -322,6 +332,7 @@ extension Hypervisor {
         let p = mmap(nil, size, writable ? (PROT_READ | PROT_WRITE) : PROT_READ, MAP_SHARED,
                      dom.memory.fd.rawValue, off_t(frame) * off_t(HVLimits.pageSize))
         guard let p, p != MAP_FAILED else { throw HypervisorError.system(call: "mmap", errno: errno) }
-        return ForeignMapping(domid: d, base: p, size: size, writable: writable)
+        state.withLock { $0.maps.perDomain[d, default: 0] += 1 }
+        return ForeignMapping(domid: d, base: p, size: size, writable: writable, owner: self)
     }
 }

@@ -235,6 +235,23 @@ import XenHV
         for d in domids { #expect(Self.descriptors(of: d, xenhv: f.daemon.pid) == 0) }
         #expect(Self.descriptors(of: w.domid, xenhv: f.daemon.pid) > 0)
     }
+
+    /// The same for a privileged foreign mapping (xenstored's mapping of a
+    /// guest's xenstore page): dropping the last one of a destroyed domain
+    /// closes our descriptors of it at once, with no later lookup needed.
+    @Test func aDestroyedGuestsForeignMappingIsItsLastHold() throws {
+        let f = try HypervisorFixture()
+        let (d, g) = try f.guest(name: "ring")
+        var m: ForeignMapping? = try f.dom0.mapForeignFrames(domid: d.domid, frame: 0)
+        #expect(Self.descriptors(of: d.domid, xenhv: f.daemon.pid) > 0)
+        try f.dom0.destroyDomain(d.domid)
+        g.reap()
+        // Still mapped: the page stays valid after the domain died.
+        try m?.region.store(UInt8(7), at: 0)
+        #expect(Self.descriptors(of: d.domid, xenhv: f.daemon.pid) > 0)
+        m = nil
+        #expect(Self.descriptors(of: d.domid, xenhv: f.daemon.pid) == 0)
+    }
 }
 
 @Suite struct MaptrackLimitTests {
