@@ -166,14 +166,15 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
             return
         }
         if let e = devices[path] {
-            guard let device = e.device else { return }
             // The toolstack takes the device offline (libxl's device removal:
-            // online=0, state Closing): disconnect and report Closed.
+            // online=0, state Closing): disconnect and report Closed — also
+            // for a device whose probe failed, so the toolstack need not wait.
             if (try? xs.readIfExists(path + "/online")) == "0", (try? xs.state(at: path)) == .closing {
-                driver.disconnect(device)
+                if let device = e.device { driver.disconnect(device) }
                 try? switchState(path, to: .closed)
                 return
             }
+            guard e.device != nil else { return }
             frontendChanged(e)
             return
         }

@@ -34,6 +34,22 @@ extension Toolstack {
         return mac
     }
 
+    /// libxl's create fails when a device does not connect: the guest listed
+    /// `disks` (vdevs) and `nics` NICs; any configured one missing is an error
+    /// naming it, with the backend's reason when it gave one.
+    func checkConnected(_ config: DomainConfig, domid: XenStore.DomID, disks: [String], nics: Int, _ xs: XenBusClient) throws {
+        func reason(_ dev: XenBusDevice) -> String {
+            ((try? xs.readIfExists(dev.backendPath + "/error")) ?? nil).map { ": the backend failed: \($0)" } ?? ""
+        }
+        for d in config.disks where !disks.contains(d.vdev) {
+            let why = reason(XenBusDevice(type: "vbd", frontendDomid: domid, devid: Int(d.devid)))
+            throw Failure("domain '\(config.name)': disk \(d.vdev) did not connect\(why); see \(runDir)/logs/guest-\(config.name).log")
+        }
+        if nics < config.vifs.count {
+            throw Failure("domain '\(config.name)': \(config.vifs.count - nics) of its \(config.vifs.count) vifs did not connect; see \(runDir)/logs/guest-\(config.name).log")
+        }
+    }
+
     /// Why a disk cannot be attached as given (its target is missing), or nil.
     static func missingTarget(_ d: DiskSpec) -> String? {
         access(d.target, F_OK) == 0 ? nil : "disk \(d.vdev): target \(d.target) does not exist"

@@ -97,6 +97,7 @@ extension Toolstack {
             guard up else {
                 throw Failure("domain '\(config.name)': the guest did not come up; see \(runDir)/logs/guest-\(config.name).log")
             }
+            try checkConnected(config, domid: id, disks: disks.map(\.0), nics: nics.count, xs)
             return CreatedGuest(name: config.name, domid: dom.domid, pid: child, disks: disks, nics: nics)
         } catch {
             try? hv.destroyDomain(dom.domid)  // also stops the guest process

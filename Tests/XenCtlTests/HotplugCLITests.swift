@@ -122,6 +122,25 @@ extension XenctlCLITests {
         // The duplicate left the existing xvdc alone.
         #expect(qemuIO(uriB, ["read -P 0x62 0 65536"]) == 0)
 
+        // A backend that fails (a directory is no disk): its reason, at once,
+        // and the device removed; the guest left it out, and attaching it again
+        // (with a real image) brings it up.
+        let dirTarget = run + "/notadisk"
+        try FileManager.default.createDirectory(atPath: dirTarget, withIntermediateDirectories: true)
+        let (frc, fout, ferr) = try xenctl("block-attach", "bare", "vdev=xvde, target=\(dirTarget)", runDir: run)
+        #expect(frc != 0 && fout.isEmpty && ferr.split(separator: "\n").count == 1, "\(ferr)")
+        #expect(ferr.hasPrefix("xenctl: domain 'bare': disk xvde: the backend failed: probing the device: open \(dirTarget): Is a directory"), "\(ferr)")
+        #expect(!storeHas("/local/domain/0/backend/vbd/\(domid)/51776", runDir: run))
+        #expect(!storeHas("/local/domain/\(domid)/device/vbd/51776", runDir: run))
+        #expect(try xenctl("block-attach", "bare", "vdev=xvde, target=\(imgB)", "--timeout", "10", runDir: run).0 == 0)
+        #expect(try xenctl("block-detach", "bare", "xvde", runDir: run).0 == 0)
+        // create fails the same way when a configured disk does not connect, and leaves no domain.
+        let broken = run + "/broken.cfg"
+        FileManager.default.createFile(atPath: broken, contents: Data("name = 'broken'\ndisk = [ 'vdev=xvda, target=\(dirTarget)' ]\n".utf8))
+        let (xrc, _, xerr) = try xenctl("create", broken, runDir: run)
+        #expect(xrc != 0 && xerr.hasPrefix("xenctl: domain 'broken': disk xvda did not connect: the backend failed: probing the device: open \(dirTarget)"), "\(xerr)")
+        #expect(try xenctl("list", runDir: run).1.split(separator: "\n").count == 3)
+
         // A guest that never connects: the attach times out and takes the device away.
         #expect(guestPID > 0 && kill(guestPID, SIGSTOP) == 0)
         stopped = guestPID
