@@ -2,24 +2,17 @@ import Foundation
 import Glibc
 import Testing
 import XenCtl
+import XenTestKit
 
 /// Device hotplug end to end: `xenctl block-attach` / `network-attach` /
 /// `*-detach` against the real daemons and a running pvguest that brings its
 /// frontends up and down (root: bridges, taps, network namespaces). Part of
 /// the serialized xenctl suite.
 extension XenctlCLITests {
-    /// Runs a program, output discarded; its exit status.
+    /// Runs a program (bounded); its exit status.
     @discardableResult
-    func sh(_ exe: String, _ args: [String], environment: [String: String]? = nil) -> Int32 {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: exe)
-        p.arguments = args
-        if let environment { p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try? p.run()
-        p.waitUntilExit()
-        return p.terminationStatus
+    func sh(_ exe: String, _ args: [String], environment: [String: String] = [:]) -> Int32 {
+        CommandResult.run(exe, args, environment: environment).status
     }
 
     /// Polls `condition` every 25 ms for at most `seconds`.
