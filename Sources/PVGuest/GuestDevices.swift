@@ -90,6 +90,8 @@ public final class GuestDevices: @unchecked Sendable {
         let want = Mutex<(wanted: Bool, generation: Int)>((false, 0))
         var attempted = 0
         var running: Running?
+        /// Set while a bring-up waits for the backend: shutdown does not wait for it.
+        let connecting = Atomic<Bool>(false)
         var watch: XenBusWatch?
         var watchedBackend: String?
 
@@ -189,16 +191,24 @@ public final class GuestDevices: @unchecked Sendable {
     }
 
     /// Tears every device down (the guest's shutdown), waiting at most
-    /// `seconds` for them; one still connecting is left to its own timeout.
+    /// `seconds` for them; one still connecting is not waited for (it ends
+    /// at its own timeout, or with the process).
     public func stopAll(seconds: Double = 5) {
         stopping = true
         if let w = deviceWatch { try? xs.unwatch(w) }
+        let stopped = DispatchGroup()
         for slot in slots.values {
             if let w = slot.watch { try? xs.unwatch(w) }
             slot.watch = nil
             set(slot, wanted: false)
+            guard !slot.connecting.load(ordering: .acquiring) else { continue }
+            // Queued behind the teardown on the slot's serial queue.
+            stopped.enter()
+            slot.queue.async { stopped.leave() }
         }
-        if !settle(seconds: seconds) { logger.warning("some devices did not stop within \(Int(seconds)) s") }
+        if stopped.wait(timeout: .now() + seconds) != .success {
+            logger.warning("some devices did not stop within \(Int(seconds)) s")
+        }
         let remove = shared.withLock { s -> Bool in
             defer { s.createdNamespace = false }
             return s.createdNamespace
@@ -223,6 +233,8 @@ public final class GuestDevices: @unchecked Sendable {
     }
 
     func bringUp(_ slot: Slot) {
+        slot.connecting.store(true, ordering: .releasing)
+        defer { slot.connecting.store(false, ordering: .releasing) }
         do {
             switch slot.type {
             case "vbd": try bringUpDisk(slot)

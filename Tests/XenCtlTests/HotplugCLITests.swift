@@ -149,6 +149,24 @@ extension XenctlCLITests {
         #expect(access(sockets + "/xvdd.sock", F_OK) == 0)
         #expect(try xenctl("block-list", "bare", runDir: run).1.split(separator: "\n").count == 4)
 
+        // A device whose backend never answers (no backend serves its type)
+        // holds up neither another attach nor the guest's shutdown.
+        let env = ["XENSTORED_PATH": run + "/xenstored/socket"]
+        let fe = "/local/domain/\(domid)/device/vbd/51792", be = "/local/domain/0/backend/nobody/\(domid)/51792"
+        #expect(sh("/usr/bin/xenstore-write", [be + "/state", "1", be + "/online", "1", be + "/frontend", fe], environment: env) == 0)
+        #expect(sh("/usr/bin/xenstore-chmod", ["-r", be, "n0", "r\(domid)"], environment: env) == 0)
+        #expect(sh("/usr/bin/xenstore-write", [fe + "/backend", be, fe + "/backend-id", "0", fe + "/state", "1"], environment: env) == 0)
+        #expect(sh("/usr/bin/xenstore-chmod", ["-r", fe, "n\(domid)", "r0"], environment: env) == 0)
+        var started = Date()
+        #expect(try xenctl("block-attach", "bare", "vdev=xvdg, target=\(imgB)", runDir: run).0 == 0)
+        #expect(Date().timeIntervalSince(started) < 10, "the attach waited for the stuck device")
+        started = Date()
+        let (src, _, serr) = try xenctl("shutdown", "bare", runDir: run)
+        #expect(src == 0, "\(serr)")
+        #expect(Date().timeIntervalSince(started) < 20, "the shutdown waited for the stuck device")
+        let log = (try? String(contentsOfFile: run + "/logs/guest-bare.log", encoding: .utf8)) ?? ""
+        #expect(log.contains("shut down at the toolstack's request"), "\(log.suffix(2000))")
+
         let (drc, _, _) = try xenctl("down", runDir: run)
         #expect(drc == 0)
         #expect(processes(mentioning: run).isEmpty)
