@@ -6,14 +6,20 @@ import XenRing
 
 /// The receive engine of one queue (tap -> guest): reads frames with their
 /// vnet header from the tap into a bounded backlog (XSA-392: a guest that
-/// posts no buffers cannot make us queue without limit), takes the buffers
+/// posts no buffers cannot make us queue without limit; bounded in frames
+/// and, as Linux's XENVIF_RX_QUEUE_BYTES, in bytes), takes the buffers
 /// the frontend posted on the rx ring (each request copied once), and copies
 /// each frame into them with one batched grant copy per pass: several slots
 /// for a large frame, the GSO extra after the first slot, checksum flags on
 /// the first response.
 struct RxEngine: ~Copyable {
+    /// The most one read from the tap can return: a vnet header and a 64 KiB frame.
     static let slotSize = 65536 + 128
     static let pageSize = 4096
+    /// Bytes the backlog may hold (Linux: XENVIF_RX_QUEUE_BYTES, half an rx
+    /// ring of pages); its buffer has room for one more largest read, so the
+    /// memory a queue touches is bounded whatever the frame sizes.
+    static let backlogBytes = 256 * pageSize / 2
 
     var ring: BackRing<NetifRxRing>
     let hypervisor: Hypervisor
@@ -24,12 +30,18 @@ struct RxEngine: ~Copyable {
     let gsoTCPv4: Bool
     let gsoTCPv6: Bool
 
-    // Backlog of frames read from the tap: a ring of fixed slots.
+    // Backlog of frames read from the tap: a ring of at most `capacity`
+    // frames stored back to back in `buffer` (each at a 64-byte aligned
+    // offset); a frame is read in place only where a largest read fits.
     let capacity: Int
-    let buffers: UnsafeMutableRawPointer
+    let bufferSize: Int
+    let buffer: UnsafeMutableRawPointer
+    var offsets: [Int]
     var lengths: [Int]
     var head = 0
     var count = 0
+    /// Where the next frame goes in `buffer`.
+    var tail = 0
 
     // Buffers the frontend posted, copied off the ring.
     var posted: [netif_rx_request]
@@ -55,26 +67,42 @@ struct RxEngine: ~Copyable {
         self.gsoTCPv4 = gsoTCPv4
         self.gsoTCPv6 = gsoTCPv6
         capacity = max(1, queueLimit)
-        buffers = UnsafeMutableRawPointer.allocate(byteCount: capacity * Self.slotSize, alignment: 4096)
+        bufferSize = Self.backlogBytes + Self.slotSize
+        buffer = UnsafeMutableRawPointer.allocate(byteCount: bufferSize, alignment: 4096)
+        offsets = Array(repeating: 0, count: capacity)
         lengths = Array(repeating: 0, count: capacity)
         posted = Array(repeating: netif_rx_request(), count: Int(ring.size))
         ops.reserveCapacity(Int(ring.size))
         plan.reserveCapacity(Int(ring.size))
     }
 
-    deinit { buffers.deallocate() }
+    deinit { buffer.deallocate() }
 
-    var backlogFull: Bool { count == capacity }
+    var backlogFull: Bool { nextOffset() == nil }
     var backlogEmpty: Bool { count == 0 }
 
-    @inline(__always) func slot(_ i: Int) -> UnsafeMutableRawPointer { buffers + i * Self.slotSize }
+    @inline(__always) func slot(_ i: Int) -> UnsafeMutableRawPointer { buffer + offsets[i] }
+
+    /// Where a largest read fits next, or nil when the backlog is full (in
+    /// frames, or in bytes: the waiting frames from `head` on, up to `tail`).
+    @inline(__always) func nextOffset() -> Int? {
+        guard count < capacity else { return nil }
+        guard count > 0 else { return 0 }
+        let start = offsets[head]
+        if tail > start {
+            // Not wrapped: after the last frame, else at the start before the first.
+            if tail + Self.slotSize <= bufferSize { return tail }
+            return Self.slotSize <= start ? 0 : nil
+        }
+        // Wrapped: between the last frame and the first.
+        return tail + Self.slotSize <= start ? tail : nil
+    }
 
     /// Reads frames until the tap is empty or the backlog is full. Frames read
     /// while the carrier is off (a stalled guest) are dropped.
     mutating func readTap() {
-        while count < capacity {
-            let i = (head + count) % capacity
-            let n = read(tapFD, slot(i), Self.slotSize)
+        while let at = nextOffset() {
+            let n = read(tapFD, buffer + at, Self.slotSize)
             if n < 0 {
                 if errno == EINTR { continue }
                 return  // EAGAIN: empty
@@ -87,7 +115,10 @@ struct RxEngine: ~Copyable {
                 stats.count(.rxCarrierOff)
                 continue
             }
+            let i = (head + count) % capacity
+            offsets[i] = at
             lengths[i] = n
+            tail = at + ((n + 63) & ~63)
             count += 1
         }
     }
@@ -110,6 +141,7 @@ struct RxEngine: ~Copyable {
     private mutating func popBacklog() {
         head = (head + 1) % capacity
         count -= 1
+        if count == 0 { tail = 0 }  // an empty backlog starts over at the front (warm pages)
     }
 
     /// Delivers as much of the backlog as the posted buffers allow. Returns
@@ -197,5 +229,6 @@ struct RxEngine: ~Copyable {
         stats.count(.rxStalledFlush, UInt64(count))
         head = 0
         count = 0
+        tail = 0
     }
 }

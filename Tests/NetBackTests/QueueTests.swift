@@ -51,6 +51,36 @@ import XenHV
         #expect(got)
     }
 
+    /// The backlog is bounded in bytes too (Linux's XENVIF_RX_QUEUE_BYTES):
+    /// large frames fill it long before its frame limit.
+    @Test func backlogOfLargeFramesIsBoundedInBytes() throws {
+        let f = try HypervisorFixture()
+        let net = try PeerNetwork()
+        defer { net.tearDown() }
+        let g = try GuestVif(fixture: f, network: net, rxQueueLimit: 64, stallTimeoutMs: 300, postRx: false)
+        defer { g.close() }
+        try net.netlink.setMTU(g.vif.name, 65000)
+        // Frames sent out through the tap itself (an AF_PACKET socket bound to it), so netback reads them.
+        let s = socket(AF_PACKET, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        #expect(s >= 0)
+        defer { close(s) }
+        // struct sockaddr_ll: family u16, protocol be16, ifindex i32, ...
+        var sll = [UInt8](repeating: 0, count: 20)
+        sll.withUnsafeMutableBytes { b in
+            b.storeBytes(of: UInt16(AF_PACKET), toByteOffset: 0, as: UInt16.self)
+            b.storeBytes(of: Int32(if_nametoindex(g.vif.name)), toByteOffset: 4, as: Int32.self)
+        }
+        #expect(sll.withUnsafeBytes { bind(s, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), 20) } == 0)
+        let size = 60000
+        let frame = g.mac + [0x00, 0x16, 0x3e, 0x77, 0x77, 0x77, 0x88, 0xB5] + [UInt8](repeating: 0x42, count: size - 14)
+        for _ in 0..<30 { #expect(frame.withUnsafeBytes { send(s, $0.baseAddress, $0.count, 0) } == size) }
+        #expect(try eventually { try !net.netlink.link(g.vif.name).carrier })
+        let flushed = g.vif.stats.snapshot[.rxStalledFlush]
+        // 512 KiB of backlog plus room for one largest read: 9 frames of 60000 bytes, far below 64
+        // (the host's own small frames on the new link, IPv6 solicitations, may come on top).
+        #expect(flushed >= 1 && flushed <= UInt64(512 * 1024 / size + 4), "backlog held \(flushed) frames")
+    }
+
     @Test func backlogHoldsFramesUntilBuffersArrive() throws {
         let f = try HypervisorFixture()
         let net = try PeerNetwork()
