@@ -141,7 +141,7 @@ let package = Package(
         .executableTarget(
             name: "netback-bench",
             dependencies: [
-                "NetBack", "NetFrontKit", "XenHV", "XenRing", "CXen", "CNetShim",
+                "NetBack", "NetFrontKit", "XenHV", "XenRing", "CXen", "CNetShim", "XenBus", "XenStore", "XenTestKit",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .executableTarget(

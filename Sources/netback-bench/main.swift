@@ -1,10 +1,16 @@
 // Release-mode netback benchmarks, each against a baseline measured in the
-// same run (see scripts/bench-netback):
-//  - TCP: the guest's GSO sender -> rings -> netback -> tap -> bridge -> veth
-//    -> a socket in a namespace, vs iperf3 over a bare veth pair;
-//  - 64-byte UDP frames per second through the transmit path, vs a bare
-//    program writing the same frames (with the same vnet header) to a tap on
-//    the same bridge.
+// same run (see scripts/bench-netback). Everything runs on a private dom0
+// (xenhv, xenstored) with a real `netback --xenstore` process whose vifs the
+// hotplug script puts on a bridge of this run:
+//  - TCP: iperf3 from a real pvguest's namespace (its NIC a tap, netfront,
+//    rings, netback, vif tap, bridge, veth) to a peer namespace and back
+//    (-R), vs iperf3 over a bare veth pair between two namespaces;
+//  - 64-byte UDP frames per second through the transmit path (a guest
+//    posting tx requests -> netback -> vif tap), vs a bare program writing
+//    the same frames (with the same vnet header) to a tap on the same bridge;
+//  - netback's resident size per connected vif, and over a long run with a
+//    guest that posts no rx buffers while the peer floods it (the bounded
+//    backlog keeps it flat).
 import ArgumentParser
 import CNetShim
 import CXen
@@ -12,41 +18,82 @@ import Foundation
 import Glibc
 import NetBack
 import NetFrontKit
+import XenBus
 import XenHV
 import XenRing
+import XenStore
+import XenTestKit
 
 struct NetbackBench: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "netback-bench", abstract: "netback throughput against same-run baselines.")
-    @Option(help: "Seconds per measurement.") var seconds = 3.0
-    @Option(help: "The xenhv executable (default: beside this one).") var xenhv: String?
+        commandName: "netback-bench", abstract: "netback throughput and memory against same-run baselines.")
+    @Option(help: "Seconds per throughput measurement.") var seconds = 5.0
+    @Option(help: "Seconds of the long run with a guest that posts no rx buffers.") var memorySeconds = 20.0
+    @Option(help: "Idle vifs connected to measure the resident size per vif.") var vifs = 16
+    @Flag(help: "Only the TCP measurements.") var tcpOnly = false
     @Flag(help: "Only the small-packet measurement.") var smallOnly = false
-    @Flag(help: "Only the TCP measurement.") var tcpOnly = false
+    @Flag(help: "Only the memory measurements.") var memoryOnly = false
 
     func run() throws {
-        let dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().path
-        let env = try BenchEnvironment(xenhv: xenhv ?? dir + "/xenhv")
-        defer { env.tearDown() }
-        if !smallOnly { try tcp(env) }
-        if !tcpOnly { try smallPackets(env) }
+        let all = !tcpOnly && !smallOnly && !memoryOnly
+        let rig = try Rig(build: ProcessLauncher.executableDirectory)
+        defer { rig.tearDown() }
+        try rig.startNetback()
+        if all || memoryOnly { try memory(rig) }
+        if all || tcpOnly { try tcp(rig) }
+        if all || smallOnly { try smallPackets(rig) }
     }
 
-    func tcp(_ env: BenchEnvironment) throws {
-        let base = try env.iperfOverVeth(seconds: seconds)
-        let path = try env.tcpThroughPath(seconds: seconds)
-        print(String(format: "tcp   iperf3 over bare veth: %8.2f Gbit/s", base / 1e9))
-        print(String(format: "tcp   guest->netback->bridge: %8.2f Gbit/s   ratio %.2f (goal >= 0.50)", path / 1e9, path / base))
+    func tcp(_ rig: Rig) throws {
+        let rssBefore = rig.netbackRSS()
+        let base = try rig.iperfOverVeth(seconds: seconds)
+        try rig.startGuest()
+        let path = try rig.iperfThroughPath(seconds: seconds)
+        let grown = Double(rig.netbackRSS() - rssBefore) / 1024
+        print(String(format: "tcp   guest -> peer: iperf3 over bare veth %6.2f Gbit/s, through netback %6.2f Gbit/s   ratio %.2f (goal >= 0.50)",
+                     base.up / 1e9, path.up / 1e9, path.up / base.up))
+        print(String(format: "tcp   peer -> guest: iperf3 over bare veth %6.2f Gbit/s, through netback %6.2f Gbit/s   ratio %.2f (goal >= 0.50)",
+                     base.down / 1e9, path.down / 1e9, path.down / base.down))
+        print(String(format: "mem   netback grew %.2f MiB with the vif that carried TCP both ways (goal <= 4 MiB per vif)", grown))
     }
 
-    func smallPackets(_ env: BenchEnvironment) throws {
-        let base = try env.bareTapWriter(seconds: seconds)
-        let path = try env.smallPacketsThroughTx(seconds: seconds)
-        print(String(format: "64B   bare tap writer:        %8.3f Mpps", base / 1e6))
-        print(String(format: "64B   guest tx ring->netback: %8.3f Mpps   ratio %.2f (goal >= 0.70)", path / 1e6, path / base))
+    func smallPackets(_ rig: Rig) throws {
+        let base = try rig.bareTapWriter(seconds: seconds)
+        let path = try rig.smallPacketsThroughTx(seconds: seconds)
+        print(String(format: "64B   bare tap writer %6.3f Mpps, guest tx ring -> netback -> tap %6.3f Mpps   ratio %.2f (goal >= 0.70)",
+                     base / 1e6, path / 1e6, path / base))
+    }
+
+    func memory(_ rig: Rig) throws {
+        let idle = rig.netbackRSS()
+        var guests: [KitVif] = []
+        for i in 0..<vifs { guests.append(try rig.kitVif(name: "mem\(i)", postRx: true)) }
+        let connected = rig.netbackRSS()
+        let perVif = Double(connected - idle) / Double(vifs) / 1024
+        print(String(format: "mem   netback resident: %.1f MiB with no vif, %.1f MiB with %d connected vifs: %.2f MiB per vif (goal <= 4)",
+                     Double(idle) / 1024, Double(connected) / 1024, vifs, perVif))
+        for g in guests { try rig.remove(g) }
+
+        // The long run: a guest that posts no rx buffers, flooded by the peer.
+        let before = rig.netbackRSS()
+        let stalled = try rig.kitVif(name: "stall", postRx: false, ip: [10, 214, 0, 9])
+        let flood = try rig.flood(to: stalled)
+        var samples: [Int] = []
+        let start = Date()
+        while Date().timeIntervalSince(start) < memorySeconds {
+            usleep(500_000)  // a benchmark's sampling period, not synchronisation
+            samples.append(rig.netbackRSS())
+        }
+        let sent = flood.stop()
+        let stats = rig.tapCounters(stalled.tap)
+        try rig.remove(stalled)
+        let warm = samples.dropFirst(min(4, samples.count - 1))
+        let lo = warm.min() ?? 0, hi = warm.max() ?? 0
+        print(String(format: "mem   %.0f s flood (%d frames) at a guest posting no rx buffers: netback %.1f -> %.1f MiB (range after 2 s %.2f-%.2f MiB, growth %.2f MiB); %@",
+                     memorySeconds, sent, Double(before) / 1024, Double(samples.last ?? 0) / 1024,
+                     Double(lo) / 1024, Double(hi) / 1024, Double(hi - lo) / 1024, stats))
     }
 }
-
-func now() -> UInt64 { RateLimiter.now() }
 
 @discardableResult
 func sh(_ path: String, _ args: [String], check: Bool = true) throws -> String {
@@ -61,62 +108,96 @@ func sh(_ path: String, _ args: [String], check: Bool = true) throws -> String {
     let e = err.fileHandleForReading.readDataToEndOfFile()
     p.waitUntilExit()
     if check && p.terminationStatus != 0 {
-        throw FrontError("\(path) \(args.joined(separator: " ")): \(String(decoding: e, as: UTF8.self))")
+        throw FrontError("\(path) \(args.joined(separator: " ")): \(String(decoding: o + e, as: UTF8.self))")
     }
     return String(decoding: o, as: UTF8.self)
 }
 
 func ip(_ args: String...) throws { try sh("/usr/sbin/ip", args) }
 
-/// xenhv, a bridge with a veth into a namespace, and a bare veth pair between
-/// two more namespaces for iperf3; all removed by `tearDown()`.
-final class BenchEnvironment {
-    let daemon: Process
-    let socketDir: String
-    let dom0: Hypervisor
-    let nl: Netlink
+/// A guest in this process (NetFrontKit) whose vif netback serves through
+/// the XenBus handshake.
+struct KitVif {
+    let guest: Dom0Harness.Guest
+    let dev: XenBusDevice
+    let front: NetFront
+    let mac: [UInt8]
+    let ip: [UInt8]
+    var tap: String { "vif\(dev.frontendDomid).\(dev.devid)" }
+}
+
+/// Keeps sending UDP datagrams from the peer namespace until stopped.
+final class Flood: @unchecked Sendable {
+    private var stopFlag = false
+    private var count = 0
+    private let done = DispatchSemaphore(value: 0)
+    init(fd: CInt, to ip: [UInt8]) {
+        Thread { [self] in
+            var addr = sockaddr_in()
+            addr.sin_family = sa_family_t(AF_INET)
+            addr.sin_port = UInt16(9).bigEndian
+            addr.sin_addr.s_addr = UInt32(ip[0]) | UInt32(ip[1]) << 8 | UInt32(ip[2]) << 16 | UInt32(ip[3]) << 24
+            let payload = [UInt8](repeating: 0xA5, count: 1472)
+            while !stopFlag {
+                for _ in 0..<64 {
+                    let n = payload.withUnsafeBytes { p in
+                        withUnsafePointer(to: &addr) {
+                            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                                sendto(fd, p.baseAddress, p.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                            }
+                        }
+                    }
+                    if n > 0 { count += 1 }
+                }
+                usleep(1000)  // pacing: about 64k frames/s, leaving the cores to netback
+            }
+            close(fd)
+            done.signal()
+        }.start()
+    }
+    func stop() -> Int {
+        stopFlag = true
+        done.wait()
+        return count
+    }
+}
+
+/// A private dom0, a netback process, a bridge with a veth into a peer
+/// namespace, and (for TCP) a pvguest process; all removed by `tearDown()`.
+final class Rig {
+    let build: String
+    let dom0: Dom0Harness
     let tag = "\(getpid() % 100000)"
     var bridge: String { "nbb\(tag)" }
     var vethHost: String { "nbh\(tag)" }
     var vethPeer: String { "nbp\(tag)" }
-    var ns: String { "nbench\(tag)" }
+    var peerNS: String { "nbpeer\(tag)" }
+    var guestNS: String { "nbguest\(tag)" }
     var nsA: String { "nbencha\(tag)" }
     var nsB: String { "nbenchb\(tag)" }
     let peerIP: [UInt8] = [10, 214, 0, 2]
-    let guestIP: [UInt8] = [10, 214, 0, 1]
-    let guestMAC: [UInt8] = [0x00, 0x16, 0x3e, 0x11, 0x22, 0x33]
+    let guestIP = "10.214.0.1"
     var peerMAC: [UInt8] = []
+    var netback: pid_t = 0
+    var guest: pid_t = 0
+    var guestDomain: XenHV.DomID?
+    var writerTap: Tap?
+    var kitCount = 0
 
-    init(xenhv: String) throws {
-        socketDir = NSTemporaryDirectory() + "netback-bench-\(getpid())"
-        try FileManager.default.createDirectory(atPath: socketDir, withIntermediateDirectories: true)
-        daemon = Process()
-        daemon.executableURL = URL(fileURLWithPath: xenhv)
-        daemon.arguments = ["--socket", socketDir + "/xenhv.sock", "--log-level", "error"]
-        let out = Pipe()
-        daemon.standardOutput = out
-        try daemon.run()
-        var line = Data()
-        while !line.contains(10) {
-            let d = out.fileHandleForReading.availableData
-            if d.isEmpty { break }
-            line.append(d)
-        }
-        dom0 = try Hypervisor.connect(socketPath: socketDir + "/xenhv.sock")
-        nl = try Netlink()
+    init(build: String) throws {
+        self.build = build
+        dom0 = try Dom0Harness(buildDirectory: build)
         do {
-            try nl.addBridge(bridge)
-            try nl.setMTU(bridge, 1500)
-            try ip("netns", "add", ns)
-            try nl.addVeth(vethHost, peer: vethPeer)
-            try nl.enslave(vethHost, to: bridge)
-            try nl.setUp(vethHost)
-            try nl.setUp(bridge)
-            try ip("link", "set", vethPeer, "netns", ns)
-            try ip("-n", ns, "addr", "add", "10.214.0.2/24", "dev", vethPeer)
-            try ip("-n", ns, "link", "set", vethPeer, "up")
-            try ip("-n", ns, "neigh", "replace", "10.214.0.1", "lladdr", MACAddress(guestMAC).description, "dev", vethPeer)
-            let mac = try sh("/usr/sbin/ip", ["-n", ns, "-br", "link", "show", vethPeer]).split(separator: " ", omittingEmptySubsequences: true)[2]
+            try ip("netns", "add", peerNS)
+            try ip("link", "add", bridge, "type", "bridge")
+            try ip("link", "set", bridge, "up")
+            try ip("link", "add", vethHost, "type", "veth", "peer", "name", vethPeer)
+            try ip("link", "set", vethHost, "master", bridge, "up")
+            try ip("link", "set", vethPeer, "netns", peerNS)
+            try ip("-n", peerNS, "addr", "add", "10.214.0.2/24", "dev", vethPeer)
+            try ip("-n", peerNS, "link", "set", vethPeer, "up")
+            try ip("-n", peerNS, "link", "set", "lo", "up")
+            let mac = try sh("/usr/sbin/ip", ["-n", peerNS, "-br", "link", "show", vethPeer]).split(separator: " ", omittingEmptySubsequences: true)[2]
             peerMAC = MACAddress(String(mac))!.array
         } catch {
             tearDown()
@@ -125,30 +206,134 @@ final class BenchEnvironment {
     }
 
     func tearDown() {
-        for n in [ns, nsA, nsB] { _ = try? sh("/usr/sbin/ip", ["netns", "del", n], check: false) }
-        _ = try? nl.deleteLink(vethHost)
-        _ = try? nl.deleteLink(bridge)
-        daemon.terminate()
-        daemon.waitUntilExit()
-        try? FileManager.default.removeItem(atPath: socketDir)
+        if let d = guestDomain { try? dom0.hypervisor.destroyDomain(d) }  // kills pvguest: its namespace and tap go
+        if guest > 0 {
+            var st: Int32 = 0
+            waitpid(guest, &st, 0)
+            guest = 0
+        }
+        if netback > 0 {
+            kill(netback, SIGTERM)
+            var st: Int32 = 0
+            waitpid(netback, &st, 0)
+            netback = 0
+        }
+        writerTap = nil
+        for n in [peerNS, guestNS, nsA, nsB] { _ = try? sh("/usr/sbin/ip", ["netns", "del", n], check: false) }
+        _ = try? sh("/usr/sbin/ip", ["link", "del", vethHost], check: false)
+        _ = try? sh("/usr/sbin/ip", ["link", "del", bridge], check: false)
     }
 
-    /// A guest in this process with a vif on the bridge.
-    func guestVif(features: FrontendFeatures, name: String) throws -> (Hypervisor, NetFront, Vif) {
-        let d = try dom0.createDomain(pages: NetFront.pagesNeeded(queues: 1), name: name)
-        let g = try Hypervisor.guest(descriptor: d.guestDescriptor)
-        let front = try NetFront(guest: g)
-        let vif = try Vif(hypervisor: dom0, config: VifConfig(frontendDomid: d.domid, devid: 0, tapName: "nbv\(name.suffix(6))"))
-        try nl.enslave(vif.name, to: bridge)
-        try nl.setUp(vif.name)
-        try front.queues[0].postRx()
-        try vif.connect(front.connection(features: features))
-        return (g, front, vif)
+    func startNetback() throws {
+        var out: [CInt] = [-1, -1]
+        _ = pipe(&out)
+        _ = fcntl(out[0], F_SETFD, FD_CLOEXEC)
+        netback = try ProcessLauncher.spawn(build + "/netback",
+                                            arguments: ["--xenstore", dom0.xenstoreSocket, "--xenhv-socket", dom0.hypervisorSocket,
+                                                        "--log-level", "error"],
+                                            environment: ["XEN_RUN_DIR": dom0.dir], descriptors: [(out[1], 1), (2, 2)])
+        close(out[1])
+        defer { close(out[0]) }
+        var line = ""
+        repeat { line = ProcessLauncher.readLine(out[0]) } while !line.isEmpty && !line.hasPrefix("netback ready")
+        guard line.hasPrefix("netback ready") else { throw FrontError("netback did not start") }
+    }
+
+    /// netback's VmRSS in KiB.
+    func netbackRSS() -> Int {
+        guard let s = try? String(contentsOfFile: "/proc/\(netback)/status", encoding: .utf8),
+              let line = s.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }) else { return 0 }
+        return Int(line.split(separator: " ", omittingEmptySubsequences: true)[1]) ?? 0
+    }
+
+    /// The toolstack's keys for a vif on our bridge; waits for netback's InitWait.
+    func createVif(_ d: XenHV.DomID, mac: String) throws -> XenBusDevice {
+        let dev = XenBusDevice(type: "vif", frontendDomid: XenStore.DomID(d), devid: 0)
+        try dom0.xenstore.createDevice(dev, backend: ["mac": mac, "bridge": bridge, "handle": "0", "type": "vif"],
+                                       frontend: ["mac": mac, "handle": "0"])
+        guard Dom0Harness.wait(dom0.xenstore, state: dev.backendPath, { $0 == .initWait || $0 == .closing }) == .initWait else {
+            throw FrontError("\(dev.backendPath) never reached InitWait")
+        }
+        return dev
+    }
+
+    /// A guest in this process, its vif connected through XenBus like Linux netfront.
+    func kitVif(name: String, postRx: Bool, ip addr: [UInt8] = [10, 214, 0, 1]) throws -> KitVif {
+        kitCount += 1
+        let g = try dom0.createGuest(name: name + tag, pages: NetFront.pagesNeeded(queues: 1) + 64)
+        let mac: [UInt8] = [0x00, 0x16, 0x3e, 0x7a, UInt8(kitCount >> 8 & 0xFF), UInt8(kitCount & 0xFF)]
+        let dev = try createVif(g.domid, mac: MACAddress(mac).description)
+        let front = try NetFront(guest: g.hypervisor)
+        if postRx { try front.queues[0].postRx() }
+        let r = front.queues[0].rings
+        guard case .shared(let port) = r.events else { throw FrontError("one event channel expected") }
+        let keys = ["tx-ring-ref": "\(r.txRingRef)", "rx-ring-ref": "\(r.rxRingRef)", "event-channel": "\(port)",
+                    "request-rx-copy": "1", "feature-rx-notify": "1", "feature-sg": "1", "feature-gso-tcpv4": "1",
+                    "feature-gso-tcpv6": "1", "feature-ipv6-csum-offload": "1"]
+        try g.xenstore.transaction { t in for (k, v) in keys { try t.write(dev.frontendPath + "/" + k, v) } }
+        try g.xenstore.switchState(at: dev.frontendPath, to: .connected)
+        guard Dom0Harness.wait(g.xenstore, state: dev.backendPath, { $0 == .connected || $0 == .closing }) == .connected else {
+            throw FrontError("\(dev.backendPath) did not connect")
+        }
+        return KitVif(guest: g, dev: dev, front: front, mac: mac, ip: addr)
+    }
+
+    /// Closes a kit guest's vif and removes the device; waits until its tap is gone.
+    func remove(_ v: KitVif) throws {
+        try v.guest.xenstore.switchState(at: v.dev.frontendPath, to: .closed)
+        _ = Dom0Harness.wait(dom0.xenstore, state: v.dev.backendPath, seconds: 10) { $0 == .closed }
+        try dom0.xenstore.destroyDevice(v.dev)
+        let deadline = Date().addingTimeInterval(10)
+        while if_nametoindex(v.tap) != 0 && Date() < deadline { usleep(10_000) }  // bounded wait for the tap to go
+        v.guest.xenstore.close()
+        try dom0.hypervisor.destroyDomain(v.guest.domid)
+    }
+
+    /// What the kernel sent into a vif's tap and dropped at it (netback not reading: the backlog is full).
+    func tapCounters(_ tap: String) -> String {
+        func stat(_ n: String) -> String {
+            ((try? String(contentsOfFile: "/sys/class/net/\(tap)/statistics/\(n)", encoding: .utf8)) ?? "?")
+                .trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        return "the vif tap took \(stat("tx_packets")) frames and dropped \(stat("tx_dropped"))"
+    }
+
+    /// Floods `v` from the peer namespace with 1472-byte UDP datagrams.
+    func flood(to v: KitVif) throws -> Flood {
+        try ip("-n", peerNS, "neigh", "replace", v.ip.map(String.init).joined(separator: "."), "lladdr",
+               MACAddress(v.mac).description, "dev", vethPeer)
+        return Flood(fd: try socketInNamespace(peerNS, type: Int32(SOCK_DGRAM.rawValue), port: 0), to: v.ip)
     }
 
     // MARK: TCP
 
-    func iperfOverVeth(seconds: Double) throws -> Double {
+    /// iperf3 against a server in `serverNS`; returns bits/s received (up, then -R).
+    func iperf(clientNS: String, serverNS: String, server: String, seconds: Double) throws -> (up: Double, down: Double) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+        p.arguments = ["netns", "exec", serverNS, "iperf3", "-s", "-B", server]
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        defer { p.terminate(); p.waitUntilExit() }
+        func one(_ reverse: Bool) throws -> Double {
+            var json = ""
+            for _ in 0..<50 {
+                json = (try? sh("/usr/sbin/ip", ["netns", "exec", clientNS, "iperf3", "-c", server, "-t", "\(Int(seconds.rounded(.up)))", "-J"]
+                                + (reverse ? ["-R"] : []), check: false)) ?? ""
+                if !json.isEmpty && !json.contains("unable to connect") && !json.contains("refused") { break }
+                usleep(100_000)  // the server is still starting; iperf3 has no readiness signal
+            }
+            guard let data = json.data(using: .utf8),
+                  let obj = try JSONSerialization.jsonObject(with: data) as? [String: Any],
+                  let end = obj["end"] as? [String: Any], let sum = end["sum_received"] as? [String: Any],
+                  let bps = sum["bits_per_second"] as? Double else { throw FrontError("iperf3 gave no result: \(json.prefix(400))") }
+            return bps
+        }
+        return (try one(false), try one(true))
+    }
+
+    func iperfOverVeth(seconds: Double) throws -> (up: Double, down: Double) {
         try ip("netns", "add", nsA)
         try ip("netns", "add", nsB)
         try ip("-n", nsA, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", nsB)
@@ -156,106 +341,75 @@ final class BenchEnvironment {
         try ip("-n", nsB, "addr", "add", "10.215.0.2/24", "dev", "vb")
         try ip("-n", nsA, "link", "set", "va", "up")
         try ip("-n", nsB, "link", "set", "vb", "up")
-        let server = Process()
-        server.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
-        server.arguments = ["netns", "exec", nsA, "iperf3", "-s", "-B", "10.215.0.1"]
-        server.standardOutput = FileHandle.nullDevice
-        try server.run()
-        defer { server.terminate(); server.waitUntilExit() }
-        var json = ""
-        for _ in 0..<50 {
-            json = (try? sh("/usr/sbin/ip", ["netns", "exec", nsB, "iperf3", "-c", "10.215.0.1", "-t", "\(Int(seconds.rounded(.up)))", "-J"])) ?? ""
-            if !json.isEmpty && !json.contains("unable to connect") { break }
-            usleep(100_000)  // the server is still starting; iperf3 has no readiness signal
-        }
-        guard let data = json.data(using: .utf8),
-              let obj = try JSONSerialization.jsonObject(with: data) as? [String: Any],
-              let end = obj["end"] as? [String: Any], let sum = end["sum_received"] as? [String: Any],
-              let bps = sum["bits_per_second"] as? Double else { throw FrontError("iperf3 gave no result: \(json.prefix(300))") }
-        return bps
+        return try iperf(clientNS: nsB, serverNS: nsA, server: "10.215.0.1", seconds: seconds)
     }
 
-    func tcpThroughPath(seconds: Double) throws -> Double {
-        let (_, front, vif) = try guestVif(features: .all, name: "tcp\(tag)")
-        defer { vif.close() }
-        let listener = try socketInNamespace(ns, type: Int32(SOCK_STREAM.rawValue), port: 7001)
-        defer { close(listener) }
-        listen(listener, 1)
-        let tcp = MiniTCP(queue: front.queues[0], mac: guestMAC, peerMAC: peerMAC, ip: guestIP, peerIP: peerIP, port: 41000, peerPort: 7001)
-        try tcp.connect()
-        let conn = accept(listener, nil, nil)
-        defer { close(conn) }
-        final class Counter: @unchecked Sendable { var bytes = 0; var stop = false }
-        let c = Counter()
-        let done = DispatchSemaphore(value: 0)
-        let reader = Thread {
-            var buf = [UInt8](repeating: 0, count: 1 << 20)
-            while !c.stop {
-                var pfd = pollfd(fd: conn, events: Int16(POLLIN), revents: 0)
-                if poll(&pfd, 1, 200) <= 0 { continue }
-                let n = recv(conn, &buf, buf.count, 0)
-                if n <= 0 { break }
-                c.bytes += n
-            }
-            done.signal()
+    /// A pvguest process with one vif on the bridge, its NIC in `guestNS`.
+    func startGuest() throws {
+        let d = try dom0.prepareGuest(name: "pvnet\(tag)", pages: 4096)
+        guestDomain = d.domid
+        _ = try createVif(d.domid, mac: "00:16:3e:5a:0b:01")
+        var out: [CInt] = [-1, -1]
+        _ = pipe(&out)
+        _ = fcntl(out[0], F_SETFD, FD_CLOEXEC)
+        guest = try ProcessLauncher.spawn(build + "/pvguest", arguments: ["--nbd-dir", dom0.dir, "--netns", guestNS],
+                                          environment: ["XENHV_GUEST_FD": "3"],
+                                          descriptors: [(out[1], 1), (2, 2), (d.guestDescriptor, 3)])
+        close(out[1])
+        close(d.guestDescriptor)
+        try dom0.hypervisor.attachProcess(guest, to: d.domid)
+        defer { close(out[0]) }
+        while true {
+            let line = ProcessLauncher.readLine(out[0])
+            if line.isEmpty { throw FrontError("pvguest exited before it was ready") }
+            if line.hasPrefix("pvguest ready") { break }
         }
-        reader.start()
-        let chunk = [UInt8](repeating: 0x5A, count: 4 << 20)
-        // Warm up, then measure.
-        try tcp.send(chunk, gso: true, chunk: 64000)
-        let start = now()
-        let startBytes = c.bytes
-        var sent = 0
-        while Double(now() - start) < seconds * 1e9 {
-            try tcp.send(chunk, gso: true, chunk: 64000)
-            sent += chunk.count
-        }
-        let elapsed = Double(now() - start) / 1e9
-        let got = c.bytes - startBytes
-        c.stop = true
-        done.wait()
-        return Double(min(got, sent)) * 8 / elapsed
+        try ip("-n", guestNS, "addr", "add", guestIP + "/24", "dev", "eth0")
+    }
+
+    func iperfThroughPath(seconds: Double) throws -> (up: Double, down: Double) {
+        try iperf(clientNS: guestNS, serverNS: peerNS, server: "10.214.0.2", seconds: seconds)
     }
 
     // MARK: Small packets
 
-    var smallFrame: [UInt8] {
-        Frames.udp(srcMAC: guestMAC, dstMAC: peerMAC, src: guestIP, dst: peerIP, sport: 9, dport: 9,
+    func smallFrame(from mac: [UInt8], ip src: [UInt8]) -> [UInt8] {
+        Frames.udp(srcMAC: mac, dstMAC: peerMAC, src: src, dst: peerIP, sport: 9, dport: 9,
                    payload: Array(repeating: 0, count: 18))  // 60 bytes + FCS = 64 on the wire
     }
 
     func bareTapWriter(seconds: Double) throws -> Double {
         let tap = try Tap(name: "nbw\(tag)")
-        try nl.enslave(tap.name, to: bridge)
-        try nl.setUp(tap.name)
-        let frame = smallFrame
+        writerTap = tap
+        try ip("link", "set", tap.name, "master", bridge, "up")
+        let frame = smallFrame(from: [0x00, 0x16, 0x3e, 0x7b, 0, 1], ip: [10, 214, 0, 8])
         var buf = [UInt8](repeating: 0, count: VnetHeader.size) + frame
         let fd = tap.queues[0]
         var n = 0
-        let start = now()
+        let start = RateLimiter.now()
         let end = start + UInt64(seconds * 1e9)
         buf.withUnsafeMutableBytes { p in
             var iov = iovec(iov_base: p.baseAddress, iov_len: p.count)
             while true {
                 for _ in 0..<256 { if cnet_writev(fd, &iov, 1) > 0 { n += 1 } }
-                if now() >= end { break }
+                if RateLimiter.now() >= end { break }
             }
         }
-        return Double(n) / (Double(now() - start) / 1e9)
+        return Double(n) / (Double(RateLimiter.now() - start) / 1e9)
     }
 
     func smallPacketsThroughTx(seconds: Double) throws -> Double {
-        let (_, front, vif) = try guestVif(features: .all, name: "pps\(tag)")
-        defer { vif.close() }
-        let q = front.queues[0]
-        let frame = smallFrame
+        let v = try kitVif(name: "pps", postRx: true, ip: [10, 214, 0, 7])
+        defer { try? remove(v) }
+        let q = v.front.queues[0]
+        let frame = smallFrame(from: v.mac, ip: v.ip)
         // Every buffer holds the frame once; the loop only posts requests, as a
         // netfront recycling its buffers would.
         var ids: [UInt16] = []
         while let id = q.takeTxID() { ids.append(id); try q.writeTxBuffer(id, offset: 0, frame) }
         var free = ids
-        var done = 0
-        let start = now()
+        var done = 0, errors = 0
+        let start = RateLimiter.now()
         let end = start + UInt64(seconds * 1e9)
         while true {
             while let id = free.popLast() {
@@ -264,17 +418,20 @@ final class BenchEnvironment {
                 q.tx.enqueue(r)
             }
             try q.pushTx()
-            while let r = try q.tx.nextResponse() { free.append(r.id); done += 1 }
-            if now() >= end { break }
+            while let r = try q.tx.nextResponse() {
+                free.append(r.id)
+                done += 1
+                if r.status != Int16(NETIF_RSP_OKAY) { errors += 1 }
+            }
+            if RateLimiter.now() >= end { break }
             if free.isEmpty {
                 if try q.tx.finalCheckForResponses() { continue }
                 _ = q.txChannel.wait(milliseconds: 100)
             }
         }
-        let elapsed = Double(now() - start) / 1e9
-        let s = vif.stats.snapshot
-        if s.txDrops > 0 { print("warning: \(s)") }
-        return Double(done) / elapsed
+        let elapsed = Double(RateLimiter.now() - start) / 1e9
+        if errors > 0 { print("warning: \(errors) of \(done) small frames answered with an error") }
+        return Double(done - errors) / elapsed
     }
 }
 
@@ -290,8 +447,6 @@ func socketInNamespace(_ ns: String, type: Int32, port: UInt16) throws -> CInt {
         guard nsfd >= 0, cnet_enter_netns(nsfd) == 0 else { box.err = errno; return }
         close(nsfd)
         let s = socket(AF_INET, type | Int32(SOCK_CLOEXEC.rawValue), 0)
-        var one: Int32 = 1
-        setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, 4)
         var addr = sockaddr_in()
         addr.sin_family = sa_family_t(AF_INET)
         addr.sin_port = port.bigEndian
