@@ -67,6 +67,11 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     /// Signalled when the completion thread has returned.
     let completionsDone = DispatchSemaphore(value: 0)
     let closed = Atomic<Bool>(false)
+    let detachedFlag = Atomic<Bool>(false)
+
+    /// Whether the toolstack took the backend away under the device (it only
+    /// fails requests now; ``close()`` it).
+    public var isDetached: Bool { detachedFlag.load(ordering: .acquiring) }
     /// The slots' data and indirect pages, given back at ``close()``.
     let dataExtent: (first: UInt32, count: Int)
 
@@ -495,6 +500,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                     // from: the device fails until the guest closes it.
                     if backendDetached() {
                         logger.info("\(frontendPath): backend \(backendPath) is going away (\(why)); the disk is detached")
+                        detachedFlag.store(true, ordering: .releasing)
                         failAll()
                         return
                     }
@@ -554,11 +560,16 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     }
 
     /// Whether the toolstack is taking the device away (libxl's removal:
-    /// online=0, then Closing) or has removed the backend directory.
+    /// online=0, then Closing), has removed the backend directory, or has
+    /// removed the device and added a new one in its place (the frontend
+    /// directory lost the keys we wrote): no outage of our backend, then.
     func backendDetached() -> Bool {
-        guard let online = (try? xs.readIfExists(backendPath + "/online")) ?? nil else { return true }
-        return online == "0"
+        guard let online = (try? xs.readIfExists(backendPath + "/online")) ?? nil, online != "0" else { return true }
+        return (try? xs.readIfExists(frontendPath + "/" + Self.handshakeKey)) ?? nil == nil
     }
+
+    /// A key this frontend writes at every handshake and never removes.
+    public static let handshakeKey = "protocol"
 
     /// Closes the disk for good (Linux's blkfront_closing, on a detach or the
     /// guest's shutdown): requests in flight and later ones fail with EIO, the
@@ -576,9 +587,12 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
             logger.warning("\(frontendPath): the completion thread did not stop; its rings stay allocated")
             return
         }
-        // The backend lets go of the rings and persistent grants on our Closed.
-        try? xs.switchStateIfPresent(at: frontendPath, to: .closed)
-        _ = xs.awaitState(at: backendPath, seconds: 2) { $0 == .closed || $0 == .unknown }
+        // The backend lets go of the rings and persistent grants on our Closed
+        // (not written into a new device the toolstack put in our place).
+        if (try? xs.readIfExists(frontendPath + "/" + Self.handshakeKey)) ?? nil != nil {
+            try? xs.switchStateIfPresent(at: frontendPath, to: .closed, owner: Self.handshakeKey)
+            _ = xs.awaitState(at: backendPath, seconds: 2) { $0 == .closed || $0 == .unknown }
+        }
         for q in queues {
             q.state.withLock { s in
                 s.ring = nil
@@ -679,9 +693,9 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
             do {
                 // Closed makes any backend instance drop what it holds of us;
                 // Initialising after its Closed asks it for InitWait again.
-                try xs.switchStateIfPresent(at: frontendPath, to: .closed)
+                try xs.switchStateIfPresent(at: frontendPath, to: .closed, owner: Self.handshakeKey)
                 guard try awaitBackend(.closed) else { continue }
-                try xs.switchStateIfPresent(at: frontendPath, to: .initialising)
+                try xs.switchStateIfPresent(at: frontendPath, to: .initialising, owner: Self.handshakeKey)
                 guard try awaitBackend(.initWait) else { continue }
                 let (newLinks, rings, newSectors) = try Self.handshake(
                     hv: hv, xs: xs, fe: frontendPath, be: backendPath, beID: backendID, order: ringOrder,
@@ -692,7 +706,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                 }
                 links = newLinks
                 sectors = newSectors
-                try xs.switchStateIfPresent(at: frontendPath, to: .connected)
+                try xs.switchStateIfPresent(at: frontendPath, to: .connected, owner: Self.handshakeKey)
                 var count = 0
                 for (i, q) in queues.enumerated() {
                     let (kick, n) = q.state.withLock { s -> (Bool, Int) in

@@ -75,6 +75,13 @@ public final class GuestDevices: @unchecked Sendable {
     enum Running {
         case disk(BlkFrontDevice, NBDServer)
         case nic(NetFrontDevice)
+
+        var isDetached: Bool {
+            switch self {
+            case let .disk(d, _): d.isDetached
+            case let .nic(n): n.isDetached
+            }
+        }
     }
 
     /// One `<type>/<devid>`: what the toolstack wants and what runs.
@@ -164,7 +171,7 @@ public final class GuestDevices: @unchecked Sendable {
                     slot.watchedBackend = be
                 }
                 let online = be.flatMap { (try? xs.readIfExists($0 + "/online")) ?? nil }
-                set(slot, wanted: online != nil && online != "0")
+                set(slot, wanted: online != nil && online != "0", recheck: true)
             }
         }
         for (key, slot) in slots where !seen.contains(key) {
@@ -175,14 +182,16 @@ public final class GuestDevices: @unchecked Sendable {
         }
     }
 
-    func set(_ slot: Slot, wanted: Bool) {
+    /// `recheck`: reconcile even when nothing changed here, in case a device
+    /// lost its backend under it (a detach and re-attach between two scans).
+    func set(_ slot: Slot, wanted: Bool, recheck: Bool = false) {
         let changed = slot.want.withLock { w -> Bool in
             guard w.wanted != wanted else { return false }
             w.wanted = wanted
             if wanted { w.generation += 1 }
             return true
         }
-        guard changed else { return }
+        guard changed || recheck else { return }
         busy.enter()
         slot.queue.async { [self] in
             reconcile(slot)
@@ -219,6 +228,15 @@ public final class GuestDevices: @unchecked Sendable {
     // MARK: One device (its queue)
 
     func reconcile(_ slot: Slot) {
+        if slot.want.withLock({ $0.wanted }), let r = slot.running, r.isDetached || isReplaced(slot), isOnline(slot) {
+            // The store has the device, the running one lost its backend or
+            // its directory: the toolstack removed it and added it again
+            // before we looked.
+            logger.info("\(slot.key): its backend went away and came back; bringing it up anew")
+            slot.running = nil
+            tearDown(slot, r)
+            slot.attempted = 0
+        }
         let (wanted, generation) = slot.want.withLock { ($0.wanted, $0.generation) }
         if wanted, slot.running == nil, slot.attempted != generation {
             slot.attempted = generation
@@ -230,6 +248,20 @@ public final class GuestDevices: @unchecked Sendable {
             slot.running = nil
             tearDown(slot, r)
         }
+    }
+
+    /// Whether the frontend directory lost the keys the running device wrote:
+    /// it is a new device in the old one's place.
+    func isReplaced(_ slot: Slot) -> Bool {
+        let key = slot.type == "vbd" ? BlkFrontDevice.handshakeKey : NetFrontDevice.handshakeKey
+        return (try? xs.readIfExists(slot.frontendPath + "/" + key)) ?? nil == nil
+    }
+
+    /// What the store says now: the frontend names a backend that is online.
+    func isOnline(_ slot: Slot) -> Bool {
+        guard let be = (try? xs.readIfExists(slot.frontendPath + "/backend")) ?? nil,
+              let online = (try? xs.readIfExists(be + "/online")) ?? nil else { return false }
+        return online != "0"
     }
 
     func bringUp(_ slot: Slot) {

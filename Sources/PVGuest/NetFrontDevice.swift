@@ -65,8 +65,15 @@ public final class NetFrontDevice: @unchecked Sendable {
     /// Handshakes completed (1 after init; more after reconnects).
     public var connections: Int { connectionCount.load(ordering: .relaxed) }
     let connectionCount = Atomic<Int>(0)
+    let detachedFlag = Atomic<Bool>(false)
+
+    /// Whether the toolstack took the backend away under the NIC (it stays
+    /// down now; ``stop()`` it).
+    public var isDetached: Bool { detachedFlag.load(ordering: .acquiring) }
 
     static let ringSize = 256
+    /// A key this frontend writes at every handshake and never removes.
+    public static let handshakeKey = "tx-ring-ref"
     /// Slots a tx packet may use: the frame (at most 64 KiB, 16-17 pages) and one GSO extra.
     static let maxTxSlots = 18
     static let maxFrame = 65535
@@ -237,9 +244,12 @@ public final class NetFrontDevice: @unchecked Sendable {
                 continue  // nothing changed
             }
             // The toolstack removing the device (online=0, or the directory
-            // gone) is no renegotiation: the NIC stays down until the guest removes it.
-            guard let online = (try? xs.readIfExists(backendPath + "/online")) ?? nil, online != "0" else {
+            // gone, or a new device in its place: the frontend lost the keys we
+            // wrote) is no renegotiation: the NIC stays down until the guest removes it.
+            guard let online = (try? xs.readIfExists(backendPath + "/online")) ?? nil, online != "0",
+                  (try? xs.readIfExists(frontendPath + "/" + Self.handshakeKey)) ?? nil != nil else {
                 logger.info("\(frontendPath): backend \(backendPath) is going away; NIC stays down")
+                detachedFlag.store(true, ordering: .releasing)
                 stopSession()
                 return
             }
@@ -284,9 +294,12 @@ public final class NetFrontDevice: @unchecked Sendable {
         wake.signal()
         stopSession()
         if let w = backendWatch { try? xs.unwatch(w) }
-        try? xs.switchStateIfPresent(at: frontendPath, to: .closing)
-        _ = xs.awaitState(at: backendPath, seconds: 2) { [.closing, .closed, .unknown].contains($0) }
-        try? xs.switchStateIfPresent(at: frontendPath, to: .closed)
+        // Not into a new device the toolstack put in our place.
+        if (try? xs.readIfExists(frontendPath + "/" + Self.handshakeKey)) ?? nil != nil {
+            try? xs.switchStateIfPresent(at: frontendPath, to: .closing, owner: Self.handshakeKey)
+            _ = xs.awaitState(at: backendPath, seconds: 2) { [.closing, .closed, .unknown].contains($0) }
+            try? xs.switchStateIfPresent(at: frontendPath, to: .closed, owner: Self.handshakeKey)
+        }
         releaseResources()
         if createdNamespace { NetNamespace.remove(namespace) }
     }

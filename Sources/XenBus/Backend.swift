@@ -169,9 +169,13 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
             // The toolstack takes the device offline (libxl's device removal:
             // online=0, state Closing): disconnect and report Closed — also
             // for a device whose probe failed, so the toolstack need not wait.
-            if (try? xs.readIfExists(path + "/online")) == "0", (try? xs.state(at: path)) == .closing {
-                if let device = e.device { driver.disconnect(device) }
-                try? switchState(path, to: .closed)
+            // An offline device is never offered again (Linux's
+            // xenbus_dev_is_online): later events leave it Closed.
+            if (try? xs.readIfExists(path + "/online")) == "0" {
+                if (try? xs.state(at: path)) == .closing {
+                    if let device = e.device { driver.disconnect(device) }
+                    try? switchState(path, to: .closed)
+                }
                 return
             }
             guard e.device != nil else { return }
@@ -210,8 +214,9 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
         if fe != .initialised && fe != .connected { e.frontendStale = false }
         switch fe {
         case .initialising:
-            // A frontend coming back after Closed: offer the device again.
-            if be == .closed || be == .closing {
+            // A frontend coming back after Closed: offer the device again,
+            // unless the toolstack is taking it away.
+            if be == .closed || be == .closing, (try? xs.readIfExists(path + "/online")) != "0" {
                 driver.disconnect(device)
                 try? switchState(path, to: .initWait)
             }

@@ -80,9 +80,12 @@ extension XenBusClient {
 
     /// Writes `<dir>/state` only while it exists, checked in the same
     /// transaction (Linux's __xenbus_switch_state): a late write for a device
-    /// the toolstack removed must not re-create its directory.
-    public func switchStateIfPresent(at dir: String, to new: XenbusState) throws {
+    /// the toolstack removed must not re-create its directory. With `owner`,
+    /// only while `<dir>/<owner>` exists too: a key the writer put there, so
+    /// a device the toolstack re-created in its place is left alone.
+    public func switchStateIfPresent(at dir: String, to new: XenbusState, owner: String? = nil) throws {
         try transaction { t in
+            if let owner, try t.readIfExists(dir + "/" + owner) == nil { return }
             guard let current = try t.readIfExists(dir + "/state") else { return }
             if current != "\(new.rawValue)" { try t.write(dir + "/state", "\(new.rawValue)") }
         }

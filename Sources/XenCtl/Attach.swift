@@ -144,7 +144,11 @@ extension Toolstack {
         let end = Double(now.tv_sec) + Double(now.tv_nsec) / 1e9 + seconds
         var failure: String
         while true {
-            if let text = try? String(contentsOfFile: file, encoding: .utf8),
+            // Connected first: a line still listed for a device this one
+            // replaced (detached and attached while the guest was busy) goes
+            // before the new device connects.
+            if (try? xs.state(at: dev.frontendPath)) == .connected,
+               let text = try? String(contentsOfFile: file, encoding: .utf8),
                let line = text.split(separator: "\n").first(where: { $0.hasPrefix(key) }) {
                 return String(line.dropFirst(key.count))
             }

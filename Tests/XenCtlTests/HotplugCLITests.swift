@@ -142,8 +142,26 @@ extension XenctlCLITests {
         #expect(terr.hasPrefix("xenctl: domain 'bare': disk xvdd: the guest did not connect it within 1 s"), "\(terr)")
         #expect(!storeHas("/local/domain/0/backend/vbd/\(domid)/51760", runDir: run))
         #expect(!storeHas("/local/domain/\(domid)/device/vbd/51760", runDir: run))
+        // Detached and attached again (another image) before the guest looks:
+        // it brings up the new disk, not the old one, and prints the new line.
+        let imgC = run + "/c.img"
+        #expect(FileManager.default.createFile(atPath: imgC, contents: Data(repeating: 0x64, count: 4096)) && truncate(imgC, 48 << 20) == 0)
+        #expect(try xenctl("block-detach", "bare", "xvdc", runDir: run).0 == 0)
+        let again = Process()
+        again.executableURL = URL(fileURLWithPath: Self.bin)
+        again.arguments = ["block-attach", "bare", "vdev=xvdc, target=\(imgC)", "--run-dir", run]
+        let againOut = Pipe()
+        again.standardOutput = againOut
+        again.standardError = againOut
+        try again.run()
+        #expect(eventually { storeHas("/local/domain/\(domid)/device/vbd/51744", runDir: run) })
         kill(guestPID, SIGCONT)
         stopped = 0
+        again.waitUntilExit()
+        let againText = String(decoding: againOut.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(again.terminationStatus == 0 && againText == "disk xvdc: \(uriB)\n", "\(againText)")
+        // The new image's bytes, and its size (48 MiB, the old one had 32).
+        #expect(qemuIO(uriB, ["read -P 0x64 0 4096", "read 40M 4096"]) == 0, "xvdc does not serve its new image")
         // The guest, running again, never brings the removed disk up; a new attach works.
         #expect(try xenctl("block-attach", "bare", "vdev=xvdd, target=\(imgA)", runDir: run).0 == 0)
         #expect(access(sockets + "/xvdd.sock", F_OK) == 0)
