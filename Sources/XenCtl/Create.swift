@@ -23,8 +23,10 @@ extension Toolstack {
     }
 
     /// `xl create CONFIG`: the domain, its store directory, each disk as a vbd
-    /// for blkback, and a pvguest process as its kernel. Any failure undoes all
-    /// of it: no domain, no store node, no process is left behind.
+    /// for blkback, a pvguest process as its kernel, and the domain's monitor
+    /// (xl's daemonised create), which applies on_poweroff, on_reboot and
+    /// on_crash. Any failure undoes all of it: no domain, no store node, no
+    /// process is left behind.
     public func create(configPath: String) throws -> CreatedGuest {
         guard let text = try? String(contentsOfFile: configPath, encoding: .utf8) else {
             throw Failure("\(configPath): cannot read the file")
@@ -33,6 +35,18 @@ extension Toolstack {
         do { config = try DomainConfig(try XLConfig(parsing: text, file: configPath)) } catch {
             throw Failure("\(error)")
         }
+        let guest = try create(config, configPath: configPath, text: text)
+        do { try startMonitor(for: guest, configText: text, configPath: configPath) } catch {
+            if let hv = try? connect() { try? hv.destroyDomain(guest.domid) }
+            if let xs = try? connectStore() { removeStoreEntries(of: guest.domid, xs); xs.close() }
+            throw error
+        }
+        return guest
+    }
+
+    /// The domain of a parsed config (`text` is its file, for error lines);
+    /// the monitor calls this to restart a domain.
+    func create(_ config: DomainConfig, configPath: String, text: String, appendLog: Bool = false) throws -> CreatedGuest {
         for d in config.disks {
             if let why = Self.missingTarget(d) { throw Failure("\(configPath):\(configLine(text, "disk")): \(why)") }
         }
@@ -66,7 +80,7 @@ extension Toolstack {
             for (i, vif) in config.vifs.enumerated() { _ = try addVif(vif, devid: i, to: id, xs) }
             let guestDir = runDir + "/guests/\(dom.domid)"
             try FileManager.default.createDirectory(atPath: guestDir, withIntermediateDirectories: true)
-            let log = open(runDir + "/logs/guest-\(config.name).log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            let log = open(runDir + "/logs/guest-\(config.name).log", O_WRONLY | O_CREAT | (appendLog ? O_APPEND : O_TRUNC) | O_CLOEXEC, 0o644)
             defer { if log >= 0 { close(log) } }
             var ready: [CInt] = [-1, -1]
             guard pipe(&ready) == 0 else { throw Failure("pipe: \(String(cString: strerror(errno)))") }
@@ -206,31 +220,40 @@ extension Toolstack {
 }
 
 extension Toolstack {
-    /// `xl shutdown DOMAIN`: asks the guest to power off (control/shutdown),
-    /// waits up to `seconds` for it to report the shutdown, then destroys it
-    /// (on_poweroff=destroy).
-    public func shutdown(_ domain: String, seconds: Double = 30) throws {
+    /// `xl shutdown DOMAIN` / `xl reboot DOMAIN`: asks the guest to power off
+    /// or reboot (control/shutdown, as libxl_domain_shutdown / _reboot), then
+    /// waits up to `seconds` until the domain's monitor has applied
+    /// on_poweroff / on_reboot: the domain is gone (destroyed, or restarted
+    /// under a new domid, which is returned), or it stays shut down (preserve,
+    /// or nobody follows it).
+    @discardableResult
+    public func shutdown(_ domain: String, reboot: Bool = false, seconds: Double = 30) throws -> XenHV.DomID? {
         let hv = try connect()
         let d = try resolve(hv, domain)
-        guard d.domid != 0 else { throw Failure("domain 0 cannot be shut down from here") }
+        guard d.domid != 0 else { throw Failure("domain 0 cannot be \(reboot ? "rebooted" : "shut down") from here") }
         let xs = try connectStore()
         defer { xs.close() }
-        try xs.write("/local/domain/\(d.domid)/control/shutdown", "poweroff")
-        var deadline = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &deadline)
-        let end = Double(deadline.tv_sec) + seconds
+        try xs.write("/local/domain/\(d.domid)/control/shutdown", reboot ? "reboot" : "poweroff")
+        var start = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &start)
+        let end = Double(start.tv_sec) + Double(start.tv_nsec) / 1e9 + seconds
         while true {
+            let follower = monitor(of: d.name)
             let now = (try hv.listDomains()).first { $0.domid == d.domid }
-            if now == nil || now?.state == DomainState.shutdown.rawValue { break }
+            let followed = follower?.domid == d.domid
+            if now == nil && !followed {
+                // Restarted: the monitor now follows the new domain of that name.
+                if let f = follower, try hv.listDomains().contains(where: { $0.domid == f.domid }) { return f.domid }
+                return nil
+            }
+            if let now, now.isShutdown, !followed { return nil }
             var t = timespec()
             clock_gettime(CLOCK_MONOTONIC, &t)
-            guard Double(t.tv_sec) < end else {
-                throw Failure("domain '\(d.name)' did not shut down within \(Int(seconds)) s")
+            guard Double(t.tv_sec) + Double(t.tv_nsec) / 1e9 < end else {
+                throw Failure("domain '\(d.name)' did not \(reboot ? "reboot" : "shut down") within \(Int(seconds)) s")
             }
             var p = pollfd(fd: -1, events: 0, revents: 0)
-            _ = poll(&p, 0, 50)
+            _ = poll(&p, 0, 20)
         }
-        try? hv.destroyDomain(d.domid)
-        removeStoreEntries(of: d.domid, xs)
     }
 }

@@ -1,12 +1,18 @@
+import XenHV
+
 /// A domain as an xl.cfg file describes it: the keys this toolstack acts on,
 /// checked with errors that name the file and line.
 public struct DomainConfig: Sendable, Equatable {
+    /// xl.cfg(5)'s actions on a domain's shutdown (libxl_action_on_shutdown).
     public enum Action: String, Sendable, CaseIterable {
         case destroy, restart, preserve
         case renameRestart = "rename-restart"
         case coredumpDestroy = "coredump-destroy"
         case coredumpRestart = "coredump-restart"
         case softReset = "soft-reset"
+
+        /// The values this toolstack carries out (all of xl's but soft-reset).
+        public static let supported: [Action] = [.destroy, .restart, .renameRestart, .preserve, .coredumpDestroy, .coredumpRestart]
     }
 
     public var name: String
@@ -15,9 +21,26 @@ public struct DomainConfig: Sendable, Equatable {
     public var vcpus: UInt32 = 1
     public var disks: [DiskSpec] = []
     public var vifs: [VifSpec] = []
+    /// xl.cfg(5)'s defaults: on_poweroff destroy, on_reboot restart,
+    /// on_watchdog destroy, on_crash destroy.
     public var onCrash: Action = .destroy
     public var onPoweroff: Action = .destroy
     public var onReboot: Action = .restart
+    public var onWatchdog: Action = .destroy
+
+    /// The action for a domain that shut down for `reason` (xl's
+    /// handle_domain_death); nil for suspend, which is no death.
+    public func action(for reason: ShutdownReason) -> Action? {
+        switch reason {
+        case .poweroff: onPoweroff
+        case .reboot: onReboot
+        case .crash: onCrash
+        case .watchdog: onWatchdog
+        case .suspend: nil
+        // on_soft_reset is not supported: a guest asking for it is destroyed, as xl does for unknown reasons.
+        case .softReset: .destroy
+        }
+    }
 
     public init(_ cfg: XLConfig) throws(ConfigError) {
         func fail(_ key: String, _ m: String) -> ConfigError {
@@ -40,10 +63,15 @@ public struct DomainConfig: Sendable, Equatable {
             guard case .number(let s) = v, let c = UInt32(s), (1...128).contains(c) else { throw fail("vcpus", "vcpus must be 1..128") }
             vcpus = c
         }
-        for (key, dst) in [("on_crash", \DomainConfig.onCrash), ("on_poweroff", \.onPoweroff), ("on_reboot", \.onReboot)] {
+        for (key, dst) in [("on_poweroff", \DomainConfig.onPoweroff), ("on_reboot", \.onReboot),
+                           ("on_watchdog", \.onWatchdog), ("on_crash", \.onCrash)] {
             guard let v = cfg[key] else { continue }
+            let shown = v.string.map { "'\($0)'" } ?? "a list"
             guard let s = v.string, let a = Action(rawValue: s) else {
-                throw fail(key, "\(key) must be one of \(Action.allCases.map(\.rawValue).joined(separator: ", "))")
+                throw fail(key, "\(key) = \(shown): must be one of \(Action.supported.map(\.rawValue).joined(separator: ", "))")
+            }
+            guard a != .softReset else {
+                throw fail(key, "\(key) = 'soft-reset' is not supported (a guest process cannot be reset in place); use restart")
             }
             self[keyPath: dst] = a
         }

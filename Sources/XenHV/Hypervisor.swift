@@ -53,6 +53,10 @@ public final class Hypervisor: @unchecked Sendable {
 
     public var isPrivileged: Bool { domid == 0 }
 
+    /// Our connection to xenhv, to poll (with no events) for its hang-up: xenhv
+    /// went away. Never read from it: replies belong to ``call(_:_:)``.
+    public var connectionDescriptor: CInt { sock }
+
     /// Connects to xenhv's socket as a dom0 service.
     public static func connect(socketPath: String) throws -> Hypervisor {
         let s = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
@@ -172,12 +176,25 @@ public final class Hypervisor: @unchecked Sendable {
     /// unbound and are woken), drops its memory and grant table, hangs up its
     /// guest connection and raises VIRQ_DOM_EXC.
     public func destroyDomain(_ d: DomID) throws { _ = try call(.destroyDomain) { $0.u16(d) } }
+    /// `SCHEDOP_shutdown` (guests): our domain shuts itself down for `reason`
+    /// (SHUTDOWN_poweroff, _reboot, _crash, ...). xenhv records the reason and
+    /// raises VIRQ_DOM_EXC; the toolstack's monitor applies on_poweroff,
+    /// on_reboot or on_crash.
+    public func shutdownSelf(reason: ShutdownReason = .poweroff) throws {
+        try shutdownSelf(rawReason: reason.rawValue)
+    }
+
+    /// SCHEDOP_shutdown with any reason word, as a hostile guest may send it (tests).
+    package func shutdownSelf(rawReason: UInt32) throws { _ = try call(.shutdown) { $0.u32(rawReason) } }
+
+    /// Renames domain `d` (libxl_domain_rename; dom0 only): `EEXIST` if another
+    /// domain has the name.
+    public func renameDomain(_ d: DomID, to name: String) throws {
+        _ = try call(.renameDomain) { $0.u16(d); $0.string(name) }
+    }
+
     /// Names the process that runs domain `d` (the toolstack knows it; dom0 only),
     /// so pause, unpause and destroy act on it.
-    /// `SCHEDOP_shutdown` (guests): our domain shut itself down cleanly; the
-    /// toolstack sees the shutdown state and VIRQ_DOM_EXC, then destroys it.
-    public func shutdownSelf() throws { _ = try call(.shutdown) }
-
     public func attachProcess(_ pid: Int32, to d: DomID) throws {
         _ = try call(.attachProcess) { $0.u16(d); $0.u32(UInt32(bitPattern: pid)) }
     }
@@ -190,7 +207,11 @@ public final class Hypervisor: @unchecked Sendable {
         public let name: String
         public let pages: UInt32
         public let state: UInt32
+        /// Why the domain shut down (xc_domaininfo's shutdown_reason); nil unless it did.
+        public let shutdownReason: ShutdownReason?
         public var stateLetters: String { DomainState(rawValue: state)?.description ?? "------" }
+        /// XEN_DOMINF_shutdown.
+        public var isShutdown: Bool { DomainState(rawValue: state)?.isShutdown ?? false }
     }
 
     /// `XEN_SYSCTL_getdomaininfolist`.
@@ -198,7 +219,8 @@ public final class Hypervisor: @unchecked Sendable {
         var (r, _) = try call(.listDomains)
         let n = try r.u32()
         return try (0..<n).map { _ in
-            DomainInfo(domid: try r.u16(), name: try r.string(), pages: try r.u32(), state: try r.u32())
+            DomainInfo(domid: try r.u16(), name: try r.string(), pages: try r.u32(), state: try r.u32(),
+                       shutdownReason: ShutdownReason(rawValue: try r.u32()))
         }
     }
 

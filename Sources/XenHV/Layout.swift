@@ -66,19 +66,50 @@ public enum DomainState: UInt32, Sendable, CustomStringConvertible {
     case running = 1
     case paused = 2
     case dying = 3
-    /// The guest process went away without the toolstack destroying the domain.
+    /// Shut down with reason SHUTDOWN_crash: the guest process went away
+    /// without the toolstack destroying the domain (Xen's domain_crash), or it
+    /// reported SHUTDOWN_crash itself.
     case crashed = 4
-    /// The guest shut itself down (SCHEDOP_shutdown): it exits; the toolstack destroys it.
+    /// The guest shut itself down (SCHEDOP_shutdown) with another reason; the
+    /// toolstack applies on_poweroff / on_reboot.
     case shutdown = 5
 
-    /// xl list's state column ("rbpscd": running, blocked, paused, shutdown, crashed, dying).
+    /// xl list's state column ("rbpscd": running, blocked, paused, shutdown,
+    /// crashed, dying). As in xl, a crashed domain is also shut down: "---sc-".
     public var description: String {
         switch self {
         case .running: "r-----"
         case .paused: "--p---"
-        case .crashed: "----c-"
+        case .crashed: "---sc-"
         case .shutdown: "---s--"
         case .dying: "-----d"
+        }
+    }
+
+    /// Xen's XEN_DOMINF_shutdown: the shutdown reason is valid.
+    public var isShutdown: Bool { self == .shutdown || self == .crashed }
+}
+
+/// `enum sched_shutdown_reason` (sched.h): why a domain shut down, carried by
+/// SCHEDOP_shutdown and reported in the domain info (xc_domaininfo's
+/// shutdown_reason, libxl_shutdown_reason).
+public enum ShutdownReason: UInt32, Sendable, CaseIterable, CustomStringConvertible {
+    case poweroff = 0
+    case reboot = 1
+    case suspend = 2
+    case crash = 3
+    case watchdog = 4
+    case softReset = 5
+
+    /// libxl's names (libxl_shutdown_reason_to_string).
+    public var description: String {
+        switch self {
+        case .poweroff: "poweroff"
+        case .reboot: "reboot"
+        case .suspend: "suspend"
+        case .crash: "crash"
+        case .watchdog: "watchdog"
+        case .softReset: "soft_reset"
         }
     }
 }

@@ -38,8 +38,10 @@ package enum HVOp: UInt32 {
     case querySize
     /// Tells xenhv which process runs a domain (for pause, unpause, destroy).
     case attachProcess
-    /// SCHEDOP_shutdown: the guest reports a clean shutdown of itself.
+    /// SCHEDOP_shutdown: the guest reports its own shutdown, with a SHUTDOWN_* reason.
     case shutdown
+    /// libxl_domain_rename (the name lives in xenhv here, not only in xenstore).
+    case renameDomain
 }
 
 /// Little-endian encoder for protocol payloads.

@@ -229,7 +229,10 @@ public final class HypervisorDaemon {
             try requirePrivileged(c)
             let all = domains.values.sorted { $0.domid < $1.domid }
             w.u32(UInt32(all.count))
-            for d in all { w.u16(d.domid); w.string(d.name); w.u32(d.pages); w.u32(d.state.rawValue) }
+            for d in all {
+                w.u16(d.domid); w.string(d.name); w.u32(d.pages); w.u32(d.state.rawValue)
+                w.u32(d.shutdownReason?.rawValue ?? UInt32.max)
+            }
 
         case .pauseDomain, .unpauseDomain:
             try requirePrivileged(c)
@@ -242,11 +245,19 @@ public final class HypervisorDaemon {
         case .shutdown:
             let dom = try domain(c.domid, for: c)
             guard dom.domid != 0 else { throw XenErrno.EINVAL }
-            if dom.state == .running || dom.state == .paused {
-                dom.active.setState(.shutdown)
-                logger.info("domain \(dom.domid) shut down", metadata: ["name": "\(dom.name)"])
-                raiseDomExc()
-            }
+            // The reason is the guest's word: anything past SHUTDOWN_MAX is refused.
+            guard let reason = ShutdownReason(rawValue: try r.u32()) else { throw XenErrno.EINVAL }
+            shutDown(dom, reason: reason)
+
+        case .renameDomain:
+            try requirePrivileged(c)
+            let d = try r.u16()
+            let name = try r.string()
+            guard d != 0, let dom = domains[d], dom.state != .dying else { throw d == 0 ? XenErrno.EINVAL : XenErrno.ESRCH }
+            guard !name.isEmpty, name.utf8.count <= 64 else { throw XenErrno.EINVAL }
+            guard !domains.values.contains(where: { $0.name == name && $0.domid != d }) else { throw XenErrno.EEXIST }
+            logger.info("renamed domain \(d)", metadata: ["from": "\(dom.name)", "to": "\(name)"])
+            dom.name = name
 
         case .attachProcess:
             try requirePrivileged(c)

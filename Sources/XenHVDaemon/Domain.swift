@@ -22,7 +22,7 @@ struct Port {
 /// its 2-level event-channel table and the process that runs it.
 final class Domain {
     let domid: DomID
-    let name: String
+    var name: String
     let pages: UInt32
     /// Guest pseudo-physical memory (not mapped by xenhv: only the start_info page is, once).
     let memory: SharedMemory?
@@ -35,6 +35,8 @@ final class Domain {
     var guestClient: UInt32 = 0
     var storePort: EventPort = 0
     var consolePort: EventPort = 0
+    /// Xen's `shutdown_code`: set once, when the domain shuts down or crashes.
+    var shutdownReason: ShutdownReason?
 
     var active: ActiveGrantTable { ActiveGrantTable(base: privateArea.base!) }
     var entries: SharedGrantEntries {

@@ -54,6 +54,18 @@ extension HypervisorDaemon {
         raiseDomExc()
     }
 
+    /// `domain_shutdown` (and `domain_crash`, reason SHUTDOWN_crash): records
+    /// the reason once, marks the domain shut down or crashed and raises
+    /// VIRQ_DOM_EXC so the toolstack applies the configured action. A domain
+    /// already shut down keeps its first reason, as on Xen.
+    func shutDown(_ dom: Domain, reason: ShutdownReason) {
+        guard dom.state == .running || dom.state == .paused else { return }
+        dom.shutdownReason = reason
+        dom.active.setState(reason == .crash ? .crashed : .shutdown)
+        logger.info("domain \(dom.domid) shut down", metadata: ["name": "\(dom.name)", "reason": "\(reason)"])
+        raiseDomExc()
+    }
+
     /// A connection went away. A guest's: its domain has crashed (the toolstack
     /// decides what follows). A dom0 process's: its ports close and every grant
     /// it held is released, so the granters can revoke again.
@@ -62,10 +74,9 @@ extension HypervisorDaemon {
         Glibc.close(c.fd)
         if c.domid != 0 {
             // A guest that shut down cleanly is expected to go away.
-            if let dom = domains[c.domid], dom.state != .dying, dom.state != .shutdown {
-                dom.active.setState(.crashed)
+            if let dom = domains[c.domid], dom.state == .running || dom.state == .paused {
                 logger.warning("domain \(c.domid) lost its guest process", metadata: ["name": "\(dom.name)"])
-                raiseDomExc()
+                shutDown(dom, reason: .crash)
             }
             return
         }

@@ -91,6 +91,7 @@ struct PVGuestCommand: ParsableCommand {
         // wait for a reply itself: it only wakes the main thread.
         let shutdownWatch = try xs.watch(home + "/control/shutdown") { _ in kill(getpid(), SIGUSR1) }
         var sig: Int32 = 0
+        var reason = ShutdownReason.poweroff
         while true {
             sigwait(&set, &sig)
             if sig == SIGUSR2 {
@@ -99,6 +100,8 @@ struct PVGuestCommand: ParsableCommand {
             }
             guard sig == SIGUSR1 else { break }
             if let v = (try? xs.readIfExists(home + "/control/shutdown")) ?? nil, ["poweroff", "halt", "reboot"].contains(v) {
+                // Linux's orderly_poweroff / ctrl_alt_del: SHUTDOWN_reboot for reboot, else poweroff.
+                reason = v == "reboot" ? .reboot : .poweroff
                 try? xs.write(home + "/control/shutdown", "")
                 break
             }
@@ -111,8 +114,8 @@ struct PVGuestCommand: ParsableCommand {
                 + ((try? xs.directory(home + "/device/vif")) ?? []).map({ home + "/device/vif/" + $0 }) {
                 try? xs.switchState(at: fe, to: .closed)
             }
-            try? hv.shutdownSelf()
-            logger.info("shut down at the toolstack's request")
+            try? hv.shutdownSelf(reason: reason)
+            logger.info("shut down at the toolstack's request", metadata: ["reason": "\(reason)"])
         }
         xs.close()
     }

@@ -130,6 +130,8 @@ func execute(_ w: [Substring]) throws -> String {
         case .success: return "mapped"
         case .failure(let s): return "err \(s.rawValue)"
         }
+    case "shutdown":
+        do { try hv.shutdownSelf(rawReason: u(1)); return "ok" } catch { return "error \(error)" }
     case "exit":
         exit(0)
     default:

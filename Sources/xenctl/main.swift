@@ -13,8 +13,8 @@ struct XenCtlCommand: ParsableCommand {
         commandName: "xenctl",
         abstract: "The toolstack: dom0 services and xl's verbs.",
         subcommands: [Up.self, Down.self, Status.self, Create.self, List.self, Destroy.self, BlockList.self,
-                      BlockAttach.self, BlockDetach.self, NetworkList.self, NetworkAttach.self, NetworkDetach.self, Shutdown.self, Top.self, Metrics.self, Units.self,
-                      Supervise.self])
+                      BlockAttach.self, BlockDetach.self, NetworkList.self, NetworkAttach.self, NetworkDetach.self, Shutdown.self,
+                      Reboot.self, Top.self, Metrics.self, Units.self, Supervise.self, Monitor.self])
 }
 
 struct RunDirOption: ParsableArguments {
@@ -156,12 +156,32 @@ struct NetworkDetach: ParsableCommand {
 }
 
 struct Shutdown: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Ask a domain to shut down, wait for it, and destroy it (xl shutdown).")
+    static let configuration = CommandConfiguration(
+        abstract: "Ask a domain to power off and wait until its on_poweroff action is done (xl shutdown -w).")
     @OptionGroup var rd: RunDirOption
     @Argument(help: "Domain name or id.") var domain: String
     @Option(help: "Seconds to wait for the guest.") var timeout: Double = 30
     func run() throws {
-        do { try Toolstack(runDir: rd.path).shutdown(domain, seconds: timeout) } catch { fail("\(error)") }
+        do {
+            if let d = try Toolstack(runDir: rd.path).shutdown(domain, seconds: timeout) {
+                print("Domain \(domain) restarted as domain \(d)")
+            }
+        } catch { fail("\(error)") }
+    }
+}
+
+struct Reboot: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Ask a domain to reboot and wait until its on_reboot action is done (xl reboot -w).")
+    @OptionGroup var rd: RunDirOption
+    @Argument(help: "Domain name or id.") var domain: String
+    @Option(help: "Seconds to wait for the guest.") var timeout: Double = 30
+    func run() throws {
+        do {
+            if let d = try Toolstack(runDir: rd.path).shutdown(domain, reboot: true, seconds: timeout) {
+                print("Domain \(domain) restarted as domain \(d)")
+            }
+        } catch { fail("\(error)") }
     }
 }
 
@@ -216,7 +236,28 @@ struct Supervise: ParsableCommand {
         logger.logLevel = .info
         let t = Toolstack(runDir: rd.path)
         let s = try Supervisor(runDir: rd.path, services: t.services(bindir: ProcessLauncher.executableDirectory), logger: logger)
-        s.beforeStop = { t.destroyAllGuests() }
+        s.beforeStop = {
+            t.stopMonitors()
+            t.destroyAllGuests()
+        }
         s.run()
+    }
+}
+
+struct Monitor: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Follow a domain and apply its on_poweroff / on_reboot / on_crash actions (xenctl create starts it).",
+        shouldDisplay: false)
+    @OptionGroup var rd: RunDirOption
+    @Option(help: "The domain's name.") var name: String
+    @Option(help: "The domain's id.") var domid: DomID
+    @Option(help: "The config file the domain was created from (for error lines).") var configPath: String
+    @Option(help: "Descriptor to write the ready line to, then close.") var readyFD: Int32?
+    func run() throws {
+        var logger = Logger(label: "xenctl-monitor")
+        logger.logLevel = .info
+        let status = Toolstack(runDir: rd.path).runMonitor(name: name, domid: domid, configPath: configPath,
+                                                           readyFD: readyFD, logger: logger)
+        throw ExitCode(status)
     }
 }

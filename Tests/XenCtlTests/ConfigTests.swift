@@ -63,11 +63,27 @@ import XenCtl
         }
     }
 
+    /// xl.cfg(5)'s defaults and every supported value, and the action for each shutdown reason.
+    @Test func shutdownActions() throws {
+        let d = try DomainConfig(try XLConfig(parsing: "name = 'x'\n", file: "d.cfg"))
+        #expect(d.onPoweroff == .destroy && d.onReboot == .restart && d.onCrash == .destroy && d.onWatchdog == .destroy)
+        for a in DomainConfig.Action.supported {
+            let c = try DomainConfig(try XLConfig(parsing: "name = 'x'\non_poweroff = '\(a.rawValue)'\non_reboot = \"\(a.rawValue)\"\non_crash = '\(a.rawValue)'\n", file: "d.cfg"))
+            #expect(c.onPoweroff == a && c.onReboot == a && c.onCrash == a)
+        }
+        let c = try DomainConfig(try XLConfig(parsing: "name = 'x'\non_poweroff = 'preserve'\non_reboot = 'rename-restart'\non_crash = 'coredump-restart'\n", file: "d.cfg"))
+        #expect(c.action(for: .poweroff) == .preserve && c.action(for: .reboot) == .renameRestart)
+        #expect(c.action(for: .crash) == .coredumpRestart && c.action(for: .watchdog) == .destroy && c.action(for: .suspend) == nil)
+    }
+
     @Test(arguments: [
         ("memory = 5\n", "needs a name"),
         ("name = 'a b'\n", "must be 1-64 characters"),
         ("name = 'x'\nmemory = 0\n", "memory must be"),
-        ("name = 'x'\non_crash = 'explode'\n", "on_crash must be one of"),
+        ("name = 'x'\non_crash = 'explode'\n", "on_crash = 'explode': must be one of destroy, restart, rename-restart, preserve, coredump-destroy, coredump-restart"),
+        ("name = 'x'\n\non_reboot = 3\n", "d.cfg:3: on_reboot = '3': must be one of"),
+        ("name = 'x'\non_poweroff = [ 'destroy' ]\n", "d.cfg:2: on_poweroff = a list: must be one of"),
+        ("name = 'x'\non_crash = 'soft-reset'\n", "d.cfg:2: on_crash = 'soft-reset' is not supported"),
         ("name = 'x'\ndisk = 'vdev=xvda,target=/a'\n", "disk must be a list"),
         ("name = 'x'\ndisk = [ 'vdev=xvda, target=/a', 'vdev=xvda, target=/b' ]\n", "duplicate vdev 'xvda'"),
         ("name = 'x'\ndisk = [ 'format=qcow2, vdev=xvda, target=/a' ]\n", "format 'qcow2' is not supported"),

@@ -86,6 +86,36 @@ import XenRing
         #expect(g.send("info").hasPrefix("domid \(d.domid)"))
     }
 
+    /// SCHEDOP_shutdown: the reason is recorded once (xc_domaininfo's
+    /// shutdown_reason), VIRQ_DOM_EXC is raised, a reason past SHUTDOWN_MAX is
+    /// -EINVAL, and the guest exiting afterwards is no crash.
+    @Test func shutdownRecordsTheReason() throws {
+        let f = try HypervisorFixture()
+        let (d, g) = try f.guest()
+        let virq = try f.dom0.bindVirq(UInt32(VIRQ_DOM_EXC))
+        _ = virq.consume()
+        #expect(g.send("shutdown \(SHUTDOWN_MAX + 1)").contains("EINVAL"))
+        #expect(try f.dom0.listDomains().first { $0.domid == d.domid }?.stateLetters == "r-----")
+        #expect(g.send("shutdown \(SHUTDOWN_reboot)") == "ok")
+        #expect(virq.wait(milliseconds: 10_000))
+        var info = try f.dom0.listDomains().first { $0.domid == d.domid }
+        #expect(info?.stateLetters == "---s--" && info?.shutdownReason == .reboot && info?.isShutdown == true)
+        // The first reason stays, as on Xen.
+        #expect(g.send("shutdown \(SHUTDOWN_crash)") == "ok")
+        _ = g.send("exit")
+        g.reap()
+        info = try f.dom0.listDomains().first { $0.domid == d.domid }
+        #expect(info?.stateLetters == "---s--" && info?.shutdownReason == .reboot)
+        let running = try f.dom0.listDomains().first { $0.domid == 0 }
+        #expect(running?.shutdownReason == nil && running?.isShutdown == false)
+        try f.dom0.renameDomain(d.domid, to: "renamed")
+        #expect(try f.dom0.listDomains().first { $0.domid == d.domid }?.name == "renamed")
+        let (_, other) = try f.guest(name: "other")
+        #expect(throws: XenErrno.EEXIST) { try f.dom0.renameDomain(d.domid, to: "other") }
+        _ = other
+        try f.dom0.destroyDomain(d.domid)
+    }
+
     @Test func startInfoIsWhatTheBuilderWrote() throws {
         let f = try HypervisorFixture()
         let (d, g) = try f.guest(pages: 256)

@@ -192,7 +192,8 @@ import XenHV
             }
         }
         #expect(dropped)
-        #expect(try f.dom0.listDomains().first { $0.domid == d.domid }?.stateLetters == "----c-")
+        #expect(try f.dom0.listDomains().first { $0.domid == d.domid }?.stateLetters == "---sc-")
+        #expect(try f.dom0.listDomains().first { $0.domid == d.domid }?.shutdownReason == .crash)
         let (g, peer) = try f.guest(name: "polite")
         #expect(peer.send("info").hasPrefix("domid \(g.domid)"))
     }

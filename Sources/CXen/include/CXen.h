@@ -30,6 +30,8 @@
 #include <xen/grant_table.h>
 #include <xen/event_channel.h>
 #include <xen/memory.h>
+#include <xen/sched.h>
+#include <xen/version.h>
 #include <xen/io/ring.h>
 #include <xen/io/blkif.h>
 #include <xen/io/netif.h>

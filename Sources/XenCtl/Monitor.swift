@@ -1,0 +1,274 @@
+import CXen
+import Foundation
+import Glibc
+import Logging
+import XenBus
+import XenHV
+import XenStore
+
+/// The domain monitor: what `xl create` leaves behind when it daemonises
+/// (tools/xl/xl_vmcontrol.c, create_domain's event loop and
+/// handle_domain_death). It follows one domain through VIRQ_DOM_EXC and, when
+/// the domain shuts down or crashes, applies the configured action:
+/// destroy, restart (the same config, the same name and devices, a new
+/// domid, then it follows the new domain), rename-restart (the old domain is
+/// kept under `<name>-<YYYYMMDDTHHMMZ>`), preserve, or coredump-destroy /
+/// coredump-restart (a Xen dump-core file in `$runDir/dump/<name>-<domid>.core`
+/// first). When the domain is destroyed by someone else (`xenctl destroy`,
+/// `xenctl down`) or xenhv goes away, it just exits, as xl's does on
+/// DOMAIN_DEATH.
+///
+/// Files under `$runDir/monitors/`: `<name>.pid` holds "pid domid" and is
+/// locked (flock) by the live monitor for its whole life, so a dead one is
+/// never mistaken for a live one; `<name>.cfg` is the config the domain was
+/// created from (libxl keeps its copy as userdata), used for restarts.
+/// Logs go to `$runDir/logs/monitor-<name>.log`.
+extension Toolstack {
+    var monitorDir: String { runDir + "/monitors" }
+    func monitorLockPath(_ name: String) -> String { monitorDir + "/\(name).pid" }
+    func monitorConfigPath(_ name: String) -> String { monitorDir + "/\(name).cfg" }
+
+    /// The live monitor that follows domain `name`: its pid and the domid it
+    /// follows now; nil when no monitor runs for that name.
+    public func monitor(of name: String) -> (pid: pid_t, domid: XenHV.DomID)? {
+        let fd = open(monitorLockPath(name), O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        if flock(fd, LOCK_SH | LOCK_NB) == 0 {
+            flock(fd, LOCK_UN)
+            return nil
+        }
+        var buf = [UInt8](repeating: 0, count: 64)
+        let n = pread(fd, &buf, buf.count, 0)
+        let words = String(decoding: buf.prefix(max(0, n)), as: UTF8.self).split(whereSeparator: { $0 == " " || $0 == "\n" })
+        guard words.count == 2, let pid = pid_t(words[0]), let domid = XenHV.DomID(words[1]) else { return nil }
+        return (pid, domid)
+    }
+
+    /// Spawns the monitor of a domain just created (`xenctl monitor`, in its
+    /// own session) and waits until it follows the domain.
+    func startMonitor(for guest: CreatedGuest, configText: String, configPath: String) throws {
+        mkdir(monitorDir, 0o755)
+        guard FileManager.default.createFile(atPath: monitorConfigPath(guest.name), contents: Data(configText.utf8)) else {
+            throw Failure("cannot write \(monitorConfigPath(guest.name))")
+        }
+        let log = open(runDir + "/logs/monitor-\(guest.name).log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        let null = open("/dev/null", O_RDWR | O_CLOEXEC)
+        defer {
+            if log >= 0 { close(log) }
+            close(null)
+        }
+        var ready: [CInt] = [-1, -1]
+        guard pipe(&ready) == 0 else { throw Failure("pipe: \(String(cString: strerror(errno)))") }
+        for fd in ready { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        defer { close(ready[0]) }
+        do {
+            _ = try ProcessLauncher.spawn(
+                ProcessLauncher.executableDirectory + "/xenctl",
+                arguments: ["monitor", "--run-dir", runDir, "--name", guest.name, "--domid", "\(guest.domid)",
+                            "--config-path", configPath, "--ready-fd", "3"],
+                descriptors: [(null, 0), (log >= 0 ? log : null, 1), (log >= 0 ? log : null, 2), (ready[1], 3)],
+                newSession: true)
+        } catch {
+            close(ready[1])
+            throw Failure("domain '\(guest.name)': cannot start its monitor: \(error)")
+        }
+        close(ready[1])
+        var p = pollfd(fd: ready[0], events: Int16(POLLIN), revents: 0)
+        guard poll(&p, 1, 30_000) > 0, ProcessLauncher.readLine(ready[0]).hasPrefix("monitor ready") else {
+            throw Failure("domain '\(guest.name)': its monitor did not start; see \(runDir)/logs/monitor-\(guest.name).log")
+        }
+    }
+
+    /// Stops every live monitor (SIGTERM; they exit without acting) and waits,
+    /// bounded, until their locks are free: `xenctl down` leaves none behind.
+    public func stopMonitors(seconds: Double = 10) {
+        let names = ((try? FileManager.default.contentsOfDirectory(atPath: monitorDir)) ?? [])
+            .filter { $0.hasSuffix(".pid") }.map { String($0.dropLast(4)) }
+        let live = names.compactMap { n in monitor(of: n).map { (n, $0.pid) } }
+        for (_, pid) in live { kill(pid, SIGTERM) }
+        let deadline = time(nil) + time_t(seconds)
+        for (name, pid) in live {
+            while monitor(of: name) != nil {
+                guard time(nil) < deadline else {
+                    kill(pid, SIGKILL)
+                    break
+                }
+                var p = pollfd(fd: -1, events: 0, revents: 0)
+                _ = poll(&p, 0, 10)
+            }
+        }
+    }
+
+    /// `xenctl monitor`: follows domain `domid` called `name` until it is
+    /// destroyed, applying its config's actions. `readyFD` gets one line once
+    /// the monitor follows the domain. Returns the exit status.
+    public func runMonitor(name: String, domid first: XenHV.DomID, configPath: String, readyFD: CInt?, logger: Logger) -> Int32 {
+        func ready() {
+            if let readyFD {
+                ProcessLauncher.writeLine(readyFD, "monitor ready")
+                close(readyFD)
+            }
+        }
+        guard let text = try? String(contentsOfFile: monitorConfigPath(name), encoding: .utf8) else {
+            logger.error("cannot read \(monitorConfigPath(name))")
+            return 1
+        }
+        let config: DomainConfig
+        do { config = try DomainConfig(try XLConfig(parsing: text, file: configPath)) } catch {
+            logger.error("\(error)")
+            return 1
+        }
+        mkdir(monitorDir, 0o755)
+        let lock = open(monitorLockPath(name), O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        guard lock >= 0 else {
+            logger.error("cannot open \(monitorLockPath(name)): \(String(cString: strerror(errno)))")
+            return 1
+        }
+        // A previous monitor of this name may still be on its way out.
+        while flock(lock, LOCK_EX) != 0 && errno == EINTR {}
+        func publish(_ d: XenHV.DomID) {
+            let line = Array("\(getpid()) \(d)\n".utf8)
+            _ = ftruncate(lock, 0)
+            _ = pwrite(lock, line, line.count, 0)
+        }
+        var domid = first
+        publish(domid)
+        let signals = cxen_termination_signalfd()
+        let hv: Hypervisor
+        let virq: EventChannel
+        do {
+            hv = try connect()
+            virq = try hv.bindVirq(UInt32(VIRQ_DOM_EXC))
+        } catch {
+            logger.error("cannot follow domain \(domid): \(error)")
+            return 1
+        }
+        ready()
+        logger.info("following domain \(domid) (\(name)): on_poweroff=\(config.onPoweroff.rawValue) on_reboot=\(config.onReboot.rawValue) on_crash=\(config.onCrash.rawValue)")
+        while true {
+            while waitpid(-1, nil, WNOHANG) > 0 {}  // guest processes we started
+            // Checked after binding VIRQ_DOM_EXC and after every event, so no change is missed.
+            guard let all = try? hv.listDomains() else {
+                logger.info("xenhv went away; exiting")
+                return 0
+            }
+            guard let info = all.first(where: { $0.domid == domid }) else {
+                logger.info("domain \(domid) has been destroyed; exiting")
+                return 0
+            }
+            if info.isShutdown {
+                let reason = info.shutdownReason ?? .crash
+                guard let action = config.action(for: reason) else {
+                    logger.info("domain \(domid) has suspended; exiting")
+                    return 0
+                }
+                logger.info("domain \(domid) shut down, reason \(reason): action \(action.rawValue)")
+                do {
+                    guard let next = try apply(action, to: info, config: config, text: text, configPath: configPath, hv: hv, logger: logger) else {
+                        logger.info("done; exiting")
+                        return 0
+                    }
+                    domid = next
+                    publish(domid)
+                    continue
+                } catch {
+                    logger.error("domain '\(name)': \(error); exiting")
+                    return 1
+                }
+            }
+            var pfds = [pollfd(fd: virq.descriptor, events: Int16(POLLIN), revents: 0),
+                        pollfd(fd: signals, events: Int16(POLLIN), revents: 0),
+                        pollfd(fd: hv.connectionDescriptor, events: 0, revents: 0)]
+            if poll(&pfds, nfds_t(pfds.count), -1) < 0 && errno != EINTR {
+                logger.error("poll: \(String(cString: strerror(errno)))")
+                return 1
+            }
+            if pfds[1].revents != 0 {
+                logger.info("stopping on signal; domain \(domid) is left as it is")
+                return 0
+            }
+            if pfds[2].revents != 0 {
+                logger.info("xenhv went away; exiting")
+                return 0
+            }
+            _ = virq.consume()
+        }
+    }
+
+    /// handle_domain_death: carries out `action` on a domain that shut down.
+    /// Returns the domid to follow next (a restart), or nil when done.
+    func apply(_ action: DomainConfig.Action, to info: Hypervisor.DomainInfo, config: DomainConfig, text: String,
+               configPath: String, hv: Hypervisor, logger: Logger) throws -> XenHV.DomID? {
+        var action = action
+        if action == .coredumpDestroy || action == .coredumpRestart {
+            mkdir(runDir + "/dump", 0o700)
+            let core = runDir + "/dump/\(config.name)-\(info.domid).core"
+            logger.info("dumping core to \(core)")
+            // As xl: no point crying over spilled milk, continue on failure.
+            do { try CoreDump.write(hv, domid: info.domid, pages: info.pages, vcpus: config.vcpus, to: core) } catch {
+                logger.error("core dump failed: \(error)")
+            }
+            action = action == .coredumpDestroy ? .destroy : .restart
+        }
+        switch action {
+        case .preserve:
+            logger.info("preserving domain \(info.domid) until it is destroyed")
+            return nil
+        case .destroy, .softReset, .coredumpDestroy, .coredumpRestart:
+            logger.info("destroying domain \(info.domid)")
+            try destroyForRestart(info.domid, hv)
+            return nil
+        case .restart, .renameRestart:
+            // reload_domain_config: the same devices, with the MACs the domain had.
+            var next = config
+            let xs = try connectStore()
+            for i in next.vifs.indices where next.vifs[i].mac == nil {
+                if let m = (try? xs.readIfExists("/local/domain/0/backend/vif/\(info.domid)/\(i)/mac")) ?? nil {
+                    next.vifs[i].mac = try? MACAddress(parsing: m)
+                }
+            }
+            if action == .renameRestart {
+                let kept = try preserveName(info, hv, xs)
+                logger.info("preserving domain \(info.domid) as '\(kept)'")
+                xs.close()
+            } else {
+                xs.close()
+                logger.info("destroying domain \(info.domid) to restart it")
+                try destroyForRestart(info.domid, hv)
+            }
+            let g = try create(next, configPath: configPath, text: text, appendLog: true)
+            logger.info("restarted '\(g.name)' as domain \(g.domid), guest process \(g.pid)")
+            for (vdev, uri) in g.disks { logger.info("  disk \(vdev): \(uri)") }
+            for n in g.nics { logger.info("  \(n)") }
+            return g.domid
+        }
+    }
+
+    func destroyForRestart(_ domid: XenHV.DomID, _ hv: Hypervisor) throws {
+        do { try hv.destroyDomain(domid) } catch let e as XenErrno where e == .ESRCH {}
+        let xs = try connectStore()
+        removeStoreEntries(of: domid, xs)
+        xs.close()
+    }
+
+    /// preserve_domain: renames the old domain to `<name>-<YYYYMMDDTHHMMZ>`
+    /// (in xenhv and in its store home) so the name is free for the new one.
+    func preserveName(_ info: Hypervisor.DomainInfo, _ hv: Hypervisor, _ xs: XenBusClient) throws -> String {
+        var now = time(nil)
+        var tm = tm()
+        gmtime_r(&now, &tm)
+        var buf = [CChar](repeating: 0, count: 24)
+        let n = strftime(&buf, buf.count, "-%Y%m%dT%H%MZ", &tm)
+        let suffix = String(decoding: buf.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        var candidate = String(info.name.prefix(64 - suffix.count)) + suffix
+        do { try hv.renameDomain(info.domid, to: candidate) } catch let e as XenErrno where e == .EEXIST {
+            // Twice in one minute: the old domid keeps the names apart.
+            let more = suffix + "-\(info.domid)"
+            candidate = String(info.name.prefix(64 - more.count)) + more
+            try hv.renameDomain(info.domid, to: candidate)
+        }
+        try xs.write("/local/domain/\(info.domid)/name", candidate)
+        return candidate
+    }
+}
