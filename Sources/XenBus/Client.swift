@@ -120,6 +120,11 @@ public final class XenBusClient: @unchecked Sendable {
             if head > 0 { buf.removeSubrange(0..<head) }
         }
         close()
+        // Break the client -> thread -> client cycle: once the reader is done, the
+        // client (and the transport's descriptor) goes when its users drop it.
+        cond.lock()
+        reader = nil
+        cond.unlock()
     }
 
     func dispatchEvent(_ payload: [UInt8]) {

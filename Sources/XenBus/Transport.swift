@@ -87,9 +87,16 @@ public final class XenBusSocketTransport: XenBusTransport, @unchecked Sendable {
         }
     }
 
+    /// Shuts the connection down (the reader wakes with `.closed`); the
+    /// descriptor itself is closed only when the transport goes away, so its
+    /// number cannot be reused while this transport might still use it: a
+    /// reader that had not reached recv(2) yet would otherwise read from
+    /// whatever connection got the number next (another client's replies).
     public func close() {
-        if closedFlag.set() { shutdown(fd, Int32(SHUT_RDWR)); Glibc.close(fd) }
+        if closedFlag.set() { shutdown(fd, Int32(SHUT_RDWR)) }
     }
+
+    deinit { Glibc.close(fd) }
 }
 
 /// A guest's view of its xenstore ring: the shared page, a descriptor that becomes

@@ -349,6 +349,29 @@ func waitUntil(_ timeout: Double = 10, _ cond: () -> Bool) -> Bool {
 }
 
 @Suite(.serialized) struct XenBusClientTests {
+    /// Short-lived clients (a toolstack's): a closed client's reader never
+    /// reads from the descriptor number the next connection reuses (it would
+    /// steal that client's replies: a 30 s timeout), and every closed client is
+    /// freed with its descriptor.
+    @Test func shortLivedClientsNeitherStealRepliesNorLeakDescriptors() throws {
+        let d = try InProcessDaemon()
+        defer { d.stop() }
+        final class Weak: @unchecked Sendable { weak var client: XenBusClient? }
+        var gone: [Weak] = []
+        for i in 0..<300 {
+            let c = try d.dom0()
+            c.timeout = 5
+            try c.write("/short/\(i % 10)", "\(i)")
+            #expect(try c.read("/short/\(i % 10)") == "\(i)")
+            c.close()
+            let w = Weak()
+            w.client = c
+            gone.append(w)
+        }
+        // Each closed client (and with it its socket) goes once its reader has stopped.
+        #expect(waitUntil { gone.allSatisfy { $0.client == nil } }, "\(gone.filter { $0.client != nil }.count) closed clients still alive")
+    }
+
     @Test func transactionsRetryOnEagain() throws {
         let d = try InProcessDaemon()
         defer { d.stop() }
