@@ -38,11 +38,15 @@ extension Toolstack {
             flock(fd, LOCK_UN)
             return nil
         }
-        var buf = [UInt8](repeating: 0, count: 64)
-        let n = pread(fd, &buf, buf.count, 0)
-        let words = String(decoding: buf.prefix(max(0, n)), as: UTF8.self).split(whereSeparator: { $0 == " " || $0 == "\n" })
-        guard words.count == 2, let pid = pid_t(words[0]), let domid = XenHV.DomID(words[1]) else { return nil }
-        return (pid, domid)
+        // The record is rewritten in place with one fixed-width write; a read
+        // that overlapped it is simply read again.
+        for _ in 0..<3 {
+            var buf = [UInt8](repeating: 0, count: 64)
+            let n = pread(fd, &buf, buf.count, 0)
+            let words = String(decoding: buf.prefix(max(0, n)), as: UTF8.self).split(whereSeparator: { $0 == " " || $0 == "\n" })
+            if words.count == 2, let pid = pid_t(words[0]), pid > 0, let domid = XenHV.DomID(words[1]) { return (pid, domid) }
+        }
+        return nil
     }
 
     /// Spawns the monitor of a domain just created (`xenctl monitor`, in its
@@ -127,9 +131,10 @@ extension Toolstack {
         }
         // A previous monitor of this name may still be on its way out.
         while flock(lock, LOCK_EX) != 0 && errno == EINTR {}
+        _ = ftruncate(lock, 0)
         func publish(_ d: XenHV.DomID) {
-            let line = Array("\(getpid()) \(d)\n".utf8)
-            _ = ftruncate(lock, 0)
+            // Fixed width, one write, never truncated: readers never see it empty.
+            let line = Array((String(getpid()).leftPadding(10) + " " + String(d).leftPadding(5) + "\n").utf8)
             _ = pwrite(lock, line, line.count, 0)
         }
         var domid = first

@@ -114,8 +114,9 @@ struct PVGuestCommand: ParsableCommand {
                 + ((try? xs.directory(home + "/device/vif")) ?? []).map({ home + "/device/vif/" + $0 }) {
                 try? xs.switchState(at: fe, to: .closed)
             }
-            try? hv.shutdownSelf(reason: reason)
+            // Logged first: once SCHEDOP_shutdown is in, the toolstack may destroy us at any moment.
             logger.info("shut down at the toolstack's request", metadata: ["reason": "\(reason)"])
+            try? hv.shutdownSelf(reason: reason)
         }
         xs.close()
     }

@@ -112,19 +112,23 @@ import XenCtl
             second = try list(run).first { $0.name == "crashy" && $0.domid != first.domid && $0.state == "r-----" }?.domid ?? 0
             return second != 0
         }
-        #expect(back, "\((try? list(run)) ?? [])")
+        func logs(_ name: String) -> String {
+            ["monitor", "guest"].map { (try? String(contentsOfFile: run + "/logs/\($0)-\(name).log", encoding: .utf8)) ?? "" }
+                .joined(separator: "\n")
+        }
+        #expect(back, "\((try? list(run)) ?? []) \(logs("crashy"))")
         #expect(try !list(run).contains { $0.domid == first.domid })
         #expect(!storeHas(run, "/local/domain/\(first.domid)") && !storeHas(run, "/local/domain/0/backend/vbd/\(first.domid)"))
         #expect(storeHas(run, "/local/domain/0/backend/vbd/\(second)/51712"))
         // The monitor follows the new domain once its guest is up (create returned).
-        #expect(eventually { toolstack.monitor(of: "crashy")?.domid == UInt16(second) })
+        #expect(eventually { toolstack.monitor(of: "crashy")?.domid == UInt16(second) }, "\(logs("crashy"))")
         #expect(qemuIO(run, domid: second, "read -P 0x5a 0 65536", "write -P 0xa5 65536 4096"))
         let monitorLog = (try? String(contentsOfFile: run + "/logs/monitor-crashy.log", encoding: .utf8)) ?? ""
         #expect(monitorLog.contains("domain \(first.domid) shut down, reason crash: action restart"), "\(monitorLog)")
 
         // xenctl reboot with on_reboot=restart (the default): back with a new domid, same name and disk.
         let (rrc, rout, rerr) = try cli.xenctl("reboot", "crashy", runDir: run)
-        #expect(rrc == 0, "\(rerr)")
+        #expect(rrc == 0, "\(rerr) \(logs("crashy"))")
         let third = try list(run).first { $0.name == "crashy" }?.domid ?? 0
         #expect(third != second && third != 0 && rout == "Domain crashy restarted as domain \(third)\n", "\(rout)")
         #expect(try !list(run).contains { $0.domid == second })
