@@ -203,12 +203,11 @@ public final class GuestDevices: @unchecked Sendable {
     /// `seconds` for them; one still connecting is not waited for (it ends
     /// at its own timeout, or with the process).
     public func stopAll(seconds: Double = 5) {
+        // The watches stay (the guest is ending; a rescan now does nothing):
+        // no request here that a dead xenstored would make wait.
         stopping = true
-        if let w = deviceWatch { try? xs.unwatch(w) }
         let stopped = DispatchGroup()
         for slot in slots.values {
-            if let w = slot.watch { try? xs.unwatch(w) }
-            slot.watch = nil
             set(slot, wanted: false)
             guard !slot.connecting.load(ordering: .acquiring) else { continue }
             // Queued behind the teardown on the slot's serial queue.
