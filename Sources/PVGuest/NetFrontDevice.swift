@@ -333,6 +333,12 @@ extension NetFrontDevice {
         // Sound: the rings and buffers are touched only by the data thread
         // (after `start`); `failed` and `baseline` are read by the supervisor.
         unowned let device: NetFrontDevice
+        // The device's data-path pieces, held here so the per-frame path never
+        // goes through the unowned reference (each use a slow-path retain).
+        let tapFD: CInt
+        let txPages: GuestRegion, rxPages: GuestRegion
+        let txRefs: [GrantRef], rxRefs: [GrantRef]
+        let stats: NetFrontStats
         var tx: FrontRing<NetifTxRing>
         var rx: FrontRing<NetifRxRing>
         let channel: EventChannel
@@ -344,9 +350,14 @@ extension NetFrontDevice {
 
         var freeTx: [UInt16] = Array((0..<UInt16(NetFrontDevice.ringSize)).reversed())
         var txOut = [Bool](repeating: false, count: NetFrontDevice.ringSize)
-        /// A frame read from the tap: vnet header, then the frame.
+        /// The vnet header of a frame read from the tap; the frame itself is
+        /// read straight into the free tx buffer pages it will be sent from.
         let txBuffer: UnsafeMutableRawPointer
-        static let txBufferSize = VnetHeader.size + 65536 + 256
+        static let txBufferSize = VnetHeader.size
+        /// The read's scatter list: the header, then `txReadPages` free pages
+        /// (the last ones on `freeTx`, in the order `enqueue` takes them).
+        let txIov: UnsafeMutablePointer<iovec>
+        static let txReadPages = NetFrontDevice.maxTxSlots - 1
         /// An rx frame being assembled: room for its vnet header, then the frame.
         let rxBuffer: UnsafeMutableRawPointer
         static let rxBufferSize = VnetHeader.size + 65536 + 4096
@@ -361,6 +372,12 @@ extension NetFrontDevice {
         init(device: NetFrontDevice, tx: FrontRing<NetifTxRing>, rx: FrontRing<NetifRxRing>, channel: EventChannel,
              sg: Bool, gso4: Bool, gso6: Bool) throws {
             self.device = device
+            tapFD = device.tap.queues[0]
+            txPages = device.txPages
+            rxPages = device.rxPages
+            txRefs = device.txRefs
+            rxRefs = device.rxRefs
+            stats = device.stats
             self.tx = tx
             self.rx = rx
             self.channel = channel
@@ -370,6 +387,7 @@ extension NetFrontDevice {
             stopFD = cxen_eventfd(0, O_CLOEXEC | O_NONBLOCK)  // EFD_CLOEXEC | EFD_NONBLOCK
             guard stopFD >= 0 else { throw HypervisorError.system(call: "eventfd", errno: errno) }
             txBuffer = .allocate(byteCount: Self.txBufferSize, alignment: 64)
+            txIov = .allocate(capacity: 1 + Self.txReadPages)
             rxBuffer = .allocate(byteCount: Self.rxBufferSize, alignment: 64)
             postRx()
         }
@@ -377,6 +395,7 @@ extension NetFrontDevice {
         deinit {
             close(stopFD)
             txBuffer.deallocate()
+            txIov.deallocate()
             rxBuffer.deallocate()
         }
 
@@ -392,8 +411,6 @@ extension NetFrontDevice {
             try? channel.close()
         }
 
-        var stats: NetFrontStats { device.stats }
-
         func protocolError(_ what: @autoclosure () -> String) {
             let n = stats.protocolErrors.wrappingAdd(1, ordering: .relaxed).newValue
             if n <= 10 { device.logger.warning("\(device.frontendPath): backend \(what())") }
@@ -404,7 +421,7 @@ extension NetFrontDevice {
         func run() {
             var pfds = [pollfd(fd: stopFD, events: Int16(POLLIN), revents: 0),
                         pollfd(fd: channel.descriptor, events: Int16(POLLIN), revents: 0),
-                        pollfd(fd: device.tap.queues[0], events: Int16(POLLIN), revents: 0)]
+                        pollfd(fd: tapFD, events: Int16(POLLIN), revents: 0)]
             do {
                 var notify = false
                 while true {
@@ -457,11 +474,19 @@ extension NetFrontDevice {
 
         /// Reads frames from the tap while the ring has room; returns whether to notify.
         func transmit() throws -> Bool {
-            let fd = device.tap.queues[0]
+            let fd = tapFD
             var queued = false
             var batch = 0
+            // Sound: the tx pages stay mapped for the device's life, which outlasts this session.
+            let pages = txPages.unsafeBaseAddress
             while txRoom && batch < 64 {
-                let n = read(fd, txBuffer, Self.txBufferSize)
+                // txRoom leaves at least maxTxSlots ids free: the pages of the last ones take the frame.
+                txIov[0] = iovec(iov_base: txBuffer, iov_len: VnetHeader.size)
+                let last = freeTx.count - 1
+                for j in 0..<Self.txReadPages {
+                    txIov[1 + j] = iovec(iov_base: pages + Int(freeTx[last - j]) * HVLimits.pageSize, iov_len: HVLimits.pageSize)
+                }
+                let n = readv(fd, txIov, Int32(1 + Self.txReadPages))
                 if n < 0 {
                     if errno == EINTR { continue }
                     break  // EAGAIN: the tap is empty
@@ -476,8 +501,9 @@ extension NetFrontDevice {
             return queued && tx.pushRequestsAndCheckNotify()
         }
 
-        /// Puts one frame from `txBuffer` on the ring: data slots of up to a
-        /// page (NETTXF_more_data), the GSO extra after the first.
+        /// Puts the frame just read on the ring: its header in `txBuffer`, its
+        /// data already in the pages of the last free ids, one slot per page
+        /// (NETTXF_more_data), the GSO extra after the first.
         func enqueue(length len: Int) -> Bool {
             let h = VnetHeader.load(from: txBuffer)
             var gso: TxGSO?
@@ -502,15 +528,12 @@ extension NetFrontDevice {
             var flags: UInt16 = 0
             if h.needsChecksum { flags |= UInt16(NETTXF_csum_blank | NETTXF_data_validated) }
             else if h.dataValid { flags |= UInt16(NETTXF_data_validated) }
-            let data = txBuffer + VnetHeader.size
             for s in 0..<slots {
-                let id = freeTx.removeLast()
+                let id = freeTx.removeLast()  // the page slot s was read into
                 txOut[Int(id)] = true
                 let n = min(page, len - s * page)
-                // Cannot fail: id < 256 and n <= one page, inside the 256-page region.
-                try! device.txPages.write(UnsafeRawBufferPointer(start: data + s * page, count: n), at: Int(id) * page)
                 var r = netif_tx_request()
-                r.gref = device.txRefs[Int(id)]
+                r.gref = txRefs[Int(id)]
                 r.offset = 0
                 r.id = id
                 r.size = UInt16(s == 0 ? len : n)
@@ -546,7 +569,7 @@ extension NetFrontDevice {
                 let id = UInt16(rx.reqProdPvt & UInt32(NetFrontDevice.ringSize - 1))
                 var r = netif_rx_request()
                 r.id = id
-                r.gref = device.rxRefs[Int(id)]
+                r.gref = rxRefs[Int(id)]
                 rx.enqueue(r)
                 posted = true
             }
@@ -608,7 +631,7 @@ extension NetFrontDevice {
                 rxBad = true
             } else if !rxBad {
                 // Cannot fail: slot < 256 and off + size <= one page were checked above.
-                try! device.rxPages.read(into: UnsafeMutableRawBufferPointer(start: rxBuffer + VnetHeader.size + rxLength, count: size),
+                try! rxPages.read(into: UnsafeMutableRawBufferPointer(start: rxBuffer + VnetHeader.size + rxLength, count: size),
                                          at: slot * HVLimits.pageSize + off)
                 rxLength += size
             }
@@ -657,7 +680,7 @@ extension NetFrontDevice {
                 h.flags = CNET_VNET_F_DATA_VALID
             }
             h.store(to: rxBuffer)
-            let n = write(device.tap.queues[0], rxBuffer, VnetHeader.size + rxLength)
+            let n = write(tapFD, rxBuffer, VnetHeader.size + rxLength)
             if n == VnetHeader.size + rxLength {
                 stats.rxPackets.wrappingAdd(1, ordering: .relaxed)
                 stats.rxBytes.wrappingAdd(UInt64(rxLength), ordering: .relaxed)
