@@ -358,9 +358,15 @@ extension NetFrontDevice {
         /// (the last ones on `freeTx`, in the order `enqueue` takes them).
         let txIov: UnsafeMutablePointer<iovec>
         static let txReadPages = NetFrontDevice.maxTxSlots - 1
-        /// An rx frame being assembled: room for its vnet header, then the frame.
+        /// An rx frame's vnet header, then room to gather the frame when its
+        /// headers do not fit its first slot.
         let rxBuffer: UnsafeMutableRawPointer
         static let rxBufferSize = VnetHeader.size + 65536 + 4096
+        /// The frame being received, where it sits in the rx pages: the vnet
+        /// header (in `rxBuffer`), then one piece per data slot. Its slots are
+        /// not posted again until it is written to the tap.
+        let rxIov: UnsafeMutablePointer<iovec>
+        var rxPieces = 0
         var rxLength = 0
         var rxSlots = 0
         var rxFlags: UInt16 = 0
@@ -388,6 +394,7 @@ extension NetFrontDevice {
             guard stopFD >= 0 else { throw HypervisorError.system(call: "eventfd", errno: errno) }
             txBuffer = .allocate(byteCount: Self.txBufferSize, alignment: 64)
             txIov = .allocate(capacity: 1 + Self.txReadPages)
+            rxIov = .allocate(capacity: 2 + NetFrontDevice.maxRxSlots)
             rxBuffer = .allocate(byteCount: Self.rxBufferSize, alignment: 64)
             postRx()
         }
@@ -396,6 +403,7 @@ extension NetFrontDevice {
             close(stopFD)
             txBuffer.deallocate()
             txIov.deallocate()
+            rxIov.deallocate()
             rxBuffer.deallocate()
         }
 
@@ -565,7 +573,9 @@ extension NetFrontDevice {
         @discardableResult
         func postRx() -> Bool {
             var posted = false
-            while !rx.isFull {
+            // The slots of a frame still being received stay ours.
+            let held = UInt32(rxInFrame || expectExtra ? rxSlots : 0)
+            while !rx.isFull && rx.reqProdPvt &- rx.rspCons < UInt32(NetFrontDevice.ringSize) - held {
                 let id = UInt16(rx.reqProdPvt & UInt32(NetFrontDevice.ringSize - 1))
                 var r = netif_rx_request()
                 r.id = id
@@ -629,10 +639,10 @@ extension NetFrontDevice {
             } else if rxLength + size > NetFrontDevice.maxFrame + 14 {
                 protocolError("rx frame longer than \(rxLength + size) bytes")
                 rxBad = true
-            } else if !rxBad {
-                // Cannot fail: slot < 256 and off + size <= one page were checked above.
-                try! rxPages.read(into: UnsafeMutableRawBufferPointer(start: rxBuffer + VnetHeader.size + rxLength, count: size),
-                                         at: slot * HVLimits.pageSize + off)
+            } else if !rxBad && rxPieces <= NetFrontDevice.maxRxSlots {
+                // In bounds: slot < 256 and off + size <= one page were checked above.
+                rxIov[1 + rxPieces] = iovec(iov_base: rxPages.unsafeBaseAddress + slot * HVLimits.pageSize + off, iov_len: size)
+                rxPieces += 1
                 rxLength += size
             }
             if rxSlots > NetFrontDevice.maxRxSlots && !rxBad {
@@ -649,16 +659,30 @@ extension NetFrontDevice {
         /// Writes the assembled frame to the tap with its vnet header, or drops it.
         func finishFrame() {
             defer {
-                rxLength = 0; rxSlots = 0; rxFlags = 0; rxGSO = nil; rxBad = false; rxInFrame = false; expectExtra = false
+                rxLength = 0; rxPieces = 0; rxSlots = 0; rxFlags = 0; rxGSO = nil; rxBad = false; rxInFrame = false; expectExtra = false
             }
-            guard !rxBad, rxLength >= 14 else {
+            guard !rxBad, rxLength >= 14, rxPieces > 0 else {
                 stats.rxDropped.wrappingAdd(1, ordering: .relaxed)
                 return
             }
-            let frame = UnsafeMutableRawBufferPointer(start: rxBuffer + VnetHeader.size, count: rxLength)
+            // The headers are read (and the pseudo-header checksum written) in the
+            // first slot's page; a frame whose headers run past it is gathered first.
+            var frame = UnsafeMutableRawBufferPointer(start: rxIov[1].iov_base, count: rxIov[1].iov_len)
+            var gathered = false
+            func gather() {
+                var at = rxBuffer + VnetHeader.size
+                for i in 0..<rxPieces {
+                    at.copyMemory(from: rxIov[1 + i].iov_base!, byteCount: rxIov[1 + i].iov_len)
+                    at += rxIov[1 + i].iov_len
+                }
+                frame = UnsafeMutableRawBufferPointer(start: rxBuffer + VnetHeader.size, count: rxLength)
+                gathered = true
+            }
+            if frame.count < 14 { gather() }
             var h = VnetHeader()
             let blank = rxFlags & UInt16(NETRXF_csum_blank) != 0
             if blank || rxGSO != nil {
+                if !gathered && rxPieces > 1, (try? PacketParser.checksumLocation(UnsafeRawBufferPointer(frame))) == nil { gather() }
                 guard let loc = try? PacketParser.checksumLocation(UnsafeRawBufferPointer(frame)) else {
                     stats.rxDropped.wrappingAdd(1, ordering: .relaxed)
                     return
@@ -680,7 +704,13 @@ extension NetFrontDevice {
                 h.flags = CNET_VNET_F_DATA_VALID
             }
             h.store(to: rxBuffer)
-            let n = write(tapFD, rxBuffer, VnetHeader.size + rxLength)
+            let n: Int
+            if gathered {
+                n = write(tapFD, rxBuffer, VnetHeader.size + rxLength)
+            } else {
+                rxIov[0] = iovec(iov_base: rxBuffer, iov_len: VnetHeader.size)
+                n = writev(tapFD, rxIov, Int32(1 + rxPieces))
+            }
             if n == VnetHeader.size + rxLength {
                 stats.rxPackets.wrappingAdd(1, ordering: .relaxed)
                 stats.rxBytes.wrappingAdd(UInt64(rxLength), ordering: .relaxed)
