@@ -191,6 +191,9 @@ public final class VirtualBlockDevice: @unchecked Sendable {
         return fds
     }
 
+    /// Each queue's aio context (for tests).
+    var aioContextsForTesting: [UInt] { state.withLock { $0.queues.compactMap(\.aioContext) } }
+
     /// Persistent grants kept, summed over queues.
     public var persistentGrants: Int { state.withLock { $0.queues.reduce(0) { $0 + $1.persistentGrantCount } } }
 

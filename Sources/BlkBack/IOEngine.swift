@@ -13,6 +13,8 @@ import Glibc
 final class IOEngine {
     // Not Sendable: used only by its queue's thread.
     private var context: io_context_t? = nil
+    /// The context id, which is the address of its completion ring mapping.
+    var contextAddress: UInt? { context.map { UInt(bitPattern: $0) } }
     /// Completion eventfd (`IOCB_FLAG_RESFD`).
     let eventFD: CInt
     let capacity: Int

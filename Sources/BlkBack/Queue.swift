@@ -54,6 +54,8 @@ protocol QueueRunner: AnyObject, Sendable {
     var persistentGrantCount: Int { get }
     /// The descriptors this queue owns (event channel, aio eventfd, control eventfd).
     var descriptors: [CInt] { get }
+    /// The queue's aio context (the address of its [aio] ring mapping), if it has one.
+    var aioContext: UInt? { get }
     func start() throws(BlkBackError)
     /// Stops the thread, waits for in-flight I/O, releases every mapping and port.
     func stop()
@@ -130,6 +132,7 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     var stoppedReason: String? { reason.withLock { $0 } }
     var persistentGrantCount: Int { grantCount.load(ordering: .relaxed) }
     var descriptors: [CInt] { [channel.descriptor, controlFD] + (engine.map { [$0.eventFD] } ?? []) }
+    var aioContext: UInt? { engine?.contextAddress }
 
     init(index: Int, hypervisor: Hypervisor, frontend: DomID, disk: DiskState, ring config: QueueRingConfig,
          persistentGrants: Bool, persistentGrantLimit: Int) throws(BlkBackError) {

@@ -122,9 +122,17 @@ func readProcFile(_ path: String) -> String {
 }
 
 /// aio contexts mapped in this process (io_setup maps one "[aio]" region each).
-func aioContextCount() -> Int {
-    let maps = readProcFile("/proc/self/maps")
-    return maps.split(separator: "\n").filter { $0.contains("[aio]") }.count
+/// This process's aio contexts: the start address and inode of each [aio]
+/// ring mapping. The inode tells a context apart from a later one that
+/// another test, running in parallel, set up at the same address.
+func aioContexts() -> [UInt: String] {
+    var out: [UInt: String] = [:]
+    for line in readProcFile("/proc/self/maps").split(separator: "\n") where line.contains("[aio]") {
+        let f = line.split(separator: " ", omittingEmptySubsequences: true)
+        guard f.count >= 5, let start = f[0].split(separator: "-").first, let a = UInt(start, radix: 16) else { continue }
+        out[a] = String(f[4])
+    }
+    return out
 }
 
 func pattern(_ n: Int, seed: UInt8) -> [UInt8] {

@@ -120,11 +120,14 @@ extension BlkBackIntegration {
             let image = try f.image(bytes: 4 << 20)
             let g = try f.guest()
             let front = try BlkFront<BlkifRing>(guest: g, queues: 2, ringPageOrder: 2)
-            let aioBefore = aioContextCount()
             let dev = try VirtualBlockDevice(name: "vbd-detach", backing: BackingOptions(path: image), maxQueues: 2, logger: quietLogger)
             try dev.connect(hypervisor: f.dom0, frontend: front.config())
             #expect(dev.isConnected)
-            #expect(aioContextCount() == aioBefore + 2)
+            // One aio context per queue, each a live [aio] mapping of ours.
+            let ours = dev.aioContextsForTesting
+            let live = aioContexts()
+            let identities = ours.map { (address: $0, inode: live[$0]) }
+            #expect(ours.count == 2 && identities.allSatisfy { $0.inode != nil }, "\(ours) in \(live)")
             var refs: [GrantRef] = []
             for q in 0..<2 {
                 let b = try front.makeBuffer(pages: 20)  // indirect
@@ -141,12 +144,14 @@ extension BlkBackIntegration {
             #expect(!front.endAccess(front.queues[0].ringRefs[0]))
             let fds = dev.descriptorsForTesting
             #expect(fds.count == 2 + 2 * 3)  // O_DIRECT + buffered image; per queue: channel, aio eventfd, control
-            let identities = fds.map { descriptorIdentity($0) }
-            #expect(identities.allSatisfy { $0 != nil })
+            let fdIdentities = fds.map { descriptorIdentity($0) }
+            #expect(fdIdentities.allSatisfy { $0 != nil })
 
             dev.disconnect()
             #expect(!dev.isConnected)
-            #expect(aioContextCount() == aioBefore)
+            // Our contexts are destroyed (their address may hold another test's new one).
+            let after = aioContexts()
+            for c in identities { #expect(after[c.address] != c.inode, "aio context \(c.address) still set up") }
             for q in 0..<2 {
                 for r in front.queues[q].ringRefs { #expect(front.endAccess(r)) }
                 #expect(try g.status(of: front.queues[q].port) == .unbound(remote: 0))
@@ -154,7 +159,7 @@ extension BlkBackIntegration {
             for r in refs { #expect(front.endAccess(r)) }
             dev.close()
             // Each descriptor is closed, or its number now belongs to something else.
-            for (fd, id) in zip(fds, identities) { #expect(descriptorIdentity(fd) != id, "descriptor \(fd) still open") }
+            for (fd, id) in zip(fds, fdIdentities) { #expect(descriptorIdentity(fd) != id, "descriptor \(fd) still open") }
             #expect(dev.stats.writeRequests == 2)
         }
 
