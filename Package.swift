@@ -219,7 +219,7 @@ let package = Package(
 
         // NBD server (newstyle fixed): how pvguest exposes its disks to qemu-io, nbdinfo and fio.
         .target(name: "NBD", dependencies: [.product(name: "Logging", package: "swift-log")]),
-        .testTarget(name: "NBDTests", dependencies: ["NBD"]),
+        .testTarget(name: "NBDTests", dependencies: ["NBD", "XenTestKit"]),
 
         .testTarget(
             name: "BlkBackTests",

@@ -7,6 +7,7 @@ import Logging
 import Testing
 import XenHV
 import XenRing
+import XenTestKit
 
 extension BlkBackIntegration {
     /// The data path end to end: a real xenhv, this process as both dom0 (the
@@ -237,16 +238,8 @@ extension BlkBackIntegration {
 /// A loop device over an image file: the block-device paths (BLKGETSIZE64,
 /// BLKDISCARD, the secure-discard probe), where this machine has loop devices.
 func run(_ tool: String, _ args: [String]) -> (status: Int32, output: String) {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: tool)
-    p.arguments = args
-    let out = Pipe()
-    p.standardOutput = out
-    p.standardError = FileHandle.nullDevice
-    do { try p.run() } catch { return (-1, "") }
-    let data = out.fileHandleForReading.readDataToEndOfFile()
-    p.waitUntilExit()
-    return (p.terminationStatus, String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))
+    let r = CommandResult.run(tool, args)
+    return (r.status, r.out.trimmingCharacters(in: .whitespacesAndNewlines))
 }
 
 let loopDevicesAvailable = getuid() == 0 && FileManager.default.fileExists(atPath: "/dev/loop-control")

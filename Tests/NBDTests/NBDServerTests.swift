@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import NBD
 import Testing
+import XenTestKit
 
 /// The NBD server against real clients: Debian's nbdinfo (libnbd) and qemu-io.
 @Suite struct NBDServerTests {
@@ -29,16 +30,8 @@ import Testing
 
     /// Runs a tool; returns (exit status, stdout + stderr).
     func run(_ tool: String, _ args: [String]) throws -> (Int32, String) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: tool)
-        p.arguments = args
-        let pipe = Pipe()
-        p.standardOutput = pipe
-        p.standardError = pipe
-        try p.run()
-        let out = pipe.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: out, as: UTF8.self))
+        let r = CommandResult.run(tool, args)
+        return (r.status, r.out + r.err)
     }
 
     @Test func nbdinfoSeesTheExport() throws {

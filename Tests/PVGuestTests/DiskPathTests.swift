@@ -69,16 +69,8 @@ import XenTestKit
     }
 
     static func qemuIO(_ uri: String, _ commands: [String], readOnly: Bool = false) throws -> (Int32, String) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/qemu-io")
-        p.arguments = ["-f", "raw"] + (readOnly ? ["-r"] : []) + [uri] + commands.flatMap { ["-c", $0] }
-        let pipe = Pipe()
-        p.standardOutput = pipe
-        p.standardError = pipe
-        try p.run()
-        let out = pipe.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: out, as: UTF8.self))
+        let r = CommandResult.run("/usr/bin/qemu-io", ["-f", "raw"] + (readOnly ? ["-r"] : []) + [uri] + commands.flatMap { ["-c", $0] })
+        return (r.status, r.out + r.err)
     }
 
     static func bytes(_ path: String, at offset: UInt64, count: Int) throws -> [UInt8] {

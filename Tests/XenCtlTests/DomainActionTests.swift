@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Testing
+import XenTestKit
 import XenCtl
 
 /// on_poweroff / on_reboot / on_crash end to end: real daemons, real guests
@@ -35,17 +36,8 @@ import XenCtl
     }
 
     func run(_ exe: String, _ args: [String], env: [String: String] = [:]) -> (Int32, String) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: exe)
-        p.arguments = args
-        p.environment = ProcessInfo.processInfo.environment.merging(env) { $1 }
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = FileHandle.nullDevice
-        guard (try? p.run()) != nil else { return (-1, "") }
-        let o = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: o, as: UTF8.self))
+        let r = CommandResult.run(exe, args, environment: env)
+        return (r.status, r.out)
     }
 
     func storeHas(_ run: String, _ path: String) -> Bool {

@@ -13,20 +13,10 @@ import XenTestKit
     }
 
     func xenctl(_ args: String..., runDir: String) throws -> (Int32, String, String) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: Self.bin)
-        p.arguments = args + ["--run-dir", runDir]
         // A private dom0 whose domids (and so tap names) no parallel test shares.
-        var env = ProcessInfo.processInfo.environment
-        env["XENHV_FIRST_DOMID"] = env["XENHV_FIRST_DOMID"] ?? "\(Dom0Harness.distinctFirstDomID())"
-        p.environment = env
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
-        let o = out.fileHandleForReading.readDataToEndOfFile(), e = err.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+        let env = ["XENHV_FIRST_DOMID": ProcessInfo.processInfo.environment["XENHV_FIRST_DOMID"] ?? "\(Dom0Harness.distinctFirstDomID())"]
+        let r = CommandResult.run(Self.bin, args + ["--run-dir", runDir], environment: env, timeout: 120)
+        return (r.status, r.out, r.err)
     }
 
     /// Processes whose command line mentions `text`.
@@ -104,16 +94,7 @@ import XenTestKit
         let run = NSTemporaryDirectory() + "xenctl-create-\(UUID().uuidString.prefix(8))"
         let bridge = "xbt\(getpid() % 100000)"
         let netlink = URL(fileURLWithPath: Self.bin).deletingLastPathComponent().appendingPathComponent("xen-netlink").path
-        func sh(_ exe: String, _ args: [String]) -> Int32 {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: exe)
-            p.arguments = args
-            p.standardOutput = FileHandle.nullDevice
-            p.standardError = FileHandle.nullDevice
-            try? p.run()
-            p.waitUntilExit()
-            return p.terminationStatus
-        }
+        func sh(_ exe: String, _ args: [String]) -> Int32 { CommandResult.run(exe, args).status }
         defer {
             _ = try? xenctl("down", runDir: run)
             for pid in processes(mentioning: run) { kill(pid, SIGKILL) }
@@ -160,13 +141,8 @@ import XenTestKit
         #expect(try xenctl("create", good, runDir: run).2 == "xenctl: domain 'good' already exists\n")
         let domid = out.split(separator: "(id ").last?.split(separator: ")").first.map(String.init) ?? "?"
         let tap = "vif\(domid).0"
-        let q = Process()
-        q.executableURL = URL(fileURLWithPath: "/usr/bin/qemu-io")
-        q.arguments = ["-f", "raw", String(uri), "-c", "write -P 0x42 0 65536", "-c", "read -P 0x42 0 65536"]
-        q.standardOutput = FileHandle.nullDevice
-        try q.run()
-        q.waitUntilExit()
-        #expect(q.terminationStatus == 0)
+        let q = CommandResult.run("/usr/bin/qemu-io", ["-f", "raw", String(uri), "-c", "write -P 0x42 0 65536", "-c", "read -P 0x42 0 65536"])
+        #expect(q.ok, "\(q)")
         let (_, blocks, _) = try xenctl("block-list", "good", runDir: run)
         #expect(blocks.contains("51712") && blocks.contains("/local/domain/0/backend/vbd/"), "\(blocks)")
         #expect(FileManager.default.fileExists(atPath: "/sys/class/net/\(bridge)/brif/\(tap)"))

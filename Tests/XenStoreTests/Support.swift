@@ -4,6 +4,7 @@ import CXen
 import Foundation
 import Glibc
 import Testing
+import XenTestKit
 @testable import XenStore
 
 /// Drives the core directly as one connection and decodes its replies.
@@ -211,31 +212,9 @@ final class DaemonProcess {
     }
 }
 
-func runTool(_ tool: String, _ args: [String], env: [String: String], timeout: Double = 20,
-             stdin: String? = nil) -> (status: Int32, out: String, err: String) {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: tool.hasPrefix("/") ? tool : "/usr/bin/" + tool)
-    p.arguments = args
-    var e = ProcessInfo.processInfo.environment
-    for (k, v) in env { e[k] = v }
-    p.environment = e
-    let o = Pipe(), er = Pipe()
-    p.standardOutput = o
-    p.standardError = er
-    do { try p.run() } catch { return (-1, "", "\(error)") }
-    // Read both pipes fully before waiting (no deadlock on large outputs).
-    let group = DispatchGroup()
-    nonisolated(unsafe) var outData = Data(), errData = Data()
-    group.enter()
-    DispatchQueue.global().async { outData = o.fileHandleForReading.readDataToEndOfFile(); group.leave() }
-    group.enter()
-    DispatchQueue.global().async { errData = er.fileHandleForReading.readDataToEndOfFile(); group.leave() }
-    if group.wait(timeout: .now() + timeout) == .timedOut {
-        p.terminate()
-        _ = group.wait(timeout: .now() + 5)
-    }
-    p.waitUntilExit()
-    return (p.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData, as: UTF8.self))
+func runTool(_ tool: String, _ args: [String], env: [String: String], timeout: Double = 20) -> (status: Int32, out: String, err: String) {
+    let r = CommandResult.run(tool, args, environment: env, timeout: timeout)
+    return (r.status, r.out, r.err)
 }
 
 /// A raw xs_wire client over a Unix socket, for pipelining and protocol-abuse tests.
