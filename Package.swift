@@ -114,7 +114,7 @@ let package = Package(
         .executableTarget(
             name: "blkback-bench",
             dependencies: [
-                "BlkBack", "BlkFrontKit", "XenHV", "XenRing", "CXen",
+                "BlkBack", "BlkFrontKit", "XenHV", "XenRing", "CXen", "XenBus", "XenStore", "XenTestKit",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
@@ -194,6 +194,14 @@ let package = Package(
             name: "pvguest",
             dependencies: [
                 "PVGuest", "XenHV", "XenBus", "NBD",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        // A guest running closed-loop loads on its blkfront's ring (scripts/bench-blkback).
+        .executableTarget(
+            name: "pvguest-load",
+            dependencies: [
+                "PVGuest", "XenHV", "XenBus",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),

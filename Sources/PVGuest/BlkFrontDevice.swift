@@ -164,7 +164,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     /// waits for Connected.
     public init(hypervisor hv: Hypervisor, xenstore xs: XenBusClient, frontendPath fe: String,
                 pages: GuestPages, grants: GrantRefs, ringPageOrder wantOrder: Int = 1, queues wantQueues: Int? = nil,
-                logger: Logger = Logger(label: "blkfront")) throws {
+                completionThread: Bool = true, logger: Logger = Logger(label: "blkfront")) throws {
         self.hv = hv
         self.xs = xs
         self.pages = pages
@@ -275,7 +275,8 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
             self.backendChanged.store(true, ordering: .releasing)
             self.wakeCompletions()
         }
-        startCompletions()
+        // Without the completion thread the rings are driven by one owner (the load generator, BlkLoad.swift).
+        if completionThread { startCompletions() } else { completionsDone.signal() }
         done = true
         logger.info("\(fe): connected to \(be): \(sectors) sectors, \(nq) queue(s) of \(perQueue) slots (\(1 << order) ring page(s)), \(perSlot) segments per request\(indirectRefs.isEmpty ? "" : " (indirect)")")
     }

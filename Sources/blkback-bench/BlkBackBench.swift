@@ -24,6 +24,7 @@ struct BlkBackBench: ParsableCommand {
     @Flag(help: "Only the null-mode benchmarks.") var nullOnly = false
     @Flag(help: "Only the file benchmarks.") var fileOnly = false
     @Flag(help: "Keep the image file afterwards.") var keepImage = false
+    @Option(help: "Only the file loads whose name contains this (e.g. 'randread QD32').") var only: String?
     @Option(help: "Backend busy polling before sleeping, in microseconds (0: sleep at once, as Linux blkback).")
     var busyPoll = 0
     @Option(help: "Frontend (guest side) busy polling before sleeping, in microseconds.")
@@ -31,7 +32,28 @@ struct BlkBackBench: ParsableCommand {
     @Option(help: "Persistent grants kept per ring (Linux's default: 1056).")
     var persistentLimit = BlkifLimits.persistentGrantsPerRing
 
+    @Flag(help: "Also the file loads with the in-process test frontend (BlkFrontKit) instead of a pvguest guest.")
+    var inProcess = false
+    @Flag(help: "Skip the memory figures.") var noMemory = false
+    @Option(help: "Each rings/fio comparison this many times (the ratio's range is printed).") var rounds = 1
+    @Option(help: "Seconds of the sustained run whose blkback resident size is sampled at start and end.")
+    var long = 10.0
+    @Option(help: "Guests (one disk each) connected for the per-disk memory figure.") var memoryDisks = 4
+    @Option(help: "Rounds of attaching and detaching those guests.") var memoryRounds = 3
+
+    func validate() throws {
+        guard seconds > 0, long >= 3, rounds >= 1, memoryDisks >= 1, memoryRounds >= 1 else {
+            throw ValidationError("--seconds > 0, --long >= 3, --rounds >= 1, --memory-disks >= 1")
+        }
+    }
+
     func run() throws {
+        // The in-process xenstored of the private dom0 logs every domain at info.
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = .warning
+            return h
+        }
         var log = Logger(label: "blkback-bench")
         log.logLevel = .warning
         let env = try BenchEnvironment()
@@ -44,16 +66,43 @@ struct BlkBackBench: ParsableCommand {
                              queues, fmt(r.iops), us(r.p50), us(r.p99), r.cpu))
             }
         }
-        if !nullOnly {
-            try prepareImage(image, mib: imageMiB)
-            defer { if !keepImage { unlink(image) } }
-            print("== file: \(image) (\(imageMiB) MiB), O_DIRECT, one queue; fio libaio O_DIRECT on the same file")
-            let loads: [(String, Bool, Int, Int, Bool, String)] = [
-                ("4k randread QD1 (per-I/O overhead)", false, 4096, 1, true, "randread"),
-                ("4k randread QD32", false, 4096, 32, true, "randread"),
-                ("4k randwrite QD32", true, 4096, 32, true, "randwrite"),
-                ("1M seqread QD8", false, 1 << 20, 8, false, "read"),
-            ]
+        if nullOnly { return }
+        try prepareImage(image, mib: imageMiB)
+        defer { if !keepImage { unlink(image) } }
+        let loads: [(String, Bool, Int, Int, Bool, String)] = [
+            ("4k randread QD1 (per-I/O overhead)", false, 4096, 1, true, "randread"),
+            ("4k randread QD32", false, 4096, 32, true, "randread"),
+            ("4k randwrite QD32", true, 4096, 32, true, "randwrite"),
+            ("1M seqread QD8", false, 1 << 20, 8, false, "read"),
+        ].filter { l in only.map { l.0.contains($0) } ?? true }
+        let rig = try GuestRig()
+        print("== file: \(image) (\(imageMiB) MiB), O_DIRECT; load generator: pvguest-load, a guest process running")
+        print("   pvguest's blkfront (1 queue, ring order 1, 32 segments per request) against the blkback daemon;")
+        print("   baseline: fio --ioengine=libaio --direct=1 --numjobs=1 on the same file, same bs and depth, same run")
+        var ratios: [String: [Double]] = [:]
+        for round in 1...rounds {
+            if rounds > 1 { print("-- round \(round) of \(rounds)") }
+            for (name, write, bs, qd, random, fioRW) in loads {
+                let spec = "\(write ? "write" : "read"):\(bs >= 1 << 20 ? "\(bs >> 20)m" : "\(bs >> 10)k"):\(random ? "rand" : "seq"):\(qd):\(seconds)"
+                let ours = try rig.load([spec], image: image)[0]
+                let fio = try runFio(image: image, rw: fioRW, bs: bs, depth: qd, seconds: seconds)
+                print("\(name):")
+                print("  rings: \(line(ours))  [pvguest-load \(spec); CPU: guest + blkback]")
+                print("  fio:   \(line(fio))")
+                print(String(format: "  ratio rings/fio: IOPS %.2f  MB/s %.2f  p50 %.2fx  p99 %.2fx",
+                             ours.iops / fio.iops, ours.mbps / fio.mbps, ours.p50 / fio.p50, ours.p99 / fio.p99))
+                ratios[name, default: []].append(ours.iops / fio.iops)
+            }
+        }
+        if rounds > 1 {
+            print("== ratio ranges over \(rounds) rounds (rings/fio IOPS)")
+            for (name, _, _, _, _, _) in loads {
+                let r = ratios[name] ?? []
+                print(String(format: "  %@: %.2f - %.2f", name, r.min() ?? 0, r.max() ?? 0))
+            }
+        }
+        if inProcess {
+            print("== file, in-process frontend (BlkFrontKit) against an in-process VirtualBlockDevice")
             for (name, write, bs, qd, random, fioRW) in loads {
                 let ours = try runFile(env, image: image, write: write, bs: bs, depth: qd, random: random,
                                        seconds: seconds, persistentLimit: persistentLimit, busyPoll: busyPoll, logger: log)
@@ -63,18 +112,59 @@ struct BlkBackBench: ParsableCommand {
                 print("  fio:   \(line(fio))")
                 print(String(format: "  ratio rings/fio: IOPS %.2f  MB/s %.2f  p50 %.2fx  p99 %.2fx",
                              ours.iops / fio.iops, ours.mbps / fio.mbps, ours.p50 / fio.p50, ours.p99 / fio.p99))
-                // A working set larger than the persistent-grant bound maps and
-                // unmaps on every miss; show the same load with a bound that fits it.
-                let workingSet = qd * (max(1, bs / 4096) + (bs > 11 * 4096 ? 1 : 0))
-                if workingSet > persistentLimit {
-                    let fits = try runFile(env, image: image, write: write, bs: bs, depth: qd, random: random,
-                                           seconds: seconds, persistentLimit: workingSet, busyPoll: busyPoll, logger: log)
-                    print("  rings: \(line(fits))  [persistent grants per ring: \(workingSet), the working set]")
-                    print(String(format: "  ratio rings/fio: IOPS %.2f  MB/s %.2f  p50 %.2fx  p99 %.2fx",
-                                 fits.iops / fio.iops, fits.mbps / fio.mbps, fits.p50 / fio.p50, fits.p99 / fio.p99))
-                }
             }
         }
+        if !noMemory { try memory(rig) }
+    }
+
+    /// blkback's resident size: idle, per connected disk, and over a sustained run.
+    func memory(_ rig: GuestRig) throws {
+        print("== memory: the blkback daemon's resident size (/proc/PID/status; own = RssAnon + RssFile,")
+        print("   guest pages = RssShmem, the grant mappings of rings and I/O buffers)")
+        let idle = rig.resident
+        let idleDescriptors = rig.descriptors
+        print("idle, no disk:           \(idle.text)")
+        var guests: [GuestRig.Guest] = []
+        defer { for g in guests { rig.stop(g) } }
+        // Two rounds of attach and detach: the second shows whether detaching gave back what attaching took.
+        for cycle in 1...memoryRounds {
+            for i in 0..<memoryDisks {
+                let img = rig.dom0.dir + "/mem\(i).img"
+                let fd = open(img, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+                ftruncate(fd, 64 << 20)
+                close(fd)
+                let dir = rig.dom0.dir + "/nbd\(i)"
+                guests.append(try rig.start("pvguest", image: img, arguments: ["--nbd-dir", dir], readyPrefix: "pvguest ready"))
+            }
+            guard rig.awaitDevices(memoryDisks) else { throw BlkBackError.badConfiguration("blkback did not connect every disk") }
+            let connected = rig.resident
+            print("round \(cycle), \(memoryDisks) disks connected: \(connected.text)")
+            if cycle == 1 {
+                print(String(format: "per connected disk (pvguest: 2 queues, ring order 1): own %.0f KiB, guest pages %.0f KiB  (goal <= 2048 KiB own)",
+                             Double(connected.own - idle.own) / Double(memoryDisks),
+                             Double(connected.shmem - idle.shmem) / Double(memoryDisks)))
+            }
+            for g in guests { rig.stop(g) }
+            guests.removeAll()
+            guard rig.awaitDescriptors(idleDescriptors) else {
+                throw BlkBackError.badConfiguration("blkback holds \(rig.descriptors) descriptors after detaching, \(idleDescriptors) idle")
+            }
+            print("round \(cycle), after detaching them: \(rig.resident.text)")
+        }
+        // A sustained load; blkback's size sampled one second in and one second before the end.
+        var first = Resident(pid: 0), last = Resident(pid: 0)
+        let spec = "read:4k:rand:32:\(long)"
+        let r = try rig.load([spec], image: image) { _ in
+            usleep(1_000_000)
+            first = rig.resident
+            usleep(UInt32((long - 2) * 1e6))
+            last = rig.resident
+        }[0]
+        print("sustained \(spec) (\(fmt(r.iops)) IOPS): at 1 s \(first.text)")
+        print("   at \(Int(long) - 1) s: \(last.text)")
+        print(String(format: "   change: own %+.0f KiB, guest pages %+.0f KiB over %.0f s",
+                     Double(last.own - first.own), Double(last.shmem - first.shmem), long - 2))
+        print("after the run:           \(rig.resident.text)")
     }
 }
 
