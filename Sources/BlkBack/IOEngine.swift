@@ -7,9 +7,9 @@ import Glibc
 /// queue's event loop can poll it next to its event channel.
 ///
 /// Owns `capacity` iocbs, one per request slot: a slot's iocb is filled in
-/// place (no allocation), queued in the batch, and submitted with every other
-/// request the ring had in one `io_submit`. Completions are reaped with a
-/// non-blocking `io_getevents` after the eventfd fires.
+/// place (no allocation), queued in the batch, and submitted with the other
+/// requests the ring had (``submitChunk`` per `io_submit`). Completions are
+/// reaped from the kernel's mapped completion ring after the eventfd fires.
 final class IOEngine {
     // Not Sendable: used only by its queue's thread.
     private var context: io_context_t? = nil
@@ -26,6 +26,14 @@ final class IOEngine {
     private(set) var inFlight = 0
     /// Reap from the mapped completion ring (falls back to io_getevents if its format is unknown).
     private var userReap = true
+    /// iocbs per `io_submit`. The kernel plugs a whole io_submit call
+    /// (blk_start_plug for more than two iocbs) and dispatches nothing to the
+    /// device until every iocb of it went through the file system, so one call
+    /// for a ring's 32 requests leaves the device idle meanwhile and adds that
+    /// time to every request's latency. Chunks of four still share a plug and
+    /// a device kick, yet let the device start early: 4 KiB random reads at
+    /// QD32 went from 0.66-0.86 of fio's IOPS to 0.89-1.0 (scripts/bench-blkback).
+    static let submitChunk = 4
 
     init(capacity: Int) throws(BlkBackError) {
         self.capacity = capacity
@@ -68,15 +76,15 @@ final class IOEngine {
         batchCount += 1
     }
 
-    /// Submits everything queued in one `io_submit` (looping only if the kernel
-    /// took part of the batch). Returns the slots the kernel refused and the
+    /// Submits everything queued, in `io_submit` calls of ``submitChunk`` iocbs
+    /// (looping also if the kernel took part of one). Returns the slots the kernel refused and the
     /// errno, so their requests can be answered with an error.
     @inline(__always)
     func submit(refused: (_ slot: Int, _ errno: Int32) -> Void, completed: (_ slot: Int, _ result: Int) -> Void) {
         guard let ctx = context else { return }
         var done = 0
         while done < batchCount {
-            let r = io_submit(ctx, batchCount - done, batch + done)
+            let r = io_submit(ctx, Swift.min(batchCount - done, Self.submitChunk), batch + done)
             if r > 0 {
                 done += Int(r)
                 inFlight += Int(r)

@@ -75,15 +75,27 @@ struct SlotState {
     var bytes = 0
     var pins: Int32 = 0
     var handles: Int32 = 0
+    /// Segments served through bounce pages (``BounceSegment``).
+    var bounces: Int32 = 0
+}
+
+/// A segment whose data goes through one of our bounce pages and a grant copy
+/// (GNTTABOP_copy) instead of a mapping of the guest page.
+struct BounceSegment {
+    var gref: GrantRef = 0
+    var offset: UInt16 = 0
+    var length: UInt16 = 0
+    var page: Int32 = 0
 }
 
 /// One queue of a VBD: its ring, event channel, libaio context and persistent
 /// grants, served by one thread (Linux blkback's xen_blkif_schedule per ring).
 ///
 /// The loop: consume every request the ring has (each copied once, decoded and
-/// validated), map its segments, queue its I/O; submit the batch in one
-/// io_submit; answer what failed validation; push responses and notify;
-/// RING_FINAL_CHECK_FOR_REQUESTS; then poll the event channel, the aio
+/// validated), map its segments (persistent grants; bounce pages and grant
+/// copies beyond their bound), queue its I/O; submit the batch (io_submit
+/// calls of a few iocbs, IOEngine.submitChunk); answer what failed
+/// validation; push responses and notify; RING_FINAL_CHECK_FOR_REQUESTS; then poll the event channel, the aio
 /// eventfd and a control eventfd. Completions are reaped from the eventfd (the
 /// events themselves straight from the kernel's mapped completion ring) and
 /// answered. FLUSH/BARRIER drain what is in flight first. All per-request
@@ -127,6 +139,23 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     private var thread: pthread_t?
     /// Pages mapped for one request only because the persistent set was full.
     private var persistentMisses = 0
+    /// Bounce pages for segments the full persistent set cannot hold: the I/O
+    /// goes to our page and a grant copy moves the data (as QEMU's xen-block
+    /// does for every request), which costs a fraction of mapping and
+    /// unmapping the guest page for one request (an mmap, a munmap with its
+    /// TLB shootdown, and a page-table fault-in for O_DIRECT each time).
+    /// Allocated at the first overflow, at most ``bounceCapacity`` pages
+    /// (the persistent bound: a working set twice that bound is then served
+    /// without a per-request mapping); when they are all in flight, segments
+    /// are mapped for the request as before.
+    private var bounce: UnsafeMutableRawPointer?
+    private var bounceFree: UnsafeMutablePointer<Int32>?
+    private var bounceFreeCount = 0
+    private var bounceSegments: UnsafeMutablePointer<BounceSegment>?
+    private let bounceCapacity: Int
+    private var copyOps: [GrantCopy] = []
+    /// The pool's mmap failed once; mapping per request from then on.
+    private var bounceUnavailable = false
     private var lastPurge: UInt64 = 0
 
     var stoppedReason: String? { reason.withLock { $0 } }
@@ -188,6 +217,7 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
         controlFD = cfd
         usePersistent = persistentGrants
         grants = PersistentGrants(capacity: persistentGrants ? persistentGrantLimit : 0)
+        bounceCapacity = persistentGrants ? Swift.max(BlkifLimits.maxIndirectSegments, persistentGrantLimit) : 0
         nslots = n
         slots = .allocate(capacity: n)
         slots.initialize(repeating: SlotState(), count: n)
@@ -213,6 +243,9 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
         segs.deallocate()
         freeSlots.deallocate()
         grants.deallocate()
+        if let b = bounce { munmap(b, bounceCapacity * HVLimits.pageSize) }
+        bounceFree?.deallocate()
+        bounceSegments?.deallocate()
     }
 
     func start() throws(BlkBackError) {
@@ -358,7 +391,7 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     }
 
     /// Consumes what the ring holds (at most one ring's worth), then submits
-    /// the batch in one io_submit.
+    /// the batch (IOEngine.submit).
     @discardableResult
     private func processRing() -> Int {
         var budget = nslots
@@ -482,7 +515,8 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
         let align = disk.backing.directAlignment - 1
         for i in 0..<n {
             let s = BlkSegment(raw: segs[i])
-            guard let page = mapSegment(slot: slot, gref: s.gref, guestWritable: !write) else {
+            guard let page = mapSegment(slot: slot, gref: s.gref, guestWritable: !write,
+                                        offset: s.byteOffset, length: s.sectors << 9) else {
                 release(slot: slot)
                 freeSlots[freeCount] = Int32(slot)
                 freeCount += 1
@@ -492,6 +526,12 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
             let len = s.sectors << 9
             if (Int(bitPattern: base) | len) & align != 0 { aligned = false }
             iov[i] = iovec(iov_base: base, iov_len: len)
+        }
+        if write && sp.pointee.bounces > 0, let gref = copyBounces(slot: slot, toGuest: false) {
+            release(slot: slot)
+            freeSlots[freeCount] = Int32(slot)
+            freeCount += 1
+            return fail(q, .grantMapFailed(gref))
         }
         guard let engine else {
             // Null mode: the grants were mapped; no disk is touched.
@@ -505,7 +545,10 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     /// An I/O finished (or was refused): release its grants and answer.
     private func complete(slot: Int, result: Int) {
         let sp = slots + slot
-        let ok = result == sp.pointee.bytes
+        var ok = result == sp.pointee.bytes
+        if ok && !sp.pointee.write && sp.pointee.bounces > 0, copyBounces(slot: slot, toGuest: true) != nil {
+            ok = false  // the guest revoked or broke a grant while its read was in flight
+        }
         if ok {
             if sp.pointee.write {
                 BlkStats.bump(stats.sectorsWritten, by: sp.pointee.sectors)
@@ -526,18 +569,79 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
         let base = slot * maxSeg
         for i in 0..<Int(sp.pointee.pins) { grants.release(pins[base + i]) }
         for i in 0..<Int(sp.pointee.handles) { hv.unmap(handle: handles[base + i]) }
+        if let segs = bounceSegments, let free = bounceFree {
+            for i in 0..<Int(sp.pointee.bounces) {
+                free[bounceFreeCount] = segs[base + i].page
+                bounceFreeCount += 1
+            }
+        }
         sp.pointee.pins = 0
         sp.pointee.handles = 0
+        sp.pointee.bounces = 0
+    }
+
+    // MARK: Bounce pages
+
+    /// A free bounce page for the next segment of `slot` (recorded for its
+    /// grant copy), or nil when none is left.
+    @inline(__always)
+    private func bounceSegment(slot: Int, gref: GrantRef, offset: Int, length: Int) -> UnsafeMutableRawPointer? {
+        if bounce == nil && bounceCapacity > 0 && !bounceUnavailable { setUpBounce() }
+        guard let b = bounce, let segs = bounceSegments, let free = bounceFree, bounceFreeCount > 0 else { return nil }
+        bounceFreeCount -= 1
+        let page = free[bounceFreeCount]
+        let sp = slots + slot
+        segs[slot * maxSeg + Int(sp.pointee.bounces)] = BounceSegment(gref: gref, offset: UInt16(offset), length: UInt16(length), page: page)
+        sp.pointee.bounces += 1
+        return b + Int(page) * HVLimits.pageSize + offset
+    }
+
+    /// The pool, at the first overflow of the persistent set: address space
+    /// only until pages are used (MAP_NORESERVE).
+    private func setUpBounce() {
+        let size = bounceCapacity * HVLimits.pageSize
+        guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
+              p != MAP_FAILED else {
+            bounceUnavailable = true
+            return
+        }
+        bounce = p
+        let free = UnsafeMutablePointer<Int32>.allocate(capacity: bounceCapacity)
+        for i in 0..<bounceCapacity { (free + i).initialize(to: Int32(bounceCapacity - 1 - i)) }
+        bounceFree = free
+        bounceFreeCount = bounceCapacity
+        let segs = UnsafeMutablePointer<BounceSegment>.allocate(capacity: nslots * maxSeg)
+        segs.initialize(repeating: BounceSegment(), count: nslots * maxSeg)
+        bounceSegments = segs
+        copyOps.reserveCapacity(maxSeg)
+    }
+
+    /// Grant-copies `slot`'s bounce segments to the guest's pages (a READ's
+    /// data) or from them (a WRITE's); the ref that failed, or nil.
+    private func copyBounces(slot: Int, toGuest: Bool) -> GrantRef? {
+        guard let b = bounce, let segs = bounceSegments else { return nil }
+        copyOps.removeAll(keepingCapacity: true)
+        let base = slot * maxSeg
+        for i in 0..<Int(slots[slot].bounces) {
+            let seg = segs[base + i]
+            let local = GrantCopyEnd.local(b + Int(seg.page) * HVLimits.pageSize + Int(seg.offset))
+            let guest = GrantCopyEnd.grant(domid: frontend, ref: seg.gref, offset: seg.offset)
+            copyOps.append(GrantCopy(source: toGuest ? local : guest, dest: toGuest ? guest : local, length: seg.length))
+        }
+        hv.copyGrants(&copyOps)
+        for (i, op) in copyOps.enumerated() where op.status != .okay { return segs[base + i].gref }
+        return nil
     }
 
     // MARK: Grants
 
     /// The page of `gref` for one segment of `slot`: a persistent grant (kept
-    /// mapped, read-write) when the frontend negotiated them and there is room,
-    /// else a mapping for this request only, read-only unless we must write
-    /// into the page (a READ).
+    /// mapped, read-write) when the frontend negotiated them and there is room;
+    /// when the persistent set is full, a bounce page (the data then moves by
+    /// grant copy); else a mapping for this request only, read-only unless we
+    /// must write into the page (a READ).
     @inline(__always)
-    private func mapSegment(slot: Int, gref: GrantRef, guestWritable: Bool) -> UnsafeMutableRawPointer? {
+    private func mapSegment(slot: Int, gref: GrantRef, guestWritable: Bool, offset: Int, length: Int) -> UnsafeMutableRawPointer? {
         let base = slot * maxSeg
         if usePersistent {
             if let i = grants.lookup(gref) {
@@ -556,9 +660,15 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
                 hv.unmapGrant(m)
             }
             persistentMisses &+= 1
+            // Full (not a grant we could not map): a bounce page, if one is free.
+            if !grants.canInsert, let p = bounceSegment(slot: slot, gref: gref, offset: offset, length: length) {
+                BlkStats.bump(stats.bouncedSegments)
+                return p - offset
+            }
         }
         switch hv.mapGrant(domid: frontend, ref: gref, writable: guestWritable) {
         case .success(let m):
+            BlkStats.bump(stats.mappedSegments)
             handles[base + Int(slots[slot].handles)] = m.handle
             slots[slot].handles += 1
             return pointer(of: m)

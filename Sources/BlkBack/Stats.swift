@@ -23,6 +23,10 @@ public final class BlkStats: Sendable {
         public var unsupported: UInt64 = 0
         /// Times the event channel was muted for a storm of kicks with no requests.
         public var spuriousStorms: UInt64 = 0
+        /// Segments served through a bounce page and a grant copy (the persistent set was full).
+        public var bouncedSegments: UInt64 = 0
+        /// Segments whose page was mapped for that request only (no persistent grants, or no bounce page free).
+        public var mappedSegments: UInt64 = 0
 
         public init() {}
 
@@ -38,13 +42,16 @@ public final class BlkStats: Sendable {
             s.errors = a.errors + b.errors
             s.unsupported = a.unsupported + b.unsupported
             s.spuriousStorms = a.spuriousStorms + b.spuriousStorms
+            s.bouncedSegments = a.bouncedSegments + b.bouncedSegments
+            s.mappedSegments = a.mappedSegments + b.mappedSegments
             return s
         }
 
         public var description: String {
             "oo_req \(outOfRequests) rd_req \(readRequests) wr_req \(writeRequests) f_req \(flushRequests) "
                 + "ds_req \(discardRequests) rd_sect \(sectorsRead) wr_sect \(sectorsWritten) "
-                + "errors \(errors) unsupported \(unsupported) storms \(spuriousStorms)"
+                + "errors \(errors) unsupported \(unsupported) storms \(spuriousStorms) "
+                + "bounced_seg \(bouncedSegments) mapped_seg \(mappedSegments)"
         }
     }
 
@@ -58,6 +65,8 @@ public final class BlkStats: Sendable {
     let errors = Atomic<UInt64>(0)
     let unsupported = Atomic<UInt64>(0)
     let spuriousStorms = Atomic<UInt64>(0)
+    let bouncedSegments = Atomic<UInt64>(0)
+    let mappedSegments = Atomic<UInt64>(0)
 
     public init() {}
 
@@ -79,6 +88,8 @@ public final class BlkStats: Sendable {
         s.errors = errors.load(ordering: .relaxed)
         s.unsupported = unsupported.load(ordering: .relaxed)
         s.spuriousStorms = spuriousStorms.load(ordering: .relaxed)
+        s.bouncedSegments = bouncedSegments.load(ordering: .relaxed)
+        s.mappedSegments = mappedSegments.load(ordering: .relaxed)
         return s
     }
 }

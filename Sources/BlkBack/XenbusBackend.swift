@@ -82,7 +82,8 @@ public final class BlkbackDriver: XenBusBackendDriver {
         return [("oo_req", s.outOfRequests), ("rd_req", s.readRequests), ("wr_req", s.writeRequests),
                 ("f_req", s.flushRequests), ("ds_req", s.discardRequests), ("rd_sect", s.sectorsRead),
                 ("wr_sect", s.sectorsWritten), ("errors", s.errors), ("unsupported", s.unsupported),
-                ("event_storms", s.spuriousStorms), ("persistent_grants", UInt64(device.persistentGrants))]
+                ("event_storms", s.spuriousStorms), ("persistent_grants", UInt64(device.persistentGrants)),
+                ("bounced_segments", s.bouncedSegments), ("mapped_segments", s.mappedSegments)]
     }
 
     /// Reads and checks the frontend's ring keys (blkif.h), single or multi-queue.

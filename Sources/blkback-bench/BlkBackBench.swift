@@ -1,6 +1,8 @@
 // Release-mode blkback benchmarks (scripts/bench-blkback): null mode to isolate
-// ring and grant cost, then 4 KiB random read/write and 1 MiB sequential read
-// through the rings against fio (libaio, O_DIRECT) on the same image file.
+// ring and grant cost (in-process frontend), then 4 KiB random read/write and
+// 1 MiB sequential read issued by a pvguest guest (pvguest-load) against the
+// blkback daemon, each against fio (libaio, O_DIRECT) on the same image file,
+// and blkback's resident size (GuestMode.swift).
 import ArgumentParser
 import BlkBack
 import BlkFrontKit
@@ -34,7 +36,7 @@ struct BlkBackBench: ParsableCommand {
 
     @Flag(help: "Also the file loads with the in-process test frontend (BlkFrontKit) instead of a pvguest guest.")
     var inProcess = false
-    @Flag(help: "Skip the memory figures.") var noMemory = false
+    @Flag(help: "Skip the memory figures.") var skipMemory = false
     @Option(help: "Each rings/fio comparison this many times (the ratio's range is printed).") var rounds = 1
     @Option(help: "Seconds of the sustained run whose blkback resident size is sampled at start and end.")
     var long = 10.0
@@ -79,6 +81,8 @@ struct BlkBackBench: ParsableCommand {
         print("== file: \(image) (\(imageMiB) MiB), O_DIRECT; load generator: pvguest-load, a guest process running")
         print("   pvguest's blkfront (1 queue, ring order 1, 32 segments per request) against the blkback daemon;")
         print("   baseline: fio --ioengine=libaio --direct=1 --numjobs=1 on the same file, same bs and depth, same run")
+        print("   blkback pid \(rig.blkback)")
+        fflush(nil)
         var ratios: [String: [Double]] = [:]
         for round in 1...rounds {
             if rounds > 1 { print("-- round \(round) of \(rounds)") }
@@ -88,6 +92,7 @@ struct BlkBackBench: ParsableCommand {
                 let fio = try runFio(image: image, rw: fioRW, bs: bs, depth: qd, seconds: seconds)
                 print("\(name):")
                 print("  rings: \(line(ours))  [pvguest-load \(spec); CPU: guest + blkback]")
+                print("         \(rig.lastPath)")
                 print("  fio:   \(line(fio))")
                 print(String(format: "  ratio rings/fio: IOPS %.2f  MB/s %.2f  p50 %.2fx  p99 %.2fx",
                              ours.iops / fio.iops, ours.mbps / fio.mbps, ours.p50 / fio.p50, ours.p99 / fio.p99))
@@ -114,7 +119,7 @@ struct BlkBackBench: ParsableCommand {
                              ours.iops / fio.iops, ours.mbps / fio.mbps, ours.p50 / fio.p50, ours.p99 / fio.p99))
             }
         }
-        if !noMemory { try memory(rig) }
+        if !skipMemory { try memory(rig) }
     }
 
     /// blkback's resident size: idle, per connected disk, and over a sustained run.

@@ -152,7 +152,7 @@ final class GuestRig {
     /// `during` is called once the guest is up with the guest, before its results are read.
     func load(_ loads: [String], image: String, ringPageOrder: Int = 1, during: ((Guest) -> Void)? = nil) throws -> [Measured] {
         let g = try start("pvguest-load", image: image,
-                          arguments: ["--ring-page-order", "\(ringPageOrder)"] + loads.flatMap { ["--load", $0] },
+                          arguments: ["--ring-page-order", "\(ringPageOrder)", "--stay"] + loads.flatMap { ["--load", $0] },
                           readyPrefix: "pvguest-load ready")
         defer { stop(g) }
         let cpu0 = processCPU(g.pid) + processCPU(blkback)
@@ -171,7 +171,34 @@ final class GuestRig {
         // CPU of the guest and blkback over the whole run (only meaningful for one load).
         let secs = Double(now() - t0) / 1e9
         if results.count == 1 { results[0].cpu = (processCPU(g.pid) + processCPU(blkback) - cpu0) / secs * 100 }
+        lastPath = pathReport(image: image, domid: g.domid)
         return results
+    }
+
+    /// How blkback served the last load: its descriptors on the image (O_DIRECT
+    /// or not) and its counters for the device (segments through persistent
+    /// grants are zero copy; bounced ones went through a grant copy).
+    private(set) var lastPath = ""
+
+    private func pathReport(image: String, domid: XenHV.DomID) -> String {
+        var flags: [String] = []
+        for fd in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(blkback)/fd")) ?? [] {
+            guard (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(blkback)/fd/\(fd)")) == image,
+                  let info = try? String(contentsOfFile: "/proc/\(blkback)/fdinfo/\(fd)", encoding: .utf8),
+                  let line = info.split(separator: "\n").first(where: { $0.hasPrefix("flags:") }),
+                  let v = Int(line.split(whereSeparator: { $0 == " " || $0 == "\t" }).last ?? "", radix: 8) else { continue }
+            flags.append(v & 0o40000 != 0 ? "O_DIRECT" : "buffered")
+        }
+        // The statistics file is rewritten every second; give it one refresh.
+        usleep(1_100_000)
+        var c: [String: String] = [:]
+        let stats = (try? String(contentsOfFile: dom0.dir + "/stats/blkback.stats", encoding: .utf8)) ?? ""
+        for line in stats.split(separator: "\n") {
+            let f = line.split(separator: " ")
+            if f.count == 5, f[1] == "\(domid)" { c[String(f[3])] = String(f[4]) }
+        }
+        let segs = "segments: bounced \(c["bounced_segments"] ?? "?"), mapped per request \(c["mapped_segments"] ?? "?")"
+        return "blkback: image fds \(flags.joined(separator: "+")); rd_req \(c["rd_req"] ?? "?") wr_req \(c["wr_req"] ?? "?"); \(segs); persistent grants \(c["persistent_grants"] ?? "?")"
     }
 }
 

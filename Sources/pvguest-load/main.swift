@@ -27,6 +27,9 @@ struct PVGuestLoadCommand: ParsableCommand {
     @Option(help: "Ring page order to ask the backend for (0-4).")
     var ringPageOrder = 1
 
+    @Flag(help: "After the loads, stay connected until the domain is destroyed (so the backend's counters can be read).")
+    var stay = false
+
     func validate() throws {
         guard (0...4).contains(ringPageOrder) else { throw ValidationError("--ring-page-order must be 0..4") }
         guard !load.isEmpty else { throw ValidationError("give at least one --load") }
@@ -54,6 +57,9 @@ struct PVGuestLoadCommand: ParsableCommand {
         for l in loads {
             print(try device.runLoad(l).line)
             fflush(nil)
+        }
+        if stay {
+            while true { pause() }
         }
         device.close()
         xs.close()

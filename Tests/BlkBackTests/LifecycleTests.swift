@@ -55,10 +55,43 @@ extension BlkBackIntegration {
             }
             #expect(s.device.persistentGrants == 4)
             // The first four stay persistent (still mapped: the guest cannot revoke
-            // them); the other four were mapped for each request only, and unmapped.
+            // them); the other four went through bounce pages (grant copy), never kept mapped.
             for b in bufs.prefix(4) { #expect(!s.front.endAccess(b.refs[0])) }
             for b in bufs.suffix(4) { #expect(s.front.endAccess(b.refs[0])) }
             for i in 0..<8 { #expect(fileBytes(s.image, offset: i * 4096, count: 4096) == pattern(4096, seed: UInt8(40 + i))) }
+        }
+
+        /// Beyond the bound, data moves through bounce pages by grant copy, both
+        /// ways, also for partial pages and indirect requests, and the guest
+        /// can revoke those grants as soon as the response is there.
+        @Test func beyondTheBoundBouncePagesCarryTheRightBytes() throws {
+            let s = try DataPathTests.setup(bytes: 4 << 20, limit: 2)
+            let keep = try (0..<2).map { _ in try s.front.makeBuffer(pages: 1) }
+            for b in keep { #expect(try s.front.roundTrip(s.front.rwRequest(BlkifOp.read, sector: 0, buffer: b, bytes: 4096)).status == 0) }
+            #expect(s.device.persistentGrants == 2)
+            // Direct (3 pages), partial (1.5 KiB) and indirect (20 pages) writes, each beyond the bound.
+            for (sector, pages, bytes, seed) in [(64, 3, 3 * 4096, 7), (200, 1, 1536, 8), (400, 20, 20 * 4096, 9)] {
+                let d = pattern(bytes, seed: UInt8(seed))
+                let w = try s.front.makeBuffer(pages: pages)
+                try s.front.fill(w, with: d)
+                #expect(try s.front.roundTrip(s.front.rwRequest(BlkifOp.write, sector: UInt64(sector), buffer: w, bytes: bytes)).status == 0)
+                for r in w.refs { #expect(s.front.endAccess(r)) }
+                #expect(fileBytes(s.image, offset: sector * 512, count: bytes) == d)
+                // Read back into fresh pages, also through bounce pages.
+                let r = try s.front.makeBuffer(pages: pages)
+                #expect(try s.front.roundTrip(s.front.rwRequest(BlkifOp.read, sector: UInt64(sector), buffer: r, bytes: bytes)).status == 0)
+                #expect(try s.front.contents(r, count: bytes) == d)
+                for g in r.refs { #expect(s.front.endAccess(g)) }
+            }
+            #expect(s.device.persistentGrants == 2)
+            // A READ into a page granted read-only still fails, and the ring goes on.
+            let ro = try s.front.makeBuffer(pages: 1, readOnly: true)
+            #expect(try s.front.roundTrip(s.front.rwRequest(BlkifOp.read, sector: 0, buffer: ro, bytes: 4096)).status == Int16(BLKIF_RSP_ERROR))
+            #expect(try s.front.read(sector: 64, bytes: 4096).data == pattern(3 * 4096, seed: 7).prefix(4096).map { $0 })
+            // Every data segment past the two kept pages was bounced (24 written, 24 read, 1 refused
+            // read, 1 last read), none mapped for its request.
+            #expect(s.device.stats.bouncedSegments == 50)
+            #expect(s.device.stats.mappedSegments == 0)
         }
 
         /// A new working set gets its turn: grants unused for a whole purge
