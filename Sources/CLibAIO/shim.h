@@ -19,6 +19,7 @@
 #include <sys/eventfd.h>
 #include <linux/fs.h>
 #include <linux/falloc.h>
+#include <malloc.h>
 
 /* fcntl.h declares these only under _GNU_SOURCE. */
 #ifndef O_DIRECT
@@ -100,5 +101,7 @@ static inline int clibaio_punch_hole(int fd, uint64_t start, uint64_t len) {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)start, (off_t)len);
 }
 static inline int clibaio_errno(void) { return errno; }
+/* Gives freed heap back to the kernel (glibc keeps it in its arenas otherwise). */
+static inline int clibaio_malloc_trim(void) { return malloc_trim(0); }
 
 #endif
