@@ -88,8 +88,11 @@ struct BlkBackBench: ParsableCommand {
             if rounds > 1 { print("-- round \(round) of \(rounds)") }
             for (name, write, bs, qd, random, fioRW) in loads {
                 let spec = "\(write ? "write" : "read"):\(bs >= 1 << 20 ? "\(bs >> 20)m" : "\(bs >> 10)k"):\(random ? "rand" : "seq"):\(qd):\(seconds)"
+                // Alternate which side runs first, so a drifting background load favours neither.
+                var fio = Measured(iops: 0, mbps: 0, p50: 0, p99: 0)
+                if round % 2 == 0 { fio = try runFio(image: image, rw: fioRW, bs: bs, depth: qd, seconds: seconds) }
                 let ours = try rig.load([spec], image: image)[0]
-                let fio = try runFio(image: image, rw: fioRW, bs: bs, depth: qd, seconds: seconds)
+                if round % 2 == 1 { fio = try runFio(image: image, rw: fioRW, bs: bs, depth: qd, seconds: seconds) }
                 print("\(name):")
                 print("  rings: \(line(ours))  [pvguest-load \(spec); CPU: guest + blkback]")
                 print("         \(rig.lastPath)")
@@ -100,10 +103,12 @@ struct BlkBackBench: ParsableCommand {
             }
         }
         if rounds > 1 {
-            print("== ratio ranges over \(rounds) rounds (rings/fio IOPS)")
+            print("== ratio ranges over \(rounds) rounds (rings/fio IOPS; odd rounds run the rings first, even rounds fio)")
             for (name, _, _, _, _, _) in loads {
-                let r = ratios[name] ?? []
-                print(String(format: "  %@: %.2f - %.2f", name, r.min() ?? 0, r.max() ?? 0))
+                let r = (ratios[name] ?? []).sorted()
+                guard !r.isEmpty else { continue }
+                let median = r.count % 2 == 1 ? r[r.count / 2] : (r[r.count / 2 - 1] + r[r.count / 2]) / 2
+                print(String(format: "  %@: %.2f - %.2f, median %.2f", name, r.first!, r.last!, median))
             }
         }
         if inProcess {
