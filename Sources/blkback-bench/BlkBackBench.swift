@@ -131,9 +131,12 @@ struct BlkBackBench: ParsableCommand {
     func memory(_ rig: GuestRig) throws {
         print("== memory: the blkback daemon's resident size (/proc/PID/status; own = RssAnon + RssFile,")
         print("   guest pages = RssShmem, the grant mappings of rings and I/O buffers)")
+        print("started, no disk yet:    \(rig.initialResident.text)")
+        // The last load's guest is detached once blkback is back to its first descriptor count.
+        _ = rig.awaitDescriptors(rig.initialDescriptors, seconds: 10)
         let idle = rig.resident
         let idleDescriptors = rig.descriptors
-        print("idle, no disk:           \(idle.text)")
+        print("idle after the loads:    \(idle.text)")
         var guests: [GuestRig.Guest] = []
         defer { for g in guests { rig.stop(g) } }
         // Two rounds of attach and detach: the second shows whether detaching gave back what attaching took.

@@ -41,6 +41,9 @@ final class GuestRig {
     let blkback: pid_t
     let bin: String
     private var guests = 0
+    /// blkback's size and descriptors once it is ready, before any disk.
+    private(set) var initialResident = Resident(pid: 0)
+    private(set) var initialDescriptors = 0
 
     init() throws {
         bin = selfDirectory()
@@ -60,6 +63,8 @@ final class GuestRig {
             if line.hasPrefix("blkback ready") { break }
             if line.isEmpty { throw HypervisorError.protocolViolation("blkback did not start") }
         }
+        initialResident = resident
+        initialDescriptors = descriptors
     }
 
     deinit {
