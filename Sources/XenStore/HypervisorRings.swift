@@ -1,5 +1,7 @@
+import Dispatch
 import Glibc
 import Logging
+import Synchronization
 import XenHV
 
 extension XenStoreCore {
@@ -46,14 +48,24 @@ public final class DomainDeathWatcher: @unchecked Sendable {
         DetachedThread.start { [self] in
             while true {
                 virq.wait()
+                // The domains introduced before we ask: one introduced after the
+                // listing is absent from it but alive, and must not be taken for
+                // dead (xenhv never reuses a domid).
+                let known = Mutex<[DomID]>([])
+                let ready = DispatchSemaphore(value: 0)
+                handle.perform { core in
+                    known.withLock { $0 = Array(core.domains.keys) }
+                    ready.signal()
+                }
+                ready.wait()
                 guard let alive = try? Set(hv.listDomains().filter { $0.state != 3 }.map { UInt32($0.domid) }) else {
                     logger.error("lost the hypervisor; domain deaths are no longer followed")
                     return
                 }
+                let dead = known.withLock { $0 }.filter { !alive.contains($0) }
+                guard !dead.isEmpty else { continue }
                 handle.perform { core in
-                    for d in Array(core.domains.keys) where !alive.contains(d) {
-                        try? core.releaseDomain(d)
-                    }
+                    for d in dead { try? core.releaseDomain(d) }
                 }
             }
         }
