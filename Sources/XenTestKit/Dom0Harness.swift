@@ -106,6 +106,52 @@ public final class Dom0Harness: @unchecked Sendable {
         return d
     }
 
+    /// A guest's kernel process, started the way `xenctl create` starts it.
+    public struct GuestKernel {
+        public let pid: pid_t
+        /// What it printed before its ready line (disk and nic lines).
+        public let lines: [String]
+        /// The read end of its stdout, still open after the ready line when asked
+        /// for (`keepOutput`), else -1.
+        public let output: CInt
+    }
+
+    /// Starts `program` (pvguest, pvguest-load) as `domain`'s kernel: the
+    /// domain's descriptor as XENHV_GUEST_FD, attached to the domain, stderr to
+    /// `stderr`. Returns once it printed a line starting with `readyPrefix`;
+    /// throws if it exits first.
+    public func startKernel(_ domain: Hypervisor.CreatedDomain, _ program: String, arguments: [String],
+                            buildDirectory: String, environment: [String: String] = [:], stderr: CInt = 2,
+                            readyPrefix: String = "pvguest ready", keepOutput: Bool = false) throws -> GuestKernel {
+        var out: [CInt] = [-1, -1]
+        guard pipe(&out) == 0 else { throw HypervisorError.system(call: "pipe", errno: errno) }
+        _ = fcntl(out[0], F_SETFD, FD_CLOEXEC)
+        let pid: pid_t
+        do {
+            pid = try ProcessLauncher.spawn(buildDirectory + "/" + program, arguments: arguments,
+                                            environment: environment.merging(["XENHV_GUEST_FD": "3"]) { $1 },
+                                            descriptors: [(out[1], 1), (stderr, 2), (domain.guestDescriptor, 3)])
+        } catch {
+            close(out[0]); close(out[1]); close(domain.guestDescriptor)
+            throw error
+        }
+        close(out[1])
+        close(domain.guestDescriptor)
+        try hypervisor.attachProcess(pid, to: domain.domid)
+        var lines: [String] = []
+        while true {
+            let line = ProcessLauncher.readLine(out[0])
+            if line.hasPrefix(readyPrefix) { break }
+            if line.isEmpty {
+                close(out[0])
+                throw HypervisorError.protocolViolation("\(program) exited before it was ready")
+            }
+            lines.append(line.trimmingCharacters(in: .whitespacesAndNewlines))
+        }
+        if !keepOutput { close(out[0]) }
+        return GuestKernel(pid: pid, lines: lines, output: keepOutput ? out[0] : -1)
+    }
+
     /// Waits (bounded) until `<dir>/state` satisfies `predicate`.
     public static func wait(_ xs: XenBusClient, state dir: String, seconds: Double = 20,
                             _ predicate: (XenBus.XenbusState) -> Bool) -> XenBus.XenbusState? {

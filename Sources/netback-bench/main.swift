@@ -375,21 +375,7 @@ final class Rig {
         let d = try dom0.prepareGuest(name: "pvnet\(tag)", pages: 4096)
         guestDomain = d.domid
         _ = try createVif(d.domid, mac: "00:16:3e:5a:0b:01")
-        var out: [CInt] = [-1, -1]
-        _ = pipe(&out)
-        _ = fcntl(out[0], F_SETFD, FD_CLOEXEC)
-        guest = try ProcessLauncher.spawn(build + "/pvguest", arguments: ["--nbd-dir", dom0.dir, "--netns", guestNS],
-                                          environment: ["XENHV_GUEST_FD": "3"],
-                                          descriptors: [(out[1], 1), (2, 2), (d.guestDescriptor, 3)])
-        close(out[1])
-        close(d.guestDescriptor)
-        try dom0.hypervisor.attachProcess(guest, to: d.domid)
-        defer { close(out[0]) }
-        while true {
-            let line = ProcessLauncher.readLine(out[0])
-            if line.isEmpty { throw FrontError("pvguest exited before it was ready") }
-            if line.hasPrefix("pvguest ready") { break }
-        }
+        guest = try dom0.startKernel(d, "pvguest", arguments: ["--nbd-dir", dom0.dir, "--netns", guestNS], buildDirectory: build).pid
         try ip("-n", guestNS, "addr", "add", guestIP + "/24", "dev", "eth0")
     }
 

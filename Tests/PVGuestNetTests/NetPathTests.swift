@@ -140,21 +140,9 @@ import XenTestKit
                 frontend["mtu"] = "\(mtu)"
             }
             try dom0.xenstore.createDevice(dev, backend: backend, frontend: frontend)
-            var out: [CInt] = [-1, -1]
-            _ = pipe(&out)
-            _ = fcntl(out[0], F_SETFD, FD_CLOEXEC)
-            guest = try ProcessLauncher.spawn(build + "/pvguest", arguments: ["--nbd-dir", dom0.dir, "--netns", guestNS],
-                                              environment: ["XENHV_GUEST_FD": "3"],
-                                              descriptors: [(out[1], 1), (2, 2), (d.guestDescriptor, 3)])
-            close(out[1])
-            close(d.guestDescriptor)
-            try dom0.hypervisor.attachProcess(guest, to: d.domid)
-            defer { close(out[0]) }
-            while true {
-                let line = ProcessLauncher.readLine(out[0])
-                if line.isEmpty || line.hasPrefix("pvguest ready") { break }
-                if line.hasPrefix("nic ") { nicLine = line.trimmingCharacters(in: .whitespacesAndNewlines) }
-            }
+            let k = try dom0.startKernel(d, "pvguest", arguments: ["--nbd-dir", dom0.dir, "--netns", guestNS], buildDirectory: build)
+            guest = k.pid
+            nicLine = k.lines.first { $0.hasPrefix("nic ") } ?? ""
         }
 
         var tornDown = false

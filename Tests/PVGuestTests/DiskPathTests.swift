@@ -35,22 +35,12 @@ import XenTestKit
                                                               "dev": d.vdev, "device-type": "disk", "discard-enable": "1"],
                                                frontend: ["virtual-device": "\(d.devid)", "device-type": "disk"])
             }
-            var out: [CInt] = [-1, -1]
-            _ = pipe(&out)
-            _ = fcntl(out[0], F_SETFD, FD_CLOEXEC)
-            guest = try ProcessLauncher.spawn(build + "/pvguest", arguments: ["--nbd-dir", dom0.dir],
-                                              environment: ["XENHV_GUEST_FD": "3"],
-                                              descriptors: [(out[1], 1), (domain.guestDescriptor, 3)])
-            close(out[1])
-            close(domain.guestDescriptor)
-            try dom0.hypervisor.attachProcess(guest, to: domain.domid)
-            while true {
-                let line = ProcessLauncher.readLine(out[0])
-                if line.isEmpty || line.hasPrefix("pvguest ready") { break }
+            let k = try dom0.startKernel(domain, "pvguest", arguments: ["--nbd-dir", dom0.dir], buildDirectory: build)
+            guest = k.pid
+            for line in k.lines {
                 let w = line.split(separator: " ")
                 if w.first == "disk", let uri = w.last { disks[String(w[1])] = String(uri) }
             }
-            close(out[0])
         }
 
         deinit {
