@@ -198,7 +198,9 @@ extension Hypervisor {
     /// grants for the copy (GTF_reading on the source, GTF_writing on the
     /// destination) and copies. Each op's status is set in place.
     public func copyGrants(_ ops: inout [GrantCopy]) {
-        for i in ops.indices { ops[i].status = copyOne(ops[i]) }
+        // One lookup per domain per batch (a batch is one ring pass of one vif).
+        var recent: ForeignDomain?
+        for i in ops.indices { ops[i].status = copyOne(ops[i], &recent) }
     }
 
     private struct CopyEnd {
@@ -211,23 +213,30 @@ extension Hypervisor {
         }
     }
 
-    private func resolve(_ end: GrantCopyEnd, length: Int) -> Result<CopyEnd?, GrantStatus> {
+    private func resolve(_ end: GrantCopyEnd, length: Int, _ recent: inout ForeignDomain?) -> Result<CopyEnd?, GrantStatus> {
         guard case let .grant(d, ref, offset) = end else { return .success(nil) }
         guard Int(offset) + length <= HVLimits.pageSize else { return .failure(.badCopyArg) }
-        guard let dom = foreignDomain(d) else { return .failure(.badDomain) }
+        let dom: ForeignDomain
+        if let r = recent, r.domid == d, r.active.state != .dying {
+            dom = r
+        } else {
+            guard let f = foreignDomain(d) else { return .failure(.badDomain) }
+            dom = f
+            recent = f
+        }
         guard ref < dom.active.entries else { return .failure(.badGntref) }
         return .success(CopyEnd(dom: dom, ref: ref, offset: Int(offset)))
     }
 
-    private func copyOne(_ op: GrantCopy) -> GrantStatus {
+    private func copyOne(_ op: GrantCopy, _ recent: inout ForeignDomain?) -> GrantStatus {
         guard maptrack != nil else { return .permissionDenied }
         let len = Int(op.length)
         // Offsets of both ends first, as Xen checks them before anything else.
         if case let .grant(_, _, off) = op.source, Int(off) + len > HVLimits.pageSize { return .badCopyArg }
         if case let .grant(_, _, off) = op.dest, Int(off) + len > HVLimits.pageSize { return .badCopyArg }
         let src: CopyEnd?, dst: CopyEnd?
-        switch resolve(op.source, length: len) { case .success(let e): src = e; case .failure(let s): return s }
-        switch resolve(op.dest, length: len) { case .success(let e): dst = e; case .failure(let s): return s }
+        switch resolve(op.source, length: len, &recent) { case .success(let e): src = e; case .failure(let s): return s }
+        switch resolve(op.dest, length: len, &recent) { case .success(let e): dst = e; case .failure(let s): return s }
 
         // The same entry on both ends is pinned once, writable.
         if let s = src, let d = dst, s.dom === d.dom, s.ref == d.ref {

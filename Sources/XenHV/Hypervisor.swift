@@ -361,7 +361,7 @@ public enum EventChannelStatus: Equatable, Sendable {
 /// The shared objects of a domain another process granted us access to.
 final class ForeignDomain: @unchecked Sendable {
     // Sound: immutable after init except the lazily mapped whole-memory view,
-    // which is set once under `lazyLock`.
+    // which is published once (under `lazyLock`) and read with an acquiring load.
     let domid: DomID
     let pages: UInt32
     let memory: SharedMemory  // descriptor only; pages mapped per grant
@@ -369,7 +369,8 @@ final class ForeignDomain: @unchecked Sendable {
     let privateArea: SharedMemory
     let entries: SharedGrantEntries
     let active: ActiveGrantTable
-    private let lazyLock = Mutex<UnsafeMutableRawPointer?>(nil)
+    private let lazyLock = Mutex<Void>(())
+    private let wholeMemoryAddress = Atomic<UInt>(0)
 
     init(domid: DomID, pages: UInt32, memoryFD: CInt, grantFD: CInt, privateFD: CInt) throws {
         self.domid = domid
@@ -381,16 +382,19 @@ final class ForeignDomain: @unchecked Sendable {
         active = ActiveGrantTable(base: privateArea.base!)
     }
 
-    /// The whole of the domain's memory, mapped on first use (grant copy).
+    /// The whole of the domain's memory, mapped on first use (grant copy);
+    /// after that one atomic load, no lock, per copy.
     var wholeMemory: UnsafeMutableRawPointer? {
-        lazyLock.withLock { p in
-            if let p { return p }
-            p = try? SharedMemory.mapShared(fd: memory.fd.rawValue, size: memory.size, writable: true)
+        if let p = UnsafeMutableRawPointer(bitPattern: wholeMemoryAddress.load(ordering: .acquiring)) { return p }
+        return lazyLock.withLock { _ in
+            if let p = UnsafeMutableRawPointer(bitPattern: wholeMemoryAddress.load(ordering: .acquiring)) { return p }
+            guard let p = try? SharedMemory.mapShared(fd: memory.fd.rawValue, size: memory.size, writable: true) else { return nil }
+            wholeMemoryAddress.store(UInt(bitPattern: p), ordering: .releasing)
             return p
         }
     }
 
     deinit {
-        if let p = lazyLock.withLock({ $0 }) { munmap(p, memory.size) }
+        if let p = UnsafeMutableRawPointer(bitPattern: wholeMemoryAddress.load(ordering: .acquiring)) { munmap(p, memory.size) }
     }
 }
