@@ -223,7 +223,7 @@ let package = Package(
         .testTarget(
             name: "HostileTests",
             dependencies: ["XenTestKit", "BlkBack", "BlkFrontKit", "NetBack", "NetFrontKit", "CNetShim", "XenHV", "XenRing",
-                           "XenBus", "XenStore", "CXen", .product(name: "Logging", package: "swift-log")]),
+                           "XenBus", "XenStore", "CXen", "NBD", "XenCtl", .product(name: "Logging", package: "swift-log")]),
 
         // NBD server (newstyle fixed): how pvguest exposes its disks to qemu-io, nbdinfo and fio.
         .target(name: "NBD", dependencies: [.product(name: "Logging", package: "swift-log")]),
