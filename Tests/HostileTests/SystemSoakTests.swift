@@ -91,6 +91,7 @@ final class SystemSoak: @unchecked Sendable {
     let kills = Atomic<Int>(0)
     let writes = Atomic<Int>(0)
     let pings = Atomic<Int>(0)
+    let attachRetries = Atomic<Int>(0)
     let stop = Atomic<Bool>(false)
     static let blocksPerDisk = 256  // 1 MiB of 4 KiB blocks per disk is exercised
     static let imageBytes: off_t = 8 << 20
@@ -289,6 +290,7 @@ final class SystemSoak: @unchecked Sendable {
     func attach(_ body: () -> CommandResult) -> CommandResult {
         var r = body()
         for _ in 0..<3 where !r.ok && r.err.contains("connect") {
+            attachRetries.add(1, ordering: .relaxed)
             _ = waitForServices(seconds: 30)
             r = body()
         }
@@ -445,7 +447,8 @@ final class SystemSoak: @unchecked Sendable {
         let now = daemonResources()
         return "system soak: \(guestCount) guests x 2 disks x 2 NICs, \(ProcessInfo.processInfo.environment["XEN_SYSTEM_SOAK_SECONDS"] ?? "20") s; "
             + "\(writes.load(ordering: .relaxed)) flushed block writes, \(pings.load(ordering: .relaxed)) pings, "
-            + "\(cycles.load(ordering: .relaxed)) detach/attach cycles (disk + NIC), \(kills.load(ordering: .relaxed)) backend kills; "
+            + "\(cycles.load(ordering: .relaxed)) detach/attach cycles (disk + NIC, \(attachRetries.load(ordering: .relaxed)) attaches retried), "
+            + "\(kills.load(ordering: .relaxed)) backend kills; "
             + "idle \(idle), after \(now)"
     }
 
