@@ -65,6 +65,28 @@ public final class NetbackDriver: XenBusBackendDriver {
 
     public func disconnect(_ vif: Vif) { vif.disconnect() }
 
+    /// A netfront goes Connected before the backend does (xen-netfront's
+    /// talk_to_netback), its rx ring already filled with buffers. Rings on
+    /// which no backend ever answered (`rsp_prod`, offset 8 of each shared
+    /// ring, still 0) and no frame was sent (tx `req_prod`, offset 0, still 0)
+    /// are its offer as made: every posted rx request is still outstanding, so
+    /// a new backend consuming them from the start agrees with the frontend.
+    /// Read through read-only maps, unmapped at once.
+    public func frontendRingsUnused(_ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) -> Bool {
+        guard let c = try? VifKeys.connection(maxQueues: maxQueues, frontend: { k in (try? xs.readIfExists(frontendPath + "/" + k)) ?? nil }) else {
+            return false
+        }
+        let domid = XenHV.DomID(dev.frontendDomid)
+        func untouched(_ ref: GrantRef, requests: Bool) -> Bool {
+            guard case .success(let m) = hv.mapGrant(domid: domid, ref: ref, writable: false) else { return false }
+            defer { _ = hv.unmapGrant(m) }
+            let rspProd = (try? m.region.load(UInt32.self, at: 8)) ?? 1
+            let reqProd = requests ? (try? m.region.load(UInt32.self, at: 0)) ?? 1 : 0
+            return rspProd == 0 && reqProd == 0
+        }
+        return c.queues.allSatisfy { untouched($0.txRingRef, requests: true) && untouched($0.rxRingRef, requests: false) }
+    }
+
     /// Per-vif counters, drops and errors by reason.
     public func counters(_ vif: Vif) -> [(String, UInt64)] {
         let s = vif.stats.snapshot

@@ -24,10 +24,17 @@ public protocol XenBusBackendDriver: AnyObject {
     func remove(_ device: Device, _ dev: XenBusDevice)
     /// The device's statistics as named counters (Linux's sysfs statistics).
     func counters(_ device: Device) -> [(String, UInt64)]
+    /// Whether the rings a Connected frontend announced have never carried a
+    /// request (every producer index still 0): the frontend is waiting in its
+    /// handshake for a backend's Connected — a frontend that goes Connected
+    /// before the backend does (xen-netfront) — rather than using them with a
+    /// backend that died. Default: false (wait for the frontend to start over).
+    func frontendRingsUnused(_ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) -> Bool
 }
 
 extension XenBusBackendDriver {
     public func counters(_ device: Device) -> [(String, UInt64)] { [] }
+    public func frontendRingsUnused(_ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) -> Bool { false }
 }
 
 /// The backend half of the XenBus state machine, as Linux's xenbus_probe and
@@ -50,9 +57,16 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
         let frontendPath: String
         var device: Driver.Device?
         var frontendWatch: XenBusWatch?
-        /// The frontend was already Initialised/Connected when we probed: its
-        /// keys belong to a previous backend (one that died), so we connect
-        /// only after it has started over (Closed, then Initialising).
+        /// The frontend was already Connected when we probed, on rings it used
+        /// with a previous backend (one that died): it tears them down when it
+        /// notices, so we connect only after it has started over (Closed, then
+        /// Initialising). An Initialised frontend (or a Connected one whose
+        /// rings never carried a request) is not stale: it published fresh
+        /// rings and waits for any backend's Connected before using them, and
+        /// nothing it can observe tells it that the backend it saw in InitWait
+        /// died before connecting (the new one's InitWait is the same value),
+        /// so the new backend must connect — as Linux's frontend_changed does
+        /// for an Initialised frontend at probe.
         var frontendStale = false
         init(dev: XenBusDevice, frontendPath: String) {
             self.dev = dev
@@ -190,9 +204,11 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
             devices[path] = e
             e.device = device
             let feState = (try? xs.state(at: fe)) ?? .unknown
-            e.frontendStale = feState == .initialised || feState == .connected
+            e.frontendStale = feState == .connected && !driver.frontendRingsUnused(dev, frontendPath: fe, xs: xs)
             if e.frontendStale {
                 logger.info("\(path): the frontend is \(feState) with a previous backend's rings; waiting for it to reconnect")
+            } else if feState == .initialised || feState == .connected {
+                logger.info("\(path): the frontend is \(feState) with rings that never carried a request; connecting to them")
             }
             try switchState(path, to: .initWait)
             e.frontendWatch = try xs.watch(fe + "/state", token: "backend:" + path) { [weak self] _ in

@@ -128,7 +128,8 @@ import XenTestKit
             netback = 0
         }
 
-        func startGuest() throws {
+        /// `beforeGuest` runs once the vif is in the store, before pvguest starts.
+        func startGuest(beforeGuest: (XenBusDevice) throws -> Void = { _ in }) throws {
             let d = try dom0.prepareGuest(name: "pvnet", pages: 4096)
             domain = d
             let dev = XenBusDevice(type: "vif", frontendDomid: XenStore.DomID(d.domid), devid: 0)
@@ -140,6 +141,7 @@ import XenTestKit
                 frontend["mtu"] = "\(mtu)"
             }
             try dom0.xenstore.createDevice(dev, backend: backend, frontend: frontend)
+            try beforeGuest(dev)
             let k = try dom0.startKernel(d, "pvguest", arguments: ["--nbd-dir", dom0.dir, "--netns", guestNS], buildDirectory: build)
             guest = k.pid
             nicLine = k.lines.first { $0.hasPrefix("nic ") } ?? ""
@@ -290,6 +292,57 @@ import XenTestKit
         #expect(try rig.dom0.xenstore.read(fe + "/state") == "6")
         #expect(access("/run/netns/" + rig.guestNS, F_OK) != 0, "pvguest left its namespace behind")
 
+        rig.tearDown()
+        #expect(Self.leftovers(rig).isEmpty, "left behind: \(Self.leftovers(rig))")
+    }
+
+    /// The soak's hang on a vif: netback killed between its InitWait and its
+    /// Connected, after the frontend announced fresh rings and went Connected
+    /// (netfront, as xen-netfront, goes Connected before the backend does).
+    /// The restarted netback's InitWait is the value the frontend already
+    /// read, so nothing tells it to start over: netback must see that the
+    /// rings never carried a request and connect to them, well inside the
+    /// frontend's 30 s handshake timeout.
+    @Test func netbackKilledBetweenInitWaitAndConnectedConnectsOnRestart() throws {
+        let rig = try Rig()
+        defer { rig.tearDown() }
+        try rig.makePeer()
+        try rig.startNetback()
+        // Sound: the rig is used by the thread below only while the test waits for it.
+        struct Box: @unchecked Sendable { let rig: Rig }
+        let box = Box(rig: rig)
+        let failure = Mutex<String?>(nil)
+        let restartedAt = Mutex(Date())
+        let done = DispatchSemaphore(value: 0)
+        try rig.startGuest(beforeGuest: { dev in
+            // netback offers the vif, then stops before it can see the frontend.
+            guard Dom0Harness.wait(rig.dom0.xenstore, state: dev.backendPath, seconds: 10, { $0 == .initWait }) == .initWait else {
+                throw HypervisorError.protocolViolation("netback did not offer the vif")
+            }
+            kill(rig.netback, SIGSTOP)
+            // Beside pvguest's start-up (it ends at its ready line, once the NIC is up).
+            Thread {
+                defer { done.signal() }
+                let rig = box.rig
+                guard Dom0Harness.wait(rig.dom0.xenstore, state: dev.frontendPath, seconds: 20, { $0 == .connected }) == .connected,
+                      (try? rig.dom0.xenstore.read(dev.backendPath + "/state")) == "\(XenBus.XenbusState.initWait.rawValue)" else {
+                    failure.withLock { $0 = "the frontend did not go Connected on the stopped netback's InitWait" }
+                    return
+                }
+                rig.killNetback()
+                restartedAt.withLock { $0 = Date() }
+                do { try rig.startNetback() } catch { failure.withLock { $0 = "netback did not restart: \(error)" } }
+            }.start()
+        })
+        done.wait()
+        #expect(failure.withLock { $0 } == nil)
+        let restarted = restartedAt.withLock { $0 }
+        #expect(Dom0Harness.wait(rig.dom0.xenstore, state: "/local/domain/\(rig.domain!.domid)/device/vif/0", seconds: 1) { $0 == .connected } == .connected)
+        #expect(Date().timeIntervalSince(restarted) < 10, "the NIC came up \(Date().timeIntervalSince(restarted)) s after the restart")
+        #expect(rig.nicLine == "nic eth0 netns \(rig.guestNS) mac \(rig.mac)", "pvguest printed '\(rig.nicLine)'")
+        try Self.ip("-n", rig.guestNS, "addr", "add", Self.guestIP + "/24", "dev", "eth0")
+        #expect(try Self.pingWorks(from: rig.guestNS, to: Self.peerIP), "guest -> peer ping")
+        #expect(try Self.pingWorks(from: rig.peerNS, to: Self.guestIP, attempts: 3), "peer -> guest ping")
         rig.tearDown()
         #expect(Self.leftovers(rig).isEmpty, "left behind: \(Self.leftovers(rig))")
     }

@@ -88,7 +88,11 @@ import XenTestKit
         let drained = DispatchSemaphore(value: 0)
         var exported = false
 
-        init() throws {
+        /// `beforeGuest` runs once blkback is up and the disk is in the store,
+        /// before pvguest starts; with `awaitReady` false the rig does not wait
+        /// for pvguest's ready line (its disk may be left connecting).
+        init(beforeGuest: (Dom0Harness, BlkbackProcess, XenBusDevice) throws -> Void = { _, _, _ in },
+             awaitReady: Bool = true) throws {
             var template = Array("/tmp/pvrestart-XXXXXX".utf8CString)
             dir = String(cString: mkdtemp(&template)!)
             img = DiskPathTests.image(dir, "xvda.img", size: 64 << 20)
@@ -106,6 +110,7 @@ import XenTestKit
             try dom0.xenstore.createDevice(dev, backend: ["params": img, "mode": "w", "type": "file", "dev": "xvda",
                                                           "device-type": "disk", "discard-enable": "1"],
                                            frontend: ["virtual-device": "51712", "device-type": "disk"])
+            try beforeGuest(dom0, blkback, dev)
             var out: [CInt] = [-1, -1]
             _ = pipe(&out)
             _ = fcntl(out[0], F_SETFD, FD_CLOEXEC)
@@ -117,7 +122,7 @@ import XenTestKit
             close(guestLog)
             close(domain.guestDescriptor)
             try dom0.hypervisor.attachProcess(guest, to: domain.domid)
-            while true {
+            while awaitReady {
                 let line = ProcessLauncher.readLine(out[0])
                 if line.isEmpty || line.hasPrefix("pvguest ready") { break }
                 if line.hasPrefix("disk xvda") { exported = true }
@@ -341,5 +346,56 @@ import XenTestKit
         #expect(try DiskPathTests.bytes(rig.img, at: 1 << 20, count: 8192) == b)
         let logs = rig.stopGuest()
         #expect(logs.contains("lost (backend state is") && logs.contains("reconnected to"), "pvguest log:\n\(logs.suffix(3000))")
+    }
+
+    /// The soak's hang: blkback killed between its InitWait and its Connected,
+    /// after the frontend published its ring and went Initialised. Nothing the
+    /// frontend can see tells it that backend died (the restarted blkback's
+    /// InitWait is the value it already read, and the port it allocated was
+    /// never bound), so the restarted blkback must connect to that ring, which
+    /// never carried a request — not wait, as it did, for a restart that only
+    /// came with the frontend's 30 s handshake timeout.
+    @Test(.timeLimit(.minutes(2)))
+    func blkbackKilledBetweenInitWaitAndConnectedConnectsOnRestart() throws {
+        let rig = try Rig(beforeGuest: { dom0, blkback, dev in
+            // blkback offers the disk, then stops before it can see the frontend.
+            guard Dom0Harness.wait(dom0.xenstore, state: dev.backendPath, seconds: 10, { $0 == .initWait }) == .initWait else {
+                throw HypervisorError.protocolViolation("blkback did not offer the disk")
+            }
+            _ = Glibc.kill(blkback.pid, SIGSTOP)
+        }, awaitReady: false)
+        #expect(Dom0Harness.wait(rig.dom0.xenstore, state: rig.fe, seconds: 20) { $0 == .initialised } == .initialised)
+        #expect(try rig.dom0.xenstore.read(rig.dev.backendPath + "/state") == "\(XenBus.XenbusState.initWait.rawValue)")
+        rig.blkback.kill(SIGKILL)
+        let restarted = Date()
+        rig.blkback = try BlkbackProcess(dom0: rig.dom0, build: rig.build, log: rig.dir + "/blkback.log")
+        // Well inside the frontend's 30 s handshake timeout.
+        #expect(Dom0Harness.wait(rig.dom0.xenstore, state: rig.dev.backendPath, seconds: 10) { $0 == .connected } == .connected)
+        #expect(Dom0Harness.wait(rig.dom0.xenstore, state: rig.fe, seconds: 10) { $0 == .connected } == .connected)
+        #expect(Date().timeIntervalSince(restarted) < 10)
+
+        // The disk works through the ring the dead blkback never connected.
+        let socket = rig.dir + "/xvda.sock"
+        var deadline = 200
+        while access(socket, F_OK) != 0 && deadline > 0 {
+            var p = pollfd(fd: -1, events: 0, revents: 0)
+            _ = poll(&p, 0, 50)
+            deadline -= 1
+        }
+        let client = try NBDClient(socket: socket)
+        let a = Self.pattern(7, 65536)
+        try client.send(type: 1, handle: 1, offset: 4096, length: 65536, data: a)
+        let r1 = try client.reply()
+        try client.send(type: 3, handle: 2, offset: 0, length: 0)
+        let r2 = try client.reply()
+        #expect(r1.error == 0 && r2.error == 0)
+        try client.send(type: 0, handle: 3, offset: 4096, length: 65536)
+        let r3 = try client.reply { _ in 65536 }
+        #expect(r3.error == 0 && r3.data == a)
+        #expect(try DiskPathTests.bytes(rig.img, at: 4096, count: 65536) == a)
+        let blkbackLog = (try? String(contentsOfFile: rig.dir + "/blkback.log", encoding: .utf8)) ?? ""
+        #expect(blkbackLog.contains("never carried a request; connecting"), "blkback log:\n\(blkbackLog.suffix(3000))")
+        let logs = rig.stopGuest()
+        #expect(!logs.contains("did not connect") && !logs.contains("lost ("), "pvguest log:\n\(logs.suffix(3000))")
     }
 }
