@@ -287,7 +287,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     /// several queues), Initialised, then the backend's Connected.
     static func handshake(hv: Hypervisor, xs: XenBusClient, fe: String, be: String, beID: XenHV.DomID, order: Int,
                           indirect: Int, pages: GuestPages, grants: GrantRefs, reuse: [UInt32]?,
-                          queues nq: Int? = nil) throws -> ([Link], [FrontRing<BlkifRing>], UInt64) {
+                          queues nq: Int? = nil, abandon: () throws -> Void = {}) throws -> ([Link], [FrontRing<BlkifRing>], UInt64) {
         let nq = nq ?? reuse?.count ?? 1
         let maxOrder = Int((try xs.readIfExists(be + "/max-ring-page-order")) ?? "0") ?? 0
         guard order <= maxOrder else {
@@ -336,7 +336,14 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                 try t.write(fe + "/feature-persistent", "1")
             }
             try xs.switchState(at: fe, to: .initialised)
-            guard xs.awaitState(at: be, { [.connected, .closing, .closed, .unknown].contains($0) }) == .connected else {
+            // In one-second steps, so a reconnect that `abandon`s (the device
+            // closed or detached meanwhile) does not wait out the 30 s.
+            var settled: XenBus.XenbusState?
+            for _ in 0..<30 where settled == nil {
+                settled = xs.awaitState(at: be, seconds: 1) { [.connected, .closing, .closed, .unknown].contains($0) }
+                try abandon()
+            }
+            guard settled == .connected else {
                 let why = (try? xs.readIfExists(be + "/error")) ?? nil
                 throw HypervisorError.protocolViolation("backend \(be) did not connect\(why.map { ": \($0)" } ?? "")")
             }
@@ -592,7 +599,10 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         // (not written into a new device the toolstack put in our place).
         if (try? xs.readIfExists(frontendPath + "/" + Self.handshakeKey)) ?? nil != nil {
             try? xs.switchStateIfPresent(at: frontendPath, to: .closed, owner: Self.handshakeKey)
-            _ = xs.awaitState(at: backendPath, seconds: 2) { $0 == .closed || $0 == .unknown }
+            // A backend offering the device anew (Initialising, InitWait: the
+            // toolstack put a new device in the directory meanwhile) holds
+            // nothing of ours either.
+            _ = xs.awaitState(at: backendPath, seconds: 2) { $0 != .connected && $0 != .closing }
         }
         for q in queues {
             q.state.withLock { s in
@@ -698,10 +708,11 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                 guard try awaitBackend(.closed) else { continue }
                 try xs.switchStateIfPresent(at: frontendPath, to: .initialising, owner: Self.handshakeKey)
                 guard try awaitBackend(.initWait) else { continue }
+                try checkAttached()
                 let (newLinks, rings, newSectors) = try Self.handshake(
                     hv: hv, xs: xs, fe: frontendPath, be: backendPath, beID: backendID, order: ringOrder,
                     indirect: indirectPages.isEmpty ? 0 : segmentsPerSlot, pages: pages, grants: grants,
-                    reuse: reuse, queues: queues.count)
+                    reuse: reuse, queues: queues.count, abandon: checkAttached)
                 if newSectors != sectors {
                     logger.warning("\(frontendPath): backend now reports \(newSectors) sectors (was \(sectors))")
                 }
@@ -725,6 +736,14 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                 recoveryCount.add(1, ordering: .relaxed)
                 logger.warning("\(frontendPath): reconnected to \(backendPath); \(count) request(s) resubmitted")
                 return
+            } catch let e as Gone {
+                // The toolstack took the disk away while we reconnected (or put
+                // a new device in its place, which is not ours to handshake on).
+                guard !failed.load(ordering: .acquiring) else { return }
+                logger.info("\(frontendPath): \(e.why) while reconnecting; the disk is detached")
+                detachedFlag.store(true, ordering: .releasing)
+                failAll()
+                return
             } catch {
                 logger.warning("\(frontendPath): reconnect attempt \(attempt) failed: \(error)")
                 reuse = nil
@@ -734,18 +753,23 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         }
     }
 
-    /// Waits (indefinitely, in bounded steps) for the backend's state; false
-    /// after a step that saw something unexpected, to restart the cycle; throws
-    /// when the toolstack removed the backend.
+    /// Why a reconnect stops: the device was closed, or the toolstack detached it.
+    struct Gone: Error { let why: String }
+
+    /// Throws ``Gone`` once the device is closed or detached (online=0, the
+    /// backend directory removed, or a new device in our frontend directory).
+    func checkAttached() throws {
+        if failed.load(ordering: .acquiring) { throw Gone(why: "the device was closed") }
+        if backendDetached() { throw Gone(why: "backend \(backendPath) is going away") }
+    }
+
+    /// Waits up to 30 s, in one-second steps, for the backend's state; false
+    /// after a wait that saw something else, to restart the cycle; throws
+    /// ``Gone`` when the device is closed or detached meanwhile.
     func awaitBackend(_ want: XenBus.XenbusState) throws -> Bool {
-        while !failed.load(ordering: .acquiring) {
-            if xs.awaitState(at: backendPath, seconds: 30, { $0 == want }) != nil { return true }
-            guard (try? xs.exists(backendPath)) == true else {
-                logger.error("\(frontendPath): backend \(backendPath) removed; failing the device")
-                failAll()
-                throw HypervisorError.protocolViolation("backend removed")
-            }
-            return false
+        for _ in 0..<30 {
+            if xs.awaitState(at: backendPath, seconds: 1, { $0 == want }) != nil { return true }
+            try checkAttached()
         }
         return false
     }

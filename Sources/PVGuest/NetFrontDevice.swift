@@ -170,7 +170,10 @@ public final class NetFrontDevice: @unchecked Sendable {
         let fe = frontendPath, be = backendPath
         // Unknown: the toolstack removed the device before it connected.
         let settledStates: Set<XenBus.XenbusState> = reconnecting ? [.initWait] : [.initWait, .connected, .closing, .closed, .unknown]
-        guard let s = xs.awaitState(at: be, seconds: timeout, { settledStates.contains($0) }), s == .initWait else {
+        // A reconnect stops as soon as the device is stopped or detached: the
+        // directories may be a new device's by now, not ours to write.
+        let abandon: () throws -> Void = reconnecting ? { [self] in try checkAttached() } : {}
+        guard let s = try awaitBackend(timeout, abandon: abandon, { settledStates.contains($0) }), s == .initWait else {
             throw HypervisorError.protocolViolation("backend \(be) did not reach InitWait")
         }
         let features = Set(["feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6", "feature-ipv6-csum-offload",
@@ -188,6 +191,7 @@ public final class NetFrontDevice: @unchecked Sendable {
 
         let txShared = try pages.page(txRingFrame).ring(NetifTxRing.self, pages: 1)
         let rxShared = try pages.page(rxRingFrame).ring(NetifRxRing.self, pages: 1)
+        try abandon()
         let port = try hv.allocUnbound(remote: backendID)
         let channel = try hv.channel(port)
         let session = try Session(device: self, tx: FrontRing(initializing: txShared), rx: FrontRing(initializing: rxShared),
@@ -205,7 +209,7 @@ public final class NetFrontDevice: @unchecked Sendable {
                 try t.write(fe + "/feature-ipv6-csum-offload", "1")
             }
             try xs.switchStateIfPresent(at: fe, to: .connected)
-            guard xs.awaitState(at: be, seconds: timeout, { [.connected, .closing, .closed, .unknown].contains($0) }) == .connected else {
+            guard try awaitBackend(timeout, abandon: abandon, { [.connected, .closing, .closed, .unknown].contains($0) }) == .connected else {
                 let why = (try? xs.readIfExists(be + "/error")) ?? nil
                 throw HypervisorError.protocolViolation("backend \(be) did not connect\(why.map { ": \($0)" } ?? "")")
             }
@@ -229,6 +233,32 @@ public final class NetFrontDevice: @unchecked Sendable {
         connectionCount.wrappingAdd(1, ordering: .relaxed)
         logger.info("\(fe): connected to \(be) as \(interfaceName) in netns \(namespace) (mtu \(mtu), sg \(sg), gso \(gso4)/\(gso6))")
         if (try? xs.state(at: be)) != .connected { wake.signal() }
+    }
+
+    /// Waits up to `timeout` s, in one-second steps, for the backend's state
+    /// to satisfy `settled`; `abandon` throws to stop early.
+    func awaitBackend(_ timeout: Double, abandon: () throws -> Void, _ settled: (XenBus.XenbusState) -> Bool) throws -> XenBus.XenbusState? {
+        var waited = 0.0
+        while waited < timeout {
+            if let s = xs.awaitState(at: backendPath, seconds: min(1, timeout - waited), settled) { return s }
+            waited += 1
+            try abandon()
+        }
+        return nil
+    }
+
+    /// Why a reconnect stops: the NIC was stopped, or the toolstack detached it.
+    struct Gone: Error { let why: String }
+
+    /// Throws ``Gone`` once the NIC is stopped, or the toolstack takes the
+    /// device away (online=0, the directory gone, or a new device in our
+    /// frontend directory: it lost the key we wrote).
+    func checkAttached() throws {
+        if control.withLock({ $0.stopped }) { throw Gone(why: "the NIC was stopped") }
+        guard let online = (try? xs.readIfExists(backendPath + "/online")) ?? nil, online != "0",
+              (try? xs.readIfExists(frontendPath + "/" + Self.handshakeKey)) ?? nil != nil else {
+            throw Gone(why: "backend \(backendPath) is going away")
+        }
     }
 
     /// The reconnect loop: waits for a renegotiation (or a data-path failure),
@@ -256,6 +286,7 @@ public final class NetFrontDevice: @unchecked Sendable {
             logger.info("\(frontendPath): backend renegotiates; reconnecting")
             stopSession()
             reconnect()
+            if isDetached { return }
         }
     }
 
@@ -266,21 +297,27 @@ public final class NetFrontDevice: @unchecked Sendable {
     }
 
     /// Closing -> Closed -> Initialising, then the handshake again, retried
-    /// until it works or the device stops.
+    /// until it works, the device stops or the toolstack takes it away. The
+    /// states go only into our own directory (`owner`: not into a new device
+    /// the toolstack put in its place).
     func reconnect() {
         let fe = frontendPath, be = backendPath
-        while !control.withLock({ $0.stopped }) {
-            try? xs.switchStateIfPresent(at: fe, to: .closing)
-            _ = xs.awaitState(at: be, seconds: 5) { $0 == .closing || $0 == .closed }
-            try? xs.switchStateIfPresent(at: fe, to: .closed)
-            _ = xs.awaitState(at: be, seconds: 5) { $0 == .closed }
-            try? xs.switchStateIfPresent(at: fe, to: .initialising)
+        while true {
             do {
+                try checkAttached()
+                try? xs.switchStateIfPresent(at: fe, to: .closing, owner: Self.handshakeKey)
+                _ = try awaitBackend(5, abandon: checkAttached) { $0 == .closing || $0 == .closed }
+                try? xs.switchStateIfPresent(at: fe, to: .closed, owner: Self.handshakeKey)
+                _ = try awaitBackend(5, abandon: checkAttached) { $0 == .closed }
+                try? xs.switchStateIfPresent(at: fe, to: .initialising, owner: Self.handshakeKey)
                 try handshake(timeout: 30, reconnecting: true)
+                return
+            } catch let e as Gone {
+                logger.info("\(fe): \(e.why) while reconnecting; NIC stays down")
+                detachedFlag.store(true, ordering: .releasing)
                 return
             } catch {
                 logger.warning("\(fe): reconnect failed: \(error); retrying")
-                if (try? xs.exists(be)) != true { return }
             }
         }
     }
@@ -297,7 +334,8 @@ public final class NetFrontDevice: @unchecked Sendable {
         // Not into a new device the toolstack put in our place.
         if (try? xs.readIfExists(frontendPath + "/" + Self.handshakeKey)) ?? nil != nil {
             try? xs.switchStateIfPresent(at: frontendPath, to: .closing, owner: Self.handshakeKey)
-            _ = xs.awaitState(at: backendPath, seconds: 2) { [.closing, .closed, .unknown].contains($0) }
+            // Also a backend offering the device anew (a new device in the directory by now).
+            _ = xs.awaitState(at: backendPath, seconds: 2) { [.closing, .closed, .unknown, .initialising, .initWait].contains($0) }
             try? xs.switchStateIfPresent(at: frontendPath, to: .closed, owner: Self.handshakeKey)
         }
         releaseResources()
