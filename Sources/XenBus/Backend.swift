@@ -179,13 +179,24 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
             }
             return
         }
+        let online = (try? xs.readIfExists(path + "/online")) ?? nil
+        if let e = devices[path], online != "0", (try? xs.state(at: path)) == .initialising {
+            // The toolstack removed the device and created it again between two
+            // looks (the removal's event found the directory back): Initialising
+            // is only ever the toolstack's, written as it creates a device, and
+            // this entry went past it. The entry is the old device's: release it
+            // and probe the new one, or the new one would never be offered.
+            logger.info("\(path): removed and created again by the toolstack")
+            devices.removeValue(forKey: path)
+            teardown(e)
+        }
         if let e = devices[path] {
             // The toolstack takes the device offline (libxl's device removal:
             // online=0, state Closing): disconnect and report Closed — also
             // for a device whose probe failed, so the toolstack need not wait.
             // An offline device is never offered again (Linux's
             // xenbus_dev_is_online): later events leave it Closed.
-            if (try? xs.readIfExists(path + "/online")) == "0" {
+            if online == "0" {
                 if (try? xs.state(at: path)) == .closing {
                     if let device = e.device { driver.disconnect(device) }
                     try? switchState(path, to: .closed)
@@ -194,6 +205,13 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
             }
             guard e.device != nil else { return }
             frontendChanged(e)
+            return
+        }
+        // A device already being removed (a backend restarted during the
+        // toolstack's removal finds it offline) is not probed: it is only
+        // reported Closed, so the toolstack need not wait for it.
+        if online == "0" {
+            if (try? xs.state(at: path)) == .closing { try? switchState(path, to: .closed) }
             return
         }
         guard let dev = XenBusDevice(backendPath: path), dev.frontendDomid < 0x7FF0,
