@@ -698,6 +698,15 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
             }
         }
         var reuse: [UInt32]? = reusable ? links.map(\.ringFrame) : nil
+        // The old rings are given up here: their refs are back on the free
+        // list (another device may hold them by now), so nothing may revoke
+        // them again — close() revokes only `links`. Frames kept for reuse
+        // go back to the guest if the device ends before it reconnects.
+        links = []
+        var regranted = false  // a handshake granted the reused frames again: they are its to give back
+        defer {
+            if links.isEmpty, !regranted, let frames = reuse { for f in frames { pages.free(f, count: 1 << ringOrder) } }
+        }
         var attempt = 0
         while !failed.load(ordering: .acquiring) {
             attempt += 1
@@ -709,6 +718,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                 try xs.switchStateIfPresent(at: frontendPath, to: .initialising, owner: Self.handshakeKey)
                 guard try awaitBackend(.initWait) else { continue }
                 try checkAttached()
+                regranted = reuse != nil
                 let (newLinks, rings, newSectors) = try Self.handshake(
                     hv: hv, xs: xs, fe: frontendPath, be: backendPath, beID: backendID, order: ringOrder,
                     indirect: indirectPages.isEmpty ? 0 : segmentsPerSlot, pages: pages, grants: grants,

@@ -107,9 +107,7 @@ import XenTestKit
             domain = try dom0.prepareGuest(name: "pv", pages: 16384)  // 64 MiB, as scripts/run
             dev = XenBusDevice(type: "vbd", frontendDomid: XenStore.DomID(domain.domid), devid: 51712)
             fe = "/local/domain/\(domain.domid)/device/vbd/51712"
-            try dom0.xenstore.createDevice(dev, backend: ["params": img, "mode": "w", "type": "file", "dev": "xvda",
-                                                          "device-type": "disk", "discard-enable": "1"],
-                                           frontend: ["virtual-device": "51712", "device-type": "disk"])
+            try Self.createDisk(dom0, dev, img)
             try beforeGuest(dom0, blkback, dev)
             var out: [CInt] = [-1, -1]
             _ = pipe(&out)
@@ -140,6 +138,19 @@ import XenTestKit
                 close(outFD)
                 done.signal()
             }.start()
+        }
+
+        /// The disk's directories, as the toolstack writes them.
+        static func createDisk(_ dom0: Dom0Harness, _ dev: XenBusDevice, _ img: String) throws {
+            try dom0.xenstore.createDevice(dev, backend: ["params": img, "mode": "w", "type": "file", "dev": "xvda",
+                                                          "device-type": "disk", "discard-enable": "1"],
+                                           frontend: ["virtual-device": "51712", "device-type": "disk"])
+        }
+
+        /// pvguest's log so far.
+        var guestLog: String {
+            String(decoding: stdoutLog.bytes.withLock { $0 }, as: UTF8.self)
+                + ((try? String(contentsOfFile: dir + "/pvguest.log", encoding: .utf8)) ?? "")
         }
 
         /// Stops pvguest (destroying its domain) and returns everything it logged.
@@ -397,5 +408,55 @@ import XenTestKit
         #expect(blkbackLog.contains("never carried a request; connecting"), "blkback log:\n\(blkbackLog.suffix(3000))")
         let logs = rig.stopGuest()
         #expect(!logs.contains("did not connect") && !logs.contains("lost ("), "pvguest log:\n\(logs.suffix(3000))")
+    }
+
+    /// The toolstack replaces the disk (detach, attach) while blkback is dead
+    /// and the frontend is reconnecting: the reconnecting device stops at once
+    /// (it must not handshake on the new device's directories, nor wait out
+    /// its 30 s steps), and the guest brings the new device up on the
+    /// restarted blkback; what was flushed before is read back through it.
+    @Test(.timeLimit(.minutes(2)))
+    func diskReplacedWhileTheFrontendReconnectsComesUpAnew() throws {
+        let rig = try Rig()
+        guard rig.exported else {
+            Issue.record("pvguest exported no xvda; its log:\n\(rig.stopGuest().suffix(3000))")
+            return
+        }
+        let a = Self.pattern(5, 65536)
+        do {
+            let client = try NBDClient(socket: rig.dir + "/xvda.sock")
+            try client.send(type: 1, handle: 1, offset: 0, length: 65536, data: a)
+            let r1 = try client.reply()
+            try client.send(type: 3, handle: 2, offset: 0, length: 0)
+            let r2 = try client.reply()
+            #expect(r1.error == 0 && r2.error == 0)
+        }
+        rig.blkback.kill(SIGKILL)
+        // The frontend noticed and is reconnecting (Closed, waiting for a backend's Closed).
+        #expect(Dom0Harness.wait(rig.dom0.xenstore, state: rig.fe, seconds: 10) { $0 == .closed } == .closed)
+        try rig.dom0.xenstore.destroyDevice(rig.dev)
+        try Rig.createDisk(rig.dom0, rig.dev, rig.img)
+        let replaced = Date()
+        rig.blkback = try BlkbackProcess(dom0: rig.dom0, build: rig.build, log: rig.dir + "/blkback.log")
+        #expect(Dom0Harness.wait(rig.dom0.xenstore, state: rig.dev.backendPath, seconds: 15) { $0 == .connected } == .connected)
+        #expect(Dom0Harness.wait(rig.dom0.xenstore, state: rig.fe, seconds: 15) { $0 == .connected } == .connected)
+        #expect(Date().timeIntervalSince(replaced) < 15)
+        // The new device's export (the old one's socket went with it).
+        var exported = false
+        for _ in 0..<200 where !exported {
+            exported = rig.guestLog.components(separatedBy: "vbd/51712: disk xvda").count - 1 == 2
+            if !exported {
+                var p = pollfd(fd: -1, events: 0, revents: 0)
+                _ = poll(&p, 0, 50)
+            }
+        }
+        #expect(exported, "pvguest log:\n\(rig.guestLog.suffix(3000))")
+        let client = try NBDClient(socket: rig.dir + "/xvda.sock")
+        try client.send(type: 0, handle: 3, offset: 0, length: 65536)
+        let r3 = try client.reply { _ in 65536 }
+        #expect(r3.error == 0 && r3.data == a)
+        let logs = rig.stopGuest()
+        #expect(logs.contains("while reconnecting; the disk is detached") && !logs.contains("reconnected to"),
+                "pvguest log:\n\(logs.suffix(3000))")
     }
 }
