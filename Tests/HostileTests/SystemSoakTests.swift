@@ -360,7 +360,10 @@ final class SystemSoak: @unchecked Sendable {
         for g in guests {
             for (d, disk) in g.disks.enumerated() {
                 var client: NBDClient?
-                do { client = try NBDClient(socket: disk.socket, timeoutSeconds: 60) } catch {
+                // A read through the guest that fails (a deaf queue answers
+                // nothing) is reported once; the export is not read further,
+                // so a broken disk costs one timeout, not one per block.
+                do { client = try NBDClient(socket: disk.socket, timeoutSeconds: 20) } catch {
                     let log = (try? String(contentsOfFile: run + "/logs/guest-\(g.name).log", encoding: .utf8)) ?? ""
                     lost.append("\(g.name) \(disk.vdev): no export at \(disk.socket): \(error); guest log: \(log.suffix(2000))")
                 }
@@ -370,8 +373,15 @@ final class SystemSoak: @unchecked Sendable {
                     var got = [UInt8](repeating: 0, count: 4096)
                     _ = got.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 4096, off_t(b * 4096)) }
                     if got != blockPattern(s) { lost.append("\(g.name) \(disk.vdev) block \(b) (image)") }
-                    if let c = client, (try? c.read(at: UInt64(b * 4096), length: 4096)) != blockPattern(s) {
-                        lost.append("\(g.name) \(disk.vdev) block \(b) (through the guest)")
+                    if let c = client {
+                        do {
+                            if try c.read(at: UInt64(b * 4096), length: 4096) != blockPattern(s) {
+                                lost.append("\(g.name) \(disk.vdev) block \(b) (through the guest)")
+                            }
+                        } catch {
+                            lost.append("\(g.name) \(disk.vdev) block \(b) (through the guest): \(error); not read further")
+                            client = nil
+                        }
                     }
                 }
             }
