@@ -77,7 +77,25 @@ public final class GuestPages: Sendable {
 /// are reserved as on Linux; the table grows with GNTTABOP_setup_table.
 public final class GrantRefs: Sendable {
     let hv: Hypervisor
-    let state = Mutex<(next: GrantRef, free: [GrantRef], frames: UInt32)>((8, [], 0))
+    struct State {
+        var next: GrantRef = 8
+        var free: [GrantRef] = []
+        var frames: UInt32 = 0
+        /// One bit per ref handed out and not yet released.
+        var inUse = [UInt64](repeating: 0, count: Int(HVLimits.maxGrantFrames * HVLimits.grantEntriesPerFrame) / 64)
+        var refusedReleases = 0
+
+        mutating func mark(_ r: GrantRef) { inUse[Int(r) / 64] |= 1 << UInt64(r % 64) }
+        /// Clears `r`'s bit; false when it was not handed out (a double free).
+        mutating func unmark(_ r: GrantRef) -> Bool {
+            guard Int(r) / 64 < inUse.count else { return false }
+            let bit: UInt64 = 1 << UInt64(r % 64)
+            guard inUse[Int(r) / 64] & bit != 0 else { return false }
+            inUse[Int(r) / 64] &= ~bit
+            return true
+        }
+    }
+    let state = Mutex(State())
 
     public init(hypervisor hv: Hypervisor) throws {
         self.hv = hv
@@ -86,24 +104,39 @@ public final class GrantRefs: Sendable {
     }
 
     public func allocate() throws -> GrantRef {
-        if let r = state.withLock({ $0.free.popLast() }) { return r }
-        let (ref, needFrames): (GrantRef, UInt32?) = state.withLock { s in
+        if let r = state.withLock({ s -> GrantRef? in
+            guard let r = s.free.popLast() else { return nil }
+            s.mark(r)
+            return r
+        }) { return r }
+        let taken: (ref: GrantRef, needFrames: UInt32?)? = state.withLock { s in
             let r = s.next
+            guard r < HVLimits.maxGrantFrames * HVLimits.grantEntriesPerFrame else { return nil }
             s.next += 1
+            s.mark(r)
             let needed = r / HVLimits.grantEntriesPerFrame + 1
             return (r, needed > s.frames ? needed : nil)
         }
+        guard let (ref, needFrames) = taken else { throw HypervisorError.protocolViolation("grant table full") }
         if let n = needFrames {
             // Grow in steps of 4 frames, as far as the maximum allows.
             let want = min(HVLimits.maxGrantFrames, (n + 3) / 4 * 4)
-            guard n <= HVLimits.maxGrantFrames else { throw HypervisorError.protocolViolation("grant table full") }
             try hv.setupGrantTable(frames: want)
             state.withLock { $0.frames = max($0.frames, want) }
         }
         return ref
     }
 
-    public func release(_ r: GrantRef) { state.withLock { $0.free.append(r) } }
+    /// Gives `r` back. A ref released twice (a frontend bug: the second
+    /// release would hand one ref to two rings) is refused and counted.
+    public func release(_ r: GrantRef) {
+        state.withLock { s in
+            if s.unmark(r) { s.free.append(r) } else { s.refusedReleases += 1 }
+        }
+    }
+
+    /// Releases refused because the ref was not handed out (double frees).
+    public var refusedReleases: Int { state.withLock { $0.refusedReleases } }
 
     /// Ends the backend's access to `refs` (gnttab_end_foreign_access) and
     /// frees them; a ref the backend still maps stays granted (its page must
