@@ -34,43 +34,9 @@ extension Hostile {
             let backendThreads = Set(threadCPUTicks().keys).subtracting(before)
             #expect(!backendThreads.isEmpty)
 
-            // The stormer's vCPU runs throughout; it spins without kicking in the
-            // baseline windows and kicks in tight loops in the storm windows, which
-            // alternate, so the machine's other load weighs on both alike.
-            let phase = Atomic<Int>(0)  // 0 spin, 1 kick, 2 quit
-            let kicks = Atomic<Int>(0)
-            let channel = disk.front.queues[0].channel
-            let stormer = TestThread {
-                var n = 0, spins = 0
-                while true {
-                    let p = phase.load(ordering: .relaxed)
-                    if p == 2 { break }
-                    for _ in 0..<64 {
-                        if p == 1 { try? channel.notify(); n += 1 } else { spins &+= 1 }
-                    }
-                }
-                kicks.store(n, ordering: .releasing)
-                _ = spins
+            let run = KickStorm.run(kicking: [disk.front.queues[0].channel], seconds: Self.stormSeconds) {
+                worker.throughput(seconds: $0)
             }
-            var base = 0.0, storm = 0.0, failures: [String] = []
-            var windows: [(before: [Int32: Int], after: [Int32: Int])] = []
-            var stormSeconds = 0.0
-            let window = 0.2
-            for _ in 0..<Int(Self.stormSeconds / window) {
-                phase.store(0, ordering: .relaxed)
-                let b = worker.throughput(seconds: window)
-                phase.store(1, ordering: .relaxed)
-                let t0 = Date(), c0 = threadCPUTicks()
-                let s = worker.throughput(seconds: window)
-                let c1 = threadCPUTicks()
-                stormSeconds += Date().timeIntervalSince(t0)
-                windows.append((c0, c1))
-                base += b.perSecond
-                storm += s.perSecond
-                failures += b.failures + s.failures
-            }
-            phase.store(2, ordering: .relaxed)
-            stormer.join()
             // The storming ring's queue thread: started by its connect and joined by its
             // detach (other suites running in parallel start threads too).
             let b = try disk.front.makeBuffer(pages: 1)
@@ -81,19 +47,14 @@ extension Hostile {
             try disk.detach(d.s, backend: d.blkback)
             let queueThreads = backendThreads.subtracting(threadCPUTicks().keys)
             #expect(!queueThreads.isEmpty)
-            let backendTicks = windows.reduce(0) { sum, w in
-                sum + queueThreads.reduce(0) { $0 + (w.after[$1] ?? 0) - (w.before[$1] ?? 0) }
-            }
-            let backendCore = Double(backendTicks) / clockTicksPerSecond / stormSeconds
-            let ratio = storm / base
-            print(String(format: "kick storm: %d kicks in %.2f s; storming ring's backend threads %.1f%% of a core; muted %d times; bystander %.0f/s vs baseline %.0f/s (%.2f)",
-                         kicks.load(ordering: .acquiring), stormSeconds, backendCore * 100, storms,
-                         storm * window / stormSeconds, base * window / stormSeconds, ratio))
-            #expect(kicks.load(ordering: .acquiring) > 10_000)
+            let backendCore = run.core(of: queueThreads)
+            print(String(format: "kick storm: %d kicks in %.2f s; storming ring's backend threads %.1f%% of a core; muted %d times; bystander %.2f of its baseline",
+                         run.kicks, run.stormSeconds, backendCore * 100, storms, run.ratio))
+            #expect(run.kicks > 10_000)
             #expect(backendCore <= Self.maxBackendCore, "backend used \(backendCore) of a core")
             #expect(storms > 0)
-            #expect(failures.isEmpty, "\(failures)")
-            #expect(ratio >= Self.minBystanderRatio, "bystander at \(ratio) of its baseline")
+            #expect(run.failures.isEmpty, "\(run.failures)")
+            #expect(run.ratio >= Self.minBystanderRatio, "bystander at \(run.ratio) of its baseline")
         }
         /// The same storm on a guest's xenstore event channel (XSA-332 for
         /// xenstored). The other guest's xenstore traffic must keep flowing

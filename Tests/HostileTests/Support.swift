@@ -3,6 +3,7 @@ import BlkFrontKit
 import Foundation
 import Glibc
 import Logging
+import Synchronization
 import Testing
 import XenBus
 import XenHV
@@ -53,4 +54,62 @@ final class HostileDom0: @unchecked Sendable {
 /// 4 KiB that tell request `i` apart from every other.
 func blockPattern(_ i: Int) -> [UInt8] {
     (0..<4096).map { UInt8(truncatingIfNeeded: ($0 &* 31) ^ (i &* 151) &+ ($0 >> 7) &+ 1) }
+}
+
+/// The storm cases' hostile vCPU (XSA-332): it runs throughout, spinning
+/// without kicking in baseline windows and kicking `channels` in tight loops
+/// in storm windows, which alternate, so the machine's other load weighs on
+/// both alike. `measure` runs the well-behaved guest's workload for a window.
+enum KickStorm {
+    struct Result {
+        var base = 0.0, storm = 0.0, failures: [String] = []
+        var stormSeconds = 0.0
+        var kicks = 0
+        /// Per-thread CPU ticks around each storm window.
+        var windows: [(before: [Int32: Int], after: [Int32: Int])] = []
+        /// The bystander's storm throughput over its baseline.
+        var ratio: Double { storm / base }
+
+        /// The share of one core `threads` used while the storm lasted.
+        func core(of threads: Set<Int32>) -> Double {
+            let ticks = windows.reduce(0) { sum, w in sum + threads.reduce(0) { $0 + (w.after[$1] ?? 0) - (w.before[$1] ?? 0) } }
+            return Double(ticks) / clockTicksPerSecond / stormSeconds
+        }
+    }
+
+    static func run(kicking channels: [EventChannel], seconds: Double, window: Double = 0.2,
+                    measure: (Double) -> (perSecond: Double, failures: [String])) -> Result {
+        let phase = Atomic<Int>(0)  // 0 spin, 1 kick, 2 quit
+        let kicks = Atomic<Int>(0)
+        let stormer = TestThread {
+            var n = 0, spins = 0
+            while true {
+                let p = phase.load(ordering: .relaxed)
+                if p == 2 { break }
+                for _ in 0..<64 {
+                    if p == 1 { for c in channels { try? c.notify() }; n += channels.count } else { spins &+= 1 }
+                }
+            }
+            kicks.store(n, ordering: .releasing)
+            _ = spins
+        }
+        var r = Result()
+        for _ in 0..<Int(seconds / window) {
+            phase.store(0, ordering: .relaxed)
+            let b = measure(window)
+            phase.store(1, ordering: .relaxed)
+            let t0 = Date(), c0 = threadCPUTicks()
+            let s = measure(window)
+            let c1 = threadCPUTicks()
+            r.stormSeconds += Date().timeIntervalSince(t0)
+            r.windows.append((c0, c1))
+            r.base += b.perSecond
+            r.storm += s.perSecond
+            r.failures += b.failures + s.failures
+        }
+        phase.store(2, ordering: .relaxed)
+        stormer.join()
+        r.kicks = kicks.load(ordering: .acquiring)
+        return r
+    }
 }
