@@ -281,6 +281,7 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     static var stormMuteNanoseconds: UInt64 { 2_000_000 }
 
     func runLoop() {
+        DetachedThread.setName("vbd\(frontend)q\(index)")
         var fds = (pollfd(fd: channel.descriptor, events: Int16(POLLIN), revents: 0),
                    pollfd(fd: engine?.eventFD ?? -1, events: Int16(POLLIN), revents: 0),
                    pollfd(fd: controlFD, events: Int16(POLLIN), revents: 0))

@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/signalfd.h>
+#include <sys/prctl.h>
 
 int cxen_memfd_create(const char *name, unsigned int flags) {
     return memfd_create(name, flags);
@@ -105,4 +106,12 @@ int cxen_signalfd_read(int fd) {
 
 int cxen_spawn_closefrom(void *file_actions, int from) {
     return posix_spawn_file_actions_addclosefrom_np((posix_spawn_file_actions_t *)file_actions, from);
+}
+
+void cxen_set_thread_name(const char *name) {
+    char buf[16];
+    size_t i = 0;
+    for (; name[i] != 0 && i < sizeof buf - 1; i++) buf[i] = name[i];
+    buf[i] = 0;
+    prctl(PR_SET_NAME, (unsigned long)buf, 0, 0, 0);
 }

@@ -131,6 +131,7 @@ final class QueueWorker: @unchecked Sendable {
     }
 
     private func run() {
+        DetachedThread.setName("\(shared.tap?.name ?? "vif")q\(index)")
         var txHoldUntil: UInt64 = 0
         var fds = [pollfd](repeating: pollfd(), count: 4)
         // Storm back-off (XSA-332): kicks that find no work in a row make the

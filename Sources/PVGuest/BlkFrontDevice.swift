@@ -483,7 +483,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     // MARK: Completion
 
     func startCompletions() {
-        DetachedThread.start { [self] in
+        DetachedThread.start(name: "blkfront") { [self] in
             completions()
             completionsDone.signal()
         }

@@ -156,7 +156,7 @@ public final class NetFrontDevice: @unchecked Sendable {
             releaseResources()
             throw error
         }
-        DetachedThread.start { [self] in supervise() }
+        DetachedThread.start(name: "nf-\(interfaceName)") { [self] in supervise() }
     }
 
     // MARK: Handshake
@@ -446,7 +446,7 @@ extension NetFrontDevice {
         }
 
         func start() {
-            DetachedThread.start { [self] in run(); done.signal() }
+            DetachedThread.start(name: "nf-data") { [self] in run(); done.signal() }
         }
 
         /// Stops the thread and waits for it; closes the event channel.

@@ -113,18 +113,24 @@ public enum UnixSocketAddress {
 /// A detached OS thread for a loop that blocks in system calls (a ring's
 /// completion loop, a VIRQ watcher): one place instead of a copy per module.
 public final class DetachedThread: @unchecked Sendable {
-    // Sound: `body` is immutable and only run once, on the new thread.
+    // Sound: `body` and `name` are immutable and only used once, on the new thread.
     let body: @Sendable () -> Void
-    init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+    let name: String?
+    init(_ body: @escaping @Sendable () -> Void, name: String?) { self.body = body; self.name = name }
 
-    /// Starts `body` on a new detached thread.
-    public static func start(_ body: @escaping @Sendable () -> Void) {
-        let box = Unmanaged.passRetained(DetachedThread(body)).toOpaque()
+    /// Starts `body` on a new detached thread, named `name` (15 bytes are kept).
+    public static func start(name: String? = nil, _ body: @escaping @Sendable () -> Void) {
+        let box = Unmanaged.passRetained(DetachedThread(body, name: name)).toOpaque()
         var tid = pthread_t()
         pthread_create(&tid, nil, { arg in
-            Unmanaged<DetachedThread>.fromOpaque(arg!).takeRetainedValue().body()
+            let t = Unmanaged<DetachedThread>.fromOpaque(arg!).takeRetainedValue()
+            if let n = t.name { cxen_set_thread_name(n) }
+            t.body()
             return nil
         }, box)
         pthread_detach(tid)
     }
+
+    /// Names the calling thread, as top -H and perf show it.
+    public static func setName(_ name: String) { cxen_set_thread_name(name) }
 }

@@ -45,7 +45,7 @@ public final class DomainDeathWatcher: @unchecked Sendable {
 
     /// Starts the watcher thread.
     public func start() {
-        DetachedThread.start { [self] in
+        DetachedThread.start(name: "virq-dom-exc") { [self] in
             while true {
                 virq.wait()
                 // The domains introduced before we ask: one introduced after the

@@ -1,5 +1,8 @@
 import CXen
+import Dispatch
+import Foundation
 import Glibc
+import Synchronization
 import Testing
 import XenHV
 import XenRing
@@ -157,5 +160,20 @@ import XenRing
         #expect(g.send("ring-push 13 1") == "full")
         f.dom0.unmapGrant(m1)
         f.dom0.unmapGrant(m2)
+    }
+}
+
+@Suite struct DetachedThreadTests {
+    /// A named thread shows its name where top -H and perf read it.
+    @Test func aDetachedThreadCarriesItsName() throws {
+        let seen = Mutex<String?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        DetachedThread.start(name: "vbd12345q0-and-more") {
+            let comm = try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)
+            seen.withLock { $0 = comm?.trimmingCharacters(in: .whitespacesAndNewlines) }
+            done.signal()
+        }
+        #expect(done.wait(timeout: .now() + 10) == .success)
+        #expect(seen.withLock { $0 } == "vbd12345q0-and-")  // the kernel keeps 15 bytes
     }
 }

@@ -141,6 +141,10 @@ ssize_t cxen_send_with_fds(int sock, const void *buf, size_t len, const int *fds
 /* As above, but never blocks (MSG_DONTWAIT): a full peer gets EAGAIN. */
 ssize_t cxen_send_with_fds_nowait(int sock, const void *buf, size_t len, const int *fds, int nfds);
 ssize_t cxen_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds);
+/* Names the calling thread (prctl PR_SET_NAME; at most 15 bytes are kept), so
+   top -H, perf and /proc/<pid>/task/<tid>/comm tell the threads apart. */
+void cxen_set_thread_name(const char *name);
+
 /* A signalfd for SIGTERM, SIGINT and SIGHUP, which it also blocks; -1 on error. */
 int cxen_termination_signalfd(void);
 /* A non-blocking signalfd for `n` signals, which it also blocks; -1 on error. */
