@@ -122,9 +122,14 @@ public final class XenBusRingTransport: XenBusTransport, @unchecked Sendable {
     /// Interrupts a receive blocked in poll(2).
     let wakeFD: Int32
     static let ringSize = UInt32(XENSTORE_RING_SIZE)
+    /// How long a full request ring may go unconsumed before a send gives up
+    /// (xenstored gone or wedged): the guest's callers then see `.timeout`
+    /// instead of hanging, e.g. at exit.
+    let stalledSendLimit: Double
 
-    public init(port: XenBusRingPort) {
+    public init(port: XenBusRingPort, stalledSendLimit: Double = 30) {
         self.port = port
+        self.stalledSendLimit = stalledSendLimit
         wakeFD = cxen_eventfd(0, O_CLOEXEC | O_NONBLOCK)
     }
 
@@ -140,8 +145,10 @@ public final class XenBusRingTransport: XenBusTransport, @unchecked Sendable {
             let reqOff = MemoryLayout<xenstore_domain_interface>.offset(of: \.req)!
             var off = 0
             var spins = 0
+            var stalledSince = 0.0
             while off < bytes.count {
                 if closedFlag.isSet { throw .closed }
+                if cxen_load_acquire_u32(word(\.error)) != 0 { throw .closed }  // the daemon gave up on this ring
                 let cons = cxen_load_acquire_u32(word(\.req_cons))
                 let prod = cxen_load_relaxed_u32(word(\.req_prod))
                 let used = prod &- cons
@@ -150,6 +157,8 @@ public final class XenBusRingTransport: XenBusTransport, @unchecked Sendable {
                 if space == 0 {
                     // The daemon frees space and notifies; our reader thread consumes that
                     // notification, so poll the index with a short back-off.
+                    if spins == 0 { stalledSince = monotonicNow() }
+                    if monotonicNow() - stalledSince > stalledSendLimit { throw .timeout }
                     port.notify()
                     spins += 1
                     usleep(spins < 100 ? 50 : 1000)

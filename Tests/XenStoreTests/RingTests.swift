@@ -448,3 +448,40 @@ func waitUntil(_ timeout: Double = 10, _ cond: () -> Bool) -> Bool {
         #expect(try !toolstack.exists(dev.backendPath))
     }
 }
+
+/// The guest's side of the ring when xenstored is gone: a send into a full
+/// request ring that nobody consumes gives up (`.timeout`) instead of hanging
+/// the guest, and a ring the daemon marked broken (`error`) is closed.
+@Suite struct GuestRingSendTests {
+    static func transport(stalledSendLimit: Double) -> (XenBusRingTransport, UnsafeMutableRawPointer, Int32) {
+        let page = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        page.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
+        let efd = cxen_eventfd(0, O_CLOEXEC | O_NONBLOCK)
+        let t = XenBusRingTransport(port: XenBusRingPort(page: page, eventFD: efd, notify: {}), stalledSendLimit: stalledSendLimit)
+        return (t, page, efd)
+    }
+
+    /// What `send` threw, or nil.
+    static func send(_ t: XenBusRingTransport, _ bytes: [UInt8]) -> XenBusError? {
+        bytes.withUnsafeBytes { b -> XenBusError? in
+            do throws(XenBusError) { try t.send(b); return nil } catch { return error }
+        }
+    }
+
+    @Test func aSendNobodyConsumesTimesOut() throws {
+        let (t, page, efd) = Self.transport(stalledSendLimit: 0.2)
+        defer { t.close(); close(efd); page.deallocate() }
+        let bytes = [UInt8](repeating: 0x41, count: 1500)  // more than the 1024-byte request ring
+        #expect(Self.send(t, bytes) == .timeout)
+        // The ring got what fitted, and no more.
+        let reqProd = page.load(fromByteOffset: MemoryLayout<xenstore_domain_interface>.offset(of: \.req_prod)!, as: UInt32.self)
+        #expect(reqProd == UInt32(XENSTORE_RING_SIZE))
+    }
+
+    @Test func aRingTheDaemonGaveUpOnIsClosedForSends() throws {
+        let (t, page, efd) = Self.transport(stalledSendLimit: 30)
+        defer { t.close(); close(efd); page.deallocate() }
+        page.storeBytes(of: UInt32(1), toByteOffset: MemoryLayout<xenstore_domain_interface>.offset(of: \.error)!, as: UInt32.self)
+        #expect(Self.send(t, [UInt8](repeating: 1, count: 16)) == .closed)
+    }
+}
