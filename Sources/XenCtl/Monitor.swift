@@ -225,14 +225,9 @@ extension Toolstack {
             try destroyForRestart(info.domid, hv)
             return nil
         case .restart, .renameRestart:
-            // reload_domain_config: the same devices, with the MACs the domain had.
-            var next = config
+            // reload_domain_config: the devices the domain has now, with the MACs it had.
             let xs = try connectStore()
-            for i in next.vifs.indices where next.vifs[i].mac == nil {
-                if let m = (try? xs.readIfExists("/local/domain/0/backend/vif/\(info.domid)/\(i)/mac")) ?? nil {
-                    next.vifs[i].mac = try? MACAddress(parsing: m)
-                }
-            }
+            let next = currentConfiguration(of: info.domid, from: config, xs)
             if action == .renameRestart {
                 let kept = try preserveName(info, hv, xs)
                 logger.info("preserving domain \(info.domid) as '\(kept)'")
@@ -248,6 +243,50 @@ extension Toolstack {
             for n in g.nics { logger.info("  \(n)") }
             return g.domid
         }
+    }
+
+    /// libxl_retrieve_domain_configuration: `config` with the devices domain
+    /// `domid` has now, read from its backend directories. A disk or vif
+    /// attached after create is kept, one detached is dropped, and every vif
+    /// keeps the MAC it had; a config entry is reused where the device is
+    /// still the one it describes (same target, same bridge).
+    func currentConfiguration(of domid: XenHV.DomID, from config: DomainConfig, _ xs: XenBusClient) -> DomainConfig {
+        func key(_ dir: String, _ k: String) -> String? { (try? xs.readIfExists(dir + "/" + k)) ?? nil }
+        func ids(_ type: String) -> [String] {
+            ((try? xs.directory("/local/domain/0/backend/\(type)/\(domid)")) ?? []).sorted { (Int($0) ?? 0) < (Int($1) ?? 0) }
+        }
+        var next = config
+        next.disks = ids("vbd").compactMap { id -> DiskSpec? in
+            let be = "/local/domain/0/backend/vbd/\(domid)/\(id)"
+            guard let target = key(be, "params") else { return nil }
+            if let d = config.disks.first(where: { "\($0.devid)" == id && $0.target == target }) { return d }
+            guard let dev = key(be, "dev"), var d = try? DiskSpec(parsing: "vdev=\(dev), target=\(target)") else { return nil }
+            d.access = key(be, "mode") == DiskSpec.Access.readOnly.rawValue ? .readOnly : .readWrite
+            d.isCDROM = key(be, "device-type") == "cdrom"
+            d.discard = key(be, "discard-enable") != "0"
+            return d
+        }
+        next.vifs = ids("vif").compactMap { id -> VifSpec? in
+            let be = "/local/domain/0/backend/vif/\(domid)/\(id)"
+            guard let bridge = key(be, "bridge") else { return nil }
+            let mac = key(be, "mac").flatMap { try? MACAddress(parsing: $0) }
+            var v: VifSpec
+            if let i = Int(id), i < config.vifs.count, config.vifs[i].bridge == bridge,
+               config.vifs[i].mac == nil || config.vifs[i].mac == mac {
+                v = config.vifs[i]
+            } else {
+                guard let parsed = try? VifSpec(parsing: "bridge=\(bridge)") else { return nil }
+                v = parsed
+                v.script = key(be, "script")
+                v.mtu = key(be, "mtu").flatMap(UInt32.init)
+                if let r = key(be, "rate")?.split(separator: ","), r.count == 2, let b = UInt64(r[0]), let u = UInt32(r[1]) {
+                    v.rate = VifSpec.Rate(bytesPerInterval: b, intervalMicroseconds: u)
+                }
+            }
+            v.mac = v.mac ?? mac
+            return v
+        }
+        return next
     }
 
     func destroyForRestart(_ domid: XenHV.DomID, _ hv: Hypervisor) throws {

@@ -45,8 +45,8 @@ import XenCtl
     }
 
     /// qemu-io on a domain's disk (NBD over the socket pvguest serves in guests/<domid>/).
-    func qemuIO(_ run: String, domid: Int, _ commands: String...) -> Bool {
-        let uri = "nbd+unix:///xvda?socket=\(run)/guests/\(domid)/xvda.sock"
+    func qemuIO(_ run: String, domid: Int, disk: String = "xvda", _ commands: String...) -> Bool {
+        let uri = "nbd+unix:///\(disk)?socket=\(run)/guests/\(domid)/\(disk).sock"
         return self.run("/usr/bin/qemu-io", ["-f", "raw", uri] + commands.flatMap { ["-c", $0] }).0 == 0
     }
 
@@ -118,13 +118,21 @@ import XenCtl
         let monitorLog = (try? String(contentsOfFile: run + "/logs/monitor-crashy.log", encoding: .utf8)) ?? ""
         #expect(monitorLog.contains("domain \(first.domid) shut down, reason crash: action restart"), "\(monitorLog)")
 
-        // xenctl reboot with on_reboot=restart (the default): back with a new domid, same name and disk.
+        // A disk attached now stays across the reboot (libxl reloads the domain's
+        // current devices, not its config file's).
+        let extra = image("crashy-extra")
+        #expect(try cli.xenctl("block-attach", "crashy", "vdev=xvdb, target=\(extra)", runDir: run).0 == 0)
+        #expect(qemuIO(run, domid: second, disk: "xvdb", "write -P 0x3c 0 8192"))
+
+        // xenctl reboot with on_reboot=restart (the default): back with a new domid, same name and disks.
         let (rrc, rout, rerr) = try cli.xenctl("reboot", "crashy", runDir: run)
         #expect(rrc == 0, "\(rerr) \(logs("crashy"))")
         let third = try list(run).first { $0.name == "crashy" }?.domid ?? 0
         #expect(third != second && third != 0 && rout == "Domain crashy restarted as domain \(third)\n", "\(rout)")
         #expect(try !list(run).contains { $0.domid == second })
         #expect(qemuIO(run, domid: third, "read -P 0x5a 0 65536", "read -P 0xa5 65536 4096"))
+        #expect(storeHas(run, "/local/domain/0/backend/vbd/\(third)/51728"))
+        #expect(qemuIO(run, domid: third, disk: "xvdb", "read -P 0x3c 0 8192"))
         let guestLog = (try? String(contentsOfFile: run + "/logs/guest-crashy.log", encoding: .utf8)) ?? ""
         #expect(guestLog.contains("reason=reboot"), "\(guestLog)")
 
