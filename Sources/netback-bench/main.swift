@@ -114,20 +114,9 @@ struct NetbackBench: ParsableCommand {
 
 @discardableResult
 func sh(_ path: String, _ args: [String], check: Bool = true) throws -> String {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: path)
-    p.arguments = args
-    let out = Pipe(), err = Pipe()
-    p.standardOutput = out
-    p.standardError = err
-    try p.run()
-    let o = out.fileHandleForReading.readDataToEndOfFile()
-    let e = err.fileHandleForReading.readDataToEndOfFile()
-    p.waitUntilExit()
-    if check && p.terminationStatus != 0 {
-        throw FrontError("\(path) \(args.joined(separator: " ")): \(String(decoding: o + e, as: UTF8.self))")
-    }
-    return String(decoding: o, as: UTF8.self)
+    let r = CommandResult.run(path, args, timeout: 600)
+    if check && !r.ok { throw FrontError("\(path) \(args.joined(separator: " ")): \(r.out + r.err)") }
+    return r.out
 }
 
 func ip(_ args: String...) throws { try sh("/usr/sbin/ip", args) }

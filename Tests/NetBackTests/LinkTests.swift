@@ -85,7 +85,7 @@ import XenTestKit
         #expect(try run(tool, ["set-mtu", tap.name, "1400"]).status == 0)
         #expect(try run(tool, ["up", tap.name]).status == 0)
         let show = try run(tool, ["show", tap.name])
-        #expect(show.output == "\(tap.name) kind=tun mtu=1400 up master=\(try nl.link(br).ifindex)\n")
+        #expect(show.out == "\(tap.name) kind=tun mtu=1400 up master=\(try nl.link(br).ifindex)\n")
         #expect(try run(tool, ["release", tap.name]).status == 0)
         #expect(try nl.link(tap.name).master == 0)
         #expect(try run(tool, ["bridge-del", br]).status == 0)
@@ -95,8 +95,8 @@ import XenTestKit
                      ["release", "nosuchdev0"]] {
             let r = try run(tool, args)
             #expect(r.status == 1, "\(args)")
-            #expect(r.error.hasPrefix("xen-netlink: ") && r.error.filter { $0 == "\n" }.count == 1, "\(args): \(r.error)")
-            #expect(r.output.isEmpty)
+            #expect(r.err.hasPrefix("xen-netlink: ") && r.err.filter { $0 == "\n" }.count == 1, "\(args): \(r.err)")
+            #expect(r.out.isEmpty)
         }
         #expect(try run(tool, ["set-mtu", tap.name, "10"]).status != 0)
     }
@@ -112,29 +112,20 @@ import XenTestKit
             _ = try? nl.deleteLink(br)
         }
         func hotplug(_ arg: String, vif: String, mtu: String? = nil) throws -> CommandResult {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: "/bin/bash")
-            p.arguments = [script, arg]
             var env = ["vif": vif, "bridge": br, "XEN_NETLINK": BuildProducts.path("xen-netlink"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"]
             if let mtu { env["mtu"] = mtu }
-            p.environment = env
-            let err = Pipe()
-            p.standardError = err
-            try p.run()
-            let e = err.fileHandleForReading.readDataToEndOfFile()
-            p.waitUntilExit()
-            return CommandResult(status: p.terminationStatus, output: "", error: String(decoding: e, as: UTF8.self))
+            return CommandResult.run("/bin/bash", [script, arg], environment: env)
         }
         // The bridge does not exist yet: the script creates it.
         let on = try hotplug("online", vif: tap.name, mtu: "1400")
-        #expect(on.status == 0, "\(on.error)")
+        #expect(on.status == 0, "\(on.err)")
         let b = try nl.link(br), d = try nl.link(tap.name)
         #expect(b.kind == "bridge" && b.isUp)
         #expect(d.master == b.ifindex && d.isUp && d.mtu == 1400)
         #expect(try hotplug("offline", vif: tap.name).status == 0)
         #expect(try nl.link(tap.name).master == 0)
         let bad = try hotplug("online", vif: "nosuchvif0")
-        #expect(bad.status == 1 && bad.error.contains("vif-bridge: xen-netlink"))
+        #expect(bad.status == 1 && bad.err.contains("vif-bridge: xen-netlink"))
     }
 }
 
@@ -188,6 +179,6 @@ import XenTestKit
         #expect(p.terminationReason == .exit && p.terminationStatus == 0)
         #expect(!nl.exists(name))
         let bad = try run(BuildProducts.path("netback"), ["--domid", "1", "--queue", "1,2"])
-        #expect(bad.status != 0 && bad.error.contains("--queue"))
+        #expect(bad.status != 0 && bad.err.contains("--queue"))
     }
 }

@@ -7,34 +7,16 @@ import NetFrontKit
 import XenHV
 import XenTestKit
 
-struct CommandResult {
-    let status: Int32
-    let output: String
-    let error: String
-}
 
 /// Runs a command to completion and captures its output.
 @discardableResult
-func run(_ path: String, _ args: [String]) throws -> CommandResult {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: path)
-    p.arguments = args
-    let out = Pipe(), err = Pipe()
-    p.standardOutput = out
-    p.standardError = err
-    try p.run()
-    let o = out.fileHandleForReading.readDataToEndOfFile()
-    let e = err.fileHandleForReading.readDataToEndOfFile()
-    p.waitUntilExit()
-    return CommandResult(status: p.terminationStatus, output: String(decoding: o, as: UTF8.self),
-                         error: String(decoding: e, as: UTF8.self))
-}
+func run(_ path: String, _ args: [String]) throws -> CommandResult { CommandResult.run(path, args) }
 
 /// `ip` for the test's own scaffolding (namespaces, addresses); netback itself never runs it.
 @discardableResult
 func ip(_ args: String...) throws -> CommandResult {
     let r = try run("/usr/sbin/ip", args)
-    if r.status != 0 { throw FrontError("ip \(args.joined(separator: " ")): \(r.error)") }
+    if r.status != 0 { throw FrontError("ip \(args.joined(separator: " ")): \(r.err)") }
     return r
 }
 
@@ -128,7 +110,7 @@ final class PeerNetwork {
             try ip("-n", namespace, "addr", "add", "\(peerIP.map(String.init).joined(separator: "."))/24", "dev", vethPeer)
             try ip("-n", namespace, "link", "set", vethPeer, "up")
             try ip("-n", namespace, "link", "set", "lo", "up")
-            let mac = try ip("-n", namespace, "-br", "link", "show", vethPeer).output
+            let mac = try ip("-n", namespace, "-br", "link", "show", vethPeer).out
                 .split(separator: " ", omittingEmptySubsequences: true)[2]
             peerMAC = MACAddress(String(mac))!.array
         } catch {
