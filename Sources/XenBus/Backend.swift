@@ -138,6 +138,23 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
         timer.async(execute: tick)
     }
 
+    /// A backend daemon's life once connected: watches its directory, settles,
+    /// publishes its counters to `statisticsPath` (its directory created),
+    /// prints `readyLine` on stdout for the supervisor, serves until
+    /// `signalFD` (a termination signalfd) is readable, then detaches every
+    /// device.
+    public func serve(statisticsPath: String, readyLine: String, untilReadable signalFD: CInt) throws {
+        try start()
+        settle()
+        if let slash = statisticsPath.lastIndex(of: "/") { mkdir(String(statisticsPath[..<slash]), 0o755) }
+        publishStatistics(to: statisticsPath)
+        _ = (readyLine + "\n").withCString { write(1, $0, strlen($0)) }
+        var pfd = pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0)
+        while poll(&pfd, 1, -1) < 0 && errno == EINTR {}
+        logger.info("stopping: detaching \(deviceNames.count) device(s)")
+        stop()
+    }
+
     /// Detaches everything (daemon shutdown).
     public func stop() {
         if let w = rootWatch { try? xs.unwatch(w) }

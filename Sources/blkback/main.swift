@@ -49,16 +49,8 @@ struct BlkBackCommand: ParsableCommand {
         let sfd = cxen_termination_signalfd()
         let hv = try Hypervisor.connect(socketPath: hypervisor ?? runDir + "/xenhv.sock")
         let xs = try XenBusClient.connect(socketPath: xenstore ?? runDir + "/xenstored/socket")
-        let service = BlkbackService(hypervisor: hv, xenbus: xs, logger: logger)
-        try service.start()
-        service.settle()
-        mkdir(runDir + "/stats", 0o755)
-        service.publishStatistics(to: runDir + "/stats/blkback.stats")
-        _ = "blkback ready\n".withCString { write(1, $0, strlen($0)) }
-        var pfd = pollfd(fd: sfd, events: Int16(POLLIN), revents: 0)
-        while poll(&pfd, 1, -1) < 0 && errno == EINTR {}
-        logger.info("stopping: detaching \(service.deviceNames.count) device(s)")
-        service.stop()
+        try BlkbackService(hypervisor: hv, xenbus: xs, logger: logger)
+            .serve(statisticsPath: runDir + "/stats/blkback.stats", readyLine: "blkback ready", untilReadable: sfd)
         xs.close()
     }
 }

@@ -111,17 +111,9 @@ extension NetbackCommand {
         let script: String = hotplugScript ?? candidates.first(where: { access($0, X_OK) == 0 }) ?? "\(dir)/vif-bridge"
         let driver = NetbackDriver(hypervisor: hv, logger: log, maxQueues: max(1, maxQueues), defaultScript: script,
                                    scriptEnvironment: ["XENSTORED_PATH": xenstorePath, "XEN_NETLINK": "\(dir)/xen-netlink"])
-        let service = NetbackService(xenbus: xs, driver: driver, logger: log)
-        try service.start()
-        service.settle()
-        let runDir = ProcessInfo.processInfo.environment["XEN_RUN_DIR"] ?? "/run/swiftxen"
-        mkdir(runDir + "/stats", 0o755)
-        service.publishStatistics(to: runDir + "/stats/netback.stats")
-        _ = "netback ready\n".withCString { write(1, $0, strlen($0)) }
-        var pfd = pollfd(fd: sfd, events: Int16(POLLIN), revents: 0)
-        while poll(&pfd, 1, -1) < 0 && errno == EINTR {}
-        log.info("stopping: removing \(service.deviceNames.count) vif(s)")
-        service.stop()
+        let runDir = env["XEN_RUN_DIR"] ?? "/run/swiftxen"
+        try NetbackService(xenbus: xs, driver: driver, logger: log)
+            .serve(statisticsPath: runDir + "/stats/netback.stats", readyLine: "netback ready", untilReadable: sfd)
         xs.close()
     }
 }
