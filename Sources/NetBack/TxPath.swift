@@ -83,6 +83,44 @@ public struct TxGSO: Equatable, Sendable {
     }
 }
 
+extension FrontRing where P == NetifTxRing {
+    /// The frontend's side of the layout ``TxPacket`` parses (Linux netfront's
+    /// xennet_make_txreqs): queues slot `index` of a packet of `slots` slots and
+    /// `totalBytes` bytes. The first slot carries the whole length, `flags` and,
+    /// with a GSO request, NETTXF_extra_info and the GSO extra in the next
+    /// ring slot; every slot but the last carries NETTXF_more_data. False when
+    /// the ring is full (callers check the space for the whole packet first).
+    @discardableResult
+    public mutating func enqueueTxSlot(_ index: Int, of slots: Int, totalBytes: Int, slotBytes: Int, gref: UInt32, id: UInt16,
+                                       offset: UInt16 = 0, flags: UInt16 = 0, gso: TxGSO? = nil) -> Bool {
+        var r = netif_tx_request()
+        r.gref = gref
+        r.offset = offset
+        r.id = id
+        r.size = UInt16(index == 0 ? totalBytes : slotBytes)
+        var f: UInt16 = index == 0 ? flags : 0
+        if index + 1 < slots { f |= UInt16(NETTXF_more_data) }
+        if index == 0 && gso != nil { f |= UInt16(NETTXF_extra_info) }
+        r.flags = f
+        guard enqueue(r) else { return false }
+        guard index == 0, let g = gso else { return true }
+        var x = netif_extra_info()
+        x.type = UInt8(XEN_NETIF_EXTRA_TYPE_GSO)
+        x.u.gso.size = g.size
+        x.u.gso.type = g.type
+        return enqueueExtra(x)
+    }
+
+    /// Queues an extra-info slot (a 12-byte netif_extra_info in a request slot).
+    @discardableResult
+    public mutating func enqueueExtra(_ x: netif_extra_info) -> Bool {
+        var slot = netif_tx_request()
+        // Sound: netif_extra_info and netif_tx_request are both 12-byte plain C structs sharing a ring slot.
+        withUnsafeMutableBytes(of: &slot) { p in withUnsafeBytes(of: x) { p.copyMemory(from: $0) } }
+        return enqueue(slot)
+    }
+}
+
 /// One transmit packet's slots, each request copied once out of the ring.
 /// Reused across packets (its fragment storage keeps its capacity).
 public struct TxPacket: Sendable {

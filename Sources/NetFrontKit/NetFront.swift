@@ -155,23 +155,8 @@ public final class FrontQueue: @unchecked Sendable {
         for (i, piece) in pieces.enumerated() {
             let id = takeTxID()!
             try writeTxBuffer(id, offset: offset, Array(piece))
-            var r = netif_tx_request()
-            r.gref = txRef(id)
-            r.offset = UInt16(offset)
-            r.id = id
-            r.size = UInt16(i == 0 ? frame.count : piece.count)
-            var f: UInt16 = i == 0 ? flags : 0
-            if i + 1 < pieces.count { f |= UInt16(NETTXF_more_data) }
-            if i == 0 && gso != nil { f |= UInt16(NETTXF_extra_info) }
-            r.flags = f
-            tx.enqueue(r)
-            if i == 0, let g = gso {
-                var x = netif_extra_info()
-                x.type = UInt8(XEN_NETIF_EXTRA_TYPE_GSO)
-                x.u.gso.size = g.size
-                x.u.gso.type = g.type
-                enqueueExtra(x)
-            }
+            tx.enqueueTxSlot(i, of: pieces.count, totalBytes: frame.count, slotBytes: piece.count, gref: txRef(id), id: id,
+                             offset: UInt16(offset), flags: flags, gso: gso)
         }
         return true
     }
@@ -199,22 +184,7 @@ public final class FrontQueue: @unchecked Sendable {
                     (dst.baseAddress! + d).copyMemory(from: payload.baseAddress! + (pos - header.count), byteCount: n - d)
                 }
             }
-            var r = netif_tx_request()
-            r.gref = txRef(id)
-            r.id = id
-            r.size = UInt16(i == 0 ? total : n)
-            var f: UInt16 = i == 0 ? flags : 0
-            if i + 1 < pieces { f |= UInt16(NETTXF_more_data) }
-            if i == 0 && gso != nil { f |= UInt16(NETTXF_extra_info) }
-            r.flags = f
-            tx.enqueue(r)
-            if i == 0, let g = gso {
-                var x = netif_extra_info()
-                x.type = UInt8(XEN_NETIF_EXTRA_TYPE_GSO)
-                x.u.gso.size = g.size
-                x.u.gso.type = g.type
-                enqueueExtra(x)
-            }
+            tx.enqueueTxSlot(i, of: pieces, totalBytes: total, slotBytes: n, gref: txRef(id), id: id, flags: flags, gso: gso)
         }
         return true
     }
@@ -224,15 +194,9 @@ public final class FrontQueue: @unchecked Sendable {
         for s in slots {
             switch s {
             case .request(let r): precondition(tx.enqueue(r), "tx ring full")
-            case .extra(let x): enqueueExtra(x)
+            case .extra(let x): precondition(tx.enqueueExtra(x), "tx ring full")
             }
         }
-    }
-
-    private func enqueueExtra(_ x: netif_extra_info) {
-        var r = netif_tx_request()
-        withUnsafeMutableBytes(of: &r) { p in withUnsafeBytes(of: x) { p.copyMemory(from: $0) } }
-        precondition(tx.enqueue(r), "tx ring full")
     }
 
     /// Publishes queued tx requests and kicks the backend if it asked.

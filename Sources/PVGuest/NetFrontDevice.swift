@@ -301,7 +301,7 @@ public final class NetFrontDevice: @unchecked Sendable {
     /// states go only into our own directory (`owner`: not into a new device
     /// the toolstack put in its place).
     func reconnect() {
-        let fe = frontendPath, be = backendPath
+        let fe = frontendPath
         while true {
             do {
                 try checkAttached()
@@ -578,27 +578,7 @@ extension NetFrontDevice {
                 let id = freeTx.removeLast()  // the page slot s was read into
                 txOut[Int(id)] = true
                 let n = min(page, len - s * page)
-                var r = netif_tx_request()
-                r.gref = txRefs[Int(id)]
-                r.offset = 0
-                r.id = id
-                r.size = UInt16(s == 0 ? len : n)
-                var f: UInt16 = s == 0 ? flags : 0
-                if s + 1 < slots { f |= UInt16(NETTXF_more_data) }
-                if s == 0 && gso != nil { f |= UInt16(NETTXF_extra_info) }
-                r.flags = f
-                tx.enqueue(r)
-                if s == 0, let g = gso {
-                    var x = netif_extra_info()
-                    x.type = UInt8(XEN_NETIF_EXTRA_TYPE_GSO)
-                    x.flags = 0
-                    x.u.gso.size = g.size
-                    x.u.gso.type = g.type
-                    var slot = netif_tx_request()
-                    // Sound: netif_extra_info and netif_tx_request are both 12-byte plain C structs sharing a ring slot.
-                    withUnsafeMutableBytes(of: &slot) { p in withUnsafeBytes(of: x) { p.copyMemory(from: $0) } }
-                    tx.enqueue(slot)
-                }
+                tx.enqueueTxSlot(s, of: slots, totalBytes: len, slotBytes: n, gref: txRefs[Int(id)], id: id, flags: flags, gso: gso)
             }
             stats.txPackets.wrappingAdd(1, ordering: .relaxed)
             stats.txBytes.wrappingAdd(UInt64(len), ordering: .relaxed)
