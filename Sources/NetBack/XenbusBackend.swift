@@ -2,6 +2,7 @@ import Glibc
 import Logging
 import XenBus
 import XenHV
+import XenRing
 import XenStore
 
 /// netback's part of the XenBus handshake (Linux's xen-netback/xenbus.c),
@@ -67,8 +68,8 @@ public final class NetbackDriver: XenBusBackendDriver {
 
     /// A netfront goes Connected before the backend does (xen-netfront's
     /// talk_to_netback), its rx ring already filled with buffers. Rings on
-    /// which no backend ever answered (`rsp_prod`, offset 8 of each shared
-    /// ring, still 0) and no frame was sent (tx `req_prod`, offset 0, still 0)
+    /// which no backend ever answered (each shared ring's `rsp_prod` still 0)
+    /// and no frame was sent (tx `req_prod` still 0)
     /// are its offer as made: every posted rx request is still outstanding, so
     /// a new backend consuming them from the start agrees with the frontend.
     /// Read through read-only maps, unmapped at once.
@@ -80,8 +81,8 @@ public final class NetbackDriver: XenBusBackendDriver {
         func untouched(_ ref: GrantRef, requests: Bool) -> Bool {
             guard case .success(let m) = hv.mapGrant(domid: domid, ref: ref, writable: false) else { return false }
             defer { _ = hv.unmapGrant(m) }
-            let rspProd = (try? m.region.load(UInt32.self, at: 8)) ?? 1
-            let reqProd = requests ? (try? m.region.load(UInt32.self, at: 0)) ?? 1 : 0
+            let rspProd = (try? m.region.load(UInt32.self, at: RingLayout.rspProdOffset)) ?? 1
+            let reqProd = requests ? (try? m.region.load(UInt32.self, at: RingLayout.reqProdOffset)) ?? 1 : 0
             return rspProd == 0 && reqProd == 0
         }
         return c.queues.allSatisfy { untouched($0.txRingRef, requests: true) && untouched($0.rxRingRef, requests: false) }

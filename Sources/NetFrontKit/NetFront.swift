@@ -131,7 +131,7 @@ public final class FrontQueue: @unchecked Sendable {
     /// The raw 12 bytes of tx ring slot `index` (request/response union), to
     /// check what the backend left in it.
     public func txSlotBytes(_ index: UInt32) throws -> [UInt8] {
-        try memory.bytes(at: firstPage * 4096 + 64 + Int(index & (tx.size - 1)) * 12, count: 12)
+        try memory.bytes(at: firstPage * 4096 + RingLayout.headerSize + Int(index & (tx.size - 1)) * MemoryLayout<netif_tx_request>.size, count: 12)
     }
 
     // MARK: Transmit

@@ -67,10 +67,10 @@ public enum RingLayout {
     public static let maxOrder = 4
     public static let maxPages = 1 << maxOrder
 
-    @usableFromInline static let reqProdOffset = 0
-    @usableFromInline static let reqEventOffset = 4
-    @usableFromInline static let rspProdOffset = 8
-    @usableFromInline static let rspEventOffset = 12
+    public static let reqProdOffset = 0
+    public static let reqEventOffset = 4
+    public static let rspProdOffset = 8
+    public static let rspEventOffset = 12
 }
 
 /// blkif.h's ring: `blkif_request` (112 bytes) / `blkif_response` (16 bytes).
