@@ -191,6 +191,9 @@ public final class VirtualBlockDevice: @unchecked Sendable {
         return fds
     }
 
+    /// Each queue's event-channel descriptor (for tests).
+    var channelDescriptorsForTesting: [CInt] { state.withLock { $0.queues.map(\.channelDescriptor) } }
+
     /// Each queue's aio context (for tests).
     var aioContextsForTesting: [UInt] { state.withLock { $0.queues.compactMap(\.aioContext) } }
 

@@ -56,6 +56,8 @@ protocol QueueRunner: AnyObject, Sendable {
     var descriptors: [CInt] { get }
     /// The queue's aio context (the address of its [aio] ring mapping), if it has one.
     var aioContext: UInt? { get }
+    /// The event channel's descriptor (an eventfd xenhv also holds for the port).
+    var channelDescriptor: CInt { get }
     func start() throws(BlkBackError)
     /// Stops the thread, waits for in-flight I/O, releases every mapping and port.
     func stop()
@@ -162,6 +164,7 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     var persistentGrantCount: Int { grantCount.load(ordering: .relaxed) }
     var descriptors: [CInt] { [channel.descriptor, controlFD] + (engine.map { [$0.eventFD] } ?? []) }
     var aioContext: UInt? { engine?.contextAddress }
+    var channelDescriptor: CInt { channel.descriptor }
 
     init(index: Int, hypervisor: Hypervisor, frontend: DomID, disk: DiskState, ring config: QueueRingConfig,
          persistentGrants: Bool, persistentGrantLimit: Int) throws(BlkBackError) {
