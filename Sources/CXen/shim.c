@@ -10,6 +10,8 @@
 #include <spawn.h>
 #include <sys/signalfd.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <linux/kcmp.h>
 
 int cxen_memfd_create(const char *name, unsigned int flags) {
     return memfd_create(name, flags);
@@ -106,6 +108,12 @@ int cxen_signalfd_read(int fd) {
 
 int cxen_spawn_closefrom(void *file_actions, int from) {
     return posix_spawn_file_actions_addclosefrom_np((posix_spawn_file_actions_t *)file_actions, from);
+}
+
+int cxen_same_file(int a, int b) {
+    pid_t me = getpid();
+    long r = syscall(SYS_kcmp, me, me, KCMP_FILE, a, b);
+    return r < 0 ? -1 : r == 0;
 }
 
 void cxen_set_thread_name(const char *name) {

@@ -95,17 +95,6 @@ func allocatedBytes(_ path: String) -> Int {
     return Int(st.st_blocks) * 512
 }
 
-/// What descriptor `fd` is now, precisely enough to tell it from a later
-/// descriptor with the same number (other suites open and close descriptors
-/// concurrently): its target plus, for eventfds, the eventfd's id. nil when closed.
-func descriptorIdentity(_ fd: CInt) -> String? {
-    guard let target = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)") else { return nil }
-    let info = readProcFile("/proc/self/fdinfo/\(fd)")
-    let lines = info.split(separator: "\n")
-    let id = lines.first { $0.hasPrefix("eventfd-id") } ?? lines.first { $0.hasPrefix("ino") } ?? ""
-    return target + "|" + id
-}
-
 /// A procfs file's text (they report size 0, so read until end of file).
 func readProcFile(_ path: String) -> String {
     let fd = open(path, O_RDONLY | O_CLOEXEC)

@@ -177,11 +177,14 @@ extension BlkBackIntegration {
             #expect(!front.endAccess(front.queues[0].ringRefs[0]))
             let fds = dev.descriptorsForTesting
             #expect(fds.count == 2 + 2 * 3)  // O_DIRECT + buffered image; per queue: channel, aio eventfd, control
-            let fdIdentities = fds.map { descriptorIdentity($0) }
-            #expect(fdIdentities.allSatisfy { $0 != nil })
+            // Our own reference to each open file, so a number reused by another
+            // suite's new descriptor (even an eventfd with the same id) is told apart.
+            let held = fds.map { fcntl($0, F_DUPFD_CLOEXEC, 0) }
+            defer { for h in held where h >= 0 { close(h) } }
+            #expect(held.allSatisfy { $0 >= 0 })
             // A port's eventfd is xenhv's too: once closed here, the guest half of
-            // this process may receive it again from xenhv, even under the same
-            // number. Its release shows in the port's status below instead.
+            // this process may receive the same file again from xenhv, even under
+            // the same number. Its release shows in the port's status below instead.
             let channelFDs = Set(dev.channelDescriptorsForTesting)
             #expect(channelFDs.count == 2 && channelFDs.isSubset(of: fds))
 
@@ -197,8 +200,8 @@ extension BlkBackIntegration {
             for r in refs { #expect(front.endAccess(r)) }
             dev.close()
             // Each descriptor is closed, or its number now belongs to something else.
-            for (fd, id) in zip(fds, fdIdentities) where !channelFDs.contains(fd) {
-                #expect(descriptorIdentity(fd) != id, "descriptor \(fd) still open")
+            for (fd, h) in zip(fds, held) where !channelFDs.contains(fd) {
+                #expect(cxen_same_file(fd, h) != 1, "descriptor \(fd) still open")
             }
             #expect(dev.stats.writeRequests == 2)
         }

@@ -145,6 +145,12 @@ ssize_t cxen_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds
    top -H, perf and /proc/<pid>/task/<tid>/comm tell the threads apart. */
 void cxen_set_thread_name(const char *name);
 
+/* Whether descriptors `a` and `b` of this process refer to the same open file
+   (kcmp KCMP_FILE): 1 yes, 0 no, -1 with errno (EBADF: one is not open). Exact
+   where /proc's view is not: fd numbers and eventfd ids are both reused
+   lowest-first. */
+int cxen_same_file(int a, int b);
+
 /* A signalfd for SIGTERM, SIGINT and SIGHUP, which it also blocks; -1 on error. */
 int cxen_termination_signalfd(void);
 /* A non-blocking signalfd for `n` signals, which it also blocks; -1 on error. */
