@@ -89,9 +89,9 @@ final class QueueWorker: @unchecked Sendable {
             throw fail(.badConnection("\(error)"))
         }
         tx = TxEngine(ring: BackRing(attaching: txRing), hypervisor: hypervisor, domid: domid, tapFD: tapFD,
-                      stats: shared.stats, rate: rate)
+                      stats: shared.stats, queueStats: shared.stats.queues[index], rate: rate)
         rx = RxEngine(ring: BackRing(attaching: rxRing), hypervisor: hypervisor, domid: domid, tapFD: tapFD,
-                      stats: shared.stats, sg: features.sg, gsoTCPv4: features.sg && features.gsoTCPv4,
+                      stats: shared.stats, queueStats: shared.stats.queues[index], sg: features.sg, gsoTCPv4: features.sg && features.gsoTCPv4,
                       gsoTCPv6: features.sg && features.gsoTCPv6, queueLimit: rxQueueLimit)
     }
 

@@ -26,6 +26,7 @@ struct RxEngine: ~Copyable {
     let domid: DomID
     let tapFD: CInt
     let stats: VifStats
+    let queueStats: QueueStats
     let sg: Bool
     let gsoTCPv4: Bool
     let gsoTCPv6: Bool
@@ -56,13 +57,14 @@ struct RxEngine: ~Copyable {
     var waitingSince: UInt64 = 0
     var carrierOff = false
 
-    init(ring: BackRing<NetifRxRing>, hypervisor: Hypervisor, domid: DomID, tapFD: CInt, stats: VifStats,
+    init(ring: BackRing<NetifRxRing>, hypervisor: Hypervisor, domid: DomID, tapFD: CInt, stats: VifStats, queueStats: QueueStats,
          sg: Bool, gsoTCPv4: Bool, gsoTCPv6: Bool, queueLimit: Int) {
         self.ring = ring
         self.hypervisor = hypervisor
         self.domid = domid
         self.tapFD = tapFD
         self.stats = stats
+        self.queueStats = queueStats
         self.sg = sg
         self.gsoTCPv4 = gsoTCPv4
         self.gsoTCPv6 = gsoTCPv6
@@ -194,6 +196,7 @@ struct RxEngine: ~Copyable {
                 }
             }
             stats.rxPackets.wrappingAdd(1, ordering: .relaxed)
+            queueStats.rxPackets.wrappingAdd(1, ordering: .relaxed)
             stats.rxBytes.wrappingAdd(UInt64(len), ordering: .relaxed)
             popBacklog()
         }

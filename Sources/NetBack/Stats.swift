@@ -55,9 +55,13 @@ public final class VifStats: @unchecked Sendable {
     public let txRateLimited = Atomic<UInt64>(0)
     /// Times a storm of empty notifications made a queue ignore its event channel briefly.
     public let eventStormBackoffs = Atomic<UInt64>(0)
+    /// Each queue's own packet counts (Linux keeps them per xenvif_queue),
+    /// one per queue offered, kept across reconnects like the totals.
+    public let queues: [QueueStats]
     private let counterStorage: UnsafeMutablePointer<Atomic<UInt64>>
 
-    public init() {
+    public init(queues n: Int = 1) {
+        queues = (0..<max(1, n)).map { _ in QueueStats() }
         counterStorage = .allocate(capacity: VifCounter.allCases.count)
         for i in 0..<VifCounter.allCases.count { (counterStorage + i).initialize(to: Atomic<UInt64>(0)) }
     }
@@ -85,8 +89,18 @@ public final class VifStats: @unchecked Sendable {
             txPackets: txPackets.load(ordering: .relaxed), txBytes: txBytes.load(ordering: .relaxed),
             rxPackets: rxPackets.load(ordering: .relaxed), rxBytes: rxBytes.load(ordering: .relaxed),
             txDrops: txDrops, rxDrops: rxDrops, txErrors: value(.txFatal),
-            txRateLimited: txRateLimited.load(ordering: .relaxed), reasons: reasons)
+            txRateLimited: txRateLimited.load(ordering: .relaxed), reasons: reasons,
+            queueTxPackets: queues.map { $0.txPackets.load(ordering: .relaxed) },
+            queueRxPackets: queues.map { $0.rxPackets.load(ordering: .relaxed) })
     }
+}
+
+/// One queue's packets: its worker is the only writer.
+public final class QueueStats: Sendable {
+    /// Packets the guest transmitted on this queue that reached the tap.
+    public let txPackets = Atomic<UInt64>(0)
+    /// Packets delivered into this queue's rx buffers.
+    public let rxPackets = Atomic<UInt64>(0)
 }
 
 /// One vif's statistics at a moment: packets, bytes, drops, errors by reason.
@@ -102,6 +116,9 @@ public struct VifStatistics: Sendable, Equatable, CustomStringConvertible {
     public var txRateLimited: UInt64
     /// Counter name -> count, for every non-zero reason.
     public var reasons: [String: UInt64]
+    /// Per queue offered: packets transmitted and received on it.
+    public var queueTxPackets: [UInt64] = []
+    public var queueRxPackets: [UInt64] = []
 
     public subscript(_ c: VifCounter) -> UInt64 { reasons[c.description] ?? 0 }
 

@@ -296,6 +296,7 @@ public struct TxEngine: ~Copyable {
     let domid: DomID
     let tapFD: CInt
     let stats: VifStats
+    let queueStats: QueueStats
     var limiter: RateLimiter
     /// A first request taken off the ring but held back by the rate limiter
     /// or by a full arena.
@@ -308,12 +309,13 @@ public struct TxEngine: ~Copyable {
     var placement: [(offset: Int, opStart: Int, opEnd: Int)]
     var ops: [GrantCopy]
 
-    init(ring: BackRing<NetifTxRing>, hypervisor: Hypervisor, domid: DomID, tapFD: CInt, stats: VifStats, rate: RateLimit?) {
+    init(ring: BackRing<NetifTxRing>, hypervisor: Hypervisor, domid: DomID, tapFD: CInt, stats: VifStats, queueStats: QueueStats, rate: RateLimit?) {
         self.ring = ring
         self.hypervisor = hypervisor
         self.domid = domid
         self.tapFD = tapFD
         self.stats = stats
+        self.queueStats = queueStats
         self.limiter = RateLimiter(rate)
         arena = UnsafeMutableRawPointer.allocate(byteCount: Self.arenaSize, alignment: 4096)
         packets = (0..<Self.maxBatch).map { _ in TxPacket() }
@@ -448,6 +450,7 @@ public struct TxEngine: ~Copyable {
                         packets[i].drop = .tapWrite(errno: Int32(-w))
                     } else {
                         stats.txPackets.wrappingAdd(1, ordering: .relaxed)
+                        queueStats.txPackets.wrappingAdd(1, ordering: .relaxed)
                         stats.txBytes.wrappingAdd(UInt64(len), ordering: .relaxed)
                     }
                 } catch {

@@ -190,7 +190,7 @@ public final class Vif: @unchecked Sendable {
         var l = logger ?? Logger(label: "netback")
         l[metadataKey: "vif"] = "\(t.name)"
         self.logger = l
-        shared = VifShared(tap: t, logger: l, stallTimeout: config.rxStallTimeoutNanoseconds)
+        shared = VifShared(tap: t, logger: l, stallTimeout: config.rxStallTimeoutNanoseconds, queues: config.maxQueues)
         do {
             let nl = try Netlink()
             try nl.setAddress(t.name, .backendSide)
@@ -275,7 +275,7 @@ public final class Vif: @unchecked Sendable {
 /// why, the tap (for the carrier) and the logger.
 final class VifShared: @unchecked Sendable {
     // Sound: atomics and a mutex; the rest is immutable.
-    let stats = VifStats()
+    let stats: VifStats
     let disabled = Atomic<Bool>(false)
     let reason = Mutex<String?>(nil)
     /// Weak: the vif owns the tap, so closing the vif removes it.
@@ -283,7 +283,8 @@ final class VifShared: @unchecked Sendable {
     let logger: Logger
     let stallTimeout: UInt64
 
-    init(tap: Tap, logger: Logger, stallTimeout: UInt64) {
+    init(tap: Tap, logger: Logger, stallTimeout: UInt64, queues: Int) {
+        stats = VifStats(queues: queues)
         self.tap = tap
         self.logger = logger
         self.stallTimeout = stallTimeout

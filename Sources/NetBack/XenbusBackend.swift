@@ -94,6 +94,10 @@ public final class NetbackDriver: XenBusBackendDriver {
         var out: [(String, UInt64)] = [("tx_packets", s.txPackets), ("tx_bytes", s.txBytes), ("rx_packets", s.rxPackets),
                                       ("rx_bytes", s.rxBytes), ("tx_drops", s.txDrops), ("rx_drops", s.rxDrops),
                                       ("tx_errors", s.txErrors), ("tx_rate_limited", s.txRateLimited)]
+        if s.queueTxPackets.count > 1 {
+            for (q, n) in s.queueTxPackets.enumerated() { out.append(("queue\(q)_tx_packets", n)) }
+            for (q, n) in s.queueRxPackets.enumerated() { out.append(("queue\(q)_rx_packets", n)) }
+        }
         for (reason, n) in s.reasons.sorted(by: { $0.key < $1.key }) {
             out.append(("reason_" + reason.map { $0.isLetter || $0.isNumber ? $0 : "_" }.reduce("") { $0 + String($1) }, n))
         }

@@ -37,13 +37,16 @@ public final class GuestDevices: @unchecked Sendable {
         public var nbdDir: String
         public var ringPageOrder: Int
         public var namespace: String
+        /// Queues and event channels each NIC may use.
+        public var netfront: NetFrontDevice.Options
         /// Called once, the first time this guest creates `namespace`.
         public var namespaceCreated: @Sendable (String) -> Void
-        public init(nbdDir: String, ringPageOrder: Int, namespace: String,
+        public init(nbdDir: String, ringPageOrder: Int, namespace: String, netfront: NetFrontDevice.Options = .init(),
                     namespaceCreated: @escaping @Sendable (String) -> Void) {
             self.nbdDir = nbdDir
             self.ringPageOrder = ringPageOrder
             self.namespace = namespace
+            self.netfront = netfront
             self.namespaceCreated = namespaceCreated
         }
     }
@@ -299,7 +302,7 @@ public final class GuestDevices: @unchecked Sendable {
         let nic: NetFrontDevice
         do {
             nic = try NetFrontDevice(hypervisor: hv, xenstore: xs, frontendPath: slot.frontendPath, pages: pages, grants: grants,
-                                     namespace: options.namespace, interfaceName: "eth\(devid)", logger: logger)
+                                     namespace: options.namespace, interfaceName: "eth\(devid)", options: options.netfront, logger: logger)
         } catch {
             leaveNamespace()
             throw error

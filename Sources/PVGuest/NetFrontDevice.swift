@@ -14,20 +14,26 @@ import XenRing
 /// NIC — a tap with vnet headers inside a network namespace — so the
 /// namespace's real stack (ping, iperf3) drives the vif.
 ///
-/// One queue, one event channel. Each tx id (0-255) owns one granted page;
-/// each rx ring slot owns one granted page and an rx request's id is its slot
-/// (as in Linux), so every rx response is checked against its position.
-/// Everything the backend writes on the rings is validated: ids, sizes,
-/// offsets, statuses, extra-info types, slot counts.
+/// Queues as Linux's netfront takes them: min(``Options/maxQueues``, the
+/// backend's multi-queue-max-queues), announced under `queue-N/` with
+/// `multi-queue-num-queues` when more than one, else at the top level. Each
+/// queue is a tx and an rx ring, its own event channel (or a tx and an rx one
+/// with feature-split-event-channels), its own queue of the guest's tap
+/// (`IFF_MULTI_QUEUE`, so the guest kernel spreads flows over them) and its
+/// own thread. Each tx id (0-255) owns one granted page; each rx ring slot
+/// owns one granted page and an rx request's id is its slot (as in Linux), so
+/// every rx response is checked against its position. Everything the backend
+/// writes on the rings is validated: ids, sizes, offsets, statuses,
+/// extra-info types, slot counts.
 ///
 /// When the backend rewrites its state after the device connected (a
 /// restarted netback re-offering the device, or Closing), the data path
 /// stops and the frontend goes Closing -> Closed -> Initialising and redoes
-/// the handshake on fresh rings and a fresh event channel.
+/// the handshake on fresh rings and fresh event channels.
 public final class NetFrontDevice: @unchecked Sendable {
-    // Sound: the immutable configuration is set in init; `session` and the
-    // flags are behind `control`; each session's rings are used only by its
-    // data thread.
+    // Sound: the immutable configuration is set in init; the sessions, the
+    // queues' memory and the flags are behind `control`; each session's rings
+    // are used only by its data thread.
     public let frontendPath: String
     public let backendPath: String
     public let backendID: DomID
@@ -37,43 +43,63 @@ public final class NetFrontDevice: @unchecked Sendable {
     public let namespace: String
     /// Whether this device created `namespace` (and removes it on `stop`).
     public let createdNamespace: Bool
+    public let options: Options
     public let stats = NetFrontStats()
+
+    /// What the guest kernel would take from its module parameters.
+    public struct Options: Sendable {
+        /// Queues to use at most (Linux's `xennet_max_queues`, default the
+        /// online CPUs); the backend's multi-queue-max-queues caps it.
+        public var maxQueues: Int
+        /// Separate tx and rx event channels when the backend offers
+        /// feature-split-event-channels, as Linux's netfront always takes
+        /// them; off to drive a backend's shared-channel path.
+        public var splitEventChannels: Bool
+        public init(maxQueues: Int = Options.onlineCPUs, splitEventChannels: Bool = true) {
+            self.maxQueues = max(1, maxQueues)
+            self.splitEventChannels = splitEventChannels
+        }
+        public static var onlineCPUs: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
+    }
 
     let hv: Hypervisor
     let xs: XenBusClient
     let logger: Logger
     let tap: Tap
-    let txRingFrame: UInt32
-    let rxRingFrame: UInt32
-    let txRingRef: GrantRef
-    let rxRingRef: GrantRef
-    let txPages: GuestRegion
-    let rxPages: GuestRegion
-    let txRefs: [GrantRef]
-    let rxRefs: [GrantRef]
     let pages: GuestPages
     let grants: GrantRefs
-    /// The first frames of the 256 tx and 256 rx buffer pages.
-    let txFirst: UInt32
-    let rxFirst: UInt32
     var backendWatch: XenBusWatch?
 
-    let control = Mutex<(session: Session?, stopped: Bool)>((nil, false))
+    struct Control {
+        /// The connected queues' data paths (empty while not connected).
+        var sessions: [Session] = []
+        /// Queue memory granted so far, kept across reconnects; index = queue.
+        var memory: [QueueMemory] = []
+        var stopped = false
+    }
+    let control = Mutex(Control())
     /// Writes to the backend's state node (counted by the watch callback).
     let backendEvents = Atomic<Int>(0)
+    /// `backendEvents` when the current connection was made: any write after it is a renegotiation.
+    let baseline = Atomic<Int>(0)
     let wake = DispatchSemaphore(value: 0)
     /// Handshakes completed (1 after init; more after reconnects).
     public var connections: Int { connectionCount.load(ordering: .relaxed) }
     let connectionCount = Atomic<Int>(0)
     let detachedFlag = Atomic<Bool>(false)
+    /// Queues of the current connection (0 while not connected).
+    public var queueCount: Int { control.withLock { $0.sessions.count } }
+    /// Whether the current connection uses separate tx and rx event channels.
+    public var usesSplitEventChannels: Bool { control.withLock { $0.sessions.first?.rxChannel != nil } }
 
     /// Whether the toolstack took the backend away under the NIC (it stays
     /// down now; ``stop()`` it).
     public var isDetached: Bool { detachedFlag.load(ordering: .acquiring) }
 
     static let ringSize = 256
-    /// A key this frontend writes at every handshake and never removes.
-    public static let handshakeKey = "tx-ring-ref"
+    /// A key this frontend writes at every handshake (whatever its queues)
+    /// and never removes.
+    public static let handshakeKey = "request-rx-copy"
     /// Slots a tx packet may use: the frame (at most 64 KiB, 16-17 pages) and one GSO extra.
     static let maxTxSlots = 18
     static let maxFrame = 65535
@@ -83,7 +109,7 @@ public final class NetFrontDevice: @unchecked Sendable {
     /// in network namespace `namespace` (created when missing).
     public init(hypervisor hv: Hypervisor, xenstore xs: XenBusClient, frontendPath fe: String,
                 pages: GuestPages, grants: GrantRefs, namespace: String, interfaceName: String = "eth0",
-                logger: Logger = Logger(label: "netfront")) throws {
+                options: Options = Options(), logger: Logger = Logger(label: "netfront")) throws {
         self.hv = hv
         self.xs = xs
         self.logger = logger
@@ -91,6 +117,7 @@ public final class NetFrontDevice: @unchecked Sendable {
         self.grants = grants
         self.frontendPath = fe
         self.namespace = namespace
+        self.options = options
         let (be, beID) = try backend(of: fe, xs)
         backendPath = be
         backendID = beID
@@ -109,10 +136,12 @@ public final class NetFrontDevice: @unchecked Sendable {
             mtu = 1500
         }
 
-        // The NIC: a tap inside the guest's namespace, with our MAC, up.
+        // The NIC: a tap inside the guest's namespace, with our MAC, up;
+        // multi-queue when we may use several queues (a connection attaches
+        // one tap queue per ring queue beyond the first).
         let mac = self.mac, mtu = self.mtu
         let (made, created) = try NetNamespace.run(in: namespace, create: true) { () throws -> Tap in
-            let t = try Tap(name: interfaceName)
+            let t = try Tap(name: interfaceName, queues: 1, multiQueue: options.maxQueues > 1)
             // The socket is bound to the namespace it was opened in.
             let nl = try Netlink()
             try nl.setAddress(t.name, mac)
@@ -125,22 +154,6 @@ public final class NetFrontDevice: @unchecked Sendable {
         createdNamespace = created
         self.interfaceName = made.name
         try? tap.setCarrier(false)
-
-        // Rings and buffers, granted once for the device's life: a reconnect
-        // reinitialises the rings on the same pages.
-        txRingFrame = try pages.allocate(2)
-        rxRingFrame = txRingFrame + 1
-        txRingRef = try grants.grant(frame: txRingFrame, to: beID, readOnly: false)
-        rxRingRef = try grants.grant(frame: rxRingFrame, to: beID, readOnly: false)
-        let txFirst = try pages.allocate(Self.ringSize)
-        let rxFirst = try pages.allocate(Self.ringSize)
-        self.txFirst = txFirst
-        self.rxFirst = rxFirst
-        txPages = pages.page(txFirst, count: Self.ringSize)
-        rxPages = pages.page(rxFirst, count: Self.ringSize)
-        // The backend only reads tx buffers; it writes rx buffers (grant copy).
-        txRefs = try (0..<Self.ringSize).map { try grants.grant(frame: txFirst + UInt32($0), to: beID, readOnly: true) }
-        rxRefs = try (0..<Self.ringSize).map { try grants.grant(frame: rxFirst + UInt32($0), to: beID, readOnly: false) }
 
         backendWatch = try xs.watch(be + "/state") { [weak self] _ in
             guard let self else { return }
@@ -161,11 +174,26 @@ public final class NetFrontDevice: @unchecked Sendable {
 
     // MARK: Handshake
 
-    /// Waits for the backend's InitWait, sets up fresh rings and an event
-    /// channel, announces them with our features, goes Connected and waits
-    /// for the backend's Connected; then starts the data path.
-    /// On a reconnect the backend is still Closed when we go Initialising:
-    /// only InitWait ends the wait then.
+    /// The keys one queue is announced with, relative to the frontend
+    /// directory (`queue-N/` when there are several: netfront's
+    /// write_queue_xenstore_keys).
+    static func queueKeys(_ q: Int, of n: Int, txRing: GrantRef, rxRing: GrantRef,
+                          ports: (tx: EventPort, rx: EventPort?)) -> [(String, String)] {
+        let dir = n == 1 ? "" : "queue-\(q)/"
+        var keys = [(dir + "tx-ring-ref", "\(txRing)"), (dir + "rx-ring-ref", "\(rxRing)")]
+        if let rx = ports.rx {
+            keys += [(dir + "event-channel-tx", "\(ports.tx)"), (dir + "event-channel-rx", "\(rx)")]
+        } else {
+            keys.append((dir + "event-channel", "\(ports.tx)"))
+        }
+        return keys
+    }
+
+    /// Waits for the backend's InitWait, sets up fresh rings and event
+    /// channels for each queue, announces them with our features, goes
+    /// Connected and waits for the backend's Connected; then starts the data
+    /// paths. On a reconnect the backend is still Closed when we go
+    /// Initialising: only InitWait ends the wait then.
     func handshake(timeout: Double, reconnecting: Bool = false) throws {
         let fe = frontendPath, be = backendPath
         // Unknown: the toolstack removed the device before it connected.
@@ -186,21 +214,47 @@ public final class NetFrontDevice: @unchecked Sendable {
         let sg = features.contains("feature-sg")
         let gso4 = sg && features.contains("feature-gso-tcpv4")
         let gso6 = sg && features.contains("feature-gso-tcpv6")
+        let split = options.splitEventChannels && features.contains("feature-split-event-channels")
+        // A value that does not parse offers one queue, as in Linux.
+        let offered = ((try? xs.readIfExists(be + "/multi-queue-max-queues")) ?? nil).flatMap { Int($0) } ?? 1
+        let wanted = max(1, min(options.maxQueues, offered, tap.multiQueue ? Int.max : 1))
         // What the guest kernel may hand us: checksum offload, and TSO only when the backend takes GSO.
         try tap.setOffload(checksum: true, tso4: gso4, tso6: gso6)
 
-        let txShared = try pages.page(txRingFrame).ring(NetifTxRing.self, pages: 1)
-        let rxShared = try pages.page(rxRingFrame).ring(NetifRxRing.self, pages: 1)
         try abandon()
-        let port = try hv.allocUnbound(remote: backendID)
-        let channel = try hv.channel(port)
-        let session = try Session(device: self, tx: FrontRing(initializing: txShared), rx: FrontRing(initializing: rxShared),
-                                  channel: channel, sg: sg, gso4: gso4, gso6: gso6)
+        let memory = try queueMemory(wanted)
+        let nq = memory.count
+        var sessions: [Session] = []
         do {
+            for (q, m) in memory.enumerated() {
+                // The tap's first queue is the device's; the others are
+                // attached in the guest's namespace for this connection.
+                let fd = q == 0 ? tap.queues[0] : try NetNamespace.run(in: namespace, create: false) { try tap.openQueue() }.value
+                let txShared: SharedRing<NetifTxRing>, rxShared: SharedRing<NetifRxRing>
+                do {
+                    txShared = try pages.page(m.ringFrame).ring(NetifTxRing.self, pages: 1)
+                    rxShared = try pages.page(m.ringFrame + 1).ring(NetifRxRing.self, pages: 1)
+                } catch {
+                    if q > 0 { close(fd) }
+                    throw error
+                }
+                sessions.append(try Session(device: self, index: q, memory: m, tapFD: fd, ownsTapFD: q > 0,
+                                            tx: FrontRing(initializing: txShared), rx: FrontRing(initializing: rxShared),
+                                            split: split, sg: sg, gso4: gso4, gso6: gso6))
+            }
             try xs.transaction { t in
-                try t.write(fe + "/tx-ring-ref", "\(txRingRef)")
-                try t.write(fe + "/rx-ring-ref", "\(rxRingRef)")
-                try t.write(fe + "/event-channel", "\(port)")
+                // Keys of an earlier connection with other queues or channels must not linger.
+                for k in ["multi-queue-num-queues", "tx-ring-ref", "rx-ring-ref", "event-channel", "event-channel-tx", "event-channel-rx"] {
+                    try? t.rm(fe + "/" + k)
+                }
+                for d in (try? t.directory(fe)) ?? [] where d.hasPrefix("queue-") { try? t.rm(fe + "/" + d) }
+                if nq > 1 { try t.write(fe + "/multi-queue-num-queues", "\(nq)") }
+                for (q, s) in sessions.enumerated() {
+                    for (k, v) in Self.queueKeys(q, of: nq, txRing: memory[q].txRingRef, rxRing: memory[q].rxRingRef,
+                                                 ports: (s.txChannel.port, s.rxChannel?.port)) {
+                        try t.write(fe + "/" + k, v)
+                    }
+                }
                 try t.write(fe + "/request-rx-copy", "1")
                 try t.write(fe + "/feature-rx-notify", "1")
                 try t.write(fe + "/feature-sg", sg ? "1" : "0")
@@ -214,25 +268,40 @@ public final class NetFrontDevice: @unchecked Sendable {
                 throw HypervisorError.protocolViolation("backend \(be) did not connect\(why.map { ": \($0)" } ?? "")")
             }
         } catch {
-            try? channel.close()
+            for s in sessions { s.close() }
             throw error
         }
         // Every write to the backend's state from here on is a renegotiation.
-        session.baseline = backendEvents.load(ordering: .acquiring)
+        baseline.store(backendEvents.load(ordering: .acquiring), ordering: .releasing)
         // A stop() that came while we were connecting wins.
         guard control.withLock({ c -> Bool in
             guard !c.stopped else { return false }
-            c.session = session
+            c.sessions = sessions
             return true
         }) else {
-            try? channel.close()
+            for s in sessions { s.close() }
             return
         }
-        session.start()
+        for s in sessions { s.start() }
         try? tap.setCarrier(true)
         connectionCount.wrappingAdd(1, ordering: .relaxed)
-        logger.info("\(fe): connected to \(be) as \(interfaceName) in netns \(namespace) (mtu \(mtu), sg \(sg), gso \(gso4)/\(gso6))")
+        logger.info("\(fe): connected to \(be) as \(interfaceName) in netns \(namespace) (mtu \(mtu), \(nq) queue(s)\(split ? ", split event channels" : ""), sg \(sg), gso \(gso4)/\(gso6))")
         if (try? xs.state(at: be)) != .connected { wake.signal() }
+    }
+
+    /// The memory of `wanted` queues, granting what earlier connections did
+    /// not: fewer queues when the guest's memory is short (a queue takes 514
+    /// pages; this device takes at most half of what is left, as blkfront does).
+    func queueMemory(_ wanted: Int) throws -> [QueueMemory] {
+        try control.withLock { c throws -> [QueueMemory] in
+            guard !c.stopped else { throw Gone(why: "the NIC was stopped") }
+            var want = wanted
+            while want > max(1, c.memory.count) && (want - c.memory.count) * QueueMemory.pageCount > pages.available / 2 { want -= 1 }
+            while c.memory.count < want {
+                c.memory.append(try QueueMemory(pages: pages, grants: grants, backend: backendID))
+            }
+            return Array(c.memory.prefix(want))
+        }
     }
 
     /// Waits up to `timeout` s, in one-second steps, for the backend's state
@@ -266,10 +335,10 @@ public final class NetFrontDevice: @unchecked Sendable {
     func supervise() {
         while true {
             wake.wait()
-            let (session, stopped) = control.withLock { ($0.session, $0.stopped) }
+            let (sessions, stopped) = control.withLock { ($0.sessions, $0.stopped) }
             if stopped { return }
-            if let session, !session.failed.load(ordering: .acquiring),
-               backendEvents.load(ordering: .acquiring) == session.baseline,
+            if !sessions.isEmpty, !sessions.contains(where: { $0.failed.load(ordering: .acquiring) }),
+               backendEvents.load(ordering: .acquiring) == baseline.load(ordering: .acquiring),
                (try? xs.state(at: backendPath)) == .connected {
                 continue  // nothing changed
             }
@@ -280,20 +349,20 @@ public final class NetFrontDevice: @unchecked Sendable {
                   (try? xs.readIfExists(frontendPath + "/" + Self.handshakeKey)) ?? nil != nil else {
                 logger.info("\(frontendPath): backend \(backendPath) is going away; NIC stays down")
                 detachedFlag.store(true, ordering: .releasing)
-                stopSession()
+                stopSessions()
                 return
             }
             logger.info("\(frontendPath): backend renegotiates; reconnecting")
-            stopSession()
+            stopSessions()
             reconnect()
             if isDetached { return }
         }
     }
 
-    func stopSession() {
-        let s = control.withLock { c -> Session? in defer { c.session = nil }; return c.session }
+    func stopSessions() {
+        let sessions = control.withLock { c -> [Session] in defer { c.sessions = [] }; return c.sessions }
         try? tap.setCarrier(false)
-        s?.stop()
+        for s in sessions { s.stop() }
     }
 
     /// Closing -> Closed -> Initialising, then the handshake again, retried
@@ -322,14 +391,14 @@ public final class NetFrontDevice: @unchecked Sendable {
         }
     }
 
-    /// Stops the data path and closes the device with the backend (Linux's
+    /// Stops the data paths and closes the device with the backend (Linux's
     /// xennet_remove); the rings, grants and buffer pages go back to the guest
     /// once the backend has let go of them. The NIC goes with the last
     /// reference to the device.
     public func stop() {
         guard !control.withLock({ c -> Bool in defer { c.stopped = true }; return c.stopped }) else { return }
         wake.signal()
-        stopSession()
+        stopSessions()
         if let w = backendWatch { try? xs.unwatch(w) }
         // Not into a new device the toolstack put in our place.
         if (try? xs.readIfExists(frontendPath + "/" + Self.handshakeKey)) ?? nil != nil {
@@ -344,9 +413,66 @@ public final class NetFrontDevice: @unchecked Sendable {
 
     /// Revokes the grants and frees the pages the backend no longer maps.
     func releaseResources() {
-        if grants.revoke([txRingRef, rxRingRef]) { pages.free(txRingFrame, count: 2) }
-        if grants.revoke(txRefs) { pages.free(txFirst, count: Self.ringSize) }
-        if grants.revoke(rxRefs) { pages.free(rxFirst, count: Self.ringSize) }
+        let memory = control.withLock { c -> [QueueMemory] in defer { c.memory = [] }; return c.memory }
+        for m in memory { m.release(pages: pages, grants: grants) }
+    }
+}
+
+extension NetFrontDevice {
+    /// One queue's rings and buffers: two ring pages, 256 tx and 256 rx
+    /// buffer pages, all granted to the backend once and kept for the
+    /// device's life (a reconnect reinitialises the rings on the same pages).
+    struct QueueMemory: Sendable {
+        /// The tx ring's page; the rx ring's is the next one.
+        let ringFrame: UInt32
+        let txRingRef: GrantRef
+        let rxRingRef: GrantRef
+        /// The first frames of the 256 tx and 256 rx buffer pages.
+        let txFirst: UInt32
+        let rxFirst: UInt32
+        /// Read-only grants: the backend only reads what we send.
+        let txRefs: [GrantRef]
+        /// Writable grants: the backend grant-copies received frames into them.
+        let rxRefs: [GrantRef]
+
+        static let pageCount = 2 + 2 * NetFrontDevice.ringSize
+
+        init(pages: GuestPages, grants: GrantRefs, backend be: DomID) throws {
+            var frames: [(first: UInt32, count: Int)] = []
+            var made: [GrantRef] = []
+            func grant(_ frame: UInt32, readOnly: Bool) throws -> GrantRef {
+                let r = try grants.grant(frame: frame, to: be, readOnly: readOnly)
+                made.append(r)
+                return r
+            }
+            do {
+                let ring = try pages.allocate(2)
+                frames.append((ring, 2))
+                let tx = try pages.allocate(NetFrontDevice.ringSize)
+                frames.append((tx, NetFrontDevice.ringSize))
+                let rx = try pages.allocate(NetFrontDevice.ringSize)
+                frames.append((rx, NetFrontDevice.ringSize))
+                ringFrame = ring
+                txRingRef = try grant(ring, readOnly: false)
+                rxRingRef = try grant(ring + 1, readOnly: false)
+                txFirst = tx
+                rxFirst = rx
+                txRefs = try (0..<NetFrontDevice.ringSize).map { try grant(tx + UInt32($0), readOnly: true) }
+                rxRefs = try (0..<NetFrontDevice.ringSize).map { try grant(rx + UInt32($0), readOnly: false) }
+            } catch {
+                // Nothing was offered to the backend yet: every grant revokes.
+                _ = grants.revoke(made)
+                for f in frames { pages.free(f.first, count: f.count) }
+                throw error
+            }
+        }
+
+        /// Revokes the grants and frees the pages the backend no longer maps.
+        func release(pages: GuestPages, grants: GrantRefs) {
+            if grants.revoke([txRingRef, rxRingRef]) { pages.free(ringFrame, count: 2) }
+            if grants.revoke(txRefs) { pages.free(txFirst, count: NetFrontDevice.ringSize) }
+            if grants.revoke(rxRefs) { pages.free(rxFirst, count: NetFrontDevice.ringSize) }
+        }
     }
 }
 
@@ -365,26 +491,31 @@ public final class NetFrontStats: Sendable {
 }
 
 extension NetFrontDevice {
-    /// One connection's data path: the rings, the event channel and the thread
-    /// that moves frames between them and the tap.
+    /// One queue's data path for one connection: its rings, its event
+    /// channel(s), its tap queue and the thread that moves frames between them.
     final class Session: @unchecked Sendable {
         // Sound: the rings and buffers are touched only by the data thread
-        // (after `start`); `failed` and `baseline` are read by the supervisor.
+        // (after `start`); `failed` is read by the supervisor.
         unowned let device: NetFrontDevice
+        let index: Int
         // The device's data-path pieces, held here so the per-frame path never
         // goes through the unowned reference (each use a slow-path retain).
         let tapFD: CInt
+        /// Queues beyond the first attach a tap queue of their own, closed with the session.
+        let ownsTapFD: Bool
         let txPages: GuestRegion, rxPages: GuestRegion
         let txRefs: [GrantRef], rxRefs: [GrantRef]
         let stats: NetFrontStats
         var tx: FrontRing<NetifTxRing>
         var rx: FrontRing<NetifRxRing>
-        let channel: EventChannel
+        /// The queue's event channel, or its tx one with split event channels.
+        let txChannel: EventChannel
+        /// The rx event channel with split event channels.
+        let rxChannel: EventChannel?
         let sg: Bool, gso4: Bool, gso6: Bool
         let stopFD: CInt
         let done = DispatchSemaphore(value: 0)
         let failed = Atomic<Bool>(false)
-        var baseline = 0
 
         var freeTx: [UInt16] = Array((0..<UInt16(NetFrontDevice.ringSize)).reversed())
         var txOut = [Bool](repeating: false, count: NetFrontDevice.ringSize)
@@ -413,23 +544,41 @@ extension NetFrontDevice {
         var rxInFrame = false
         var expectExtra = false
 
-        init(device: NetFrontDevice, tx: FrontRing<NetifTxRing>, rx: FrontRing<NetifRxRing>, channel: EventChannel,
+        /// Binds the queue's event channel(s) (unbound ports the backend
+        /// binds to); on a throw the owned tap queue is closed.
+        init(device: NetFrontDevice, index: Int, memory m: QueueMemory, tapFD: CInt, ownsTapFD: Bool,
+             tx: FrontRing<NetifTxRing>, rx: FrontRing<NetifRxRing>, split: Bool,
              sg: Bool, gso4: Bool, gso6: Bool) throws {
+            var channels: [EventChannel] = []
+            let fd = cxen_eventfd(0, O_CLOEXEC | O_NONBLOCK)  // EFD_CLOEXEC | EFD_NONBLOCK
+            do {
+                guard fd >= 0 else { throw HypervisorError.system(call: "eventfd", errno: errno) }
+                for _ in 0..<(split ? 2 : 1) {
+                    channels.append(try device.hv.channel(try device.hv.allocUnbound(remote: device.backendID)))
+                }
+            } catch {
+                for c in channels { try? c.close() }
+                if fd >= 0 { Glibc.close(fd) }
+                if ownsTapFD { Glibc.close(tapFD) }
+                throw error
+            }
+            stopFD = fd
+            txChannel = channels[0]
+            rxChannel = split ? channels[1] : nil
             self.device = device
-            tapFD = device.tap.queues[0]
-            txPages = device.txPages
-            rxPages = device.rxPages
-            txRefs = device.txRefs
-            rxRefs = device.rxRefs
+            self.index = index
+            self.tapFD = tapFD
+            self.ownsTapFD = ownsTapFD
+            txPages = device.pages.page(m.txFirst, count: NetFrontDevice.ringSize)
+            rxPages = device.pages.page(m.rxFirst, count: NetFrontDevice.ringSize)
+            txRefs = m.txRefs
+            rxRefs = m.rxRefs
             stats = device.stats
             self.tx = tx
             self.rx = rx
-            self.channel = channel
             self.sg = sg
             self.gso4 = gso4
             self.gso6 = gso6
-            stopFD = cxen_eventfd(0, O_CLOEXEC | O_NONBLOCK)  // EFD_CLOEXEC | EFD_NONBLOCK
-            guard stopFD >= 0 else { throw HypervisorError.system(call: "eventfd", errno: errno) }
             txBuffer = .allocate(byteCount: Self.txBufferSize, alignment: 64)
             txIov = .allocate(capacity: 1 + Self.txReadPages)
             rxIov = .allocate(capacity: 2 + NetFrontDevice.maxRxSlots)
@@ -438,7 +587,7 @@ extension NetFrontDevice {
         }
 
         deinit {
-            close(stopFD)
+            Glibc.close(stopFD)
             txBuffer.deallocate()
             txIov.deallocate()
             rxIov.deallocate()
@@ -446,15 +595,23 @@ extension NetFrontDevice {
         }
 
         func start() {
-            DetachedThread.start(name: "nf-data") { [self] in run(); done.signal() }
+            DetachedThread.start(name: "nf-\(device.interfaceName)q\(index)") { [self] in run(); done.signal() }
         }
 
-        /// Stops the thread and waits for it; closes the event channel.
+        /// Stops the thread and waits for it, then ``close()``s.
         func stop() {
             var one: UInt64 = 1
             _ = write(stopFD, &one, 8)
             done.wait()
-            try? channel.close()
+            close()
+        }
+
+        /// Closes the event channel(s) and the session's own tap queue (for a
+        /// session whose thread never started, or has ended).
+        func close() {
+            try? txChannel.close()
+            try? rxChannel?.close()
+            if ownsTapFD { Glibc.close(tapFD) }
         }
 
         func protocolError(_ what: @autoclosure () -> String) {
@@ -465,26 +622,28 @@ extension NetFrontDevice {
         // MARK: Loop
 
         func run() {
+            // The stop eventfd, the tap queue, then the event channel(s).
             var pfds = [pollfd(fd: stopFD, events: Int16(POLLIN), revents: 0),
-                        pollfd(fd: channel.descriptor, events: Int16(POLLIN), revents: 0),
-                        pollfd(fd: tapFD, events: Int16(POLLIN), revents: 0)]
+                        pollfd(fd: tapFD, events: Int16(POLLIN), revents: 0),
+                        pollfd(fd: txChannel.descriptor, events: Int16(POLLIN), revents: 0)]
+            if let rxChannel { pfds.append(pollfd(fd: rxChannel.descriptor, events: Int16(POLLIN), revents: 0)) }
             do {
                 var notify = false
                 while true {
                     if pfds[0].revents != 0 { return }
-                    _ = channel.consume()
+                    _ = txChannel.consume()
+                    _ = rxChannel?.consume()
                     try reapTx()
                     try receive()
                     notify = try transmit() || notify
                     if notify {
-                        try? channel.notify()
+                        try? txChannel.notify()
                         notify = false
                     }
                     // Ask for an event for the next responses, then look again before sleeping.
                     if try tx.finalCheckForResponses() { continue }
                     if try rx.finalCheckForResponses() { continue }
-                    let tapReady = txRoom
-                    pfds[2].events = tapReady ? Int16(POLLIN) : 0
+                    pfds[1].events = txRoom ? Int16(POLLIN) : 0
                     for i in pfds.indices { pfds[i].revents = 0 }
                     while poll(&pfds, nfds_t(pfds.count), -1) < 0 && errno == EINTR {}
                 }
@@ -612,7 +771,7 @@ extension NetFrontDevice {
                 any = true
                 take(r, slot: Int(index & UInt32(NetFrontDevice.ringSize - 1)))
             }
-            if any && postRx() { try? channel.notify() }
+            if any && postRx() { try? (rxChannel ?? txChannel).notify() }
         }
 
         /// One rx response, in ring order.

@@ -30,12 +30,19 @@ struct PVGuestCommand: ParsableCommand {
     @Option(help: "Network namespace for the NICs (taps eth<devid>), created when missing (default: xen-<domid>).")
     var netns: String?
 
+    @Option(help: "Queues each NIC may use at most (Linux's xen_netfront.max_queues; default: the online CPUs); the backend's multi-queue-max-queues caps it.")
+    var netQueues = NetFrontDevice.Options.onlineCPUs
+
+    @Flag(help: "One event channel per NIC queue even when the backend offers feature-split-event-channels.")
+    var noSplitEventChannels = false
+
     @Option(help: .hidden)
     var reapNetns: String?
 
     func validate() throws {
         guard (0...4).contains(ringPageOrder) else { throw ValidationError("--ring-page-order must be 0..4") }
         if let netns, !NetNamespace.isValidName(netns) { throw ValidationError("bad --netns name '\(netns)'") }
+        guard (1...64).contains(netQueues) else { throw ValidationError("--net-queues must be 1..64") }
     }
 
     func run() throws {
@@ -67,7 +74,8 @@ struct PVGuestCommand: ParsableCommand {
         let log = logger
         let devices = GuestDevices(
             hypervisor: hv, xenstore: xs, home: home, pages: pages, grants: grants,
-            options: .init(nbdDir: dir, ringPageOrder: ringPageOrder, namespace: netns ?? "xen-\(hv.domid)") { namespace in
+            options: .init(nbdDir: dir, ringPageOrder: ringPageOrder, namespace: netns ?? "xen-\(hv.domid)",
+                           netfront: .init(maxQueues: netQueues, splitEventChannels: !noSplitEventChannels)) { namespace in
                 do { try Self.startReaper(for: namespace) } catch {
                     log.warning("netns \(namespace): no reaper (\(error)); it outlives a killed guest")
                 }

@@ -70,13 +70,16 @@ import XenTestKit
         let bridge, vethHost, vethPeer, guestNS, peerNS: String
         let mac = "00:16:3e:5a:0b:01"
         let mtu: Int
+        /// Queues netback offers and pvguest asks for.
+        let queues: Int
         var netback: pid_t = 0
         var domain: Hypervisor.CreatedDomain?
         var guest: pid_t = 0
         var nicLine = ""
 
-        init(mtu: Int = 1500) throws {
+        init(mtu: Int = 1500, queues: Int = 1) throws {
             self.mtu = mtu
+            self.queues = queues
             build = Dom0Harness.buildDirectory(packageRoot: NetPathTests.root)
             let n = NetPathTests.counter.wrappingAdd(1, ordering: .relaxed).newValue
             tag = "\(getpid() % 100000)x\(n)"
@@ -110,7 +113,8 @@ import XenTestKit
             _ = fcntl(out[0], F_SETFD, FD_CLOEXEC)
             netback = try ProcessLauncher.spawn(build + "/netback",
                                                 arguments: ["--xenstore", dom0.xenstoreSocket,
-                                                            "--xenhv-socket", dom0.hypervisorSocket, "--log-level", "warning"],
+                                                            "--xenhv-socket", dom0.hypervisorSocket, "--log-level", "warning",
+                                                            "--max-queues", "\(queues)"],
                                                 environment: ["XEN_RUN_DIR": dom0.dir],
                                                 descriptors: [(out[1], 1), (2, 2)])
             close(out[1])
@@ -142,7 +146,8 @@ import XenTestKit
             }
             try dom0.xenstore.createDevice(dev, backend: backend, frontend: frontend)
             try beforeGuest(dev)
-            let k = try dom0.startKernel(d, "pvguest", arguments: ["--nbd-dir", dom0.dir, "--netns", guestNS], buildDirectory: build)
+            let k = try dom0.startKernel(d, "pvguest", arguments: ["--nbd-dir", dom0.dir, "--netns", guestNS, "--net-queues", "\(queues)"],
+                                     buildDirectory: build)
             guest = k.pid
             nicLine = k.lines.first { $0.hasPrefix("nic ") } ?? ""
         }
@@ -178,7 +183,7 @@ import XenTestKit
     }
 
     /// iperf3 TCP from the guest namespace to the peer's server, `reverse` for peer -> guest.
-    static func iperf(_ rig: Rig, reverse: Bool, address: String = peerIP) throws -> Command {
+    static func iperf(_ rig: Rig, reverse: Bool, address: String = peerIP, streams: Int = 1) throws -> Command {
         let server = Process()
         server.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
         server.arguments = ["netns", "exec", rig.peerNS, "iperf3", "-s", "-1", "-B", address]
@@ -192,7 +197,8 @@ import XenTestKit
         var last = Command(status: -1, output: "")
         // The server needs a moment to listen: retry a refused connection a bounded number of times.
         for _ in 0..<40 {
-            last = try inNetns(rig.guestNS, ["iperf3", "-c", address, "-n", "128M", "--connect-timeout", "2000"] + (reverse ? ["-R"] : []))
+            last = try inNetns(rig.guestNS, ["iperf3", "-c", address, "-n", "128M", "-P", "\(streams)", "--connect-timeout", "2000"]
+                                              + (reverse ? ["-R"] : []))
             if last.status == 0 || !last.output.contains("refused") { break }
             var pfd = pollfd()
             _ = poll(&pfd, 0, 50)
@@ -343,6 +349,76 @@ import XenTestKit
         try Self.ip("-n", rig.guestNS, "addr", "add", Self.guestIP + "/24", "dev", "eth0")
         #expect(try Self.pingWorks(from: rig.guestNS, to: Self.peerIP), "guest -> peer ping")
         #expect(try Self.pingWorks(from: rig.peerNS, to: Self.guestIP, attempts: 3), "peer -> guest ping")
+        rig.tearDown()
+        #expect(Self.leftovers(rig).isEmpty, "left behind: \(Self.leftovers(rig))")
+    }
+
+    /// Two queues with split event channels, as Linux's netfront takes them
+    /// when netback offers them: the rings and channels announced under
+    /// queue-N/, one tap queue per ring queue on both sides (the guest kernel
+    /// and the bridge spread flows over them), TCP both ways over both queues;
+    /// a restarted netback gets two queues again.
+    @Test func twoQueuesWithSplitEventChannels() throws {
+        let rig = try Rig(queues: 2)
+        defer { rig.tearDown() }
+        try rig.makePeer()
+        try rig.startNetback()
+        try rig.startGuest()
+        #expect(rig.nicLine == "nic eth0 netns \(rig.guestNS) mac \(rig.mac)", "pvguest printed '\(rig.nicLine)'")
+        let domid = rig.domain!.domid
+        let fe = "/local/domain/\(domid)/device/vif/0"
+        let xs = rig.dom0.xenstore
+        func expectTwoQueues() throws {
+            #expect(try xs.read(fe + "/multi-queue-num-queues") == "2")
+            for q in 0..<2 {
+                for k in ["tx-ring-ref", "rx-ring-ref", "event-channel-tx", "event-channel-rx"] {
+                    #expect(try xs.readIfExists(fe + "/queue-\(q)/" + k) != nil, "no queue-\(q)/\(k)")
+                }
+                #expect(try xs.readIfExists(fe + "/queue-\(q)/event-channel") == nil)
+            }
+            for k in ["tx-ring-ref", "rx-ring-ref", "event-channel", "event-channel-tx"] {
+                #expect(try xs.readIfExists(fe + "/" + k) == nil, "a single-queue key \(k) is left")
+            }
+        }
+        try expectTwoQueues()
+        // A tap queue per ring queue: the vif in dom0, eth0 in the guest's namespace.
+        func txQueues(_ dev: String, in ns: String?) throws -> [String] {
+            let ls = ["ls", "/sys/class/net/\(dev)/queues"]
+            let out = try ns.map { try Self.inNetns($0, ls) } ?? Self.run("/usr/bin/ls", Array(ls.dropFirst()))
+            return out.output.split(whereSeparator: \.isWhitespace).map(String.init).filter { $0.hasPrefix("tx-") }.sorted()
+        }
+        #expect(try txQueues(rig.vifName, in: nil) == ["tx-0", "tx-1"])
+        #expect(try txQueues("eth0", in: rig.guestNS) == ["tx-0", "tx-1"])
+
+        try Self.ip("-n", rig.guestNS, "addr", "add", Self.guestIP + "/24", "dev", "eth0")
+        #expect(try Self.pingWorks(from: rig.guestNS, to: Self.peerIP), "guest -> peer ping")
+        #expect(try Self.pingWorks(from: rig.peerNS, to: Self.guestIP, attempts: 3), "peer -> guest ping")
+        // Eight flows each way: the taps pick a queue per flow by its hash.
+        let up = try Self.iperf(rig, reverse: false, streams: 8)
+        #expect(up.status == 0 && up.output.contains("receiver"), "guest -> peer iperf3: \(up.output)")
+        let down = try Self.iperf(rig, reverse: true, streams: 8)
+        #expect(down.status == 0 && down.output.contains("receiver"), "peer -> guest iperf3: \(down.output)")
+        // netback's per-queue counters (its statistics file, rewritten every second).
+        let statsPath = rig.dom0.dir + "/stats/netback.stats"
+        func counter(_ name: String) -> UInt64 {
+            let text = (try? String(contentsOfFile: statsPath, encoding: .utf8)) ?? ""
+            let line = text.split(separator: "\n").first { $0.hasPrefix("vif \(domid) 0 \(name) ") }
+            return line.flatMap { $0.split(separator: " ").last }.flatMap { UInt64($0) } ?? 0
+        }
+        let names = ["queue0_tx_packets", "queue1_tx_packets", "queue0_rx_packets", "queue1_rx_packets"]
+        #expect(rig.eventually { names.allSatisfy { counter($0) > 1000 } },
+                "per-queue packets: \(names.map { "\($0)=\(counter($0))" })")
+
+        // kill -9 netback; the restarted one is reconnected with two queues again.
+        rig.killNetback()
+        #expect(rig.eventually { !rig.linkExists(rig.vifName) }, "\(rig.vifName) outlived netback")
+        try rig.startNetback()
+        #expect(try Self.pingWorks(from: rig.guestNS, to: Self.peerIP, attempts: 30), "ping after netback restart")
+        #expect(try xs.read(fe + "/state") == "4")
+        try expectTwoQueues()
+        #expect(try txQueues(rig.vifName, in: nil) == ["tx-0", "tx-1"])
+        #expect(try txQueues("eth0", in: rig.guestNS) == ["tx-0", "tx-1"])
+
         rig.tearDown()
         #expect(Self.leftovers(rig).isEmpty, "left behind: \(Self.leftovers(rig))")
     }
