@@ -148,7 +148,7 @@ final class QueueWorker: @unchecked Sendable {
                 // Transmit.
                 if now >= txHoldUntil {
                     txHoldUntil = 0
-                    switch tx.run() {
+                    switch tx.run(kick: { notify(tx: true, rx: false) }) {
                     case .idle(let n):
                         notify(tx: n, rx: false)
                     case .rateLimited(let until, let n):

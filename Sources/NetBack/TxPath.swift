@@ -328,11 +328,14 @@ public struct TxEngine: ~Copyable {
     deinit { arena.deallocate() }
 
     /// Serves the ring until it is empty, rate limited, or fatally misused.
-    mutating func run() -> TxPassResult {
+    /// `kick` notifies the frontend of responses pushed in the middle of a
+    /// pass (each batch's, before its tap writes); the result's `notify` is
+    /// for those pushed at its end.
+    mutating func run(kick: () -> Void) -> TxPassResult {
         var notify = false
         while true {
             let (count, outcome) = collect()
-            flush(count)
+            flush(count, kick: kick)
             if ring.rspProdPvt != ring.shared.rspProd { notify = ring.pushResponsesAndCheckNotify() || notify }
             switch outcome {
             case .some(.fatal(let f, _)): return .fatal(f, notify: notify)
@@ -425,9 +428,15 @@ public struct TxEngine: ~Copyable {
         return (n, .idle(notify: false))
     }
 
-    /// Copies the batch out of the guest, writes each good packet to the tap
-    /// and queues every slot's response.
-    private mutating func flush(_ n: Int) {
+    /// Copies the batch out of the guest, answers every slot, then writes
+    /// each good packet to the tap. The answer depends only on the grant
+    /// copies and the checksum set-up, both done on our private copy, so the
+    /// responses go out (and the frontend is kicked) before the tap writes,
+    /// as Linux answers after its grant copies (xenvif_tx_check_gop) before
+    /// the stack sees the packets: the frontend refills its ring while each
+    /// write carries the packet through the bridge. A failed tap write is
+    /// then the host stack's drop, counted, not the guest's error.
+    private mutating func flush(_ n: Int, kick: () -> Void) {
         guard n > 0 else { return }
         if !ops.isEmpty { hypervisor.copyGrants(&ops) }
         for i in 0..<n {
@@ -439,25 +448,30 @@ public struct TxEngine: ~Copyable {
                 }
             }
             if packets[i].drop == nil && !packets[i].multicastControl {
-                let len = packets[i].totalSize
-                let data = UnsafeMutableRawBufferPointer(start: arena + offset, count: len)
+                let data = UnsafeMutableRawBufferPointer(start: arena + offset, count: packets[i].totalSize)
                 do {
                     let h = try TxParser.vnetHeader(flags: packets[i].first.flags, gso: packets[i].gso, data: data)
                     h.store(to: arena + offset - VnetHeader.size)
-                    var iov = iovec(iov_base: arena + offset - VnetHeader.size, iov_len: len + VnetHeader.size)
-                    let w = cnet_writev(tapFD, &iov, 1)
-                    if w < 0 {
-                        packets[i].drop = .tapWrite(errno: Int32(-w))
-                    } else {
-                        stats.txPackets.wrappingAdd(1, ordering: .relaxed)
-                        queueStats.txPackets.wrappingAdd(1, ordering: .relaxed)
-                        stats.txBytes.wrappingAdd(UInt64(len), ordering: .relaxed)
-                    }
                 } catch {
                     packets[i].drop = .checksumSetup(error)
                 }
             }
             respond(i)
+        }
+        if ring.pushResponsesAndCheckNotify() { kick() }
+        for i in 0..<n where packets[i].drop == nil && !packets[i].multicastControl {
+            let offset = placement[i].offset, len = packets[i].totalSize
+            var iov = iovec(iov_base: arena + offset - VnetHeader.size, iov_len: len + VnetHeader.size)
+            let w = cnet_writev(tapFD, &iov, 1)
+            if w < 0 {
+                let d = TxDrop.tapWrite(errno: Int32(-w))
+                stats.count(d.counter)
+                lastDrop = d
+            } else {
+                stats.txPackets.wrappingAdd(1, ordering: .relaxed)
+                queueStats.txPackets.wrappingAdd(1, ordering: .relaxed)
+                stats.txBytes.wrappingAdd(UInt64(len), ordering: .relaxed)
+            }
         }
     }
 

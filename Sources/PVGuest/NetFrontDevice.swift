@@ -87,10 +87,6 @@ public final class NetFrontDevice: @unchecked Sendable {
     public var connections: Int { connectionCount.load(ordering: .relaxed) }
     let connectionCount = Atomic<Int>(0)
     let detachedFlag = Atomic<Bool>(false)
-    /// Queues of the current connection (0 while not connected).
-    public var queueCount: Int { control.withLock { $0.sessions.count } }
-    /// Whether the current connection uses separate tx and rx event channels.
-    public var usesSplitEventChannels: Bool { control.withLock { $0.sessions.first?.rxChannel != nil } }
 
     /// Whether the toolstack took the backend away under the NIC (it stays
     /// down now; ``stop()`` it).
@@ -628,18 +624,13 @@ extension NetFrontDevice {
                         pollfd(fd: txChannel.descriptor, events: Int16(POLLIN), revents: 0)]
             if let rxChannel { pfds.append(pollfd(fd: rxChannel.descriptor, events: Int16(POLLIN), revents: 0)) }
             do {
-                var notify = false
                 while true {
                     if pfds[0].revents != 0 { return }
                     _ = txChannel.consume()
                     _ = rxChannel?.consume()
                     try reapTx()
                     try receive()
-                    notify = try transmit() || notify
-                    if notify {
-                        try? txChannel.notify()
-                        notify = false
-                    }
+                    transmit()
                     // Ask for an event for the next responses, then look again before sleeping.
                     if try tx.finalCheckForResponses() { continue }
                     if try rx.finalCheckForResponses() { continue }
@@ -677,10 +668,12 @@ extension NetFrontDevice {
             }
         }
 
-        /// Reads frames from the tap while the ring has room; returns whether to notify.
-        func transmit() throws -> Bool {
+        /// Reads frames from the tap while the ring has room. Each frame is
+        /// pushed (and the backend kicked if it asked) as soon as it is on the
+        /// ring, as Linux's xennet_start_xmit does, so the backend copies one
+        /// while we read the next instead of waiting for a whole batch.
+        func transmit() {
             let fd = tapFD
-            var queued = false
             var batch = 0
             // Sound: the tx pages stay mapped for the device's life, which outlasts this session.
             let pages = txPages.unsafeBaseAddress
@@ -701,9 +694,8 @@ extension NetFrontDevice {
                     stats.txDropped.wrappingAdd(1, ordering: .relaxed)
                     continue
                 }
-                if enqueue(length: n - VnetHeader.size) { queued = true }
+                if enqueue(length: n - VnetHeader.size) && tx.pushRequestsAndCheckNotify() { try? txChannel.notify() }
             }
-            return queued && tx.pushRequestsAndCheckNotify()
         }
 
         /// Puts the frame just read on the ring: its header in `txBuffer`, its

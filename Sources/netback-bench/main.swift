@@ -31,13 +31,15 @@ struct NetbackBench: ParsableCommand {
     @Option(help: "TCP rounds; each measures the bare veth pair and the path, both ways, back to back.") var rounds = 5
     @Option(help: "Seconds of the long run with a guest that posts no rx buffers.") var memorySeconds = 20.0
     @Option(help: "Idle vifs connected to measure the resident size per vif.") var vifs = 16
+    @Option(help: "Queues netback offers and the guest's netfront takes (default: both daemons' own default, the online CPUs).")
+    var queues: Int?
     @Flag(help: "Only the TCP measurements.") var tcpOnly = false
     @Flag(help: "Only the small-packet measurement.") var smallOnly = false
     @Flag(help: "Only the memory measurements.") var memoryOnly = false
 
     func run() throws {
         let all = !tcpOnly && !smallOnly && !memoryOnly
-        let rig = try Rig(build: ProcessLauncher.executableDirectory)
+        let rig = try Rig(build: ProcessLauncher.executableDirectory, queues: queues)
         defer { rig.tearDown() }
         try rig.startNetback()
         if all || memoryOnly { try memory(rig) }
@@ -189,9 +191,12 @@ final class Rig {
     var guestDomain: XenHV.DomID?
     var writerTap: Tap?
     var kitCount = 0
+    /// `--queues`: nil leaves both daemons at their defaults.
+    let queues: Int?
 
-    init(build: String) throws {
+    init(build: String, queues: Int?) throws {
         self.build = build
+        self.queues = queues
         dom0 = try Dom0Harness(buildDirectory: build)
         do {
             try ip("netns", "add", peerNS)
@@ -236,7 +241,7 @@ final class Rig {
         _ = fcntl(out[0], F_SETFD, FD_CLOEXEC)
         netback = try ProcessLauncher.spawn(build + "/netback",
                                             arguments: ["--xenstore", dom0.xenstoreSocket, "--xenhv-socket", dom0.hypervisorSocket,
-                                                        "--log-level", "error"],
+                                                        "--log-level", "error"] + (queues.map { ["--max-queues", "\($0)"] } ?? []),
                                             environment: ["XEN_RUN_DIR": dom0.dir], descriptors: [(out[1], 1), (2, 2)])
         close(out[1])
         defer { close(out[0]) }
@@ -364,7 +369,8 @@ final class Rig {
         let d = try dom0.prepareGuest(name: "pvnet\(tag)", pages: 4096)
         guestDomain = d.domid
         _ = try createVif(d.domid, mac: "00:16:3e:5a:0b:01")
-        guest = try dom0.startKernel(d, "pvguest", arguments: ["--nbd-dir", dom0.dir, "--netns", guestNS], buildDirectory: build).pid
+        guest = try dom0.startKernel(d, "pvguest", arguments: ["--nbd-dir", dom0.dir, "--netns", guestNS] + (queues.map { ["--net-queues", "\($0)"] } ?? []),
+                                  buildDirectory: build).pid
         try ip("-n", guestNS, "addr", "add", guestIP + "/24", "dev", "eth0")
     }
 
