@@ -65,6 +65,16 @@ extension Toolstack {
     }
 
     /// Per-device counters and service health in the Prometheus text format.
+    /// `queue<N>_<name>` (netback's per-queue counters) as (N, name).
+    static func perQueueCounter(_ key: String) -> (queue: String, name: String)? {
+        guard key.hasPrefix("queue") else { return nil }
+        let rest = key.dropFirst(5)
+        let digits = rest.prefix { $0.isNumber }
+        guard !digits.isEmpty, rest.dropFirst(digits.count).first == "_" else { return nil }
+        let name = rest.dropFirst(digits.count + 1)
+        return name.isEmpty ? nil : (String(digits), String(name))
+    }
+
     public func metricsText() -> String {
         let registry = PrometheusCollectorRegistry()
         let names: [UInt32: String] = (try? connect().listDomains()).map {
@@ -73,6 +83,12 @@ extension Toolstack {
         for d in statistics() {
             let labels = [("domain", names[d.domid] ?? "d\(d.domid)"), ("domid", "\(d.domid)"), ("devid", "\(d.devid)")]
             for (k, v) in d.counters.sorted(by: { $0.key < $1.key }) {
+                if let (queue, name) = Self.perQueueCounter(k) {
+                    // One metric per counter with the queue as a label, not one per queue.
+                    registry.makeCounter(name: "swiftxen_\(d.type)_queue_\(name)_total", labels: labels + [("queue", queue)])
+                        .increment(by: Int64(clamping: v))
+                    continue
+                }
                 let metric = "swiftxen_\(d.type)_\(k)"
                 if k == "persistent_grants" {
                     registry.makeGauge(name: metric, labels: labels).set(Int64(v))

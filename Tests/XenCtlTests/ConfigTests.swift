@@ -1,3 +1,5 @@
+import Glibc
+import Foundation
 import Testing
 import XenCtl
 
@@ -132,5 +134,22 @@ import XenCtl
         #expect(throws: SpecError.self) { try VifSpec(parsing: "mac=00:16:3e:01:02") }
         let r = MACAddress.randomXen()
         #expect(r.bytes.prefix(3) == [0, 0x16, 0x3E] && r.bytes[0] & 1 == 0)
+    }
+}
+
+/// `xenctl metrics` from the backends' statistics files, no daemon needed.
+@Suite struct MetricsTextTests {
+    @Test func perQueueCountersBecomeOneMetricWithAQueueLabel() throws {
+        let run = FileManager.default.temporaryDirectory.appendingPathComponent("xenctl-metrics-\(getpid())").path
+        defer { try? FileManager.default.removeItem(atPath: run) }
+        try FileManager.default.createDirectory(atPath: run + "/stats", withIntermediateDirectories: true)
+        try "vif 7 0 tx_packets 30\nvif 7 0 queue0_tx_packets 10\nvif 7 0 queue1_tx_packets 20\nvif 7 0 queue1_rx_packets 5\n"
+            .write(toFile: run + "/stats/netback.stats", atomically: true, encoding: .utf8)
+        let text = Toolstack(runDir: run).metricsText()
+        #expect(text.contains("swiftxen_vif_tx_packets_total{domain=\"d7\",domid=\"7\",devid=\"0\"} 30"), "\(text)")
+        #expect(text.contains("swiftxen_vif_queue_tx_packets_total{domain=\"d7\",domid=\"7\",devid=\"0\",queue=\"0\"} 10"), "\(text)")
+        #expect(text.contains("swiftxen_vif_queue_tx_packets_total{domain=\"d7\",domid=\"7\",devid=\"0\",queue=\"1\"} 20"), "\(text)")
+        #expect(text.contains("swiftxen_vif_queue_rx_packets_total{domain=\"d7\",domid=\"7\",devid=\"0\",queue=\"1\"} 5"), "\(text)")
+        #expect(!text.contains("queue0_"), "\(text)")
     }
 }
