@@ -336,7 +336,12 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
             }
             if r < 0 && errno != EINTR { break }
             if fds.2.revents != 0 { break }
-            if fds.1.revents != 0, let e = engine { e.reap(complete) }
+            if fds.1.revents != 0, let e = engine {
+                e.reap(complete)
+                // The guest hears of its completions now, not after the next
+                // pass's submissions: it prepares its next requests meanwhile.
+                pushResponses()
+            }
             kicked = fds.0.revents != 0
             if kicked { _ = channel.consume() }
         }
