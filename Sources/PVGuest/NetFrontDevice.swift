@@ -83,6 +83,9 @@ public final class NetFrontDevice: @unchecked Sendable {
     /// `backendEvents` when the current connection was made: any write after it is a renegotiation.
     let baseline = Atomic<Int>(0)
     let wake = DispatchSemaphore(value: 0)
+    /// Signalled when the supervisor thread has ended: only then is no
+    /// reconnect using the queues' memory.
+    let supervisorDone = DispatchSemaphore(value: 0)
     /// Handshakes completed (1 after init; more after reconnects).
     public var connections: Int { connectionCount.load(ordering: .relaxed) }
     let connectionCount = Atomic<Int>(0)
@@ -165,7 +168,10 @@ public final class NetFrontDevice: @unchecked Sendable {
             releaseResources()
             throw error
         }
-        DetachedThread.start(name: "nf-\(interfaceName)") { [self] in supervise() }
+        DetachedThread.start(name: "nf-\(interfaceName)") { [self] in
+            supervise()
+            supervisorDone.signal()
+        }
     }
 
     // MARK: Handshake
@@ -403,7 +409,13 @@ public final class NetFrontDevice: @unchecked Sendable {
             _ = xs.awaitState(at: backendPath, seconds: 2) { [.closing, .closed, .unknown, .initialising, .initWait].contains($0) }
             try? xs.switchStateIfPresent(at: frontendPath, to: .closed, owner: Self.handshakeKey)
         }
-        releaseResources()
+        // A reconnect in progress initialises rings on these pages until it
+        // sees the stop (each of its waits looks at least once a second).
+        if supervisorDone.wait(timeout: .now() + 35) == .success {
+            releaseResources()
+        } else {
+            logger.error("\(frontendPath): the reconnect did not stop; its queues' memory stays granted")
+        }
         if createdNamespace { NetNamespace.remove(namespace) }
     }
 
