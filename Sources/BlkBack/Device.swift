@@ -72,7 +72,7 @@ public final class VirtualBlockDevice: @unchecked Sendable {
     /// Opens the backing store. `name` appears in log lines (e.g. "vbd-5-51712").
     /// `busyPollMicroseconds` > 0 makes each queue spin that long for new
     /// requests or completions before sleeping (lower latency, more CPU).
-    public init(name: String, backing: BackingOptions, maxQueues: Int = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))),
+    public init(name: String, backing: BackingOptions, maxQueues: Int = HVLimits.onlineCPUs,
                 busyPollMicroseconds: Int = 0, logger: Logger = Logger(label: "blkback")) throws(BlkBackError) {
         self.name = name
         self.maxQueues = Swift.max(1, maxQueues)

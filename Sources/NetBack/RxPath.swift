@@ -195,7 +195,6 @@ struct RxEngine: ~Copyable {
                     plan.append((extraReq.id, -1, 0, 0, g))
                 }
             }
-            stats.rxPackets.wrappingAdd(1, ordering: .relaxed)
             queueStats.rxPackets.wrappingAdd(1, ordering: .relaxed)
             stats.rxBytes.wrappingAdd(UInt64(len), ordering: .relaxed)
             popBacklog()

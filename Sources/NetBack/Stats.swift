@@ -45,18 +45,17 @@ public enum VifCounter: Int, CaseIterable, Sendable, CustomStringConvertible {
 /// each is a monotonic count, read only for reporting).
 public final class VifStats: @unchecked Sendable {
     // Sound: the counter storage is a fixed array of atomics, freed only at deinit.
-    /// Packets and bytes the guest transmitted that reached the tap.
-    public let txPackets = Atomic<UInt64>(0)
+    /// Bytes the guest transmitted that reached the tap (packets: each queue's
+    /// count in ``queues``, summed by ``snapshot``).
     public let txBytes = Atomic<UInt64>(0)
-    /// Packets and bytes delivered from the tap into the guest's rx buffers.
-    public let rxPackets = Atomic<UInt64>(0)
+    /// Bytes delivered from the tap into the guest's rx buffers.
     public let rxBytes = Atomic<UInt64>(0)
     /// Times the rate limiter held transmission back.
     public let txRateLimited = Atomic<UInt64>(0)
     /// Times a storm of empty notifications made a queue ignore its event channel briefly.
     public let eventStormBackoffs = Atomic<UInt64>(0)
-    /// Each queue's own packet counts (Linux keeps them per xenvif_queue),
-    /// one per queue offered, kept across reconnects like the totals.
+    /// Each queue's packet counts (Linux keeps them per xenvif_queue), one
+    /// per queue offered, kept across reconnects; the vif's totals are their sums.
     public let queues: [QueueStats]
     private let counterStorage: UnsafeMutablePointer<Atomic<UInt64>>
 
@@ -85,13 +84,14 @@ public final class VifStats: @unchecked Sendable {
                        .txChecksumSetup, .txGrantCopy, .txTapWrite].reduce(0) { $0 + value($1) }
         let rxDrops = [VifCounter.rxNoSGTooLarge, .rxUnsupportedGSO, .rxGrantCopy, .rxQueueFull,
                        .rxStalledFlush, .rxCarrierOff, .rxShortRead].reduce(0) { $0 + value($1) }
+        let queueTx = queues.map { $0.txPackets.load(ordering: .relaxed) }
+        let queueRx = queues.map { $0.rxPackets.load(ordering: .relaxed) }
         return VifStatistics(
-            txPackets: txPackets.load(ordering: .relaxed), txBytes: txBytes.load(ordering: .relaxed),
-            rxPackets: rxPackets.load(ordering: .relaxed), rxBytes: rxBytes.load(ordering: .relaxed),
+            txPackets: queueTx.reduce(0, &+), txBytes: txBytes.load(ordering: .relaxed),
+            rxPackets: queueRx.reduce(0, &+), rxBytes: rxBytes.load(ordering: .relaxed),
             txDrops: txDrops, rxDrops: rxDrops, txErrors: value(.txFatal),
             txRateLimited: txRateLimited.load(ordering: .relaxed), reasons: reasons,
-            queueTxPackets: queues.map { $0.txPackets.load(ordering: .relaxed) },
-            queueRxPackets: queues.map { $0.rxPackets.load(ordering: .relaxed) })
+            queueTxPackets: queueTx, queueRxPackets: queueRx)
     }
 }
 

@@ -468,7 +468,6 @@ public struct TxEngine: ~Copyable {
                 stats.count(d.counter)
                 lastDrop = d
             } else {
-                stats.txPackets.wrappingAdd(1, ordering: .relaxed)
                 queueStats.txPackets.wrappingAdd(1, ordering: .relaxed)
                 stats.txBytes.wrappingAdd(UInt64(len), ordering: .relaxed)
             }

@@ -194,8 +194,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         ringOrder = order
         // Linux: min(backend's multi-queue-max-queues, online CPUs).
         let maxQueues = Int((try xs.readIfExists(be + "/multi-queue-max-queues")) ?? "1") ?? 1
-        let cpus = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
-        var nq = max(1, min(wantQueues ?? cpus, maxQueues, 16))
+        var nq = max(1, min(wantQueues ?? HVLimits.onlineCPUs, maxQueues, 16))
         // Bounce pages come out of guest memory: this device takes at most half
         // of what is left (other disks and NICs come after it), fewer queues
         // and no indirect segments when that is short.

@@ -55,11 +55,10 @@ public final class NetFrontDevice: @unchecked Sendable {
         /// feature-split-event-channels, as Linux's netfront always takes
         /// them; off to drive a backend's shared-channel path.
         public var splitEventChannels: Bool
-        public init(maxQueues: Int = Options.onlineCPUs, splitEventChannels: Bool = true) {
+        public init(maxQueues: Int = HVLimits.onlineCPUs, splitEventChannels: Bool = true) {
             self.maxQueues = max(1, maxQueues)
             self.splitEventChannels = splitEventChannels
         }
-        public static var onlineCPUs: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
     }
 
     let hv: Hypervisor
@@ -229,17 +228,12 @@ public final class NetFrontDevice: @unchecked Sendable {
         var sessions: [Session] = []
         do {
             for (q, m) in memory.enumerated() {
+                let txShared = try pages.page(m.ringFrame).ring(NetifTxRing.self, pages: 1)
+                let rxShared = try pages.page(m.ringFrame + 1).ring(NetifRxRing.self, pages: 1)
                 // The tap's first queue is the device's; the others are
-                // attached in the guest's namespace for this connection.
+                // attached in the guest's namespace for this connection (the
+                // session owns and closes them, also when it fails to start).
                 let fd = q == 0 ? tap.queues[0] : try NetNamespace.run(in: namespace, create: false) { try tap.openQueue() }.value
-                let txShared: SharedRing<NetifTxRing>, rxShared: SharedRing<NetifRxRing>
-                do {
-                    txShared = try pages.page(m.ringFrame).ring(NetifTxRing.self, pages: 1)
-                    rxShared = try pages.page(m.ringFrame + 1).ring(NetifRxRing.self, pages: 1)
-                } catch {
-                    if q > 0 { close(fd) }
-                    throw error
-                }
                 sessions.append(try Session(device: self, index: q, memory: m, tapFD: fd, ownsTapFD: q > 0,
                                             tx: FrontRing(initializing: txShared), rx: FrontRing(initializing: rxShared),
                                             split: split, sg: sg, gso4: gso4, gso6: gso6))
@@ -637,9 +631,6 @@ extension NetFrontDevice {
             if let rxChannel { pfds.append(pollfd(fd: rxChannel.descriptor, events: Int16(POLLIN), revents: 0)) }
             do {
                 while true {
-                    if pfds[0].revents != 0 { return }
-                    _ = txChannel.consume()
-                    _ = rxChannel?.consume()
                     try reapTx()
                     try receive()
                     transmit()
@@ -649,6 +640,11 @@ extension NetFrontDevice {
                     pfds[1].events = txRoom ? Int16(POLLIN) : 0
                     for i in pfds.indices { pfds[i].revents = 0 }
                     while poll(&pfds, nfds_t(pfds.count), -1) < 0 && errno == EINTR {}
+                    if pfds[0].revents != 0 { return }
+                    // Only a channel the poll found kicked is consumed: a wake-up
+                    // by the tap costs no event-channel syscall.
+                    if pfds[2].revents != 0 { _ = txChannel.consume() }
+                    if let rxChannel, pfds[3].revents != 0 { _ = rxChannel.consume() }
                 }
             } catch {
                 device.logger.error("\(device.frontendPath): \(error); stopping the data path")

@@ -64,7 +64,6 @@ extension Toolstack {
         return out
     }
 
-    /// Per-device counters and service health in the Prometheus text format.
     /// `queue<N>_<name>` (netback's per-queue counters) as (N, name).
     static func perQueueCounter(_ key: String) -> (queue: String, name: String)? {
         guard key.hasPrefix("queue") else { return nil }
@@ -75,6 +74,7 @@ extension Toolstack {
         return name.isEmpty ? nil : (String(digits), String(name))
     }
 
+    /// Per-device counters and service health in the Prometheus text format.
     public func metricsText() -> String {
         let registry = PrometheusCollectorRegistry()
         let names: [UInt32: String] = (try? connect().listDomains()).map {

@@ -1,3 +1,4 @@
+import Glibc
 import CXen
 
 /// A domain id (`domid_t`).
@@ -12,6 +13,10 @@ public typealias GrantHandle = UInt32
 /// Fixed numbers of the hypervisor core, Xen's defaults where Xen has one.
 public enum HVLimits {
     public static let pageSize = 4096
+    /// The online CPUs (at least 1): what Linux's drivers default their
+    /// queue counts to (blkback, blkfront, xen-netback and xen-netfront's
+    /// max_queues).
+    public static var onlineCPUs: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
     /// 2-level ABI on 64-bit: `EVTCHN_2L_NR_CHANNELS` = 64 * 64; port 0 is never valid.
     public static let eventChannelPorts: UInt32 = 4096
     /// Xen's default `max_grant_frames`.

@@ -32,7 +32,7 @@ struct NetbackCommand: ParsableCommand {
     @Option(help: "With --xenstore: the hotplug script run for a vif without a `script` key.")
     var hotplugScript: String?
     @Option(help: "With --xenstore: queues offered to each frontend (multi-queue-max-queues; Linux's xen_netback.max_queues, default the online CPUs).")
-    var maxQueues = max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
+    var maxQueues = HVLimits.onlineCPUs
     @Option(help: "The frontend's domain id (single-vif mode).") var domid: UInt16?
     @Option(help: "Device id (the vif's handle).") var devid: UInt32 = 0
     @Option(name: .customLong("queue"), help: "TX-REF,RX-REF,EVTCHN[,EVTCHN-RX] per queue (repeat for multi-queue).")

@@ -31,7 +31,7 @@ struct PVGuestCommand: ParsableCommand {
     var netns: String?
 
     @Option(help: "Queues each NIC may use at most (Linux's xen_netfront.max_queues; default: the online CPUs); the backend's multi-queue-max-queues caps it.")
-    var netQueues = NetFrontDevice.Options.onlineCPUs
+    var netQueues = HVLimits.onlineCPUs
 
     @Flag(help: "One event channel per NIC queue even when the backend offers feature-split-event-channels.")
     var noSplitEventChannels = false
