@@ -47,7 +47,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     public let frontendPath: String
     let backendPath: String
     let backendID: XenHV.DomID
-    let ringOrder: Int
+    public let ringOrder: Int
     let hv: Hypervisor
     let xs: XenBusClient
     let pages: GuestPages
@@ -79,11 +79,18 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     public var recoveries: Int { recoveryCount.load(ordering: .relaxed) }
 
     static let segmentsPerRequest = Int(BLKIF_MAX_SEGMENTS_PER_REQUEST)
-    /// Segments per slot when the backend offers indirect descriptors (Linux
-    /// blkfront's default max_indirect_segments).
-    static let indirectSegments = 32
-    /// Data pages per slot: 11, or `indirectSegments` with indirect requests.
-    let segmentsPerSlot: Int
+    /// Segments a request carries without indirect descriptors (blkif.h's 11).
+    public static var directSegments: Int { segmentsPerRequest }
+    /// Segments per slot when the backend offers indirect descriptors, unless
+    /// the guest asks for another count (Linux blkfront's default
+    /// xen_blkif_max_segments).
+    public static let defaultIndirectSegments = 32
+    /// The most segments one indirect page lists (512 of blkif.h's 8-byte
+    /// blkif_request_segment; a slot has one indirect page). Backends offer
+    /// fewer (Linux blkback and ours: 256).
+    public static let maxIndirectSegments = HVLimits.pageSize / MemoryLayout<blkif_request_segment>.size
+    /// Data pages per slot: 11, or the indirect segments with indirect requests.
+    public let segmentsPerSlot: Int
     /// Largest ring request, in bytes.
     var chunk: Int { segmentsPerSlot * HVLimits.pageSize }
     /// Per slot, the indirect page (granted read-only) listing the data pages
@@ -164,6 +171,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     /// waits for Connected.
     public init(hypervisor hv: Hypervisor, xenstore xs: XenBusClient, frontendPath fe: String,
                 pages: GuestPages, grants: GrantRefs, ringPageOrder wantOrder: Int = 1, queues wantQueues: Int? = nil,
+                indirectSegments wantIndirect: Int = BlkFrontDevice.defaultIndirectSegments,
                 completionThread: Bool = true, logger: Logger = Logger(label: "blkfront")) throws {
         self.hv = hv
         self.xs = xs
@@ -210,16 +218,19 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         let slots = perQueue * nq
         // Indirect descriptors when the backend takes them and our memory
         // holds the larger slots (Linux: feature-max-indirect-segments).
+        // Linux: min(xen_blkif_max_segments, the backend's offer); one
+        // indirect page per slot lists them all.
         let maxIndirect = Int((try xs.readIfExists(be + "/feature-max-indirect-segments")) ?? "0") ?? 0
+        let indirect = min(max(0, wantIndirect), maxIndirect, Self.maxIndirectSegments)
         var perSlot = Self.segmentsPerRequest
         var dataFrame: UInt32
         var indirectFrame: UInt32? = nil
-        if maxIndirect >= Self.indirectSegments, slots * (Self.indirectSegments + 1) <= budget,
-           let d = try? pages.allocate(slots * (Self.indirectSegments + 1)) {
-            perSlot = Self.indirectSegments
+        if indirect > Self.segmentsPerRequest, slots * (indirect + 1) <= budget,
+           let d = try? pages.allocate(slots * (indirect + 1)) {
+            perSlot = indirect
             dataFrame = d
             indirectFrame = d + UInt32(slots * perSlot)
-            dataExtent = (d, slots * (Self.indirectSegments + 1))
+            dataExtent = (d, slots * (indirect + 1))
         } else {
             dataFrame = try pages.allocate(slots * perSlot)
             dataExtent = (dataFrame, slots * perSlot)

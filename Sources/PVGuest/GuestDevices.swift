@@ -36,6 +36,9 @@ public final class GuestDevices: @unchecked Sendable {
     public struct Options: Sendable {
         public var nbdDir: String
         public var ringPageOrder: Int
+        /// Segments per disk request with indirect descriptors (Linux's
+        /// xen_blkif_max_segments), capped by the backend's offer.
+        public var indirectSegments = BlkFrontDevice.defaultIndirectSegments
         public var namespace: String
         /// Queues and event channels each NIC may use.
         public var netfront: NetFrontDevice.Options
@@ -281,7 +284,8 @@ public final class GuestDevices: @unchecked Sendable {
 
     func bringUpDisk(_ slot: Slot) throws {
         let device = try BlkFrontDevice(hypervisor: hv, xenstore: xs, frontendPath: slot.frontendPath, pages: pages, grants: grants,
-                                        ringPageOrder: options.ringPageOrder, logger: logger)
+                                        ringPageOrder: options.ringPageOrder, indirectSegments: options.indirectSegments,
+                                        logger: logger)
         let be = device.backendPath
         let name = (try? xs.readIfExists(be + "/dev")).flatMap { $0 }.flatMap { Self.isSafeName($0) ? $0 : nil } ?? "d\(slot.devid)"
         let server = NBDServer(exportName: name, device: device, logger: logger)

@@ -34,6 +34,11 @@ struct BlkBackBench: ParsableCommand {
     @Option(help: "Persistent grants kept per ring (Linux's default: 1056).")
     var persistentLimit = BlkifLimits.persistentGrantsPerRing
 
+    @Option(help: "Ring page order pvguest-load's blkfront asks for (Linux blkfront's default: 0).")
+    var guestRingOrder = 0
+    @Option(help: "Segments per ring request of pvguest-load's blkfront (Linux's xen_blkif_max_segments; 256: a 1 MiB I/O is one request).")
+    var indirectSegments = 256
+
     @Flag(help: "Also the file loads with the in-process test frontend (BlkFrontKit) instead of a pvguest guest.")
     var inProcess = false
     @Flag(help: "Skip the memory figures.") var skipMemory = false
@@ -78,8 +83,10 @@ struct BlkBackBench: ParsableCommand {
             ("1M seqread QD8", false, 1 << 20, 8, false, "read"),
         ].filter { l in only.map { l.0.contains($0) } ?? true }
         let rig = try GuestRig()
+        rig.ringPageOrder = guestRingOrder
+        rig.indirectSegments = indirectSegments
         print("== file: \(image) (\(imageMiB) MiB), O_DIRECT; load generator: pvguest-load, a guest process running")
-        print("   pvguest's blkfront (1 queue, ring order 1, 32 segments per request) against the blkback daemon;")
+        print("   pvguest's blkfront (1 queue, ring order \(guestRingOrder), \(indirectSegments) segments per request) against the blkback daemon;")
         print("   baseline: fio --ioengine=libaio --direct=1 --numjobs=1 on the same file, same bs and depth, same run")
         print("   blkback pid \(rig.blkback)")
         fflush(nil)

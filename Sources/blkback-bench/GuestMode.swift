@@ -155,10 +155,22 @@ final class GuestRig {
 
     /// Runs `loads` in a pvguest-load guest on `image`, one after the other.
     /// `during` is called once the guest is up with the guest, before its results are read.
-    func load(_ loads: [String], image: String, ringPageOrder: Int = 1, during: ((Guest) -> Void)? = nil) throws -> [Measured] {
+    /// The load guest's blkfront: ring order and segments per request (with
+    /// 256 a 1 MiB I/O is one ring request, as fio's is one io_submit).
+    var ringPageOrder = 0
+    var indirectSegments = 256
+
+    /// Guest memory for pvguest-load: its slots' data and indirect pages
+    /// (ring order 4 at 256 segments: 512 x 257 pages) within half of it.
+    private var loadGuestPages: UInt32 {
+        UInt32(max(16384, 2 * ((32 << ringPageOrder) * (indirectSegments + 1) + 4096)))
+    }
+
+    func load(_ loads: [String], image: String, during: ((Guest) -> Void)? = nil) throws -> [Measured] {
         let g = try start("pvguest-load", image: image,
-                          arguments: ["--ring-page-order", "\(ringPageOrder)", "--stay"] + loads.flatMap { ["--load", $0] },
-                          readyPrefix: "pvguest-load ready")
+                          arguments: ["--ring-page-order", "\(ringPageOrder)", "--indirect-segments", "\(indirectSegments)",
+                                      "--stay"] + loads.flatMap { ["--load", $0] },
+                          readyPrefix: "pvguest-load ready", pages: loadGuestPages)
         defer { stop(g) }
         let cpu0 = processCPU(g.pid) + processCPU(blkback)
         let t0 = now()

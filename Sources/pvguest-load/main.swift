@@ -27,11 +27,17 @@ struct PVGuestLoadCommand: ParsableCommand {
     @Option(help: "Ring page order to ask the backend for (0-4).")
     var ringPageOrder = 1
 
+    @Option(help: "Segments per ring request with indirect descriptors (Linux's xen_blkif_max_segments); the backend's offer caps it.")
+    var indirectSegments = BlkFrontDevice.defaultIndirectSegments
+
     @Flag(help: "After the loads, stay connected until the domain is destroyed (so the backend's counters can be read).")
     var stay = false
 
     func validate() throws {
         guard (0...4).contains(ringPageOrder) else { throw ValidationError("--ring-page-order must be 0..4") }
+        guard (BlkFrontDevice.directSegments...BlkFrontDevice.maxIndirectSegments).contains(indirectSegments) else {
+            throw ValidationError("--indirect-segments must be \(BlkFrontDevice.directSegments)..\(BlkFrontDevice.maxIndirectSegments)")
+        }
         guard !load.isEmpty else { throw ValidationError("give at least one --load") }
         for l in load {
             do { _ = try BlkLoad(parsing: l) } catch { throw ValidationError("\(error)") }
@@ -51,8 +57,9 @@ struct PVGuestLoadCommand: ParsableCommand {
         let fe = home + "/device/vbd/" + id
         let device = try BlkFrontDevice(hypervisor: hv, xenstore: xs, frontendPath: fe, pages: try GuestPages(hypervisor: hv),
                                         grants: try GrantRefs(hypervisor: hv), ringPageOrder: ringPageOrder, queues: 1,
+                                        indirectSegments: indirectSegments,
                                         completionThread: false, logger: logger)
-        print("pvguest-load ready domain \(hv.domid) vbd \(id) \(device.size / 512) sectors")
+        print("pvguest-load ready domain \(hv.domid) vbd \(id) \(device.size / 512) sectors ring-order \(device.ringOrder) segments \(device.segmentsPerSlot)")
         fflush(nil)
         for l in loads {
             print(try device.runLoad(l).line)

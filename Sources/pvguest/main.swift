@@ -27,6 +27,9 @@ struct PVGuestCommand: ParsableCommand {
     @Option(help: "Ring page order to ask the backends for (0-4).")
     var ringPageOrder = 1
 
+    @Option(help: "Segments per disk request with indirect descriptors (Linux's xen_blkif_max_segments, 11-512); the backend's feature-max-indirect-segments caps it.")
+    var blkIndirectSegments = BlkFrontDevice.defaultIndirectSegments
+
     @Option(help: "Network namespace for the NICs (taps eth<devid>), created when missing (default: xen-<domid>).")
     var netns: String?
 
@@ -43,6 +46,9 @@ struct PVGuestCommand: ParsableCommand {
         guard (0...4).contains(ringPageOrder) else { throw ValidationError("--ring-page-order must be 0..4") }
         if let netns, !NetNamespace.isValidName(netns) { throw ValidationError("bad --netns name '\(netns)'") }
         guard (1...64).contains(netQueues) else { throw ValidationError("--net-queues must be 1..64") }
+        guard (BlkFrontDevice.directSegments...BlkFrontDevice.maxIndirectSegments).contains(blkIndirectSegments) else {
+            throw ValidationError("--blk-indirect-segments must be \(BlkFrontDevice.directSegments)..\(BlkFrontDevice.maxIndirectSegments)")
+        }
     }
 
     func run() throws {
@@ -72,14 +78,16 @@ struct PVGuestCommand: ParsableCommand {
         // The frontend bus: every device now and any the toolstack adds later
         // (hotplug). Its watch callbacks only raise SIGUSR2; this thread rescans.
         let log = logger
+        var options = GuestDevices.Options(
+            nbdDir: dir, ringPageOrder: ringPageOrder, namespace: netns ?? "xen-\(hv.domid)",
+            netfront: .init(maxQueues: netQueues, splitEventChannels: !noSplitEventChannels)) { namespace in
+            do { try Self.startReaper(for: namespace) } catch {
+                log.warning("netns \(namespace): no reaper (\(error)); it outlives a killed guest")
+            }
+        }
+        options.indirectSegments = blkIndirectSegments
         let devices = GuestDevices(
-            hypervisor: hv, xenstore: xs, home: home, pages: pages, grants: grants,
-            options: .init(nbdDir: dir, ringPageOrder: ringPageOrder, namespace: netns ?? "xen-\(hv.domid)",
-                           netfront: .init(maxQueues: netQueues, splitEventChannels: !noSplitEventChannels)) { namespace in
-                do { try Self.startReaper(for: namespace) } catch {
-                    log.warning("netns \(namespace): no reaper (\(error)); it outlives a killed guest")
-                }
-            },
+            hypervisor: hv, xenstore: xs, home: home, pages: pages, grants: grants, options: options,
             logger: logger, wake: { kill(getpid(), SIGUSR2) })
         try devices.start()
         // Boot waits for the devices present now (each bounded by its own timeouts).
