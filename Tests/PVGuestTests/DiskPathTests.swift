@@ -22,20 +22,20 @@ import XenTestKit
         /// vdev -> NBD URI, as pvguest printed them.
         var disks: [String: String] = [:]
 
-        init(disks spec: [(vdev: String, devid: Int, image: String, mode: String)]) throws {
+        init(disks spec: [(vdev: String, devid: Int, image: String, mode: String)], guestArguments: [String] = [], pages: UInt32 = 4096) throws {
             let build = Dom0Harness.buildDirectory(packageRoot: DiskPathTests.root)
             dom0 = try Dom0Harness(buildDirectory: build)
             blkback = BlkbackService(hypervisor: try dom0.dom0Hypervisor(), xenbus: try dom0.dom0XenStore(),
                                      logger: .init(label: "blkback"))
             try blkback.start()
-            domain = try dom0.prepareGuest(name: "pv", pages: 4096)
+            domain = try dom0.prepareGuest(name: "pv", pages: pages)
             for d in spec {
                 let dev = XenBusDevice(type: "vbd", frontendDomid: XenStore.DomID(domain.domid), devid: d.devid)
                 try dom0.xenstore.createDevice(dev, backend: ["params": d.image, "mode": d.mode, "type": "file",
                                                               "dev": d.vdev, "device-type": "disk", "discard-enable": "1"],
                                                frontend: ["virtual-device": "\(d.devid)", "device-type": "disk"])
             }
-            let k = try dom0.startKernel(domain, "pvguest", arguments: ["--nbd-dir", dom0.dir], buildDirectory: build)
+            let k = try dom0.startKernel(domain, "pvguest", arguments: ["--nbd-dir", dom0.dir] + guestArguments, buildDirectory: build)
             guest = k.pid
             for line in k.lines {
                 let w = line.split(separator: " ")
@@ -118,5 +118,46 @@ import XenTestKit
         let (rc5, out5) = try Self.qemuIO(b, ["write -P 1 0 4096"])
         #expect(rc5 != 0 && out5.contains("Permission denied"), "\(out5)")
         #expect(try Self.bytes(ro, at: 0, count: 4096) == [UInt8](repeating: 0, count: 4096))
+    }
+
+    /// Linux's xen_blkif_max_segments: with 256 segments per request a 1 MiB
+    /// write is one indirect ring request; at the default 32 it is eight of
+    /// 128 KiB. Either way the bytes land where they were written.
+    @Test(arguments: [(32, 8), (256, 1)])
+    func indirectSegmentsSetTheLargestRingRequest(segments: Int, requests: UInt64) throws {
+        var template = Array("/tmp/pvdisk-XXXXXX".utf8CString)
+        let dir = String(cString: mkdtemp(&template)!)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let img = Self.image(dir, "xvda.img", size: 16 << 20)
+        // Ring order 0 (32 slots a queue) and 160 MiB: each queue's slots of 257 pages fit in half of it.
+        let rig = try Rig(disks: [("xvda", 51712, img, "w")],
+                          guestArguments: ["--ring-page-order", "0", "--blk-indirect-segments", "\(segments)"], pages: 40960)
+        guard let a = rig.disks["xvda"] else {
+            Issue.record("pvguest exported \(rig.disks)")
+            return
+        }
+        func written() -> (requests: UInt64, sectors: UInt64) {
+            rig.blkback.withDevices { d in
+                let s = d.values.first?.stats
+                return (s?.writeRequests ?? 0, s?.sectorsWritten ?? 0)
+            }
+        }
+        let before = written()
+        let (rc, out) = try Self.qemuIO(a, ["write -P 0xc3 2097152 1048576"])
+        #expect(rc == 0 && !out.contains("failed"), "\(out)")
+        let after = written()
+        #expect(after.requests - before.requests == requests, "write requests \(before.requests) -> \(after.requests)")
+        #expect(after.sectors - before.sectors == 2048)
+        #expect(try Self.bytes(img, at: 2_097_152, count: 1_048_576) == [UInt8](repeating: 0xC3, count: 1_048_576))
+        let (rc2, out2) = try Self.qemuIO(a, ["read -P 0xc3 2097152 1048576", "read -P 0 1048576 1048576"])
+        #expect(rc2 == 0 && !out2.contains("failed"), "\(out2)")
+    }
+
+    @Test func pvguestRefusesAnIndirectSegmentCountOutOfRange() throws {
+        let build = Dom0Harness.buildDirectory(packageRoot: Self.root)
+        for bad in ["10", "513", "x"] {
+            let r = CommandResult.run(build + "/pvguest", ["--blk-indirect-segments", bad])
+            #expect(r.status != 0 && r.err.contains("--blk-indirect-segments"), "\(bad): \(r.err)")
+        }
     }
 }
