@@ -283,6 +283,8 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     static var stormKicks: Int { 64 }
     static var stormMuteNanoseconds: UInt64 { 2_000_000 }
 
+    @_specialize(exported: false, where R == BlkifRing)
+    @_specialize(exported: false, where R == BlkifX86_32Ring)
     func runLoop() {
         DetachedThread.setName("vbd\(frontend)q\(index)")
         var fds = (pollfd(fd: channel.descriptor, events: Int16(POLLIN), revents: 0),

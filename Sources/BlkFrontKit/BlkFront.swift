@@ -179,22 +179,30 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
 
     /// Queues one request without publishing it; false when the ring is full.
     @inline(__always)
+    @_specialize(exported: false, where R == BlkifRing)
+    @_specialize(exported: false, where R == BlkifX86_32Ring)
     public func enqueue(_ q: BlkRequest, queue: Int = 0) -> Bool {
         queues[queue].ring.enqueue(R.encode(q))
     }
 
     /// Publishes queued requests, notifying if the backend asked to be.
     @inline(__always)
+    @_specialize(exported: false, where R == BlkifRing)
+    @_specialize(exported: false, where R == BlkifX86_32Ring)
     public func publish(queue: Int = 0) throws {
         if queues[queue].ring.pushRequestsAndCheckNotify() { try queues[queue].channel.notify() }
     }
 
     /// RING_FINAL_CHECK_FOR_RESPONSES; true when a response is already there.
     @inline(__always)
+    @_specialize(exported: false, where R == BlkifRing)
+    @_specialize(exported: false, where R == BlkifX86_32Ring)
     public func finalCheck(queue: Int = 0) throws -> Bool { try queues[queue].ring.finalCheckForResponses() }
 
     /// Whether responses are waiting (no side effects).
     @inline(__always)
+    @_specialize(exported: false, where R == BlkifRing)
+    @_specialize(exported: false, where R == BlkifX86_32Ring)
     public func hasResponses(queue: Int = 0) throws -> Bool { try queues[queue].ring.unconsumedResponses() > 0 }
 
     /// Blocks until the queue's event channel fires (or `ms` pass).
@@ -217,6 +225,8 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     }
 
     /// Takes a response if one is there, without waiting.
+    @_specialize(exported: false, where R == BlkifRing)
+    @_specialize(exported: false, where R == BlkifX86_32Ring)
     public func pollResponse(queue: Int = 0) throws -> (id: UInt64, operation: UInt8, status: Int16)? {
         try queues[queue].ring.nextResponse().map { R.fields($0) }
     }
