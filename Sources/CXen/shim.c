@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "CXen.h"
 #include <errno.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -19,6 +20,25 @@ int cxen_memfd_create(const char *name, unsigned int flags) {
 
 int cxen_eventfd(unsigned int initval, int flags) {
     return eventfd(initval, flags);
+}
+
+int cxen_evtfd_signal(int fd) {
+    struct pollfd p = { .fd = fd, .events = POLLOUT, .revents = 0 };
+    if (poll(&p, 1, 0) != 1 || !(p.revents & POLLOUT)) return 0;
+    uint64_t one = 1;
+    return write(fd, &one, sizeof one) == (ssize_t)sizeof one;
+}
+
+uint64_t cxen_evtfd_drain(int fd) {
+    uint64_t v = 0;
+    struct iovec iov = { .iov_base = &v, .iov_len = sizeof v };
+    ssize_t r = preadv2(fd, &iov, 1, -1, RWF_NOWAIT);
+    if (r == (ssize_t)sizeof v) return v;
+    if (r < 0 && (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS)) {
+        struct pollfd p = { .fd = fd, .events = POLLIN, .revents = 0 };
+        if (poll(&p, 1, 0) == 1 && (p.revents & POLLIN) && read(fd, &v, sizeof v) == (ssize_t)sizeof v) return v;
+    }
+    return 0;
 }
 
 #define CXEN_MAX_FDS 16

@@ -37,8 +37,7 @@ public final class EventChannel: @unchecked Sendable {
         let gen = hypervisor.generation(of: port)
         let cached = peer.load(ordering: .acquiring)
         if cached != 0, UInt32(cached >> 32) == gen {
-            var one: UInt64 = 1
-            _ = write(CInt(truncatingIfNeeded: cached & 0xFFFF_FFFF), &one, 8)
+            _ = cxen_evtfd_signal(CInt(truncatingIfNeeded: cached & 0xFFFF_FFFF))
             return
         }
         try refreshPeer(generation: gen)
@@ -47,34 +46,37 @@ public final class EventChannel: @unchecked Sendable {
     private func refreshPeer(generation gen: UInt32) throws {
         let (_, fds) = try hypervisor.call(.peerDescriptor) { $0.u32(port) }
         guard let fd = fds.first else { return }  // unbound: a send does nothing
-        var one: UInt64 = 1
-        _ = write(fd, &one, 8)
+        _ = cxen_evtfd_signal(fd)
         let old = peer.exchange(UInt64(gen) << 32 | UInt64(UInt32(bitPattern: fd)), ordering: .acquiringAndReleasing)
         if old != 0 { Glibc.close(CInt(truncatingIfNeeded: old & 0xFFFF_FFFF)) }
     }
 
     /// Consumes any kicks that arrived (without blocking) and returns whether
     /// an event is to be delivered now: pending and not masked. Call after the
-    /// descriptor polled readable, or to check without waiting.
+    /// descriptor polled readable, or to check without waiting. One read that
+    /// cannot block, whatever the descriptor's mode (``drain()``).
+    @inline(__always)
     public func consume() -> Bool {
-        var pfd = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
-        if poll(&pfd, 1, 0) > 0 { drainBlocking() }
+        drain()
         return hypervisor.sharedInfo.takeDeliverable(port)
     }
 
-    /// One blocking read of the eventfd: the kick becomes the pending bit.
-    @inline(__always) private func drainBlocking() {
-        var count: UInt64 = 0
-        if read(descriptor, &count, 8) == 8, count > 0 {
+    /// Reads the eventfd's counter without blocking: a kick becomes the
+    /// pending bit. The descriptor is shared with the domain that owns the
+    /// port, which can drain it between a poll and a read or clear its
+    /// O_NONBLOCK, so the read is non-blocking per call (RWF_NOWAIT), not by
+    /// the descriptor's mode.
+    @inline(__always) private func drain() {
+        if cxen_evtfd_drain(descriptor) > 0 {
             hypervisor.sharedInfo.setPending(port)
         }
     }
 
     /// Blocks until an event is delivered on this port.
-    @inline(__always)
     public func wait() {
         while !hypervisor.sharedInfo.takeDeliverable(port) {
-            drainBlocking()
+            var pfd = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
+            if poll(&pfd, 1, -1) > 0 { drain() }
         }
     }
 
@@ -94,8 +96,7 @@ public final class EventChannel: @unchecked Sendable {
     public func unmask() {
         hypervisor.sharedInfo.setMask(port, false)
         if hypervisor.sharedInfo.isPending(port) {
-            var one: UInt64 = 1
-            _ = write(descriptor, &one, 8)
+            _ = cxen_evtfd_signal(descriptor)
         }
     }
 

@@ -294,8 +294,7 @@ public final class Hypervisor: @unchecked Sendable {
             return nil
         }
         if let fd {
-            var one: UInt64 = 1
-            _ = write(fd, &one, 8)
+            _ = cxen_evtfd_signal(fd)
             return
         }
         try notifySlow(port)
@@ -305,8 +304,7 @@ public final class Hypervisor: @unchecked Sendable {
         let gen = generation(of: port)
         let (_, fds) = try call(.peerDescriptor) { $0.u32(port) }
         guard let fd = fds.first else { return }  // unbound: nothing to wake
-        var one: UInt64 = 1
-        _ = write(fd, &one, 8)
+        _ = cxen_evtfd_signal(fd)
         state.withLock { s in
             if let old = s.peers.updateValue((gen, fd), forKey: port) { Glibc.close(old.fd) }
         }

@@ -366,7 +366,10 @@ public final class HypervisorDaemon {
 
     func allocate(in dom: Domain, _ state: Port.State, owner: UInt32) throws(XenErrno) -> EventPort {
         guard let port = dom.freePort() else { throw .ENOSPC }
-        let efd = cxen_eventfd(0, 0x80000 /* EFD_CLOEXEC */)
+        // Non-blocking: a domain that fills its counter to the ceiling must
+        // not hold a sender (evtchn_send never blocks); senders also check
+        // POLLOUT first (cxen_evtfd_signal), since the domain shares the mode.
+        let efd = cxen_eventfd(0, 0x80000 | 0x800 /* EFD_CLOEXEC | EFD_NONBLOCK */)
         guard efd >= 0 else { throw .ENOMEM }
         dom.ports[Int(port)] = Port(state: state, eventfd: efd, owner: owner)
         dom.bumpGeneration(port)
@@ -390,8 +393,7 @@ public final class HypervisorDaemon {
 
     func kick(_ fd: CInt) {
         guard fd >= 0 else { return }
-        var one: UInt64 = 1
-        _ = write(fd, &one, 8)
+        _ = cxen_evtfd_signal(fd)
     }
 
     /// Raises VIRQ_DOM_EXC on every port bound to it.

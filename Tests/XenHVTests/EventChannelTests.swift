@@ -176,4 +176,21 @@ import XenRing
         #expect(done.wait(timeout: .now() + 10) == .success)
         #expect(seen.withLock { $0 } == "vbd12345q0-and-")  // the kernel keeps 15 bytes
     }
+
+    /// The two halves of a send and a receive on a descriptor the other
+    /// domain also holds: neither blocks, whatever mode the descriptor is in.
+    @Test func eventfdSignalAndDrainNeverBlockOnABlockingDescriptor() throws {
+        let fd = cxen_eventfd(0, Int32(O_CLOEXEC))  // blocking, as a hostile holder can make it
+        #expect(fd >= 0)
+        defer { close(fd) }
+        #expect(cxen_evtfd_drain(fd) == 0)  // empty: returns at once
+        #expect(cxen_evtfd_signal(fd) == 1)
+        #expect(cxen_evtfd_signal(fd) == 1)
+        #expect(cxen_evtfd_drain(fd) == 2)
+        var ceiling: UInt64 = 0xFFFF_FFFF_FFFF_FFFE
+        #expect(write(fd, &ceiling, 8) == 8)
+        #expect(cxen_evtfd_signal(fd) == 0)  // at the ceiling: already pending, not written
+        #expect(cxen_evtfd_drain(fd) == ceiling)
+        #expect(cxen_evtfd_drain(fd) == 0)
+    }
 }

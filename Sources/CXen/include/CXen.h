@@ -136,6 +136,19 @@ static inline size_t cxen_sring_header_size(void) {
 /* ---- Linux syscalls and ioctls Swift cannot reach directly ---- */
 int cxen_memfd_create(const char *name, unsigned int flags);
 int cxen_eventfd(unsigned int initval, int flags);
+/* Event-channel eventfds are shared with the other domain (the port's owner
+   reads it, its peer writes it), so their blocking mode is not ours to trust:
+   the file status flags belong to the shared file description, which the
+   other side can change with fcntl.
+   cxen_evtfd_signal adds 1 unless the counter is at the eventfd's ceiling
+   (0xfffffffffffffffe, where a blocking write waits for a read): a port at
+   the ceiling is already pending, so nothing is lost (Xen's evtchn_send never
+   blocks the sender). Returns 1 when it wrote, 0 when it did not.
+   cxen_evtfd_drain reads the counter back to zero without ever blocking
+   (preadv2 RWF_NOWAIT, per call; poll + read on kernels without it) and
+   returns what it read, 0 when there was nothing. */
+int cxen_evtfd_signal(int fd);
+uint64_t cxen_evtfd_drain(int fd);
 /* sendmsg/recvmsg with SCM_RIGHTS. Return bytes or -1 (errno set). */
 ssize_t cxen_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
 /* As above, but never blocks (MSG_DONTWAIT): a full peer gets EAGAIN. */

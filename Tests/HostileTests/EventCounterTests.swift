@@ -1,0 +1,102 @@
+import BlkBack
+import BlkFrontKit
+import Foundation
+import Glibc
+import Synchronization
+import Testing
+import XenBus
+import XenHV
+import XenRing
+import XenStore
+import XenTestKit
+
+extension Hostile {
+    /// A guest holds its own ports' eventfds (and, once it has notified a
+    /// peer, the peer's): it can fill its own event counter to the eventfd's
+    /// ceiling, at which a blocking write of 1 waits for a read that never
+    /// comes. A daemon's notify must not wait for it: Xen's evtchn_send never
+    /// blocks the sender.
+    @Suite struct EventCounterTests {
+        static let ceiling: UInt64 = 0xFFFF_FFFF_FFFF_FFFE
+
+        /// Fills `fd`'s counter to the ceiling (what a hostile guest does to its own port).
+        static func saturate(_ fd: CInt) -> Bool {
+            release(fd)
+            var v = ceiling
+            return write(fd, &v, 8) == 8
+        }
+
+        /// Reads the counter back to zero (also to release a daemon that did block, so a
+        /// failing test still ends).
+        static func release(_ fd: CInt) {
+            var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            var v: UInt64 = 0
+            if poll(&pfd, 1, 0) > 0 { _ = read(fd, &v, 8) }
+        }
+
+        /// Runs `body` on its own thread and waits at most `seconds` for it.
+        static func finishes(within seconds: Double, _ body: @escaping @Sendable () -> Void) -> (Bool, TestThread) {
+            let done = Atomic<Bool>(false)
+            let t = TestThread {
+                body()
+                done.store(true, ordering: .releasing)
+            }
+            return (pollUntil(seconds: seconds) { done.load(ordering: .acquiring) }, t)
+        }
+
+        /// Also when the guest first makes the shared descriptor blocking
+        /// (fcntl on the file description both sides hold).
+        @Test(arguments: [false, true])
+        func aGuestAtItsEventCeilingCannotHoldBlkbacksQueueThread(clearingNonBlocking: Bool) throws {
+            let d = try HostileDom0()
+            let h = try d.guest("saturator"), g = try d.guest("bystander")
+            let other = try XenBusDisk(d.s, guest: g, bytes: 1 << 20)
+            let disk = try XenBusDisk(d.s, guest: h)
+            let fd = disk.front.queues[0].channel.descriptor
+            if clearingNonBlocking { #expect(fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) == 0) }
+            #expect(Self.saturate(fd))
+            // A request blkback answers, then notifies a guest whose counter is at the ceiling.
+            let b = try disk.front.makeBuffer(pages: 1)
+            try disk.front.push(try disk.front.rwRequest(BlkifOp.read, sector: 0, buffer: b, bytes: 4096))
+            #expect(try pollUntil(seconds: 10) { try disk.front.hasResponses() }, "no response")
+            // The other guest is served; the saturating guest's disk detaches, which needs its
+            // queue thread to come back from the notify.
+            #expect(try DiskWorker(other).step(1) == nil)
+            let s = d.s, blkback = d.blkback
+            let (detached, t) = Self.finishes(within: 20) { try? disk.detach(s, backend: blkback) }
+            #expect(detached, "blkback's queue thread is held in its notify of the saturated guest")
+            if !detached { Self.release(fd) }
+            t.join()
+        }
+
+        @Test func aGuestAtItsXenStoreEventCeilingCannotHoldXenstored() throws {
+            let d = try HostileDom0()
+            let g = try d.guest("bystander")
+            let mute = try d.s.prepareGuest(name: "mute")
+            let hv = try Hypervisor.guest(descriptor: mute.guestDescriptor)
+            let ring = try RawXenStoreRing(hypervisor: hv, storeMFN: mute.storeMFN, storePort: mute.storePort)
+            let channel = try hv.channel(mute.storePort)
+            defer { withExtendedLifetime(channel) {} }
+            let fd = channel.descriptor
+            #expect(Self.saturate(fd))
+            // A request whose reply xenstored writes and then notifies; the guest never reads its counter.
+            let home = "/local/domain/\(mute.domid)"
+            #expect(try ring.send(RawXenStoreRing.message(.read, [home + "/name"], reqID: 1)) > 0)
+            #expect(try pollUntil(seconds: 10) { try ring.unreadResponseBytes() > 0 }, "no reply")
+            // Everyone else is still answered.
+            let (served, t) = Self.finishes(within: 20) {
+                for i in 0..<20 {
+                    try? g.xenstore.write("data/x", "\(i)")
+                    _ = try? g.xenstore.read("data/x")
+                }
+                _ = try? d.s.xenstore.read(home + "/name")
+            }
+            #expect(served, "xenstored is held in its notify of the saturated guest")
+            if !served { Self.release(fd) }
+            t.join()
+            #expect(try d.s.xenstore.read(g.home + "/data/x") == "19")
+            let replies = try ring.drain()
+            #expect(replies.count == 1 && replies.first?.reqID == 1)
+        }
+    }
+}
