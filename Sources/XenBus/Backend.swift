@@ -209,14 +209,20 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
         }
         if let e = devices[path] {
             // The toolstack takes the device offline (libxl's device removal:
-            // online=0, state Closing): disconnect and report Closed — also
-            // for a device whose probe failed, so the toolstack need not wait.
-            // An offline device is never offered again (Linux's
-            // xenbus_dev_is_online): later events leave it Closed.
+            // online=0, state Closing): disconnect, and report Closed once the
+            // frontend has closed (Linux: frontend_changed(Closed) switches the
+            // backend Closed, which libxl waits for, up to its timeout), so a
+            // detach returns after the guest let the device go. A frontend
+            // that is not using the device, or a device whose probe failed,
+            // is reported Closed at once. An offline device is never offered
+            // again (Linux's xenbus_dev_is_online): later events leave it Closed.
             if online == "0" {
                 if (try? xs.state(at: path)) == .closing {
                     if let device = e.device { driver.disconnect(device) }
-                    try? switchState(path, to: .closed)
+                    let fe = (try? xs.state(at: e.frontendPath)) ?? .unknown
+                    if e.device == nil || ![.initialised, .connected, .closing].contains(fe) {
+                        try? switchState(path, to: .closed)
+                    }
                 }
                 return
             }

@@ -76,8 +76,19 @@ import XenTestKit
         let again = try connect()
         #expect(try again.read(sector: 16, bytes: 8192).data == data)
 
-        // The toolstack removes the device: the backend lets go of it.
+        // The toolstack takes the device offline as libxl does (online=0, state
+        // Closing): the backend reports Closed only once the frontend has
+        // closed, which is what `xl block-detach` waits for.
         #expect(service.deviceNames == [dev.backendPath])
+        try s.xenstore.transaction { t in
+            try t.write(dev.backendPath + "/online", "0")
+            try t.write(dev.backendPath + "/state", "\(XenbusState.closing.rawValue)")
+        }
+        service.settle()
+        #expect(try s.xenstore.state(at: dev.backendPath) == .closing, "Closed while the frontend is still connected")
+        try g.xenstore.switchState(at: dev.frontendPath, to: .closed)
+        #expect(Dom0Harness.wait(g.xenstore, state: dev.backendPath) { $0 == .closed } == .closed)
+        // Then it removes the directories: the backend lets go of the device.
         try s.xenstore.destroyDevice(dev)
         service.settle()
         #expect(service.deviceNames.isEmpty)
