@@ -72,15 +72,13 @@ extension Hostile {
         @Test func aGuestAtItsXenStoreEventCeilingCannotHoldXenstored() throws {
             let d = try HostileDom0()
             let g = try d.guest("bystander")
-            let mute = try d.s.prepareGuest(name: "mute")
-            let hv = try Hypervisor.guest(descriptor: mute.guestDescriptor)
-            let ring = try RawXenStoreRing(hypervisor: hv, storeMFN: mute.storeMFN, storePort: mute.storePort)
-            let channel = try hv.channel(mute.storePort)
+            let mute = try d.rawGuest("mute")
+            let ring = mute.ring, home = mute.home
+            let channel = try mute.hypervisor.channel(mute.domain.storePort)
             defer { withExtendedLifetime(channel) {} }
             let fd = channel.descriptor
             #expect(Self.saturate(fd))
             // A request whose reply xenstored writes and then notifies; the guest never reads its counter.
-            let home = "/local/domain/\(mute.domid)"
             #expect(try ring.send(RawXenStoreRing.message(.read, [home + "/name"], reqID: 1)) > 0)
             #expect(try pollUntil(seconds: 10) { try ring.unreadResponseBytes() > 0 }, "no reply")
             // Everyone else is still answered.

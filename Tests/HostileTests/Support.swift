@@ -40,6 +40,21 @@ final class HostileDom0: @unchecked Sendable {
     }
     private var guests: [Dom0Harness.Guest] = []
 
+    /// A guest with no xenstore client of its own: its domain, its
+    /// hypervisor connection and its xenstore ring, driven raw by the test.
+    struct RawGuest {
+        let domain: Hypervisor.CreatedDomain
+        let hypervisor: Hypervisor
+        let ring: RawXenStoreRing
+        var home: String { "/local/domain/\(domain.domid)" }
+    }
+    func rawGuest(_ name: String) throws -> RawGuest {
+        let d = try s.prepareGuest(name: name)
+        let hv = try Hypervisor.guest(descriptor: d.guestDescriptor)
+        return RawGuest(domain: d, hypervisor: hv,
+                        ring: try RawXenStoreRing(hypervisor: hv, storeMFN: d.storeMFN, storePort: d.storePort))
+    }
+
     /// The device blkback holds for `dev`, if open.
     func device(_ dev: XenBusDevice) -> VirtualBlockDevice? {
         blkback.withDevices { $0[dev.backendPath] }

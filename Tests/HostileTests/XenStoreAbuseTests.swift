@@ -76,10 +76,8 @@ extension Hostile {
         @Test func aGuestThatNeverReadsItsRepliesStallsAlone() throws {
             let d = try HostileDom0()
             let g = try d.guest("bystander")
-            let mute = try d.s.prepareGuest(name: "mute")
-            let hv = try Hypervisor.guest(descriptor: mute.guestDescriptor)
-            let ring = try RawXenStoreRing(hypervisor: hv, storeMFN: mute.storeMFN, storePort: mute.storePort)
-            let home = "/local/domain/\(mute.domid)"
+            let raw = try d.rawGuest("mute")
+            let mute = raw.domain, ring = raw.ring, home = raw.home
             // (prepareGuest writes `name` before handing the home over, so it is dom0's: use a node of its own.)
             try d.s.xenstore.write(home + "/data", "mute")
             try d.s.xenstore.setPermissions(home + "/data", [XSPerm(XenStore.DomID(mute.domid), [])])
