@@ -219,8 +219,7 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
             if online == "0" {
                 if (try? xs.state(at: path)) == .closing {
                     if let device = e.device { driver.disconnect(device) }
-                    let fe = (try? xs.state(at: e.frontendPath)) ?? .unknown
-                    if e.device == nil || ![.initialised, .connected, .closing].contains(fe) {
+                    if !Self.frontendUsesDevice((try? xs.state(at: e.frontendPath)) ?? .unknown) {
                         try? switchState(path, to: .closed)
                     }
                 }
@@ -231,10 +230,24 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
             return
         }
         // A device already being removed (a backend restarted during the
-        // toolstack's removal finds it offline) is not probed: it is only
-        // reported Closed, so the toolstack need not wait for it.
+        // toolstack's removal finds it offline) is not probed: it is reported
+        // Closed, at once unless its frontend is still using it; then once the
+        // frontend has closed, as above (an entry with no device, watching the
+        // frontend's state).
         if online == "0" {
-            if (try? xs.state(at: path)) == .closing { try? switchState(path, to: .closed) }
+            guard (try? xs.state(at: path)) == .closing else { return }
+            if let dev = XenBusDevice(backendPath: path), let fe = (try? xs.readIfExists(path + "/frontend")) ?? nil,
+               Self.frontendUsesDevice((try? xs.state(at: fe)) ?? .unknown) {
+                let e = Entry(dev: dev, frontendPath: fe)
+                devices[path] = e
+                e.frontendWatch = try? xs.watch(fe + "/state", token: "backend:" + path) { [weak self] _ in
+                    guard let self else { return }
+                    self.queue.async { self.reconcile(path) }
+                }
+                if e.frontendWatch == nil { try? switchState(path, to: .closed) }
+            } else {
+                try? switchState(path, to: .closed)
+            }
             return
         }
         guard let dev = XenBusDevice(backendPath: path), dev.frontendDomid < 0x7FF0,
@@ -260,6 +273,12 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
             devices[path] = e  // remembered, so the failure is not retried on every event
             fatal(path, "probing the device: \(error)")
         }
+    }
+
+    /// Whether a frontend in `state` still has the device set up (it will
+    /// close it when it sees the backend Closing).
+    static func frontendUsesDevice(_ state: XenbusState) -> Bool {
+        state == .initialised || state == .connected || state == .closing
     }
 
     /// Linux's frontend_changed.

@@ -17,13 +17,16 @@ import XenTestKit
     static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .deletingLastPathComponent().path
 
-    @Test func handshakeConnectsServesAndReconnects() throws {
+    /// `restartedBackend`: blkback is restarted just as the toolstack takes
+    /// the device offline, so the new one finds a removal under way.
+    @Test(arguments: [false, true])
+    func handshakeConnectsServesAndReconnects(restartedBackend: Bool) throws {
         let s = try Dom0Harness(buildDirectory: Dom0Harness.buildDirectory(packageRoot: Self.root))
         let image = s.dir + "/disk.img"
         #expect(FileManager.default.createFile(atPath: image, contents: nil))
         #expect(truncate(image, 8 << 20) == 0)
 
-        let service = BlkbackService(hypervisor: try s.dom0Hypervisor(), xenbus: try s.dom0XenStore(),
+        var service = BlkbackService(hypervisor: try s.dom0Hypervisor(), xenbus: try s.dom0XenStore(),
                                      logger: .init(label: "blkback"))
         try service.start()
         defer { service.stop() }
@@ -80,9 +83,15 @@ import XenTestKit
         // Closing): the backend reports Closed only once the frontend has
         // closed, which is what `xl block-detach` waits for.
         #expect(service.deviceNames == [dev.backendPath])
+        if restartedBackend { service.stop() }
         try s.xenstore.transaction { t in
             try t.write(dev.backendPath + "/online", "0")
             try t.write(dev.backendPath + "/state", "\(XenbusState.closing.rawValue)")
+        }
+        if restartedBackend {
+            service = BlkbackService(hypervisor: try s.dom0Hypervisor(), xenbus: try s.dom0XenStore(),
+                                     logger: .init(label: "blkback"))
+            try service.start()
         }
         service.settle()
         #expect(try s.xenstore.state(at: dev.backendPath) == .closing, "Closed while the frontend is still connected")
