@@ -79,8 +79,6 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     public var recoveries: Int { recoveryCount.load(ordering: .relaxed) }
 
     static let segmentsPerRequest = Int(BLKIF_MAX_SEGMENTS_PER_REQUEST)
-    /// Segments a request carries without indirect descriptors (blkif.h's 11).
-    public static var directSegments: Int { segmentsPerRequest }
     /// Segments per slot when the backend offers indirect descriptors, unless
     /// the guest asks for another count (Linux blkfront's default
     /// xen_blkif_max_segments).
@@ -89,6 +87,9 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     /// blkif_request_segment; a slot has one indirect page). Backends offer
     /// fewer (Linux blkback and ours: 256).
     public static let maxIndirectSegments = HVLimits.pageSize / MemoryLayout<blkif_request_segment>.size
+    /// What the guest may ask for: from blkif.h's 11 direct segments (no
+    /// indirect requests) to one indirect page's worth.
+    public static var indirectSegmentsRange: ClosedRange<Int> { segmentsPerRequest...maxIndirectSegments }
     /// Data pages per slot: 11, or the indirect segments with indirect requests.
     public let segmentsPerSlot: Int
     /// Largest ring request, in bytes.

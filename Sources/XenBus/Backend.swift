@@ -240,11 +240,7 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
                Self.frontendUsesDevice((try? xs.state(at: fe)) ?? .unknown) {
                 let e = Entry(dev: dev, frontendPath: fe)
                 devices[path] = e
-                e.frontendWatch = try? xs.watch(fe + "/state", token: "backend:" + path) { [weak self] _ in
-                    guard let self else { return }
-                    self.queue.async { self.reconcile(path) }
-                }
-                if e.frontendWatch == nil { try? switchState(path, to: .closed) }
+                do { try watchFrontend(e) } catch { try? switchState(path, to: .closed) }
             } else {
                 try? switchState(path, to: .closed)
             }
@@ -265,13 +261,29 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
                 logger.info("\(path): the frontend is \(feState) with rings that never carried a request; connecting to them")
             }
             try switchState(path, to: .initWait)
-            e.frontendWatch = try xs.watch(fe + "/state", token: "backend:" + path) { [weak self] _ in
-                guard let self else { return }
-                self.queue.async { if let e = self.devices[path], e.device != nil { self.frontendChanged(e) } }
-            }
+            try watchFrontend(e)
         } catch {
             devices[path] = e  // remembered, so the failure is not retried on every event
             fatal(path, "probing the device: \(error)")
+        }
+    }
+
+    /// Watches the frontend's state for `e`: a device in use follows it
+    /// (``frontendChanged(_:)``); one being removed (offline, or found
+    /// offline with no device by a restarted backend) is reconciled, which
+    /// reports it Closed once the frontend has closed.
+    func watchFrontend(_ e: Entry) throws {
+        let path = e.dev.backendPath
+        e.frontendWatch = try xs.watch(e.frontendPath + "/state", token: "backend:" + path) { [weak self] _ in
+            guard let self else { return }
+            self.queue.async {
+                guard let e = self.devices[path] else { return }
+                if e.device != nil, (try? self.xs.readIfExists(path + "/online")) != "0" {
+                    self.frontendChanged(e)
+                } else {
+                    self.reconcile(path)
+                }
+            }
         }
     }
 

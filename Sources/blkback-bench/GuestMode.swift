@@ -6,6 +6,7 @@ import Foundation
 import Glibc
 import XenBus
 import XenHV
+import XenRing
 import XenStore
 import XenTestKit
 
@@ -161,9 +162,10 @@ final class GuestRig {
     var indirectSegments = 256
 
     /// Guest memory for pvguest-load: its slots' data and indirect pages
-    /// (ring order 4 at 256 segments: 512 x 257 pages) within half of it.
+    /// (one ring's slots, each with its segments and an indirect page) within half of it.
     private var loadGuestPages: UInt32 {
-        UInt32(max(16384, 2 * ((32 << ringPageOrder) * (indirectSegments + 1) + 4096)))
+        let slots = Int(BlkifRing.entries(pages: 1 << ringPageOrder))
+        return UInt32(max(16384, 2 * (slots * (indirectSegments + 1) + 4096)))
     }
 
     func load(_ loads: [String], image: String, during: ((Guest) -> Void)? = nil) throws -> [Measured] {

@@ -35,8 +35,9 @@ struct PVGuestLoadCommand: ParsableCommand {
 
     func validate() throws {
         guard (0...4).contains(ringPageOrder) else { throw ValidationError("--ring-page-order must be 0..4") }
-        guard (BlkFrontDevice.directSegments...BlkFrontDevice.maxIndirectSegments).contains(indirectSegments) else {
-            throw ValidationError("--indirect-segments must be \(BlkFrontDevice.directSegments)..\(BlkFrontDevice.maxIndirectSegments)")
+        let segments = BlkFrontDevice.indirectSegmentsRange
+        guard segments.contains(indirectSegments) else {
+            throw ValidationError("--indirect-segments must be \(segments.lowerBound)..\(segments.upperBound)")
         }
         guard !load.isEmpty else { throw ValidationError("give at least one --load") }
         for l in load {

@@ -46,8 +46,9 @@ struct PVGuestCommand: ParsableCommand {
         guard (0...4).contains(ringPageOrder) else { throw ValidationError("--ring-page-order must be 0..4") }
         if let netns, !NetNamespace.isValidName(netns) { throw ValidationError("bad --netns name '\(netns)'") }
         guard (1...64).contains(netQueues) else { throw ValidationError("--net-queues must be 1..64") }
-        guard (BlkFrontDevice.directSegments...BlkFrontDevice.maxIndirectSegments).contains(blkIndirectSegments) else {
-            throw ValidationError("--blk-indirect-segments must be \(BlkFrontDevice.directSegments)..\(BlkFrontDevice.maxIndirectSegments)")
+        let segments = BlkFrontDevice.indirectSegmentsRange
+        guard segments.contains(blkIndirectSegments) else {
+            throw ValidationError("--blk-indirect-segments must be \(segments.lowerBound)..\(segments.upperBound)")
         }
     }
 
