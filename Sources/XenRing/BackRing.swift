@@ -10,9 +10,11 @@ public struct BackRing<P: RingProtocol>: Sendable
 where P.Request: BitwiseCopyable, P.Response: BitwiseCopyable {
     public let shared: SharedRing<P>
     /// `rsp_prod_pvt`: responses queued but not yet published.
+    @inlinable
     public var rspProdPvt: UInt32 { _rspProdPvt }
     @usableFromInline var _rspProdPvt: UInt32
     /// `req_cons`: next request to consume.
+    @inlinable
     public var reqCons: UInt32 { _reqCons }
     @usableFromInline var _reqCons: UInt32
 
@@ -23,6 +25,7 @@ where P.Request: BitwiseCopyable, P.Response: BitwiseCopyable {
         self._reqCons = index
     }
 
+    @inlinable
     public var size: UInt32 { shared.size }
 
     /// Reads `req_prod` once (acquire), checks it with
@@ -82,11 +85,13 @@ where P.Request: BitwiseCopyable, P.Response: BitwiseCopyable {
     }
 
     /// `RING_PUSH_RESPONSES`.
+    @inlinable
     public mutating func pushResponses() {
         shared.setRspProd(rspProdPvt)
     }
 
     /// `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY`.
+    @inlinable
     public mutating func pushResponsesAndCheckNotify() -> Bool {
         let old = shared.rspProd
         let new = rspProdPvt
@@ -97,6 +102,7 @@ where P.Request: BitwiseCopyable, P.Response: BitwiseCopyable {
 
     /// `RING_FINAL_CHECK_FOR_REQUESTS`: sets `req_event = req_cons + 1` and
     /// checks again, so a request that raced with going to sleep is not lost.
+    @inlinable
     public mutating func finalCheckForRequests() throws(RingError) -> Bool {
         if try unconsumedRequests() > 0 { return true }
         shared.setReqEvent(reqCons &+ 1)

@@ -6,9 +6,11 @@ public struct FrontRing<P: RingProtocol>: Sendable
 where P.Request: BitwiseCopyable, P.Response: BitwiseCopyable {
     public let shared: SharedRing<P>
     /// `req_prod_pvt`: requests queued but not yet published.
+    @inlinable
     public var reqProdPvt: UInt32 { _reqProdPvt }
     @usableFromInline var _reqProdPvt: UInt32
     /// `rsp_cons`: next response to consume.
+    @inlinable
     public var rspCons: UInt32 { _rspCons }
     @usableFromInline var _rspCons: UInt32
 
@@ -25,12 +27,15 @@ where P.Request: BitwiseCopyable, P.Response: BitwiseCopyable {
         self._rspCons = index
     }
 
+    @inlinable
     public var size: UInt32 { shared.size }
 
     /// `RING_FREE_REQUESTS`.
+    @inlinable
     public var freeRequests: UInt32 { size &- (reqProdPvt &- rspCons) }
 
     /// `RING_FULL`.
+    @inlinable
     public var isFull: Bool { freeRequests == 0 }
 
     /// Queues one request (`*RING_GET_REQUEST(r, req_prod_pvt++) = req`).
@@ -44,12 +49,14 @@ where P.Request: BitwiseCopyable, P.Response: BitwiseCopyable {
     }
 
     /// `RING_PUSH_REQUESTS`: publishes queued requests (release store).
+    @inlinable
     public mutating func pushRequests() {
         shared.setReqProd(reqProdPvt)
     }
 
     /// `RING_PUSH_REQUESTS_AND_CHECK_NOTIFY`: publishes, then reports whether
     /// the back end asked to be notified of a request in the range just pushed.
+    @inlinable
     public mutating func pushRequestsAndCheckNotify() -> Bool {
         let old = shared.reqProd
         let new = reqProdPvt
@@ -60,6 +67,7 @@ where P.Request: BitwiseCopyable, P.Response: BitwiseCopyable {
 
     /// `RING_HAS_UNCONSUMED_RESPONSES`, with the overflow check of
     /// `RING_RESPONSE_PROD_OVERFLOW`: a lying back end is an error, not a loop.
+    @inlinable
     public func unconsumedResponses() throws(RingError) -> UInt32 {
         let prod = shared.rspProd
         let n = prod &- rspCons
@@ -74,6 +82,7 @@ where P.Request: BitwiseCopyable, P.Response: BitwiseCopyable {
     }
 
     /// Takes the next response, copied out of its slot once; nil when none.
+    @inlinable
     public mutating func nextResponse() throws(RingError) -> P.Response? {
         guard try unconsumedResponses() > 0 else { return nil }
         let r = shared.copyResponse(at: rspCons)
@@ -84,6 +93,7 @@ where P.Request: BitwiseCopyable, P.Response: BitwiseCopyable {
     /// `RING_FINAL_CHECK_FOR_RESPONSES`: if nothing is pending, asks for a
     /// notification on the next response and checks once more, so a response
     /// that raced with going to sleep is never lost.
+    @inlinable
     public mutating func finalCheckForResponses() throws(RingError) -> Bool {
         if try unconsumedResponses() > 0 { return true }
         shared.setRspEvent(rspCons &+ 1)
