@@ -3,52 +3,34 @@ import Glibc
 import Synchronization
 
 /// One of our bound event-channel ports: the wake-up side (an eventfd xenhv
-/// handed out at bind time) and the send side (the peer port's eventfd, cached
-/// per binding generation so `notify` is a single write(2)).
+/// handed out at bind time) and the send side (the port's ``PeerDescriptor``,
+/// shared with ``Hypervisor/notify(_:)``, so `notify` is a single signal).
 ///
 /// Pending and mask bits live in our domain's shared_info as in Xen's 2-level
 /// ABI. The receiver sets `evtchn_pending` when a kick arrives and delivers it
 /// only while the port is unmasked; unmasking a port with an event pending
 /// re-raises it, as `EVTCHNOP_unmask` does.
 public final class EventChannel: @unchecked Sendable {
-    // Sound: `peer` is atomic; everything else is immutable.
+    // Sound: everything is immutable; `peer` synchronises itself.
     public let port: EventPort
     /// The descriptor to poll for readability (epoll, poll, a NIO channel).
     public let descriptor: CInt
     let hypervisor: Hypervisor
-    /// Cached peer eventfd: generation << 32 | fd, or 0 when not cached.
-    private let peer = Atomic<UInt64>(0)
+    private let peer: PeerDescriptor
 
     init(port: EventPort, descriptor: CInt, hypervisor: Hypervisor) {
         self.port = port
         self.descriptor = descriptor
         self.hypervisor = hypervisor
+        peer = hypervisor.peerDescriptor(port)
     }
 
-    deinit {
-        let p = peer.load(ordering: .relaxed)
-        if p != 0 { Glibc.close(CInt(truncatingIfNeeded: p & 0xFFFF_FFFF)) }
-        Glibc.close(descriptor)
-    }
+    deinit { Glibc.close(descriptor) }
 
     /// `EVTCHNOP_send` on this port (in-process; see ``Hypervisor/notify(_:)``).
     @inline(__always)
     public func notify() throws {
-        let gen = hypervisor.generation(of: port)
-        let cached = peer.load(ordering: .acquiring)
-        if cached != 0, UInt32(cached >> 32) == gen {
-            _ = cxen_evtfd_signal(CInt(truncatingIfNeeded: cached & 0xFFFF_FFFF))
-            return
-        }
-        try refreshPeer(generation: gen)
-    }
-
-    private func refreshPeer(generation gen: UInt32) throws {
-        let (_, fds) = try hypervisor.call(.peerDescriptor) { $0.u32(port) }
-        guard let fd = fds.first else { return }  // unbound: a send does nothing
-        _ = cxen_evtfd_signal(fd)
-        let old = peer.exchange(UInt64(gen) << 32 | UInt64(UInt32(bitPattern: fd)), ordering: .acquiringAndReleasing)
-        if old != 0 { Glibc.close(CInt(truncatingIfNeeded: old & 0xFFFF_FFFF)) }
+        try hypervisor.send(port, through: peer)
     }
 
     /// Consumes any kicks that arrived (without blocking) and returns whether
@@ -102,6 +84,55 @@ public final class EventChannel: @unchecked Sendable {
 
     /// `EVTCHNOP_close`.
     public func close() throws { try hypervisor.close(port: port) }
+}
+
+/// The send side of one of our ports: the peer port's eventfd, fetched from
+/// xenhv once per binding generation (the generation changes whenever the port
+/// is rebound). The descriptor number never changes once assigned: a refresh
+/// `dup2`s the new peer's eventfd over it, so a send racing with a rebind
+/// signals the old peer or the new one, never a descriptor that was closed and
+/// reused for something else. One per port, shared by the port's
+/// ``EventChannel``s and ``Hypervisor/notify(_:)``.
+final class PeerDescriptor: Sendable {
+    /// generation << 32 | (descriptor + 1), or 0 before the first fetch.
+    private let cached = Atomic<UInt64>(0)
+    /// Serialises refreshes (the slow path) only.
+    private let refreshing = Mutex<Void>(())
+
+    deinit {
+        let v = cached.load(ordering: .relaxed)
+        if v != 0 { Glibc.close(Self.descriptor(v)) }
+    }
+
+    @inline(__always) private static func descriptor(_ v: UInt64) -> CInt {
+        CInt(truncatingIfNeeded: (v & 0xFFFF_FFFF) - 1)
+    }
+
+    /// Signals the cached peer if it is of generation `gen`; false when it
+    /// must be fetched first.
+    @inline(__always)
+    func signal(generation gen: UInt32) -> Bool {
+        let v = cached.load(ordering: .acquiring)
+        guard v != 0, UInt32(truncatingIfNeeded: v >> 32) == gen else { return false }
+        _ = cxen_evtfd_signal(Self.descriptor(v))
+        return true
+    }
+
+    /// Adopts `fresh` (the peer's eventfd of generation `gen`) and signals it.
+    func adopt(_ fresh: CInt, generation gen: UInt32) {
+        _ = cxen_evtfd_signal(fresh)
+        refreshing.withLock { _ in
+            let v = cached.load(ordering: .acquiring)
+            var fd = fresh
+            if v != 0 {
+                fd = Self.descriptor(v)
+                if dup2(fresh, fd) < 0 { fd = fresh } else { Glibc.close(fresh) }
+                // A failed dup2 (never expected) leaks the old number rather
+                // than closing it under a concurrent sender.
+            }
+            cached.store(UInt64(gen) << 32 | UInt64(UInt32(bitPattern: fd) &+ 1), ordering: .releasing)
+        }
+    }
 }
 
 /// Our domain's `shared_info` page (xen.h): vcpu_info[0]'s upcall flags and the

@@ -34,7 +34,7 @@ public final class Hypervisor: @unchecked Sendable {
 
     struct ClientState {
         var domains: [DomID: ForeignDomain] = [:]
-        var peers: [EventPort: (generation: UInt32, fd: CInt)] = [:]
+        var peers: [EventPort: PeerDescriptor] = [:]
         var maps = MapHandles()
 
         /// Drops domain `d` if it was destroyed and nothing of ours maps it any
@@ -125,9 +125,6 @@ public final class Hypervisor: @unchecked Sendable {
     }
 
     deinit {
-        state.withLock { s in
-            for (_, p) in s.peers { Glibc.close(p.fd) }
-        }
         Glibc.close(sock)
     }
 
@@ -262,9 +259,7 @@ public final class Hypervisor: @unchecked Sendable {
     /// `EVTCHNOP_close`.
     public func close(port: EventPort) throws {
         _ = try call(.close) { $0.u32(port) }
-        state.withLock { s in
-            if let p = s.peers.removeValue(forKey: port) { Glibc.close(p.fd) }
-        }
+        _ = state.withLock { $0.peers.removeValue(forKey: port) }
     }
 
     /// `EVTCHNOP_status`.
@@ -281,33 +276,34 @@ public final class Hypervisor: @unchecked Sendable {
         }
     }
 
-    /// `EVTCHNOP_send`, in-process: a write to the peer port's eventfd. The
-    /// peer's descriptor is fetched once per binding (its generation changes
-    /// whenever the port is rebound) and cached. Sending on an unbound port does
-    /// nothing, as on Xen; an invalid or foreign port is `-EINVAL`.
-    @inline(__always)
+    /// `EVTCHNOP_send`, in-process: a signal on the peer port's eventfd,
+    /// through the port's ``PeerDescriptor`` (the one its ``EventChannel``s
+    /// use). Sending on an unbound port does nothing, as on Xen; an invalid or
+    /// foreign port is `-EINVAL`.
     public func notify(_ port: EventPort) throws {
         guard port > 0, port < HVLimits.eventChannelPorts else { throw XenErrno.EINVAL }
-        let gen = generation(of: port)
-        let fd: CInt? = state.withLock { s in
-            if let p = s.peers[port], p.generation == gen { return p.fd }
-            return nil
-        }
-        if let fd {
-            _ = cxen_evtfd_signal(fd)
-            return
-        }
-        try notifySlow(port)
+        try send(port, through: peerDescriptor(port))
     }
 
-    private func notifySlow(_ port: EventPort) throws {
+    /// The send side of our port `port` (made on first use, dropped at close).
+    func peerDescriptor(_ port: EventPort) -> PeerDescriptor {
+        state.withLock { s in
+            if let p = s.peers[port] { return p }
+            let p = PeerDescriptor()
+            s.peers[port] = p
+            return p
+        }
+    }
+
+    /// Signals `peer` if it is current for the port's binding, else fetches
+    /// the peer's eventfd from xenhv first.
+    @inline(__always)
+    func send(_ port: EventPort, through peer: PeerDescriptor) throws {
         let gen = generation(of: port)
+        if peer.signal(generation: gen) { return }
         let (_, fds) = try call(.peerDescriptor) { $0.u32(port) }
         guard let fd = fds.first else { return }  // unbound: nothing to wake
-        _ = cxen_evtfd_signal(fd)
-        state.withLock { s in
-            if let old = s.peers.updateValue((gen, fd), forKey: port) { Glibc.close(old.fd) }
-        }
+        peer.adopt(fd, generation: gen)
     }
 
     @inline(__always) func generation(of port: EventPort) -> UInt32 {

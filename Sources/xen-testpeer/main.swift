@@ -85,6 +85,10 @@ func execute(_ w: [Substring]) throws -> String {
         let c = try hv.bindInterdomain(remote: DomID(u(1)), remotePort: u(2))
         channels[c.port] = c
         return "\(c.port)"
+    case "close":
+        try hv.close(port: u(1))
+        channels[u(1)] = nil
+        return "ok"
     case "map":
         switch hv.mapGrant(domid: DomID(u(1)), ref: u(2), writable: w[3] == "rw") {
         case .success(let m):

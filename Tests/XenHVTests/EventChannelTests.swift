@@ -27,6 +27,36 @@ import XenRing
         #expect(!ch.consume())
     }
 
+    /// Each time the guest rebinds to our port, the next send fetches the new
+    /// peer and dup2s it over the same descriptor number (a send racing with a
+    /// rebind can never hit a closed and reused number); the channel and
+    /// Hypervisor.notify share that one descriptor, so the count stays flat.
+    @Test func sendsFollowRebindsOnOneDescriptor() throws {
+        let f = try HypervisorFixture()
+        let (d, g) = try f.guest()
+        let ours = try f.dom0.allocUnbound(remote: d.domid)
+        let ch = try f.dom0.channel(ours)
+        func openDescriptors() throws -> Set<String> { Set(try FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) }
+        let before = try openDescriptors()
+        var baseline: Set<String> = []
+        for round in 0..<12 {
+            let theirs = EventPort(g.send("bind 0 \(ours)"))!
+            g.post("wait \(theirs)")
+            if round % 2 == 0 { try ch.notify() } else { try f.dom0.notify(ours) }
+            #expect(g.readLine() == "woke")
+            g.post("wait \(theirs)")
+            if round % 2 == 0 { try f.dom0.notify(ours) } else { try ch.notify() }
+            #expect(g.readLine() == "woke")
+            let now = try openDescriptors()
+            if round == 0 {
+                baseline = now
+                #expect(now.subtracting(before).count == 1, "one peer descriptor for both ways of sending")
+            }
+            #expect(now == baseline, "round \(round): the same descriptor numbers")
+            #expect(g.send("close \(theirs)") == "ok")
+        }
+    }
+
     @Test func maskedEventIsDeliveredOnUnmask() throws {
         let f = try HypervisorFixture()
         let (d, g) = try f.guest()
