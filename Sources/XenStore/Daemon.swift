@@ -161,8 +161,9 @@ public final class XenStoreDaemon: XSRingHost {
                     switch byFD[fd] {
                     case .socket(let s)?: serviceSocket(s, events: ev)
                     case .ring(let r)?:
-                        var v: UInt64 = 0
-                        _ = read(fd, &v, 8)
+                        // The guest holds this eventfd too (it kicks us through it) and can
+                        // make it blocking and drain it before we read: never a blocking read.
+                        _ = cxen_evtfd_drain(fd)
                         let before = (r.reqCons, r.rspProd)
                         serviceRing(r)
                         throttleStorm(r, moved: before != (r.reqCons, r.rspProd))

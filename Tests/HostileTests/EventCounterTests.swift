@@ -1,11 +1,12 @@
 import BlkBack
+import CXen
 import BlkFrontKit
 import Foundation
 import Glibc
 import Synchronization
 import Testing
 import XenBus
-import XenHV
+@testable import XenHV
 import XenRing
 import XenStore
 import XenTestKit
@@ -67,6 +68,38 @@ extension Hostile {
             #expect(detached, "blkback's queue thread is held in its notify of the saturated guest")
             if !detached { Self.release(fd) }
             t.join()
+        }
+
+        /// The other way round: a guest holds the descriptor it kicks xenstored
+        /// through (its peer's port, the one xenstored polls). It makes that
+        /// file description blocking and drains every kick it sends right away,
+        /// so xenstored, woken by a kick, finds the counter empty when it reads.
+        /// A blocking read there would wait for the guest's next kick, which a
+        /// guest that stops never sends: xenstored's read must not block.
+        @Test func aGuestDrainingXenstoredsKicksCannotHoldItsRead() throws {
+            let d = try HostileDom0()
+            let g = try d.guest("bystander")
+            let drainer = try d.rawGuest("drainer")
+            let (_, fds) = try drainer.hypervisor.call(.peerDescriptor) { $0.u32(drainer.domain.storePort) }
+            let fd = try #require(fds.first, "no peer descriptor for the store port")
+            defer { Glibc.close(fd) }
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
+            for round in 0..<40 {
+                // Kick and take the kick back, as fast as the guest can.
+                for _ in 0..<2000 {
+                    var one: UInt64 = 1
+                    _ = write(fd, &one, 8)
+                    _ = cxen_evtfd_drain(fd)
+                }
+                let (served, t) = Self.finishes(within: 10) { _ = try? g.xenstore.read("name") }
+                #expect(served, "round \(round): xenstored is held in a read of the drained port")
+                if !served {
+                    var one: UInt64 = 1
+                    _ = write(fd, &one, 8)  // lets it go, so the test ends
+                }
+                t.join()
+                if !served { break }
+            }
         }
 
         @Test func aGuestAtItsXenStoreEventCeilingCannotHoldXenstored() throws {
