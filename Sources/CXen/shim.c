@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <sys/mman.h>
 #include <sys/eventfd.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -38,6 +39,32 @@ uint64_t cxen_evtfd_drain(int fd) {
         struct pollfd p = { .fd = fd, .events = POLLIN, .revents = 0 };
         if (poll(&p, 1, 0) == 1 && (p.revents & POLLIN) && read(fd, &v, sizeof v) == (ssize_t)sizeof v) return v;
     }
+    return 0;
+}
+
+int cxen_wake_create(void) {
+    return epoll_create1(EPOLL_CLOEXEC);
+}
+
+int cxen_wake_add(int wake, int fd) {
+    struct epoll_event e = { .events = EPOLLIN | EPOLLET, .data = { .fd = fd } };
+    return epoll_ctl(wake, EPOLL_CTL_ADD, fd, &e);
+}
+
+void cxen_wake_remove(int wake, int fd) {
+    (void)epoll_ctl(wake, EPOLL_CTL_DEL, fd, NULL);
+}
+
+int cxen_port_signal(int fd) {
+    uint64_t one = 1;
+    return write(fd, &one, sizeof one) == (ssize_t)sizeof one;
+}
+
+int cxen_port_drain(int fd) {
+    struct epoll_event e[8];
+    int n = epoll_wait(fd, e, 8, 0);
+    if (n >= 0) return n;
+    if (errno == EINVAL) return cxen_evtfd_drain(fd) > 0;
     return 0;
 }
 

@@ -500,13 +500,10 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         }
     }
 
-    /// Wakes the completion thread (a kick of our own port's eventfd).
+    /// Wakes the completion thread (xenhv kicks our own port's wake-up set).
     func wakeCompletions() {
-        queues[0].state.withLock { s in
-            guard let fd = s.channel?.descriptor else { return }
-            var one: UInt64 = 1
-            _ = Glibc.write(fd, &one, 8)
-        }
+        let channel = queues[0].state.withLock { $0.channel }
+        try? channel?.raise()
     }
 
     func completions() {

@@ -214,8 +214,8 @@ public final class XenBusRingTransport: XenBusTransport, @unchecked Sendable {
                         pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0)]
             _ = poll(&pfds, 2, 100)
             if closedFlag.isSet { throw .closed }
-            // Our port's eventfd is shared with its peer: drained without ever blocking.
-            if pfds[0].revents != 0 { _ = cxen_evtfd_drain(port.eventFD) }
+            // Our port's wake-up set, drained without ever blocking.
+            if pfds[0].revents != 0 { _ = cxen_port_drain(port.eventFD) }
         }
     }
 

@@ -2,9 +2,12 @@ import CXen
 import Glibc
 import Synchronization
 
-/// One of our bound event-channel ports: the wake-up side (an eventfd xenhv
-/// handed out at bind time) and the send side (the port's ``PeerDescriptor``,
-/// shared with ``Hypervisor/notify(_:)``, so `notify` is a single signal).
+/// One of our bound event-channel ports: the wake-up side (the port's wake-up
+/// set xenhv handed out at bind time: an epoll set of one eventfd per sender,
+/// which we can poll and drain but nobody can write) and the send side (the
+/// port's ``PeerDescriptor``, shared with ``Hypervisor/notify(_:)``: an
+/// eventfd in the peer's set that only we hold, so `notify` is one write that
+/// cannot block, whatever the peer does).
 ///
 /// Pending and mask bits live in our domain's shared_info as in Xen's 2-level
 /// ABI. The receiver sets `evtchn_pending` when a kick arrives and delivers it
@@ -35,21 +38,18 @@ public final class EventChannel: @unchecked Sendable {
 
     /// Consumes any kicks that arrived (without blocking) and returns whether
     /// an event is to be delivered now: pending and not masked. Call after the
-    /// descriptor polled readable, or to check without waiting. One read that
-    /// cannot block, whatever the descriptor's mode (``drain()``).
+    /// descriptor polled readable, or to check without waiting. One
+    /// epoll_wait with a zero timeout (``drain()``).
     @inline(__always)
     public func consume() -> Bool {
         drain()
         return hypervisor.sharedInfo.takeDeliverable(port)
     }
 
-    /// Reads the eventfd's counter without blocking: a kick becomes the
-    /// pending bit. The descriptor is shared with the domain that owns the
-    /// port, which can drain it between a poll and a read or clear its
-    /// O_NONBLOCK, so the read is non-blocking per call (RWF_NOWAIT), not by
-    /// the descriptor's mode.
+    /// Takes the wake-up set's edges without blocking: a kick becomes the
+    /// pending bit.
     @inline(__always) private func drain() {
-        if cxen_evtfd_drain(descriptor) > 0 {
+        if cxen_port_drain(descriptor) > 0 {
             hypervisor.sharedInfo.setPending(port)
         }
     }
@@ -74,13 +74,15 @@ public final class EventChannel: @unchecked Sendable {
     public func mask() { hypervisor.sharedInfo.setMask(port, true) }
 
     /// `EVTCHNOP_unmask`: clears the mask; an event that arrived while masked is
-    /// delivered again (our own eventfd is kicked so a waiter wakes).
+    /// delivered again (xenhv kicks our wake-up set so a waiter wakes).
     public func unmask() {
         hypervisor.sharedInfo.setMask(port, false)
-        if hypervisor.sharedInfo.isPending(port) {
-            _ = cxen_evtfd_signal(descriptor)
-        }
+        if hypervisor.sharedInfo.isPending(port) { try? raise() }
     }
+
+    /// Makes our own port's descriptor readable (xenhv kicks its wake-up set),
+    /// to wake a thread that waits on it.
+    public func raise() throws { _ = try hypervisor.call(.raisePort) { $0.u32(port) } }
 
     /// `EVTCHNOP_close`.
     public func close() throws { try hypervisor.close(port: port) }
@@ -114,13 +116,13 @@ final class PeerDescriptor: Sendable {
     func signal(generation gen: UInt32) -> Bool {
         let v = cached.load(ordering: .acquiring)
         guard v != 0, UInt32(truncatingIfNeeded: v >> 32) == gen else { return false }
-        _ = cxen_evtfd_signal(Self.descriptor(v))
+        _ = cxen_port_signal(Self.descriptor(v))
         return true
     }
 
     /// Adopts `fresh` (the peer's eventfd of generation `gen`) and signals it.
     func adopt(_ fresh: CInt, generation gen: UInt32) {
-        _ = cxen_evtfd_signal(fresh)
+        _ = cxen_port_signal(fresh)
         refreshing.withLock { _ in
             let v = cached.load(ordering: .acquiring)
             var fd = fresh

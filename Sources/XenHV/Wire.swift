@@ -28,7 +28,8 @@ package enum HVOp: UInt32 {
     case close
     /// EVTCHNOP_status.
     case status
-    /// The peer's wake-up descriptor of an interdomain port, for the in-process send.
+    /// The send descriptor of an interdomain port (an eventfd in the peer
+    /// port's wake-up set, ours alone), for the in-process send.
     case peerDescriptor
     /// The wake-up descriptor of one of our own ports allocated on our behalf.
     case portDescriptor
@@ -42,6 +43,8 @@ package enum HVOp: UInt32 {
     case shutdown
     /// libxl_domain_rename (the name lives in xenhv here, not only in xenstore).
     case renameDomain
+    /// The re-raise of EVTCHNOP_unmask: xenhv kicks one of our ports' wake-up set.
+    case raisePort
 }
 
 /// Little-endian encoder for protocol payloads.

@@ -60,6 +60,13 @@ public final class HypervisorDaemon {
         self.config = configuration
         self.nextDomID = configuration.firstDomID
         self.logger = logger
+        // Up to three descriptors per port (wake-up set, kick, send): a full
+        // table of one domain is 12k. The soft limit goes up to the hard one.
+        var limit = rlimit()
+        if getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max
+            _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+        }
         signalFD = cxen_termination_signalfd()
         guard signalFD >= 0 else { throw HypervisorError.system(call: "signalfd", errno: errno) }
         listenFD = try Self.listen(at: configuration.socketPath)
@@ -290,13 +297,25 @@ public final class HypervisorDaemon {
             guard rport > 0, rport < HVLimits.eventChannelPorts,
                   remote.ports[Int(rport)].state == .unbound(remote: local.domid) else { throw XenErrno.EINVAL }
             let lport = try allocate(in: local, .interdomain(remote: rd, remotePort: rport), owner: local.domid == 0 ? c.id : 0)
+            // One send eventfd each way, each in the other end's wake-up set.
+            guard let toRemote = sendDescriptor(into: remote.ports[Int(rport)].wake) else {
+                close(lport, in: local)
+                throw XenErrno.ENOMEM
+            }
+            guard let toLocal = sendDescriptor(into: local.ports[Int(lport)].wake) else {
+                unregister(toRemote, from: remote.ports[Int(rport)].wake)
+                close(lport, in: local)
+                throw XenErrno.ENOMEM
+            }
+            local.ports[Int(lport)].send = toRemote
+            remote.ports[Int(rport)].send = toLocal
             remote.ports[Int(rport)].state = .interdomain(remote: local.domid, remotePort: lport)
             remote.bumpGeneration(rport)
             // Xen conservatively raises the new local port: a notification sent
             // while the remote end was unbound may have been lost.
-            kick(local.ports[Int(lport)].eventfd)
+            kick(local.ports[Int(lport)].kick)
             w.u32(lport)
-            fds.append(local.ports[Int(lport)].eventfd)
+            fds.append(local.ports[Int(lport)].wake)
 
         case .bindVirq:
             try requirePrivileged(c)
@@ -306,7 +325,7 @@ public final class HypervisorDaemon {
             let port = try allocate(in: dom0, .virq(virq), owner: c.id)
             virqDomExc.append((0, port))
             w.u32(port)
-            fds.append(dom0.ports[Int(port)].eventfd)
+            fds.append(dom0.ports[Int(port)].wake)
 
         case .close:
             let dom = try domain(c.domid, for: c)
@@ -330,9 +349,8 @@ public final class HypervisorDaemon {
             let port = try r.u32()
             try checkOwned(port, in: dom, by: c)
             switch dom.ports[Int(port)].state {
-            case .interdomain(let rd, let rp):
-                guard let remote = domains[rd] else { break }
-                let fd = remote.ports[Int(rp)].eventfd
+            case .interdomain:
+                let fd = dom.ports[Int(port)].send
                 if fd >= 0 { fds.append(fd) }
             case .unbound: break
             default: throw XenErrno.EINVAL
@@ -342,7 +360,13 @@ public final class HypervisorDaemon {
             let dom = try domain(c.domid, for: c)
             let port = try r.u32()
             try checkOwned(port, in: dom, by: c)
-            fds.append(dom.ports[Int(port)].eventfd)
+            fds.append(dom.ports[Int(port)].wake)
+
+        case .raisePort:
+            let dom = try domain(c.domid, for: c)
+            let port = try r.u32()
+            try checkOwned(port, in: dom, by: c)
+            kick(dom.ports[Int(port)].kick)
 
         case .setupTable:
             let dom = try domain(c.domid, for: c)
@@ -366,14 +390,37 @@ public final class HypervisorDaemon {
 
     func allocate(in dom: Domain, _ state: Port.State, owner: UInt32) throws(XenErrno) -> EventPort {
         guard let port = dom.freePort() else { throw .ENOSPC }
-        // Non-blocking: a domain that fills its counter to the ceiling must
-        // not hold a sender (evtchn_send never blocks); senders also check
-        // POLLOUT first (cxen_evtfd_signal), since the domain shares the mode.
-        let efd = cxen_eventfd(0, 0x80000 | 0x800 /* EFD_CLOEXEC | EFD_NONBLOCK */)
-        guard efd >= 0 else { throw .ENOMEM }
-        dom.ports[Int(port)] = Port(state: state, eventfd: efd, owner: owner)
+        let wake = cxen_wake_create()
+        guard wake >= 0 else { throw .ENOMEM }
+        guard let kick = sendDescriptor(into: wake) else {
+            Glibc.close(wake)
+            throw .ENOMEM
+        }
+        dom.ports[Int(port)] = Port(state: state, wake: wake, kick: kick, owner: owner)
         dom.bumpGeneration(port)
         return port
+    }
+
+    /// A new eventfd registered in the wake-up set `wake` (nil when either
+    /// call fails). Non-blocking, so a signal at its (unreachable) ceiling
+    /// fails instead of waiting: Xen's evtchn_send never blocks.
+    func sendDescriptor(into wake: CInt) -> CInt? {
+        let fd = cxen_eventfd(0, 0x80000 | 0x800 /* EFD_CLOEXEC | EFD_NONBLOCK */)
+        guard fd >= 0 else { return nil }
+        guard cxen_wake_add(wake, fd) == 0 else {
+            Glibc.close(fd)
+            return nil
+        }
+        return fd
+    }
+
+    /// Takes `fd` out of `wake` and closes our copy. A holder's copy keeps
+    /// the eventfd alive, so without the removal its signals would still wake
+    /// the set.
+    func unregister(_ fd: CInt, from wake: CInt) {
+        guard fd >= 0 else { return }
+        if wake >= 0 { cxen_wake_remove(wake, fd) }
+        Glibc.close(fd)
     }
 
     /// `EVTCHNOP_close` (and the per-port part of `evtchn_destroy`): an
@@ -381,25 +428,34 @@ public final class HypervisorDaemon {
     func close(_ port: EventPort, in dom: Domain, wakePeer: Bool = false) {
         let p = dom.ports[Int(port)]
         if case let .interdomain(rd, rp) = p.state, let remote = domains[rd] {
+            // Both send eventfds of the binding leave the wake-up sets they were in:
+            // a stale copy in either owner's hands wakes nothing any more.
+            unregister(p.send, from: remote.ports[Int(rp)].wake)
+            unregister(remote.ports[Int(rp)].send, from: p.wake)
+            remote.ports[Int(rp)].send = -1
             remote.ports[Int(rp)].state = .unbound(remote: dom.domid)
             remote.bumpGeneration(rp)
-            if wakePeer { kick(remote.ports[Int(rp)].eventfd) }
+            if wakePeer { kick(remote.ports[Int(rp)].kick) }
+        } else if p.send >= 0 {
+            Glibc.close(p.send)
         }
         if case .virq = p.state { virqDomExc.removeAll { $0.domid == dom.domid && $0.port == port } }
-        if p.eventfd >= 0 { Glibc.close(p.eventfd) }
+        if p.kick >= 0 { Glibc.close(p.kick) }
+        if p.wake >= 0 { Glibc.close(p.wake) }
         dom.ports[Int(port)] = Port()
         dom.bumpGeneration(port)
     }
 
+    /// Signals one of our own `kick` eventfds (no domain holds it).
     func kick(_ fd: CInt) {
         guard fd >= 0 else { return }
-        _ = cxen_evtfd_signal(fd)
+        _ = cxen_port_signal(fd)
     }
 
     /// Raises VIRQ_DOM_EXC on every port bound to it.
     func raiseDomExc() {
         guard let dom0 = domains[0] else { return }
-        for (_, port) in virqDomExc { kick(dom0.ports[Int(port)].eventfd) }
+        for (_, port) in virqDomExc { kick(dom0.ports[Int(port)].kick) }
     }
 
     func shutdown() {

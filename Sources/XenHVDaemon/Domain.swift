@@ -11,8 +11,18 @@ struct Port {
         case virq(UInt32)
     }
     var state: State = .free
-    /// The wake-up eventfd the port's owner waits on (-1 when free).
-    var eventfd: CInt = -1
+    /// The owner's wake-up descriptor (-1 when free): an epoll set, readable
+    /// when one of its eventfds is signalled (edge-triggered), that holds
+    /// `kick` and the peer's `send`. The owner can poll and drain it but not
+    /// write it, and no other domain holds anything the owner can write.
+    var wake: CInt = -1
+    /// xenhv's own eventfd in `wake` (raises: a new binding, VIRQs, a peer's
+    /// close, EVTCHNOP_unmask). Held by xenhv alone.
+    var kick: CInt = -1
+    /// While interdomain: the eventfd this port's owner signals its peer
+    /// through, registered in the peer port's `wake`. Held by xenhv and that
+    /// owner alone, so no other domain can change its mode or fill it.
+    var send: CInt = -1
     /// The client that holds the port; 0 when it belongs to the domain itself
     /// (a guest's ports, or ports the builder made).
     var owner: UInt32 = 0

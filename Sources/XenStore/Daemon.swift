@@ -161,9 +161,9 @@ public final class XenStoreDaemon: XSRingHost {
                     switch byFD[fd] {
                     case .socket(let s)?: serviceSocket(s, events: ev)
                     case .ring(let r)?:
-                        // The guest holds this eventfd too (it kicks us through it) and can
-                        // make it blocking and drain it before we read: never a blocking read.
-                        _ = cxen_evtfd_drain(fd)
+                        // Never a blocking read: a port's wake-up set is drained with a
+                        // zero-timeout epoll_wait (a test's stand-in eventfd with RWF_NOWAIT).
+                        _ = cxen_port_drain(fd)
                         let before = (r.reqCons, r.rspProd)
                         serviceRing(r)
                         throttleStorm(r, moved: before != (r.reqCons, r.rspProd))

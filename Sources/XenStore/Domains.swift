@@ -4,8 +4,8 @@ import Glibc
 
 /// A guest's xenstore ring as the hypervisor hands it over: the 4096-byte page holding
 /// `struct xenstore_domain_interface`, a descriptor that becomes readable when the
-/// guest notifies (an eventfd the guest holds too: drained with cxen_evtfd_drain,
-/// never a blocking read), and a way to notify the guest.
+/// guest notifies (the port's wake-up set: drained with cxen_port_drain, never a
+/// blocking read), and a way to notify the guest.
 public struct XenstoreRingPort: @unchecked Sendable {
     /// Start of the shared page. Must stay mapped until `release` is called.
     public var page: UnsafeMutableRawPointer

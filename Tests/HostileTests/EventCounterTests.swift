@@ -12,19 +12,25 @@ import XenStore
 import XenTestKit
 
 extension Hostile {
-    /// A guest holds its own ports' eventfds (and, once it has notified a
-    /// peer, the peer's): it can fill its own event counter to the eventfd's
-    /// ceiling, at which a blocking write of 1 waits for a read that never
-    /// comes. A daemon's notify must not wait for it: Xen's evtchn_send never
-    /// blocks the sender.
+    /// A guest holds its own ports' wake-up descriptors and, once it has
+    /// notified a peer, its own send eventfd into the peer's. When both ends
+    /// shared one eventfd per port, a guest could fill the counter a daemon
+    /// writes to the eventfd's ceiling (where a blocking write of 1 waits for
+    /// a read that never comes), clear O_NONBLOCK on it, or drain a daemon's
+    /// port between its poll and its read. A daemon must never wait for a
+    /// guest: Xen's evtchn_send never blocks the sender. Now the counter a
+    /// daemon signals is an eventfd only the daemon holds, in the guest's
+    /// wake-up set (an epoll set, which takes no writes).
     @Suite struct EventCounterTests {
         static let ceiling: UInt64 = 0xFFFF_FFFF_FFFF_FFFE
 
-        /// Fills `fd`'s counter to the ceiling (what a hostile guest does to its own port).
-        static func saturate(_ fd: CInt) -> Bool {
+        /// What a hostile guest tries on its own port: fill the counter behind
+        /// it to the ceiling. True when the descriptor refused the write (a
+        /// wake-up set has no counter to fill).
+        static func refusesSaturation(_ fd: CInt) -> Bool {
             release(fd)
             var v = ceiling
-            return write(fd, &v, 8) == 8
+            return write(fd, &v, 8) < 0
         }
 
         /// Reads the counter back to zero (also to release a daemon that did block, so a
@@ -45,8 +51,8 @@ extension Hostile {
             return (pollUntil(seconds: seconds) { done.load(ordering: .acquiring) }, t)
         }
 
-        /// Also when the guest first makes the shared descriptor blocking
-        /// (fcntl on the file description both sides hold).
+        /// Also when the guest first makes its descriptor blocking (fcntl on
+        /// the file description; it was shared with blkback before wake-up sets).
         @Test(arguments: [false, true])
         func aGuestAtItsEventCeilingCannotHoldBlkbacksQueueThread(clearingNonBlocking: Bool) throws {
             let d = try HostileDom0()
@@ -55,7 +61,7 @@ extension Hostile {
             let disk = try XenBusDisk(d.s, guest: h)
             let fd = disk.front.queues[0].channel.descriptor
             if clearingNonBlocking { #expect(fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) == 0) }
-            #expect(Self.saturate(fd))
+            #expect(Self.refusesSaturation(fd), "the guest filled the counter blkback signals")
             // A request blkback answers, then notifies a guest whose counter is at the ceiling.
             let b = try disk.front.makeBuffer(pages: 1)
             try disk.front.push(try disk.front.rwRequest(BlkifOp.read, sector: 0, buffer: b, bytes: 4096))
@@ -110,7 +116,7 @@ extension Hostile {
             let channel = try mute.hypervisor.channel(mute.domain.storePort)
             defer { withExtendedLifetime(channel) {} }
             let fd = channel.descriptor
-            #expect(Self.saturate(fd))
+            #expect(Self.refusesSaturation(fd), "the guest filled the counter xenstored signals")
             // A request whose reply xenstored writes and then notifies; the guest never reads its counter.
             #expect(try ring.send(RawXenStoreRing.message(.read, [home + "/name"], reqID: 1)) > 0)
             #expect(try pollUntil(seconds: 10) { try ring.unreadResponseBytes() > 0 }, "no reply")

@@ -149,6 +149,23 @@ int cxen_eventfd(unsigned int initval, int flags);
    returns what it read, 0 when there was nothing. */
 int cxen_evtfd_signal(int fd);
 uint64_t cxen_evtfd_drain(int fd);
+/* Event-channel ports (xenhv): a port's owner holds a wake-up set, an epoll
+   instance holding one eventfd per sender, edge-triggered; each sender holds
+   its own eventfd, which no other domain holds. Nobody can write the set, and
+   nobody shares a sender's file description, so a signal is one non-blocking
+   write and a drain one epoll_wait, and no domain can make either block.
+   cxen_wake_create makes a set (-1 on error); cxen_wake_add registers an
+   eventfd in it (EPOLLIN | EPOLLET; 0 or -1); cxen_wake_remove takes it out.
+   cxen_port_signal adds 1 to a sender eventfd (1 when written, 0 when not).
+   cxen_port_drain consumes a wake-up set's edges without blocking and
+   returns how many senders had signalled (0: none). Given a plain eventfd
+   (test harnesses stand one in for a port) it drains it as
+   cxen_evtfd_drain does and returns 1 when it held a count. */
+int cxen_wake_create(void);
+int cxen_wake_add(int wake, int fd);
+void cxen_wake_remove(int wake, int fd);
+int cxen_port_signal(int fd);
+int cxen_port_drain(int fd);
 /* sendmsg/recvmsg with SCM_RIGHTS. Return bytes or -1 (errno set). */
 ssize_t cxen_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
 /* As above, but never blocks (MSG_DONTWAIT): a full peer gets EAGAIN. */
