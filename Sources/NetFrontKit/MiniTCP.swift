@@ -48,12 +48,22 @@ public final class MiniTCP {
     }
 
     /// Active open: SYN (MSS 1460, window scale 7), SYN-ACK, ACK.
+    /// The SYN is sent again every second without an answer, as a real TCP
+    /// does (a frame the bridge dropped while the vif's port came up is not
+    /// the end of the connection).
     public func connect(timeout: Int32 = 5000) throws {
         let opts: [UInt8] = [2, 4, 0x05, 0xB4, 1, 3, 3, 7]
-        try transmit(segment(flags: Self.syn, payload: [], seq: sndNxt, options: opts, blank: false))
+        let syn = segment(flags: Self.syn, payload: [], seq: sndNxt, options: opts, blank: false)
+        try transmit(syn)
         sndNxt &+= 1
         let deadline = RateLimiter.now() + UInt64(timeout) * 1_000_000
+        var resend = RateLimiter.now() + 1_000_000_000
         while RateLimiter.now() < deadline {
+            if RateLimiter.now() >= resend {
+                _ = try queue.reapTx()
+                try transmit(syn)
+                resend = RateLimiter.now() + 1_000_000_000
+            }
             guard let f = try queue.receive(timeout: 100), let p = Frames.parse(f.bytes), p.proto == 6,
                   p.sport == peerPort, p.dport == port else { continue }
             guard p.tcpFlags & (Self.syn | Self.ack) == Self.syn | Self.ack else { throw FrontError("expected SYN-ACK, flags \(p.tcpFlags)") }
