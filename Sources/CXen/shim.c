@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "CXen.h"
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/mman.h>
 #include <sys/eventfd.h>
@@ -17,6 +18,17 @@
 
 int cxen_memfd_create(const char *name, unsigned int flags) {
     return memfd_create(name, flags);
+}
+
+int cxen_memfd_seal_size(int fd) {
+    return fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
+}
+
+int cxen_memfd_size_sealed(int fd) {
+    int s = fcntl(fd, F_GET_SEALS);
+    if (s < 0) return -1;
+    int want = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
+    return (s & want) == want;
 }
 
 int cxen_eventfd(unsigned int initval, int flags) {

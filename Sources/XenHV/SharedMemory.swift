@@ -16,14 +16,22 @@ public final class SharedMemory: @unchecked Sendable {
     public let base: UnsafeMutableRawPointer?
     public let writable: Bool
 
-    /// Creates a new zero-filled object of `size` bytes (sparse until touched).
+    /// Creates a new zero-filled object of `size` bytes (sparse until touched),
+    /// sealed at that size: guests hold these descriptors read-write (as every
+    /// memfd is), and one that shrank its memory or grant table would turn
+    /// dom0's accesses to the mapped pages into SIGBUS.
     public init(creating name: String, size: Int, map: Bool = true) throws(HypervisorError) {
-        let fd = cxen_memfd_create(name, 1 /* MFD_CLOEXEC */)
+        let fd = cxen_memfd_create(name, 1 | 2 /* MFD_CLOEXEC | MFD_ALLOW_SEALING */)
         guard fd >= 0 else { throw .system(call: "memfd_create", errno: errno) }
         guard ftruncate(fd, off_t(size)) == 0 else {
             let e = errno
             close(fd)
             throw .system(call: "ftruncate", errno: e)
+        }
+        guard cxen_memfd_seal_size(fd) == 0 else {
+            let e = errno
+            close(fd)
+            throw .system(call: "fcntl(F_ADD_SEALS)", errno: e)
         }
         self.fd = FileDescriptor(rawValue: fd)
         self.size = size

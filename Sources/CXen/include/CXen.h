@@ -135,6 +135,13 @@ static inline size_t cxen_sring_header_size(void) {
 
 /* ---- Linux syscalls and ioctls Swift cannot reach directly ---- */
 int cxen_memfd_create(const char *name, unsigned int flags);
+/* Seals a memfd (made with MFD_ALLOW_SEALING) at its size: F_SEAL_SHRINK,
+   F_SEAL_GROW and F_SEAL_SEAL, so no holder can resize it (which would turn
+   other holders' accesses beyond the new end into SIGBUS) or add seals.
+   0 on success, -1 (errno set) on error. cxen_memfd_size_sealed reports
+   whether all three seals are in place (1), not (0), or -1 on error. */
+int cxen_memfd_seal_size(int fd);
+int cxen_memfd_size_sealed(int fd);
 int cxen_eventfd(unsigned int initval, int flags);
 /* Event-channel eventfds are shared with the other domain (the port's owner
    reads it, its peer writes it), so their blocking mode is not ours to trust:
