@@ -19,7 +19,7 @@ public final class EventChannel: @unchecked Sendable {
     /// The descriptor to poll for readability (epoll, poll, a NIO channel).
     public let descriptor: CInt
     let hypervisor: Hypervisor
-    private let peer: PeerDescriptor
+    let peer: PeerDescriptor
 
     init(port: EventPort, descriptor: CInt, hypervisor: Hypervisor) {
         self.port = port
@@ -108,6 +108,12 @@ final class PeerDescriptor: Sendable {
 
     @inline(__always) private static func descriptor(_ v: UInt64) -> CInt {
         CInt(truncatingIfNeeded: (v & 0xFFFF_FFFF) - 1)
+    }
+
+    /// The descriptor number sends go through, once fetched.
+    var descriptor: CInt? {
+        let v = cached.load(ordering: .acquiring)
+        return v == 0 ? nil : Self.descriptor(v)
     }
 
     /// Signals the cached peer if it is of generation `gen`; false when it

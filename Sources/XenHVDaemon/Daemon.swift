@@ -60,8 +60,9 @@ public final class HypervisorDaemon {
         self.config = configuration
         self.nextDomID = configuration.firstDomID
         self.logger = logger
-        // Up to three descriptors per port (wake-up set, kick, send): a full
-        // table of one domain is 12k. The soft limit goes up to the hard one.
+        // Up to three descriptors per port (wake-up set, send, and the kick of
+        // one xenhv has raised); a bound port usually holds two, an unbound
+        // one one. The soft limit goes up to the hard one.
         var limit = rlimit()
         if getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < limit.rlim_max {
             limit.rlim_cur = limit.rlim_max
@@ -312,8 +313,9 @@ public final class HypervisorDaemon {
             remote.ports[Int(rport)].state = .interdomain(remote: local.domid, remotePort: lport)
             remote.bumpGeneration(rport)
             // Xen conservatively raises the new local port: a notification sent
-            // while the remote end was unbound may have been lost.
-            kick(local.ports[Int(lport)].kick)
+            // while the remote end was unbound may have been lost. Through the
+            // remote's send eventfd, fresh and not yet handed out, so nothing can block it.
+            _ = cxen_port_signal(toLocal)
             w.u32(lport)
             fds.append(local.ports[Int(lport)].wake)
 
@@ -323,6 +325,11 @@ public final class HypervisorDaemon {
             guard virq == UInt32(VIRQ_DOM_EXC) else { throw XenErrno.EINVAL }
             let dom0 = domains[0]!
             let port = try allocate(in: dom0, .virq(virq), owner: c.id)
+            // A VIRQ port is there to be raised: its kick is made now, not at the first death.
+            guard kick(of: port, in: dom0) != nil else {
+                close(port, in: dom0)
+                throw XenErrno.ENOMEM
+            }
             virqDomExc.append((0, port))
             w.u32(port)
             fds.append(dom0.ports[Int(port)].wake)
@@ -366,7 +373,7 @@ public final class HypervisorDaemon {
             let dom = try domain(c.domid, for: c)
             let port = try r.u32()
             try checkOwned(port, in: dom, by: c)
-            kick(dom.ports[Int(port)].kick)
+            raise(port, in: dom)
 
         case .setupTable:
             let dom = try domain(c.domid, for: c)
@@ -392,11 +399,7 @@ public final class HypervisorDaemon {
         guard let port = dom.freePort() else { throw .ENOSPC }
         let wake = cxen_wake_create()
         guard wake >= 0 else { throw .ENOMEM }
-        guard let kick = sendDescriptor(into: wake) else {
-            Glibc.close(wake)
-            throw .ENOMEM
-        }
-        dom.ports[Int(port)] = Port(state: state, wake: wake, kick: kick, owner: owner)
+        dom.ports[Int(port)] = Port(state: state, wake: wake, owner: owner)
         dom.bumpGeneration(port)
         return port
     }
@@ -435,7 +438,7 @@ public final class HypervisorDaemon {
             remote.ports[Int(rp)].send = -1
             remote.ports[Int(rp)].state = .unbound(remote: dom.domid)
             remote.bumpGeneration(rp)
-            if wakePeer { kick(remote.ports[Int(rp)].kick) }
+            if wakePeer { raise(rp, in: remote) }
         } else if p.send >= 0 {
             Glibc.close(p.send)
         }
@@ -446,16 +449,30 @@ public final class HypervisorDaemon {
         dom.bumpGeneration(port)
     }
 
-    /// Signals one of our own `kick` eventfds (no domain holds it).
-    func kick(_ fd: CInt) {
-        guard fd >= 0 else { return }
+    /// Raises `port` of `dom` through xenhv's own eventfd in its wake-up set
+    /// (no domain holds it), made at the first raise: a port that xenhv never
+    /// raises costs one descriptor here, a bound one two. Without descriptors
+    /// left the raise is dropped and logged.
+    func raise(_ port: EventPort, in dom: Domain) {
+        guard let fd = kick(of: port, in: dom) else {
+            logger.warning("domain \(dom.domid) port \(port): no descriptor for a raise: \(String(cString: strerror(errno)))")
+            return
+        }
         _ = cxen_port_signal(fd)
+    }
+
+    /// The port's kick eventfd, made (and registered in its wake-up set) on first use.
+    func kick(of port: EventPort, in dom: Domain) -> CInt? {
+        if dom.ports[Int(port)].kick >= 0 { return dom.ports[Int(port)].kick }
+        guard let made = sendDescriptor(into: dom.ports[Int(port)].wake) else { return nil }
+        dom.ports[Int(port)].kick = made
+        return made
     }
 
     /// Raises VIRQ_DOM_EXC on every port bound to it.
     func raiseDomExc() {
         guard let dom0 = domains[0] else { return }
-        for (_, port) in virqDomExc { kick(dom0.ports[Int(port)].kick) }
+        for (_, port) in virqDomExc { raise(port, in: dom0) }
     }
 
     func shutdown() {

@@ -16,8 +16,8 @@ struct Port {
     /// `kick` and the peer's `send`. The owner can poll and drain it but not
     /// write it, and no other domain holds anything the owner can write.
     var wake: CInt = -1
-    /// xenhv's own eventfd in `wake` (raises: a new binding, VIRQs, a peer's
-    /// close, EVTCHNOP_unmask). Held by xenhv alone.
+    /// xenhv's own eventfd in `wake` (raises: VIRQs, a peer's close,
+    /// EVTCHNOP_unmask), made at the first raise. Held by xenhv alone.
     var kick: CInt = -1
     /// While interdomain: the eventfd this port's owner signals its peer
     /// through, registered in the peer port's `wake`. Held by xenhv and that
