@@ -335,9 +335,7 @@ public final class HypervisorDaemon {
             fds.append(dom0.ports[Int(port)].wake)
 
         case .close:
-            let dom = try domain(c.domid, for: c)
-            let port = try r.u32()
-            try checkOwned(port, in: dom, by: c)
+            let (dom, port) = try ownPort(&r, client: c)
             close(port, in: dom)
 
         case .status:
@@ -352,9 +350,7 @@ public final class HypervisorDaemon {
             }
 
         case .peerDescriptor:
-            let dom = try domain(c.domid, for: c)
-            let port = try r.u32()
-            try checkOwned(port, in: dom, by: c)
+            let (dom, port) = try ownPort(&r, client: c)
             switch dom.ports[Int(port)].state {
             case .interdomain:
                 let fd = dom.ports[Int(port)].send
@@ -364,15 +360,11 @@ public final class HypervisorDaemon {
             }
 
         case .portDescriptor:
-            let dom = try domain(c.domid, for: c)
-            let port = try r.u32()
-            try checkOwned(port, in: dom, by: c)
+            let (dom, port) = try ownPort(&r, client: c)
             fds.append(dom.ports[Int(port)].wake)
 
         case .raisePort:
-            let dom = try domain(c.domid, for: c)
-            let port = try r.u32()
-            try checkOwned(port, in: dom, by: c)
+            let (dom, port) = try ownPort(&r, client: c)
             raise(port, in: dom)
 
         case .setupTable:
@@ -386,6 +378,14 @@ public final class HypervisorDaemon {
             w.u32(dom.active.grantFrames); w.u32(HVLimits.maxGrantFrames)
         }
         return WireMessage(code: 0, payload: w.bytes, fds: fds)
+    }
+
+    /// The caller's domain and the port the request names, which the caller must hold.
+    func ownPort(_ r: inout WireReader, client c: Client) throws -> (Domain, EventPort) {
+        let dom = try domain(c.domid, for: c)
+        let port = try r.u32()
+        try checkOwned(port, in: dom, by: c)
+        return (dom, port)
     }
 
     /// A port may be used by the client that holds it; a guest holds all of its domain's.
