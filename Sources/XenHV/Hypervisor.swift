@@ -296,11 +296,16 @@ public final class Hypervisor: @unchecked Sendable {
     }
 
     /// Signals `peer` if it is current for the port's binding, else fetches
-    /// the peer's eventfd from xenhv first.
+    /// the peer's eventfd from xenhv first (``refresh(_:_:generation:)``, out of line).
     @inline(__always)
     func send(_ port: EventPort, through peer: PeerDescriptor) throws {
         let gen = generation(of: port)
         if peer.signal(generation: gen) { return }
+        try refresh(port, peer, generation: gen)
+    }
+
+    @inline(never)
+    private func refresh(_ port: EventPort, _ peer: PeerDescriptor, generation gen: UInt32) throws {
         let (_, fds) = try call(.peerDescriptor) { $0.u32(port) }
         guard let fd = fds.first else { return }  // unbound: nothing to wake
         peer.adopt(fd, generation: gen)

@@ -143,10 +143,10 @@ int cxen_memfd_create(const char *name, unsigned int flags);
 int cxen_memfd_seal_size(int fd);
 int cxen_memfd_size_sealed(int fd);
 int cxen_eventfd(unsigned int initval, int flags);
-/* Event-channel eventfds are shared with the other domain (the port's owner
-   reads it, its peer writes it), so their blocking mode is not ours to trust:
-   the file status flags belong to the shared file description, which the
-   other side can change with fcntl.
+/* For a plain eventfd whose file description another holder may share (and
+   so change its mode with fcntl). Event channels no longer use these: their
+   descriptors are never shared across domains (wake-up sets, below);
+   cxen_port_drain falls back to cxen_evtfd_drain for a test's stand-in.
    cxen_evtfd_signal adds 1 unless the counter is at the eventfd's ceiling
    (0xfffffffffffffffe, where a blocking write waits for a read): a port at
    the ceiling is already pending, so nothing is lost (Xen's evtchn_send never
