@@ -246,13 +246,16 @@ public enum TxParser {
     /// the kernel to checksum (csum_start/csum_offset from the headers), a GSO
     /// extra asks it to segment; data_validated becomes DATA_VALID. A GSO
     /// packet without csum_blank gets its pseudo-header checksum recomputed
-    /// (Linux's rx_gso_checksum_fixup).
-    public static func vnetHeader(flags: UInt16, gso: TxGSO?, data: UnsafeMutableRawBufferPointer) throws(ChecksumSetupError) -> VnetHeader {
+    /// (Linux's rx_gso_checksum_fixup). `data` may be the packet's head only
+    /// (its first slot), as long as the headers are in it; `totalLength` is
+    /// then the whole packet's (the pseudo-header counts every L4 byte).
+    public static func vnetHeader(flags: UInt16, gso: TxGSO?, data: UnsafeMutableRawBufferPointer,
+                                  totalLength: Int? = nil) throws(ChecksumSetupError) -> VnetHeader {
         var h = VnetHeader()
         let csumBlank = flags & UInt16(NETTXF_csum_blank) != 0
         if csumBlank || gso != nil {
             let loc = try PacketParser.checksumLocation(UnsafeRawBufferPointer(data))
-            if !csumBlank { PacketParser.writePseudoHeaderChecksum(data, loc) }
+            if !csumBlank { PacketParser.writePseudoHeaderChecksum(data, loc, totalLength: totalLength ?? data.count) }
             h.flags = CNET_VNET_F_NEEDS_CSUM
             h.csumStart = UInt16(loc.l4Offset)
             h.csumOffset = UInt16(loc.checksumOffset)
@@ -281,15 +284,20 @@ public enum TxPassResult: Equatable, Sendable {
 }
 
 /// The transmit engine of one queue (guest -> tap): takes requests off the tx
-/// ring, parses and validates them, copies the data out with one batched
-/// grant copy per pass into a private arena, sets up the vnet header on the
-/// private copy and writes each packet to the tap with one writev. Responses
-/// follow ring order: the first slot's status, NULL for extra-info slots, each
-/// fragment's status.
+/// ring, parses and validates them, copies each packet's first slot (where
+/// the headers are) out with one batched grant copy per pass into a private
+/// arena, sets up the vnet header on that private copy and writes each packet
+/// to the tap with one writev. A single-slot packet is written from the
+/// arena; a packet with fragments takes them straight from the guest's pages,
+/// pinned for that writev (Linux netback copies the head and maps the frags),
+/// so its payload is copied once, by the kernel. Responses follow ring order:
+/// the first slot's status, NULL for extra-info slots, each fragment's status.
 public struct TxEngine: ~Copyable {
     public static let arenaSize = 4 << 20
     public static let maxBatch = 256
     static let headroom = 16
+    /// Fragments a packet may have and still be sent (XEN_NETIF_NR_SLOTS_MIN).
+    static let maxFragments = TxParser.legacySlotsMax
 
     var ring: BackRing<NetifTxRing>
     let hypervisor: Hypervisor
@@ -306,8 +314,16 @@ public struct TxEngine: ~Copyable {
 
     let arena: UnsafeMutableRawPointer
     var packets: [TxPacket]
-    var placement: [(offset: Int, opStart: Int, opEnd: Int)]
+    /// Where each packet of the batch went in the arena, its ops, and whether
+    /// its fragments are read in place (only its first slot is in the arena).
+    var placement: [(offset: Int, opStart: Int, opEnd: Int, inPlace: Bool)]
     var ops: [GrantCopy]
+    /// A packet whose headers run past its first slot is copied whole here.
+    let scratch: UnsafeMutableRawPointer
+    var scratchOps: [GrantCopy]
+    /// One in-place packet's fragments and its writev vector.
+    let spans: UnsafeMutablePointer<GrantSpan>
+    let iov: UnsafeMutablePointer<iovec>
 
     init(ring: BackRing<NetifTxRing>, hypervisor: Hypervisor, domid: DomID, tapFD: CInt, stats: VifStats, queueStats: QueueStats, rate: RateLimit?) {
         self.ring = ring
@@ -323,9 +339,19 @@ public struct TxEngine: ~Copyable {
         placement.reserveCapacity(Self.maxBatch)
         ops = []
         ops.reserveCapacity(Self.maxBatch * 4)
+        scratch = UnsafeMutableRawPointer.allocate(byteCount: Self.headroom + 65536, alignment: 64)
+        scratchOps = []
+        scratchOps.reserveCapacity(Self.maxFragments + 1)
+        spans = .allocate(capacity: Self.maxFragments)
+        iov = .allocate(capacity: Self.maxFragments + 1)
     }
 
-    deinit { arena.deallocate() }
+    deinit {
+        arena.deallocate()
+        scratch.deallocate()
+        spans.deallocate()
+        iov.deallocate()
+    }
 
     /// Serves the ring until it is empty, rate limited, or fatally misused.
     /// `kick` notifies the frontend of responses pushed in the middle of a
@@ -407,40 +433,37 @@ public struct TxEngine: ~Copyable {
             }
             let opStart = ops.count
             let offset = used + Self.headroom
+            var inPlace = false
             if packets[n].drop == nil && !packets[n].multicastControl {
+                // A parsed packet's first slot holds at least an Ethernet header.
                 let first = packets[n].first
-                var at = offset
-                if first.size > 0 {
-                    ops.append(GrantCopy(source: .grant(domid: domid, ref: first.gref, offset: first.offset),
-                                         dest: .local(arena + at), length: first.size))
-                    at += Int(first.size)
-                }
-                for f in packets[n].fragments where f.size > 0 {  // zero-size: OKAY, grant untouched
-                    ops.append(GrantCopy(source: .grant(domid: domid, ref: f.gref, offset: f.offset),
-                                         dest: .local(arena + at), length: f.size))
-                    at += Int(f.size)
-                }
-                used += need
+                ops.append(GrantCopy(source: .grant(domid: domid, ref: first.gref, offset: first.offset),
+                                     dest: .local(arena + offset), length: first.size))
+                inPlace = packets[n].fragments.contains { $0.size > 0 }  // zero-size: OKAY, grant untouched
+                used += inPlace ? (Int(first.size) + Self.headroom + 63) & ~63 : need
             }
-            placement.append((offset, opStart, ops.count))
+            placement.append((offset, opStart, ops.count, inPlace))
             n += 1
         }
         return (n, .idle(notify: false))
     }
 
-    /// Copies the batch out of the guest, answers every slot, then writes
-    /// each good packet to the tap. The answer depends only on the grant
-    /// copies and the checksum set-up, both done on our private copy, so the
-    /// responses go out (and the frontend is kicked) before the tap writes,
-    /// as Linux answers after its grant copies (xenvif_tx_check_gop) before
-    /// the stack sees the packets: the frontend refills its ring while each
-    /// write carries the packet through the bridge. A failed tap write is
-    /// then the host stack's drop, counted, not the guest's error.
+    /// Copies the batch's first slots out of the guest, answers every slot
+    /// and writes each packet to the tap. A copied packet's answer depends only
+    /// on its grant copy and the checksum set-up, both done on our private
+    /// copy, so copied packets are answered (and the frontend kicked) before
+    /// their tap writes, as Linux answers after its grant copies
+    /// (xenvif_tx_check_gop) before the stack sees the packets: the frontend
+    /// refills its ring while each write carries the packet through the
+    /// bridge. A packet read in place is answered after its write, which is
+    /// when its grants are no longer used. Packets reach the tap in ring order.
+    /// A failed tap write is the host stack's drop, counted, not the guest's error.
     private mutating func flush(_ n: Int, kick: () -> Void) {
         guard n > 0 else { return }
         if !ops.isEmpty { hypervisor.copyGrants(&ops) }
+        var unwritten = 0  // copied packets from here on still wait for their tap write
         for i in 0..<n {
-            let (offset, opStart, opEnd) = placement[i]
+            let (offset, opStart, opEnd, inPlace) = placement[i]
             if packets[i].drop == nil && !packets[i].multicastControl {
                 for k in opStart..<opEnd where ops[k].status != .okay {
                     packets[i].drop = .grantCopy(ops[k].status)
@@ -448,29 +471,103 @@ public struct TxEngine: ~Copyable {
                 }
             }
             if packets[i].drop == nil && !packets[i].multicastControl {
-                let data = UnsafeMutableRawBufferPointer(start: arena + offset, count: packets[i].totalSize)
+                let head = inPlace ? Int(packets[i].first.size) : packets[i].totalSize
+                let data = UnsafeMutableRawBufferPointer(start: arena + offset, count: head)
                 do {
-                    let h = try TxParser.vnetHeader(flags: packets[i].first.flags, gso: packets[i].gso, data: data)
+                    let h = try TxParser.vnetHeader(flags: packets[i].first.flags, gso: packets[i].gso, data: data,
+                                                    totalLength: packets[i].totalSize)
                     h.store(to: arena + offset - VnetHeader.size)
+                    if inPlace {
+                        writeCopied(unwritten..<i)
+                        unwritten = i + 1
+                        writeInPlace(i, head: arena + offset)
+                    }
                 } catch {
-                    packets[i].drop = .checksumSetup(error)
+                    if inPlace {
+                        // The headers run past the first slot: the whole packet is copied.
+                        writeCopied(unwritten..<i)
+                        unwritten = i + 1
+                        writeWhole(i)
+                    } else {
+                        packets[i].drop = .checksumSetup(error)
+                    }
                 }
             }
             respond(i)
         }
         if ring.pushResponsesAndCheckNotify() { kick() }
-        for i in 0..<n where packets[i].drop == nil && !packets[i].multicastControl {
+        writeCopied(unwritten..<n)
+    }
+
+    /// Writes the good copied packets of `range` from the arena.
+    private mutating func writeCopied(_ range: Range<Int>) {
+        for i in range where packets[i].drop == nil && !packets[i].multicastControl && !placement[i].inPlace {
             let offset = placement[i].offset, len = packets[i].totalSize
-            var iov = iovec(iov_base: arena + offset - VnetHeader.size, iov_len: len + VnetHeader.size)
-            let w = cnet_writev(tapFD, &iov, 1)
-            if w < 0 {
-                let d = TxDrop.tapWrite(errno: Int32(-w))
-                stats.count(d.counter)
-                lastDrop = d
-            } else {
-                queueStats.txPackets.wrappingAdd(1, ordering: .relaxed)
-                stats.txBytes.wrappingAdd(UInt64(len), ordering: .relaxed)
-            }
+            var one = iovec(iov_base: arena + offset - VnetHeader.size, iov_len: len + VnetHeader.size)
+            counted(cnet_writev(tapFD, &one, 1), length: len)
+        }
+    }
+
+    /// Writes packet `i`: vnet header and first slot from the arena at `head`,
+    /// the fragments from the guest's pages, pinned for the writev. A grant
+    /// the guest no longer lets us read drops the packet as a failed copy would.
+    private mutating func writeInPlace(_ i: Int, head: UnsafeMutableRawPointer) {
+        var k = 0
+        for f in packets[i].fragments where f.size > 0 {
+            spans[k] = GrantSpan(ref: f.gref, offset: f.offset, length: f.size)
+            k += 1
+        }
+        iov[0] = iovec(iov_base: head - VnetHeader.size, iov_len: Int(packets[i].first.size) + VnetHeader.size)
+        let fd = tapFD, vector = iov, count = Int32(k + 1)
+        switch hypervisor.withGrantsInPlace(domid: domid, UnsafeBufferPointer(start: spans, count: k), iov: iov + 1, {
+            cnet_writev(fd, vector, count)
+        }) {
+        case .success(let w): counted(w, length: packets[i].totalSize)
+        case .failure(let status): packets[i].drop = .grantCopy(status)
+        }
+    }
+
+    /// Writes packet `i` copied whole into the scratch buffer (a packet whose
+    /// headers are not all in its first slot).
+    private mutating func writeWhole(_ i: Int) {
+        let base = scratch + Self.headroom
+        scratchOps.removeAll(keepingCapacity: true)
+        let first = packets[i].first
+        scratchOps.append(GrantCopy(source: .grant(domid: domid, ref: first.gref, offset: first.offset),
+                                    dest: .local(base), length: first.size))
+        var at = Int(first.size)
+        for f in packets[i].fragments where f.size > 0 {
+            scratchOps.append(GrantCopy(source: .grant(domid: domid, ref: f.gref, offset: f.offset),
+                                        dest: .local(base + at), length: f.size))
+            at += Int(f.size)
+        }
+        hypervisor.copyGrants(&scratchOps)
+        if let bad = scratchOps.first(where: { $0.status != .okay }) {
+            packets[i].drop = .grantCopy(bad.status)
+            return
+        }
+        let len = packets[i].totalSize
+        do {
+            let h = try TxParser.vnetHeader(flags: packets[i].first.flags, gso: packets[i].gso,
+                                            data: UnsafeMutableRawBufferPointer(start: base, count: len))
+            h.store(to: base - VnetHeader.size)
+        } catch {
+            packets[i].drop = .checksumSetup(error)
+            return
+        }
+        var one = iovec(iov_base: base - VnetHeader.size, iov_len: len + VnetHeader.size)
+        counted(cnet_writev(tapFD, &one, 1), length: len)
+    }
+
+    @inline(__always)
+    private mutating func counted(_ written: Int, length: Int) {
+        if written < 0 {
+            let d = TxDrop.tapWrite(errno: Int32(-written))
+            stats.count(d.counter)
+            lastDrop = d
+        } else {
+            queueStats.txPackets.wrappingAdd(1, ordering: .relaxed)
+            stats.txBytes.wrappingAdd(UInt64(length), ordering: .relaxed)
         }
     }
 

@@ -154,10 +154,12 @@ public enum PacketParser {
     /// Writes the folded (not inverted) pseudo-header sum into the L4
     /// checksum field, as Linux's recalculate_partial_csum does for a GSO
     /// packet the guest sent without csum_blank.
-    public static func writePseudoHeaderChecksum(_ p: UnsafeMutableRawBufferPointer, _ loc: ChecksumLocation) {
+    /// `totalLength` is the frame's length when `p` holds only its head.
+    public static func writePseudoHeaderChecksum(_ p: UnsafeMutableRawBufferPointer, _ loc: ChecksumLocation,
+                                                 totalLength: Int? = nil) {
         var sum: UInt32 = 0
         let ro = UnsafeRawBufferPointer(p)
-        let l4len = p.count - loc.l4Offset
+        let l4len = (totalLength ?? p.count) - loc.l4Offset
         if loc.isIPv6 {
             for i in stride(from: ethernetHeader + 8, to: ethernetHeader + 40, by: 2) { sum += UInt32(be16(ro, i)) }
             sum += UInt32(l4len >> 16) + UInt32(l4len & 0xFFFF)

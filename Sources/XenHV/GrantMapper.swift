@@ -38,6 +38,19 @@ public struct GrantCopy: Sendable {
     }
 }
 
+/// `length` bytes at `offset` of a granted page (one end of a copy, read in
+/// place by ``Hypervisor/withGrantsInPlace(domid:_:iov:_:)``).
+public struct GrantSpan: Sendable {
+    public var ref: GrantRef
+    public var offset: UInt16
+    public var length: UInt16
+    public init(ref: GrantRef, offset: UInt16, length: UInt16) {
+        self.ref = ref
+        self.offset = offset
+        self.length = length
+    }
+}
+
 /// Handle allocation for our maptrack, and where each handle's page is mapped.
 struct MapHandles {
     var free: [GrantHandle] = []
@@ -201,6 +214,60 @@ extension Hypervisor {
         // One lookup per domain per batch (a batch is one ring pass of one vif).
         var recent: ForeignDomain?
         for i in ops.indices { ops[i].status = copyOne(ops[i], &recent) }
+    }
+
+    /// Reads granted bytes in place for the length of one call: each distinct
+    /// grant of `spans` is pinned as `GNTTABOP_copy` pins a source
+    /// (acquire_grant_for_copy: entry locked, GTF_reading set, so the granter
+    /// cannot revoke it meanwhile), `iov[i]` is pointed at span `i`'s bytes in
+    /// the granter's memory, and `body` runs; then every pin is dropped. A
+    /// `writev` in `body` so takes the bytes straight from the guest's page,
+    /// as Linux netback's tx path maps a packet's fragments instead of copying
+    /// them. The grants are locked in ascending order (the copy's order), each
+    /// once however many spans name it.
+    ///
+    /// Returns `body`'s result, or the status the first refused span would get
+    /// from a copy (nothing is left pinned and `body` does not run). `body`
+    /// runs with the entries locked: one bounded call, no waiting on anyone.
+    public func withGrantsInPlace<R>(domid d: DomID, _ spans: UnsafeBufferPointer<GrantSpan>,
+                                     iov: UnsafeMutablePointer<iovec>, _ body: () -> R) -> Result<R, GrantStatus> {
+        guard maptrack != nil else { return .failure(.permissionDenied) }
+        for s in spans where Int(s.offset) + Int(s.length) > HVLimits.pageSize { return .failure(.badCopyArg) }
+        guard let dom = foreignDomain(d) else { return .failure(.badDomain) }
+        for s in spans where s.ref >= dom.active.entries { return .failure(.badGntref) }
+        guard let memory = dom.wholeMemory else { return .failure(.generalError) }
+        return withUnsafeTemporaryAllocation(of: (ref: GrantRef, frame: UInt32).self, capacity: spans.count) { pinned in
+            // The distinct refs, ascending (insertion: a packet has at most a few dozen).
+            var n = 0
+            for s in spans {
+                var i = n
+                while i > 0 && pinned[i - 1].ref > s.ref { i -= 1 }
+                if i > 0 && pinned[i - 1].ref == s.ref { continue }
+                var j = n
+                while j > i { pinned[j] = pinned[j - 1]; j -= 1 }
+                pinned[i] = (s.ref, 0)
+                n += 1
+            }
+            var held = 0
+            defer { for i in 0..<held { unpinForCopy(CopyEnd(dom: dom, ref: pinned[i].ref, offset: 0)) } }
+            while held < n {
+                guard let frame = pinForCopy(CopyEnd(dom: dom, ref: pinned[held].ref, offset: 0), writable: false) else {
+                    return .failure(.generalError)
+                }
+                pinned[held].frame = frame
+                held += 1
+            }
+            for (k, s) in spans.enumerated() {
+                var lo = 0, hi = n - 1  // the span's ref is among the n
+                while lo < hi {
+                    let mid = (lo + hi) / 2
+                    if pinned[mid].ref < s.ref { lo = mid + 1 } else { hi = mid }
+                }
+                iov[k] = iovec(iov_base: memory + Int(pinned[lo].frame) * HVLimits.pageSize + Int(s.offset),
+                               iov_len: Int(s.length))
+            }
+            return .success(body())
+        }
     }
 
     private struct CopyEnd {

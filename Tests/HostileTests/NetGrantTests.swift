@@ -121,58 +121,89 @@ extension Hostile {
         /// request is answered; OKAY ones put exactly the frame written before
         /// the revoke on the tap, ERROR ones nothing (a page whose revoke
         /// succeeded is overwritten at once, so a copy after the revoke shows).
-        @Test func transmitGrantsRevokedWhileInFlight() throws {
+        @Test func transmitGrantsRevokedWhileInFlight() throws { try revokeWhileInFlight(fragmented: false) }
+
+        /// The same with two-slot packets, whose fragment netback reads in place
+        /// for the tap write: a revoke that beats the pin drops the packet, one
+        /// that comes later is refused until the write is done, so the tap
+        /// never carries a poisoned fragment.
+        @Test func fragmentGrantsRevokedWhileReadInPlace() throws { try revokeWhileInFlight(fragmented: true) }
+
+        func revokeWhileInFlight(fragmented: Bool) throws {
             let d = try HostileDom0()
             let dom0 = try d.s.dom0Hypervisor()
             let h = try d.guest("revoker", pages: 1024), g = try d.guest("bystander", pages: 1024)
-            let (hv, hf) = try directVif(dom0, h, "rr")
+            let (hv, hf) = try directVif(dom0, h, fragmented ? "fr" : "rr")
             defer { hv.close() }
-            let (gv, gf) = try directVif(dom0, g, "rb")
+            let (gv, gf) = try directVif(dom0, g, fragmented ? "fb" : "rb")
             defer { gv.close() }
             let worker = NetWorker(gf.queues[0])
             worker.start()
             let q = hf.queues[0], gt = h.hypervisor.grantTable!
             let cap = try TapCapture(hv.name)
             let poison = [UInt8](repeating: 0xEE, count: 4096)
-            var expected: [[UInt8]] = [], errors = 0, oks = 0, refusedWhileCopying = 0
-            // 60 rounds, and more (up to 600) until a revoke has beaten netback's copy
-            // once: which side wins a round is up to the scheduler.
+            let head = 64
+            var expected: [[UInt8]] = [], errors = 0, oks = 0, refusedWhileInUse = 0
+            // 60 rounds, and more (up to 600) until a revoke has beaten netback's
+            // copy (or pin) once: which side wins a round is up to the scheduler.
             var round = 0
             while round < 60 || (errors == 0 && round < 600) {
                 defer { round += 1 }
-                var ids: [UInt16] = [], frames: [[UInt8]] = []
+                var packets: [[UInt16]] = [], frames: [[UInt8]] = []
                 for k in 0..<32 {
+                    let f = testFrame(round * 32 + k, length: (fragmented ? head + 100 : 64) + (k * 97) % 1400)
                     let id = try #require(q.takeTxID())
-                    let f = testFrame(round * 32 + k, length: 64 + (k * 97) % 1400)
-                    try q.writeTxBuffer(id, offset: 0, f)
-                    q.sendRaw([.request(Self.request(q, id: id, ref: q.txRef(id), length: f.count))])
-                    ids.append(id); frames.append(f)
+                    if fragmented {
+                        let frag = try #require(q.takeTxID())
+                        try q.writeTxBuffer(id, offset: 0, Array(f[..<head]))
+                        try q.writeTxBuffer(frag, offset: 0, Array(f[head...]))
+                        var first = Self.request(q, id: id, ref: q.txRef(id), length: f.count)
+                        first.flags = UInt16(NETTXF_more_data)
+                        q.sendRaw([.request(first), .request(Self.request(q, id: frag, ref: q.txRef(frag), length: f.count - head))])
+                        packets.append([id, frag])
+                    } else {
+                        try q.writeTxBuffer(id, offset: 0, f)
+                        q.sendRaw([.request(Self.request(q, id: id, ref: q.txRef(id), length: f.count))])
+                        packets.append([id])
+                    }
+                    frames.append(f)
                 }
                 try q.pushTxAndKick()
-                // Take back every other buffer, last first, while netback copies.
-                var revoked = Set<UInt16>()
-                for (k, id) in ids.enumerated().reversed() where k % 2 == round % 2 {
-                    if gt.endAccess(q.txRef(id)) {
-                        revoked.insert(id)
-                        try q.writeTxBuffer(id, offset: 0, poison)
+                // Take back every other packet's last buffer, last first, while netback works.
+                var revoked = Set<Int>()
+                for (k, ids) in packets.enumerated().reversed() where k % 2 == round % 2 {
+                    if gt.endAccess(q.txRef(ids.last!)) {
+                        revoked.insert(k)
+                        try q.writeTxBuffer(ids.last!, offset: 0, poison)
                     } else {
-                        refusedWhileCopying += 1
+                        refusedWhileInUse += 1
                     }
                 }
-                let r = try q.txResponses(ids.count)
-                #expect(r.count == ids.count, "round \(round): \(r.count) responses")
+                let slots = packets.reduce(0) { $0 + $1.count }
+                let r = try q.txResponses(slots)
+                #expect(r.count == slots, "round \(round): \(r.count) responses")
+                // Every slot of a packet carries the packet's status.
+                var status: [Int: Int16] = [:]
                 for resp in r {
-                    guard let k = ids.firstIndex(of: resp.id) else { Issue.record("unknown id \(resp.id)"); continue }
-                    if resp.status == Int16(NETIF_RSP_OKAY) {
+                    guard let k = packets.firstIndex(where: { $0.contains(resp.id) }) else { Issue.record("unknown id \(resp.id)"); continue }
+                    if let s = status[k] { #expect(s == resp.status, "round \(round): the slots of one packet disagree") }
+                    status[k] = resp.status
+                }
+                for k in packets.indices {
+                    guard let s = status[k] else { Issue.record("round \(round): packet \(k) unanswered"); continue }
+                    if s == Int16(NETIF_RSP_OKAY) {
                         oks += 1
                         expected.append(frames[k])
                     } else {
-                        #expect(resp.status == Int16(NETIF_RSP_ERROR), "round \(round): status \(resp.status)")
-                        #expect(revoked.contains(resp.id), "round \(round): ERROR for a grant never revoked")
+                        #expect(s == Int16(NETIF_RSP_ERROR), "round \(round): status \(s)")
+                        #expect(revoked.contains(k), "round \(round): ERROR for a grant never revoked")
                         errors += 1
                     }
                 }
-                for id in revoked { gt.grantAccess(q.txRef(id), to: 0, frame: UInt32(q.txPage(id)), readOnly: false) }
+                for k in revoked {
+                    let id = packets[k].last!
+                    gt.grantAccess(q.txRef(id), to: 0, frame: UInt32(q.txPage(id)), readOnly: false)
+                }
                 #expect(!hv.isDisabled)
             }
             // What reached the tap: the OKAY frames in order, never a poisoned one.
@@ -181,8 +212,9 @@ extension Hostile {
             var captured: [[UInt8]] = []
             while let f = cap.next(), f != end { captured.append(f) }
             #expect(captured == expected, "\(captured.count) frames on the tap for \(expected.count) OKAY responses")
-            print("tx revoke in flight: \(oks) OKAY, \(errors) ERROR, \(refusedWhileCopying) revokes refused while netback held the grant")
-            #expect(errors > 0, "no revoke ever beat netback's copy")
+            print("tx revoke in flight (\(fragmented ? "fragments read in place" : "copied")): \(oks) OKAY, \(errors) ERROR, "
+                  + "\(refusedWhileInUse) revokes refused while netback held the grant")
+            #expect(errors > 0, "no revoke ever beat netback's copy or pin")
 
             let w = worker.stop()
             #expect(w.failures.isEmpty, "\(w.failures)")

@@ -190,6 +190,30 @@ import XenRing
         #expect(UInt16(out[50]) << 8 | UInt16(out[51]) == partial)
     }
 
+    /// A packet read in place gets its header from its first slot alone: the
+    /// same vnet header, and the pseudo-header sum still counts every L4 byte.
+    @Test func theHeadAloneGivesTheSameHeaderAsTheWholePacket() throws {
+        let f = Frames.tcp(srcMAC: Self.mac1, dstMAC: Self.mac2, src: Self.ip1, dst: Self.ip2, sport: 1, dport: 2, seq: 1,
+                           ack: 1, flags: 0x18, payload: Array(repeating: 1, count: 9000), checksumBlank: false)
+        let (whole, out) = try Self.header(f, flags: 0, gso: TxGSO(type: 1, size: 1448))
+        var head = Array(f[0..<4096])
+        let r: Result<VnetHeader, ChecksumSetupError> = head.withUnsafeMutableBytes { p in
+            Result { () throws(ChecksumSetupError) -> VnetHeader in
+                try TxParser.vnetHeader(flags: 0, gso: TxGSO(type: 1, size: 1448), data: p, totalLength: f.count)
+            }
+        }
+        #expect(try r.get() == whole)
+        #expect(head == Array(out[0..<4096]))
+        // Headers cut by the end of the head: refused, so the caller copies the whole packet.
+        var cut = Array(f[0..<40])
+        let refused: Result<VnetHeader, ChecksumSetupError> = cut.withUnsafeMutableBytes { p in
+            Result { () throws(ChecksumSetupError) -> VnetHeader in
+                try TxParser.vnetHeader(flags: 0, gso: TxGSO(type: 1, size: 1448), data: p, totalLength: f.count)
+            }
+        }
+        #expect(throws: ChecksumSetupError.truncated("TCP")) { try refused.get() }
+    }
+
     @Test func gsoTypeMustMatchTheIPVersion() {
         let f = Frames.tcp(srcMAC: Self.mac1, dstMAC: Self.mac2, src: Self.ip1, dst: Self.ip2, sport: 1, dport: 2, seq: 1,
                            ack: 1, flags: 0x18, payload: [1, 2, 3], checksumBlank: true)

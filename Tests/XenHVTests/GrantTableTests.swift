@@ -117,6 +117,56 @@ import XenHV
         #expect(g.send("end 4") == "ok")
     }
 
+    /// Grants read in place for one call: the body sees the granted bytes,
+    /// the granter cannot revoke them meanwhile (GTF_reading, as during a
+    /// copy), and afterwards nothing stays pinned. A refused span refuses the
+    /// whole set before the body runs, with the status a copy would get.
+    @Test func grantsReadInPlaceArePinnedOnlyForTheCall() throws {
+        let f = try HypervisorFixture()
+        let (d, g) = try f.guest()
+        #expect(g.send("grant 3 0 11 ro") == "ok")
+        #expect(g.send("grant 4 0 12 rw") == "ok")
+        #expect(g.send("write 11 10 a1a2a3a4") == "ok")
+        #expect(g.send("write 12 4000 b1b2b3") == "ok")
+        // Out of ref order, and ref 3 twice: each grant pinned once, each span its own bytes.
+        let spans = [GrantSpan(ref: 4, offset: 4000, length: 3), GrantSpan(ref: 3, offset: 10, length: 4),
+                     GrantSpan(ref: 3, offset: 12, length: 2)]
+        let iov = UnsafeMutablePointer<iovec>.allocate(capacity: spans.count)
+        defer { iov.deallocate() }
+        var seen: [[UInt8]] = [], flagsInside: [String] = [], revokeInside = ""
+        let r = spans.withUnsafeBufferPointer { sp in
+            f.dom0.withGrantsInPlace(domid: d.domid, sp, iov: iov) {
+                seen = (0..<sp.count).map { [UInt8](UnsafeRawBufferPointer(start: iov[$0].iov_base, count: iov[$0].iov_len)) }
+                flagsInside = [g.send("flags 3"), g.send("flags 4")]
+                revokeInside = g.send("end 4")
+                return 7
+            }
+        }
+        #expect(try r.get() == 7)
+        #expect(seen == [[0xB1, 0xB2, 0xB3], [0xA1, 0xA2, 0xA3, 0xA4], [0xA3, 0xA4]])
+        #expect(flagsInside == ["\(GTF_permit_access | GTF_readonly | GTF_reading)", "\(GTF_permit_access | GTF_reading)"])
+        #expect(revokeInside == "busy")
+        #expect(g.send("flags 3") == "\(GTF_permit_access | GTF_readonly)")
+        #expect(g.send("flags 4") == "\(GTF_permit_access)")
+
+        // Refusals: the body never runs, and grants pinned before the refusal are released.
+        func refusal(_ s: [GrantSpan], domid: DomID? = nil) -> GrantStatus? {
+            var ran = false
+            let r = s.withUnsafeBufferPointer { f.dom0.withGrantsInPlace(domid: domid ?? d.domid, $0, iov: iov) { ran = true } }
+            #expect(!ran)
+            if case .failure(let st) = r { return st }
+            return nil
+        }
+        #expect(g.send("grant 5 7 13 rw") == "ok")  // granted to another domain
+        #expect(refusal([GrantSpan(ref: 3, offset: 0, length: 8), GrantSpan(ref: 5, offset: 0, length: 8)]) == .generalError)
+        #expect(refusal([GrantSpan(ref: 3, offset: 4090, length: 8)]) == .badCopyArg)
+        #expect(refusal([GrantSpan(ref: 3, offset: 0, length: 8), GrantSpan(ref: 9999, offset: 0, length: 8)]) == .badGntref)
+        #expect(refusal([GrantSpan(ref: 3, offset: 0, length: 8)], domid: 777) == .badDomain)
+        #expect(refusal([GrantSpan(ref: 11, offset: 0, length: 8)]) == .generalError)  // never granted
+        #expect(g.send("end 3") == "ok")
+        #expect(g.send("end 4") == "ok")
+    }
+
     @Test func killingTheMapperReleasesItsMaps() throws {
         let f = try HypervisorFixture()
         let (d, g) = try f.guest()
