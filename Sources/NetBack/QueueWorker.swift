@@ -226,6 +226,9 @@ final class QueueWorker: @unchecked Sendable {
     private func serveRx() throws(RingError) {
         var notifyRx = false
         while true {
+            // Frames read in place are pushed one by one; a spent budget
+            // leaves the rest for the next round, after the transmit side.
+            if try rx.readInPlace(kick: { notify(tx: false, rx: true) }) { break }
             rx.readTap()
             let before = rx.count
             let postedBefore = rx.postedCount

@@ -12,6 +12,10 @@ import XenRing
 /// each frame into them with one batched grant copy per pass: several slots
 /// for a large frame, the GSO extra after the first slot, checksum flags on
 /// the first response.
+///
+/// While frames are large (GSO bulk) and the backlog is empty, a frame is
+/// instead read straight into the posted buffers (``readInPlace()``), pinned
+/// writable for that one readv: the tap's copy is then the only one.
 struct RxEngine: ~Copyable {
     /// The most one read from the tap can return: a vnet header and a 64 KiB frame.
     static let slotSize = 65536 + 128
@@ -53,6 +57,20 @@ struct RxEngine: ~Copyable {
     /// Planned responses in ring order: (request id, copy op index or -1 for the GSO extra, flags, length, gso).
     var plan: [(id: UInt16, op: Int, flags: UInt16, length: Int, gso: TxGSO?)] = []
 
+    /// Whether the last frame read was larger than ``inPlaceAbove``: the next
+    /// one is then read in place if it can be.
+    var largeFrames = false
+    /// Frames above this many bytes make in-place reads worth their pins.
+    static let inPlaceAbove = pageSize
+    /// Posted buffers an in-place read pins: a largest read's data pages and
+    /// the one a GSO extra takes after the first.
+    static let inPlaceBuffers = 1 + (slotSize - VnetHeader.size + pageSize - 1) / pageSize
+    static let inPlaceBudget = 16
+    let spans: UnsafeMutablePointer<GrantSpan>
+    let pinned: UnsafeMutablePointer<iovec>
+    let vector: UnsafeMutablePointer<iovec>
+    let header: UnsafeMutableRawPointer
+
     /// When the backlog started waiting for buffers (CLOCK_MONOTONIC ns), 0 when not waiting.
     var waitingSince: UInt64 = 0
     var carrierOff = false
@@ -76,9 +94,19 @@ struct RxEngine: ~Copyable {
         posted = Array(repeating: netif_rx_request(), count: Int(ring.size))
         ops.reserveCapacity(Int(ring.size))
         plan.reserveCapacity(Int(ring.size))
+        spans = .allocate(capacity: Self.inPlaceBuffers)
+        pinned = .allocate(capacity: Self.inPlaceBuffers)
+        vector = .allocate(capacity: Self.inPlaceBuffers)
+        header = .allocate(byteCount: VnetHeader.size, alignment: 8)
     }
 
-    deinit { buffer.deallocate() }
+    deinit {
+        buffer.deallocate()
+        spans.deallocate()
+        pinned.deallocate()
+        vector.deallocate()
+        header.deallocate()
+    }
 
     var backlogFull: Bool { nextOffset() == nil }
     var backlogEmpty: Bool { count == 0 }
@@ -117,6 +145,7 @@ struct RxEngine: ~Copyable {
                 stats.count(.rxCarrierOff)
                 continue
             }
+            largeFrames = n - VnetHeader.size > Self.inPlaceAbove
             let i = (head + count) % capacity
             offsets[i] = at
             lengths[i] = n
@@ -154,30 +183,13 @@ struct RxEngine: ~Copyable {
         plan.removeAll(keepingCapacity: true)
         while count > 0 {
             let p = slot(head)
-            let total = lengths[head]
-            let h = VnetHeader.load(from: p)
-            let len = total - VnetHeader.size
-            var gso: TxGSO?
-            switch h.gsoKind {
-            case CNET_VNET_GSO_NONE: break
-            case CNET_VNET_GSO_TCPV4 where gsoTCPv4: gso = TxGSO(type: UInt8(XEN_NETIF_GSO_TYPE_TCPV4), size: h.gsoSize)
-            case CNET_VNET_GSO_TCPV6 where gsoTCPv6: gso = TxGSO(type: UInt8(XEN_NETIF_GSO_TYPE_TCPV6), size: h.gsoSize)
-            default:
-                stats.count(.rxUnsupportedGSO)
-                popBacklog()
-                continue
-            }
-            let dataSlots = (len + Self.pageSize - 1) / Self.pageSize
-            if dataSlots > 1 && !sg {
-                stats.count(.rxNoSGTooLarge)
+            let len = lengths[head] - VnetHeader.size
+            guard let (gso, dataSlots, flags) = layout(VnetHeader.load(from: p), length: len) else {
                 popBacklog()
                 continue
             }
             let need = dataSlots + (gso == nil ? 0 : 1)
             guard postedCount >= need else { break }
-            var flags: UInt16 = 0
-            if h.needsChecksum { flags |= UInt16(NETRXF_csum_blank | NETRXF_data_validated) }
-            else if h.dataValid { flags |= UInt16(NETRXF_data_validated) }
             var off = 0
             for s in 0..<dataSlots {
                 let req = popPosted()
@@ -202,14 +214,7 @@ struct RxEngine: ~Copyable {
         if !ops.isEmpty { hypervisor.copyGrants(&ops) }
         for e in plan {
             if let g = e.gso {
-                var x = netif_extra_info()
-                x.type = UInt8(XEN_NETIF_EXTRA_TYPE_GSO)
-                x.flags = 0
-                x.u.gso.size = g.size
-                x.u.gso.type = g.type
-                x.u.gso.pad = 0
-                x.u.gso.features = 0
-                ring.enqueue(unsafeBitCast(x, to: netif_rx_response.self))
+                enqueueExtra(g)
             } else {
                 let ok = ops[e.op].status == .okay
                 if !ok { stats.count(.rxGrantCopy) }
@@ -224,6 +229,121 @@ struct RxEngine: ~Copyable {
             if try ring.finalCheckForRequests() { try takePosted() }
         }
         return notify
+    }
+
+    /// How a frame of `len` bytes with vnet header `h` goes on the rx ring:
+    /// its GSO extra, data slots and first slot's flags; nil (counted) for a
+    /// frame the frontend cannot take.
+    @inline(__always)
+    private func layout(_ h: VnetHeader, length len: Int) -> (gso: TxGSO?, dataSlots: Int, flags: UInt16)? {
+        var gso: TxGSO?
+        switch h.gsoKind {
+        case CNET_VNET_GSO_NONE: break
+        case CNET_VNET_GSO_TCPV4 where gsoTCPv4: gso = TxGSO(type: UInt8(XEN_NETIF_GSO_TYPE_TCPV4), size: h.gsoSize)
+        case CNET_VNET_GSO_TCPV6 where gsoTCPv6: gso = TxGSO(type: UInt8(XEN_NETIF_GSO_TYPE_TCPV6), size: h.gsoSize)
+        default:
+            stats.count(.rxUnsupportedGSO)
+            return nil
+        }
+        let dataSlots = (len + Self.pageSize - 1) / Self.pageSize
+        if dataSlots > 1 && !sg {
+            stats.count(.rxNoSGTooLarge)
+            return nil
+        }
+        var flags: UInt16 = 0
+        if h.needsChecksum { flags |= UInt16(NETRXF_csum_blank | NETRXF_data_validated) }
+        else if h.dataValid { flags |= UInt16(NETRXF_data_validated) }
+        return (gso, dataSlots, flags)
+    }
+
+    /// The GSO extra-info response that follows a frame's first slot.
+    private mutating func enqueueExtra(_ g: TxGSO) {
+        var x = netif_extra_info()
+        x.type = UInt8(XEN_NETIF_EXTRA_TYPE_GSO)
+        x.flags = 0
+        x.u.gso.size = g.size
+        x.u.gso.type = g.type
+        x.u.gso.pad = 0
+        x.u.gso.features = 0
+        ring.enqueue(unsafeBitCast(x, to: netif_rx_response.self))
+    }
+
+    /// Reads frames straight into the frontend's posted buffers while they
+    /// are large, the backlog is empty, enough buffers are posted and the tap
+    /// has a frame. The next ``inPlaceBuffers`` posted buffers are pinned
+    /// writable for one readv: the first takes the frame's head, the second
+    /// is left for a GSO extra, the rest take the data; a frame without GSO
+    /// then moves its data down one buffer (rare: a jumbo frame). A frame
+    /// the frontend cannot take uses up no buffer (what was read into them
+    /// is overwritten later). A buffer we may not write ends in-place reads
+    /// until the next large frame: the copy path answers it with an error.
+    /// Each frame's responses are pushed at once (`kick` when the frontend
+    /// asked to be notified), so the frontend takes a frame while the next is
+    /// read; at most ``inPlaceBudget`` frames a call, so the queue's transmit
+    /// side gets its turn under a flood. Returns true when the budget ran
+    /// out (the tap may hold more: come back after the transmit side).
+    mutating func readInPlace(kick: () -> Void) throws(RingError) -> Bool {
+        guard largeFrames, count == 0, !carrierOff else { return false }
+        try takePosted()
+        var budget = Self.inPlaceBudget
+        while largeFrames && postedCount >= Self.inPlaceBuffers && budget > 0 {
+            budget -= 1
+            var ready = pollfd(fd: tapFD, events: Int16(POLLIN), revents: 0)
+            guard poll(&ready, 1, 0) == 1 else { break }  // pins only for a frame that is there
+            for k in 0..<Self.inPlaceBuffers {
+                spans[k] = GrantSpan(ref: posted[(postedHead + k) % posted.count].gref, offset: 0, length: UInt16(Self.pageSize))
+            }
+            let fd = tapFD, header = header, pinned = pinned, vector = vector
+            let result = hypervisor.withGrantsInPlace(domid: domid, UnsafeBufferPointer(start: spans, count: Self.inPlaceBuffers),
+                                                      writable: true, iov: pinned) { () -> Int in
+                vector[0] = iovec(iov_base: header, iov_len: VnetHeader.size)
+                vector[1] = pinned[0]
+                for k in 2..<Self.inPlaceBuffers { vector[k] = pinned[k] }
+                var n: Int
+                repeat { n = readv(fd, vector, Int32(Self.inPlaceBuffers)) } while n < 0 && errno == EINTR
+                if n > VnetHeader.size + Self.pageSize && VnetHeader.load(from: header).gsoKind == CNET_VNET_GSO_NONE {
+                    // No extra slot: the data after the first page moves down into the second buffer on.
+                    var left = n - VnetHeader.size - Self.pageSize, k = 1
+                    while left > 0 {
+                        memmove(pinned[k].iov_base, pinned[k + 1].iov_base, Swift.min(Self.pageSize, left))
+                        left -= Self.pageSize
+                        k += 1
+                    }
+                }
+                return n
+            }
+            guard case .success(let n) = result else {
+                largeFrames = false
+                break
+            }
+            if n < 0 { break }  // EAGAIN: the frame went to another reader
+            guard n >= VnetHeader.size + 14 else {
+                stats.count(.rxShortRead)
+                continue
+            }
+            let len = n - VnetHeader.size
+            largeFrames = len > Self.inPlaceAbove
+            guard let (gso, dataSlots, flags) = layout(VnetHeader.load(from: header), length: len) else { continue }
+            var off = 0
+            for s in 0..<dataSlots {
+                let req = popPosted()
+                let n = Swift.min(Self.pageSize, len - off)
+                var f: UInt16 = s == 0 ? flags : 0
+                if s + 1 < dataSlots { f |= UInt16(NETRXF_more_data) }
+                if s == 0 && gso != nil { f |= UInt16(NETRXF_extra_info) }
+                ring.enqueue(netif_rx_response(id: req.id, offset: 0, flags: f, status: Int16(n)))
+                off += n
+                if s == 0, let g = gso {
+                    _ = popPosted()
+                    enqueueExtra(g)
+                }
+            }
+            queueStats.rxPackets.wrappingAdd(1, ordering: .relaxed)
+            stats.rxBytes.wrappingAdd(UInt64(len), ordering: .relaxed)
+            stats.rxInPlace.wrappingAdd(1, ordering: .relaxed)
+            if ring.pushResponsesAndCheckNotify() { kick() }
+        }
+        return budget == 0
     }
 
     /// Drops the whole backlog (stalled guest).

@@ -50,6 +50,10 @@ public final class VifStats: @unchecked Sendable {
     public let txBytes = Atomic<UInt64>(0)
     /// Bytes delivered from the tap into the guest's rx buffers.
     public let rxBytes = Atomic<UInt64>(0)
+    /// Packets whose payload went between the tap and the guest's pages
+    /// with no copy of ours: fragments written from them, frames read into them.
+    public let txInPlace = Atomic<UInt64>(0)
+    public let rxInPlace = Atomic<UInt64>(0)
     /// Times the rate limiter held transmission back.
     public let txRateLimited = Atomic<UInt64>(0)
     /// Times a storm of empty notifications made a queue ignore its event channel briefly.
@@ -91,7 +95,8 @@ public final class VifStats: @unchecked Sendable {
             rxPackets: queueRx.reduce(0, &+), rxBytes: rxBytes.load(ordering: .relaxed),
             txDrops: txDrops, rxDrops: rxDrops, txErrors: value(.txFatal),
             txRateLimited: txRateLimited.load(ordering: .relaxed), reasons: reasons,
-            queueTxPackets: queueTx, queueRxPackets: queueRx)
+            queueTxPackets: queueTx, queueRxPackets: queueRx,
+            txInPlace: txInPlace.load(ordering: .relaxed), rxInPlace: rxInPlace.load(ordering: .relaxed))
     }
 }
 
@@ -119,6 +124,9 @@ public struct VifStatistics: Sendable, Equatable, CustomStringConvertible {
     /// Per queue offered: packets transmitted and received on it.
     public var queueTxPackets: [UInt64] = []
     public var queueRxPackets: [UInt64] = []
+    /// Of the packets, those whose payload we did not copy (see ``VifStats/txInPlace``).
+    public var txInPlace: UInt64 = 0
+    public var rxInPlace: UInt64 = 0
 
     public subscript(_ c: VifCounter) -> UInt64 { reasons[c.description] ?? 0 }
 

@@ -522,7 +522,9 @@ public struct TxEngine: ~Copyable {
         switch hypervisor.withGrantsInPlace(domid: domid, UnsafeBufferPointer(start: spans, count: k), iov: iov + 1, {
             cnet_writev(fd, vector, count)
         }) {
-        case .success(let w): counted(w, length: packets[i].totalSize)
+        case .success(let w):
+            counted(w, length: packets[i].totalSize)
+            if w >= 0 { stats.txInPlace.wrappingAdd(1, ordering: .relaxed) }
         case .failure(let status): packets[i].drop = .grantCopy(status)
         }
     }

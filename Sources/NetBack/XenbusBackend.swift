@@ -93,7 +93,8 @@ public final class NetbackDriver: XenBusBackendDriver {
         let s = vif.stats.snapshot
         var out: [(String, UInt64)] = [("tx_packets", s.txPackets), ("tx_bytes", s.txBytes), ("rx_packets", s.rxPackets),
                                       ("rx_bytes", s.rxBytes), ("tx_drops", s.txDrops), ("rx_drops", s.rxDrops),
-                                      ("tx_errors", s.txErrors), ("tx_rate_limited", s.txRateLimited)]
+                                      ("tx_errors", s.txErrors), ("tx_rate_limited", s.txRateLimited),
+                                      ("tx_in_place", s.txInPlace), ("rx_in_place", s.rxInPlace)]
         if s.queueTxPackets.count > 1 {
             for (q, n) in s.queueTxPackets.enumerated() { out.append(("queue\(q)_tx_packets", n)) }
             for (q, n) in s.queueRxPackets.enumerated() { out.append(("queue\(q)_rx_packets", n)) }

@@ -216,12 +216,14 @@ extension Hypervisor {
         for i in ops.indices { ops[i].status = copyOne(ops[i], &recent) }
     }
 
-    /// Reads granted bytes in place for the length of one call: each distinct
-    /// grant of `spans` is pinned as `GNTTABOP_copy` pins a source
-    /// (acquire_grant_for_copy: entry locked, GTF_reading set, so the granter
-    /// cannot revoke it meanwhile), `iov[i]` is pointed at span `i`'s bytes in
-    /// the granter's memory, and `body` runs; then every pin is dropped. A
-    /// `writev` in `body` so takes the bytes straight from the guest's page,
+    /// Reaches granted bytes in place for the length of one call: each
+    /// distinct grant of `spans` is pinned as `GNTTABOP_copy` pins a source,
+    /// or with `writable` a destination (acquire_grant_for_copy: entry
+    /// locked, GTF_reading or GTF_writing set, so the granter cannot revoke
+    /// it meanwhile; a read-only grant refuses `writable`), `iov[i]` is
+    /// pointed at span `i`'s bytes in the granter's memory, and `body` runs;
+    /// then every pin is dropped. A `writev` in `body` so takes the bytes
+    /// straight from the guest's page and a `readv` puts them straight there,
     /// as Linux netback's tx path maps a packet's fragments instead of copying
     /// them. The grants are locked in ascending order (the copy's order), each
     /// once however many spans name it.
@@ -229,7 +231,7 @@ extension Hypervisor {
     /// Returns `body`'s result, or the status the first refused span would get
     /// from a copy (nothing is left pinned and `body` does not run). `body`
     /// runs with the entries locked: one bounded call, no waiting on anyone.
-    public func withGrantsInPlace<R>(domid d: DomID, _ spans: UnsafeBufferPointer<GrantSpan>,
+    public func withGrantsInPlace<R>(domid d: DomID, _ spans: UnsafeBufferPointer<GrantSpan>, writable: Bool = false,
                                      iov: UnsafeMutablePointer<iovec>, _ body: () -> R) -> Result<R, GrantStatus> {
         guard maptrack != nil else { return .failure(.permissionDenied) }
         for s in spans where Int(s.offset) + Int(s.length) > HVLimits.pageSize { return .failure(.badCopyArg) }
@@ -251,7 +253,7 @@ extension Hypervisor {
             var held = 0
             defer { for i in 0..<held { unpinForCopy(CopyEnd(dom: dom, ref: pinned[i].ref, offset: 0)) } }
             while held < n {
-                guard let frame = pinForCopy(CopyEnd(dom: dom, ref: pinned[held].ref, offset: 0), writable: false) else {
+                guard let frame = pinForCopy(CopyEnd(dom: dom, ref: pinned[held].ref, offset: 0), writable: writable) else {
                     return .failure(.generalError)
                 }
                 pinned[held].frame = frame

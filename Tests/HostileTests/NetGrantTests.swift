@@ -320,6 +320,84 @@ extension Hostile {
             #expect(w.failures.isEmpty, "\(w.failures)")
             #expect(w.packets > 0)
         }
+
+        /// Large frames are read straight into the posted buffers, pinned
+        /// writable for the readv: a read-only or revoked buffer among those
+        /// an in-place read would take is never written (the copy path answers
+        /// it ERROR), and every frame delivered whole is one we sent.
+        @Test func receiveBuffersReadInPlaceKeepToTheirGrants() throws {
+            let d = try HostileDom0()
+            let dom0 = try d.s.dom0Hypervisor()
+            let h = try d.guest("rxjumbo", pages: 1024), g = try d.guest("bystander", pages: 1024)
+            let (hv, hf) = try directVif(dom0, h, "jl", postRx: false, quiet: true, mtu: 9000)
+            defer { hv.close() }
+            let (gv, gf) = try directVif(dom0, g, "jb")
+            defer { gv.close() }
+            let worker = NetWorker(gf.queues[0])
+            worker.start()
+            let q = hf.queues[0], gt = h.hypervisor.grantTable!
+            let inject = try TapInjector(hv.name)
+            let marker = [UInt8](repeating: 0x5C, count: 4096)
+            var sent = Set<[UInt8]>(), delivered = 0, refused = 0
+            for round in 0..<12 {
+                // 40 buffers, 20 two-slot frames; one bad buffer a round, at a different place.
+                let ids = (0..<40).map { UInt16((round * 40 + $0) & 255) }
+                let bad = (round * 7) % 40
+                for (k, id) in ids.enumerated() {
+                    gt.grantAccess(q.rxRef(id), to: 0, frame: UInt32(q.rxPage(id)), readOnly: k == bad && round % 2 == 0)
+                    try q.writeRxBuffer(id, marker)
+                }
+                if round % 2 == 1 { #expect(gt.endAccess(q.rxRef(ids[bad]))) }
+                for id in ids {
+                    var r = netif_rx_request()
+                    r.id = id
+                    r.gref = q.rxRef(id)
+                    let queued = q.rx.enqueue(r)
+                    #expect(queued)
+                }
+                try q.pushRxAndKick()
+                for k in 0..<20 {
+                    let f = testFrame(round * 20 + k, length: 8000)
+                    sent.insert(f)
+                    try inject.send(f)
+                }
+                var responses: [netif_rx_response] = []
+                #expect(try pollUntil(seconds: 10) {
+                    while let r = try q.rx.nextResponse() { responses.append(r) }
+                    return responses.count >= ids.count
+                }, "round \(round): \(responses.count) of \(ids.count) rx responses")
+                // Whole frames (slots chained by more_data) are ours; the bad buffer is untouched.
+                var frame: [UInt8] = [], broken = false
+                for r in responses {
+                    if r.status > 0 { frame += Array(try q.rxBuffer(r.id).prefix(Int(r.status))) } else { broken = true }
+                    if r.id == ids[bad] {
+                        #expect(r.status == Int16(NETIF_RSP_ERROR), "round \(round): the bad buffer was answered \(r.status)")
+                        #expect(try q.rxBuffer(r.id) == marker, "round \(round): the bad buffer was written")
+                        refused += 1
+                    }
+                    guard r.flags & UInt16(NETRXF_more_data) == 0 else { continue }
+                    let ours = frame.count > 13 && Int(frame[12]) << 8 | Int(frame[13]) == Int(TapCapture.etherType)
+                    if !broken && ours {
+                        #expect(sent.contains(frame), "round \(round): a \(frame.count)-byte frame we never sent")
+                        delivered += 1
+                    }
+                    frame = []
+                    broken = false
+                }
+                for id in ids {
+                    _ = gt.endAccess(q.rxRef(id))
+                    #expect(gt.flags(q.rxRef(id)) & (Self.gtfReading | Self.gtfWriting) == 0, "buffer \(id) left busy")
+                }
+                #expect(!hv.isDisabled)
+            }
+            let s = hv.stats.snapshot
+            print("rx in place: \(delivered) jumbo frames delivered whole, \(s.rxInPlace) of them read in place, \(refused) bad buffers refused")
+            #expect(delivered > 0 && s.rxInPlace > 0 && refused == 12)
+
+            let w = worker.stop()
+            #expect(w.failures.isEmpty, "\(w.failures)")
+            #expect(w.packets > 0)
+        }
     }
 }
 

@@ -19,13 +19,20 @@ import XenTestKit
 
 /// A vif of `g` served in this process by `dom0` (no XenBus): a NetFront in
 /// the guest's pages `slot`, its tap up and unbridged. Needs root.
+/// `quiet`: the host sends nothing of its own on the tap (IPv6 is off before
+/// it comes up), so a test can count every rx buffer; `mtu` is set before it comes up.
 func directVif(_ dom0: Hypervisor, _ g: Dom0Harness.Guest, _ tag: String, split: Bool = false,
-               postRx: Bool = true) throws -> (Vif, NetFront) {
+               postRx: Bool = true, quiet: Bool = false, mtu: UInt32? = nil) throws -> (Vif, NetFront) {
     let front = try NetFront(guest: g.hypervisor, split: split)
     let v = try Vif(hypervisor: dom0, config: VifConfig(frontendDomid: g.domid, devid: 0,
                                                          tapName: "hx\(tag)\(getpid() % 100000)"))
     if postRx { for q in front.queues { try q.postRx() } }
     try v.connect(front.connection(features: .all))
+    if quiet {
+        let knob = "/proc/sys/net/ipv6/conf/\(v.name)/disable_ipv6"
+        guard (try? "1".write(toFile: knob, atomically: false, encoding: .utf8)) != nil else { throw FrontError("cannot write \(knob)") }
+    }
+    if let mtu { try Netlink().setMTU(v.name, mtu) }
     try Netlink().setUp(v.name)
     return (v, front)
 }
