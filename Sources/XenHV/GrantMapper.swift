@@ -228,11 +228,13 @@ extension Hypervisor {
     /// them. The grants are locked in ascending order (the copy's order), each
     /// once however many spans name it.
     ///
-    /// Returns `body`'s result, or the status the first refused span would get
-    /// from a copy (nothing is left pinned and `body` does not run). `body`
-    /// runs with the entries locked: one bounded call, no waiting on anyone.
-    public func withGrantsInPlace<R>(domid d: DomID, _ spans: UnsafeBufferPointer<GrantSpan>, writable: Bool = false,
-                                     iov: UnsafeMutablePointer<iovec>, _ body: () -> R) -> Result<R, GrantStatus> {
+    /// Returns `body`'s result (a system call's), or the status the first
+    /// refused span would get from a copy (nothing is left pinned and `body`
+    /// does not run). `body` runs with the entries locked: one bounded call,
+    /// no waiting on anyone. Not generic, so a caller in another module runs
+    /// it specialized (it is on the data path).
+    public func withGrantsInPlace(domid d: DomID, _ spans: UnsafeBufferPointer<GrantSpan>, writable: Bool = false,
+                                  iov: UnsafeMutablePointer<iovec>, _ body: () -> Int) -> Result<Int, GrantStatus> {
         guard maptrack != nil else { return .failure(.permissionDenied) }
         for s in spans where Int(s.offset) + Int(s.length) > HVLimits.pageSize { return .failure(.badCopyArg) }
         guard let dom = foreignDomain(d) else { return .failure(.badDomain) }

@@ -152,7 +152,7 @@ import XenHV
         // Refusals: the body never runs, and grants pinned before the refusal are released.
         func refusal(_ s: [GrantSpan], domid: DomID? = nil) -> GrantStatus? {
             var ran = false
-            let r = s.withUnsafeBufferPointer { f.dom0.withGrantsInPlace(domid: domid ?? d.domid, $0, iov: iov) { ran = true } }
+            let r = s.withUnsafeBufferPointer { f.dom0.withGrantsInPlace(domid: domid ?? d.domid, $0, iov: iov) { ran = true; return 0 } }
             #expect(!ran)
             if case .failure(let st) = r { return st }
             return nil
