@@ -867,7 +867,7 @@ extension NetFrontDevice {
                     stats.rxDropped.wrappingAdd(1, ordering: .relaxed)
                     return
                 }
-                if !blank { PacketParser.writePseudoHeaderChecksum(frame, loc) }
+                if !blank { PacketParser.writePseudoHeaderChecksum(frame, loc, totalLength: rxLength) }
                 h.flags = CNET_VNET_F_NEEDS_CSUM
                 h.csumStart = UInt16(loc.l4Offset)
                 h.csumOffset = UInt16(loc.checksumOffset)
