@@ -70,7 +70,7 @@ struct NetbackBench: ParsableCommand {
         }
         report("guest -> peer", up)
         report("peer -> guest", down)
-        print(String(format: "mem   the vif that carried TCP both ways: netback's private memory grew %.2f MiB (goal <= 4 MiB per vif); resident %.2f MiB more in all, %.2f MiB of it the guest's own pages that grant copy touched",
+        print(String(format: "mem   the vif that carried TCP both ways: netback's private memory grew %.2f MiB (goal <= 4 MiB per vif); resident %.2f MiB more in all, %.2f MiB of it the guest's own pages that grant copies and in-place reads and writes touched",
                      Double(memAfter.own - memBefore.own) / 1024, Double(memAfter.rss - memBefore.rss) / 1024,
                      Double(memAfter.shared - memBefore.shared) / 1024))
     }
