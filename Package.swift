@@ -181,7 +181,7 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
-        .testTarget(name: "XenCtlTests", dependencies: ["XenCtl", "XenTestKit"]),
+        .testTarget(name: "XenCtlTests", dependencies: ["XenCtl", "XenTestKit", "XenHV"]),
 
         // pvguest: a PV guest process whose blkfront disks are exported over NBD.
         .target(

@@ -65,6 +65,7 @@ extension Toolstack {
         }
         var child: pid_t = 0
         do {
+            try hv.setMaxEventChannels(dom.domid, config.maxEventChannels)  // libxl: xc_domain_set_max_evtchn
             let id = XenStore.DomID(dom.domid)
             let home = "/local/domain/\(dom.domid)"
             try xs.transaction { t in

@@ -19,6 +19,9 @@ public struct DomainConfig: Sendable, Equatable {
     /// MiB.
     public var memory: UInt32 = 128
     public var vcpus: UInt32 = 1
+    /// xl.cfg(5)'s `max_event_channels`: the highest port the guest may use
+    /// (libxl's default 1023; the 2-level ABI names at most 4095).
+    public var maxEventChannels: UInt32 = 1023
     public var disks: [DiskSpec] = []
     public var vifs: [VifSpec] = []
     /// xl.cfg(5)'s defaults: on_poweroff destroy, on_reboot restart,
@@ -62,6 +65,12 @@ public struct DomainConfig: Sendable, Equatable {
         if let v = cfg["vcpus"] {
             guard case .number(let s) = v, let c = UInt32(s), (1...128).contains(c) else { throw fail("vcpus", "vcpus must be 1..128") }
             vcpus = c
+        }
+        if let v = cfg["max_event_channels"] {
+            guard case .number(let s) = v, let n = UInt32(s), (1...4095).contains(n) else {
+                throw fail("max_event_channels", "max_event_channels must be 1..4095 (2-level event channels)")
+            }
+            maxEventChannels = n
         }
         for (key, dst) in [("on_poweroff", \DomainConfig.onPoweroff), ("on_reboot", \.onReboot),
                            ("on_watchdog", \.onWatchdog), ("on_crash", \.onCrash)] {

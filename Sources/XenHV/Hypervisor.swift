@@ -190,6 +190,15 @@ public final class Hypervisor: @unchecked Sendable {
         _ = try call(.renameDomain) { $0.u16(d); $0.string(name) }
     }
 
+    /// `XEN_DOMCTL_set_max_evtchn` (dom0 only): domain `d` may hold ports up
+    /// to `maxPort`; allocating or binding past it is `ENOSPC`. Ports it
+    /// already holds stay. libxl sets xl.cfg's `max_event_channels` (1023 by
+    /// default) right after creating a domain; without the call a domain may
+    /// use the whole 2-level ABI (4095 ports).
+    public func setMaxEventChannels(_ d: DomID, _ maxPort: UInt32) throws {
+        _ = try call(.setMaxEventChannels) { $0.u16(d); $0.u32(maxPort) }
+    }
+
     /// Names the process that runs domain `d` (the toolstack knows it; dom0 only),
     /// so pause, unpause and destroy act on it.
     public func attachProcess(_ pid: Int32, to d: DomID) throws {

@@ -45,6 +45,8 @@ package enum HVOp: UInt32 {
     case renameDomain
     /// The re-raise of EVTCHNOP_unmask: xenhv kicks one of our ports' wake-up set.
     case raisePort
+    /// XEN_DOMCTL_set_max_evtchn.
+    case setMaxEventChannels
 }
 
 /// Little-endian encoder for protocol payloads.

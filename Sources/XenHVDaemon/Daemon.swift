@@ -257,6 +257,14 @@ public final class HypervisorDaemon {
             guard let reason = ShutdownReason(rawValue: try r.u32()) else { throw XenErrno.EINVAL }
             shutDown(dom, reason: reason)
 
+        case .setMaxEventChannels:
+            try requirePrivileged(c)
+            let d = try r.u16()
+            let max = try r.u32()
+            guard let dom = domains[d], dom.state != .dying else { throw XenErrno.ESRCH }
+            // Xen caps it at what the ABI can name (4095 ports for 2-level).
+            dom.maxPort = min(max, HVLimits.eventChannelPorts - 1)
+
         case .renameDomain:
             try requirePrivileged(c)
             let d = try r.u16()

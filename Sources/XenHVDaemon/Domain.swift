@@ -78,9 +78,15 @@ final class Domain {
         cxen_store_release_u32(p, cxen_load_acquire_u32(p) &+ 1)
     }
 
-    /// `get_free_port`: the lowest free port above 0, or nil when all 4095 are taken.
+    /// The highest port the domain may hold (`d->max_evtchn_port`, set by
+    /// XEN_DOMCTL_set_max_evtchn); the whole 2-level ABI until then.
+    var maxPort = HVLimits.eventChannelPorts - 1
+
+    /// `get_free_port`: the lowest free port above 0 and at most ``maxPort``,
+    /// or nil when all of them are taken.
     func freePort() -> EventPort? {
-        for p in 1..<Int(HVLimits.eventChannelPorts) where ports[p].state == .free { return EventPort(p) }
+        guard maxPort > 0 else { return nil }
+        for p in 1...Int(maxPort) where ports[p].state == .free { return EventPort(p) }
         return nil
     }
 

@@ -128,6 +128,10 @@ func execute(_ w: [Substring]) throws -> String {
     case "create":
         // A guest must not be able to act as the toolstack.
         do { _ = try hv.createDomain(pages: 16, name: "evil"); return "created" } catch { return "error \(error)" }
+    case "setmax":
+        // Nor raise its own port limit (XEN_DOMCTL_set_max_evtchn is the toolstack's).
+        try hv.setMaxEventChannels(DomID(u(1)), u(2))
+        return "ok"
     case "map-foreign":
         // A guest must not be able to map grants through the dom0 path.
         switch hv.mapGrant(domid: DomID(u(1)), ref: u(2), writable: true) {

@@ -43,6 +43,8 @@ import XenCtl
         #expect(d.vifs.map(\.bridge) == ["xenbr0", "xenbr1"])
         #expect(d.vifs[0].mac?.description == "00:16:3e:01:02:03")
         #expect(d.vifs[0].rate == VifSpec.Rate(bytesPerInterval: 625_000, intervalMicroseconds: 50_000))
+        #expect(d.maxEventChannels == 1023, "libxl's default")
+        #expect(try DomainConfig(try XLConfig(parsing: "name = 'x'\nmax_event_channels = 64\n", file: "d.cfg")).maxEventChannels == 64)
     }
 
     @Test(arguments: [
@@ -94,6 +96,9 @@ import XenCtl
         ("name = 'x'\nvif = [ 'mac=01:16:3e:00:00:01' ]\n", "multicast"),
         ("name = 'x'\nvif = [ 'rate=fast' ]\n", "rate 'fast'"),
         ("name = 'x'\nvif = [ 'colour=blue' ]\n", "unknown vif keyword 'colour'"),
+        ("name = 'x'\nmax_event_channels = 0\n", "d.cfg:2: max_event_channels must be 1..4095"),
+        ("name = 'x'\nmax_event_channels = 4096\n", "max_event_channels must be 1..4095"),
+        ("name = 'x'\nmax_event_channels = 'many'\n", "max_event_channels must be 1..4095"),
     ])
     func semanticErrorsNameTheProblem(text: String, fragment: String) {
         do {

@@ -3,6 +3,7 @@ import Glibc
 import Testing
 import XenTestKit
 import XenCtl
+import XenHV
 
 /// on_poweroff / on_reboot / on_crash end to end: real daemons, real guests
 /// (pvguest) killed -9 or asked to power off or reboot, the domain's monitor
@@ -86,6 +87,21 @@ import XenCtl
         #expect(berr == "xenctl: \(bad):4: on_crash = 'explode': must be one of destroy, restart, rename-restart, preserve, coredump-destroy, coredump-restart\n", "\(berr)")
         #expect(try list(run).count == 1)
         #expect(cli.processes(mentioning: "--name bad").isEmpty)
+
+        // max_event_channels reaches xenhv (libxl's xc_domain_set_max_evtchn): the guest's ports stop there.
+        let limited = cfg("limited", "name = 'limited'\nmemory = 16\nmax_event_channels = 12\n")
+        let (lrc, lout, lerr) = try cli.xenctl("create", limited, runDir: run)
+        #expect(lrc == 0, "\(lerr)")
+        let l = try #require(created(lout), "no domid in \(lout)")
+        let hv = try Hypervisor.connect(socketPath: run + "/xenhv.sock")
+        var last: EventPort = 0
+        var refused: Error?
+        for _ in 0..<4096 {
+            do { last = try hv.allocUnbound(in: DomID(l.domid), remote: 0) } catch { refused = error; break }
+        }
+        #expect(last == 12 && refused as? XenErrno == .ENOSPC, "last port \(last), then \(String(describing: refused))")
+        withExtendedLifetime(hv) {}
+        #expect(try cli.xenctl("destroy", "limited", runDir: run).0 == 0)
 
         // on_crash=restart: kill -9 the guest; the domain comes back under its
         // name with a new domid, and its disk (same image) works through its new NBD URI.

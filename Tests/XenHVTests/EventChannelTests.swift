@@ -108,6 +108,36 @@ import XenRing
         #expect(throws: XenErrno.ESRCH) { try f.dom0.allocUnbound(in: 4000, remote: 0) }
     }
 
+    /// XEN_DOMCTL_set_max_evtchn: the domain's ports stop at the limit
+    /// (ENOSPC past it, for the guest itself as for dom0 on its behalf), the
+    /// ports it already holds stay when it is lowered, and only dom0 may set it.
+    @Test func theToolstacksPortLimitBoundsADomain() throws {
+        let f = try HypervisorFixture()
+        let (d, g) = try f.guest()
+        // store and console hold ports 1 and 2.
+        try f.dom0.setMaxEventChannels(d.domid, 5)
+        #expect(try f.dom0.allocUnbound(in: d.domid, remote: 0) == 3)
+        #expect(g.send("alloc 0") == "4")
+        #expect(try f.dom0.allocUnbound(in: d.domid, remote: 0) == 5)
+        #expect(throws: XenErrno.ENOSPC) { try f.dom0.allocUnbound(in: d.domid, remote: 0) }
+        #expect(g.send("alloc 0").contains("ENOSPC"))
+        // The guest binding to a port of ours takes one of its own.
+        let ours = try f.dom0.allocUnbound(in: 0, remote: d.domid)
+        #expect(g.send("bind 0 \(ours)").contains("ENOSPC"))
+        try f.dom0.setMaxEventChannels(d.domid, 6)
+        #expect(g.send("bind 0 \(ours)") == "6")
+        // Lowered below what it holds: the held ports stay, nothing new is given.
+        try f.dom0.setMaxEventChannels(d.domid, 1)
+        #expect(try f.dom0.status(of: 5, in: d.domid) == .unbound(remote: 0))
+        #expect(g.send("close 4") == "ok")
+        #expect(throws: XenErrno.ENOSPC) { try f.dom0.allocUnbound(in: d.domid, remote: 0) }
+        // Past the ABI it is the ABI's 4095.
+        try f.dom0.setMaxEventChannels(d.domid, 100_000)
+        #expect(try f.dom0.allocUnbound(in: d.domid, remote: 0) == 4)
+        #expect(g.send("setmax \(d.domid) 4095").contains("EPERM"))
+        #expect(throws: XenErrno.ESRCH) { try f.dom0.setMaxEventChannels(999, 5) }
+    }
+
     @Test func destroyingADomainTellsItsPeers() throws {
         let f = try HypervisorFixture()
         let (d, g) = try f.guest()
