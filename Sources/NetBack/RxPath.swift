@@ -236,12 +236,8 @@ struct RxEngine: ~Copyable {
     /// frame the frontend cannot take.
     @inline(__always)
     private func layout(_ h: VnetHeader, length len: Int) -> (gso: TxGSO?, dataSlots: Int, flags: UInt16)? {
-        var gso: TxGSO?
-        switch h.gsoKind {
-        case CNET_VNET_GSO_NONE: break
-        case CNET_VNET_GSO_TCPV4 where gsoTCPv4: gso = TxGSO(type: UInt8(XEN_NETIF_GSO_TYPE_TCPV4), size: h.gsoSize)
-        case CNET_VNET_GSO_TCPV6 where gsoTCPv6: gso = TxGSO(type: UInt8(XEN_NETIF_GSO_TYPE_TCPV6), size: h.gsoSize)
-        default:
+        let gso: TxGSO?
+        do { gso = try h.netifGSO(tcpv4: gsoTCPv4, tcpv6: gsoTCPv6) } catch {
             stats.count(.rxUnsupportedGSO)
             return nil
         }

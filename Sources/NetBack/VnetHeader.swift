@@ -38,6 +38,25 @@ public struct VnetHeader: Equatable, Sendable {
         return VnetHeader(flags: h.flags, gsoType: h.gso_type, headerLength: h.hdr_len, gsoSize: h.gso_size,
                           csumStart: h.csum_start, csumOffset: h.csum_offset)
     }
+
+    /// The netif GSO request (XEN_NETIF_GSO_TYPE_*) for a frame the tap gave
+    /// with this header: nil without GSO; `UnsupportedGSO` for a kind the
+    /// other end did not negotiate (`tcpv4`, `tcpv6`: feature-gso-tcpv4/6).
+    @inline(__always)
+    public func netifGSO(tcpv4: Bool, tcpv6: Bool) throws(UnsupportedGSO) -> TxGSO? {
+        switch gsoKind {
+        case CNET_VNET_GSO_NONE: return nil
+        case CNET_VNET_GSO_TCPV4 where tcpv4: return TxGSO(type: UInt8(XEN_NETIF_GSO_TYPE_TCPV4), size: gsoSize)
+        case CNET_VNET_GSO_TCPV6 where tcpv6: return TxGSO(type: UInt8(XEN_NETIF_GSO_TYPE_TCPV6), size: gsoSize)
+        default: throw UnsupportedGSO(kind: gsoKind)
+        }
+    }
+}
+
+/// A vnet header's GSO kind the other end cannot take (UDP, or a TCP
+/// version it did not negotiate).
+public struct UnsupportedGSO: Error, Equatable, Sendable {
+    public let kind: UInt8
 }
 
 /// Why a transmitted packet's checksum could not be set up (Linux's

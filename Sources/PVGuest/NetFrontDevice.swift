@@ -714,12 +714,8 @@ extension NetFrontDevice {
         /// (NETTXF_more_data), the GSO extra after the first.
         func enqueue(length len: Int) -> Bool {
             let h = VnetHeader.load(from: txBuffer)
-            var gso: TxGSO?
-            switch h.gsoKind {
-            case CNET_VNET_GSO_NONE: break
-            case CNET_VNET_GSO_TCPV4 where gso4: gso = TxGSO(type: UInt8(XEN_NETIF_GSO_TYPE_TCPV4), size: h.gsoSize)
-            case CNET_VNET_GSO_TCPV6 where gso6: gso = TxGSO(type: UInt8(XEN_NETIF_GSO_TYPE_TCPV6), size: h.gsoSize)
-            default:
+            let gso: TxGSO?
+            do { gso = try h.netifGSO(tcpv4: gso4, tcpv6: gso6) } catch {
                 stats.txDropped.wrappingAdd(1, ordering: .relaxed)
                 return false
             }

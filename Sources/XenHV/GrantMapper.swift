@@ -39,7 +39,7 @@ public struct GrantCopy: Sendable {
 }
 
 /// `length` bytes at `offset` of a granted page (one end of a copy, read in
-/// place by ``Hypervisor/withGrantsInPlace(domid:_:iov:_:)``).
+/// place by ``Hypervisor/withGrantsInPlace(domid:_:writable:iov:_:)``).
 public struct GrantSpan: Sendable {
     public var ref: GrantRef
     public var offset: UInt16

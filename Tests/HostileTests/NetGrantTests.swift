@@ -21,6 +21,18 @@ extension Hostile {
         static let gtfWriting: UInt16 = 1 << 4
 
         /// A one-slot tx request of `frame` through `ref` (the frame already in tx buffer `id`'s page).
+        /// Posts rx buffers `ids`, each with its own ref (rxRef(id), the NetFront layout), and kicks.
+        static func postRx(_ q: FrontQueue, _ ids: [UInt16]) throws {
+            for id in ids {
+                var r = netif_rx_request()
+                r.id = id
+                r.gref = q.rxRef(id)
+                let queued = q.rx.enqueue(r)
+                #expect(queued)
+            }
+            try q.pushRxAndKick()
+        }
+
         static func request(_ q: FrontQueue, id: UInt16, ref: GrantRef, length: Int) -> netif_tx_request {
             var r = netif_tx_request()
             r.gref = ref; r.offset = 0; r.flags = 0; r.id = id; r.size = UInt16(length)
@@ -28,16 +40,9 @@ extension Hostile {
         }
 
         @Test func badTransmitGrantsDropThePacketWithError() throws {
-            let d = try HostileDom0()
-            let dom0 = try d.s.dom0Hypervisor()
-            let h = try d.guest("liar", pages: 1024), g = try d.guest("bystander", pages: 1024)
-            let (hv, hf) = try directVif(dom0, h, "gl")
-            defer { hv.close() }
-            let (gv, gf) = try directVif(dom0, g, "gb")
-            defer { gv.close() }
-            let worker = NetWorker(gf.queues[0])
-            worker.start()
-            let q = hf.queues[0], gt = h.hypervisor.grantTable!
+            let pair = try HostileVifPair("liar", tags: ("gl", "gb"))
+            defer { pair.close() }
+            let hv = pair.vif, h = pair.liar, g = pair.bystander, q = pair.queue, gt = pair.grants
             let cap = try TapCapture(hv.name)
             let tableRefs = GrantRef(try h.hypervisor.queryGrantTableSize().frames) * 512
             // Another ref for the same page as tx buffer `id`, with whatever entry the case wants.
@@ -112,9 +117,7 @@ extension Hostile {
             #expect(gt.endAccess(spare), "ref \(spare) left busy")
             #expect(hv.stats.snapshot.reasons.values.reduce(0, +) > 0)
 
-            let w = worker.stop()
-            #expect(w.failures.isEmpty, "\(w.failures)")
-            #expect(w.packets > 0)
+            pair.finish()
         }
 
         /// Transmit grants revoked while netback works on the ring: every
@@ -130,16 +133,9 @@ extension Hostile {
         @Test func fragmentGrantsRevokedWhileReadInPlace() throws { try revokeWhileInFlight(fragmented: true) }
 
         func revokeWhileInFlight(fragmented: Bool) throws {
-            let d = try HostileDom0()
-            let dom0 = try d.s.dom0Hypervisor()
-            let h = try d.guest("revoker", pages: 1024), g = try d.guest("bystander", pages: 1024)
-            let (hv, hf) = try directVif(dom0, h, fragmented ? "fr" : "rr")
-            defer { hv.close() }
-            let (gv, gf) = try directVif(dom0, g, fragmented ? "fb" : "rb")
-            defer { gv.close() }
-            let worker = NetWorker(gf.queues[0])
-            worker.start()
-            let q = hf.queues[0], gt = h.hypervisor.grantTable!
+            let pair = try HostileVifPair("revoker", tags: (fragmented ? "fr" : "rr", fragmented ? "fb" : "rb"))
+            defer { pair.close() }
+            let hv = pair.vif, q = pair.queue, gt = pair.grants
             let cap = try TapCapture(hv.name)
             let poison = [UInt8](repeating: 0xEE, count: 4096)
             let head = 64
@@ -216,38 +212,20 @@ extension Hostile {
                   + "\(refusedWhileInUse) revokes refused while netback held the grant")
             #expect(errors > 0, "no revoke ever beat netback's copy or pin")
 
-            let w = worker.stop()
-            #expect(w.failures.isEmpty, "\(w.failures)")
-            #expect(w.packets > 0)
+            pair.finish()
         }
 
         /// Receive buffers whose grants are bad or revoked while frames arrive:
         /// netback must write into them, so each gets an ERROR response and
         /// the page stays as the guest left it; good buffers get the frames.
         @Test func receiveGrantsReadOnlyOrRevokedWhileInFlight() throws {
-            let d = try HostileDom0()
-            let dom0 = try d.s.dom0Hypervisor()
-            let h = try d.guest("rxliar", pages: 1024), g = try d.guest("bystander", pages: 1024)
-            let (hv, hf) = try directVif(dom0, h, "xl", postRx: false)
-            defer { hv.close() }
-            let (gv, gf) = try directVif(dom0, g, "xb")
-            defer { gv.close() }
-            let worker = NetWorker(gf.queues[0])
-            worker.start()
-            let q = hf.queues[0], gt = h.hypervisor.grantTable!
+            let pair = try HostileVifPair("rxliar", tags: ("xl", "xb"), postRx: false)
+            defer { pair.close() }
+            let hv = pair.vif, q = pair.queue, gt = pair.grants
             let inject = try TapInjector(hv.name)
             let marker = [UInt8](repeating: 0x5C, count: 4096)
             // Rx buffer `id` uses ref rxRef(id) (the NetFront layout); the liar re-grants some.
-            func post(_ ids: [UInt16]) throws {
-                for id in ids {
-                    var r = netif_rx_request()
-                    r.id = id
-                    r.gref = q.rxRef(id)
-                    let queued = q.rx.enqueue(r)
-                    #expect(queued)
-                }
-                try q.pushRxAndKick()
-            }
+            func post(_ ids: [UInt16]) throws { try Self.postRx(q, ids) }
             func pageOf(_ id: UInt16) throws -> [UInt8] { try q.rxBuffer(id) }
             var rxErrors = 0, rxOK = 0, revokedPages = 0
             var sent = Set<[UInt8]>()
@@ -316,9 +294,7 @@ extension Hostile {
             print("rx bad grants: \(rxOK) frames delivered, \(rxErrors) buffers answered ERROR, \(revokedPages) revoked pages left alone")
             #expect(rxErrors > 0 && rxOK > 0)
 
-            let w = worker.stop()
-            #expect(w.failures.isEmpty, "\(w.failures)")
-            #expect(w.packets > 0)
+            pair.finish()
         }
 
         /// Large frames are read straight into the posted buffers, pinned
@@ -326,16 +302,9 @@ extension Hostile {
         /// an in-place read would take is never written (the copy path answers
         /// it ERROR), and every frame delivered whole is one we sent.
         @Test func receiveBuffersReadInPlaceKeepToTheirGrants() throws {
-            let d = try HostileDom0()
-            let dom0 = try d.s.dom0Hypervisor()
-            let h = try d.guest("rxjumbo", pages: 1024), g = try d.guest("bystander", pages: 1024)
-            let (hv, hf) = try directVif(dom0, h, "jl", postRx: false, quiet: true, mtu: 9000)
-            defer { hv.close() }
-            let (gv, gf) = try directVif(dom0, g, "jb")
-            defer { gv.close() }
-            let worker = NetWorker(gf.queues[0])
-            worker.start()
-            let q = hf.queues[0], gt = h.hypervisor.grantTable!
+            let pair = try HostileVifPair("rxjumbo", tags: ("jl", "jb"), postRx: false, quiet: true, mtu: 9000)
+            defer { pair.close() }
+            let hv = pair.vif, q = pair.queue, gt = pair.grants
             let inject = try TapInjector(hv.name)
             let marker = [UInt8](repeating: 0x5C, count: 4096)
             var sent = Set<[UInt8]>(), delivered = 0, refused = 0
@@ -348,14 +317,7 @@ extension Hostile {
                     try q.writeRxBuffer(id, marker)
                 }
                 if round % 2 == 1 { #expect(gt.endAccess(q.rxRef(ids[bad]))) }
-                for id in ids {
-                    var r = netif_rx_request()
-                    r.id = id
-                    r.gref = q.rxRef(id)
-                    let queued = q.rx.enqueue(r)
-                    #expect(queued)
-                }
-                try q.pushRxAndKick()
+                try Self.postRx(q, ids)
                 for k in 0..<20 {
                     let f = testFrame(round * 20 + k, length: 8000)
                     sent.insert(f)
@@ -394,9 +356,7 @@ extension Hostile {
             print("rx in place: \(delivered) jumbo frames delivered whole, \(s.rxInPlace) of them read in place, \(refused) bad buffers refused")
             #expect(delivered > 0 && s.rxInPlace > 0 && refused == 12)
 
-            let w = worker.stop()
-            #expect(w.failures.isEmpty, "\(w.failures)")
-            #expect(w.packets > 0)
+            pair.finish()
         }
     }
 }

@@ -37,6 +37,49 @@ func directVif(_ dom0: Hypervisor, _ g: Dom0Harness.Guest, _ tag: String, split:
     return (v, front)
 }
 
+/// A hostile guest's vif next to a bystander's on one dom0, each on a vif of
+/// its own driven directly (``directVif``), the bystander's traffic kept
+/// flowing by a ``NetWorker``. `finish()` checks the bystander was never held
+/// up; `close()` removes both vifs.
+final class HostileVifPair {
+    let d: HostileDom0
+    let liar: Dom0Harness.Guest, bystander: Dom0Harness.Guest
+    let vif: Vif, front: NetFront
+    let bystanderVif: Vif
+    let worker: NetWorker
+    var queue: FrontQueue { front.queues[0] }
+    var grants: GrantTableWriter { liar.hypervisor.grantTable! }
+
+    /// `tags`: the two vifs' name tags, unique among the tests.
+    init(_ name: String, tags: (String, String), postRx: Bool = true, quiet: Bool = false, mtu: UInt32? = nil) throws {
+        d = try HostileDom0()
+        let dom0 = try d.s.dom0Hypervisor()
+        liar = try d.guest(name, pages: 1024)
+        bystander = try d.guest("bystander", pages: 1024)
+        (vif, front) = try directVif(dom0, liar, tags.0, postRx: postRx, quiet: quiet, mtu: mtu)
+        do {
+            let (bv, bf) = try directVif(dom0, bystander, tags.1)
+            bystanderVif = bv
+            worker = NetWorker(bf.queues[0])
+        } catch {
+            vif.close()
+            throw error
+        }
+        worker.start()
+    }
+
+    func finish() {
+        let w = worker.stop()
+        #expect(w.failures.isEmpty, "\(w.failures)")
+        #expect(w.packets > 0)
+    }
+
+    func close() {
+        vif.close()
+        bystanderVif.close()
+    }
+}
+
 /// netback as the daemon runs it (``NetbackService``), on the hostile dom0's
 /// xenstore, with Xen's vif-bridge hotplug script enslaving each vif to a
 /// bridge of this run. ``stop()`` removes the vifs and the bridge.
