@@ -35,13 +35,6 @@ int cxen_eventfd(unsigned int initval, int flags) {
     return eventfd(initval, flags);
 }
 
-int cxen_evtfd_signal(int fd) {
-    struct pollfd p = { .fd = fd, .events = POLLOUT, .revents = 0 };
-    if (poll(&p, 1, 0) != 1 || !(p.revents & POLLOUT)) return 0;
-    uint64_t one = 1;
-    return write(fd, &one, sizeof one) == (ssize_t)sizeof one;
-}
-
 uint64_t cxen_evtfd_drain(int fd) {
     uint64_t v = 0;
     struct iovec iov = { .iov_base = &v, .iov_len = sizeof v };

@@ -144,17 +144,11 @@ int cxen_memfd_seal_size(int fd);
 int cxen_memfd_size_sealed(int fd);
 int cxen_eventfd(unsigned int initval, int flags);
 /* For a plain eventfd whose file description another holder may share (and
-   so change its mode with fcntl). Event channels no longer use these: their
-   descriptors are never shared across domains (wake-up sets, below);
-   cxen_port_drain falls back to cxen_evtfd_drain for a test's stand-in.
-   cxen_evtfd_signal adds 1 unless the counter is at the eventfd's ceiling
-   (0xfffffffffffffffe, where a blocking write waits for a read): a port at
-   the ceiling is already pending, so nothing is lost (Xen's evtchn_send never
-   blocks the sender). Returns 1 when it wrote, 0 when it did not.
-   cxen_evtfd_drain reads the counter back to zero without ever blocking
-   (preadv2 RWF_NOWAIT, per call; poll + read on kernels without it) and
-   returns what it read, 0 when there was nothing. */
-int cxen_evtfd_signal(int fd);
+   so change its mode with fcntl): reads the counter back to zero without
+   ever blocking (preadv2 RWF_NOWAIT, per call; poll + read on kernels
+   without it) and returns what it read, 0 when there was nothing. Event
+   channels' descriptors are never shared across domains (wake-up sets,
+   below); cxen_port_drain falls back to this for a test's stand-in eventfd. */
 uint64_t cxen_evtfd_drain(int fd);
 /* Event-channel ports (xenhv): a port's owner holds a wake-up set, an epoll
    instance holding one eventfd per sender, edge-triggered; each sender holds
