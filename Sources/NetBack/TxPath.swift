@@ -461,6 +461,7 @@ public struct TxEngine: ~Copyable {
     private mutating func flush(_ n: Int, kick: () -> Void) {
         guard n > 0 else { return }
         if !ops.isEmpty { hypervisor.copyGrants(&ops) }
+        let published = ring.shared.rspProd
         var unwritten = 0  // copied packets from here on still wait for their tap write
         for i in 0..<n {
             let (offset, opStart, opEnd, inPlace) = placement[i]
@@ -494,8 +495,12 @@ public struct TxEngine: ~Copyable {
                 }
             }
             respond(i)
+            // A packet written from its grants gives its slots back at once, so a
+            // frontend that is awake refills while we write the next; whether to
+            // wake one that sleeps is decided once, below.
+            if unwritten == i + 1 { ring.pushResponses() }
         }
-        if ring.pushResponsesAndCheckNotify() { kick() }
+        if ring.pushResponsesAndCheckNotify(since: published) { kick() }
         writeCopied(unwritten..<n)
     }
 

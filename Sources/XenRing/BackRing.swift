@@ -100,6 +100,18 @@ where P.Request: BitwiseCopyable, P.Response: BitwiseCopyable {
         return (new &- shared.rspEvent) < (new &- old)
     }
 
+    /// `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY` over everything published since
+    /// `old` (an earlier `rsp_prod`): for a backend that publishes responses
+    /// as it goes (``pushResponses()``, no notification) and decides once, at
+    /// the end, whether the frontend asked to be woken for any of them.
+    @inlinable
+    public mutating func pushResponsesAndCheckNotify(since old: UInt32) -> Bool {
+        let new = rspProdPvt
+        shared.setRspProd(new)
+        cxen_mb()
+        return (new &- shared.rspEvent) < (new &- old)
+    }
+
     /// `RING_FINAL_CHECK_FOR_REQUESTS`: sets `req_event = req_cons + 1` and
     /// checks again, so a request that raced with going to sleep is not lost.
     @inlinable

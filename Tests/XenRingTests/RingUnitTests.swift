@@ -38,6 +38,36 @@ import Testing
         #expect(memory.header.reqEvent == 1, "the final check did not re-arm req_event")
     }
 
+    /// A back end that publishes as it goes and decides on the notification
+    /// once must wake a front end that went to sleep on any of those
+    /// responses, as one RING_PUSH_RESPONSES_AND_CHECK_NOTIFY over the window.
+    @Test("pushResponsesAndCheckNotify(since:) notifies for an rsp_event anywhere in the window")
+    func notifyDecidedOnceOverAWindow() throws {
+        for asleepAfter in 0...3 {
+            var (_, front, back) = try Self.ring(published: 6, consumed: 6)
+            let old = back.shared.rspProd
+            var notify = false
+            for id in 0..<3 as Range<UInt64> {
+                if asleepAfter == Int(id) {
+                    // The front end takes what is published and goes to sleep (rsp_event = rsp_cons + 1).
+                    while try front.nextResponse() != nil {}
+                    #expect(try !front.finalCheckForResponses())
+                }
+                back.enqueue(RequestSpec(id: id).response)
+                back.pushResponses()
+            }
+            if asleepAfter == 3 {
+                while try front.nextResponse() != nil {}
+                #expect(try !front.finalCheckForResponses())
+                notify = back.pushResponsesAndCheckNotify(since: back.shared.rspProd)
+                #expect(!notify, "nothing new since it slept")
+            } else {
+                notify = back.pushResponsesAndCheckNotify(since: old)
+                #expect(notify, "asleep after \(asleepAfter) responses: not woken")
+            }
+        }
+    }
+
     @Test("req_prod exactly a ring ahead is legal; one more is not")
     func overflowBoundary() throws {
         let (memory, _, back) = try Self.ring(published: 10, answered: 10)
