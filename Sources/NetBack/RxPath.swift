@@ -184,24 +184,20 @@ struct RxEngine: ~Copyable {
         while count > 0 {
             let p = slot(head)
             let len = lengths[head] - VnetHeader.size
-            guard let (gso, dataSlots, flags) = layout(VnetHeader.load(from: p), length: len) else {
+            guard let frame = layout(VnetHeader.load(from: p), length: len) else {
                 popBacklog()
                 continue
             }
-            let need = dataSlots + (gso == nil ? 0 : 1)
-            guard postedCount >= need else { break }
+            guard postedCount >= frame.requests else { break }
             var off = 0
-            for s in 0..<dataSlots {
+            for s in 0..<frame.dataSlots {
                 let req = popPosted()
                 let n = min(Self.pageSize, len - off)
-                var f: UInt16 = s == 0 ? flags : 0
-                if s + 1 < dataSlots { f |= UInt16(NETRXF_more_data) }
-                if s == 0 && gso != nil { f |= UInt16(NETRXF_extra_info) }
                 ops.append(GrantCopy(source: .local(p + VnetHeader.size + off),
                                      dest: .grant(domid: domid, ref: req.gref, offset: 0), length: UInt16(n)))
-                plan.append((req.id, ops.count - 1, f, n, nil))
+                plan.append((req.id, ops.count - 1, frame.flags(ofSlot: s), n, nil))
                 off += n
-                if s == 0, let g = gso {
+                if s == 0, let g = frame.gso {
                     // The extra-info slot uses up a posted request; its buffer stays untouched.
                     let extraReq = popPosted()
                     plan.append((extraReq.id, -1, 0, 0, g))
@@ -231,11 +227,29 @@ struct RxEngine: ~Copyable {
         return notify
     }
 
-    /// How a frame of `len` bytes with vnet header `h` goes on the rx ring:
-    /// its GSO extra, data slots and first slot's flags; nil (counted) for a
-    /// frame the frontend cannot take.
+    /// How a frame goes on the rx ring: its data slots, the GSO extra after
+    /// the first, and each slot's NETRXF_* flags.
+    struct FrameLayout {
+        let gso: TxGSO?
+        let dataSlots: Int
+        /// The first slot's checksum flags.
+        let checksum: UInt16
+        /// Posted requests the frame uses up (the extra takes one).
+        var requests: Int { dataSlots + (gso == nil ? 0 : 1) }
+        /// Data slot `s`'s flags: checksum and extra_info on the first,
+        /// more_data on all but the last.
+        @inline(__always) func flags(ofSlot s: Int) -> UInt16 {
+            var f: UInt16 = s == 0 ? checksum : 0
+            if s + 1 < dataSlots { f |= UInt16(NETRXF_more_data) }
+            if s == 0 && gso != nil { f |= UInt16(NETRXF_extra_info) }
+            return f
+        }
+    }
+
+    /// The layout of a frame of `len` bytes with vnet header `h`; nil
+    /// (counted) for a frame the frontend cannot take.
     @inline(__always)
-    private func layout(_ h: VnetHeader, length len: Int) -> (gso: TxGSO?, dataSlots: Int, flags: UInt16)? {
+    private func layout(_ h: VnetHeader, length len: Int) -> FrameLayout? {
         let gso: TxGSO?
         do { gso = try h.netifGSO(tcpv4: gsoTCPv4, tcpv6: gsoTCPv6) } catch {
             stats.count(.rxUnsupportedGSO)
@@ -249,7 +263,7 @@ struct RxEngine: ~Copyable {
         var flags: UInt16 = 0
         if h.needsChecksum { flags |= UInt16(NETRXF_csum_blank | NETRXF_data_validated) }
         else if h.dataValid { flags |= UInt16(NETRXF_data_validated) }
-        return (gso, dataSlots, flags)
+        return FrameLayout(gso: gso, dataSlots: dataSlots, checksum: flags)
     }
 
     /// The GSO extra-info response that follows a frame's first slot.
@@ -290,6 +304,7 @@ struct RxEngine: ~Copyable {
                 spans[k] = GrantSpan(ref: posted[(postedHead + k) % posted.count].gref, offset: 0, length: UInt16(Self.pageSize))
             }
             let fd = tapFD, header = header, pinned = pinned, vector = vector
+            var h = VnetHeader()
             let result = hypervisor.withGrantsInPlace(domid: domid, UnsafeBufferPointer(start: spans, count: Self.inPlaceBuffers),
                                                       writable: true, iov: pinned) { () -> Int in
                 vector[0] = iovec(iov_base: header, iov_len: VnetHeader.size)
@@ -297,7 +312,9 @@ struct RxEngine: ~Copyable {
                 for k in 2..<Self.inPlaceBuffers { vector[k] = pinned[k] }
                 var n: Int
                 repeat { n = readv(fd, vector, Int32(Self.inPlaceBuffers)) } while n < 0 && errno == EINTR
-                if n > VnetHeader.size + Self.pageSize && VnetHeader.load(from: header).gsoKind == CNET_VNET_GSO_NONE {
+                guard n >= VnetHeader.size else { return n }
+                h = VnetHeader.load(from: header)
+                if n > VnetHeader.size + Self.pageSize && h.gsoKind == CNET_VNET_GSO_NONE {
                     // No extra slot: the data after the first page moves down into the second buffer on.
                     var left = n - VnetHeader.size - Self.pageSize, k = 1
                     while left > 0 {
@@ -319,17 +336,14 @@ struct RxEngine: ~Copyable {
             }
             let len = n - VnetHeader.size
             largeFrames = len > Self.inPlaceAbove
-            guard let (gso, dataSlots, flags) = layout(VnetHeader.load(from: header), length: len) else { continue }
+            guard let frame = layout(h, length: len) else { continue }
             var off = 0
-            for s in 0..<dataSlots {
+            for s in 0..<frame.dataSlots {
                 let req = popPosted()
                 let n = Swift.min(Self.pageSize, len - off)
-                var f: UInt16 = s == 0 ? flags : 0
-                if s + 1 < dataSlots { f |= UInt16(NETRXF_more_data) }
-                if s == 0 && gso != nil { f |= UInt16(NETRXF_extra_info) }
-                ring.enqueue(netif_rx_response(id: req.id, offset: 0, flags: f, status: Int16(n)))
+                ring.enqueue(netif_rx_response(id: req.id, offset: 0, flags: frame.flags(ofSlot: s), status: Int16(n)))
                 off += n
-                if s == 0, let g = gso {
+                if s == 0, let g = frame.gso {
                     _ = popPosted()
                     enqueueExtra(g)
                 }

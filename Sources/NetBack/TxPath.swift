@@ -488,7 +488,7 @@ public struct TxEngine: ~Copyable {
                         // The headers run past the first slot: the whole packet is copied.
                         writeCopied(unwritten..<i)
                         unwritten = i + 1
-                        writeWhole(i)
+                        writeWhole(i, head: arena + offset)
                     } else {
                         packets[i].drop = .checksumSetup(error)
                     }
@@ -535,14 +535,14 @@ public struct TxEngine: ~Copyable {
     }
 
     /// Writes packet `i` copied whole into the scratch buffer (a packet whose
-    /// headers are not all in its first slot).
-    private mutating func writeWhole(_ i: Int) {
+    /// headers are not all in its first slot): the first slot from our copy
+    /// in the arena at `head` (the guest's page is not read twice), the
+    /// fragments by grant copy.
+    private mutating func writeWhole(_ i: Int, head: UnsafeMutableRawPointer) {
         let base = scratch + Self.headroom
         scratchOps.removeAll(keepingCapacity: true)
-        let first = packets[i].first
-        scratchOps.append(GrantCopy(source: .grant(domid: domid, ref: first.gref, offset: first.offset),
-                                    dest: .local(base), length: first.size))
-        var at = Int(first.size)
+        base.copyMemory(from: head, byteCount: Int(packets[i].first.size))
+        var at = Int(packets[i].first.size)
         for f in packets[i].fragments where f.size > 0 {
             scratchOps.append(GrantCopy(source: .grant(domid: domid, ref: f.gref, offset: f.offset),
                                         dest: .local(base + at), length: f.size))

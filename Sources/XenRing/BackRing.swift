@@ -93,11 +93,7 @@ where P.Request: BitwiseCopyable, P.Response: BitwiseCopyable {
     /// `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY`.
     @inlinable
     public mutating func pushResponsesAndCheckNotify() -> Bool {
-        let old = shared.rspProd
-        let new = rspProdPvt
-        shared.setRspProd(new)
-        cxen_mb()
-        return (new &- shared.rspEvent) < (new &- old)
+        pushResponsesAndCheckNotify(since: shared.rspProd)
     }
 
     /// `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY` over everything published since
