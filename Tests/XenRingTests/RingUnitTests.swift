@@ -44,7 +44,8 @@ import Testing
     @Test("pushResponsesAndCheckNotify(since:) notifies for an rsp_event anywhere in the window")
     func notifyDecidedOnceOverAWindow() throws {
         for asleepAfter in 0...3 {
-            var (_, front, back) = try Self.ring(published: 6, consumed: 6)
+            var (memory, front, back) = try Self.ring(published: 6, consumed: 6)
+            defer { withExtendedLifetime(memory) {} }  // the rings point into it
             let old = back.shared.rspProd
             var notify = false
             for id in 0..<3 as Range<UInt64> {
