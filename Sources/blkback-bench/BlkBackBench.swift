@@ -91,19 +91,31 @@ struct BlkBackBench: ParsableCommand {
         print("   blkback pid \(rig.blkback)")
         fflush(nil)
         var ratios: [String: [Double]] = [:]
+        let disk = DiskStat(image: image)
         for round in 1...rounds {
             if rounds > 1 { print("-- round \(round) of \(rounds)") }
             for (name, write, bs, qd, random, fioRW) in loads {
                 let spec = "\(write ? "write" : "read"):\(bs >= 1 << 20 ? "\(bs >> 20)m" : "\(bs >> 10)k"):\(random ? "rand" : "seq"):\(qd):\(seconds)"
                 // Alternate which side runs first, so a drifting background load favours neither.
                 var fio = Measured(iops: 0, mbps: 0, p50: 0, p99: 0)
-                if round % 2 == 0 { fio = try runFio(image: image, rw: fioRW, bs: bs, depth: qd, seconds: seconds) }
-                let ours = try rig.load([spec], image: image)[0]
-                if round % 2 == 1 { fio = try runFio(image: image, rw: fioRW, bs: bs, depth: qd, seconds: seconds) }
+                var fioDisk = 0.0
+                func measureFio() throws {
+                    (fio, fioDisk) = try disk?.meanLatency { try runFio(image: image, rw: fioRW, bs: bs, depth: qd, seconds: seconds) }
+                        ?? (runFio(image: image, rw: fioRW, bs: bs, depth: qd, seconds: seconds), 0)
+                }
+                if round % 2 == 0 { try measureFio() }
+                let (ours, oursDisk) = try disk?.meanLatency { try rig.load([spec], image: image)[0] }
+                    ?? (rig.load([spec], image: image)[0], 0)
+                if round % 2 == 1 { try measureFio() }
                 print("\(name):")
                 print("  rings: \(line(ours))  [pvguest-load \(spec); CPU: guest + blkback]")
                 print("         \(rig.lastPath)")
                 print("  fio:   \(line(fio))")
+                if let disk, oursDisk > 0, fioDisk > 0 {
+                    // Little's law: requests in the block layer = IOPS x time each spent there.
+                    print(String(format: "  disk %@ (block layer, allocation to completion): rings %@ per request, %.1f in flight; fio %@, %.1f in flight",
+                                 disk.name, us(oursDisk), ours.iops * oursDisk / 1e9, us(fioDisk), fio.iops * fioDisk / 1e9))
+                }
                 print(String(format: "  ratio rings/fio: IOPS %.2f  MB/s %.2f  p50 %.2fx  p99 %.2fx",
                              ours.iops / fio.iops, ours.mbps / fio.mbps, ours.p50 / fio.p50, ours.p99 / fio.p99))
                 ratios[name, default: []].append(ours.iops / fio.iops)
@@ -483,4 +495,44 @@ func runFio(image: String, rw: String, bs: Int, depth: Int, seconds: Double) thr
     func pick(_ k: String) -> Double { (lat?[k] as? Double) ?? Double((lat?[k] as? Int) ?? 0) }
     let cpu = ((job["usr_cpu"] as? Double) ?? 0) + ((job["sys_cpu"] as? Double) ?? 0)
     return Measured(iops: iops, mbps: bw / 1e6, p50: pick("50.000000"), p99: pick("99.000000"), cpu: cpu)
+}
+
+/// The block layer's own counters for the disk under the image
+/// (/sys/dev/block/MAJ:MIN/stat): requests completed and the time they spent
+/// from allocation to completion. They tell a slower disk from a disk left
+/// idle: a load whose requests each take longer there is served more slowly
+/// by the device itself, whatever our path does between them.
+struct DiskStat {
+    let path: String
+    var name: String
+
+    init?(image: String) {
+        var st = stat()
+        guard stat(image, &st) == 0 else { return nil }
+        let dev = UInt64(st.st_dev)
+        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & ~UInt64(0xfff))
+        let minor = (dev & 0xff) | ((dev >> 12) & ~UInt64(0xff))
+        path = "/sys/dev/block/\(major):\(minor)/stat"
+        guard access(path, R_OK) == 0 else { return nil }
+        let link = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/sys/dev/block/\(major):\(minor)")) ?? "\(major):\(minor)"
+        name = String(link.split(separator: "/").last ?? "")
+    }
+
+    /// (requests completed, milliseconds they spent) for reads and writes together.
+    func sample() -> (requests: UInt64, milliseconds: UInt64) {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return (0, 0) }
+        let f = text.split(separator: " ", omittingEmptySubsequences: true).compactMap { UInt64($0) }
+        guard f.count >= 8 else { return (0, 0) }
+        return (f[0] + f[4], f[3] + f[7])
+    }
+
+    /// Runs `body` and returns the mean time its requests spent in the block
+    /// layer, in nanoseconds (0 when it completed none).
+    func meanLatency<T>(_ body: () throws -> T) rethrows -> (T, Double) {
+        let a = sample()
+        let r = try body()
+        let b = sample()
+        let n = b.requests &- a.requests
+        return (r, n == 0 ? 0 : Double(b.milliseconds &- a.milliseconds) * 1e6 / Double(n))
+    }
 }
