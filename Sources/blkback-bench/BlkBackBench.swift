@@ -100,12 +100,10 @@ struct BlkBackBench: ParsableCommand {
                 var fio = Measured(iops: 0, mbps: 0, p50: 0, p99: 0)
                 var fioDisk = 0.0
                 func measureFio() throws {
-                    (fio, fioDisk) = try disk?.meanLatency { try runFio(image: image, rw: fioRW, bs: bs, depth: qd, seconds: seconds) }
-                        ?? (runFio(image: image, rw: fioRW, bs: bs, depth: qd, seconds: seconds), 0)
+                    (fio, fioDisk) = try DiskStat.meanLatency(disk) { try runFio(image: image, rw: fioRW, bs: bs, depth: qd, seconds: seconds) }
                 }
                 if round % 2 == 0 { try measureFio() }
-                let (ours, oursDisk) = try disk?.meanLatency { try rig.load([spec], image: image)[0] }
-                    ?? (rig.load([spec], image: image)[0], 0)
+                let (ours, oursDisk) = try DiskStat.meanLatency(disk) { try rig.load([spec], image: image)[0] }
                 if round % 2 == 1 { try measureFio() }
                 print("\(name):")
                 print("  rings: \(line(ours))  [pvguest-load \(spec); CPU: guest + blkback]")
@@ -504,7 +502,7 @@ func runFio(image: String, rw: String, bs: Int, depth: Int, seconds: Double) thr
 /// by the device itself, whatever our path does between them.
 struct DiskStat {
     let path: String
-    var name: String
+    let name: String
 
     init?(image: String) {
         var st = stat()
@@ -526,12 +524,13 @@ struct DiskStat {
         return (f[0] + f[4], f[3] + f[7])
     }
 
-    /// Runs `body` and returns the mean time its requests spent in the block
-    /// layer, in nanoseconds (0 when it completed none).
-    func meanLatency<T>(_ body: () throws -> T) rethrows -> (T, Double) {
-        let a = sample()
+    /// Runs `body` and returns the mean time the disk's requests spent in the
+    /// block layer meanwhile, in nanoseconds (0 when none completed, or no disk).
+    static func meanLatency<T>(_ disk: DiskStat?, _ body: () throws -> T) rethrows -> (T, Double) {
+        guard let disk else { return (try body(), 0) }
+        let a = disk.sample()
         let r = try body()
-        let b = sample()
+        let b = disk.sample()
         let n = b.requests &- a.requests
         return (r, n == 0 ? 0 : Double(b.milliseconds &- a.milliseconds) * 1e6 / Double(n))
     }
