@@ -27,9 +27,9 @@ struct BlkBackBench: ParsableCommand {
     @Flag(help: "Only the file benchmarks.") var fileOnly = false
     @Flag(help: "Keep the image file afterwards.") var keepImage = false
     @Option(help: "Only the file loads whose name contains this (e.g. 'randread QD32').") var only: String?
-    @Option(help: "Backend busy polling before sleeping, in microseconds (0: sleep at once, as Linux blkback).")
+    @Option(help: "Busy polling of the in-process blkback before it sleeps, in microseconds (0: sleep at once, as Linux blkback); --in-process loads only: the daemon that serves pvguest-load never spins.")
     var busyPoll = 0
-    @Option(help: "Frontend (guest side) busy polling before sleeping, in microseconds.")
+    @Option(help: "Busy polling of the in-process frontend before it sleeps, in microseconds (null mode and --in-process loads; not pvguest-load).")
     var frontBusyPoll = 0
     @Option(help: "Persistent grants kept per ring (Linux's default: 1056).")
     var persistentLimit = BlkifLimits.persistentGrantsPerRing
@@ -51,6 +51,12 @@ struct BlkBackBench: ParsableCommand {
     func validate() throws {
         guard seconds > 0, long >= 3, rounds >= 1, memoryDisks >= 1, memoryRounds >= 1 else {
             throw ValidationError("--seconds > 0, --long >= 3, --rounds >= 1, --memory-disks >= 1")
+        }
+        guard busyPoll == 0 || inProcess else {
+            throw ValidationError("--busy-poll applies to the in-process blkback only: add --in-process")
+        }
+        guard frontBusyPoll == 0 || inProcess || !fileOnly else {
+            throw ValidationError("--front-busy-poll applies to the in-process frontend only: add --in-process, or run null mode")
         }
     }
 
