@@ -6,7 +6,7 @@ import XenStore
 /// What one kind of backend (vbd, vif) does at each step of the XenBus
 /// handshake; ``XenBusBackend`` drives it. All calls come on the backend's
 /// serial queue, one at a time.
-public protocol XenBusBackendDriver: AnyObject {
+public protocol XenBusBackendDriver: AnyObject, SendableMetatype {
     associatedtype Device
     /// The `<type>` directory under /local/domain/0/backend.
     var type: String { get }

@@ -77,6 +77,11 @@ extension Toolstack {
     /// Per-device counters and service health in the Prometheus text format.
     public func metricsText() -> String {
         let registry = PrometheusCollectorRegistry()
+        /// swiftxen_SUBSYSTEM_NAME[_total], with its HELP line.
+        func metric(_ subsystem: String?, _ name: String, counter: Bool, _ help: String) -> MetricNameDescriptor {
+            MetricNameDescriptor(namespace: "swiftxen", subsystem: subsystem, metricName: name,
+                                 unitName: counter ? "total" : "", helpText: help)
+        }
         let names: [UInt32: String] = (try? connect().listDomains()).map {
             Dictionary($0.map { (UInt32($0.domid), $0.name) }, uniquingKeysWith: { a, _ in a })
         } ?? [:]
@@ -85,23 +90,25 @@ extension Toolstack {
             for (k, v) in d.counters.sorted(by: { $0.key < $1.key }) {
                 if let (queue, name) = Self.perQueueCounter(k) {
                     // One metric per counter with the queue as a label, not one per queue.
-                    registry.makeCounter(name: "swiftxen_\(d.type)_queue_\(name)_total", labels: labels + [("queue", queue)])
-                        .increment(by: Int64(clamping: v))
-                    continue
-                }
-                let metric = "swiftxen_\(d.type)_\(k)"
-                if k == "persistent_grants" {
-                    registry.makeGauge(name: metric, labels: labels).set(Int64(v))
+                    registry.makeCounter(descriptor: metric(d.type, "queue_" + name, counter: true, "\(d.type) \(name) per queue (the backend's statistics file)"),
+                                         labels: labels + [("queue", queue)]).increment(by: Int64(clamping: v))
+                } else if k == "persistent_grants" {
+                    registry.makeGauge(descriptor: metric(d.type, k, counter: false, "\(d.type) \(k) (the backend's statistics file)"),
+                                       labels: labels).set(Int64(v))
                 } else {
-                    registry.makeCounter(name: metric + "_total", labels: labels).increment(by: Int64(clamping: v))
+                    registry.makeCounter(descriptor: metric(d.type, k, counter: true, "\(d.type) \(k) (the backend's statistics file)"),
+                                         labels: labels).increment(by: Int64(clamping: v))
                 }
             }
         }
         for s in ServiceStatus.read(runDir: runDir) ?? [] {
-            registry.makeGauge(name: "swiftxen_service_up", labels: [("service", s.name)]).set(Int64(s.state == "running" ? 1 : 0))
-            registry.makeCounter(name: "swiftxen_service_restarts_total", labels: [("service", s.name)]).increment(by: Int64(s.restarts))
+            registry.makeGauge(descriptor: metric("service", "up", counter: false, "1 while the dom0 service runs"),
+                               labels: [("service", s.name)]).set(Int64(s.state == "running" ? 1 : 0))
+            registry.makeCounter(descriptor: metric("service", "restarts", counter: true, "Restarts of the dom0 service by its supervisor"),
+                                 labels: [("service", s.name)]).increment(by: Int64(s.restarts))
         }
-        registry.makeGauge(name: "swiftxen_domains").set(Int64(names.count))
+        registry.makeGauge(descriptor: metric(nil, "domains", counter: false, "Domains the hypervisor core lists, as xl list shows them"))
+            .set(Int64(names.count))
         return registry.emitToString()
     }
 }

@@ -36,12 +36,12 @@ where P.Request: BitwiseCopyable, P.Response: BitwiseCopyable {
     }
 
     @inlinable @inline(__always)
-    @usableFromInline func word(_ offset: Int) -> UnsafeMutablePointer<UInt32> {
+    func word(_ offset: Int) -> UnsafeMutablePointer<UInt32> {
         (base + offset).assumingMemoryBound(to: UInt32.self)
     }
 
     @inlinable @inline(__always)
-    @usableFromInline func slot(_ index: UInt32) -> UnsafeMutableRawPointer {
+    func slot(_ index: UInt32) -> UnsafeMutableRawPointer {
         base + RingLayout.headerSize + Int(index & mask) * P.slotStride
     }
 
@@ -51,21 +51,21 @@ where P.Request: BitwiseCopyable, P.Response: BitwiseCopyable {
     @inlinable public var reqEvent: UInt32 { cxen_load_acquire_u32(word(RingLayout.reqEventOffset)) }
     @inlinable public var rspEvent: UInt32 { cxen_load_acquire_u32(word(RingLayout.rspEventOffset)) }
 
-    @inlinable @usableFromInline func setReqProd(_ v: UInt32) { cxen_store_release_u32(word(RingLayout.reqProdOffset), v) }
-    @inlinable @usableFromInline func setRspProd(_ v: UInt32) { cxen_store_release_u32(word(RingLayout.rspProdOffset), v) }
-    @inlinable @usableFromInline func setReqEvent(_ v: UInt32) { cxen_store_release_u32(word(RingLayout.reqEventOffset), v) }
-    @inlinable @usableFromInline func setRspEvent(_ v: UInt32) { cxen_store_release_u32(word(RingLayout.rspEventOffset), v) }
+    @inlinable func setReqProd(_ v: UInt32) { cxen_store_release_u32(word(RingLayout.reqProdOffset), v) }
+    @inlinable func setRspProd(_ v: UInt32) { cxen_store_release_u32(word(RingLayout.rspProdOffset), v) }
+    @inlinable func setReqEvent(_ v: UInt32) { cxen_store_release_u32(word(RingLayout.reqEventOffset), v) }
+    @inlinable func setRspEvent(_ v: UInt32) { cxen_store_release_u32(word(RingLayout.rspEventOffset), v) }
 
     /// `RING_COPY_REQUEST`: one copy out of the slot; only the copy is used.
     @inlinable @inline(__always)
-    @usableFromInline func copyRequest(at index: UInt32) -> P.Request {
+    func copyRequest(at index: UInt32) -> P.Request {
         var r = P.zeroRequest
         withUnsafeMutableBytes(of: &r) { cxen_copy_from_shared($0.baseAddress, slot(index), $0.count) }
         return r
     }
 
     @inlinable @inline(__always)
-    @usableFromInline func copyResponse(at index: UInt32) -> P.Response {
+    func copyResponse(at index: UInt32) -> P.Response {
         var r = P.zeroResponse
         withUnsafeMutableBytes(of: &r) { cxen_copy_from_shared($0.baseAddress, slot(index), $0.count) }
         return r
@@ -80,7 +80,7 @@ where P.Request: BitwiseCopyable, P.Response: BitwiseCopyable {
     /// Writes a whole slot: the entry, then zeroes for the rest of the union so
     /// no stale bytes leak to the peer (XSA-216).
     @inlinable @inline(__always)
-    @usableFromInline func write<T: BitwiseCopyable>(_ value: T, at index: UInt32) {
+    func write<T: BitwiseCopyable>(_ value: T, at index: UInt32) {
         let dst = slot(index)
         withUnsafeBytes(of: value) { src in
             dst.copyMemory(from: src.baseAddress!, byteCount: src.count)

@@ -148,7 +148,7 @@ final class SystemSoak: @unchecked Sendable {
             let cfg = run + "/\(g.name).cfg"
             let text = "name = '\(g.name)'\nmemory = 64\ndisk = [ \(specs.joined(separator: ", ")) ]\n"
                 + "vif = [ 'mac=\(g.mac[0]), bridge=\(bridge)', 'mac=\(g.mac[1]), bridge=\(bridge)' ]\n"
-            FileManager.default.createFile(atPath: cfg, contents: Data(text.utf8))
+            #expect(FileManager.default.createFile(atPath: cfg, contents: Data(text.utf8)))
             let r = xenctl("create", cfg)
             guard r.ok else { throw SoakFailure("create \(g.name): \(r)") }
             g.domid = r.out.split(separator: "(id ").last?.split(separator: ")").first.map(String.init) ?? ""

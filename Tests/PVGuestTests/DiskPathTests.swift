@@ -53,7 +53,7 @@ import XenTestKit
 
     static func image(_ dir: String, _ name: String, size: off_t) -> String {
         let p = dir + "/" + name
-        FileManager.default.createFile(atPath: p, contents: nil)
+        #expect(FileManager.default.createFile(atPath: p, contents: nil))
         truncate(p, size)
         return p
     }

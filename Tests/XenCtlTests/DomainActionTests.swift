@@ -70,12 +70,12 @@ import XenHV
         let toolstack = Toolstack(runDir: run)
         func cfg(_ name: String, _ body: String) -> String {
             let p = run + "/\(name).cfg"
-            FileManager.default.createFile(atPath: p, contents: Data(body.utf8))
+            #expect(FileManager.default.createFile(atPath: p, contents: Data(body.utf8)))
             return p
         }
         func image(_ name: String) -> String {
             let p = run + "/\(name).img"
-            FileManager.default.createFile(atPath: p, contents: nil)
+            #expect(FileManager.default.createFile(atPath: p, contents: nil))
             _ = truncate(p, 16 << 20)
             return p
         }

@@ -108,7 +108,7 @@ import XenTestKit
         #expect(FileManager.default.createFile(atPath: img, contents: nil) && truncate(img, 64 << 20) == 0)
         func cfg(_ name: String, _ body: String) -> String {
             let p = run + "/\(name).cfg"
-            FileManager.default.createFile(atPath: p, contents: Data(body.utf8))
+            #expect(FileManager.default.createFile(atPath: p, contents: Data(body.utf8)))
             return p
         }
 
