@@ -31,7 +31,7 @@ struct BlkBackBench: ParsableCommand {
     var busyPoll = 0
     @Option(help: "Busy polling of the in-process frontend before it sleeps, in microseconds (null mode and --in-process loads; not pvguest-load).")
     var frontBusyPoll = 0
-    @Option(help: "Persistent grants kept per ring (Linux's default: 1056).")
+    @Option(help: "Persistent grants the in-process blkback keeps per ring (Linux's default: 1056); --in-process loads only: the daemon keeps Linux's default.")
     var persistentLimit = BlkifLimits.persistentGrantsPerRing
 
     @Option(help: "Ring page order pvguest-load's blkfront asks for (Linux blkfront's default: 0).")
@@ -51,6 +51,9 @@ struct BlkBackBench: ParsableCommand {
     func validate() throws {
         guard seconds > 0, long >= 3, rounds >= 1, memoryDisks >= 1, memoryRounds >= 1 else {
             throw ValidationError("--seconds > 0, --long >= 3, --rounds >= 1, --memory-disks >= 1")
+        }
+        guard persistentLimit == BlkifLimits.persistentGrantsPerRing || inProcess else {
+            throw ValidationError("--persistent-limit applies to the in-process blkback only: add --in-process")
         }
         guard busyPoll == 0 || inProcess else {
             throw ValidationError("--busy-poll applies to the in-process blkback only: add --in-process")
