@@ -10,6 +10,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 #include <signal.h>
+#include <sched.h>
 #include <spawn.h>
 #include <sys/signalfd.h>
 #include <sys/prctl.h>
@@ -160,6 +161,26 @@ int cxen_signalfd_read(int fd) {
 
 int cxen_spawn_closefrom(void *file_actions, int from) {
     return posix_spawn_file_actions_addclosefrom_np((posix_spawn_file_actions_t *)file_actions, from);
+}
+
+int cxen_thread_affinity(uint64_t mask[CXEN_CPU_WORDS]) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof set, &set) != 0) return -1;
+    for (int w = 0; w < CXEN_CPU_WORDS; w++) {
+        mask[w] = 0;
+        for (int b = 0; b < 64; b++)
+            if (CPU_ISSET(w * 64 + b, &set)) mask[w] |= (uint64_t)1 << b;
+    }
+    return 0;
+}
+
+int cxen_set_thread_affinity(const uint64_t mask[CXEN_CPU_WORDS]) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (int n = 0; n < CXEN_CPU_WORDS * 64; n++)
+        if (mask[n / 64] >> (n % 64) & 1) CPU_SET(n, &set);
+    return sched_setaffinity(0, sizeof set, &set);
 }
 
 int cxen_same_file(int a, int b) {

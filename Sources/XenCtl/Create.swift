@@ -94,7 +94,7 @@ extension Toolstack {
                 arguments: ["--nbd-dir", guestDir, "--ready-fd", "4"],
                 environment: ["XENHV_GUEST_FD": "3", "XEN_RUN_DIR": runDir],
                 descriptors: [(null, 0), (log >= 0 ? log : null, 1), (log >= 0 ? log : null, 2), (dom.guestDescriptor, 3), (ready[1], 4)],
-                newSession: true)
+                newSession: true, cpus: config.cpus)
             close(ready[1])
             close(dom.guestDescriptor)
             try hv.attachProcess(child, to: dom.domid)

@@ -1,3 +1,4 @@
+import Foundation
 import XenHV
 
 /// A domain as an xl.cfg file describes it: the keys this toolstack acts on,
@@ -22,6 +23,9 @@ public struct DomainConfig: Sendable, Equatable {
     /// xl.cfg(5)'s `max_event_channels`: the highest port the guest may use
     /// (libxl's default 1023; the 2-level ABI names at most 4095).
     public var maxEventChannels: UInt32 = 1023
+    /// xl.cfg(5)'s `cpus`: the host CPUs the guest may run on (its hard
+    /// affinity); nil: any.
+    public var cpus: CPUSet?
     public var disks: [DiskSpec] = []
     public var vifs: [VifSpec] = []
     /// xl.cfg(5)'s defaults: on_poweroff destroy, on_reboot restart,
@@ -45,7 +49,8 @@ public struct DomainConfig: Sendable, Equatable {
         }
     }
 
-    public init(_ cfg: XLConfig) throws(ConfigError) {
+    /// `online`: the CPUs `cpus` is checked against (the host's online CPUs).
+    public init(_ cfg: XLConfig, online: CPUSet? = DomainConfig.onlineCPUs()) throws(ConfigError) {
         func fail(_ key: String, _ m: String) -> ConfigError {
             ConfigError(file: cfg.file, line: cfg.line(of: key) ?? 0, message: m)
         }
@@ -71,6 +76,18 @@ public struct DomainConfig: Sendable, Equatable {
                 throw fail("max_event_channels", "max_event_channels must be 1..4095 (2-level event channels)")
             }
             maxEventChannels = n
+        }
+        if let v = cfg["cpus"] {
+            guard let text = v.string else {
+                throw fail("cpus", "cpus as a list of per-vCPU CPULISTs is not supported (a guest is one process): give one CPULIST, e.g. cpus = \"0-3,^1\"")
+            }
+            let set: CPUSet
+            do { set = try Self.cpuList(text) } catch { throw fail("cpus", "cpus = '\(text)': \(error.message)") }
+            // Xen takes a hard affinity that names at least one online CPU (vcpu_set_hard_affinity).
+            if let online, CPUSet(set.cpus.filter(online.contains)).isEmpty {
+                throw fail("cpus", "cpus = '\(text)': none of these CPUs is online (online: \(online))")
+            }
+            cpus = set
         }
         for (key, dst) in [("on_poweroff", \DomainConfig.onPoweroff), ("on_reboot", \.onReboot),
                            ("on_watchdog", \.onWatchdog), ("on_crash", \.onCrash)] {
@@ -102,5 +119,44 @@ public struct DomainConfig: Sendable, Equatable {
                 do { vifs.append(try VifSpec(parsing: s)) } catch { throw fail("vif", "vif '\(s)': \(error.message)") }
             }
         }
+    }
+}
+
+extension DomainConfig {
+    /// A CPULIST as xl's parse_cpurange reads it: comma-separated `N`, `N-M`
+    /// or `all`, each taken away instead of added after a `^`, applied left
+    /// to right to an empty set ("0-3,^1" is 0, 2 and 3). NUMA node ranges
+    /// (`nodes:`) are refused: this toolstack knows no nodes.
+    public static func cpuList(_ text: String) throws(ConfigError) -> CPUSet {
+        func bad(_ m: String) -> ConfigError { ConfigError(file: "", line: 0, message: m) }
+        var set = CPUSet()
+        for item in text.split(separator: ",", omittingEmptySubsequences: false) {
+            var token = Substring(item.trimmingCharacters(in: .whitespaces))
+            let remove = token.hasPrefix("^")
+            if remove { token = token.dropFirst() }
+            if token.hasPrefix("node:") || token.hasPrefix("nodes:") {
+                throw bad("NUMA node ranges ('\(token)') are not supported")
+            }
+            if token == "all" {
+                guard !remove else { throw bad("'^all' takes every CPU away") }
+                for c in 0..<CPUSet.capacity { set.insert(c) }
+                continue
+            }
+            let ends = token.split(separator: "-", omittingEmptySubsequences: false)
+            guard (1...2).contains(ends.count), let a = Int(ends[0]), let b = ends.count == 2 ? Int(ends[1]) : a,
+                  a >= 0, a <= b else {
+                throw bad("'\(item)' is not a CPU, a range N-M or 'all'")
+            }
+            guard b < CPUSet.capacity else { throw bad("CPU \(b) is past the \(CPUSet.capacity) CPUs an affinity can name") }
+            for c in a...b { if remove { set.remove(c) } else { set.insert(c) } }
+        }
+        guard !set.isEmpty else { throw bad("no CPU is left") }
+        return set
+    }
+
+    /// The host's online CPUs (/sys/devices/system/cpu/online, a cpulist).
+    public static func onlineCPUs() -> CPUSet? {
+        guard let text = try? String(contentsOfFile: "/sys/devices/system/cpu/online", encoding: .utf8) else { return nil }
+        return try? cpuList(text.trimmingCharacters(in: .whitespacesAndNewlines))
     }
 }

@@ -8,10 +8,22 @@ public enum ProcessLauncher {
     /// slot (e.g. a pipe to 0, the guest connection to 3); no other
     /// descriptor above 2 reaches the child. `newSession`
     /// detaches the child into its own session (a daemon outliving its starter).
+    /// `cpus` is the child's hard CPU affinity (xl.cfg's `cpus`, which libxl
+    /// sets with xc_vcpu_setaffinity before the guest runs): the calling
+    /// thread takes it for the spawn, so the child and every thread it ever
+    /// starts inherit it, and gets its own back.
     public static func spawn(
         _ path: String, arguments: [String], environment: [String: String] = [:],
-        descriptors: [(ours: CInt, child: CInt)] = [], newSession: Bool = false
+        descriptors: [(ours: CInt, child: CInt)] = [], newSession: Bool = false, cpus: CPUSet? = nil
     ) throws -> pid_t {
+        var saved = CPUSet.Words(repeating: 0, count: Int(CXEN_CPU_WORDS))
+        if let cpus {
+            guard cxen_thread_affinity(&saved) == 0 else { throw HypervisorError.system(call: "sched_getaffinity", errno: errno) }
+            guard cxen_set_thread_affinity(cpus.words) == 0 else {
+                throw HypervisorError.system(call: "sched_setaffinity \(cpus)", errno: errno)
+            }
+        }
+        defer { if cpus != nil { _ = cxen_set_thread_affinity(saved) } }
         // The child starts with no blocked signals and default dispositions,
         // whatever signalfd or handlers its parent set up.
         var attr = posix_spawnattr_t()
@@ -61,6 +73,54 @@ public enum ProcessLauncher {
         let rc = posix_spawn(&pid, path, &actions, &attr, argv, envp)
         guard rc == 0 else { throw HypervisorError.system(call: "posix_spawn \(path)", errno: rc) }
         return pid
+    }
+}
+
+/// A set of CPUs by number (a CPU affinity), in the bitmap the C shim takes.
+public struct CPUSet: Sendable, Equatable, CustomStringConvertible {
+    public typealias Words = [UInt64]
+    /// CPU n is bit n % 64 of word n / 64.
+    public private(set) var words = Words(repeating: 0, count: Int(CXEN_CPU_WORDS))
+    /// CPU numbers a set can hold (0..<1024, glibc's CPU_SETSIZE).
+    public static let capacity = Int(CXEN_CPU_WORDS) * 64
+
+    public init() {}
+    public init<S: Sequence<Int>>(_ cpus: S) {
+        for c in cpus { insert(c) }
+    }
+
+    public mutating func insert(_ cpu: Int) {
+        precondition((0..<Self.capacity).contains(cpu), "CPU \(cpu) out of range")
+        words[cpu / 64] |= 1 << UInt64(cpu % 64)
+    }
+    public mutating func remove(_ cpu: Int) {
+        precondition((0..<Self.capacity).contains(cpu), "CPU \(cpu) out of range")
+        words[cpu / 64] &= ~(1 << UInt64(cpu % 64))
+    }
+    public func contains(_ cpu: Int) -> Bool {
+        (0..<Self.capacity).contains(cpu) && words[cpu / 64] >> UInt64(cpu % 64) & 1 == 1
+    }
+    public var cpus: [Int] { (0..<Self.capacity).filter(contains) }
+    public var isEmpty: Bool { words.allSatisfy { $0 == 0 } }
+
+    /// The calling thread's affinity.
+    public static func current() -> CPUSet? {
+        var s = CPUSet()
+        return cxen_thread_affinity(&s.words) == 0 ? s : nil
+    }
+
+    /// Ranges, as Linux's cpulist format writes them ("0-3,6").
+    public var description: String {
+        var parts: [String] = []
+        var i = 0
+        let all = cpus
+        while i < all.count {
+            var j = i
+            while j + 1 < all.count && all[j + 1] == all[j] + 1 { j += 1 }
+            parts.append(i == j ? "\(all[i])" : "\(all[i])-\(all[j])")
+            i = j + 1
+        }
+        return parts.joined(separator: ",")
     }
 }
 

@@ -2,6 +2,7 @@ import Glibc
 import Foundation
 import Testing
 import XenCtl
+import XenHV
 
 @Suite struct XLConfigTests {
     let sample = """
@@ -45,6 +46,28 @@ import XenCtl
         #expect(d.vifs[0].rate == VifSpec.Rate(bytesPerInterval: 625_000, intervalMicroseconds: 50_000))
         #expect(d.maxEventChannels == 1023, "libxl's default")
         #expect(try DomainConfig(try XLConfig(parsing: "name = 'x'\nmax_event_channels = 64\n", file: "d.cfg")).maxEventChannels == 64)
+        #expect(d.cpus == nil, "no cpus: any CPU")
+    }
+
+    /// xl.cfg(5)'s `cpus` CPULISTs, read left to right as xl's parse_cpurange does.
+    @Test func cpuLists() throws {
+        #expect(try DomainConfig.cpuList("0-3,^1").cpus == [0, 2, 3])
+        #expect(try DomainConfig.cpuList("3-8,^5").cpus == [3, 4, 6, 7, 8])
+        #expect(try DomainConfig.cpuList("0-3,^1,1").cpus == [0, 1, 2, 3], "a later token adds back")
+        #expect(try DomainConfig.cpuList("all,^0").cpus.count == CPUSet.capacity - 1)
+        #expect(try DomainConfig.cpuList(" 2 , 5 ").cpus == [2, 5])
+        #expect(try DomainConfig.cpuList("0-3,^1").description == "0,2-3")
+        let online = CPUSet([0, 1])
+        let d = try DomainConfig(try XLConfig(parsing: "name = 'x'\ncpus = \"1\"\n", file: "d.cfg"), online: online)
+        #expect(d.cpus == CPUSet([1]))
+        #expect(try DomainConfig(try XLConfig(parsing: "name = 'x'\ncpus = '1-7'\n", file: "d.cfg"), online: online).cpus?.cpus == Array(1...7),
+                "CPUs past the online ones are kept, as Xen keeps them in a hard affinity")
+        do {
+            _ = try DomainConfig(try XLConfig(parsing: "name = 'x'\n\ncpus = '2-3'\n", file: "d.cfg"), online: online)
+            Issue.record("accepted CPUs none of which is online")
+        } catch {
+            #expect("\(error)" == "d.cfg:3: cpus = '2-3': none of these CPUs is online (online: 0-1)", "\(error)")
+        }
     }
 
     @Test(arguments: [
@@ -99,6 +122,14 @@ import XenCtl
         ("name = 'x'\nmax_event_channels = 0\n", "d.cfg:2: max_event_channels must be 1..4095"),
         ("name = 'x'\nmax_event_channels = 4096\n", "max_event_channels must be 1..4095"),
         ("name = 'x'\nmax_event_channels = 'many'\n", "max_event_channels must be 1..4095"),
+        ("name = 'x'\ncpus = [ '0', '1' ]\n", "d.cfg:2: cpus as a list of per-vCPU CPULISTs is not supported"),
+        ("name = 'x'\ncpus = 'nodes:0'\n", "cpus = 'nodes:0': NUMA node ranges ('nodes:0') are not supported"),
+        ("name = 'x'\ncpus = '0,x'\n", "cpus = '0,x': 'x' is not a CPU, a range N-M or 'all'"),
+        ("name = 'x'\ncpus = '3-1'\n", "'3-1' is not a CPU, a range N-M or 'all'"),
+        ("name = 'x'\ncpus = '0,,1'\n", "'' is not a CPU"),
+        ("name = 'x'\ncpus = '^all'\n", "'^all' takes every CPU away"),
+        ("name = 'x'\ncpus = '0,^0'\n", "cpus = '0,^0': no CPU is left"),
+        ("name = 'x'\ncpus = '5000'\n", "CPU 5000 is past the 1024 CPUs an affinity can name"),
     ])
     func semanticErrorsNameTheProblem(text: String, fragment: String) {
         do {

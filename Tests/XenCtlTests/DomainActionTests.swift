@@ -103,6 +103,26 @@ import XenHV
         withExtendedLifetime(hv) {}
         #expect(try cli.xenctl("destroy", "limited", runDir: run).0 == 0)
 
+        // cpus (libxl's hard affinity, set before the guest runs): every thread
+        // of the guest process, its netfront and blkfront ones included, may
+        // run only there; the toolstack's own thread gets its affinity back.
+        let online = try #require(DomainConfig.onlineCPUs())
+        let lastCPU = try #require(online.cpus.last)
+        let before = CPUSet.current()
+        let pinned = cfg("pinned", "name = 'pinned'\nmemory = 16\ncpus = \"\(lastCPU)\"\ndisk = [ 'vdev=xvda, target=\(image("pinned"))' ]\n")
+        let (prc, pout, perr) = try cli.xenctl("create", pinned, runDir: run)
+        #expect(prc == 0, "\(perr)")
+        let p = try #require(created(pout), "no domid in \(pout)")
+        let tasks = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(p.pid)/task")
+        #expect(tasks.count > 1, "the guest runs threads")
+        for t in tasks {
+            let status = try String(contentsOfFile: "/proc/\(p.pid)/task/\(t)/status", encoding: .utf8)
+            let allowed = status.split(separator: "\n").first { $0.hasPrefix("Cpus_allowed_list:") }
+            #expect(allowed?.split(separator: "\t").last.map(String.init) == "\(lastCPU)", "thread \(t): \(allowed ?? "?")")
+        }
+        #expect(CPUSet.current() == before)
+        #expect(try cli.xenctl("destroy", "pinned", runDir: run).0 == 0)
+
         // on_crash=restart: kill -9 the guest; the domain comes back under its
         // name with a new domid, and its disk (same image) works through its new NBD URI.
         let crashy = cfg("crashy", "name = 'crashy'\nmemory = 16\ndisk = [ 'vdev=xvda, target=\(image("crashy"))' ]\non_crash = 'restart'\n")

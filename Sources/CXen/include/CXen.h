@@ -190,6 +190,12 @@ int cxen_signalfd(const int *signals, int n);
 int cxen_signalfd_read(int fd);
 /* posix_spawn_file_actions_addclosefrom_np: the child closes every fd >= `from`. */
 int cxen_spawn_closefrom(void *file_actions, int from);
+/* The calling thread's CPU affinity (sched_getaffinity/sched_setaffinity on
+ * itself) as a bitmap of CXEN_CPU_WORDS 64-bit words, CPU n at bit n % 64 of
+ * word n / 64. 0, or -1 with errno. A child it spawns inherits it. */
+#define CXEN_CPU_WORDS 16
+int cxen_thread_affinity(uint64_t mask[CXEN_CPU_WORDS]);
+int cxen_set_thread_affinity(const uint64_t mask[CXEN_CPU_WORDS]);
 /* SO_PEERCRED pid of a Unix-socket peer, or -1. */
 int cxen_peer_pid(int sock);
 
