@@ -122,13 +122,19 @@ public struct DomainConfig: Sendable, Equatable {
     }
 }
 
+/// What is wrong with a CPULIST (xl.cfg's `cpus`).
+public struct CPUListError: Error, Equatable, CustomStringConvertible, Sendable {
+    public let message: String
+    public var description: String { message }
+}
+
 extension DomainConfig {
     /// A CPULIST as xl's parse_cpurange reads it: comma-separated `N`, `N-M`
     /// or `all`, each taken away instead of added after a `^`, applied left
     /// to right to an empty set ("0-3,^1" is 0, 2 and 3). NUMA node ranges
     /// (`nodes:`) are refused: this toolstack knows no nodes.
-    public static func cpuList(_ text: String) throws(ConfigError) -> CPUSet {
-        func bad(_ m: String) -> ConfigError { ConfigError(file: "", line: 0, message: m) }
+    public static func cpuList(_ text: String) throws(CPUListError) -> CPUSet {
+        func bad(_ m: String) -> CPUListError { CPUListError(message: m) }
         var set = CPUSet()
         for item in text.split(separator: ",", omittingEmptySubsequences: false) {
             var token = Substring(item.trimmingCharacters(in: .whitespaces))
