@@ -18,7 +18,11 @@ final class TapCapture {
 
     init(_ name: String) throws {
         let ethPAll = UInt16(3)  // ETH_P_ALL
-        let s = socket(AF_PACKET, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), Int32(ethPAll.bigEndian))
+        // Protocol 0 until bound (packet(7)): a socket made with ETH_P_ALL
+        // takes every interface's frames until bind narrows it to ours, and
+        // a bystander guest's frames queued in that window were read as this
+        // tap's (a fresh-clone run failed so).
+        let s = socket(AF_PACKET, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard s >= 0 else { throw FrontError("AF_PACKET socket: \(errno)") }
         // struct sockaddr_ll (linux/if_packet.h, not in Glibc's module): family u16,
         // protocol be16, ifindex i32, hatype u16, pkttype u8, halen u8, addr[8].
