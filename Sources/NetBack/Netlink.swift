@@ -1,6 +1,7 @@
 import CNetShim
 import Glibc
 import Synchronization
+import XenHV
 
 /// A failed link or bridge operation, with libnl's reason.
 public struct NetlinkError: Error, CustomStringConvertible, Equatable, Sendable {

@@ -1,5 +1,6 @@
 import CNetShim
 import Glibc
+import XenHV
 
 /// A tap error: which ioctl or call failed, and errno.
 public struct TapError: Error, CustomStringConvertible, Equatable, Sendable {
@@ -77,9 +78,4 @@ public final class Tap: @unchecked Sendable {
 
     /// The vif name Xen uses: `vif<domid>.<devid>`.
     public static func vifName(domid: UInt16, devid: UInt32) -> String { "vif\(domid).\(devid)" }
-}
-
-/// A NUL-terminated C array as a String.
-@inline(__always) func cString(_ a: [CChar]) -> String {
-    String(decoding: a.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }

@@ -255,7 +255,7 @@ public enum TxParser {
         let csumBlank = flags & UInt16(NETTXF_csum_blank) != 0
         if csumBlank || gso != nil {
             let loc = try PacketParser.checksumLocation(UnsafeRawBufferPointer(data))
-            if !csumBlank { PacketParser.writePseudoHeaderChecksum(data, loc, totalLength: totalLength ?? data.count) }
+            if !csumBlank { PacketParser.writePseudoHeaderChecksum(data, loc, totalLength: totalLength) }
             h.flags = CNET_VNET_F_NEEDS_CSUM
             h.csumStart = UInt16(loc.l4Offset)
             h.csumOffset = UInt16(loc.checksumOffset)
@@ -484,8 +484,10 @@ public struct TxEngine: ~Copyable {
                         writeInPlace(i, head: arena + offset)
                     }
                 } catch {
-                    if inPlace {
-                        // The headers run past the first slot: the whole packet is copied.
+                    if inPlace, case .truncated = error {
+                        // The headers run past the first slot: the whole packet is
+                        // copied. Any other refusal stands: it was read from
+                        // headers the first slot holds whole.
                         writeCopied(unwritten..<i)
                         unwritten = i + 1
                         writeWhole(i, head: arena + offset)

@@ -303,8 +303,8 @@ extension Toolstack {
         var tm = tm()
         gmtime_r(&now, &tm)
         var buf = [CChar](repeating: 0, count: 24)
-        let n = strftime(&buf, buf.count, "-%Y%m%dT%H%MZ", &tm)
-        let suffix = String(decoding: buf.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        strftime(&buf, buf.count, "-%Y%m%dT%H%MZ", &tm)
+        let suffix = cString(buf)
         var candidate = String(info.name.prefix(64 - suffix.count)) + suffix
         do { try hv.renameDomain(info.domid, to: candidate) } catch let e as XenErrno where e == .EEXIST {
             // Twice in one minute: the old domid keeps the names apart.

@@ -166,8 +166,7 @@ public struct Toolstack: Sendable {
 private func fscanf_pid(_ f: UnsafeMutablePointer<FILE>, _ pid: inout Int32) -> Bool {
     var line = [CChar](repeating: 0, count: 32)
     guard fgets(&line, 32, f) != nil else { return false }
-    let text = String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    guard let v = Int32(text.filter(\.isNumber)) else { return false }
+    guard let v = Int32(cString(line).filter(\.isNumber)) else { return false }
     pid = v
     return true
 }

@@ -129,8 +129,8 @@ extension ProcessLauncher {
     /// (xenhv, xenstored, the backends) were built or installed.
     public static var executableDirectory: String {
         var buf = [CChar](repeating: 0, count: 4096)
-        let n = readlink("/proc/self/exe", &buf, buf.count - 1)
-        let path = String(cString: Array(buf[0..<max(0, n)]) + [0])
+        _ = readlink("/proc/self/exe", &buf, buf.count - 1)  // the rest stays NUL
+        let path = cString(buf)
         return String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)])
     }
 
@@ -193,4 +193,10 @@ public final class DetachedThread: @unchecked Sendable {
 
     /// Names the calling thread, as top -H and perf show it.
     public static func setName(_ name: String) { cxen_set_thread_name(name) }
+}
+
+/// A NUL-terminated C character array (a `strftime`, `readlink` or `fgets`
+/// buffer, an interface name) as a String, up to its first NUL.
+@inline(__always) public func cString(_ a: [CChar]) -> String {
+    String(decoding: a.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
