@@ -72,12 +72,17 @@ public final class VirtualBlockDevice: @unchecked Sendable {
     /// Opens the backing store. `name` appears in log lines (e.g. "vbd-5-51712").
     /// `busyPollMicroseconds` > 0 makes each queue spin that long for new
     /// requests or completions before sleeping (lower latency, more CPU).
+    /// Persistent grants come out of `mappingBudget` (the process's by
+    /// default); unused ones are purged every `purgeIntervalMilliseconds`
+    /// while misses happen.
     public init(name: String, backing: BackingOptions, maxQueues: Int = HVLimits.onlineCPUs,
-                busyPollMicroseconds: Int = 0, logger: Logger = Logger(label: "blkback")) throws(BlkBackError) {
+                busyPollMicroseconds: Int = 0, mappingBudget: MappingBudget = .process,
+                purgeIntervalMilliseconds: Int = 100, logger: Logger = Logger(label: "blkback")) throws(BlkBackError) {
         self.name = name
         self.maxQueues = Swift.max(1, maxQueues)
         let b = try Backing(backing, logger: logger)
         disk = DiskState(name: name, backing: b, sectors: try b.sectors(), busyPollMicroseconds: busyPollMicroseconds,
+                         mappingBudget: mappingBudget, purgeIntervalMilliseconds: purgeIntervalMilliseconds,
                          logger: logger)
     }
 

@@ -1,12 +1,54 @@
+import Glibc
+import Synchronization
 import XenHV
+
+/// The persistent grants a whole blkback process may keep mapped. Each is a
+/// mapping of its own (one VMA), and the kernel refuses a process more than
+/// `vm.max_map_count` of them (ENOMEM, 65530 by default): one blkback serves
+/// every guest, so the persistent sets of many rings could otherwise take the
+/// mappings that other guests' rings, aio contexts and threads need. Linux's
+/// persistent grants draw on dom0's maptrack in the same way, which Xen
+/// bounds. Beyond the budget a segment is bounced, as beyond a ring's own
+/// bound.
+public final class MappingBudget: Sendable {
+    /// The process's: half of `vm.max_map_count`.
+    public static let process = MappingBudget(limit: MappingBudget.maxMapCount() / 2)
+    public let limit: Int
+    private let used = Atomic<Int>(0)
+
+    public init(limit: Int) { self.limit = Swift.max(0, limit) }
+
+    /// Persistent grants mapped under this budget now.
+    public var inUse: Int { used.load(ordering: .relaxed) }
+
+    /// One more mapping, if the budget has room.
+    @inline(__always) func take() -> Bool {
+        if used.wrappingAdd(1, ordering: .relaxed).newValue <= limit { return true }
+        used.wrappingSubtract(1, ordering: .relaxed)
+        return false
+    }
+
+    @inline(__always) func give() { used.wrappingSubtract(1, ordering: .relaxed) }
+
+    static func maxMapCount() -> Int {
+        let fd = open("/proc/sys/vm/max_map_count", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return 65530 }
+        defer { close(fd) }
+        var buf = [UInt8](repeating: 0, count: 32)
+        let n = read(fd, &buf, buf.count)
+        let digits = buf[..<max(0, n)].prefix { $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }
+        guard let v = Int(String(decoding: digits, as: UTF8.self)), v > 0 else { return 65530 }
+        return v
+    }
+}
 
 /// Persistent grants of one ring (blkif.h `feature-persistent`), as Linux
 /// blkback keeps them: a frontend that negotiated the feature reuses a fixed
 /// set of granted pages, so each is mapped once and kept, up to a bound
 /// (`xen_blkif_max_pgrants`, 1056 per ring).
 ///
-/// At the bound a miss is not inserted (the queue maps that page for the one
-/// request), so a working set larger than the bound still hits on the pages
+/// At the bound a miss is not inserted (the queue bounces that segment), so a
+/// working set larger than the bound still hits on the pages
 /// kept instead of evicting on every miss (plain LRU eviction gets no hits at
 /// all on a cyclic working set). Adapting to a new working set is left to
 /// ``purge(max:)``, run periodically while misses happen (Linux's

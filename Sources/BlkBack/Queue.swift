@@ -15,10 +15,18 @@ final class DiskState: Sendable {
     let logger: Logger
     /// How long a queue spins looking for work before it sleeps (0: never spins).
     let busyPollNanoseconds: UInt64
+    /// The persistent grants every queue of the process draws on.
+    let mappingBudget: MappingBudget
+    /// How often unused persistent grants are purged while misses happen
+    /// (Linux: LRU_INTERVAL, 100 ms).
+    let purgeIntervalNanoseconds: UInt64
 
-    init(name: String, backing: Backing, sectors: UInt64, busyPollMicroseconds: Int = 0, logger: Logger) {
+    init(name: String, backing: Backing, sectors: UInt64, busyPollMicroseconds: Int = 0,
+         mappingBudget: MappingBudget = .process, purgeIntervalMilliseconds: Int = 100, logger: Logger) {
         self.name = name
         busyPollNanoseconds = UInt64(max(0, busyPollMicroseconds)) * 1000
+        self.mappingBudget = mappingBudget
+        purgeIntervalNanoseconds = UInt64(max(1, purgeIntervalMilliseconds)) * 1_000_000
         self.backing = backing
         capacity = Atomic(sectors)
         self.logger = logger
@@ -76,7 +84,6 @@ struct SlotState {
     var sectors: UInt64 = 0
     var bytes = 0
     var pins: Int32 = 0
-    var handles: Int32 = 0
     /// Segments served through bounce pages (``BounceSegment``).
     var bounces: Int32 = 0
 }
@@ -104,8 +111,14 @@ struct BounceSegment {
 /// state lives in arrays allocated at connect, one slot per ring entry, so the
 /// hot path does not allocate or lock; persistent grants are looked up in a
 /// pre-sized table, and purged (Linux's purge_persistent_gnt) only while
-/// misses happen. A producer-index overflow stops this ring alone; a storm of
-/// empty kicks mutes its event channel for a moment.
+/// misses happen. Nothing else of the guest is ever mapped: a segment that is
+/// not persistent goes through a bounce page and a grant copy, so what a queue
+/// holds mapped is bounded (its ring, its persistent grants) whatever the
+/// guest puts on its ring; a request that finds the bounce pages all in
+/// flight waits on the ring, unconsumed behind it, until completions free
+/// them (Linux blkback waits for free pending requests the same way). A
+/// producer-index overflow stops this ring alone; a storm of empty kicks
+/// mutes its event channel for a moment.
 final class BlkQueue<R: BlkifRingABI>: QueueRunner, LoopRunnable, @unchecked Sendable
 where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     // Sound: after `start`, all mutable state is touched only by the queue's
@@ -128,35 +141,38 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     private let slots: UnsafeMutablePointer<SlotState>
     private let iovecs: UnsafeMutablePointer<iovec>
     private let pins: UnsafeMutablePointer<Int32>
-    private let handles: UnsafeMutablePointer<GrantHandle>
     private let segs: UnsafeMutablePointer<UInt64>
     private let freeSlots: UnsafeMutablePointer<Int32>
     private var freeCount: Int
     /// A FLUSH/BARRIER waiting for earlier requests to finish.
     private var fence: BlkRequest?
+    /// A READ/WRITE waiting for bounce pages: in-flight requests hold them all.
+    private var deferred: (request: BlkRequest, dsync: Bool)?
+    /// No new request is consumed while one waits (a fence, or a request for bounce pages).
+    @inline(__always) private var waiting: Bool { fence != nil || deferred != nil }
     private var lastPushed: UInt32
     private var broken = false
     private let reason = Mutex<String?>(nil)
     private let grantCount = Atomic<Int>(0)
     private var thread: pthread_t?
-    /// Pages mapped for one request only because the persistent set was full.
+    /// Segments that found no room among the persistent grants.
     private var persistentMisses = 0
-    /// Bounce pages for segments the full persistent set cannot hold: the I/O
-    /// goes to our page and a grant copy moves the data (as QEMU's xen-block
-    /// does for every request), which costs a fraction of mapping and
-    /// unmapping the guest page for one request (an mmap, a munmap with its
-    /// TLB shootdown, and a page-table fault-in for O_DIRECT each time).
-    /// Allocated at the first overflow, at most ``bounceCapacity`` pages
-    /// (the persistent bound: a working set twice that bound is then served
-    /// without a per-request mapping); when they are all in flight, segments
-    /// are mapped for the request as before.
+    /// Bounce pages for segments that are not persistent (no persistent
+    /// grants negotiated, the set full, or the process's budget spent): the
+    /// I/O goes to our page and a grant copy moves the data (as QEMU's
+    /// xen-block does for every request), which costs a fraction of mapping
+    /// and unmapping the guest page for one request (an mmap, a munmap with
+    /// its TLB shootdown, and a page-table fault-in for O_DIRECT each time),
+    /// and maps nothing. Allocated at the first need, ``bounceCapacity``
+    /// pages (the persistent bound, and at least one largest request); when
+    /// they are all in flight, the next request waits (``deferred``).
     private var bounce: UnsafeMutableRawPointer?
     private var bounceFree: UnsafeMutablePointer<Int32>?
     private var bounceFreeCount = 0
     private var bounceSegments: UnsafeMutablePointer<BounceSegment>?
     private let bounceCapacity: Int
     private var copyOps: [GrantCopy] = []
-    /// The pool's mmap failed once; mapping per request from then on.
+    /// The pool's mmap failed once; requests that need it fail from then on.
     private var bounceUnavailable = false
     private var lastPurge: UInt64 = 0
 
@@ -220,7 +236,7 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
         controlFD = cfd
         usePersistent = persistentGrants
         grants = PersistentGrants(capacity: persistentGrants ? persistentGrantLimit : 0)
-        bounceCapacity = persistentGrants ? Swift.max(BlkifLimits.maxIndirectSegments, persistentGrantLimit) : 0
+        bounceCapacity = Swift.max(BlkifLimits.maxIndirectSegments, persistentGrants ? persistentGrantLimit : 0)
         nslots = n
         slots = .allocate(capacity: n)
         slots.initialize(repeating: SlotState(), count: n)
@@ -228,8 +244,6 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
         iovecs.initialize(repeating: iovec(), count: n * maxSeg)
         pins = .allocate(capacity: n * maxSeg)
         pins.initialize(repeating: 0, count: n * maxSeg)
-        handles = .allocate(capacity: n * maxSeg)
-        handles.initialize(repeating: 0, count: n * maxSeg)
         segs = .allocate(capacity: maxSeg)
         segs.initialize(repeating: 0, count: maxSeg)
         freeSlots = .allocate(capacity: n)
@@ -242,7 +256,6 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
         slots.deallocate()
         iovecs.deallocate()
         pins.deallocate()
-        handles.deallocate()
         segs.deallocate()
         freeSlots.deallocate()
         grants.deallocate()
@@ -295,7 +308,8 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
         var mutedUntil: UInt64 = 0
         while true {
             var consumed = 0
-            if !broken && fence == nil { consumed = processRing() }
+            if !broken && deferred != nil { retryDeferred() }
+            if !broken && !waiting { consumed = processRing() }
             if kicked {
                 idleKicks = consumed == 0 ? idleKicks + 1 : 0
                 if idleKicks >= Self.stormKicks {
@@ -312,7 +326,7 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
             pushResponses()
             if persistentMisses > 0 { purgeIfDue() }
             var timeout: Int32 = -1
-            if !broken && fence == nil {
+            if !broken && !waiting {
                 do {
                     if try ring.finalCheckForRequests() { timeout = 0 }
                 } catch {
@@ -355,10 +369,10 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     /// working set gets its turn (Linux: purge_persistent_gnt).
     private func purgeIfDue() {
         let t = monotonicNanoseconds()
-        guard t &- lastPurge >= 100_000_000 else { return }
+        guard t &- lastPurge >= disk.purgeIntervalNanoseconds else { return }
         lastPurge = t
         persistentMisses = 0
-        grants.purge(max: Swift.max(1, grants.capacity / 10)) { hv.unmap(handle: $0) }
+        grants.purge(max: Swift.max(1, grants.capacity / 10)) { unmapPersistent($0) }
         grantCount.store(grants.count, ordering: .relaxed)
     }
 
@@ -370,7 +384,7 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
         let until = monotonicNanoseconds() &+ disk.busyPollNanoseconds
         var n = 0
         while true {
-            if fence == nil, ((try? ring.unconsumedRequests()) ?? 1) > 0 { return true }
+            if !waiting, ((try? ring.unconsumedRequests()) ?? 1) > 0 { return true }
             if let e = engine, e.hasCompletions { return true }
             n += 1
             if n & 63 == 0, monotonicNanoseconds() >= until { return false }
@@ -381,10 +395,25 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     private func cleanup() {
         engine?.drain(complete)
         if !broken { pushResponses() }
-        grants.removeAll { hv.unmap(handle: $0) }
+        grants.removeAll { unmapPersistent($0) }
         grantCount.store(0, ordering: .relaxed)
         hv.unmapGrants(ringMapping)
         try? hv.close(port: channel.port)
+    }
+
+    private func unmapPersistent(_ handle: GrantHandle) {
+        hv.unmap(handle: handle)
+        disk.mappingBudget.give()
+    }
+
+    /// A request that waited for bounce pages goes once enough are free, or
+    /// once nothing is in flight (then all are: at least a largest request's).
+    private func retryDeferred() {
+        guard let (q, dsync) = deferred,
+              bounceFreeCount >= q.nrSegments || (engine?.inFlight ?? 0) == 0 else { return }
+        deferred = nil
+        startIO(q, geometry: disk.geometry, dsync: dsync)
+        engine?.submit(refused: { slot, err in self.complete(slot: slot, result: -Int(err)) }, completed: complete)
     }
 
     private func stopRing(_ error: RingError) {
@@ -406,7 +435,7 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     @discardableResult
     private func processRing() -> Int {
         var budget = nslots
-        while budget > 0 && fence == nil {
+        while budget > 0 && !waiting {
             let raw: R.Request?
             do {
                 raw = try ring.nextRequest()
@@ -460,7 +489,10 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
                 runFence(q)
             }
         case .discard:
-            let e = disk.backing.discard(offset: q.sector << 9, length: q.discardSectors << 9, secure: q.discardSecure)
+            // BLKIF_DISCARD_SECURE "is ignored if discard-secure=0" (blkif.h;
+            // Linux's dispatch_discard_io): a plain discard then.
+            let e = disk.backing.discard(offset: q.sector << 9, length: q.discardSectors << 9,
+                                         secure: q.discardSecure && g.discardSecure)
             if e != 0 {
                 fail(q, e == EOPNOTSUPP ? .discardNotSupported : .ioError(e))
             } else {
@@ -526,12 +558,19 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
         let align = disk.backing.directAlignment - 1
         for i in 0..<n {
             let s = BlkSegment(raw: segs[i])
-            guard let page = mapSegment(slot: slot, gref: s.gref, guestWritable: !write,
-                                        offset: s.byteOffset, length: s.sectors << 9) else {
+            guard let page = mapSegment(slot: slot, gref: s.gref, offset: s.byteOffset, length: s.sectors << 9) else {
                 release(slot: slot)
                 freeSlots[freeCount] = Int32(slot)
                 freeCount += 1
-                return fail(q, .grantMapFailed(s.gref))
+                // Every bounce page is in flight: wait for completions (our
+                // copy of the request is kept; an indirect request's segment
+                // pages are copied and validated again then).
+                if !bounceUnavailable, let e = engine, e.inFlight + e.batchCount > 0 {
+                    BlkStats.bump(stats.outOfRequests)
+                    deferred = (q, dsync)
+                    return
+                }
+                return fail(q, .ioError(ENOMEM))
             }
             let base = page + s.byteOffset
             let len = s.sectors << 9
@@ -579,7 +618,6 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
         let sp = slots + slot
         let base = slot * maxSeg
         for i in 0..<Int(sp.pointee.pins) { grants.release(pins[base + i]) }
-        for i in 0..<Int(sp.pointee.handles) { hv.unmap(handle: handles[base + i]) }
         if let segs = bounceSegments, let free = bounceFree {
             for i in 0..<Int(sp.pointee.bounces) {
                 free[bounceFreeCount] = segs[base + i].page
@@ -587,7 +625,6 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
             }
         }
         sp.pointee.pins = 0
-        sp.pointee.handles = 0
         sp.pointee.bounces = 0
     }
 
@@ -647,45 +684,37 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     // MARK: Grants
 
     /// The page of `gref` for one segment of `slot`: a persistent grant (kept
-    /// mapped, read-write) when the frontend negotiated them and there is room;
-    /// when the persistent set is full, a bounce page (the data then moves by
-    /// grant copy); else a mapping for this request only, read-only unless we
-    /// must write into the page (a READ).
+    /// mapped, read-write) when the frontend negotiated them and there is room
+    /// in the set and in the process's budget; otherwise a bounce page, the
+    /// data moving by grant copy (which checks the grant as Xen's
+    /// GNTTABOP_copy does), or nil when every bounce page is in flight.
     @inline(__always)
-    private func mapSegment(slot: Int, gref: GrantRef, guestWritable: Bool, offset: Int, length: Int) -> UnsafeMutableRawPointer? {
-        let base = slot * maxSeg
+    private func mapSegment(slot: Int, gref: GrantRef, offset: Int, length: Int) -> UnsafeMutableRawPointer? {
         if usePersistent {
+            let base = slot * maxSeg
             if let i = grants.lookup(gref) {
                 pins[base + Int(slots[slot].pins)] = i
                 slots[slot].pins += 1
                 return grants.base(i)
             }
-            if grants.canInsert, case .success(let m) = hv.mapGrant(domid: frontend, ref: gref, writable: true) {
-                let p = pointer(of: m)
-                if let i = grants.insert(gref: gref, handle: m.handle, base: p) {
-                    grantCount.store(grants.count, ordering: .relaxed)
-                    pins[base + Int(slots[slot].pins)] = i
-                    slots[slot].pins += 1
-                    return p
+            if grants.canInsert, disk.mappingBudget.take() {
+                if case .success(let m) = hv.mapGrant(domid: frontend, ref: gref, writable: true) {
+                    let p = pointer(of: m)
+                    if let i = grants.insert(gref: gref, handle: m.handle, base: p) {
+                        grantCount.store(grants.count, ordering: .relaxed)
+                        pins[base + Int(slots[slot].pins)] = i
+                        slots[slot].pins += 1
+                        return p
+                    }
+                    hv.unmapGrant(m)
                 }
-                hv.unmapGrant(m)
+                disk.mappingBudget.give()
             }
             persistentMisses &+= 1
-            // Full (not a grant we could not map): a bounce page, if one is free.
-            if !grants.canInsert, let p = bounceSegment(slot: slot, gref: gref, offset: offset, length: length) {
-                BlkStats.bump(stats.bouncedSegments)
-                return p - offset
-            }
         }
-        switch hv.mapGrant(domid: frontend, ref: gref, writable: guestWritable) {
-        case .success(let m):
-            BlkStats.bump(stats.mappedSegments)
-            handles[base + Int(slots[slot].handles)] = m.handle
-            slots[slot].handles += 1
-            return pointer(of: m)
-        case .failure:
-            return nil
-        }
+        guard let p = bounceSegment(slot: slot, gref: gref, offset: offset, length: length) else { return nil }
+        BlkStats.bump(stats.bouncedSegments)
+        return p - offset
     }
 
     /// The mapped page's address, for iovecs. Sound to keep: the page stays
@@ -697,21 +726,19 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
         (try? m.region.withUnsafeBytes(offset: 0, count: m.region.count) { UnsafeMutableRawPointer(mutating: $0.baseAddress!) })!
     }
 
-    /// Copies `count` segment descriptors out of an indirect page (read once, XSA-155).
+    /// Copies `count` segment descriptors out of an indirect page (read once,
+    /// XSA-155): from the persistent mapping, or by grant copy (nothing mapped).
     private func copyIndirectPage(_ gref: GrantRef, into dst: UnsafeMutablePointer<UInt64>, count: Int) -> Bool {
         if usePersistent, let i = grants.lookup(gref) {
             cxen_copy_from_shared(dst, grants.base(i), count * 8)
             grants.release(i)
             return true
         }
-        guard case .success(let m) = hv.mapGrant(domid: frontend, ref: gref, writable: false) else { return false }
-        defer { hv.unmapGrant(m) }
-        do {
-            try m.region.withUnsafeBytes(offset: 0, count: count * 8) { cxen_copy_from_shared(dst, $0.baseAddress!, count * 8) }
-        } catch {
-            return false
-        }
-        return true
+        copyOps.removeAll(keepingCapacity: true)
+        copyOps.append(GrantCopy(source: .grant(domid: frontend, ref: gref, offset: 0),
+                                 dest: .local(UnsafeMutableRawPointer(dst)), length: UInt16(count * 8)))
+        hv.copyGrants(&copyOps)
+        return copyOps[0].status == .okay
     }
 }
 

@@ -334,14 +334,13 @@ public enum BlkRequestError: Error, Sendable, Equatable {
     case pastEnd(end: UInt64, capacity: UInt64)
     case writeToReadOnly
     case discardNotSupported
-    case secureDiscardNotSupported
     case grantMapFailed(GrantRef)
     case ioError(Int32)
 
     /// The response status: EOPNOTSUPP for what is not supported, ERROR otherwise.
     public var status: BlkifStatus {
         switch self {
-        case .unknownOperation, .discardNotSupported, .secureDiscardNotSupported: return .notSupported
+        case .unknownOperation, .discardNotSupported: return .notSupported
         default: return .error
         }
     }
@@ -363,7 +362,6 @@ extension BlkRequest {
         case .discard:
             if g.readOnly { return .writeToReadOnly }
             if !g.discard { return .discardNotSupported }
-            if discardSecure && !g.discardSecure { return .secureDiscardNotSupported }
             let lbs = UInt64(g.sectorSize >> 9)
             if (sector | discardSectors) & (lbs - 1) != 0 { return .misaligned(sector: sector, segmentSectors: Int(truncatingIfNeeded: discardSectors)) }
             let (end, o) = sector.addingReportingOverflow(discardSectors)

@@ -8,7 +8,7 @@ import Synchronization
 /// on other threads see a recent value. A device sums its queues' counters.
 public final class BlkStats: Sendable {
     public struct Snapshot: Sendable, Equatable, CustomStringConvertible {
-        /// Times a request had to wait because no request slot was free (`oo_req`).
+        /// Times a request had to wait for resources: every bounce page in flight (`oo_req`).
         public var outOfRequests: UInt64 = 0
         public var readRequests: UInt64 = 0
         public var writeRequests: UInt64 = 0
@@ -23,10 +23,8 @@ public final class BlkStats: Sendable {
         public var unsupported: UInt64 = 0
         /// Times the event channel was muted for a storm of kicks with no requests.
         public var spuriousStorms: UInt64 = 0
-        /// Segments served through a bounce page and a grant copy (the persistent set was full).
+        /// Segments served through a bounce page and a grant copy (not persistent).
         public var bouncedSegments: UInt64 = 0
-        /// Segments whose page was mapped for that request only (no persistent grants, or no bounce page free).
-        public var mappedSegments: UInt64 = 0
 
         public init() {}
 
@@ -43,7 +41,6 @@ public final class BlkStats: Sendable {
             s.unsupported = a.unsupported + b.unsupported
             s.spuriousStorms = a.spuriousStorms + b.spuriousStorms
             s.bouncedSegments = a.bouncedSegments + b.bouncedSegments
-            s.mappedSegments = a.mappedSegments + b.mappedSegments
             return s
         }
 
@@ -51,7 +48,7 @@ public final class BlkStats: Sendable {
             "oo_req \(outOfRequests) rd_req \(readRequests) wr_req \(writeRequests) f_req \(flushRequests) "
                 + "ds_req \(discardRequests) rd_sect \(sectorsRead) wr_sect \(sectorsWritten) "
                 + "errors \(errors) unsupported \(unsupported) storms \(spuriousStorms) "
-                + "bounced_seg \(bouncedSegments) mapped_seg \(mappedSegments)"
+                + "bounced_seg \(bouncedSegments)"
         }
     }
 
@@ -66,7 +63,6 @@ public final class BlkStats: Sendable {
     let unsupported = Atomic<UInt64>(0)
     let spuriousStorms = Atomic<UInt64>(0)
     let bouncedSegments = Atomic<UInt64>(0)
-    let mappedSegments = Atomic<UInt64>(0)
 
     public init() {}
 
@@ -89,7 +85,6 @@ public final class BlkStats: Sendable {
         s.unsupported = unsupported.load(ordering: .relaxed)
         s.spuriousStorms = spuriousStorms.load(ordering: .relaxed)
         s.bouncedSegments = bouncedSegments.load(ordering: .relaxed)
-        s.mappedSegments = mappedSegments.load(ordering: .relaxed)
         return s
     }
 }

@@ -28,9 +28,11 @@ public final class BlkbackDriver: XenBusBackendDriver {
 
     public func probe(_ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) throws -> VirtualBlockDevice? {
         let path = dev.backendPath
-        // The toolstack writes its keys in one transaction; wait for them.
-        guard let params = try xs.readIfExists(path + "/params") else { return nil }
-        let mode = (try xs.readIfExists(path + "/mode")) ?? "w"
+        // The toolstack writes its keys in one transaction, or one by one:
+        // wait for both (Linux's backend_changed reads `mode` before it opens
+        // anything), so a disk is never opened writable for want of its mode.
+        guard let params = try xs.readIfExists(path + "/params"),
+              let mode = try xs.readIfExists(path + "/mode") else { return nil }
         let discard = (try xs.readIfExists(path + "/discard-enable")) ?? "1"
         let device = try VirtualBlockDevice(
             name: "vbd\(dev.frontendDomid).\(dev.devid)",
@@ -89,7 +91,7 @@ public final class BlkbackDriver: XenBusBackendDriver {
                 ("f_req", s.flushRequests), ("ds_req", s.discardRequests), ("rd_sect", s.sectorsRead),
                 ("wr_sect", s.sectorsWritten), ("errors", s.errors), ("unsupported", s.unsupported),
                 ("event_storms", s.spuriousStorms), ("persistent_grants", UInt64(device.persistentGrants)),
-                ("bounced_segments", s.bouncedSegments), ("mapped_segments", s.mappedSegments)]
+                ("bounced_segments", s.bouncedSegments)]
     }
 
     /// Reads and checks the frontend's ring keys (blkif.h), single or multi-queue.
@@ -114,11 +116,14 @@ public final class BlkbackDriver: XenBusBackendDriver {
             return QueueRingConfig(ringRefs: refs, eventChannel: try number(dir + "/event-channel"))
         }
         let rings = queues == 1 ? [try ring(in: fe)] : try (0..<queues).map { try ring(in: fe + "/queue-\($0)") }
+        // Missing or empty: native, as Linux's connect_ring ("unspecified,
+        // assuming default").
         let proto = try xs.readIfExists(fe + "/protocol")
-        guard let abi = proto.map({ BlkifABI(rawValue: $0) }) ?? .x86_64 else {
+        guard let abi = BlkifABI(protocolName: proto) else {
             throw BlkBackError.badConfiguration("unknown protocol '\(proto ?? "")'")
         }
-        let persistent = (try xs.readIfExists(fe + "/feature-persistent")) == "1"
+        // Any non-zero number, as xenbus_read_unsigned reads it.
+        let persistent = (try xs.readIfExists(fe + "/feature-persistent")).flatMap { UInt32($0) }.map { $0 != 0 } ?? false
         return FrontendConfig(domid: XenHV.DomID(dev.frontendDomid), abi: abi, queues: rings, persistentGrants: persistent)
     }
 }

@@ -216,7 +216,7 @@ final class GuestRig {
             let f = line.split(separator: " ")
             if f.count == 5, f[1] == "\(domid)" { c[String(f[3])] = String(f[4]) }
         }
-        let segs = "segments: bounced \(c["bounced_segments"] ?? "?"), mapped per request \(c["mapped_segments"] ?? "?")"
+        let segs = "segments: bounced \(c["bounced_segments"] ?? "?"), requests that waited for bounce pages (oo_req) \(c["oo_req"] ?? "?")"
         return "blkback: image fds \(flags.joined(separator: "+")); rd_req \(c["rd_req"] ?? "?") wr_req \(c["wr_req"] ?? "?"); \(segs); persistent grants \(c["persistent_grants"] ?? "?")"
     }
 }

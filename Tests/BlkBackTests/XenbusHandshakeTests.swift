@@ -102,4 +102,46 @@ import XenTestKit
         service.settle()
         #expect(service.deviceNames.isEmpty)
     }
+
+    /// Keys as Linux's xen-blkback reads them: the backend waits for the
+    /// toolstack's `mode` (a disk is never opened writable for want of it);
+    /// an empty `protocol` means the native ABI (xenbus_scanf finds nothing);
+    /// `feature-persistent` is any non-zero number (xenbus_read_unsigned).
+    @Test func modeIsAwaitedEmptyProtocolIsNativeAnyNonZeroPersistent() throws {
+        let s = try Dom0Harness(buildDirectory: Dom0Harness.buildDirectory(packageRoot: Self.root))
+        let image = s.dir + "/disk.img"
+        #expect(FileManager.default.createFile(atPath: image, contents: nil))
+        #expect(truncate(image, 8 << 20) == 0)
+        let service = BlkbackService(hypervisor: try s.dom0Hypervisor(), xenbus: try s.dom0XenStore(),
+                                     logger: .init(label: "blkback"))
+        try service.start()
+        defer { service.stop() }
+        let g = try s.createGuest(name: "keys")
+        defer { g.xenstore.close() }
+        let dev = XenBusDevice(type: "vbd", frontendDomid: XenStore.DomID(g.domid), devid: 51712)
+        // A toolstack writing its keys one by one: params first, no mode yet.
+        try s.xenstore.createDevice(dev, backend: ["params": image, "type": "file", "device-type": "disk"],
+                                    frontend: ["virtual-device": "51712", "device-type": "disk"])
+        service.settle()
+        #expect(service.deviceNames.isEmpty, "the disk was opened before its mode was known")
+        #expect(try s.xenstore.state(at: dev.backendPath) == .initialising)
+        try s.xenstore.write(dev.backendPath + "/mode", "r")
+        #expect(Dom0Harness.wait(s.xenstore, state: dev.backendPath) { $0 == .initWait } == .initWait)
+
+        let front = try BlkFront<BlkifRing>(guest: g.hypervisor, queues: 1, ringPageOrder: 0)
+        let q = front.queues[0]
+        try g.xenstore.transaction { t in
+            try t.write(dev.frontendPath + "/ring-ref", "\(q.ringRefs[0])")
+            try t.write(dev.frontendPath + "/event-channel", "\(q.port)")
+            try t.write(dev.frontendPath + "/protocol", "")
+            try t.write(dev.frontendPath + "/feature-persistent", "2")
+        }
+        try g.xenstore.switchState(at: dev.frontendPath, to: .initialised)
+        #expect(Dom0Harness.wait(g.xenstore, state: dev.backendPath) { $0 == .connected } == .connected)
+        // Read-only, as the mode that came second said.
+        #expect(try front.write(sector: 0, [UInt8](repeating: 1, count: 4096)) == BlkifStatus.error.rawValue)
+        #expect(try front.read(sector: 0, bytes: 4096).status == 0)
+        let persistent = service.withDevices { $0[dev.backendPath]?.persistentGrants ?? -1 }
+        #expect(persistent > 0, "feature-persistent=2 was not taken as on")
+    }
 }
