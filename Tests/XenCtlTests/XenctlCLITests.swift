@@ -119,6 +119,9 @@ import XenTestKit
             (cfg("badbridge", "name = 'c'\nvif = [ 'bridge=bad/name' ]\n"), "badbridge.cfg:2: vif 'bridge=bad/name': 'bad/name' is not a valid bridge name"),
             (cfg("nobridge", "name = 'd'\n\nvif = [ 'bridge=nosuchbr0' ]\n"), "nobridge.cfg:3: bridge 'nosuchbr0' does not exist"),
             (cfg("dupvdev", "name = 'e'\ndisk = [ 'vdev=xvda, target=\(img)', 'vdev=xvda, target=\(img)' ]\n"), "dupvdev.cfg:2: duplicate vdev 'xvda'"),
+            // Rate arithmetic that used to trap (a core dump, no error line).
+            (cfg("rate", "name = 'f'\n\nvif = [ 'bridge=\(bridge), rate=400000GB/s' ]\n"), "rate.cfg:3: vif 'bridge=\(bridge), rate=400000GB/s': rate overflow"),
+            (cfg("interval", "name = 'g'\nvif = [ 'bridge=\(bridge), rate=1Mb/s@20000000000000s' ]\n"), "interval.cfg:2: vif 'bridge=\(bridge), rate=1Mb/s@20000000000000s': replenishment interval overflow"),
         ]
         for (path, message) in bad {
             let (rc, out, err) = try xenctl("create", path, runDir: run)
