@@ -211,35 +211,56 @@ public struct DiskSpec: Sendable, Equatable {
         }
     }
 
-    /// libxl_device_disk_dev_number: xvdX[N] -> (202 << 8) | disk << 4 | part for
-    /// disks below 16, the extended form (1 << 28) | disk << 8 | part above;
-    /// hdX and sdX map to their Linux majors.
+    /// libxl__device_disk_dev_number, with docs/misc/vbd-interface.txt's
+    /// numbers: `d<N>p<M>` (and `d<N>`, partition 0) and `xvd<letters>[M]`
+    /// (any number of letters, bijective base 26) are Xen disk N partition M:
+    /// 202 << 8 | N << 4 | M up to disk and partition 15, otherwise
+    /// 1 << 28 | N << 8 | M (N < 2^20, M < 256). A plain number (decimal, 0x
+    /// hex or 0 octal, at most 2^31-1) is the number itself. hdX (disks 0-3,
+    /// partitions 0-63) and sdX (0-15, 0-15) map to the Linux IDE and SCSI
+    /// majors. Partition numbers have no leading zeros.
     public static func devid(of vdev: String) throws(SpecError) -> UInt32 {
-        func split(_ s: Substring) -> (disk: UInt32, part: UInt32)? {
-            // letters a..z, aa..zz (disk index), then an optional partition number
-            let letters = s.prefix { ("a"..."z").contains($0) }
-            guard !letters.isEmpty, letters.count <= 2 else { return nil }
-            var disk: UInt32 = 0
-            for c in letters.unicodeScalars { disk = disk * 26 + (c.value - 96) }
-            disk -= 1
-            let digits = s.dropFirst(letters.count)
-            if digits.isEmpty { return (disk, 0) }
-            guard let p = UInt32(digits), !digits.hasPrefix("0") else { return nil }
-            return (disk, p)
+        func xen(_ disk: UInt32, _ part: UInt32) -> UInt32 {
+            disk <= 15 && part <= 15 ? 202 << 8 | disk << 4 | part : 1 << 28 | disk << 8 | part
         }
-        let bad = SpecError("'\(vdev)' is not a virtual device name (xvda, xvdb1, hda, sda...)")
-        if vdev.hasPrefix("xvd"), let (d, p) = split(vdev.dropFirst(3)) {
-            if d < 16 && p < 16 { return 202 << 8 | d << 4 | p }
-            guard d < (1 << 20), p < 256 else { throw bad }
-            return 1 << 28 | d << 8 | p
+        if let (d, p) = diskAndPartition(vdev), d < 1 << 20, p < 256 { return xen(UInt32(d), UInt32(p)) }
+        if let (d, p) = letters(vdev, after: "xvd", maxDisk: (1 << 20) - 1, maxPartition: 255) { return xen(d, p) }
+        if let (n, over) = CNumber.unsigned(vdev[...]), !over, n <= UInt64(Int32.max) { return UInt32(n) }
+        if let (d, p) = letters(vdev, after: "hd", maxDisk: 3, maxPartition: 63) { return (d < 2 ? 3 : 22) << 8 | (d & 1) << 6 | p }
+        if let (d, p) = letters(vdev, after: "sd", maxDisk: 15, maxPartition: 15) { return 8 << 8 | d << 4 | p }
+        throw SpecError("'\(vdev)' is not a virtual device name (xvda, xvdb1, d0p1, hda, sda or a device number such as 51712), or is out of range")
+    }
+
+    /// `d<N>p<M>` or `d<N>`, N and M as C's %i reads them (no sign, no blanks).
+    static func diskAndPartition(_ s: String) -> (UInt64, UInt64)? {
+        guard s.hasPrefix("d") else { return nil }
+        let body = s.dropFirst()
+        let parts = body.split(separator: "p", maxSplits: 1, omittingEmptySubsequences: false)
+        guard let (d, dOver) = CNumber.unsigned(parts[0]), !dOver else { return nil }
+        if parts.count == 1 { return (d, 0) }
+        guard let (p, pOver) = CNumber.unsigned(parts[1]), !pOver else { return nil }
+        return (d, p)
+    }
+
+    /// device_virtdisk_matches: `prefix`, one or more letters a-z (the disk
+    /// index, bijective base 26: a = 0, z = 25, aa = 26), then an optional
+    /// decimal partition without leading zeros.
+    static func letters(_ s: String, after prefix: String, maxDisk: UInt32, maxPartition: UInt32) -> (UInt32, UInt32)? {
+        guard s.hasPrefix(prefix) else { return nil }
+        let rest = s.utf8.dropFirst(prefix.utf8.count)
+        let letters = rest.prefix { (UInt8(ascii: "a")...UInt8(ascii: "z")).contains($0) }
+        guard !letters.isEmpty else { return nil }
+        var disk: UInt64 = 0
+        for c in letters {
+            disk = disk * 26 + UInt64(c - UInt8(ascii: "a")) + 1
+            guard disk - 1 <= UInt64(maxDisk) else { return nil }
         }
-        if vdev.hasPrefix("hd"), let (d, p) = split(vdev.dropFirst(2)), d < 4, p < 64 {
-            return (d < 2 ? 3 : 22) << 8 | (d % 2) << 6 | p
-        }
-        if vdev.hasPrefix("sd"), let (d, p) = split(vdev.dropFirst(2)), d < 16, p < 16 {
-            return 8 << 8 | d << 4 | p
-        }
-        throw bad
+        let digits = rest.dropFirst(letters.count)
+        if digits.isEmpty { return (UInt32(disk - 1), 0) }
+        guard digits.first != UInt8(ascii: "0"), digits.count <= 10,
+              digits.allSatisfy({ (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) }),
+              let part = UInt64(String(decoding: digits, as: UTF8.self)), part <= UInt64(maxPartition) else { return nil }
+        return (UInt32(disk - 1), UInt32(part))
     }
 }
 
