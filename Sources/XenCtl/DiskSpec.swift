@@ -1,3 +1,5 @@
+import Glibc
+
 /// One disk in xl's disk specification syntax (xl-disk-configuration(5)), read
 /// as libxlu_disk_l.l reads it: comma-separated `key=value` parameters, flags
 /// and positional parameters, each positional filling the first still
@@ -201,6 +203,22 @@ public struct DiskSpec: Sendable, Equatable {
         }
         if let c = after.first, lowerOrDigit(c) { return nil }
         throw SpecError("unknown deprecated disk prefix '\(word):'")
+    }
+
+    /// The spec with a relative target made absolute against `directory`
+    /// (xenctl's current directory): blkback opens the target from its own.
+    public func resolvingTarget(against directory: String) -> DiskSpec {
+        guard !target.hasPrefix("/") else { return self }
+        var d = self
+        d.target = (directory.hasSuffix("/") ? directory : directory + "/") + target
+        return d
+    }
+
+    /// This process's current directory, or nil if it has none (removed).
+    public static func currentDirectory() -> String? {
+        guard let p = getcwd(nil, 0) else { return nil }
+        defer { free(p) }
+        return String(cString: p)
     }
 
     static func access(_ v: String) throws(SpecError) -> Access {

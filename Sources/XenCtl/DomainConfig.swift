@@ -50,7 +50,10 @@ public struct DomainConfig: Sendable, Equatable {
     }
 
     /// `online`: the CPUs `cpus` is checked against (the host's online CPUs).
-    public init(_ cfg: XLConfig, online: CPUSet? = DomainConfig.onlineCPUs()) throws(ConfigError) {
+    /// `workingDirectory`: what relative disk targets are relative to (nil:
+    /// this process's current directory); they are made absolute here, as
+    /// blkback, which opens them, runs in a directory of its own.
+    public init(_ cfg: XLConfig, online: CPUSet? = DomainConfig.onlineCPUs(), workingDirectory: String? = nil) throws(ConfigError) {
         func fail(_ key: String, _ m: String) -> ConfigError {
             ConfigError(file: cfg.file, line: cfg.line(of: key) ?? 0, message: m)
         }
@@ -103,9 +106,18 @@ public struct DomainConfig: Sendable, Equatable {
         }
         if let d = cfg["disk"] {
             guard case .list(let items) = d else { throw fail("disk", "disk must be a list: disk = [ '...' ]") }
+            let directory = workingDirectory ?? DiskSpec.currentDirectory()
             for item in items {
                 guard let s = item.string else { throw fail("disk", "each disk must be a string") }
-                do { disks.append(try DiskSpec(parsing: s)) } catch { throw fail("disk", "disk '\(s)': \(error.message)") }
+                var disk: DiskSpec
+                do { disk = try DiskSpec(parsing: s) } catch { throw fail("disk", "disk '\(s)': \(error.message)") }
+                if !disk.target.hasPrefix("/") {
+                    guard let directory else {
+                        throw fail("disk", "disk '\(s)': the target is relative and this process has no current directory to resolve it against")
+                    }
+                    disk = disk.resolvingTarget(against: directory)
+                }
+                disks.append(disk)
             }
             var seen = Set<UInt32>()
             for disk in disks where !seen.insert(disk.devid).inserted {
