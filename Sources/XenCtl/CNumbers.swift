@@ -34,4 +34,19 @@ enum CNumber {
         }
         return (value, overflow)
     }
+
+    /// All of `s` as strtol(s, &end, 0) reads it: leading blanks, an optional
+    /// sign, then `unsigned`'s digits. nil when anything else is left over,
+    /// nothing was read, or the value is past Int64 (strtol's ERANGE).
+    static func signed(_ s: Substring) -> Int64? {
+        var rest = s.drop { $0 == " " || $0 == "\t" || $0 == "\n" || $0 == "\r" || $0 == "\u{0B}" || $0 == "\u{0C}" }
+        var negative = false
+        if rest.first == "+" || rest.first == "-" {
+            negative = rest.first == "-"
+            rest = rest.dropFirst()
+        }
+        guard let (magnitude, overflow) = unsigned(rest), !overflow else { return nil }
+        if negative { return magnitude <= UInt64(Int64.max) + 1 ? Int64(truncatingIfNeeded: 0 &- magnitude) : nil }
+        return magnitude <= UInt64(Int64.max) ? Int64(magnitude) : nil
+    }
 }

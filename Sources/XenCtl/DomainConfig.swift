@@ -64,21 +64,18 @@ public struct DomainConfig: Sendable, Equatable {
             throw fail("name", "name '\(n)' must be 1-64 characters without '/' or spaces")
         }
         name = n
-        if let m = cfg["memory"] {
-            guard case .number(let s) = m, let v = UInt32(s), v >= 1, v <= 65536 else {
-                throw fail("memory", "memory must be a number of MiB between 1 and 65536")
-            }
-            memory = v
+        /// xlu_cfg_get_bounded_long: any atom, quoted or not, read whole with
+        /// strtol(..., 0) (`0x200`, `"512"`); a `+=` setting is refused.
+        func number(_ key: String, in range: ClosedRange<Int64>, _ message: String) throws(ConfigError) -> UInt32? {
+            guard let v = cfg[key] else { return nil }
+            guard !cfg.isAppended(key) else { throw fail(key, "\(key): can't use += with numbers") }
+            guard let s = v.string, let n = CNumber.signed(s[...]), range.contains(n) else { throw fail(key, message) }
+            return UInt32(n)
         }
-        if let v = cfg["vcpus"] {
-            guard case .number(let s) = v, let c = UInt32(s), (1...128).contains(c) else { throw fail("vcpus", "vcpus must be 1..128") }
-            vcpus = c
-        }
-        if let v = cfg["max_event_channels"] {
-            guard case .number(let s) = v, let n = UInt32(s), (1...4095).contains(n) else {
-                throw fail("max_event_channels", "max_event_channels must be 1..4095 (2-level event channels)")
-            }
-            maxEventChannels = n
+        if let v = try number("memory", in: 1...65536, "memory must be a number of MiB between 1 and 65536") { memory = v }
+        if let v = try number("vcpus", in: 1...128, "vcpus must be 1..128") { vcpus = v }
+        if let v = try number("max_event_channels", in: 1...4095, "max_event_channels must be 1..4095 (2-level event channels)") {
+            maxEventChannels = v
         }
         if let v = cfg["cpus"] {
             guard let text = v.string else {
