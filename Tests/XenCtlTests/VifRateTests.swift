@@ -24,6 +24,8 @@ import XenCtl
         ("10Mb/s@20 ms", "invalid replenishment interval"),
         ("10Mb/s@20h", "invalid replenishment interval"),
         ("@20ms", "no rate specified"),
+        ("", "no rate specified"),                     // used to index an empty split: a trap
+        ("@", "no rate specified"),
         ("0MB/s", "rate"),
         ("10kB/s", "is not like"),                     // xl's units: K, M, G (no k)
         ("10MB", "is not like"),
