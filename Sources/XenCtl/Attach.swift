@@ -72,8 +72,15 @@ extension Toolstack {
     /// writes them, then a bounded wait for the guest to bring it up; returns
     /// its (vdev, NBD URI). On any failure the device is removed again.
     public func blockAttach(_ domain: String, spec: String, seconds: Double = 30) throws -> (vdev: String, uri: String) {
-        let disk: DiskSpec
+        var disk: DiskSpec
         do { disk = try DiskSpec(parsing: spec) } catch { throw Failure("disk '\(spec)': \(error.message)") }
+        // Relative to this directory, not blkback's: checked and written absolute.
+        if !disk.target.hasPrefix("/") {
+            guard let cwd = DiskSpec.currentDirectory() else {
+                throw Failure("disk '\(spec)': the target is relative and this process has no current directory to resolve it against")
+            }
+            disk = disk.resolvingTarget(against: cwd)
+        }
         if let why = Self.missingTarget(disk) { throw Failure(why) }
         let (hv, d) = try attachTarget(domain)
         let xs = try connectStore()

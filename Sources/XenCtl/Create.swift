@@ -183,10 +183,11 @@ extension Toolstack {
         let d = try resolve(hv, domain)
         let devid: Int
         if type == "vbd" {
-            guard let id = Int(device) ?? (try? DiskSpec.devid(of: device)).map(Int.init) else {
-                throw Failure("'\(device)' is not a virtual device (xvda, 51712, ...)")
+            // The names and numbers a disk spec takes (xl's block-detach reads them the same way).
+            guard let id = try? DiskSpec.devid(of: device) else {
+                throw Failure("'\(device)' is not a virtual device (xvda, d0p1, 51712, ...)")
             }
-            devid = id
+            devid = Int(id)
         } else {
             guard let id = Int(device) else { throw Failure("'\(device)' is not a vif device id") }
             devid = id

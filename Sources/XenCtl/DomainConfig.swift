@@ -50,7 +50,10 @@ public struct DomainConfig: Sendable, Equatable {
     }
 
     /// `online`: the CPUs `cpus` is checked against (the host's online CPUs).
-    public init(_ cfg: XLConfig, online: CPUSet? = DomainConfig.onlineCPUs()) throws(ConfigError) {
+    /// `workingDirectory`: what relative disk targets are relative to (nil:
+    /// this process's current directory); they are made absolute here, as
+    /// blkback, which opens them, runs in a directory of its own.
+    public init(_ cfg: XLConfig, online: CPUSet? = DomainConfig.onlineCPUs(), workingDirectory: String? = nil) throws(ConfigError) {
         func fail(_ key: String, _ m: String) -> ConfigError {
             ConfigError(file: cfg.file, line: cfg.line(of: key) ?? 0, message: m)
         }
@@ -61,21 +64,18 @@ public struct DomainConfig: Sendable, Equatable {
             throw fail("name", "name '\(n)' must be 1-64 characters without '/' or spaces")
         }
         name = n
-        if let m = cfg["memory"] {
-            guard case .number(let s) = m, let v = UInt32(s), v >= 1, v <= 65536 else {
-                throw fail("memory", "memory must be a number of MiB between 1 and 65536")
-            }
-            memory = v
+        /// xlu_cfg_get_bounded_long: any atom, quoted or not, read whole with
+        /// strtol(..., 0) (`0x200`, `"512"`); a `+=` setting is refused.
+        func number(_ key: String, in range: ClosedRange<Int64>, _ message: String) throws(ConfigError) -> UInt32? {
+            guard let v = cfg[key] else { return nil }
+            guard !cfg.isAppended(key) else { throw fail(key, "\(key): can't use += with numbers") }
+            guard let s = v.string, let n = CNumber.signed(s[...]), range.contains(n) else { throw fail(key, message) }
+            return UInt32(n)
         }
-        if let v = cfg["vcpus"] {
-            guard case .number(let s) = v, let c = UInt32(s), (1...128).contains(c) else { throw fail("vcpus", "vcpus must be 1..128") }
-            vcpus = c
-        }
-        if let v = cfg["max_event_channels"] {
-            guard case .number(let s) = v, let n = UInt32(s), (1...4095).contains(n) else {
-                throw fail("max_event_channels", "max_event_channels must be 1..4095 (2-level event channels)")
-            }
-            maxEventChannels = n
+        if let v = try number("memory", in: 1...65536, "memory must be a number of MiB between 1 and 65536") { memory = v }
+        if let v = try number("vcpus", in: 1...128, "vcpus must be 1..128") { vcpus = v }
+        if let v = try number("max_event_channels", in: 1...4095, "max_event_channels must be 1..4095 (2-level event channels)") {
+            maxEventChannels = v
         }
         if let v = cfg["cpus"] {
             guard let text = v.string else {
@@ -103,9 +103,18 @@ public struct DomainConfig: Sendable, Equatable {
         }
         if let d = cfg["disk"] {
             guard case .list(let items) = d else { throw fail("disk", "disk must be a list: disk = [ '...' ]") }
+            let directory = workingDirectory ?? DiskSpec.currentDirectory()
             for item in items {
                 guard let s = item.string else { throw fail("disk", "each disk must be a string") }
-                do { disks.append(try DiskSpec(parsing: s)) } catch { throw fail("disk", "disk '\(s)': \(error.message)") }
+                var disk: DiskSpec
+                do { disk = try DiskSpec(parsing: s) } catch { throw fail("disk", "disk '\(s)': \(error.message)") }
+                if !disk.target.hasPrefix("/") {
+                    guard let directory else {
+                        throw fail("disk", "disk '\(s)': the target is relative and this process has no current directory to resolve it against")
+                    }
+                    disk = disk.resolvingTarget(against: directory)
+                }
+                disks.append(disk)
             }
             var seen = Set<UInt32>()
             for disk in disks where !seen.insert(disk.devid).inserted {

@@ -55,45 +55,57 @@ public struct VifSpec: Sendable, Equatable {
         !n.isEmpty && n.utf8.count < 16 && n != "." && n != ".." && !n.contains { $0 == "/" || $0 == ":" || $0.isWhitespace }
     }
 
-    /// xl's rate syntax: NUMBER UNIT/s [@INTERVAL], units b, B with k/K, M, G
-    /// prefixes; interval in s, ms or us (default 50ms).
+    /// xl's rate syntax, as libxlu_vif.c's xlu_vif_parse_rate reads it:
+    /// `NUMBER[K|M|G](B|b)/s`, then optionally `@INTERVAL`: a number followed
+    /// by `s` or nothing (seconds), `m`/`ms` or `u`/`us`; 50 ms by default.
+    /// Numbers are read as strtoull(..., 0) reads them (a leading 0 is octal)
+    /// and bounded as xl bounds them, before any arithmetic: a mantissa or an
+    /// interval above 2^32-1, an interval past 2^32-1 µs once scaled, or bytes
+    /// per second times the interval past 2^64 is refused as an overflow.
     static func rate(_ v: String) throws(SpecError) -> Rate {
-        let bad = SpecError("rate '\(v)' is not like 100Mb/s or 10MB/s@20ms")
-        let parts = v.split(separator: "@", maxSplits: 1)
-        var interval: UInt64 = 50_000
-        if parts.count == 2 {
-            let s = parts[1]
-            let num = s.prefix { $0.isNumber }
-            guard let n = UInt64(num), n > 0 else { throw bad }
-            switch s.dropFirst(num.count) {
-            case "s": interval = n * 1_000_000
-            case "ms": interval = n * 1_000
-            case "us": interval = n
-            default: throw bad
-            }
-            guard interval <= UInt64(UInt32.max) else { throw bad }
-        }
-        let r = parts[0]
-        guard r.hasSuffix("/s") else { throw bad }
-        let body = r.dropLast(2)
-        let num = body.prefix { $0.isNumber }
-        guard let n = UInt64(num), n > 0 else { throw bad }
-        var unit = body.dropFirst(num.count)
+        let bad = SpecError("rate '\(v)' is not like 100Mb/s or 10MB/s@20ms (B or b, with K, M or G before it)")
+        let overflow = SpecError("rate overflow in '\(v)'")
+        let at = v.firstIndex(of: "@")
+        let r = at.map { v[..<$0] } ?? v[...]
+        guard !r.isEmpty else { throw SpecError("no rate specified in '\(v)'") }
+        // ^[0-9]+[GMK]?[Bb]/s$
+        let digits = r.prefix { ("0"..."9").contains($0) }
+        guard !digits.isEmpty, r.hasSuffix("/s") else { throw bad }
+        var unit = r.dropFirst(digits.count).dropLast(2)
         var scale: UInt64 = 1
         switch unit.first {
-        case "k", "K": scale = 1_000; unit = unit.dropFirst()
-        case "M": scale = 1_000_000; unit = unit.dropFirst()
-        case "G": scale = 1_000_000_000; unit = unit.dropFirst()
+        case "G": scale = 1_000_000_000
+        case "M": scale = 1_000_000
+        case "K": scale = 1_000
         default: break
         }
-        let bytesPerSecond: UInt64
-        switch unit {
-        case "B": bytesPerSecond = n * scale
-        case "b": bytesPerSecond = n * scale / 8
-        default: throw bad
+        if scale != 1 { unit = unit.dropFirst() }
+        guard unit == "B" || unit == "b" else { throw bad }
+        guard let (n, over) = CNumber.unsigned(digits) else { throw bad }  // e.g. 09: not octal
+        guard !over, n <= UInt64(UInt32.max) else { throw overflow }
+        guard n > 0 else { throw SpecError("rate must be above 0 in '\(v)'") }
+        // n < 2^32 and scale <= 10^9: no overflow.
+        let bytesPerSecond = unit == "b" ? n * scale / 8 : n * scale
+
+        var interval: UInt64 = 50_000
+        if let at {
+            let s = v[v.index(after: at)...]
+            let badInterval = SpecError("invalid replenishment interval '\(s)' in '\(v)' (like 20ms, 100us or 1s)")
+            // ^[0-9]+[mu]?s?$
+            let idigits = s.prefix { ("0"..."9").contains($0) }
+            let suffix = s.dropFirst(idigits.count)
+            guard !idigits.isEmpty, ["", "s", "m", "ms", "u", "us"].contains(suffix),
+                  let (i, iover) = CNumber.unsigned(idigits) else { throw badInterval }
+            let intervalOverflow = SpecError("replenishment interval overflow in '\(v)' (at most 4294967295 us)")
+            guard !iover, i <= UInt64(UInt32.max) else { throw intervalOverflow }
+            guard i > 0 else { throw SpecError("replenishment interval must be above 0 in '\(v)'") }
+            // i < 2^32, the unit <= 10^6: no overflow.
+            interval = i * (suffix.first == "m" ? 1_000 : suffix.first == "u" ? 1 : 1_000_000)
+            guard interval <= UInt64(UInt32.max) else { throw intervalOverflow }
         }
+        guard bytesPerSecond <= UInt64.max / interval else { throw overflow }
         let perInterval = bytesPerSecond * interval / 1_000_000
-        guard perInterval > 0 else { throw bad }
+        guard perInterval > 0 else { throw SpecError("rate '\(v)' is 0 bytes per \(interval) us interval") }
         return Rate(bytesPerInterval: perInterval, intervalMicroseconds: UInt32(interval))
     }
 }

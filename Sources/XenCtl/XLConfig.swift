@@ -1,6 +1,7 @@
 /// A parsed xl.cfg file (xl.cfg(5)): `KEY = VALUE` settings, values being
-/// strings ("..." or '...'), numbers, or lists `[ ... ]` that may span lines;
-/// `#` starts a comment; `;` or a newline ends a setting; `+=` appends to a list.
+/// strings ("..." or '...', with xl's backslash escapes in both), numbers, or
+/// lists `[ ... ]` that may span lines; `#` starts a comment; `;` or a newline
+/// ends a setting; `+=` appends to a list or a string (xlu__cfg_set_store).
 public struct XLConfig: Sendable, Equatable {
     public indirect enum Value: Sendable, Equatable {
         case string(String)
@@ -13,7 +14,8 @@ public struct XLConfig: Sendable, Equatable {
     }
 
     /// Settings in file order (later settings of the same key win, as in xl).
-    public private(set) var settings: [(key: String, value: Value, line: Int)] = []
+    /// `appended`: set with `+=` (its value already holds what it added to).
+    public private(set) var settings: [(key: String, value: Value, line: Int, appended: Bool)] = []
     public let file: String
 
     public static func == (a: XLConfig, b: XLConfig) -> Bool {
@@ -22,6 +24,9 @@ public struct XLConfig: Sendable, Equatable {
 
     public subscript(key: String) -> Value? { settings.last { $0.key == key }?.value }
     public func line(of key: String) -> Int? { settings.last { $0.key == key }?.line }
+    /// Whether the setting in force for `key` was made with `+=` (xl refuses
+    /// such a setting where it reads a number).
+    public func isAppended(_ key: String) -> Bool { settings.last { $0.key == key }?.appended ?? false }
 
     /// Parses `text`; `file` names it in errors.
     public init(parsing text: String, file: String = "<config>") throws(ConfigError) {
@@ -44,14 +49,20 @@ public struct XLConfig: Sendable, Equatable {
                 throw p.error("unexpected '\(p.peek!)' after the value of '\(key)'")
             }
             if p.peek == ";" { p.advance() }
-            if append, let i = settings.lastIndex(where: { $0.key == key }), case .list(let old) = settings[i].value,
-               case .list(let more) = value {
-                settings[i].value = .list(old + more)
-            } else if append, settings.contains(where: { $0.key == key }) {
-                throw ConfigError(file: file, line: line, message: "'+=' needs a list for '\(key)'")
-            } else {
-                settings.append((key, value, line))
+            var stored = value
+            // xlu__cfg_concat_vals: the earlier value and the added one joined,
+            // lists to lists and strings (numbers are strings to xl) to strings.
+            if append, let old = self[key] {
+                switch (old, value) {
+                case (.list(let a), .list(let b)): stored = .list(a + b)
+                case (.string(let a), .string(let b)), (.string(let a), .number(let b)),
+                     (.number(let a), .string(let b)), (.number(let a), .number(let b)):
+                    stored = .string(a + b)
+                default:
+                    throw ConfigError(file: file, line: line, message: "'\(key) +=': can't add [list] to \"string\" or vice versa")
+                }
             }
+            settings.append((key, stored, line, append))
         }
     }
 
@@ -110,26 +121,36 @@ public struct XLConfig: Sendable, Equatable {
             }
         }
 
+        /// A quoted string as xl lexes it (`'([^'\\\n]|\\.)*'`, the same with
+        /// `"`) and xlu__cfgl_dequote unescapes it, in either quote style:
+        /// \\ \' \" \a \b \f \n \r \t \v. xl's numeric escapes never yield
+        /// their character (\xHH is always refused, \ooo is dropped), so both
+        /// are refused here.
         mutating func quoted(_ q: Unicode.Scalar) throws(ConfigError) -> String {
             let start = line
             advance()
             var out = ""
-            while let c = peek {
+            while let c = peek, c != "\n" {
                 advance()
                 if c == q { return out }
-                if c == "\n" { break }
-                if c == "\\" && q == "\"" {
-                    guard let e = peek else { break }
-                    advance()
-                    switch e {
-                    case "n": out += "\n"
-                    case "t": out += "\t"
-                    case "r": out += "\r"
-                    case "\\", "\"", "'": out.unicodeScalars.append(e)
-                    default: throw error("unknown escape '\\\(e)'")
-                    }
-                } else {
+                guard c == "\\" else {
                     out.unicodeScalars.append(c)
+                    continue
+                }
+                guard let e = peek, e != "\n" else { break }
+                advance()
+                switch e {
+                case "\\", "\"", "'": out.unicodeScalars.append(e)
+                case "a": out += "\u{07}"
+                case "b": out += "\u{08}"
+                case "f": out += "\u{0C}"
+                case "n": out += "\n"
+                case "r": out += "\r"
+                case "t": out += "\t"
+                case "v": out += "\u{0B}"
+                case "x", "0"..."7":
+                    throw error("numeric escape '\\\(e)...' in a quoted string is not supported (xl's own reading of it loses the character)")
+                default: throw error("invalid character after backslash in quoted string: '\\\(e)'")
                 }
             }
             throw ConfigError(file: file, line: start, message: "unterminated string")

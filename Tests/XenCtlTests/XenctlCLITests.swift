@@ -119,6 +119,9 @@ import XenTestKit
             (cfg("badbridge", "name = 'c'\nvif = [ 'bridge=bad/name' ]\n"), "badbridge.cfg:2: vif 'bridge=bad/name': 'bad/name' is not a valid bridge name"),
             (cfg("nobridge", "name = 'd'\n\nvif = [ 'bridge=nosuchbr0' ]\n"), "nobridge.cfg:3: bridge 'nosuchbr0' does not exist"),
             (cfg("dupvdev", "name = 'e'\ndisk = [ 'vdev=xvda, target=\(img)', 'vdev=xvda, target=\(img)' ]\n"), "dupvdev.cfg:2: duplicate vdev 'xvda'"),
+            // Rate arithmetic that used to trap (a core dump, no error line).
+            (cfg("rate", "name = 'f'\n\nvif = [ 'bridge=\(bridge), rate=400000GB/s' ]\n"), "rate.cfg:3: vif 'bridge=\(bridge), rate=400000GB/s': rate overflow"),
+            (cfg("interval", "name = 'g'\nvif = [ 'bridge=\(bridge), rate=1Mb/s@20000000000000s' ]\n"), "interval.cfg:2: vif 'bridge=\(bridge), rate=1Mb/s@20000000000000s': replenishment interval overflow"),
         ]
         for (path, message) in bad {
             let (rc, out, err) = try xenctl("create", path, runDir: run)
@@ -194,6 +197,31 @@ import XenTestKit
         #expect(try xenctl("create", other, runDir: run).0 == 0)
         #expect(try xenctl("destroy", "other", runDir: run).0 == 0)
         #expect(try xenctl("list", runDir: run).1.split(separator: "\n").count == 2)
+
+        // A relative target is the file in xenctl's current directory, not one
+        // in blkback's: xenctl create runs in <run>/here, a decoy of the same
+        // name waits where the daemons were started.
+        let here = run + "/here"
+        try FileManager.default.createDirectory(atPath: here, withIntermediateDirectories: true)
+        #expect(FileManager.default.createFile(atPath: here + "/rel.img", contents: nil) && truncate(here + "/rel.img", 1 << 20) == 0)
+        let blkback = ServiceStatus.read(runDir: run)?.first { $0.name == "blkback" }?.pid ?? 0
+        let blkbackDir = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(blkback)/cwd")) ?? FileManager.default.currentDirectoryPath
+        #expect(blkbackDir != here)
+        let decoy = (blkbackDir == "/" ? "" : blkbackDir) + "/rel.img"
+        let madeDecoy = !FileManager.default.fileExists(atPath: decoy)
+            && FileManager.default.createFile(atPath: decoy, contents: Data(repeating: 0x55, count: 1 << 20))
+        defer { if madeDecoy { try? FileManager.default.removeItem(atPath: decoy) } }
+        let relCfg = cfg("rel", "name = 'rel'\nmemory = 16\ndisk = [ 'file:rel.img,xvda,w' ]\n")
+        let env = "XENHV_FIRST_DOMID=\(Dom0Harness.distinctFirstDomID())"
+        let rel = CommandResult.run("/bin/sh", ["-c", "cd '\(here)' && exec env \(env) '\(Self.bin)' create '\(relCfg)' --run-dir '\(run)'"], timeout: 120)
+        #expect(rel.ok, "\(rel)")
+        if rel.ok, let relURI = rel.out.split(separator: "\n").first(where: { $0.contains("disk xvda:") })?.split(separator: " ").last {
+            let w = CommandResult.run("/usr/bin/qemu-io", ["-f", "raw", String(relURI), "-c", "write -P 0x37 0 4096"])
+            #expect(w.ok, "\(w)")
+            let written = FileManager.default.contents(atPath: here + "/rel.img")?.prefix(4096)
+            #expect(written == Data(repeating: 0x37, count: 4096), "the guest's disk is not <run>/here/rel.img")
+        }
+        #expect(try xenctl("destroy", "rel", runDir: run).0 == 0)
         let (drc, _, _) = try xenctl("down", runDir: run)
         #expect(drc == 0)
         #expect(!FileManager.default.fileExists(atPath: "/sys/class/net/\(tap)"))

@@ -1,0 +1,79 @@
+import Testing
+import XenCtl
+
+/// xl.cfg lexing as libxlu_cfg_l.l and libxlu_cfg.c do it: escapes in both
+/// quote styles (xlu__cfgl_dequote), `+=` on strings (xlu__cfg_concat_vals),
+/// numbers read with strtol(..., 0) from any atom (xlu_cfg_get_bounded_long).
+@Suite struct XLConfigLexTests {
+    func value(_ text: String) throws -> XLConfig.Value? { try XLConfig(parsing: text, file: "l.cfg")["v"] }
+
+    @Test func escapesInBothQuoteStyles() throws {
+        #expect(try value("v = 'a\\'b'\n") == .string("a'b"))
+        #expect(try value("v = 'x\\\\y'\n") == .string("x\\y"))
+        #expect(try value("v = 'say \\\"hi\\\"'\n") == .string("say \"hi\""))
+        #expect(try value("v = \"it\\'s\"\n") == .string("it's"))
+        #expect(try value("v = \"\\a\\b\\f\\n\\r\\t\\v\"\n") == .string("\u{07}\u{08}\u{0C}\n\r\t\u{0B}"))
+        #expect(try value("v = 'tab\\there'\n") == .string("tab\there"))
+        #expect(try value("v = [ 'a\\'b', \"c\\\\d\" ]\n") == .list([.string("a'b"), .string("c\\d")]))
+    }
+
+    @Test(arguments: [
+        ("v = 'a\\qb'\n", "invalid character after backslash"),
+        ("v = \"\\x41\"\n", "numeric escape"),
+        ("v = \"\\101\"\n", "numeric escape"),
+        ("v = 'a\\\nb'\n", "unterminated string"),
+        ("v = 'abc\\'\n", "unterminated string"),
+    ])
+    func badEscapes(text: String, fragment: String) {
+        do {
+            _ = try XLConfig(parsing: text, file: "l.cfg")
+            Issue.record("accepted \(text)")
+        } catch {
+            #expect(error.line == 1 && error.description.hasPrefix("l.cfg:1: ") && error.message.contains(fragment), "\(error)")
+        }
+    }
+
+    @Test func plusEqualsConcatenatesStrings() throws {
+        let c = try XLConfig(parsing: "extra = \"console=hvc0\"\nextra += \" quiet\"\nextra += ' x=1'\n", file: "l.cfg")
+        #expect(c["extra"] == .string("console=hvc0 quiet x=1"))
+        #expect(c.line(of: "extra") == 3)
+        #expect(try XLConfig(parsing: "extra += 'alone'\n")["extra"] == .string("alone"))
+        #expect(try XLConfig(parsing: "vif = [ 'a' ]\nvif += [ 'b' ]\n")["vif"] == .list([.string("a"), .string("b")]))
+        for text in ["disk = [ 'a' ]\ndisk += 'b'\n", "extra = 'a'\nextra += [ 'b' ]\n"] {
+            do {
+                _ = try XLConfig(parsing: text, file: "l.cfg")
+                Issue.record("accepted \(text)")
+            } catch {
+                #expect(error.line == 2 && error.message.contains("can't add"), "\(error)")
+            }
+        }
+    }
+
+    /// `memory = "512"` and `memory = 0x200` are memory = 512 in xl.
+    @Test func numbersAsStrtol() throws {
+        func memory(_ v: String) throws -> UInt32 { try DomainConfig(try XLConfig(parsing: "name = 'x'\nmemory = \(v)\n", file: "m.cfg")).memory }
+        #expect(try memory("512") == 512)
+        #expect(try memory("0x200") == 512)
+        #expect(try memory("\"512\"") == 512)
+        #expect(try memory("'0x100'") == 256)
+        #expect(try memory("010") == 8, "a leading 0 is octal, as strtol(..., 0) reads it")
+        #expect(try memory("' 64'") == 64, "strtol skips leading blanks")
+        let d = try DomainConfig(try XLConfig(parsing: "name = 'x'\nvcpus = '2'\nmax_event_channels = 0x40\n", file: "m.cfg"))
+        #expect(d.vcpus == 2 && d.maxEventChannels == 64)
+        for (v, fragment) in [("08", "memory must be"), ("'512MB'", "memory must be"), ("''", "memory must be"), ("'0x'", "memory must be"),
+                              ("99999999999999999999", "memory must be")] {
+            do {
+                _ = try memory(v)
+                Issue.record("accepted memory = \(v)")
+            } catch {
+                #expect("\(error)".hasPrefix("m.cfg:2: ") && "\(error)".contains(fragment), "\(error)")
+            }
+        }
+        do {
+            _ = try DomainConfig(try XLConfig(parsing: "name = 'x'\nmemory = 256\nmemory += 0\n", file: "m.cfg"))
+            Issue.record("accepted memory +=")
+        } catch {
+            #expect(error.description.hasPrefix("m.cfg:3: ") && error.description.contains("can't use += with numbers"), "\(error)")
+        }
+    }
+}
