@@ -171,7 +171,12 @@ int cxen_port_drain(int fd);
 ssize_t cxen_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
 /* As above, but never blocks (MSG_DONTWAIT): a full peer gets EAGAIN. */
 ssize_t cxen_send_with_fds_nowait(int sock, const void *buf, size_t len, const int *fds, int nfds);
-ssize_t cxen_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds);
+/* recvmsg with SCM_RIGHTS: returns bytes or -1 (errno set; EAGAIN with
+   `nowait` when nothing is queued, MSG_DONTWAIT). Every descriptor that came
+   is in fds (the ones past maxfds are closed), a 0-byte record's too. A
+   return of 0 is the end of the stream only when *eof is 1; with *eof 0 it
+   is an empty record (SOCK_SEQPACKET keeps record boundaries). */
+ssize_t cxen_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int nowait, int *eof);
 /* Names the calling thread (prctl PR_SET_NAME; at most 15 bytes are kept), so
    top -H, perf and /proc/<pid>/task/<tid>/comm tell the threads apart. */
 void cxen_set_thread_name(const char *name);
