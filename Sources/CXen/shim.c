@@ -138,6 +138,14 @@ ssize_t cxen_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds
     return r;
 }
 
+int cxen_pidfd_open(int pid) {
+    return (int)syscall(SYS_pidfd_open, (pid_t)pid, 0);
+}
+
+int cxen_pidfd_send_signal(int pidfd, int sig) {
+    return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0);
+}
+
 int cxen_peer_pid(int sock) {
     struct ucred cred;
     socklen_t l = sizeof(cred);

@@ -282,7 +282,7 @@ public final class HypervisorDaemon {
             let d = try r.u16()
             guard d != 0, let dom = domains[d] else { throw d == 0 ? XenErrno.EINVAL : XenErrno.ESRCH }
             let pause = op == .pauseDomain
-            if dom.process > 0 { kill(dom.process, pause ? SIGSTOP : SIGCONT) }
+            dom.signalProcess(pause ? SIGSTOP : SIGCONT)
             dom.active.setState(pause ? .paused : .running)
 
         case .shutdown:
@@ -316,7 +316,7 @@ public final class HypervisorDaemon {
             let pid = Int32(bitPattern: try r.u32())
             guard d != 0, let dom = domains[d] else { throw XenErrno.ESRCH }
             guard pid > 0 else { throw XenErrno.EINVAL }
-            dom.process = pid
+            try dom.attachProcess(pid)
 
         case .openDomain:
             try requirePrivileged(c)

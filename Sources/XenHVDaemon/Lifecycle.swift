@@ -38,10 +38,9 @@ extension HypervisorDaemon {
     /// unmaps them, as a dying domain's do on Xen.
     func destroy(_ dom: Domain) {
         dom.active.setState(.dying)
-        if dom.process > 0 {
-            kill(dom.process, SIGKILL)
-            kill(dom.process, SIGCONT)
-        }
+        dom.signalProcess(SIGKILL)
+        dom.signalProcess(SIGCONT)
+        dom.dropProcess()
         for p in 1..<Int(HVLimits.eventChannelPorts) where dom.ports[p].state != .free {
             close(EventPort(p), in: dom, wakePeer: true)
         }
@@ -73,6 +72,9 @@ extension HypervisorDaemon {
         clients.removeValue(forKey: c.fd)
         Glibc.close(c.fd)
         if c.domid != 0 {
+            // The process that ran the domain is no longer ours to signal:
+            // its pid may be freed and reused any time now.
+            if let dom = domains[c.domid], dom.guestClient == c.id { dom.dropProcess() }
             // A guest that shut down cleanly is expected to go away.
             if let dom = domains[c.domid], dom.state == .running || dom.state == .paused {
                 logger.warning("domain \(c.domid) lost its guest process", metadata: ["name": "\(dom.name)"])
