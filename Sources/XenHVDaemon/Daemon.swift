@@ -283,7 +283,10 @@ public final class HypervisorDaemon {
             guard d != 0, let dom = domains[d] else { throw d == 0 ? XenErrno.EINVAL : XenErrno.ESRCH }
             let pause = op == .pauseDomain
             dom.signalProcess(pause ? SIGSTOP : SIGCONT)
-            dom.active.setState(pause ? .paused : .running)
+            // A shut-down or crashed domain stays so (Xen keeps is_shut_down
+            // across pause and unpause), or the toolstack would never apply
+            // its on_* action.
+            if dom.state == .running || dom.state == .paused { dom.active.setState(pause ? .paused : .running) }
 
         case .shutdown:
             let dom = try domain(c.domid, for: c)
