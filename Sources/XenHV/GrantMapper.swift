@@ -128,7 +128,9 @@ extension Hypervisor {
             return .failure(.badGntref)
         }
         let pins = dom.active.lock(ref, owner: clientID)
-        let status = dom.entries.setBusy(ref, mapper: domid, writable: writable, forMap: true)
+        // Xen's map_grant_ref refuses a pin past its counter's limit before it touches the entry.
+        let status = pins.full(writable: writable)
+            ? .generalError : dom.entries.setBusy(ref, mapper: domid, writable: writable, forMap: true)
         guard status == .okay else {
             dom.active.unlock(ref, pins: pins)
             state.withLock { $0.maps.release(handle) }
@@ -311,7 +313,7 @@ extension Hypervisor {
 
         // The same entry on both ends is pinned once, writable.
         if let s = src, let d = dst, s.dom === d.dom, s.ref == d.ref {
-            guard let frame = pinForCopy(d, writable: true) else { return .generalError }
+            guard let frame = pinForCopy(d, writable: true, alsoReading: true) else { return .generalError }
             defer { unpinForCopy(d) }
             let mem = frameAddress(d, frame)
             memmove(mem + d.offset, mem + s.offset, len)
@@ -347,10 +349,14 @@ extension Hypervisor {
 
     /// Transient pin for a copy (`acquire_grant_for_copy`): the entry lock is
     /// held for the whole copy, busy bits set so the granter cannot revoke it
-    /// mid-copy. Returns the frame, or nil (entry lock released) when refused.
-    private func pinForCopy(_ e: CopyEnd, writable: Bool) -> UInt32? {
+    /// mid-copy. Returns the frame, or nil (entry lock released) when refused:
+    /// as on Xen, also when the counter the pin would raise (read for a
+    /// source, write for a destination; `alsoReading` when one entry is both)
+    /// is at its limit.
+    private func pinForCopy(_ e: CopyEnd, writable: Bool, alsoReading: Bool = false) -> UInt32? {
         let pins = e.dom.active.lock(e.ref, owner: clientID)
-        guard e.dom.entries.setBusy(e.ref, mapper: domid, writable: writable, forMap: false) == .okay else {
+        guard !pins.full(writable: writable), !(alsoReading && pins.full(writable: false)),
+              e.dom.entries.setBusy(e.ref, mapper: domid, writable: writable, forMap: false) == .okay else {
             e.dom.active.unlock(e.ref, pins: pins)
             return nil
         }
