@@ -179,6 +179,11 @@ extension Hypervisor {
     }
 
     /// `GNTTABOP_unmap_grant_ref` by handle: GNTST_bad_handle for a handle not in use.
+    ///
+    /// As Xen's unmap_common, the maptrack entry is read again under the
+    /// active entry's lock: of two unmaps of one handle at once, one finds it
+    /// still in use and unmaps it, the other gets GNTST_bad_handle. The page
+    /// is unmapped, its pin dropped and the handle freed once.
     @discardableResult
     public func unmap(handle: GrantHandle) -> GrantStatus {
         guard maptrack != nil, handle < state.withLock({ $0.maps.capacity }) else { return .badHandle }
@@ -187,15 +192,23 @@ extension Hypervisor {
         let d = DomID(truncatingIfNeeded: e >> 32)
         let ref = GrantRef(truncatingIfNeeded: e)
         let writable = e & MaptrackLayout.writable != 0
+        guard let dom = state.withLock({ $0.domains[d] }), ref < dom.active.entries else { return .badHandle }
+        let pins = dom.active.lock(ref, owner: clientID)
+        guard cxen_load_acquire_u64(maptrackEntry(handle)) == e else {
+            dom.active.unlock(ref, pins: pins)
+            return .badHandle
+        }
+        // Unmapped before the busy bits clear: the granter may revoke and reuse the page after.
         let addr = state.withLock { $0.maps.addresses[Int(handle)] }
         if addr != 0 { munmap(UnsafeMutableRawPointer(bitPattern: addr), HVLimits.pageSize) }
-        guard let dom = state.withLock({ $0.domains[d] }) else { return .badHandle }
-        release(handle: handle, dom: dom, ref: ref, writable: writable)
+        release(handle: handle, dom: dom, ref: ref, writable: writable, locked: pins)
         return .okay
     }
 
-    private func release(handle: GrantHandle, dom: ForeignDomain, ref: GrantRef, writable: Bool) {
-        let pins = dom.active.lock(ref, owner: clientID)
+    /// Drops the pin of `handle` and frees it. With `locked` the entry lock
+    /// is held already (those are the pins it returned).
+    private func release(handle: GrantHandle, dom: ForeignDomain, ref: GrantRef, writable: Bool, locked: Pins? = nil) {
+        let pins = locked ?? dom.active.lock(ref, owner: clientID)
         let left = Pins(read: pins.read - (writable ? 0 : min(1, pins.read)),
                         write: pins.write - (writable ? min(1, pins.write) : 0))
         dom.entries.releaseBusy(ref, pins: left)
