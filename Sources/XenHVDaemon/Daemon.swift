@@ -210,12 +210,15 @@ public final class HypervisorDaemon {
             logger.warning("dropping client \(c.id) (domain \(c.domid)): it does not read its replies")
             disconnect(c)
         }
-        // Descriptors we created only to pass along are closed once sent.
-        reply.fds.forEach { if $0 >= 0 && ownedOnlyForSending.contains($0) { Glibc.close($0) } }
+        // Descriptors we created only to pass along are closed once sent, and
+        // also when the request failed after making them (the error reply
+        // carries none).
+        ownedOnlyForSending.forEach { _ = Glibc.close($0) }
         ownedOnlyForSending.removeAll(keepingCapacity: true)
     }
 
-    /// Descriptors made for one reply (maptrack, socketpair ends) closed after sending.
+    /// Descriptors made for one reply (the read-only port generations, the
+    /// guest's socketpair end), closed after it, sent or not.
     var ownedOnlyForSending: Set<CInt> = []
 
     func domain(_ d: DomID, for c: Client) throws(XenErrno) -> Domain {
@@ -235,7 +238,6 @@ public final class HypervisorDaemon {
         switch op {
         case .hello:
             guard !c.greeted else { throw XenErrno.EINVAL }
-            c.greeted = true
             let dom = try domain(c.domid, for: c)
             w.u16(c.domid); w.u32(c.id); w.u32(dom.pages); w.u32(config.maptrackEntries)
             fds.append(dom.sharedInfo.fd.rawValue)
@@ -250,6 +252,7 @@ public final class HypervisorDaemon {
                 fds.append(dom.memory!.fd.rawValue)
                 fds.append(dom.grantTable.fd.rawValue)
             }
+            c.greeted = true
 
         case .createDomain:
             try requirePrivileged(c)

@@ -14,13 +14,20 @@ extension HypervisorDaemon {
         // can never reach a newer domain.
         guard nextDomID < HVLimits.firstReservedDomID else { throw XenErrno.ENOSPC }
         let dom = try Domain(domid: nextDomID, name: name, pages: pages)
-        dom.storePort = try allocate(in: dom, .unbound(remote: 0), owner: 0)
-        dom.consolePort = try allocate(in: dom, .unbound(remote: 0), owner: 0)
-        try dom.writeStartInfo()
-
         var sv: [CInt] = [-1, -1]
-        guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &sv) == 0 else {
-            throw HypervisorError.system(call: "socketpair", errno: errno)
+        do {
+            dom.storePort = try allocate(in: dom, .unbound(remote: 0), owner: 0)
+            dom.consolePort = try allocate(in: dom, .unbound(remote: 0), owner: 0)
+            try dom.writeStartInfo()
+            guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &sv) == 0 else {
+                throw HypervisorError.system(call: "socketpair", errno: errno)
+            }
+        } catch {
+            // The memfds go with the Domain; its ports' wake-up sets are ours to close.
+            for p in 1..<Int(HVLimits.eventChannelPorts) where dom.ports[p].state != .free {
+                close(EventPort(p), in: dom)
+            }
+            throw error
         }
         nextDomID += 1
         domains[dom.domid] = dom
