@@ -221,10 +221,12 @@ extension Hypervisor {
         }
     }
 
-    /// Batched `GNTTABOP_copy`: for each op, checks offsets (GNTST_bad_copy_arg
-    /// when `offset + len` crosses the page), the domains and refs, pins the
-    /// grants for the copy (GTF_reading on the source, GTF_writing on the
-    /// destination) and copies. Each op's status is set in place.
+    /// Batched `GNTTABOP_copy`: for each op, in the order of Xen's
+    /// gnttab_copy_one, checks both domains (GNTST_bad_domain), both refs
+    /// (GNTST_bad_gntref), pins the grants for the copy (GTF_reading on the
+    /// source, GTF_writing on the destination; GNTST_general_error), checks
+    /// the offsets (GNTST_bad_copy_arg when `offset + len` crosses the page)
+    /// and copies. Each op's status is set in place.
     public func copyGrants(_ ops: inout [GrantCopy]) {
         // One lookup per domain per batch (a batch is one ring pass of one vif).
         var recent: ForeignDomain?
@@ -251,7 +253,6 @@ extension Hypervisor {
     public func withGrantsInPlace(domid d: DomID, _ spans: UnsafeBufferPointer<GrantSpan>, writable: Bool = false,
                                   iov: UnsafeMutablePointer<iovec>, _ body: () -> Int) -> Result<Int, GrantStatus> {
         guard maptrack != nil else { return .failure(.permissionDenied) }
-        for s in spans where Int(s.offset) + Int(s.length) > HVLimits.pageSize { return .failure(.badCopyArg) }
         guard let dom = foreignDomain(d) else { return .failure(.badDomain) }
         for s in spans where s.ref >= dom.active.entries { return .failure(.badGntref) }
         guard let memory = dom.wholeMemory else { return .failure(.generalError) }
@@ -276,6 +277,8 @@ extension Hypervisor {
                 pinned[held].frame = frame
                 held += 1
             }
+            // Offsets last, as a copy checks them (gnttab_copy_buf).
+            for s in spans where Int(s.offset) + Int(s.length) > HVLimits.pageSize { return .failure(.badCopyArg) }
             for (k, s) in spans.enumerated() {
                 var lo = 0, hi = n - 1  // the span's ref is among the n
                 while lo < hi {
@@ -299,17 +302,18 @@ extension Hypervisor {
         }
     }
 
-    private func resolve(_ end: GrantCopyEnd, length: Int, _ recent: inout ForeignDomain?) -> Result<CopyEnd?, GrantStatus> {
-        guard case let .grant(d, ref, offset) = end else { return .success(nil) }
-        guard Int(offset) + length <= HVLimits.pageSize else { return .failure(.badCopyArg) }
-        let dom: ForeignDomain
-        if let r = recent, r.domid == d, r.active.state != .dying {
-            dom = r
-        } else {
-            guard let f = foreignDomain(d) else { return .failure(.badDomain) }
-            dom = f
-            recent = f
-        }
+    /// The granting domain of a copy end (nil for a local buffer).
+    private func domain(of end: GrantCopyEnd, _ recent: inout ForeignDomain?) -> Result<ForeignDomain?, GrantStatus> {
+        guard case let .grant(d, _, _) = end else { return .success(nil) }
+        if let r = recent, r.domid == d, r.active.state != .dying { return .success(r) }
+        guard let f = foreignDomain(d) else { return .failure(.badDomain) }
+        recent = f
+        return .success(f)
+    }
+
+    /// A copy end's grant, its ref checked against the table (offsets are checked later).
+    private func grant(of end: GrantCopyEnd, in dom: ForeignDomain?) -> Result<CopyEnd?, GrantStatus> {
+        guard case let .grant(_, ref, offset) = end, let dom else { return .success(nil) }
         guard ref < dom.active.entries else { return .failure(.badGntref) }
         return .success(CopyEnd(dom: dom, ref: ref, offset: Int(offset)))
     }
@@ -317,17 +321,22 @@ extension Hypervisor {
     private func copyOne(_ op: GrantCopy, _ recent: inout ForeignDomain?) -> GrantStatus {
         guard maptrack != nil else { return .permissionDenied }
         let len = Int(op.length)
-        // Offsets of both ends first, as Xen checks them before anything else.
-        if case let .grant(_, _, off) = op.source, Int(off) + len > HVLimits.pageSize { return .badCopyArg }
-        if case let .grant(_, _, off) = op.dest, Int(off) + len > HVLimits.pageSize { return .badCopyArg }
+        // Xen's order (gnttab_copy_one): both domains, then the source's
+        // grant and the destination's, and the offsets last (gnttab_copy_buf).
+        let sd: ForeignDomain?, dd: ForeignDomain?
+        switch domain(of: op.source, &recent) { case .success(let x): sd = x; case .failure(let s): return s }
+        switch domain(of: op.dest, &recent) { case .success(let x): dd = x; case .failure(let s): return s }
         let src: CopyEnd?, dst: CopyEnd?
-        switch resolve(op.source, length: len, &recent) { case .success(let e): src = e; case .failure(let s): return s }
-        switch resolve(op.dest, length: len, &recent) { case .success(let e): dst = e; case .failure(let s): return s }
+        switch grant(of: op.source, in: sd) { case .success(let e): src = e; case .failure(let s): return s }
+        switch grant(of: op.dest, in: dd) { case .success(let e): dst = e; case .failure(let s): return s }
+        func fits(_ e: CopyEnd?) -> Bool { e.map { $0.offset + len <= HVLimits.pageSize } ?? true }
+        let offsetsFit = fits(src) && fits(dst)
 
         // The same entry on both ends is pinned once, writable.
         if let s = src, let d = dst, s.dom === d.dom, s.ref == d.ref {
             guard let frame = pinForCopy(d, writable: true, alsoReading: true) else { return .generalError }
             defer { unpinForCopy(d) }
+            guard offsetsFit else { return .badCopyArg }
             let mem = frameAddress(d, frame)
             memmove(mem + d.offset, mem + s.offset, len)
             return .okay
@@ -346,6 +355,7 @@ extension Hypervisor {
             secondFrame = f
         }
         defer { if let e = second { unpinForCopy(e) } }
+        guard offsetsFit else { return .badCopyArg }
 
         func address(_ end: GrantCopyEnd, _ ce: CopyEnd?) -> UnsafeMutableRawPointer {
             if case let .local(p) = end { return p }
