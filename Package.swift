@@ -235,7 +235,10 @@ let package = Package(
         .testTarget(name: "NetBackTests", dependencies: ["XenTestKit", "NetBack", "NetFrontKit", "XenHV", "XenRing", "CXen", "CNetShim"]),
         .testTarget(name: "XenABITests", dependencies: ["CXen", "CXenTestSupport", "XenRing"]),
         .testTarget(name: "XenRingTests", dependencies: ["XenRing", "CXen", "CXenTestSupport"]),
-        .testTarget(name: "XenHVTests", dependencies: ["XenHV", "XenRing", "CXen", "XenTestKit"]),
+        .testTarget(
+            name: "XenHVTests",
+            dependencies: ["XenHV", "XenHVDaemon", "XenRing", "CXen", "XenTestKit",
+                           .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "XenStoreTests", dependencies: ["XenStore", "XenBus", "XenHV", "CXen", "XenTestKit"]),
     ],
     swiftLanguageModes: [.v6]

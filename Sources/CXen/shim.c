@@ -106,15 +106,18 @@ static ssize_t send_fds(int sock, const void *buf, size_t len, const int *fds, i
     return r;
 }
 
-ssize_t cxen_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds) {
+ssize_t cxen_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int nowait, int *eof) {
     struct iovec iov = { .iov_base = buf, .iov_len = len };
     union { char buf[CMSG_SPACE(sizeof(int) * CXEN_MAX_FDS)]; struct cmsghdr align; } u;
     struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1,
                           .msg_control = u.buf, .msg_controllen = sizeof(u.buf) };
     *nfds = 0;
+    *eof = 0;
     ssize_t r;
-    do { r = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC); } while (r < 0 && errno == EINTR);
+    do { r = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | (nowait ? MSG_DONTWAIT : 0)); } while (r < 0 && errno == EINTR);
     if (r < 0) return r;
+    /* Descriptors are collected whatever the length: a zero-length record
+       can carry them too, and the kernel has installed them already. */
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
         if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
         int n = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
@@ -124,7 +127,23 @@ ssize_t cxen_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds
             else close(in[i]); /* never leak a descriptor we cannot return */
         }
     }
+    /* On SOCK_SEQPACKET (and datagram) sockets 0 is also the length of an
+       empty record. It is the end of the stream only when nothing came with
+       it and the peer can send no more (it closed or shut down its writing
+       side: RCV_SHUTDOWN, which poll reports as POLLRDHUP). */
+    if (r == 0 && msg.msg_controllen == 0 && !(msg.msg_flags & MSG_CTRUNC)) {
+        struct pollfd p = { .fd = sock, .events = POLLRDHUP, .revents = 0 };
+        if (poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP))) *eof = 1;
+    }
     return r;
+}
+
+int cxen_pidfd_open(int pid) {
+    return (int)syscall(SYS_pidfd_open, (pid_t)pid, 0);
+}
+
+int cxen_pidfd_send_signal(int pidfd, int sig) {
+    return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0);
 }
 
 int cxen_peer_pid(int sock) {

@@ -84,11 +84,21 @@ package struct ActiveGrantTable: @unchecked Sendable {
 }
 
 /// Read and write pin counts of an active grant (`act->pin`).
+///
+/// Xen keeps four 8-bit counters (host and device, read and write; we have
+/// host mappings only) and refuses a pin whose counter already has its top
+/// bit set (`act->pin & GNTPIN_incr2oflow_mask(pin_incr)`, "risk of counter
+/// overflow"), so none passes 128. Ours are 16 bits wide (the word's layout
+/// is shared by every mapper and xenhv) and stop at the same 128.
 package struct Pins: Equatable {
     package var raw: UInt32
     package var read: UInt32 { raw & 0xFFFF }
     package var write: UInt32 { raw >> 16 }
     package var any: Bool { raw != 0 }
+    /// Xen's pins per counter: 2^(GNTPIN_cntr_width - 1).
+    package static let limit: UInt32 = 128
+    /// Whether a read (or, `writable`, a write) pin would pass the limit.
+    package func full(writable: Bool) -> Bool { (writable ? write : read) >= Pins.limit }
     package init(raw: UInt32) { self.raw = raw }
     package init(read: UInt32, write: UInt32) { raw = min(read, 0xFFFF) | min(write, 0xFFFF) << 16 }
 }

@@ -128,7 +128,9 @@ extension Hypervisor {
             return .failure(.badGntref)
         }
         let pins = dom.active.lock(ref, owner: clientID)
-        let status = dom.entries.setBusy(ref, mapper: domid, writable: writable, forMap: true)
+        // Xen's map_grant_ref refuses a pin past its counter's limit before it touches the entry.
+        let status = pins.full(writable: writable)
+            ? .generalError : dom.entries.setBusy(ref, mapper: domid, writable: writable, forMap: true)
         guard status == .okay else {
             dom.active.unlock(ref, pins: pins)
             state.withLock { $0.maps.release(handle) }
@@ -177,6 +179,11 @@ extension Hypervisor {
     }
 
     /// `GNTTABOP_unmap_grant_ref` by handle: GNTST_bad_handle for a handle not in use.
+    ///
+    /// As Xen's unmap_common, the maptrack entry is read again under the
+    /// active entry's lock: of two unmaps of one handle at once, one finds it
+    /// still in use and unmaps it, the other gets GNTST_bad_handle. The page
+    /// is unmapped, its pin dropped and the handle freed once.
     @discardableResult
     public func unmap(handle: GrantHandle) -> GrantStatus {
         guard maptrack != nil, handle < state.withLock({ $0.maps.capacity }) else { return .badHandle }
@@ -185,15 +192,23 @@ extension Hypervisor {
         let d = DomID(truncatingIfNeeded: e >> 32)
         let ref = GrantRef(truncatingIfNeeded: e)
         let writable = e & MaptrackLayout.writable != 0
+        guard let dom = state.withLock({ $0.domains[d] }), ref < dom.active.entries else { return .badHandle }
+        let pins = dom.active.lock(ref, owner: clientID)
+        guard cxen_load_acquire_u64(maptrackEntry(handle)) == e else {
+            dom.active.unlock(ref, pins: pins)
+            return .badHandle
+        }
+        // Unmapped before the busy bits clear: the granter may revoke and reuse the page after.
         let addr = state.withLock { $0.maps.addresses[Int(handle)] }
         if addr != 0 { munmap(UnsafeMutableRawPointer(bitPattern: addr), HVLimits.pageSize) }
-        guard let dom = state.withLock({ $0.domains[d] }) else { return .badHandle }
-        release(handle: handle, dom: dom, ref: ref, writable: writable)
+        release(handle: handle, dom: dom, ref: ref, writable: writable, locked: pins)
         return .okay
     }
 
-    private func release(handle: GrantHandle, dom: ForeignDomain, ref: GrantRef, writable: Bool) {
-        let pins = dom.active.lock(ref, owner: clientID)
+    /// Drops the pin of `handle` and frees it. With `locked` the entry lock
+    /// is held already (those are the pins it returned).
+    private func release(handle: GrantHandle, dom: ForeignDomain, ref: GrantRef, writable: Bool, locked: Pins? = nil) {
+        let pins = locked ?? dom.active.lock(ref, owner: clientID)
         let left = Pins(read: pins.read - (writable ? 0 : min(1, pins.read)),
                         write: pins.write - (writable ? min(1, pins.write) : 0))
         dom.entries.releaseBusy(ref, pins: left)
@@ -206,10 +221,12 @@ extension Hypervisor {
         }
     }
 
-    /// Batched `GNTTABOP_copy`: for each op, checks offsets (GNTST_bad_copy_arg
-    /// when `offset + len` crosses the page), the domains and refs, pins the
-    /// grants for the copy (GTF_reading on the source, GTF_writing on the
-    /// destination) and copies. Each op's status is set in place.
+    /// Batched `GNTTABOP_copy`: for each op, in the order of Xen's
+    /// gnttab_copy_one, checks both domains (GNTST_bad_domain), both refs
+    /// (GNTST_bad_gntref), pins the grants for the copy (GTF_reading on the
+    /// source, GTF_writing on the destination; GNTST_general_error), checks
+    /// the offsets (GNTST_bad_copy_arg when `offset + len` crosses the page)
+    /// and copies. Each op's status is set in place.
     public func copyGrants(_ ops: inout [GrantCopy]) {
         // One lookup per domain per batch (a batch is one ring pass of one vif).
         var recent: ForeignDomain?
@@ -236,7 +253,6 @@ extension Hypervisor {
     public func withGrantsInPlace(domid d: DomID, _ spans: UnsafeBufferPointer<GrantSpan>, writable: Bool = false,
                                   iov: UnsafeMutablePointer<iovec>, _ body: () -> Int) -> Result<Int, GrantStatus> {
         guard maptrack != nil else { return .failure(.permissionDenied) }
-        for s in spans where Int(s.offset) + Int(s.length) > HVLimits.pageSize { return .failure(.badCopyArg) }
         guard let dom = foreignDomain(d) else { return .failure(.badDomain) }
         for s in spans where s.ref >= dom.active.entries { return .failure(.badGntref) }
         guard let memory = dom.wholeMemory else { return .failure(.generalError) }
@@ -261,6 +277,8 @@ extension Hypervisor {
                 pinned[held].frame = frame
                 held += 1
             }
+            // Offsets last, as a copy checks them (gnttab_copy_buf).
+            for s in spans where Int(s.offset) + Int(s.length) > HVLimits.pageSize { return .failure(.badCopyArg) }
             for (k, s) in spans.enumerated() {
                 var lo = 0, hi = n - 1  // the span's ref is among the n
                 while lo < hi {
@@ -284,17 +302,18 @@ extension Hypervisor {
         }
     }
 
-    private func resolve(_ end: GrantCopyEnd, length: Int, _ recent: inout ForeignDomain?) -> Result<CopyEnd?, GrantStatus> {
-        guard case let .grant(d, ref, offset) = end else { return .success(nil) }
-        guard Int(offset) + length <= HVLimits.pageSize else { return .failure(.badCopyArg) }
-        let dom: ForeignDomain
-        if let r = recent, r.domid == d, r.active.state != .dying {
-            dom = r
-        } else {
-            guard let f = foreignDomain(d) else { return .failure(.badDomain) }
-            dom = f
-            recent = f
-        }
+    /// The granting domain of a copy end (nil for a local buffer).
+    private func domain(of end: GrantCopyEnd, _ recent: inout ForeignDomain?) -> Result<ForeignDomain?, GrantStatus> {
+        guard case let .grant(d, _, _) = end else { return .success(nil) }
+        if let r = recent, r.domid == d, r.active.state != .dying { return .success(r) }
+        guard let f = foreignDomain(d) else { return .failure(.badDomain) }
+        recent = f
+        return .success(f)
+    }
+
+    /// A copy end's grant, its ref checked against the table (offsets are checked later).
+    private func grant(of end: GrantCopyEnd, in dom: ForeignDomain?) -> Result<CopyEnd?, GrantStatus> {
+        guard case let .grant(_, ref, offset) = end, let dom else { return .success(nil) }
         guard ref < dom.active.entries else { return .failure(.badGntref) }
         return .success(CopyEnd(dom: dom, ref: ref, offset: Int(offset)))
     }
@@ -302,17 +321,22 @@ extension Hypervisor {
     private func copyOne(_ op: GrantCopy, _ recent: inout ForeignDomain?) -> GrantStatus {
         guard maptrack != nil else { return .permissionDenied }
         let len = Int(op.length)
-        // Offsets of both ends first, as Xen checks them before anything else.
-        if case let .grant(_, _, off) = op.source, Int(off) + len > HVLimits.pageSize { return .badCopyArg }
-        if case let .grant(_, _, off) = op.dest, Int(off) + len > HVLimits.pageSize { return .badCopyArg }
+        // Xen's order (gnttab_copy_one): both domains, then the source's
+        // grant and the destination's, and the offsets last (gnttab_copy_buf).
+        let sd: ForeignDomain?, dd: ForeignDomain?
+        switch domain(of: op.source, &recent) { case .success(let x): sd = x; case .failure(let s): return s }
+        switch domain(of: op.dest, &recent) { case .success(let x): dd = x; case .failure(let s): return s }
         let src: CopyEnd?, dst: CopyEnd?
-        switch resolve(op.source, length: len, &recent) { case .success(let e): src = e; case .failure(let s): return s }
-        switch resolve(op.dest, length: len, &recent) { case .success(let e): dst = e; case .failure(let s): return s }
+        switch grant(of: op.source, in: sd) { case .success(let e): src = e; case .failure(let s): return s }
+        switch grant(of: op.dest, in: dd) { case .success(let e): dst = e; case .failure(let s): return s }
+        func fits(_ e: CopyEnd?) -> Bool { e.map { $0.offset + len <= HVLimits.pageSize } ?? true }
+        let offsetsFit = fits(src) && fits(dst)
 
         // The same entry on both ends is pinned once, writable.
         if let s = src, let d = dst, s.dom === d.dom, s.ref == d.ref {
-            guard let frame = pinForCopy(d, writable: true) else { return .generalError }
+            guard let frame = pinForCopy(d, writable: true, alsoReading: true) else { return .generalError }
             defer { unpinForCopy(d) }
+            guard offsetsFit else { return .badCopyArg }
             let mem = frameAddress(d, frame)
             memmove(mem + d.offset, mem + s.offset, len)
             return .okay
@@ -331,6 +355,7 @@ extension Hypervisor {
             secondFrame = f
         }
         defer { if let e = second { unpinForCopy(e) } }
+        guard offsetsFit else { return .badCopyArg }
 
         func address(_ end: GrantCopyEnd, _ ce: CopyEnd?) -> UnsafeMutableRawPointer {
             if case let .local(p) = end { return p }
@@ -347,10 +372,14 @@ extension Hypervisor {
 
     /// Transient pin for a copy (`acquire_grant_for_copy`): the entry lock is
     /// held for the whole copy, busy bits set so the granter cannot revoke it
-    /// mid-copy. Returns the frame, or nil (entry lock released) when refused.
-    private func pinForCopy(_ e: CopyEnd, writable: Bool) -> UInt32? {
+    /// mid-copy. Returns the frame, or nil (entry lock released) when refused:
+    /// as on Xen, also when the counter the pin would raise (read for a
+    /// source, write for a destination; `alsoReading` when one entry is both)
+    /// is at its limit.
+    private func pinForCopy(_ e: CopyEnd, writable: Bool, alsoReading: Bool = false) -> UInt32? {
         let pins = e.dom.active.lock(e.ref, owner: clientID)
-        guard e.dom.entries.setBusy(e.ref, mapper: domid, writable: writable, forMap: false) == .okay else {
+        guard !pins.full(writable: writable), !(alsoReading && pins.full(writable: false)),
+              e.dom.entries.setBusy(e.ref, mapper: domid, writable: writable, forMap: false) == .okay else {
             e.dom.active.unlock(e.ref, pins: pins)
             return nil
         }

@@ -131,21 +131,47 @@ package struct WireMessage {
         }
     }
 
+    /// What one receive found.
+    package enum Receipt {
+        case message(WireMessage)
+        /// The peer closed or shut down its side, and nothing is left to read.
+        case end
+        /// Nothing queued (non-blocking receives only).
+        case wouldBlock
+    }
+
     /// Receives one message; nil at end of stream.
     package static func receive(on sock: CInt, buffer: inout [UInt8]) throws(HypervisorError) -> WireMessage? {
+        switch try receive(on: sock, buffer: &buffer, blocking: true) {
+        case .message(let m): return m
+        case .end: return nil
+        case .wouldBlock: throw .system(call: "recvmsg", errno: EAGAIN)
+        }
+    }
+
+    /// Receives one message. `blocking: false` is for xenhv, which must never
+    /// wait on a client (MSG_DONTWAIT). A record shorter than the header, an
+    /// empty one included, is a protocol violation, never the end of the
+    /// stream: on SOCK_SEQPACKET recvmsg returns 0 for an empty record as it
+    /// does at the end, and only the peer's shutdown tells them apart. Every
+    /// descriptor a refused record carried is closed.
+    package static func receive(on sock: CInt, buffer: inout [UInt8], blocking: Bool) throws(HypervisorError) -> Receipt {
         if buffer.count < maxPayload + 8 { buffer = [UInt8](repeating: 0, count: maxPayload + 8) }
         var fds = [CInt](repeating: -1, count: 16)
         var nfds: CInt = 0
+        var eof: CInt = 0
         let r = buffer.withUnsafeMutableBytes { b in
             fds.withUnsafeMutableBufferPointer { f in
-                cxen_recv_with_fds(sock, b.baseAddress, b.count, f.baseAddress, 16, &nfds)
+                cxen_recv_with_fds(sock, b.baseAddress, b.count, f.baseAddress, 16, &nfds, blocking ? 0 : 1, &eof)
             }
         }
-        if r == 0 { return nil }
+        if r == 0 && eof != 0 { return .end }
         guard r >= 8 else {
+            let e = errno
             for i in 0..<Int(nfds) { Glibc.close(fds[i]) }
-            if r < 0, errno == ECONNRESET { return nil }
-            if r < 0 { throw .system(call: "recvmsg", errno: errno) }
+            if r < 0, e == EAGAIN || e == EWOULDBLOCK { return .wouldBlock }
+            if r < 0, e == ECONNRESET { return .end }
+            if r < 0 { throw .system(call: "recvmsg", errno: e) }
             throw .protocolViolation("message of \(r) bytes")
         }
         let code = buffer.withUnsafeBytes { Int32(littleEndian: $0.loadUnaligned(fromByteOffset: 0, as: Int32.self)) }
@@ -154,6 +180,6 @@ package struct WireMessage {
             for i in 0..<Int(nfds) { Glibc.close(fds[i]) }
             throw .protocolViolation("length \(len) but \(r - 8) payload bytes")
         }
-        return WireMessage(code: code, payload: Array(buffer[8..<r]), fds: Array(fds[0..<Int(nfds)]))
+        return .message(WireMessage(code: code, payload: Array(buffer[8..<r]), fds: Array(fds[0..<Int(nfds)])))
     }
 }

@@ -106,34 +106,63 @@ public final class HypervisorDaemon {
         // The readiness line supervisors and tests wait for.
         let ready = "xenhv ready \(config.socketPath)\n"
         _ = ready.withCString { write(1, $0, strlen($0)) }
-        var pfds: [pollfd] = []
         while running {
-            pfds.removeAll(keepingCapacity: true)
-            pfds.append(pollfd(fd: listenFD, events: Int16(POLLIN), revents: 0))
-            pfds.append(pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0))
-            for fd in clients.keys { pfds.append(pollfd(fd: fd, events: Int16(POLLIN), revents: 0)) }
-            let n = poll(&pfds, nfds_t(pfds.count), -1)
-            if n < 0 {
-                if errno == EINTR { continue }
-                logger.critical("poll failed: errno \(errno)")
-                break
-            }
-            if pfds[1].revents != 0 {
+            guard let round = pollRound(timeout: -1) else { break }
+            if round.signalled {
                 logger.info("xenhv stopping on signal")
                 break
             }
-            if pfds[0].revents & Int16(POLLIN) != 0 { accept() }
-            // Hung-up connections first: a mapper that died is cleaned up before
-            // any request that arrived with it in the same round is answered.
-            let hup = Int16(POLLHUP | POLLERR)
-            for p in pfds.dropFirst(2) where p.revents & hup != 0 {
-                if let c = clients[p.fd] { serve(c) }
-            }
-            for p in pfds.dropFirst(2) where p.revents != 0 && p.revents & hup == 0 {
-                if let c = clients[p.fd] { serve(c) }
-            }
+            if round.listening { accept() }
+            serve(round)
         }
         shutdown()
+    }
+
+    /// What one poll found ready: the listening socket, the signalfd, and
+    /// the clients, each with its events.
+    struct Round {
+        var listening = false
+        var signalled = false
+        var ready: [(client: Client, events: Int16)] = []
+    }
+
+    /// One poll over the listening socket, the signalfd and every client
+    /// (`timeout` in milliseconds, -1 for none); nil when poll fails.
+    func pollRound(timeout: Int32) -> Round? {
+        var pfds: [pollfd] = []
+        var polled: [Client] = []
+        pfds.append(pollfd(fd: listenFD, events: Int16(POLLIN), revents: 0))
+        pfds.append(pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0))
+        for c in clients.values {
+            pfds.append(pollfd(fd: c.fd, events: Int16(POLLIN), revents: 0))
+            polled.append(c)
+        }
+        while true {
+            let n = poll(&pfds, nfds_t(pfds.count), timeout)
+            if n >= 0 { break }
+            if errno == EINTR { continue }
+            logger.critical("poll failed: errno \(errno)")
+            return nil
+        }
+        var round = Round()
+        round.listening = pfds[0].revents & Int16(POLLIN) != 0
+        round.signalled = pfds[1].revents != 0
+        for (i, c) in polled.enumerated() where pfds[i + 2].revents != 0 {
+            round.ready.append((c, pfds[i + 2].revents))
+        }
+        return round
+    }
+
+    /// Serves one round's ready clients, each by the object the poll saw:
+    /// a request earlier in the round may have disconnected a client (a
+    /// destroy hangs up its guest) and a create may have given its number to
+    /// a new one, which this round never polled and must not serve.
+    func serve(_ round: Round) {
+        // Hung-up connections first: a mapper that died is cleaned up before
+        // any request that arrived with it in the same round is answered.
+        let hup = Int16(POLLHUP | POLLERR)
+        for (c, events) in round.ready where events & hup != 0 && clients[c.fd] === c { serve(c) }
+        for (c, events) in round.ready where events & hup == 0 && clients[c.fd] === c { serve(c) }
     }
 
     func accept() {
@@ -146,14 +175,20 @@ public final class HypervisorDaemon {
         logger.debug("dom0 client connected", metadata: ["client": "\(c.id)", "pid": "\(cxen_peer_pid(fd))"])
     }
 
+    /// Answers one request of `c`. The receive never blocks (MSG_DONTWAIT):
+    /// xenhv waits for no client, and readiness that went away costs nothing.
     func serve(_ c: Client) {
-        let msg: WireMessage?
-        do { msg = try WireMessage.receive(on: c.fd, buffer: &recvBuffer) } catch {
+        let msg: WireMessage
+        do {
+            switch try WireMessage.receive(on: c.fd, buffer: &recvBuffer, blocking: false) {
+            case .message(let m): msg = m
+            case .wouldBlock: return
+            case .end:
+                disconnect(c)
+                return
+            }
+        } catch {
             logger.warning("dropping client \(c.id): \(error)")
-            disconnect(c)
-            return
-        }
-        guard let msg else {
             disconnect(c)
             return
         }
@@ -175,12 +210,15 @@ public final class HypervisorDaemon {
             logger.warning("dropping client \(c.id) (domain \(c.domid)): it does not read its replies")
             disconnect(c)
         }
-        // Descriptors we created only to pass along are closed once sent.
-        reply.fds.forEach { if $0 >= 0 && ownedOnlyForSending.contains($0) { Glibc.close($0) } }
+        // Descriptors we created only to pass along are closed once sent, and
+        // also when the request failed after making them (the error reply
+        // carries none).
+        ownedOnlyForSending.forEach { _ = Glibc.close($0) }
         ownedOnlyForSending.removeAll(keepingCapacity: true)
     }
 
-    /// Descriptors made for one reply (maptrack, socketpair ends) closed after sending.
+    /// Descriptors made for one reply (the read-only port generations, the
+    /// guest's socketpair end), closed after it, sent or not.
     var ownedOnlyForSending: Set<CInt> = []
 
     func domain(_ d: DomID, for c: Client) throws(XenErrno) -> Domain {
@@ -200,7 +238,6 @@ public final class HypervisorDaemon {
         switch op {
         case .hello:
             guard !c.greeted else { throw XenErrno.EINVAL }
-            c.greeted = true
             let dom = try domain(c.domid, for: c)
             w.u16(c.domid); w.u32(c.id); w.u32(dom.pages); w.u32(config.maptrackEntries)
             fds.append(dom.sharedInfo.fd.rawValue)
@@ -215,6 +252,7 @@ public final class HypervisorDaemon {
                 fds.append(dom.memory!.fd.rawValue)
                 fds.append(dom.grantTable.fd.rawValue)
             }
+            c.greeted = true
 
         case .createDomain:
             try requirePrivileged(c)
@@ -247,8 +285,11 @@ public final class HypervisorDaemon {
             let d = try r.u16()
             guard d != 0, let dom = domains[d] else { throw d == 0 ? XenErrno.EINVAL : XenErrno.ESRCH }
             let pause = op == .pauseDomain
-            if dom.process > 0 { kill(dom.process, pause ? SIGSTOP : SIGCONT) }
-            dom.active.setState(pause ? .paused : .running)
+            dom.signalProcess(pause ? SIGSTOP : SIGCONT)
+            // A shut-down or crashed domain stays so (Xen keeps is_shut_down
+            // across pause and unpause), or the toolstack would never apply
+            // its on_* action.
+            if dom.state == .running || dom.state == .paused { dom.active.setState(pause ? .paused : .running) }
 
         case .shutdown:
             let dom = try domain(c.domid, for: c)
@@ -281,7 +322,7 @@ public final class HypervisorDaemon {
             let pid = Int32(bitPattern: try r.u32())
             guard d != 0, let dom = domains[d] else { throw XenErrno.ESRCH }
             guard pid > 0 else { throw XenErrno.EINVAL }
-            dom.process = pid
+            try dom.attachProcess(pid)
 
         case .openDomain:
             try requirePrivileged(c)
@@ -486,6 +527,7 @@ public final class HypervisorDaemon {
     func shutdown() {
         for c in Array(clients.values) { disconnect(c) }
         Glibc.close(listenFD)
+        Glibc.close(signalFD)
         unlink(config.socketPath)
         logger.info("xenhv stopped")
     }

@@ -41,7 +41,11 @@ final class Domain {
     let privateArea: SharedMemory
     let portGenerations: SharedMemory
     var ports: [Port]
-    var process: pid_t = 0
+    /// A pidfd of the process that runs the domain, taken when the toolstack
+    /// named it (attachProcess) and dropped when the guest's connection hangs
+    /// up: pause, unpause and destroy signal that process or nobody, never
+    /// whatever process holds its pid later. -1 when none.
+    private(set) var processFD: CInt = -1
     var guestClient: UInt32 = 0
     var storePort: EventPort = 0
     var consolePort: EventPort = 0
@@ -70,6 +74,26 @@ final class Domain {
         active.setPages(pages)
         active.setGrantFrames(HVLimits.initialGrantFrames)
         active.setState(.running)
+    }
+
+    /// Takes a pidfd of `pid` as the domain's process (replacing any earlier one).
+    func attachProcess(_ pid: pid_t) throws(XenErrno) {
+        let fd = cxen_pidfd_open(pid)
+        guard fd >= 0 else { throw XenErrno(errno) }
+        dropProcess()
+        processFD = fd
+    }
+
+    /// Signals the domain's process, if it still has one; a process that has
+    /// exited is not signalled (ESRCH), whoever has its pid now.
+    func signalProcess(_ signal: Int32) {
+        if processFD >= 0 { _ = cxen_pidfd_send_signal(processFD, signal) }
+    }
+
+    /// Forgets the domain's process (its connection hung up, or it was destroyed).
+    func dropProcess() {
+        if processFD >= 0 { Glibc.close(processFD) }
+        processFD = -1
     }
 
     /// Bumps a port's binding generation so senders refresh their cached peer.

@@ -14,13 +14,20 @@ extension HypervisorDaemon {
         // can never reach a newer domain.
         guard nextDomID < HVLimits.firstReservedDomID else { throw XenErrno.ENOSPC }
         let dom = try Domain(domid: nextDomID, name: name, pages: pages)
-        dom.storePort = try allocate(in: dom, .unbound(remote: 0), owner: 0)
-        dom.consolePort = try allocate(in: dom, .unbound(remote: 0), owner: 0)
-        try dom.writeStartInfo()
-
         var sv: [CInt] = [-1, -1]
-        guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &sv) == 0 else {
-            throw HypervisorError.system(call: "socketpair", errno: errno)
+        do {
+            dom.storePort = try allocate(in: dom, .unbound(remote: 0), owner: 0)
+            dom.consolePort = try allocate(in: dom, .unbound(remote: 0), owner: 0)
+            try dom.writeStartInfo()
+            guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &sv) == 0 else {
+                throw HypervisorError.system(call: "socketpair", errno: errno)
+            }
+        } catch {
+            // The memfds go with the Domain; its ports' wake-up sets are ours to close.
+            for p in 1..<Int(HVLimits.eventChannelPorts) where dom.ports[p].state != .free {
+                close(EventPort(p), in: dom)
+            }
+            throw error
         }
         nextDomID += 1
         domains[dom.domid] = dom
@@ -38,10 +45,9 @@ extension HypervisorDaemon {
     /// unmaps them, as a dying domain's do on Xen.
     func destroy(_ dom: Domain) {
         dom.active.setState(.dying)
-        if dom.process > 0 {
-            kill(dom.process, SIGKILL)
-            kill(dom.process, SIGCONT)
-        }
+        dom.signalProcess(SIGKILL)
+        dom.signalProcess(SIGCONT)
+        dom.dropProcess()
         for p in 1..<Int(HVLimits.eventChannelPorts) where dom.ports[p].state != .free {
             close(EventPort(p), in: dom, wakePeer: true)
         }
@@ -73,6 +79,9 @@ extension HypervisorDaemon {
         clients.removeValue(forKey: c.fd)
         Glibc.close(c.fd)
         if c.domid != 0 {
+            // The process that ran the domain is no longer ours to signal:
+            // its pid may be freed and reused any time now.
+            if let dom = domains[c.domid], dom.guestClient == c.id { dom.dropProcess() }
             // A guest that shut down cleanly is expected to go away.
             if let dom = domains[c.domid], dom.state == .running || dom.state == .paused {
                 logger.warning("domain \(c.domid) lost its guest process", metadata: ["name": "\(dom.name)"])

@@ -171,7 +171,12 @@ int cxen_port_drain(int fd);
 ssize_t cxen_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
 /* As above, but never blocks (MSG_DONTWAIT): a full peer gets EAGAIN. */
 ssize_t cxen_send_with_fds_nowait(int sock, const void *buf, size_t len, const int *fds, int nfds);
-ssize_t cxen_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds);
+/* recvmsg with SCM_RIGHTS: returns bytes or -1 (errno set; EAGAIN with
+   `nowait` when nothing is queued, MSG_DONTWAIT). Every descriptor that came
+   is in fds (the ones past maxfds are closed), a 0-byte record's too. A
+   return of 0 is the end of the stream only when *eof is 1; with *eof 0 it
+   is an empty record (SOCK_SEQPACKET keeps record boundaries). */
+ssize_t cxen_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int nowait, int *eof);
 /* Names the calling thread (prctl PR_SET_NAME; at most 15 bytes are kept), so
    top -H, perf and /proc/<pid>/task/<tid>/comm tell the threads apart. */
 void cxen_set_thread_name(const char *name);
@@ -197,6 +202,11 @@ int cxen_spawn_closefrom(void *file_actions, int from);
 int cxen_thread_affinity(uint64_t mask[CXEN_CPU_WORDS]);
 int cxen_set_thread_affinity(const uint64_t mask[CXEN_CPU_WORDS]);
 /* SO_PEERCRED pid of a Unix-socket peer, or -1. */
+/* pidfd_open(pid, 0) and pidfd_send_signal(pidfd, sig, NULL, 0) through
+   syscall(2). A pidfd names one process for good: once that process is
+   reaped, signals fail with ESRCH, even when its pid went to another. */
+int cxen_pidfd_open(int pid);
+int cxen_pidfd_send_signal(int pidfd, int sig);
 int cxen_peer_pid(int sock);
 
 #endif /* CXEN_H */
