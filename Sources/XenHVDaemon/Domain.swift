@@ -42,9 +42,10 @@ final class Domain {
     let portGenerations: SharedMemory
     var ports: [Port]
     /// A pidfd of the process that runs the domain, taken when the toolstack
-    /// named it (attachProcess) and dropped when the guest's connection hangs
-    /// up: pause, unpause and destroy signal that process or nobody, never
-    /// whatever process holds its pid later. -1 when none.
+    /// named it (attachProcess) and kept until destroy: pause, unpause and
+    /// destroy signal that very process (one that hung up its connection but
+    /// lives on included) or nobody once it has exited, never whatever
+    /// process holds its pid later. -1 when none.
     private(set) var processFD: CInt = -1
     var guestClient: UInt32 = 0
     var storePort: EventPort = 0
@@ -90,7 +91,7 @@ final class Domain {
         if processFD >= 0 { _ = cxen_pidfd_send_signal(processFD, signal) }
     }
 
-    /// Forgets the domain's process (its connection hung up, or it was destroyed).
+    /// Forgets the domain's process (the domain was destroyed).
     func dropProcess() {
         if processFD >= 0 { Glibc.close(processFD) }
         processFD = -1

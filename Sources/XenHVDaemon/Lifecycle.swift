@@ -79,9 +79,6 @@ extension HypervisorDaemon {
         clients.removeValue(forKey: c.fd)
         Glibc.close(c.fd)
         if c.domid != 0 {
-            // The process that ran the domain is no longer ours to signal:
-            // its pid may be freed and reused any time now.
-            if let dom = domains[c.domid], dom.guestClient == c.id { dom.dropProcess() }
             // A guest that shut down cleanly is expected to go away.
             if let dom = domains[c.domid], dom.state == .running || dom.state == .paused {
                 logger.warning("domain \(c.domid) lost its guest process", metadata: ["name": "\(dom.name)"])

@@ -5,10 +5,11 @@ import Testing
 import XenHV
 import XenTestKit
 
-/// xenhv signals a guest's process (pause, unpause, destroy) only while that
-/// very process can be reached: through a pidfd taken when the toolstack
-/// attached it, dropped when the guest's connection hangs up. A pid that was
-/// freed and handed to another process is never signalled.
+/// xenhv signals a guest's process (pause, unpause, destroy) only through a
+/// pidfd taken when the toolstack attached it and kept until the domain is
+/// destroyed: a pid that was freed and handed to another process is never
+/// signalled, and a guest process that hung up its connection but lives on
+/// is still killed by destroy.
 @Suite(.serialized) struct GuestProcessTests {
     /// A `sleep` child of the test; killed and reaped at deinit.
     final class Bystander {
@@ -42,22 +43,23 @@ import XenTestKit
         return pending & fatal != 0
     }
 
-    /// The guest's connection hung up (the domain crashed), so its process
-    /// is gone for xenhv: pause and destroy of the dead domain signal nobody,
-    /// not even a process still living under the pid the toolstack named.
-    @Test func aHungUpGuestsPidIsNeverSignalled() throws {
+    /// The guest's connection hung up (the domain crashed) while its process
+    /// lives on: pause of the crashed domain leaves it be (a shut-down domain
+    /// stays so), and destroy kills it, as Xen's destroy ends a domain
+    /// whatever it is doing; the pidfd makes sure it is that process.
+    @Test func aGuestThatHungUpButLivesOnIsKilledByDestroy() throws {
         let f = try HypervisorFixture()
         let d = try f.dom0.createDomain(pages: 16, name: "gone")
-        let bystander = try Bystander()
-        try f.dom0.attachProcess(bystander.pid, to: d.domid)
+        let lingerer = try Bystander()
+        try f.dom0.attachProcess(lingerer.pid, to: d.domid)
         close(d.guestDescriptor)
         // Hang-ups are served before requests of the same round, and the close is done.
         #expect(try f.dom0.listDomains().first { $0.domid == d.domid }?.stateLetters == "---sc-")
         try f.dom0.pauseDomain(d.domid)
-        #expect(!Self.signalled(bystander.pid), "pause stopped a process that is not the guest")
+        #expect(!Self.signalled(lingerer.pid), "pause stopped the process of a crashed domain")
         try f.dom0.unpauseDomain(d.domid)
         try f.dom0.destroyDomain(d.domid)
-        #expect(!Self.signalled(bystander.pid), "destroy killed a process that is not the guest")
+        #expect(Self.signalled(lingerer.pid), "destroy left the domain's process running")
     }
 
     /// The audit's case: the guest process exits and is reaped while its
