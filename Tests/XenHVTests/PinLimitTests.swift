@@ -28,7 +28,7 @@ import XenHV
         // A copy pins too: reading the full read counter's grant, or writing
         // the full write counter's, is refused.
         var buf = [UInt8](repeating: 0, count: 16)
-        try buf.withUnsafeMutableBytes { b in
+        buf.withUnsafeMutableBytes { b in
             var ops = [GrantCopy(source: .grant(domid: d.domid, ref: 5, offset: 0), dest: .local(b.baseAddress!), length: 8)]
             f.dom0.copyGrants(&ops)
             #expect(ops[0].status == .generalError)
@@ -49,7 +49,7 @@ import XenHV
         #expect(f.dom0.unmapGrant(writes.removeLast()) == .okay)
         reads.append(try f.dom0.mapGrant(domid: d.domid, ref: 5, writable: false).get())
         #expect(f.dom0.unmapGrant(reads.removeLast()) == .okay)
-        try buf.withUnsafeMutableBytes { b in
+        buf.withUnsafeMutableBytes { b in
             var ops = [GrantCopy(source: .grant(domid: d.domid, ref: 5, offset: 0), dest: .local(b.baseAddress!), length: 8),
                        GrantCopy(source: .local(b.baseAddress!), dest: .grant(domid: d.domid, ref: 5, offset: 8), length: 8)]
             f.dom0.copyGrants(&ops)
