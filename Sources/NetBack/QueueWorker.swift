@@ -144,6 +144,9 @@ final class QueueWorker: @unchecked Sendable {
             let before = (tx.ring.reqCons, rx.ring.reqCons, rx.count, tx.held == nil)
             var now = RateLimiter.now()
             var timeout: Int32 = -1
+            // A spent turn budget on either side: poll without waiting, so
+            // the stop eventfd and the other side get their turn first.
+            var moreWork = false
             if !disabled {
                 // Transmit.
                 if now >= txHoldUntil {
@@ -151,6 +154,9 @@ final class QueueWorker: @unchecked Sendable {
                     switch tx.run(kick: { notify(tx: true, rx: false) }) {
                     case .idle(let n):
                         notify(tx: n, rx: false)
+                    case .budgetSpent(let n):
+                        notify(tx: n, rx: false)
+                        moreWork = true
                     case .rateLimited(let until, let n):
                         notify(tx: n, rx: false)
                         txHoldUntil = until
@@ -173,7 +179,7 @@ final class QueueWorker: @unchecked Sendable {
                 // Receive (cheap when idle: a full backlog is not read, and
                 // the stall clock is checked on every wake-up).
                 do {
-                    try serveRx()
+                    if try serveRx() { moreWork = true }
                 } catch {
                     shared.fatal(.bogusRing(error), queue: index)
                     continue
@@ -185,6 +191,7 @@ final class QueueWorker: @unchecked Sendable {
                         ? Self.millis(until: rx.waitingSince &+ shared.stallTimeout, now: now) : 10
                     timeout = timeout < 0 ? t : min(timeout, t)
                 }
+                if moreWork { timeout = 0 }
             }
             let after = (tx.ring.reqCons, rx.ring.reqCons, rx.count, tx.held == nil)
             if before != after { spurious = 0 } else if kicked { spurious += 1 }
@@ -222,13 +229,26 @@ final class QueueWorker: @unchecked Sendable {
     }
 
     /// Reads the tap into the backlog and delivers to the posted buffers until
-    /// neither makes progress; handles the stalled-guest carrier.
-    private func serveRx() throws(RingError) {
+    /// neither makes progress or a ring's worth of responses went out (a
+    /// peer flooding the tap while the guest keeps posting buffers must not
+    /// keep the worker from its stop eventfd and transmit side; Linux's rx
+    /// thread takes 64 packets a round); handles the stalled-guest carrier.
+    /// Returns whether the budget ran out with work left.
+    private func serveRx() throws(RingError) -> Bool {
         var notifyRx = false
+        var more = false
+        let start = rx.ring.rspProdPvt
         while true {
             // Frames read in place are pushed one by one; a spent budget
             // leaves the rest for the next round, after the transmit side.
-            if try rx.readInPlace(kick: { notify(tx: false, rx: true) }) { break }
+            if try rx.readInPlace(kick: { notify(tx: false, rx: true) }) {
+                more = true
+                break
+            }
+            if rx.ring.rspProdPvt &- start >= rx.ring.size {
+                more = true
+                break
+            }
             rx.readTap()
             let before = rx.count
             let postedBefore = rx.postedCount
@@ -260,5 +280,6 @@ final class QueueWorker: @unchecked Sendable {
             rx.waitingSince = 0
         }
         if notifyRx { notify(tx: false, rx: true) }
+        return more
     }
 }
