@@ -23,7 +23,10 @@ public enum VifKeys {
     }
 
     /// The backend directory's keys (written by the toolstack): mac, mtu, rate.
+    /// `warn` gets one line for a `rate` that is refused (traffic then
+    /// unlimited, as Linux's "Failed to parse network rate limit").
     public static func config(frontendDomid: DomID, devid: UInt32, maxQueues: Int,
+                              warn: (String) -> Void = { _ in },
                               backend read: (String) -> String?) throws(KeyError) -> VifConfig {
         var c = VifConfig(frontendDomid: frontendDomid, devid: devid, maxQueues: maxQueues)
         if let m = read("mac") {
@@ -35,7 +38,12 @@ public enum VifKeys {
             c.mtu = mtu
         }
         // A `rate` that does not parse means unlimited, as in Linux.
-        c.rate = read("rate").flatMap { RateLimit(xenstoreValue: $0) }
+        if let r = read("rate") {
+            c.rate = RateLimit(xenstoreValue: r)
+            if c.rate == nil {
+                warn("failed to parse network rate limit '\(r)' (want BYTES,USEC, both 1...\(UInt64.max)): traffic unlimited")
+            }
+        }
         return c
     }
 

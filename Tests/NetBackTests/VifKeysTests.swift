@@ -50,4 +50,21 @@ import Testing
         #expect(unlimited.rate == nil && unlimited.mtu == 1500)
         #expect(Vif.backendFeatures(maxQueues: 4).contains { $0 == ("multi-queue-max-queues", "4") })
     }
+
+    /// A refused `rate` (not BYTES,USEC, a number past UInt64, a zero) is
+    /// unlimited traffic and one warning; a huge interval that parses is kept.
+    @Test func refusedRatesAreLoggedOnce() throws {
+        for (value, refused) in [("bogus", true), ("1,99999999999999999999", true), ("0,100", true), ("100,0", true),
+                                 ("1,18446744073709552", false), ("1250000,20000", false)] {
+            var warnings: [String] = []
+            let c = try VifKeys.config(frontendDomid: 3, devid: 1, maxQueues: 1, warn: { warnings.append($0) }) {
+                $0 == "rate" ? value : nil
+            }
+            #expect((c.rate == nil) == refused, "\(value)")
+            #expect(warnings.count == (refused ? 1 : 0), "\(value): \(warnings)")
+        }
+        var none: [String] = []
+        _ = try VifKeys.config(frontendDomid: 3, devid: 1, maxQueues: 1, warn: { none.append($0) }) { _ in nil }
+        #expect(none.isEmpty)
+    }
 }
