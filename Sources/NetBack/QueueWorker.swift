@@ -268,7 +268,12 @@ final class QueueWorker: @unchecked Sendable {
         if rx.count > 0 {
             if rx.waitingSince == 0 {
                 rx.waitingSince = now
-            } else if now &- rx.waitingSince >= shared.stallTimeout, !rx.carrierOff {
+            } else if rxNotify, now &- rx.waitingSince >= shared.stallTimeout, !rx.carrierOff {
+                // Only a frontend with feature-rx-notify can stall: one without
+                // posts buffers with no kick and is polled for them (every
+                // 10 ms while frames wait), as Linux's read_xenbus_vif_flags
+                // sets stall_timeout = 0 for it. Turning its carrier off would
+                // leave nothing to poll for, and the vif dark.
                 rx.carrierOff = true
                 rx.flushBacklog()
                 rx.waitingSince = 0

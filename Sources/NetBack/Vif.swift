@@ -57,7 +57,9 @@ public struct VifConfig: Sendable {
     /// Frames held per queue while the guest posts no rx buffers (XSA-392).
     public var rxQueueLimit: Int = 64
     /// After this long without rx buffers for waiting frames, the carrier goes
-    /// off and the backlog is dropped (Linux: rx_stall_timeout, 60 s).
+    /// off and the backlog is dropped (Linux: rx_stall_timeout, 60 s). Only
+    /// for a frontend with feature-rx-notify: without it there is no stall
+    /// detection, as in Linux.
     public var rxStallTimeoutNanoseconds: UInt64 = 60_000_000_000
 
     public init(frontendDomid: DomID, devid: UInt32, mac: MACAddress? = nil, mtu: UInt32 = 1500,

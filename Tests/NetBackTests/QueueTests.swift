@@ -232,4 +232,39 @@ import XenHV
         #expect(eventually { g.vif.isDisabled })
         #expect(g.vif.disabledReason?.contains("bogus ring requests") == true)
     }
+
+    /// Without feature-rx-notify Linux turns rx stall detection off
+    /// (read_xenbus_vif_flags: stall_timeout = 0): such a frontend posts
+    /// buffers without a kick, so netback polls for them instead, and the
+    /// waiting frames are kept for it, the carrier on.
+    @Test func withoutRxNotifyThereIsNoStallTimeout() throws {
+        let f = try HypervisorFixture()
+        let net = try PeerNetwork()
+        defer { net.tearDown() }
+        let g = try GuestVif(fixture: f, network: net, features: FrontendFeatures(rxNotify: false, sg: true),
+                             stallTimeoutMs: 200, postRx: false)
+        defer { g.close() }
+        let sock = try net.socket(type: Int32(SOCK_DGRAM.rawValue), port: 5000)
+        defer { close(sock) }
+        let payload = Array("kept past the stall timeout".utf8)
+        #expect(sendDatagram(sock, to: g.ip, port: 6000, payload) == payload.count)
+        // Four stall timeouts (the worker looks every 10 ms while frames wait):
+        // the carrier stays on and nothing is flushed.
+        #expect(try !eventually(800) { try !net.netlink.link(g.vif.name).carrier })
+        #expect(g.vif.stats.snapshot[.rxStalledFlush] == 0)
+        // Buffers posted with no notification, as such a frontend does: the frame that waited arrives.
+        for _ in 0..<64 {
+            let id = UInt16(g.queue.rx.reqProdPvt & 255)
+            var r = netif_rx_request()
+            r.id = id
+            r.gref = g.queue.rxRef(id)
+            g.queue.rx.enqueue(r)
+        }
+        g.queue.rx.pushRequests()
+        var got = false
+        while !got, let r = try g.queue.receive(timeout: 2000) {
+            if let p = Frames.parse(r.bytes), p.proto == 17, p.udpPayload == payload { got = true }
+        }
+        #expect(got)
+    }
 }
