@@ -69,8 +69,12 @@ final class QueueWorker: @unchecked Sendable {
                 throw fail(.eventChannel(port: port, "\(error)"))
             }
         }
-        switch rings.events {
+        var events = rings.events
+        if case .split(let t, let r) = events, t == r { events = .shared(t) }
+        switch events {
         case .shared(let p):
+            // One port named twice is one channel, bound once (Xen refuses a
+            // second bind of the same remote port), as xenvif_connect_data.
             txChannel = try bind(p)
             rxChannel = nil
         case .split(let t, let r):
