@@ -143,6 +143,7 @@ final class QueueWorker: @unchecked Sendable {
         // notifying in a tight loop cannot make this thread spin on its behalf.
         var kicked = false
         var spurious = 0
+        var tapGoneReported = false
         while true {
             let disabled = shared.disabled.load(ordering: .relaxed)
             let before = (tx.ring.reqCons, rx.ring.reqCons, rx.count, tx.held == nil)
@@ -212,10 +213,22 @@ final class QueueWorker: @unchecked Sendable {
                 fds[n] = pollfd(fd: txChannel.descriptor, events: Int16(POLLIN), revents: 0); n += 1
                 if let rxChannel { fds[n] = pollfd(fd: rxChannel.descriptor, events: Int16(POLLIN), revents: 0); n += 1 }
             }
-            if !disabled && !rx.backlogFull { fds[n] = pollfd(fd: tapFD, events: Int16(POLLIN), revents: 0); n += 1 }
+            var tapAt = -1
+            if !disabled && !rx.backlogFull && !rx.tapGone {
+                tapAt = n
+                fds[n] = pollfd(fd: tapFD, events: Int16(POLLIN), revents: 0); n += 1
+            }
             let r = poll(&fds, nfds_t(n), timeout)
             if r < 0 && errno != EINTR { shared.logger.error("poll: \(String(cString: strerror(errno)))"); return }
             if fds[0].revents != 0 { return }
+            // A deleted tap polls POLLERR at once, for ever (tun_chr_poll with
+            // no device): stop polling it rather than spin.
+            if tapAt >= 0, fds[tapAt].revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 { rx.tapGone = true }
+            if rx.tapGone && !tapGoneReported {
+                tapGoneReported = true
+                shared.stats.count(.tapGone)
+                shared.logger.warning("queue \(index): tap \(shared.tap?.name ?? "?") is gone (deleted under the vif): no longer reading it")
+            }
             kicked = false
             if !backingOff {
                 if fds[evtchnAt].revents != 0 { _ = txChannel.consume(); kicked = true }

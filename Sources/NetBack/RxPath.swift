@@ -71,6 +71,10 @@ struct RxEngine: ~Copyable {
     let vector: UnsafeMutablePointer<iovec>
     let header: UnsafeMutableRawPointer
 
+    /// The tap's netdev was deleted under us (tun answers reads with EBADFD,
+    /// polls with POLLERR): nothing more is read from it.
+    var tapGone = false
+
     /// When the backlog started waiting for buffers (CLOCK_MONOTONIC ns), 0 when not waiting.
     var waitingSince: UInt64 = 0
     var carrierOff = false
@@ -131,10 +135,11 @@ struct RxEngine: ~Copyable {
     /// Reads frames until the tap is empty or the backlog is full. Frames read
     /// while the carrier is off (a stalled guest) are dropped.
     mutating func readTap() {
-        while let at = nextOffset() {
+        while !tapGone, let at = nextOffset() {
             let n = read(tapFD, buffer + at, Self.slotSize)
             if n < 0 {
                 if errno == EINTR { continue }
+                if errno == EBADFD { tapGone = true }
                 return  // EAGAIN: empty
             }
             guard n >= VnetHeader.size + 14 else {
@@ -293,7 +298,7 @@ struct RxEngine: ~Copyable {
     /// side gets its turn under a flood. Returns true when the budget ran
     /// out (the tap may hold more: come back after the transmit side).
     mutating func readInPlace(kick: () -> Void) throws(RingError) -> Bool {
-        guard largeFrames, count == 0, !carrierOff else { return false }
+        guard largeFrames, count == 0, !carrierOff, !tapGone else { return false }
         try takePosted()
         var budget = Self.inPlaceBudget
         while largeFrames && postedCount >= Self.inPlaceBuffers && budget > 0 {
@@ -305,6 +310,7 @@ struct RxEngine: ~Copyable {
             }
             let fd = tapFD, header = header, pinned = pinned, vector = vector
             var h = VnetHeader()
+            var readError: Int32 = 0
             let result = hypervisor.withGrantsInPlace(domid: domid, UnsafeBufferPointer(start: spans, count: Self.inPlaceBuffers),
                                                       writable: true, iov: pinned) { () -> Int in
                 vector[0] = iovec(iov_base: header, iov_len: VnetHeader.size)
@@ -312,6 +318,7 @@ struct RxEngine: ~Copyable {
                 for k in 2..<Self.inPlaceBuffers { vector[k] = pinned[k] }
                 var n: Int
                 repeat { n = readv(fd, vector, Int32(Self.inPlaceBuffers)) } while n < 0 && errno == EINTR
+                if n < 0 { readError = errno }
                 guard n >= VnetHeader.size else { return n }
                 h = VnetHeader.load(from: header)
                 if n > VnetHeader.size + Self.pageSize && h.gsoKind == CNET_VNET_GSO_NONE {
@@ -329,7 +336,10 @@ struct RxEngine: ~Copyable {
                 largeFrames = false
                 break
             }
-            if n < 0 { break }  // EAGAIN: the frame went to another reader
+            if n < 0 {  // EAGAIN: the frame went to another reader
+                if readError == EBADFD { tapGone = true }
+                break
+            }
             guard n >= VnetHeader.size + 14 else {
                 stats.count(.rxShortRead)
                 continue

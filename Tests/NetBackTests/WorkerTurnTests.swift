@@ -129,4 +129,27 @@ final class FloodControl: Sendable {
         #expect(stats.snapshot.txPackets <= UInt64(TxEngine.turnBudget))
         #expect(stats.snapshot.txDrops == 0)
     }
+
+    /// A tap deleted under a connected vif (`ip link del`): tun then answers
+    /// every poll with POLLERR and every read with EBADFD. The worker must
+    /// take the tap as gone, not spin on it.
+    @Test func aDeletedTapDoesNotMakeTheWorkerSpin() throws {
+        let f = try HypervisorFixture()
+        let before = Set(threadCPUTicks().keys)
+        let g = try GuestVif(fixture: f, network: nil)
+        defer { g.close() }
+        let workers = Set(threadCPUTicks().keys).subtracting(before)
+        #expect(!workers.isEmpty)
+        try Netlink().setUp(g.vif.name)
+        try Netlink().deleteLink(g.vif.name)
+        func ticks() -> Int { threadCPUTicks().filter { workers.contains($0.key) }.values.reduce(0, +) }
+        let t0 = ticks(), w0 = Date()
+        var pfd = pollfd(fd: -1, events: 0, revents: 0)
+        _ = poll(&pfd, 0, 1000)  // a measurement window, not synchronisation
+        let used = Double(ticks() - t0) / clockTicksPerSecond, window = Date().timeIntervalSince(w0)
+        #expect(used < 0.25 * window, "the queue worker used \(used) s of CPU in \(window) s after its tap was deleted")
+        // And the queue says so, once.
+        #expect(eventually { g.vif.stats.snapshot[.tapGone] == 1 })
+        #expect(g.vif.stats.snapshot[.tapGone] == 1)
+    }
 }
