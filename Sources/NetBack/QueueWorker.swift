@@ -96,7 +96,8 @@ final class QueueWorker: @unchecked Sendable {
                       stats: shared.stats, queueStats: shared.stats.queues[index], rate: rate)
         rx = RxEngine(ring: BackRing(attaching: rxRing), hypervisor: hypervisor, domid: domid, tapFD: tapFD,
                       stats: shared.stats, queueStats: shared.stats.queues[index], sg: features.sg, gsoTCPv4: features.sg && features.gsoTCPv4,
-                      gsoTCPv6: features.sg && features.gsoTCPv6, queueLimit: rxQueueLimit)
+                      gsoTCPv6: Vif.tapOffloads(features).tso6, ipv6Checksum: features.ipv6ChecksumOffload,
+                      queueLimit: rxQueueLimit)
     }
 
     func start() {
