@@ -69,8 +69,12 @@ final class QueueWorker: @unchecked Sendable {
                 throw fail(.eventChannel(port: port, "\(error)"))
             }
         }
-        switch rings.events {
+        var events = rings.events
+        if case .split(let t, let r) = events, t == r { events = .shared(t) }
+        switch events {
         case .shared(let p):
+            // One port named twice is one channel, bound once (Xen refuses a
+            // second bind of the same remote port), as xenvif_connect_data.
             txChannel = try bind(p)
             rxChannel = nil
         case .split(let t, let r):
@@ -92,7 +96,8 @@ final class QueueWorker: @unchecked Sendable {
                       stats: shared.stats, queueStats: shared.stats.queues[index], rate: rate)
         rx = RxEngine(ring: BackRing(attaching: rxRing), hypervisor: hypervisor, domid: domid, tapFD: tapFD,
                       stats: shared.stats, queueStats: shared.stats.queues[index], sg: features.sg, gsoTCPv4: features.sg && features.gsoTCPv4,
-                      gsoTCPv6: features.sg && features.gsoTCPv6, queueLimit: rxQueueLimit)
+                      gsoTCPv6: Vif.tapOffloads(features).tso6, ipv6Checksum: features.ipv6ChecksumOffload,
+                      queueLimit: rxQueueLimit)
     }
 
     func start() {
@@ -139,11 +144,15 @@ final class QueueWorker: @unchecked Sendable {
         // notifying in a tight loop cannot make this thread spin on its behalf.
         var kicked = false
         var spurious = 0
+        var tapGoneReported = false
         while true {
             let disabled = shared.disabled.load(ordering: .relaxed)
             let before = (tx.ring.reqCons, rx.ring.reqCons, rx.count, tx.held == nil)
             var now = RateLimiter.now()
             var timeout: Int32 = -1
+            // A spent turn budget on either side: poll without waiting, so
+            // the stop eventfd and the other side get their turn first.
+            var moreWork = false
             if !disabled {
                 // Transmit.
                 if now >= txHoldUntil {
@@ -151,6 +160,9 @@ final class QueueWorker: @unchecked Sendable {
                     switch tx.run(kick: { notify(tx: true, rx: false) }) {
                     case .idle(let n):
                         notify(tx: n, rx: false)
+                    case .budgetSpent(let n):
+                        notify(tx: n, rx: false)
+                        moreWork = true
                     case .rateLimited(let until, let n):
                         notify(tx: n, rx: false)
                         txHoldUntil = until
@@ -173,7 +185,7 @@ final class QueueWorker: @unchecked Sendable {
                 // Receive (cheap when idle: a full backlog is not read, and
                 // the stall clock is checked on every wake-up).
                 do {
-                    try serveRx()
+                    if try serveRx() { moreWork = true }
                 } catch {
                     shared.fatal(.bogusRing(error), queue: index)
                     continue
@@ -185,6 +197,7 @@ final class QueueWorker: @unchecked Sendable {
                         ? Self.millis(until: rx.waitingSince &+ shared.stallTimeout, now: now) : 10
                     timeout = timeout < 0 ? t : min(timeout, t)
                 }
+                if moreWork { timeout = 0 }
             }
             let after = (tx.ring.reqCons, rx.ring.reqCons, rx.count, tx.held == nil)
             if before != after { spurious = 0 } else if kicked { spurious += 1 }
@@ -201,10 +214,22 @@ final class QueueWorker: @unchecked Sendable {
                 fds[n] = pollfd(fd: txChannel.descriptor, events: Int16(POLLIN), revents: 0); n += 1
                 if let rxChannel { fds[n] = pollfd(fd: rxChannel.descriptor, events: Int16(POLLIN), revents: 0); n += 1 }
             }
-            if !disabled && !rx.backlogFull { fds[n] = pollfd(fd: tapFD, events: Int16(POLLIN), revents: 0); n += 1 }
+            var tapAt = -1
+            if !disabled && !rx.backlogFull && !rx.tapGone {
+                tapAt = n
+                fds[n] = pollfd(fd: tapFD, events: Int16(POLLIN), revents: 0); n += 1
+            }
             let r = poll(&fds, nfds_t(n), timeout)
             if r < 0 && errno != EINTR { shared.logger.error("poll: \(String(cString: strerror(errno)))"); return }
             if fds[0].revents != 0 { return }
+            // A deleted tap polls POLLERR at once, for ever (tun_chr_poll with
+            // no device): stop polling it rather than spin.
+            if tapAt >= 0, fds[tapAt].revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 { rx.tapGone = true }
+            if rx.tapGone && !tapGoneReported {
+                tapGoneReported = true
+                shared.stats.count(.tapGone)
+                shared.logger.warning("queue \(index): tap \(shared.tap?.name ?? "?") is gone (deleted under the vif): no longer reading it")
+            }
             kicked = false
             if !backingOff {
                 if fds[evtchnAt].revents != 0 { _ = txChannel.consume(); kicked = true }
@@ -222,13 +247,26 @@ final class QueueWorker: @unchecked Sendable {
     }
 
     /// Reads the tap into the backlog and delivers to the posted buffers until
-    /// neither makes progress; handles the stalled-guest carrier.
-    private func serveRx() throws(RingError) {
+    /// neither makes progress or a ring's worth of responses went out (a
+    /// peer flooding the tap while the guest keeps posting buffers must not
+    /// keep the worker from its stop eventfd and transmit side; Linux's rx
+    /// thread takes 64 packets a round); handles the stalled-guest carrier.
+    /// Returns whether the budget ran out with work left.
+    private func serveRx() throws(RingError) -> Bool {
         var notifyRx = false
+        var more = false
+        let start = rx.ring.rspProdPvt
         while true {
             // Frames read in place are pushed one by one; a spent budget
             // leaves the rest for the next round, after the transmit side.
-            if try rx.readInPlace(kick: { notify(tx: false, rx: true) }) { break }
+            if try rx.readInPlace(kick: { notify(tx: false, rx: true) }) {
+                more = true
+                break
+            }
+            if rx.ring.rspProdPvt &- start >= rx.ring.size {
+                more = true
+                break
+            }
             rx.readTap()
             let before = rx.count
             let postedBefore = rx.postedCount
@@ -248,7 +286,12 @@ final class QueueWorker: @unchecked Sendable {
         if rx.count > 0 {
             if rx.waitingSince == 0 {
                 rx.waitingSince = now
-            } else if now &- rx.waitingSince >= shared.stallTimeout, !rx.carrierOff {
+            } else if rxNotify, now &- rx.waitingSince >= shared.stallTimeout, !rx.carrierOff {
+                // Only a frontend with feature-rx-notify can stall: one without
+                // posts buffers with no kick and is polled for them (every
+                // 10 ms while frames wait), as Linux's read_xenbus_vif_flags
+                // sets stall_timeout = 0 for it. Turning its carrier off would
+                // leave nothing to poll for, and the vif dark.
                 rx.carrierOff = true
                 rx.flushBacklog()
                 rx.waitingSince = 0
@@ -260,5 +303,6 @@ final class QueueWorker: @unchecked Sendable {
             rx.waitingSince = 0
         }
         if notifyRx { notify(tx: false, rx: true) }
+        return more
     }
 }

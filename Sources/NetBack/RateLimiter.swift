@@ -12,7 +12,10 @@ public struct RateLimit: Sendable, Equatable {
     }
 
     /// Parses xenstore's `rate` value, "BYTES,USEC" (Linux's xen_net_read_rate).
-    /// Returns nil for anything else, which means unlimited, as Linux does.
+    /// Returns nil for anything else (a number past UInt64, or zero, too),
+    /// which means unlimited, as Linux does; the caller logs it. Any interval
+    /// that parses is taken: the limiter's arithmetic saturates (Linux's
+    /// msecs_to_jiffies caps a huge one the same way).
     public init?(xenstoreValue s: String) {
         let parts = s.split(separator: ",", omittingEmptySubsequences: false)
         guard parts.count == 2, let b = UInt64(parts[0]), let u = UInt64(parts[1]), b > 0, u > 0 else { return nil }
@@ -44,9 +47,14 @@ public struct RateLimiter: Sendable {
     }
 
     /// When the current window ends (nanoseconds, CLOCK_MONOTONIC).
+    /// Saturates at UInt64.max for a huge interval (the toolstack's `rate`
+    /// may name any number of microseconds): a window that never ends in
+    /// practice, never a trap.
     public var nextCredit: UInt64 {
         guard let l = limit else { return 0 }
-        return windowStart &+ l.intervalMicroseconds * 1000
+        let (ns, over) = l.intervalMicroseconds.multipliedReportingOverflow(by: 1000)
+        let (end, past) = windowStart.addingReportingOverflow(ns)
+        return over || past ? .max : end
     }
 
     private mutating func addCredit() {

@@ -34,6 +34,10 @@ struct RxEngine: ~Copyable {
     let sg: Bool
     let gsoTCPv4: Bool
     let gsoTCPv6: Bool
+    /// feature-ipv6-csum-offload: the frontend takes IPv6 frames with a
+    /// partial checksum (NETRXF_csum_blank). Without it we finish their
+    /// checksum ourselves: tun has no IPv6-only checksum offload bit.
+    let ipv6Checksum: Bool
 
     // Backlog of frames read from the tap: a ring of at most `capacity`
     // frames stored back to back in `buffer` (each at a 64-byte aligned
@@ -71,12 +75,16 @@ struct RxEngine: ~Copyable {
     let vector: UnsafeMutablePointer<iovec>
     let header: UnsafeMutableRawPointer
 
+    /// The tap's netdev was deleted under us (tun answers reads with EBADFD,
+    /// polls with POLLERR): nothing more is read from it.
+    var tapGone = false
+
     /// When the backlog started waiting for buffers (CLOCK_MONOTONIC ns), 0 when not waiting.
     var waitingSince: UInt64 = 0
     var carrierOff = false
 
     init(ring: BackRing<NetifRxRing>, hypervisor: Hypervisor, domid: DomID, tapFD: CInt, stats: VifStats, queueStats: QueueStats,
-         sg: Bool, gsoTCPv4: Bool, gsoTCPv6: Bool, queueLimit: Int) {
+         sg: Bool, gsoTCPv4: Bool, gsoTCPv6: Bool, ipv6Checksum: Bool, queueLimit: Int) {
         self.ring = ring
         self.hypervisor = hypervisor
         self.domid = domid
@@ -86,6 +94,7 @@ struct RxEngine: ~Copyable {
         self.sg = sg
         self.gsoTCPv4 = gsoTCPv4
         self.gsoTCPv6 = gsoTCPv6
+        self.ipv6Checksum = ipv6Checksum
         capacity = max(1, queueLimit)
         bufferSize = Self.backlogBytes + Self.slotSize
         buffer = UnsafeMutableRawPointer.allocate(byteCount: bufferSize, alignment: 4096)
@@ -131,10 +140,11 @@ struct RxEngine: ~Copyable {
     /// Reads frames until the tap is empty or the backlog is full. Frames read
     /// while the carrier is off (a stalled guest) are dropped.
     mutating func readTap() {
-        while let at = nextOffset() {
+        while !tapGone, let at = nextOffset() {
             let n = read(tapFD, buffer + at, Self.slotSize)
             if n < 0 {
                 if errno == EINTR { continue }
+                if errno == EBADFD { tapGone = true }
                 return  // EAGAIN: empty
             }
             guard n >= VnetHeader.size + 14 else {
@@ -184,7 +194,12 @@ struct RxEngine: ~Copyable {
         while count > 0 {
             let p = slot(head)
             let len = lengths[head] - VnetHeader.size
-            guard let frame = layout(VnetHeader.load(from: p), length: len) else {
+            var h = VnetHeader.load(from: p)
+            let data = p + VnetHeader.size
+            if h.needsChecksum && !ipv6Checksum && Self.isIPv6(UnsafeRawBufferPointer(start: data, count: len)) {
+                h = Self.completeChecksum(h, length: len) { data + $0 * Self.pageSize }
+            }
+            guard let frame = layout(h, length: len) else {
                 popBacklog()
                 continue
             }
@@ -266,6 +281,46 @@ struct RxEngine: ~Copyable {
         return FrameLayout(gso: gso, dataSlots: dataSlots, checksum: flags)
     }
 
+    /// Whether an Ethernet frame (optionally 802.1Q-tagged) carries IPv6.
+    static func isIPv6(_ f: UnsafeRawBufferPointer) -> Bool {
+        guard f.count >= 14 else { return false }
+        let type = UInt16(f[12]) << 8 | UInt16(f[13])
+        if type == 0x8100, f.count >= 18 { return UInt16(f[16]) << 8 | UInt16(f[17]) == 0x86DD }
+        return type == 0x86DD
+    }
+
+    /// Finishes a partial checksum (NEEDS_CSUM: the field at csum_start +
+    /// csum_offset holds the pseudo-header sum) in software, as Linux's
+    /// skb_checksum_help does for a device without the offload, over a frame
+    /// of `len` bytes whose page `k` (4096 bytes each) is at `page(k)`. The
+    /// header comes back with DATA_VALID (we summed every byte we deliver),
+    /// or with no flag when csum_start/csum_offset point outside the frame
+    /// (the guest then checks the frame itself).
+    static func completeChecksum(_ h: VnetHeader, length len: Int,
+                                 page: (Int) -> UnsafeMutableRawPointer) -> VnetHeader {
+        var out = h
+        out.flags = 0
+        let start = Int(h.csumStart), at = start + Int(h.csumOffset)
+        guard start < len, at + 2 <= len else { return out }
+        // Ones'-complement sums of page-sized pieces; a piece at an odd
+        // distance from csum_start adds byte-swapped (RFC 1071).
+        var sum: UInt32 = 0
+        var pos = start
+        while pos < len {
+            let off = pos % pageSize, n = Swift.min(pageSize - off, len - pos)
+            let piece = ~PacketParser.internetChecksum(UnsafeRawBufferPointer(start: page(pos / pageSize) + off, count: n))
+            sum += UInt32((pos - start) & 1 == 0 ? piece : piece.byteSwapped)
+            pos += n
+        }
+        while sum >> 16 != 0 { sum = (sum & 0xFFFF) + (sum >> 16) }
+        var c = ~UInt16(sum)
+        if c == 0 { c = 0xFFFF }  // CSUM_MANGLED_0: a UDP zero would mean "no checksum"
+        page(at / pageSize).storeBytes(of: UInt8(c >> 8), toByteOffset: at % pageSize, as: UInt8.self)
+        page((at + 1) / pageSize).storeBytes(of: UInt8(c & 0xFF), toByteOffset: (at + 1) % pageSize, as: UInt8.self)
+        out.flags = CNET_VNET_F_DATA_VALID
+        return out
+    }
+
     /// The GSO extra-info response that follows a frame's first slot.
     private mutating func enqueueExtra(_ g: TxGSO) {
         var x = netif_extra_info()
@@ -293,7 +348,7 @@ struct RxEngine: ~Copyable {
     /// side gets its turn under a flood. Returns true when the budget ran
     /// out (the tap may hold more: come back after the transmit side).
     mutating func readInPlace(kick: () -> Void) throws(RingError) -> Bool {
-        guard largeFrames, count == 0, !carrierOff else { return false }
+        guard largeFrames, count == 0, !carrierOff, !tapGone else { return false }
         try takePosted()
         var budget = Self.inPlaceBudget
         while largeFrames && postedCount >= Self.inPlaceBuffers && budget > 0 {
@@ -305,6 +360,7 @@ struct RxEngine: ~Copyable {
             }
             let fd = tapFD, header = header, pinned = pinned, vector = vector
             var h = VnetHeader()
+            var readError: Int32 = 0
             let result = hypervisor.withGrantsInPlace(domid: domid, UnsafeBufferPointer(start: spans, count: Self.inPlaceBuffers),
                                                       writable: true, iov: pinned) { () -> Int in
                 vector[0] = iovec(iov_base: header, iov_len: VnetHeader.size)
@@ -312,9 +368,11 @@ struct RxEngine: ~Copyable {
                 for k in 2..<Self.inPlaceBuffers { vector[k] = pinned[k] }
                 var n: Int
                 repeat { n = readv(fd, vector, Int32(Self.inPlaceBuffers)) } while n < 0 && errno == EINTR
+                if n < 0 { readError = errno }
                 guard n >= VnetHeader.size else { return n }
                 h = VnetHeader.load(from: header)
-                if n > VnetHeader.size + Self.pageSize && h.gsoKind == CNET_VNET_GSO_NONE {
+                let plain = h.gsoKind == CNET_VNET_GSO_NONE
+                if n > VnetHeader.size + Self.pageSize && plain {
                     // No extra slot: the data after the first page moves down into the second buffer on.
                     var left = n - VnetHeader.size - Self.pageSize, k = 1
                     while left > 0 {
@@ -323,13 +381,22 @@ struct RxEngine: ~Copyable {
                         k += 1
                     }
                 }
+                let len = n - VnetHeader.size
+                if h.needsChecksum && !ipv6Checksum
+                    && Self.isIPv6(UnsafeRawBufferPointer(start: pinned[0].iov_base, count: Swift.min(len, Self.pageSize))) {
+                    // Data page k sits in buffer k, or k + 1 behind a GSO extra's.
+                    h = Self.completeChecksum(h, length: len) { k in pinned[k == 0 || plain ? k : k + 1].iov_base! }
+                }
                 return n
             }
             guard case .success(let n) = result else {
                 largeFrames = false
                 break
             }
-            if n < 0 { break }  // EAGAIN: the frame went to another reader
+            if n < 0 {  // EAGAIN: the frame went to another reader
+                if readError == EBADFD { tapGone = true }
+                break
+            }
             guard n >= VnetHeader.size + 14 else {
                 stats.count(.rxShortRead)
                 continue

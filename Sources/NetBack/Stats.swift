@@ -20,6 +20,9 @@ public enum VifCounter: Int, CaseIterable, Sendable, CustomStringConvertible {
     case rxStalledFlush
     case rxCarrierOff
     case rxShortRead
+    // The vif's queue (not a drop): its tap was deleted under it, and the
+    // queue stopped reading it.
+    case tapGone
 
     public var description: String {
         switch self {
@@ -37,6 +40,7 @@ public enum VifCounter: Int, CaseIterable, Sendable, CustomStringConvertible {
         case .rxStalledFlush: "rx-stalled-flush"
         case .rxCarrierOff: "rx-carrier-off"
         case .rxShortRead: "rx-short-read"
+        case .tapGone: "tap-gone"
         }
     }
 }

@@ -277,6 +277,9 @@ public enum TxParser {
 public enum TxPassResult: Equatable, Sendable {
     /// Nothing more to do now; `notify` says whether to kick the frontend.
     case idle(notify: Bool)
+    /// The pass took its turn's worth of requests (``TxEngine/turnBudget``)
+    /// and more are waiting: come back after the rest of the worker loop.
+    case budgetSpent(notify: Bool)
     /// The rate limiter holds the next packet until `until` (CLOCK_MONOTONIC ns).
     case rateLimited(until: UInt64, notify: Bool)
     /// The frontend broke a fatal rule: disable the vif.
@@ -298,6 +301,12 @@ public struct TxEngine: ~Copyable {
     static let headroom = 16
     /// Fragments a packet may have and still be sent (XEN_NETIF_NR_SLOTS_MIN).
     static let maxFragments = TxParser.legacySlotsMax
+    /// Requests one pass takes before it hands the thread back (Linux bounds
+    /// each NAPI poll by its budget of 64 packets): a ring's worth, one full
+    /// batch, finishing the batch in progress. A frontend that refills its
+    /// ring as fast as it is answered then cannot keep the worker from its
+    /// stop eventfd, its receive side or a fatal error on another queue.
+    static let turnBudget = 256
 
     var ring: BackRing<NetifTxRing>
     let hypervisor: Hypervisor
@@ -353,23 +362,31 @@ public struct TxEngine: ~Copyable {
         iov.deallocate()
     }
 
-    /// Serves the ring until it is empty, rate limited, or fatally misused.
-    /// `kick` notifies the frontend of responses pushed in the middle of a
+    /// Serves the ring until it is empty, rate limited, fatally misused or
+    /// its turn is spent. `kick` notifies the frontend of responses pushed in the middle of a
     /// pass (each batch's, before its tap writes); the result's `notify` is
     /// for those pushed at its end.
+    /// At most ``turnBudget`` requests a pass (the batch in progress is
+    /// finished): then `.budgetSpent` if more wait.
     mutating func run(kick: () -> Void) -> TxPassResult {
         var notify = false
+        let start = ring.reqCons
         while true {
             let (count, outcome) = collect()
             flush(count, kick: kick)
             if ring.rspProdPvt != ring.shared.rspProd { notify = ring.pushResponsesAndCheckNotify() || notify }
+            let spent = ring.reqCons &- start >= UInt32(Self.turnBudget)
             switch outcome {
             case .some(.fatal(let f, _)): return .fatal(f, notify: notify)
             case .some(.rateLimited(let until, _)): return .rateLimited(until: until, notify: notify)
-            case .some(.idle): continue  // batch full: go round again
+            case .some(.idle), .some(.budgetSpent):  // batch full (or the arena): go round again, within the budget
+                if spent { return .budgetSpent(notify: notify) }
             case .none:
                 do {
-                    if held == nil, try ring.finalCheckForRequests() { continue }
+                    if held == nil, try ring.finalCheckForRequests() {
+                        if spent { return .budgetSpent(notify: notify) }
+                        continue
+                    }
                 } catch {
                     return .fatal(.bogusRing(error), notify: notify)
                 }

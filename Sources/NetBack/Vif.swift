@@ -57,7 +57,9 @@ public struct VifConfig: Sendable {
     /// Frames held per queue while the guest posts no rx buffers (XSA-392).
     public var rxQueueLimit: Int = 64
     /// After this long without rx buffers for waiting frames, the carrier goes
-    /// off and the backlog is dropped (Linux: rx_stall_timeout, 60 s).
+    /// off and the backlog is dropped (Linux: rx_stall_timeout, 60 s). Only
+    /// for a frontend with feature-rx-notify: without it there is no stall
+    /// detection, as in Linux.
     public var rxStallTimeoutNanoseconds: UInt64 = 60_000_000_000
 
     public init(frontendDomid: DomID, devid: UInt32, mac: MACAddress? = nil, mtu: UInt32 = 1500,
@@ -229,7 +231,8 @@ public final class Vif: @unchecked Sendable {
                 throw .netlink(error)
             }
             do throws(TapError) {
-                try tap.setOffload(checksum: !f.noChecksumOffload, tso4: f.sg && f.gsoTCPv4, tso6: f.sg && f.gsoTCPv6)
+                let o = Self.tapOffloads(f)
+                try tap.setOffload(checksum: o.checksum, tso4: o.tso4, tso6: o.tso6)
                 try tap.setCarrier(true)
             } catch { throw .tap(error) }
             shared.disabled.store(false, ordering: .releasing)
@@ -253,6 +256,16 @@ public final class Vif: @unchecked Sendable {
             for w in started { w.start() }
             logger.info("connected: \(c.queues.count) queue(s), sg \(f.sg), gso4 \(f.gsoTCPv4), gso6 \(f.gsoTCPv6)")
         }
+    }
+
+    /// The tap offloads (TUNSETOFFLOAD) a frontend's features allow, as
+    /// Linux's xenvif_fix_features clears what it did not offer: checksum
+    /// offload unless feature-no-csum-offload (TUN_F_CSUM is NETIF_F_HW_CSUM,
+    /// IPv6 too: without feature-ipv6-csum-offload the rx path finishes IPv6
+    /// checksums itself); TSO4/TSO6 with scatter-gather and the GSO feature,
+    /// TSO6 only with IPv6 checksum offload (the stack drops TSO6 without it).
+    public static func tapOffloads(_ f: FrontendFeatures) -> (checksum: Bool, tso4: Bool, tso6: Bool) {
+        (!f.noChecksumOffload, f.sg && f.gsoTCPv4, f.sg && f.gsoTCPv6 && f.ipv6ChecksumOffload)
     }
 
     /// Stops the workers, unmaps the rings and closes the event channels. The

@@ -23,7 +23,10 @@ public enum VifKeys {
     }
 
     /// The backend directory's keys (written by the toolstack): mac, mtu, rate.
+    /// `warn` gets one line for a `rate` that is refused (traffic then
+    /// unlimited, as Linux's "Failed to parse network rate limit").
     public static func config(frontendDomid: DomID, devid: UInt32, maxQueues: Int,
+                              warn: (String) -> Void = { _ in },
                               backend read: (String) -> String?) throws(KeyError) -> VifConfig {
         var c = VifConfig(frontendDomid: frontendDomid, devid: devid, maxQueues: maxQueues)
         if let m = read("mac") {
@@ -35,7 +38,12 @@ public enum VifKeys {
             c.mtu = mtu
         }
         // A `rate` that does not parse means unlimited, as in Linux.
-        c.rate = read("rate").flatMap { RateLimit(xenstoreValue: $0) }
+        if let r = read("rate") {
+            c.rate = RateLimit(xenstoreValue: r)
+            if c.rate == nil {
+                warn("failed to parse network rate limit '\(r)' (want BYTES,USEC, both 1...\(UInt64.max)): traffic unlimited")
+            }
+        }
         return c
     }
 
@@ -57,11 +65,17 @@ public enum VifKeys {
             let dir = n == 1 ? "" : "queue-\(q)"
             let tx = try number(read, "tx-ring-ref", in: dir)
             let rx = try number(read, "rx-ring-ref", in: dir)
+            // Linux connect_data_rings: split channels first (both keys, both
+            // numbers), else `event-channel`; a pair naming one port is that
+            // one channel (xenvif_connect_data binds it once).
             let events: QueueEventChannels
-            if read(dir.isEmpty ? "event-channel" : "\(dir)/event-channel") != nil {
-                events = .shared(try number(read, "event-channel", in: dir))
+            func port(_ key: String) -> UInt32? { read(dir.isEmpty ? key : "\(dir)/\(key)").flatMap { UInt32($0) } }
+            if let t = port("event-channel-tx"), let r = port("event-channel-rx") {
+                events = t == r ? .shared(t) : .split(tx: t, rx: r)
+            } else if let p = port("event-channel") {
+                events = .shared(p)
             } else {
-                events = .split(tx: try number(read, "event-channel-tx", in: dir), rx: try number(read, "event-channel-rx", in: dir))
+                throw KeyError("reading \(dir.isEmpty ? "" : dir + "/")event-channel(-tx/rx): missing or not a number")
             }
             queues.append(VifQueueRings(txRingRef: tx, rxRingRef: rx, events: events))
         }

@@ -40,7 +40,9 @@ public final class NetbackDriver: XenBusBackendDriver {
         let path = dev.backendPath
         guard try xs.readIfExists(path + "/mac") != nil else { return nil }  // the toolstack's keys are not in yet
         let cfg = try VifKeys.config(frontendDomid: XenHV.DomID(dev.frontendDomid), devid: UInt32(dev.devid),
-                                     maxQueues: maxQueues) { k in (try? xs.readIfExists(path + "/" + k)) ?? nil }
+                                     maxQueues: maxQueues, warn: { logger.warning("\(path): \($0)") }) { k in
+            (try? xs.readIfExists(path + "/" + k)) ?? nil
+        }
         let vif = try Vif(hypervisor: hv, config: cfg, logger: logger)
         do {
             try xs.transaction { t in

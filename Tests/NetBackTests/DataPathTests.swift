@@ -259,4 +259,51 @@ import XenHV
         }
         #expect(got)
     }
+
+    /// A frontend that did not write feature-ipv6-csum-offload gets IPv6
+    /// frames fully checksummed, never csum_blank (Linux xenvif_fix_features
+    /// clears NETIF_F_IPV6_CSUM, and the stack completes the checksum).
+    @Test func ipv6ChecksumsAreCompletedForAFrontendWithoutIPv6Offload() throws {
+        let f = try HypervisorFixture()
+        let net = try PeerNetwork()
+        defer { net.tearDown() }
+        let g = try GuestVif(fixture: f, network: net, features: FrontendFeatures(sg: true))
+        defer { g.close() }
+        let sub = UInt8(net.subnet)
+        let peer6: [UInt8] = [0xfd, 0, 0, 0, 0, sub, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]
+        let guest6: [UInt8] = [0xfd, 0, 0, 0, 0, sub, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+        func text(_ a: [UInt8]) -> String {
+            stride(from: 0, to: 16, by: 2).map { String(UInt16(a[$0]) << 8 | UInt16(a[$0 + 1]), radix: 16) }.joined(separator: ":")
+        }
+        try ip("-n", net.namespace, "addr", "add", "\(text(peer6))/64", "dev", net.vethPeer, "nodad")
+        try ip("-n", net.namespace, "neigh", "replace", text(guest6), "lladdr", MACAddress(g.mac).description, "dev", net.vethPeer)
+        let sock = try net.socket(type: Int32(SOCK_DGRAM.rawValue), port: 5000, ipv6: true)
+        defer { close(sock) }
+        let back = Self.pattern(700, seed: 3)
+        #expect(sendDatagram6(sock, to: guest6, port: 6000, back) == back.count)
+        var frame: ReceivedFrame?
+        for _ in 0..<20 where frame == nil {
+            guard let r = try g.queue.receive(timeout: 3000) else { break }
+            if r.bytes.count >= 62, r.bytes[12] == 0x86, r.bytes[13] == 0xDD, r.bytes[20] == 17,
+               UInt16(r.bytes[56]) << 8 | UInt16(r.bytes[57]) == 6000, Array(r.bytes[62...]) == back {
+                frame = r
+            }
+        }
+        let r = try #require(frame)
+        #expect(r.flags & UInt16(NETRXF_csum_blank) == 0, "flags \(r.flags)")
+        // The UDP checksum over the IPv6 pseudo-header (addresses, length, next header) and the datagram.
+        let udp = Array(r.bytes[54...])
+        var pseudo: UInt32 = UInt32(udp.count) + 17
+        for i in stride(from: 22, to: 54, by: 2) { pseudo += UInt32(r.bytes[i]) << 8 | UInt32(r.bytes[i + 1]) }
+        #expect(udp.withUnsafeBytes { PacketParser.internetChecksum($0, initial: pseudo) } == 0, "UDP checksum not complete")
+    }
+
+    /// TSO6 goes with IPv6 checksum offload (Linux: netdev_fix_features drops
+    /// TSO6 without NETIF_F_IPV6_CSUM).
+    @Test func tapOffloadsFollowTheFrontendsFeatures() {
+        #expect(Vif.tapOffloads(.all) == (true, true, true))
+        #expect(Vif.tapOffloads(FrontendFeatures(sg: true, gsoTCPv4: true, gsoTCPv6: true)) == (true, true, false))
+        #expect(Vif.tapOffloads(FrontendFeatures(gsoTCPv4: true, gsoTCPv6: true, ipv6ChecksumOffload: true)) == (true, false, false))
+        #expect(Vif.tapOffloads(FrontendFeatures(noChecksumOffload: true)) == (false, false, false))
+    }
 }

@@ -232,4 +232,78 @@ import XenHV
         #expect(eventually { g.vif.isDisabled })
         #expect(g.vif.disabledReason?.contains("bogus ring requests") == true)
     }
+
+    /// Without feature-rx-notify Linux turns rx stall detection off
+    /// (read_xenbus_vif_flags: stall_timeout = 0): such a frontend posts
+    /// buffers without a kick, so netback polls for them instead, and the
+    /// waiting frames are kept for it, the carrier on.
+    @Test func withoutRxNotifyThereIsNoStallTimeout() throws {
+        let f = try HypervisorFixture()
+        let net = try PeerNetwork()
+        defer { net.tearDown() }
+        let g = try GuestVif(fixture: f, network: net, features: FrontendFeatures(rxNotify: false, sg: true),
+                             stallTimeoutMs: 200, postRx: false)
+        defer { g.close() }
+        let sock = try net.socket(type: Int32(SOCK_DGRAM.rawValue), port: 5000)
+        defer { close(sock) }
+        let payload = Array("kept past the stall timeout".utf8)
+        #expect(sendDatagram(sock, to: g.ip, port: 6000, payload) == payload.count)
+        // Four stall timeouts (the worker looks every 10 ms while frames wait):
+        // the carrier stays on and nothing is flushed.
+        #expect(try !eventually(800) { try !net.netlink.link(g.vif.name).carrier })
+        #expect(g.vif.stats.snapshot[.rxStalledFlush] == 0)
+        // Buffers posted with no notification, as such a frontend does: the frame that waited arrives.
+        for _ in 0..<64 {
+            let id = UInt16(g.queue.rx.reqProdPvt & 255)
+            var r = netif_rx_request()
+            r.id = id
+            r.gref = g.queue.rxRef(id)
+            g.queue.rx.enqueue(r)
+        }
+        g.queue.rx.pushRequests()
+        var got = false
+        while !got, let r = try g.queue.receive(timeout: 2000) {
+            if let p = Frames.parse(r.bytes), p.proto == 17, p.udpPayload == payload { got = true }
+        }
+        #expect(got)
+    }
+
+    /// A split pair whose tx and rx ports are the same port is one event
+    /// channel, bound once (Linux xenvif_connect_data: tx_evtchn == rx_evtchn).
+    @Test func splitChannelsWithOnePortBindOnce() throws {
+        let f = try HypervisorFixture()
+        let (domid, guest) = try f.guest(pages: NetFront.pagesNeeded(queues: 1), name: uniqueName("netfront"))
+        let front = try NetFront(guest: guest)
+        let q = front.queues[0]
+        guard case .shared(let port) = q.rings.events else { Issue.record("one channel expected"); return }
+        let vif = try Vif(hypervisor: f.dom0, config: VifConfig(frontendDomid: domid, devid: 0, tapName: uniqueName("nbv")))
+        defer { vif.close() }
+        try q.postRx()
+        var rings = q.rings
+        rings.events = .split(tx: port, rx: port)
+        try vif.connect(VifConnection(queues: [rings], features: .all))
+        try Netlink().setUp(vif.name)
+        // Transmit: answered through that port.
+        let mac: [UInt8] = [0x00, 0x16, 0x3e, 0x7e, 0x7e, 0x7e]
+        try q.send(Frames.udp(srcMAC: mac, dstMAC: [0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF], src: [10, 0, 0, 1],
+                              dst: [10, 0, 0, 9], sport: 1, dport: 2, payload: [1, 2, 3]))
+        try q.pushTx()
+        #expect(try q.txResponses(1).first?.status == Int16(NETIF_RSP_OKAY))
+        // Receive: a frame sent out through the tap (an AF_PACKET socket bound to it).
+        let s = socket(AF_PACKET, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        #expect(s >= 0)
+        defer { close(s) }
+        var sll = [UInt8](repeating: 0, count: 20)
+        sll.withUnsafeMutableBytes { b in
+            b.storeBytes(of: UInt16(AF_PACKET), toByteOffset: 0, as: UInt16.self)
+            b.storeBytes(of: Int32(if_nametoindex(vif.name)), toByteOffset: 4, as: Int32.self)
+        }
+        #expect(sll.withUnsafeBytes { bind(s, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), 20) } == 0)
+        let marker: [UInt8] = Array("one port, both ways".utf8)
+        let frame = mac + [0x00, 0x16, 0x3e, 0x77, 0x77, 0x77, 0x88, 0xB5] + marker + [UInt8](repeating: 0, count: 40)
+        #expect(frame.withUnsafeBytes { send(s, $0.baseAddress, $0.count, 0) } == frame.count)
+        var got = false
+        while !got, let r = try q.receive(timeout: 3000) { got = r.bytes.count >= 14 + marker.count && Array(r.bytes[14..<14 + marker.count]) == marker }
+        #expect(got)
+    }
 }

@@ -283,4 +283,27 @@ import XenRing
         #expect(RateLimit(xenstoreValue: "10Mb/s") == nil)
         #expect(RateLimit(xenstoreValue: "0,100") == nil)
     }
+
+    /// Whatever `rate` the toolstack wrote, the limiter does arithmetic, not a
+    /// trap (Linux: msecs_to_jiffies saturates a huge interval). Run in a
+    /// child process: a trap would otherwise take the whole test run down.
+    @Test func hugeIntervalsSaturate() async {
+        await #expect(processExitsWith: .success) {
+            for value in ["1,18446744073709552", "1,18446744073709551615", "18446744073709551615,18446744073709551615"] {
+                var l = RateLimiter(RateLimit(xenstoreValue: value)!, now: 0)
+                _ = l.admit(60, now: 1)
+                _ = l.admit(65535, now: 2)
+                _ = l.nextCredit
+            }
+            // A window that starts late on the clock.
+            var late = RateLimiter(RateLimit(bytesPerInterval: 1, intervalMicroseconds: 1_000_000), now: UInt64.max - 10)
+            _ = late.admit(60, now: UInt64.max - 5)
+            _ = late.nextCredit
+        }
+        // And what it computes: the window saturates, it never wraps into the past.
+        var l = RateLimiter(RateLimit(xenstoreValue: "1,18446744073709552")!, now: 0)
+        do { let ok = l.admit(60, now: 1); #expect(!ok) }
+        #expect(l.nextCredit == .max)
+        do { let ok = l.admit(1, now: 2); #expect(ok) }  // within the window's credit
+    }
 }

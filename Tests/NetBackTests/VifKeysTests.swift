@@ -50,4 +50,35 @@ import Testing
         #expect(unlimited.rate == nil && unlimited.mtu == 1500)
         #expect(Vif.backendFeatures(maxQueues: 4).contains { $0 == ("multi-queue-max-queues", "4") })
     }
+
+    /// Linux connect_data_rings: split channels first, `event-channel` only
+    /// when they are not both there; a pair naming one port is that port.
+    @Test func splitChannelsComeFirst() throws {
+        var keys = ["tx-ring-ref": "8", "rx-ring-ref": "9", "event-channel": "5", "event-channel-tx": "6",
+                    "event-channel-rx": "7", "request-rx-copy": "1"]
+        #expect(try VifKeys.connection(maxQueues: 1) { keys[$0] }.queues[0].events == .split(tx: 6, rx: 7))
+        keys["event-channel-rx"] = "6"
+        #expect(try VifKeys.connection(maxQueues: 1) { keys[$0] }.queues[0].events == .shared(6))
+        keys["event-channel-rx"] = nil
+        #expect(try VifKeys.connection(maxQueues: 1) { keys[$0] }.queues[0].events == .shared(5))
+        keys["event-channel"] = nil
+        #expect(throws: VifKeys.KeyError.self) { try VifKeys.connection(maxQueues: 1) { keys[$0] } }
+    }
+
+    /// A refused `rate` (not BYTES,USEC, a number past UInt64, a zero) is
+    /// unlimited traffic and one warning; a huge interval that parses is kept.
+    @Test func refusedRatesAreLoggedOnce() throws {
+        for (value, refused) in [("bogus", true), ("1,99999999999999999999", true), ("0,100", true), ("100,0", true),
+                                 ("1,18446744073709552", false), ("1250000,20000", false)] {
+            var warnings: [String] = []
+            let c = try VifKeys.config(frontendDomid: 3, devid: 1, maxQueues: 1, warn: { warnings.append($0) }) {
+                $0 == "rate" ? value : nil
+            }
+            #expect((c.rate == nil) == refused, "\(value)")
+            #expect(warnings.count == (refused ? 1 : 0), "\(value): \(warnings)")
+        }
+        var none: [String] = []
+        _ = try VifKeys.config(frontendDomid: 3, devid: 1, maxQueues: 1, warn: { none.append($0) }) { _ in nil }
+        #expect(none.isEmpty)
+    }
 }
