@@ -130,6 +130,25 @@ public final class XenStoreCore {
         return p
     }
 
+    /// DIRECTORY_PART's offset as C's atoi reads it, without its undefined overflow:
+    /// leading blanks and a sign are skipped, reading stops at the first non-digit
+    /// (junk reads as 0); a negative or overlong number is past any list (Int.max).
+    func childOffset(_ f: UnsafeRawBufferPointer) -> Int {
+        var i = 0
+        while i < f.count, f[i] == 0x20 || (0x09...0x0D).contains(f[i]) { i += 1 }
+        var negative = false
+        if i < f.count, f[i] == UInt8(ascii: "-") || f[i] == UInt8(ascii: "+") { negative = f[i] == UInt8(ascii: "-"); i += 1 }
+        var v = 0
+        while i < f.count, f[i] >= UInt8(ascii: "0"), f[i] <= UInt8(ascii: "9") {
+            let (m, o1) = v.multipliedReportingOverflow(by: 10)
+            let (a, o2) = m.addingReportingOverflow(Int(f[i] - UInt8(ascii: "0")))
+            if o1 || o2 { return Int.max }
+            v = a
+            i += 1
+        }
+        return negative && v != 0 ? Int.max : v
+    }
+
     func record(_ change: XSChange?, _ tx: XSTransaction?) {
         guard let change else { return }
         if let tx { tx.changes.append(change) } else { fire(change) }
@@ -186,14 +205,20 @@ public final class XenStoreCore {
 
         case .directoryPart:
             let tx = try transaction(c, h)
+            // Exactly two NULs (xenstore_count_strings): path and offset.
+            guard p.reduce(0, { $0 + ($1 == 0 ? 1 : 0) }) == 2 else { throw .EINVAL }
             let f = XSPayload.split(p)
-            guard f.count >= 2 else { throw .EINVAL }
             let (path, _) = try self.path(c, f[0])
-            let off = Int(try parseUInt(f[1]))
             let n = try store.directory(path, c.caller, tx)
+            let off = childOffset(f[1])
             let blob = n.childrenBlob()
-            guard off <= blob.count else { throw .EINVAL }
             var reply = Array("\(n.generation)".utf8) + [0]
+            if off >= blob.count {
+                // At or past the end: the generation and an empty list.
+                reply.append(0)
+                c.enqueue(.directoryPart, reqID: r, txID: h.txID, reply)
+                return
+            }
             let room = c.quotas.maxPayload - reply.count - 1
             // Whole names only; a final extra NUL marks the end of the list.
             var end = off
