@@ -151,7 +151,7 @@ public final class XenStoreCore {
 
     func record(_ change: XSChange?, _ tx: XSTransaction?) {
         guard let change else { return }
-        if let tx { tx.changes.append(change) } else { fire(change) }
+        if let tx { tx.announce(change) } else { fire(change) }
     }
 
     func requirePrivileged(_ c: XSConnection) throws(XSError) {

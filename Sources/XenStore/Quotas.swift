@@ -10,7 +10,8 @@ public struct XSQuotas: Sendable, Equatable {
     public var maxWatches = 128
     /// Open transactions per connection (C: -t). Over: ENOSPC.
     public var maxTransactions = 10
-    /// Nodes touched by one transaction (C: quota_trans_nodes). Over: ENOSPC.
+    /// Distinct nodes one transaction may access, missing ones included (C:
+    /// quota_trans_nodes). Over: ENOSPC, and the transaction's commit fails (ENOMEM).
     public var maxTransactionNodes = 1024
     /// Requests whose replies are not yet delivered (C: -Q). Over: we stop reading
     /// the connection until the client consumes replies (backpressure, no error).

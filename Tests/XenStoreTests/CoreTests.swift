@@ -402,14 +402,17 @@ func guest(_ core: XenStoreCore, _ domid: DomID) -> CoreClient {
 }
 
 @Suite struct TransactionTests {
+    /// As in C xenstored, a transaction sees each node as at its first access there;
+    /// a change after that access makes the commit fail.
     @Test func snapshotAndCommit() {
         let (core, _) = makeCore()
         let a = CoreClient(core), b = CoreClient(core)
         a.write("/t/x", "old")
         let tx = a.txStart()
         #expect(tx != 0)
+        #expect(a.read("/t/x", tx: tx) == .success("old"))
         b.write("/t/x", "outside")
-        #expect(a.read("/t/x", tx: tx) == .success("old"))  // snapshot
+        #expect(a.read("/t/x", tx: tx) == .success("old"))  // the transaction's copy
         #expect(a.read("/t/x") == .success("outside"))
         #expect(a.txEnd(tx, commit: true) == "EAGAIN")  // read a node changed outside
         #expect(a.read("/t/x") == .success("outside"))  // outside write survives
