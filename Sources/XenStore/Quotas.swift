@@ -22,11 +22,12 @@ public struct XSQuotas: Sendable, Equatable {
     public var maxPathLength = 2048
     /// Permission entries on one node (C: quota_nb_perms_per_node). Over: ENOSPC.
     public var maxPerms = 5
-    /// Bytes of undelivered output (replies and watch events) a connection may hold
-    /// before it is considered stalled and closed. Bounds memory for slow readers.
+    /// Bytes of undelivered output (replies and watch events) an unprivileged
+    /// connection may hold: watch events past it are dropped, as C xenstored drops
+    /// events over a domain's memory quota. No connection is closed for its backlog.
     public var maxOutputBytes = 1 << 20
-    /// Seconds a watch event may wait undelivered (C: 20 s) before the connection is
-    /// closed as stalled.
+    /// Seconds an unprivileged connection's watch event may wait undelivered (C:
+    /// 20 s) before it is dropped; 0 disables. Dom0's events never expire.
     public var watchEventTimeout: Double = 20
 
     public init() {}

@@ -3,6 +3,8 @@
 // also fires watches set below the removed node. Watches are indexed by path so a
 // change costs one lookup per ancestor, not a scan of every watch.
 
+import CXen
+
 final class XSWatch {
     unowned let conn: XSConnection
     let path: String
@@ -71,20 +73,24 @@ extension XenStoreCore {
         }
     }
 
+    /// Queues one WATCH_EVENT as C xenstored's send_event does: an event longer than
+    /// XENSTORE_PAYLOAD_MAX or identical to one still pending is not sent; for an
+    /// unprivileged watcher, nor is one past its output quota, and the event expires
+    /// undelivered after the quota's timeout. No connection is closed for its backlog.
     func queueEvent(_ w: XSWatch, path: String) {
         let c = w.conn
         let shown = w.relative ? XSPath.relativize(path, domid: c.domid) : path
+        let len = shown.utf8.count + w.token.utf8.count + 2
+        if len > Int(XENSTORE_PAYLOAD_MAX) { return }
         var body: [UInt8] = []
-        body.reserveCapacity(shown.utf8.count + w.token.utf8.count + 2)
+        body.reserveCapacity(len)
         body.append(contentsOf: shown.utf8); body.append(0)
         body.append(contentsOf: w.token.utf8); body.append(0)
-        c.enqueue(.watchEvent, reqID: 0, txID: 0, body)
-        if c.oldestEvent == nil { c.oldestEvent = monotonicSeconds() }
-        markDirty(c)
-        // A reader that never drains cannot make us hold unbounded output.
-        if c.pendingBytes > c.quotas.maxOutputBytes {
-            stall(c, reason: "undelivered output exceeds \(c.quotas.maxOutputBytes) bytes")
-        }
+        let queued = c.enqueueEvent(body, dedupe: shown.utf8.first != UInt8(ascii: "@"),
+                                    limit: c.privileged ? nil : c.quotas.maxOutputBytes,
+                                    expires: c.privileged || c.quotas.watchEventTimeout <= 0
+                                        ? 0 : monotonicSeconds() + c.quotas.watchEventTimeout)
+        if queued { markDirty(c) }
     }
 
     func addWatch(_ c: XSConnection, path: String, token: String, relative: Bool) throws(XSError) {

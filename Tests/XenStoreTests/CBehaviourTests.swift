@@ -129,3 +129,80 @@ private func isEmptyPart(_ m: CoreClient.Msg) -> Bool {
         #expect(a.txEnd(t3, commit: true) == "EAGAIN")
     }
 }
+
+@Suite struct WatchEventQueueTests {
+    /// send_event drops an event identical to one still pending, so a write flood
+    /// leaves one event per watch, and dom0 is never disconnected for its backlog.
+    @Test func floodLeavesOneEventAndTheBackendConnected() {
+        var q = XSQuotas(); q.maxOutputBytes = 4096
+        let (core, _) = makeCore(q)
+        _ = home(core, 5)
+        let g = guest(core, 5)
+        g.write("device/vbd/1/state", "1")
+        let backend = CoreClient(core)
+        backend.watch("/local/domain/5/device/vbd/1/state", "be"); _ = backend.pollEvents()
+        for i in 0..<1000 { g.write("device/vbd/1/state", "\(i % 7)") }
+        #expect(!backend.conn.closed)
+        #expect(backend.pollEvents().map(\.path) == ["/local/domain/5/device/vbd/1/state"])
+        // Distinct events pile up for dom0 (C sets it no memory quota) but never close it.
+        backend.watch("/local/domain/5", "home"); _ = backend.pollEvents()
+        for i in 0..<300 { g.write("k\(i)", "") }
+        #expect(!backend.conn.closed)
+        #expect(backend.pollEvents().count == 300)
+    }
+
+    /// An unprivileged watcher over its output quota loses events, not its connection
+    /// (domain_memory_add_chk in send_event).
+    @Test func guestOverQuotaLosesEventsNotItsConnection() {
+        var q = XSQuotas(); q.maxOutputBytes = 4096
+        let (core, _) = makeCore(q)
+        let dom0 = CoreClient(core)
+        dom0.mkdir("/pub"); dom0.setPerms("/pub", ["n0", "r6"])
+        let g = guest(core, 6)
+        g.watch("/pub", "t"); _ = g.pollEvents()
+        for i in 0..<500 { dom0.write("/pub/k\(i)", "") }
+        #expect(!g.conn.closed)
+        #expect(g.conn.pendingBytes <= 4096)
+        let got = g.pollEvents()
+        #expect(got.count > 10 && got.count < 500)
+        #expect(g.read("/pub/k0") == .success(""))
+        dom0.write("/pub/after", "")
+        #expect(g.pollEvents().map(\.path) == ["/pub/after"])
+    }
+
+    /// check_event_timeout: only unprivileged connections' events expire, and the
+    /// stale events are dropped; the connection stays.
+    @Test func staleEventsOfGuestsAreDroppedDom0sKept() {
+        var q = XSQuotas(); q.watchEventTimeout = 20
+        let (core, _) = makeCore(q)
+        let dom0 = CoreClient(core)
+        dom0.mkdir("/pub"); dom0.setPerms("/pub", ["n0", "r6"])
+        let g = guest(core, 6)
+        let d = CoreClient(core)
+        g.watch("/pub", "t"); d.watch("/pub", "t")
+        _ = g.pollEvents(); _ = d.pollEvents()
+        dom0.write("/pub/a", "1")
+        let t = monotonicSeconds()
+        core.expireStalled(now: t + 19)
+        #expect(g.conn.pendingMessages == 1 && d.conn.pendingMessages == 1)
+        core.expireStalled(now: t + 21)
+        #expect(!g.conn.closed && !d.conn.closed)
+        #expect(core.takeClosing().isEmpty)
+        #expect(g.pollEvents().isEmpty)
+        #expect(d.pollEvents().map(\.path) == ["/pub/a"])
+        dom0.write("/pub/b", "1")
+        #expect(g.pollEvents().map(\.path) == ["/pub/b"])
+        #expect(g.read("/pub/a") == .success("1"))
+    }
+
+    /// send_event: an event longer than XENSTORE_PAYLOAD_MAX is not sent.
+    @Test func oversizedEventsAreNotSent() {
+        let (core, _) = makeCore()
+        let w = CoreClient(core)
+        let token = String(repeating: "t", count: 3000)
+        w.watch("/e", token); _ = w.pollEvents()
+        w.write("/e/" + String(repeating: "p", count: 1200), "")
+        w.write("/e/short", "")
+        #expect(w.pollEvents().map(\.path) == ["/e/short"])
+    }
+}

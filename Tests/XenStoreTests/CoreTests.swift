@@ -369,35 +369,48 @@ func guest(_ core: XenStoreCore, _ domid: DomID) -> CoreClient {
         for i in 0..<10 { #expect(d.watch("/w\(i)", "t") == nil) }
     }
 
+    /// C xenstored's check_event_timeout: a guest's undelivered events are dropped
+    /// after the timeout, replies are kept, and the connection stays.
     @Test func undeliveredEventsExpire() {
         var q = XSQuotas(); q.watchEventTimeout = 20
         let (core, _) = makeCore(q)
-        let slow = CoreClient(core), w = CoreClient(core)
-        slow.watch("/e", "t")            // its reply and registration event stay undelivered
-        w.write("/e/x", "1")
+        let dom0 = CoreClient(core)
+        dom0.mkdir("/local/domain/5"); dom0.setPerms("/local/domain/5", ["n5"])
+        let slow = guest(core, 5)
+        let p = slow.fields(["e", "t"])    // its reply and registration event stay undelivered
+        p.withUnsafeBytes { core.process(slow.conn, XSHeader(.watch, reqID: 1, txID: 0, len: UInt32(p.count)), $0) }
+        dom0.write("/local/domain/5/e/x", "1")
+        #expect(slow.conn.pendingMessages == 3)
         let t = monotonicSeconds()
         core.expireStalled(now: t + 19)
-        #expect(!slow.conn.closed)
+        #expect(slow.conn.pendingMessages == 3)
         core.expireStalled(now: t + 21)
-        #expect(slow.conn.closed)
-        #expect(!w.conn.closed)
-        #expect(core.takeClosing().map(\.serial) == [slow.conn.serial])
+        #expect(!slow.conn.closed)
+        #expect(core.takeClosing().isEmpty)
+        let left = slow.drain()
+        #expect(left.map(\.type) == [XSType.watch.rawValue])
+        dom0.write("/local/domain/5/e/y", "1")
+        #expect(slow.pollEvents().map(\.path) == ["e/y"])
     }
 
-    @Test func slowReaderIsDisconnectedNotBuffered() {
+    /// A reader that never drains holds at most one pending event per (path, token)
+    /// (send_event's duplicate check) and, for a guest, at most its output quota of
+    /// events; it is not disconnected.
+    @Test func slowReaderIsBoundedNotDisconnected() {
         var q = XSQuotas(); q.maxOutputBytes = 4096
         let (core, _) = makeCore(q)
-        let slow = CoreClient(core)
-        let w = CoreClient(core)
-        slow.watch("/s", "t")
-        var i = 0
-        while !slow.conn.closed && i < 10000 {
-            w.write("/s/\(i % 10)", "x"); i += 1
-        }
-        #expect(slow.conn.closed)
-        #expect(slow.conn.pendingBytes <= 4096 + 64)
-        #expect(core.watchCount == 0)
-        #expect(w.write("/s/after", "ok") == nil)
+        let dom0 = CoreClient(core)
+        dom0.mkdir("/s"); dom0.setPerms("/s", ["n0", "r5"])
+        let slow = guest(core, 5)
+        slow.watch("/s", "t"); _ = slow.pollEvents()
+        for i in 0..<10000 { dom0.write("/s/\(i % 10)", "x") }
+        #expect(!slow.conn.closed)
+        #expect(slow.conn.pendingMessages == 10)
+        for i in 0..<10000 { dom0.write("/s/n\(i)", "x") }
+        #expect(!slow.conn.closed)
+        #expect(slow.conn.pendingBytes <= 4096)
+        #expect(core.watchCount == 1)
+        #expect(dom0.write("/s/after", "ok") == nil)
     }
 }
 
