@@ -206,3 +206,29 @@ private func isEmptyPart(_ m: CoreClient.Msg) -> Bool {
         #expect(w.pollEvents().map(\.path) == ["/e/short"])
     }
 }
+
+@Suite struct RingFairnessTests {
+    /// The main loop of C xenstored reads one message per connection per round; our
+    /// ring service returns after a bounded number however much the guest queued.
+    @Test func oneServiceCallIsBounded() {
+        let ring = TestRing()
+        var q = XSQuotas(); q.maxOutstanding = 1000
+        let core = XenStoreCore()
+        core.domainQuotas[5] = q
+        let conn = core.newConnection(domid: 5, privileged: false)
+        let r = RingEndpoint(conn: conn, port: ring.daemonPort)
+        let req = RawSocketClient.message(.read, Array("/tool".utf8) + [0], reqID: 1)  // EACCES for dom5
+        var batch: [UInt8] = []
+        for _ in 0..<40 { batch += req }
+        ring.rawWrite(batch)
+        let replySize = 16 + 7  // "EACCES\0"
+        func replies() -> Int { (Int(r.rspProd) + conn.pendingBytes) / replySize }
+        guard case .ok = r.service(core) else { Issue.record("ring corrupt"); return }
+        let first = replies()
+        #expect(first >= 1 && first <= 8)
+        var calls = 1
+        while replies() < 40 && calls < 100 { _ = r.service(core); calls += 1 }
+        #expect(replies() == 40)
+        #expect(calls >= 5)
+    }
+}
