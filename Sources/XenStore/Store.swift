@@ -181,6 +181,7 @@ public final class XSStore {
             if e == .ENOENT, let p = XSPath.parent(path), try node(p, tx, c) != nil { return nil }
             throw e
         }
+        // Permission first: a guest removing "/" is EACCES, dom0 EINVAL (do_rm).
         guard c.access(n.perms).contains(.write) else { throw .EACCES }
         guard let parentPath = XSPath.parent(path), var parent = try node(parentPath, tx, c) else { throw .EINVAL }
         try removeSubtree(path, n, tx, c)

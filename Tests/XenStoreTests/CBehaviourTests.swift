@@ -232,3 +232,53 @@ private func isEmptyPart(_ m: CoreClient.Msg) -> Bool {
         #expect(calls >= 5)
     }
 }
+
+@Suite struct DispatchLikeCTests {
+    @Test func isDomainIntroducedIsPrivileged() {
+        let (core, _) = makeCore()
+        let g = guest(core, 9)
+        #expect(g.send(.isDomainIntroduced, g.fields(["7"])).error == "EACCES")
+        #expect(g.send(.isDomainIntroduced, g.fields(["9"])).error == "EACCES")
+        #expect(CoreClient(core).send(.isDomainIntroduced, g.fields(["9"])).fields == ["T"])
+    }
+
+    /// process_message: unknown type -> ENOSYS; privileged check; then the
+    /// transaction lookup (ENOENT) for every type but WATCH/UNWATCH.
+    @Test func errorsInProcessMessageOrder() {
+        let (core, _) = makeCore()
+        let c = CoreClient(core)
+        for t: UInt32 in [20, 99, XSType.watchEvent.rawValue, XSType.error.rawValue] {
+            core.process(c.conn, XSHeader(type: t, reqID: 7, txID: 0, len: 0), UnsafeRawBufferPointer(start: nil, count: 0))
+            #expect(c.drain().map(\.error) == ["ENOSYS"])
+        }
+        #expect(c.send(.transactionEnd, c.fields(["T"])).error == "ENOENT")
+        #expect(c.send(.transactionEnd, c.fields(["T"]), tx: 4242).error == "ENOENT")
+        #expect(c.send(.transactionStart, [0], tx: 4242).error == "ENOENT")
+        #expect(c.send(.resetWatches, [], tx: 4242).error == "ENOENT")
+        #expect(c.send(.getDomainPath, c.fields(["3"]), tx: 4242).error == "ENOENT")
+        #expect(c.send(.watch, c.fields(["/w", "t"]), tx: 4242).error == nil)  // XS_FLAG_NOTID
+        let g = guest(core, 9)
+        #expect(g.send(.control, g.fields(["print", "x"]), tx: 4242).error == "EACCES")
+        #expect(g.rm("/") == "EACCES")
+        #expect(c.rm("/") == "EINVAL")
+    }
+
+    /// onearg: exactly one NUL, at the end; WATCH/UNWATCH exactly two strings.
+    @Test func argumentCountsAsC() {
+        let (core, _) = makeCore()
+        let c = CoreClient(core)
+        c.write("/a", "v")
+        #expect(c.send(.read, Array("/a".utf8)).error == "EINVAL")
+        #expect(c.send(.read, Array("/a\u{0}x".utf8)).error == "EINVAL")
+        #expect(c.send(.read, Array("/a\u{0}\u{0}".utf8)).error == "EINVAL")
+        #expect(c.send(.read, Array("/a\u{0}".utf8)).string == "v")
+        #expect(c.send(.watch, c.fields(["/a"])).error == "EINVAL")
+        #expect(c.send(.watch, c.fields(["/a", "t", "x"])).error == "EINVAL")
+        #expect(c.send(.watch, Array("/a\u{0}t".utf8)).error == "EINVAL")
+        #expect(c.send(.unwatch, c.fields(["/a", "t", "x"])).error == "EINVAL")
+        #expect(c.send(.transactionEnd, Array("T".utf8)).error == "EINVAL")
+        // A guest's over-long permission list is refused before the lookup.
+        let g = guest(core, 5)
+        #expect(g.send(.setPerms, g.fields(["/nothere", "n5", "r1", "r2", "r3", "r4", "r6"])).error == "ENOSPC")
+    }
+}
