@@ -39,6 +39,8 @@ final class XSDomain {
     let mfn: UInt64
     let port: UInt32
     var conn: XSConnection?
+    /// The hypervisor reported it shut down (C: domain->shutdown).
+    var shutdown = false
     init(domid: DomID, mfn: UInt64, port: UInt32) { self.domid = domid; self.mfn = mfn; self.port = port }
 }
 
@@ -101,6 +103,22 @@ extension XenStoreCore {
         store.disown(domid)
         log(.info, "released domain \(domid)")
         fire(XSChange(path: "@releaseDomain", recursive: false, perms: XSPermissions(owner: 0)))
+    }
+
+    /// The hypervisor reports these domains shut down (XEN_DOMINF_shutdown: powered
+    /// off, rebooting, crashed) but not dying. As C xenstored's check_domain, the
+    /// first report of a domain fires @releaseDomain (once for the whole batch), as
+    /// xenstore.txt documents; the domain stays introduced until it dies or is
+    /// released. Unknown domains are ignored.
+    public func domainsShutDown(_ ids: [DomID]) {
+        var notify = false
+        for id in ids {
+            if let d = domains[id], !d.shutdown {
+                d.shutdown = true
+                notify = true
+            }
+        }
+        if notify { fire(XSChange(path: "@releaseDomain", recursive: false, perms: XSPermissions(owner: 0))) }
     }
 
     public func isIntroduced(_ domid: DomID) -> Bool { domid == 0 || domains[domid] != nil }

@@ -282,3 +282,21 @@ private func isEmptyPart(_ m: CoreClient.Msg) -> Bool {
         #expect(g.send(.setPerms, g.fields(["/nothere", "n5", "r1", "r2", "r3", "r4", "r6"])).error == "ENOSPC")
     }
 }
+
+@Suite struct DomainShutdownTests {
+    /// check_domain: the first report of a domain's shutdown fires @releaseDomain
+    /// once; the domain stays introduced.
+    @Test func shutdownFiresReleaseDomainOnce() {
+        let (core, _) = makeCore()
+        let dom0 = CoreClient(core)
+        _ = guest(core, 4); _ = guest(core, 5)
+        dom0.watch("@releaseDomain", "r"); _ = dom0.pollEvents()
+        core.domainsShutDown([4, 5])
+        #expect(dom0.pollEvents().map(\.path) == ["@releaseDomain"])
+        core.domainsShutDown([4, 5, 77])
+        #expect(dom0.pollEvents().isEmpty)
+        #expect(core.isIntroduced(4) && core.isIntroduced(5))
+        try! core.releaseDomain(4)
+        #expect(dom0.pollEvents().map(\.path) == ["@releaseDomain"])
+    }
+}

@@ -77,6 +77,26 @@ import XenTestKit
         #expect(try !s.xenstore.isDomainIntroduced(XenStore.DomID(g.domid)))
     }
 
+    /// xenstore.txt: "@releaseDomain occurs on any domain crash or shutdown"; C
+    /// xenstored's check_domain fires it the first time it sees XEN_DOMINF_shutdown,
+    /// and the domain stays introduced until it dies.
+    @Test func guestShutdownFiresReleaseDomain() throws {
+        let s = try Self.dom0()
+        let g = try s.createGuest(name: "quitter")
+        defer { g.xenstore.close() }
+        try g.xenstore.write("data/x", "1")
+        let ev = Events()
+        _ = try s.xenstore.watch("@releaseDomain", token: "rel", callback: ev.callback)
+        #expect(ev.next()?.path == "@releaseDomain")  // registration
+        try g.hypervisor.shutdownSelf(reason: .poweroff)
+        #expect(ev.next()?.path == "@releaseDomain")
+        #expect(try s.xenstore.isDomainIntroduced(XenStore.DomID(g.domid)))
+        #expect(try s.xenstore.read(g.home + "/data/x") == "1")
+        try s.hypervisor.destroyDomain(g.domid)
+        #expect(ev.next()?.path == "@releaseDomain")
+        #expect(try !s.xenstore.isDomainIntroduced(XenStore.DomID(g.domid)))
+    }
+
     @Test func aCorruptRingIndexClosesOnlyThatGuest() throws {
         let s = try Self.dom0()
         let liar = try s.createGuest(name: "liar"), honest = try s.createGuest(name: "honest")
