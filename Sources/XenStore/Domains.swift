@@ -89,18 +89,17 @@ extension XenStoreCore {
         fire(XSChange(path: "@introduceDomain", recursive: false, perms: XSPermissions(owner: 0)))
     }
 
-    /// Forgets a domain: drops its connection, watches and transactions, removes its
-    /// /local/domain/<domid> subtree, gives its other nodes to dom0, and fires
-    /// @releaseDomain. Called for XS_RELEASE and when the hypervisor reports the
-    /// domain's death. Throws ENOENT for a domain never introduced.
+    /// Forgets a domain: drops its connection, watches and transactions, removes every
+    /// node it owns (with its subtree) wherever it is, and fires @releaseDomain. Nodes
+    /// dom0 owns, in the domain's home too, stay for the toolstack to remove (C
+    /// xenstored's destroy_domain / domain_tree_remove, without --keep-orphans).
+    /// Called for XS_RELEASE and when the hypervisor reports the domain's death.
+    /// Throws ENOENT for a domain never introduced.
     public func releaseDomain(_ domid: DomID) throws(XSError) {
         guard let d = domains[domid] else { throw .ENOENT }
         if let c = d.conn { closeConnection(c, reason: "domain released") }  // detaches the ring
         domains[domid] = nil
-        // Dom0 cleans up, so watchers hear about the removal like any other change.
-        let dom0 = XSCaller(domid: 0, privileged: true)
-        if let change = try? store.rm(XSPath.domainPath(domid), dom0) { fire(change) }
-        store.disown(domid)
+        removeOwnedNodes(domid)
         log(.info, "released domain \(domid)")
         fire(XSChange(path: "@releaseDomain", recursive: false, perms: XSPermissions(owner: 0)))
     }
@@ -119,6 +118,23 @@ extension XenStoreCore {
             }
         }
         if notify { fire(XSChange(path: "@releaseDomain", recursive: false, perms: XSPermissions(owner: 0))) }
+    }
+
+    /// Walks the tree from the root and removes each node `domid` owns with its
+    /// subtree (whose other nodes are not visited). Dom0 removes them, so watchers
+    /// hear about each removal like any other change.
+    func removeOwnedNodes(_ domid: DomID) {
+        guard store.ownedCount(domid, nil) > 0 else { return }
+        let dom0 = XSCaller(domid: 0, privileged: true)
+        var stack = ["/"]
+        while let p = stack.popLast() {
+            guard let n = store.nodes[p] else { continue }
+            if n.perms.owner == domid && p != "/" {
+                if let change = try? store.rm(p, dom0) { fire(change) }
+                continue
+            }
+            for c in n.children.reversed() { stack.append(XSPath.child(p, c)) }
+        }
     }
 
     public func isIntroduced(_ domid: DomID) -> Bool { domid == 0 || domains[domid] != nil }

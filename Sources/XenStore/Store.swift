@@ -250,21 +250,4 @@ public final class XSStore {
         for (d, delta) in t.nodeDelta { owned[d, default: 0] += delta }
         return t.changes
     }
-
-    // MARK: domain clean-up
-
-    /// Gives every node owned by `domid` to dom0, as C xenstored does when a domain goes
-    /// away, so a later domain reusing the id inherits nothing.
-    func disown(_ domid: DomID) {
-        guard (owned[domid] ?? 0) > 0 else { return }
-        var moved = 0
-        for (path, var n) in nodes where n.perms.owner == domid {
-            n.perms.owner = 0
-            n.generation = nextGeneration()
-            put(path, n, nil)
-            moved += 1
-        }
-        owned[domid] = nil
-        owned[0, default: 0] += moved
-    }
 }

@@ -300,3 +300,28 @@ private func isEmptyPart(_ m: CoreClient.Msg) -> Bool {
         #expect(dom0.pollEvents().map(\.path) == ["@releaseDomain"])
     }
 }
+
+@Suite struct ReleaseLikeCTests {
+    /// destroy_domain -> domain_tree_remove: every node the domain owns goes, with
+    /// its subtree, wherever it is; nodes dom0 owns stay for the toolstack.
+    @Test func releaseRemovesWhatTheDomainOwns() {
+        let (core, _) = makeCore()
+        let dom0 = CoreClient(core)
+        dom0.mkdir("/local/domain/5"); dom0.setPerms("/local/domain/5", ["n0", "r5"])
+        dom0.write("/local/domain/5/name", "g")                       // dom0-owned
+        dom0.mkdir("/local/domain/5/data"); dom0.setPerms("/local/domain/5/data", ["n5"])
+        dom0.mkdir("/shared"); dom0.setPerms("/shared", ["n0", "w5"])
+        let g = guest(core, 5)
+        #expect(g.write("data/x", "1") == nil)
+        #expect(g.write("/shared/mine/deep", "m") == nil)
+        let w = CoreClient(core)
+        w.watch("/shared/mine", "m"); _ = w.pollEvents()
+        try! core.releaseDomain(5)
+        #expect(dom0.read("/local/domain/5/name") == .success("g"))
+        #expect(dom0.readError("/local/domain/5/data") == "ENOENT")
+        #expect(dom0.readError("/shared/mine") == "ENOENT")
+        #expect(dom0.ls("/shared") == [])
+        #expect(core.store.ownedCount(5, nil) == 0)
+        #expect(w.pollEvents().map(\.path) == ["/shared/mine"])
+    }
+}
