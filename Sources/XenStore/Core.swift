@@ -188,7 +188,7 @@ public final class XenStoreCore {
 
         case .rm:
             let (path, _) = try self.path(c, onearg(p))
-            record(try store.rm(path, c.caller, tx), tx)
+            for change in try store.rm(path, c.caller, tx) { record(change, tx) }
             c.enqueueOK(.rm, reqID: r, txID: h.txID)
 
         case .directory:

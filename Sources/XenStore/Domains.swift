@@ -86,7 +86,7 @@ extension XenStoreCore {
         domains[domid] = d
         host.attachRing(conn, ring)
         log(.info, "introduced domain \(domid) (mfn \(mfn), port \(port))")
-        fire(XSChange(path: "@introduceDomain", recursive: false, perms: XSPermissions(owner: 0)))
+        fire(XSChange(path: "@introduceDomain", exact: false, perms: XSPermissions(owner: 0)))
     }
 
     /// Forgets a domain: drops its connection, watches and transactions, removes every
@@ -101,7 +101,7 @@ extension XenStoreCore {
         domains[domid] = nil
         removeOwnedNodes(domid)
         log(.info, "released domain \(domid)")
-        fire(XSChange(path: "@releaseDomain", recursive: false, perms: XSPermissions(owner: 0)))
+        fire(XSChange(path: "@releaseDomain", exact: false, perms: XSPermissions(owner: 0)))
     }
 
     /// The hypervisor reports these domains shut down (XEN_DOMINF_shutdown: powered
@@ -117,7 +117,7 @@ extension XenStoreCore {
                 notify = true
             }
         }
-        if notify { fire(XSChange(path: "@releaseDomain", recursive: false, perms: XSPermissions(owner: 0))) }
+        if notify { fire(XSChange(path: "@releaseDomain", exact: false, perms: XSPermissions(owner: 0))) }
     }
 
     /// Walks the tree from the root and removes each node `domid` owns with its
@@ -130,7 +130,7 @@ extension XenStoreCore {
         while let p = stack.popLast() {
             guard let n = store.nodes[p] else { continue }
             if n.perms.owner == domid && p != "/" {
-                if let change = try? store.rm(p, dom0) { fire(change) }
+                if let changes = try? store.rm(p, dom0) { changes.forEach(fire) }
                 continue
             }
             for c in n.children.reversed() { stack.append(XSPath.child(p, c)) }

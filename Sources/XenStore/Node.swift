@@ -28,12 +28,17 @@ public struct XSNode: Sendable, Equatable {
     }
 }
 
-/// A change to report to watchers: the node path, whether it removed a subtree (so
-/// watches below it fire too), and the node's permissions for the read check.
+/// A change to report to watchers (C xenstored's fire_watches arguments): the node
+/// path; `exact` when only watches set on exactly that path fire (a node removed
+/// below the removed root, C's watch_exact), else watches on it and its ancestors;
+/// and what watch_permitted judges by: the node's permissions, its old ones for a
+/// SET_PERMS, and its parent's when the parent is gone by the time it fires.
 public struct XSChange: Sendable {
     public var path: String
-    public var recursive: Bool
+    public var exact: Bool
     public var perms: XSPermissions
+    public var oldPerms: XSPermissions? = nil
+    public var parentPerms: XSPermissions? = nil
 }
 
 /// Who is asking: the caller's domain, privilege and quotas.

@@ -122,10 +122,10 @@ public final class XSStore {
             n.generation = nextGeneration()
             let perms = n.perms
             put(path, n, tx)
-            return XSChange(path: path, recursive: false, perms: perms)
+            return XSChange(path: path, exact: false, perms: perms)
         }
         let perms = try create(path, value, c, tx)
-        return XSChange(path: path, recursive: false, perms: perms)
+        return XSChange(path: path, exact: false, perms: perms)
     }
 
     /// MKDIR: creates an empty node; an existing writable node is left alone.
@@ -136,7 +136,7 @@ public final class XSStore {
             return nil
         }
         let perms = try create(path, [], c, tx)
-        return XSChange(path: path, recursive: false, perms: perms)
+        return XSChange(path: path, exact: false, perms: perms)
     }
 
     func create(_ path: String, _ value: [UInt8], _ c: XSCaller, _ tx: XSTransaction?) throws(XSError) -> XSPermissions {
@@ -174,28 +174,35 @@ public final class XSStore {
     }
 
     /// RM: removes a node and its subtree. Removing a missing node whose parent exists
-    /// succeeds (returns nil); removing "/" is EINVAL.
-    public func rm(_ path: String, _ c: XSCaller, _ tx: XSTransaction? = nil) throws(XSError) -> XSChange? {
+    /// succeeds (no changes); removing "/" is EINVAL. Returns one change per removed
+    /// node, descendants first (exact) and the root last, as C's delnode_sub fires.
+    public func rm(_ path: String, _ c: XSCaller, _ tx: XSTransaction? = nil) throws(XSError) -> [XSChange] {
         guard let n = try node(path, tx, c) else {
             let e = errorFromParents(path, need: .write, c, tx)
-            if e == .ENOENT, let p = XSPath.parent(path), try node(p, tx, c) != nil { return nil }
+            if e == .ENOENT, let p = XSPath.parent(path), try node(p, tx, c) != nil { return [] }
             throw e
         }
         // Permission first: a guest removing "/" is EACCES, dom0 EINVAL (do_rm).
         guard c.access(n.perms).contains(.write) else { throw .EACCES }
         guard let parentPath = XSPath.parent(path), var parent = try node(parentPath, tx, c) else { throw .EINVAL }
-        try removeSubtree(path, n, tx, c)
+        var changes: [XSChange] = []
+        try removeSubtree(path, n, tx, c, &changes)
         let name = XSPath.basename(path)
         if let i = parent.children.firstIndex(where: { $0 == name }) { parent.children.remove(at: i) }
         parent.generation = nextGeneration()
         put(parentPath, parent, tx)
-        return XSChange(path: path, recursive: true, perms: n.perms)
+        changes.append(XSChange(path: path, exact: false, perms: n.perms))
+        return changes
     }
 
-    func removeSubtree(_ path: String, _ n: XSNode, _ tx: XSTransaction?, _ c: XSCaller) throws(XSError) {
+    func removeSubtree(_ path: String, _ n: XSNode, _ tx: XSTransaction?, _ c: XSCaller,
+                       _ changes: inout [XSChange]) throws(XSError) {
         for child in n.children {
             let cp = XSPath.child(path, child)
-            if let cn = try node(cp, tx, c) { try removeSubtree(cp, cn, tx, c) }
+            if let cn = try node(cp, tx, c) {
+                try removeSubtree(cp, cn, tx, c, &changes)
+                changes.append(XSChange(path: cp, exact: true, perms: cn.perms, parentPerms: n.perms))
+            }
         }
         adjustOwned(n.perms.owner, -1, tx)
         put(path, nil, tx)
@@ -213,10 +220,11 @@ public final class XSStore {
             adjustOwned(n.perms.owner, -1, tx)
             adjustOwned(perms.owner, 1, tx)
         }
+        let oldPerms = n.perms
         n.perms = perms
         n.generation = nextGeneration()
         put(path, n, tx)
-        return XSChange(path: path, recursive: false, perms: perms)
+        return XSChange(path: path, exact: false, perms: perms, oldPerms: oldPerms)
     }
 
     // MARK: transactions

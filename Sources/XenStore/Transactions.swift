@@ -38,11 +38,14 @@ public final class XSTransaction {
     /// Entries the transaction holds, all bounded by what it touched.
     var retainedCount: Int { accessed.count + changes.count }
 
-    /// Records a change to announce; a removal absorbs earlier changes of the path.
+    /// Records a change to announce, one per path: a non-exact change replaces an
+    /// exact one, not the other way round (C: queue_watches).
     func announce(_ change: XSChange) {
         if let i = changeIndex[change.path] {
-            changes[i].recursive = changes[i].recursive || change.recursive
+            changes[i].exact = changes[i].exact && change.exact
             changes[i].perms = change.perms
+            changes[i].oldPerms = changes[i].oldPerms ?? change.oldPerms
+            changes[i].parentPerms = change.parentPerms
         } else {
             changeIndex[change.path] = changes.count
             changes.append(change)

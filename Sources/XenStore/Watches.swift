@@ -1,7 +1,8 @@
 // Watches (docs/misc/xenstore.txt WATCH/UNWATCH/WATCH_EVENT): a watch on P fires for
 // changes to P and anything below it, and once when registered. Removal of a subtree
-// also fires watches set below the removed node. Watches are indexed by path so a
-// change costs one lookup per ancestor, not a scan of every watch.
+// also fires the watches set exactly on each removed node below it. Watches are
+// indexed by path so a change costs one lookup per ancestor, not a scan of every
+// watch.
 
 import CXen
 
@@ -40,34 +41,46 @@ struct XSWatchIndex {
             byPath[path]?.forEach { body($0, path) }
             return
         }
+        if change.exact {
+            byPath[path]?.forEach { body($0, path) }
+            return
+        }
         // The node itself and its ancestors.
         var p: String? = path
         while let q = p {
             if let list = byPath[q] { for w in list { body(w, path) } }
             p = XSPath.parent(q)
         }
-        // Removal: watches strictly below the removed node fire with their own path.
-        if change.recursive {
-            for (wp, list) in byPath where wp != path && XSPath.isSelfOrDescendant(wp, of: path) {
-                for w in list { body(w, wp) }
-            }
-        }
     }
 }
 
 extension XenStoreCore {
-    /// Queues the WATCH_EVENT messages a change causes. A watcher only hears about
-    /// nodes it may read; special (@) events go to privileged connections only.
+    /// Queues the WATCH_EVENT messages a change causes. Special (@) events go to
+    /// privileged connections only; others to watchers that may read (C's
+    /// watch_permitted) the node under its old permissions, or under its current
+    /// ones, or its parent.
     func fire(_ change: XSChange) {
         guard watches.count > 0 else { return }
         let special = change.path.utf8.first == UInt8(ascii: "@")
+        var parentPerms = change.parentPerms
+        var parentLooked = parentPerms != nil
         watches.matches(change) { w, reported in
             let c = w.conn
             if c.closed { return }
             if special {
                 if !c.privileged { return }
-            } else if !c.caller.access(change.perms).contains(.read) {
-                return
+            } else {
+                let caller = c.caller
+                var ok = caller.access(change.perms).contains(.read)
+                    || change.oldPerms.map { caller.access($0).contains(.read) } ?? false
+                if !ok {
+                    if !parentLooked {
+                        parentPerms = XSPath.parent(change.path).flatMap { store.nodes[$0]?.perms }
+                        parentLooked = true
+                    }
+                    ok = parentPerms.map { caller.access($0).contains(.read) } ?? false
+                }
+                if !ok { return }
             }
             queueEvent(w, path: reported)
         }

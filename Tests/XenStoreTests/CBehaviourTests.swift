@@ -325,3 +325,57 @@ private func isEmptyPart(_ m: CoreClient.Msg) -> Bool {
         #expect(w.pollEvents().map(\.path) == ["/shared/mine"])
     }
 }
+
+@Suite struct WatchPermissionTests {
+    /// watch_permitted: the node or its parent readable is enough.
+    @Test func readableParentIsEnough() {
+        let (core, _) = makeCore()
+        let dom0 = home(core, 5)
+        let g = guest(core, 5)
+        g.watch("device", "d")
+        dom0.write("/local/domain/5/device/hidden", "x")
+        dom0.setPerms("/local/domain/5/device/hidden", ["n0"])
+        _ = g.pollEvents()
+        dom0.write("/local/domain/5/device/hidden", "y")
+        #expect(g.pollEvents().map(\.path) == ["device/hidden"])
+        // Neither the node nor its parent readable: silent.
+        dom0.mkdir("/local/domain/5/device/closed"); dom0.setPerms("/local/domain/5/device/closed", ["n0"])
+        dom0.write("/local/domain/5/device/closed/x", "1")
+        _ = g.pollEvents()
+        dom0.write("/local/domain/5/device/closed/x", "2")
+        #expect(g.pollEvents().isEmpty)
+    }
+
+    /// do_set_perms passes the old permissions: a watcher losing access hears of it.
+    @Test func losingReadAccessIsReported() {
+        let (core, _) = makeCore()
+        let dom0 = CoreClient(core)
+        dom0.write("/pub/v", "p"); dom0.setPerms("/pub/v", ["r0"])
+        let g = guest(core, 6)
+        g.watch("/pub/v", "t"); _ = g.pollEvents()
+        dom0.setPerms("/pub/v", ["n0"])
+        #expect(g.pollEvents().map(\.path) == ["/pub/v"])
+        dom0.write("/pub/v", "q")
+        #expect(g.pollEvents().isEmpty)
+    }
+
+    /// delnode_sub fires per removed node: watches on paths that never existed stay
+    /// silent, and each removed descendant is judged by its own permissions.
+    @Test func removalFiresPerRemovedNode() {
+        let (core, _) = makeCore()
+        let dom0 = CoreClient(core)
+        dom0.write("/t/a/b", "")
+        let w = CoreClient(core)
+        w.watch("/t/a/never/there", "x"); w.watch("/t/a/b", "b"); _ = w.pollEvents()
+        dom0.rm("/t/a")
+        #expect(w.pollEvents().map(\.path) == ["/t/a/b"])
+        // A guest watching a readable root does not hear of an unreadable subtree.
+        dom0.mkdir("/r/open"); dom0.setPerms("/r", ["n0", "r7"]); dom0.setPerms("/r/open", ["n0", "r7"])
+        dom0.mkdir("/r/open/secret"); dom0.setPerms("/r/open/secret", ["n0"])
+        dom0.mkdir("/r/open/secret/deeper"); dom0.setPerms("/r/open/secret/deeper", ["n0"])
+        let g = guest(core, 7)
+        g.watch("/r/open/secret/deeper", "s"); g.watch("/r/open", "o"); _ = g.pollEvents()
+        dom0.rm("/r/open")
+        #expect(g.pollEvents().map(\.path) == ["/r/open"])
+    }
+}

@@ -328,11 +328,13 @@ func guest(_ core: XenStoreCore, _ domid: DomID) -> CoreClient {
         #expect(g.pollEvents().map { $0.path } == ["device"])
         dom0.write("/local/domain/5/device/vif/0/state", "1")
         #expect(g.pollEvents().map { $0.path } == ["device/vif/0/state"])
-        // A node the guest cannot read is not reported.
-        dom0.write("/local/domain/5/device/hidden", "x")
+        // A node the guest can read neither itself nor through its parent is not
+        // reported (C's watch_permitted: either is enough).
+        dom0.mkdir("/local/domain/5/device/hidden")
         dom0.setPerms("/local/domain/5/device/hidden", ["n0"])
+        dom0.write("/local/domain/5/device/hidden/x", "x")
         _ = g.pollEvents()
-        dom0.write("/local/domain/5/device/hidden", "y")
+        dom0.write("/local/domain/5/device/hidden/x", "y")
         #expect(g.pollEvents().isEmpty)
         // Watching someone else's tree is allowed but silent.
         #expect(g.watch("/local/domain/0", "x") == nil)
