@@ -230,7 +230,7 @@ public final class XenStoreCore {
             c.enqueue(.directoryPart, reqID: r, txID: h.txID, reply)
 
         case .getPerms:
-            let (path, _) = try self.path(c, onearg(p))
+            let (path, _) = try self.path(c, onearg(p), special: true)
             c.enqueue(.getPerms, reqID: r, txID: h.txID, try store.getPerms(path, c.caller, tx).wire)
 
         case .setPerms:
@@ -238,7 +238,7 @@ public final class XenStoreCore {
             guard f.count >= 2 else { throw .EINVAL }
             // The permission count is checked before anything else (do_set_perms).
             if !c.privileged && f.count - 1 > c.quotas.maxPerms { throw .ENOSPC }
-            let (path, _) = try self.path(c, f[0])
+            let (path, _) = try self.path(c, f[0], special: true)
             var entries: [XSPerm] = []
             for x in f[1...] {
                 guard let e = XSPerm(Substring(String(xsBytes: x))) else { throw .EINVAL }

@@ -135,6 +135,15 @@ extension XenStoreCore {
             }
             for c in n.children.reversed() { stack.append(XSPath.child(p, c)) }
         }
+        // A special node dom0 gave the domain goes back to dom0 (it cannot be removed).
+        for s in XSStore.specialNodes {
+            if var n = store.nodes[s], n.perms.owner == domid {
+                n.perms.owner = 0
+                store.nodes[s] = n
+                store.adjustOwned(domid, -1, nil)
+                store.adjustOwned(0, 1, nil)
+            }
+        }
     }
 
     public func isIntroduced(_ domid: DomID) -> Bool { domid == 0 || domains[domid] != nil }

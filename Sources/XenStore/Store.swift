@@ -12,15 +12,20 @@ public final class XSStore {
     var open: [ObjectIdentifier: XSTransaction] = [:]
 
     public init() {
-        // The tree C xenstored starts with (setup_structure): /, /tool, /tool/xenstored.
+        // The tree C xenstored starts with (setup_structure): /, /tool, /tool/xenstored,
+        // and the special nodes, outside the tree, whose permissions decide who hears
+        // their watch events.
         let rootPerms = XSPermissions(owner: 0)
         nodes["/"] = XSNode(perms: rootPerms, children: ["tool"])
         nodes["/tool"] = XSNode(perms: rootPerms, children: ["xenstored"])
         nodes["/tool/xenstored"] = XSNode(perms: rootPerms)
-        owned[0] = 3
+        for s in XSStore.specialNodes { nodes[s] = XSNode(perms: rootPerms) }
+        owned[0] = 5
     }
 
     public var nodeCount: Int { nodes.count }
+
+    static let specialNodes = ["@introduceDomain", "@releaseDomain"]
 
     // MARK: views
 

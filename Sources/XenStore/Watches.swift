@@ -55,33 +55,31 @@ struct XSWatchIndex {
 }
 
 extension XenStoreCore {
-    /// Queues the WATCH_EVENT messages a change causes. Special (@) events go to
-    /// privileged connections only; others to watchers that may read (C's
-    /// watch_permitted) the node under its old permissions, or under its current
-    /// ones, or its parent.
+    /// Queues the WATCH_EVENT messages a change causes, to watchers that may read
+    /// (C's watch_permitted) the node under its old permissions, or under its current
+    /// ones, or its parent. A special (@) node's permissions are its node's (dom0
+    /// may grant read), its parent "/".
     func fire(_ change: XSChange) {
         guard watches.count > 0 else { return }
         let special = change.path.utf8.first == UInt8(ascii: "@")
+        let perms = special ? store.nodes[change.path]?.perms ?? change.perms : change.perms
         var parentPerms = change.parentPerms
         var parentLooked = parentPerms != nil
         watches.matches(change) { w, reported in
             let c = w.conn
             if c.closed { return }
-            if special {
-                if !c.privileged { return }
-            } else {
-                let caller = c.caller
-                var ok = caller.access(change.perms).contains(.read)
-                    || change.oldPerms.map { caller.access($0).contains(.read) } ?? false
-                if !ok {
-                    if !parentLooked {
-                        parentPerms = XSPath.parent(change.path).flatMap { store.nodes[$0]?.perms }
-                        parentLooked = true
-                    }
-                    ok = parentPerms.map { caller.access($0).contains(.read) } ?? false
+            let caller = c.caller
+            var ok = caller.access(perms).contains(.read)
+                || change.oldPerms.map { caller.access($0).contains(.read) } ?? false
+            if !ok {
+                if !parentLooked {
+                    let parent = special ? "/" : XSPath.parent(change.path)
+                    parentPerms = parent.flatMap { store.nodes[$0]?.perms }
+                    parentLooked = true
                 }
-                if !ok { return }
+                ok = parentPerms.map { caller.access($0).contains(.read) } ?? false
             }
+            if !ok { return }
             queueEvent(w, path: reported)
         }
     }
@@ -107,8 +105,8 @@ extension XenStoreCore {
     }
 
     func addWatch(_ c: XSConnection, path: String, token: String, relative: Bool) throws(XSError) {
-        // @introduceDomain / @releaseDomain are for the toolstack only.
-        if path.utf8.first == UInt8(ascii: "@") && !c.privileged { throw .EACCES }
+        // Anyone may watch @introduceDomain / @releaseDomain (do_watch); later events
+        // reach only those who may read the node (fire).
         if c.watches.contains(where: { $0.path == path && $0.token == token }) { throw .EEXIST }
         if !c.privileged && domainWatchCount(c.domid) >= c.quotas.maxWatches { throw .E2BIG }
         let w = XSWatch(conn: c, path: path, token: token, relative: relative)

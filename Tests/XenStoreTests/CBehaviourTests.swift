@@ -379,3 +379,27 @@ private func isEmptyPart(_ m: CoreClient.Msg) -> Bool {
         #expect(g.pollEvents().map(\.path) == ["/r/open"])
     }
 }
+
+@Suite struct SpecialNodeTests {
+    /// setup_structure makes @introduceDomain and @releaseDomain nodes (n0); do_watch
+    /// takes a watch on them from anyone, and watch_permitted sends later events only
+    /// to watchers that may read them; GET_PERMS/SET_PERMS reach them (XSA-115).
+    @Test func guestsMayWatchSpecialNodesButHearOnlyWhatTheyMayRead() {
+        let (core, _) = makeCore()
+        let dom0 = CoreClient(core)
+        let g = guest(core, 5)
+        #expect(g.watch("@releaseDomain", "r") == nil)
+        #expect(g.pollEvents().map(\.path) == ["@releaseDomain"])  // registration
+        _ = guest(core, 6); try! core.releaseDomain(6)
+        #expect(g.pollEvents().isEmpty)
+        #expect(dom0.getPerms("@releaseDomain") == ["n0"])
+        #expect(dom0.setPerms("@releaseDomain", ["n0", "r5"]) == nil)
+        #expect(g.pollEvents().map(\.path) == ["@releaseDomain"])  // do_set_perms fires too
+        _ = guest(core, 7); try! core.releaseDomain(7)
+        #expect(g.pollEvents().map(\.path) == ["@releaseDomain"])
+        #expect(g.getPerms("@releaseDomain") == ["n0", "r5"])
+        #expect(g.setPerms("@releaseDomain", ["n5"]) == "EACCES")
+        #expect(dom0.readError("@releaseDomain") == "EINVAL")
+        #expect(dom0.getPerms("@introduceDomain") == ["n0"])
+    }
+}
