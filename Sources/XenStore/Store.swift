@@ -73,8 +73,8 @@ public final class XSStore {
     // MARK: lookup with C xenstored's error rules
 
     /// Gets a node the caller may access with `need`. A missing node gives ENOENT if the
-    /// closest existing ancestor grants `need`, else EACCES (errno_from_parents), so a
-    /// guest cannot probe trees it cannot read.
+    /// closest existing ancestor grants any of `need`, else EACCES (errno_from_parents),
+    /// so a guest cannot probe trees it cannot read.
     public func get(_ path: String, need: XSAccess, _ c: XSCaller, _ tx: XSTransaction?) throws(XSError) -> XSNode {
         if let n = try node(path, tx, c) {
             guard c.access(n.perms).isSuperset(of: need) else { throw .EACCES }
@@ -90,7 +90,8 @@ public final class XSStore {
         do throws(XSError) {
             while let q = p {
                 if let n = try node(q, tx, c) {
-                    return c.access(n.perms).isSuperset(of: need) ? .ENOENT : .EACCES
+                    // C tests parent_perm & perm: any of the access asked for will do.
+                    return c.access(n.perms).isDisjoint(with: need) ? .EACCES : .ENOENT
                 }
                 p = XSPath.parent(q)
             }

@@ -403,3 +403,17 @@ private func isEmptyPart(_ m: CoreClient.Msg) -> Bool {
         #expect(dom0.getPerms("@introduceDomain") == ["n0"])
     }
 }
+
+@Suite struct ErrnoFromParentsTests {
+    /// errno_from_parents: a missing node is ENOENT when the closest parent grants any
+    /// of the access asked for (parent_perm & perm), else EACCES.
+    @Test func anyOverlapWithTheParentsAccessIsENOENT() {
+        let (core, _) = makeCore()
+        let dom0 = CoreClient(core)
+        dom0.mkdir("/shared"); dom0.setPerms("/shared", ["n0", "w5"])
+        let g = guest(core, 5)
+        #expect(g.setPerms("/shared/missing", ["n5"]) == "ENOENT")   // asks write|owner, has write
+        #expect(g.readError("/shared/missing") == "EACCES")           // asks read, has none
+        #expect(g.setPerms("/tool/missing", ["n5"]) == "EACCES")
+    }
+}
