@@ -12,9 +12,16 @@ public struct XSNode: Sendable, Equatable {
         self.value = value; self.perms = perms; self.children = children; self.generation = generation
     }
 
-    /// Bytes charged against the node-size quota: the value plus children's names.
-    var chargedSize: Int {
-        var n = value.count
+    /// Bytes charged against the node-size quota, as C xenstored's
+    /// calc_node_acc_size: a 16-byte header, 8 bytes per permission, the value and
+    /// the children's names.
+    var chargedSize: Int { XSNode.chargedSize(perms: perms.entries.count, value: value.count, children: childrenSize) }
+
+    static func chargedSize(perms: Int, value: Int, children: Int) -> Int { 16 + 8 * perms + value + children }
+
+    /// Bytes of the children's names, each NUL-terminated.
+    var childrenSize: Int {
+        var n = 0
         for c in children { n += c.utf8.count + 1 }
         return n
     }
@@ -22,7 +29,7 @@ public struct XSNode: Sendable, Equatable {
     /// DIRECTORY reply: "a\0b\0".
     func childrenBlob() -> [UInt8] {
         var out: [UInt8] = []
-        out.reserveCapacity(chargedSize - value.count)
+        out.reserveCapacity(childrenSize)
         for c in children { out.append(contentsOf: c.utf8); out.append(0) }
         return out
     }

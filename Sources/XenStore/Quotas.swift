@@ -4,7 +4,8 @@
 public struct XSQuotas: Sendable, Equatable {
     /// Nodes a domain may own (C: quota_nb_entry_per_domain, -E). Over: ENOSPC.
     public var maxNodes = 1000
-    /// Bytes in one node: value plus its children's names (C: -S). Over: ENOSPC.
+    /// Bytes in one node as C counts them: a 16-byte header, 8 bytes per permission,
+    /// the value and its children's names (C: -S). Over: ENOSPC.
     public var maxNodeSize = 2048
     /// Watches per domain (C: -W). Over: E2BIG.
     public var maxWatches = 128

@@ -158,7 +158,9 @@ public final class XSStore {
         guard let ancestorPath = anc, var parent = ancestorNode else { throw .ENOENT }
         guard c.access(parent.perms).contains(.write) else { throw .EACCES }
         if !c.privileged {
-            if value.count > c.quotas.maxNodeSize { throw .ENOSPC }
+            if XSNode.chargedSize(perms: parent.perms.entries.count, value: value.count, children: 0) > c.quotas.maxNodeSize {
+                throw .ENOSPC
+            }
             if ownedCount(c.domid, tx) + missing.count > c.quotas.maxNodes { throw .ENOSPC }
             let name = XSPath.basename(missing.last!)
             if parent.chargedSize + name.utf8.count + 1 > c.quotas.maxNodeSize { throw .ENOSPC }
@@ -221,6 +223,9 @@ public final class XSStore {
         if !c.privileged {
             if perms.entries.count > c.quotas.maxPerms { throw .ENOSPC }
             if perms.owner != n.perms.owner { throw .EPERM }
+            if XSNode.chargedSize(perms: perms.entries.count, value: n.value.count, children: n.childrenSize) > c.quotas.maxNodeSize {
+                throw .ENOSPC
+            }
         }
         if perms.owner != n.perms.owner {
             adjustOwned(n.perms.owner, -1, tx)

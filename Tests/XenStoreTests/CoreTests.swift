@@ -550,10 +550,14 @@ func guest(_ core: XenStoreCore, _ domid: DomID) -> CoreClient {
         #expect(core.store.ownedCount(5, nil) >= 999 && core.store.ownedCount(5, nil) <= 1000)
     }
 
+    /// C's calc_node_acc_size: a 16-byte header and 8 bytes per permission count too.
     @Test func nodeSize() {
         let (_, dom0, g) = setup(.default)
-        #expect(g.write("big", String(repeating: "x", count: 2048)) == nil)
-        #expect(g.write("big", String(repeating: "x", count: 2049)) == "ENOSPC")
+        #expect(g.write("big", String(repeating: "x", count: 2024)) == nil)  // 16 + 8 + 2024 = 2048
+        #expect(g.write("big", String(repeating: "x", count: 2025)) == "ENOSPC")
+        #expect(g.setPerms("big", ["n5", "r0"]) == "ENOSPC")  // a second permission: 2056
+        #expect(g.write("big", String(repeating: "x", count: 2016)) == nil)
+        #expect(g.setPerms("big", ["n5", "r0"]) == nil)
         #expect(g.write("new", String(repeating: "x", count: 3000)) == "ENOSPC")
         #expect(dom0.write("/local/domain/5/big", String(repeating: "x", count: 4000)) == nil)
     }
