@@ -252,7 +252,7 @@ public final class XenStoreCore {
             let f = strings(p)
             guard f.count == 2 else { throw .EINVAL }
             let (path, relative) = try self.path(c, f[0], special: true)
-            let token = String(xsBytes: f[1])
+            let token = Array(f[1])
             try addWatch(c, path: path, token: token, relative: relative)
             c.enqueueOK(.watch, reqID: r, txID: h.txID)
             // Fired once up front, after the reply (C xenstored does the same).
@@ -262,7 +262,7 @@ public final class XenStoreCore {
             let f = strings(p)
             guard f.count == 2 else { throw .EINVAL }
             let (path, _) = try self.path(c, f[0], special: true)
-            try removeWatch(c, path: path, token: String(xsBytes: f[1]))
+            try removeWatch(c, path: path, token: Array(f[1]))
             c.enqueueOK(.unwatch, reqID: r, txID: h.txID)
 
         case .resetWatches:

@@ -9,11 +9,12 @@ import CXen
 final class XSWatch {
     unowned let conn: XSConnection
     let path: String
-    let token: String
+    /// The token's bytes as the client sent them (echoed unchanged, as C does).
+    let token: [UInt8]
     /// Registered with a relative path: events report paths relative to the domain home.
     let relative: Bool
 
-    init(conn: XSConnection, path: String, token: String, relative: Bool) {
+    init(conn: XSConnection, path: String, token: [UInt8], relative: Bool) {
         self.conn = conn; self.path = path; self.token = token; self.relative = relative
     }
 }
@@ -91,12 +92,12 @@ extension XenStoreCore {
     func queueEvent(_ w: XSWatch, path: String) {
         let c = w.conn
         let shown = w.relative ? XSPath.relativize(path, domid: c.domid) : path
-        let len = shown.utf8.count + w.token.utf8.count + 2
+        let len = shown.utf8.count + w.token.count + 2
         if len > Int(XENSTORE_PAYLOAD_MAX) { return }
         var body: [UInt8] = []
         body.reserveCapacity(len)
         body.append(contentsOf: shown.utf8); body.append(0)
-        body.append(contentsOf: w.token.utf8); body.append(0)
+        body.append(contentsOf: w.token); body.append(0)
         let queued = c.enqueueEvent(body, dedupe: shown.utf8.first != UInt8(ascii: "@"),
                                     limit: c.privileged ? nil : c.quotas.maxOutputBytes,
                                     expires: c.privileged || c.quotas.watchEventTimeout <= 0
@@ -104,7 +105,7 @@ extension XenStoreCore {
         if queued { markDirty(c) }
     }
 
-    func addWatch(_ c: XSConnection, path: String, token: String, relative: Bool) throws(XSError) {
+    func addWatch(_ c: XSConnection, path: String, token: [UInt8], relative: Bool) throws(XSError) {
         // Anyone may watch @introduceDomain / @releaseDomain (do_watch); later events
         // reach only those who may read the node (fire).
         if c.watches.contains(where: { $0.path == path && $0.token == token }) { throw .EEXIST }
@@ -114,7 +115,7 @@ extension XenStoreCore {
         watches.add(w)
     }
 
-    func removeWatch(_ c: XSConnection, path: String, token: String) throws(XSError) {
+    func removeWatch(_ c: XSConnection, path: String, token: [UInt8]) throws(XSError) {
         guard let i = c.watches.firstIndex(where: { $0.path == path && $0.token == token }) else { throw .ENOENT }
         watches.remove(c.watches[i])
         c.watches.remove(at: i)

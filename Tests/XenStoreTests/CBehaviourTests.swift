@@ -417,3 +417,26 @@ private func isEmptyPart(_ m: CoreClient.Msg) -> Bool {
         #expect(g.setPerms("/tool/missing", ["n5"]) == "EACCES")
     }
 }
+
+@Suite struct WatchTokenTests {
+    /// C keeps a token as the bytes it got and echoes them in every event.
+    @Test func tokensAreEchoedByteForByte() {
+        let (core, _) = makeCore()
+        let c = CoreClient(core)
+        let token: [UInt8] = [0xFF, 0xC3, 0x28, 0x41]  // not UTF-8
+        let p = Array("/a".utf8) + [0] + token + [0]
+        p.withUnsafeBytes { core.process(c.conn, XSHeader(.watch, reqID: 1, txID: 0, len: UInt32(p.count)), $0) }
+        var m = c.drain()
+        #expect(m.count == 2 && m[1].type == XSType.watchEvent.rawValue && m[1].payload == p)
+        CoreClient(core).write("/a", "1")
+        m = c.drain()
+        #expect(m.map(\.payload) == [p])
+        // A token that differs only where UTF-8 repair would merge them is another watch.
+        let q = Array("/a".utf8) + [0] + [0xFE, 0xC3, 0x28, 0x41] + [0]
+        q.withUnsafeBytes { core.process(c.conn, XSHeader(.watch, reqID: 2, txID: 0, len: UInt32(q.count)), $0) }
+        #expect(c.drain().first?.error == nil)
+        p.withUnsafeBytes { core.process(c.conn, XSHeader(.unwatch, reqID: 3, txID: 0, len: UInt32(p.count)), $0) }
+        #expect(c.drain().first?.error == nil)
+        #expect(core.watchCount == 1)
+    }
+}
