@@ -11,14 +11,25 @@ public final class XSConnection {
     var watches: [XSWatch] = []
     public internal(set) var quotas: XSQuotas
 
-    // Output: bytes not yet delivered, with the end offset of every queued message so
-    // the number of undelivered messages (outstanding replies + events) is known.
+    // Output: bytes not yet delivered, with the extent of every queued message so the
+    // number of undelivered messages (outstanding replies + events) is known and
+    // watch events not yet started can be dropped.
+    struct Queued {
+        /// Offsets in `out`; `start < outHead` means the transport has begun sending it.
+        var start: Int
+        var end: Int
+        /// A watch event's body ("path\0token\0"); nil for replies.
+        var event: [UInt8]?
+        /// Monotonic time after which an undelivered event is dropped (0: never).
+        var expires: Double
+    }
     var out: [UInt8] = []
     var outHead = 0
-    var msgEnds: [Int] = []
-    var msgEndsHead = 0
-    /// Monotonic time (seconds) when the oldest undelivered watch event was queued.
-    var oldestEvent: Double? = nil
+    var queued: [Queued] = []
+    var queuedHead = 0
+    /// Bodies of queued, not fully delivered watch events, for send_event's
+    /// duplicate check.
+    var pendingEvents: [[UInt8]: Int] = [:]
     /// Set when the transport gave up on this connection.
     public internal(set) var closed = false
     var closeReason: String? = nil
@@ -32,14 +43,68 @@ public final class XSConnection {
     var caller: XSCaller { XSCaller(domid: domid, privileged: privileged, target: target, quotas: quotas) }
 
     public var pendingBytes: Int { out.count - outHead }
-    public var pendingMessages: Int { msgEnds.count - msgEndsHead }
+    public var pendingMessages: Int { queued.count - queuedHead }
 
     @inline(__always)
     func enqueue(_ type: XSType, reqID: UInt32, txID: UInt32, _ body: UnsafeRawBufferPointer) {
+        let start = out.count
         XSHeader(type, reqID: reqID, txID: txID, len: UInt32(body.count))
             .append(to: &out)
         out.append(contentsOf: body)
-        msgEnds.append(out.count)
+        queued.append(Queued(start: start, end: out.count, event: nil, expires: 0))
+    }
+
+    /// Queues a WATCH_EVENT unless (C xenstored's send_event) an identical event is
+    /// still pending (`dedupe`; special @ events are not deduplicated) or it would
+    /// take the output past `limit` bytes. Returns whether it was queued.
+    func enqueueEvent(_ body: [UInt8], dedupe: Bool, limit: Int?, expires: Double) -> Bool {
+        if dedupe && pendingEvents[body] != nil { return false }
+        if let limit, pendingBytes + XSHeader.size + body.count > limit { return false }
+        let start = out.count
+        XSHeader(.watchEvent, reqID: 0, txID: 0, len: UInt32(body.count)).append(to: &out)
+        out.append(contentsOf: body)
+        queued.append(Queued(start: start, end: out.count, event: body, expires: expires))
+        pendingEvents[body, default: 0] += 1
+        return true
+    }
+
+    func forget(_ q: Queued) {
+        guard let body = q.event, let n = pendingEvents[body] else { return }
+        pendingEvents[body] = n > 1 ? n - 1 : nil
+    }
+
+    /// Drops watch events that expired before the transport began sending them (C
+    /// xenstored's check_event_timeout). Returns how many were dropped.
+    func dropExpiredEvents(now: Double) -> Int {
+        var any = false
+        for i in queuedHead..<queued.count {
+            let q = queued[i]
+            if q.expires != 0 && q.expires <= now && q.start >= outHead { any = true; break }
+        }
+        guard any else { return 0 }
+        var dropped = 0
+        var newOut: [UInt8] = []
+        newOut.reserveCapacity(out.count - outHead)
+        var kept: [Queued] = []
+        kept.reserveCapacity(queued.count - queuedHead)
+        for i in queuedHead..<queued.count {
+            let q = queued[i]
+            if q.expires != 0 && q.expires <= now && q.start >= outHead {
+                forget(q)
+                dropped += 1
+                continue
+            }
+            // The message being sent keeps its unsent tail; its start goes negative.
+            let from = max(q.start, outHead)
+            let start = newOut.count - (from - q.start)
+            newOut.append(contentsOf: out[from..<q.end])
+            kept.append(Queued(start: start, end: newOut.count, event: q.event, expires: q.expires))
+        }
+        out = newOut
+        outHead = 0
+        queued = kept
+        queuedHead = 0
+        return dropped
     }
 
     @inline(__always)
@@ -49,28 +114,29 @@ public final class XSConnection {
 
     @inline(__always)
     func enqueueOK(_ type: XSType, reqID: UInt32, txID: UInt32) {
+        let start = out.count
         XSHeader(type, reqID: reqID, txID: txID, len: 3).append(to: &out)
         out.append(UInt8(ascii: "O")); out.append(UInt8(ascii: "K")); out.append(0)
-        msgEnds.append(out.count)
+        queued.append(Queued(start: start, end: out.count, event: nil, expires: 0))
     }
 
     /// Marks `n` bytes as delivered by the transport.
     func consumed(_ n: Int) {
         outHead += n
-        // A reader that makes progress is not stalled: restart the event clock.
-        if n > 0 && oldestEvent != nil { oldestEvent = monotonicSeconds() }
-        while msgEndsHead < msgEnds.count && msgEnds[msgEndsHead] <= outHead { msgEndsHead += 1 }
+        while queuedHead < queued.count && queued[queuedHead].end <= outHead {
+            forget(queued[queuedHead])
+            queuedHead += 1
+        }
         if outHead == out.count {
             out.removeAll(keepingCapacity: out.capacity <= 65536)
             outHead = 0
-            msgEnds.removeAll(keepingCapacity: msgEnds.capacity <= 4096)
-            msgEndsHead = 0
-            oldestEvent = nil
+            queued.removeAll(keepingCapacity: queued.capacity <= 4096)
+            queuedHead = 0
         } else if outHead > 65536 && outHead * 2 > out.count {
             out.removeSubrange(0..<outHead)
-            for i in msgEndsHead..<msgEnds.count { msgEnds[i] -= outHead }
-            msgEnds.removeSubrange(0..<msgEndsHead)
-            msgEndsHead = 0
+            for i in queuedHead..<queued.count { queued[i].start -= outHead; queued[i].end -= outHead }
+            queued.removeSubrange(0..<queuedHead)
+            queuedHead = 0
             outHead = 0
         }
     }

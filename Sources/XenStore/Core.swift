@@ -60,14 +60,6 @@ public final class XenStoreCore {
         }
     }
 
-    /// Gives up on a connection whose peer does not read its output.
-    func stall(_ c: XSConnection, reason: String) {
-        guard !c.closed else { return }
-        log(.warning, "connection \(c.serial) (dom\(c.domid)) stalled: \(reason)")
-        closeConnection(c, reason: reason)
-        closing.append(c)
-    }
-
     @inline(__always)
     func markDirty(_ c: XSConnection) {
         if !c.dirty { c.dirty = true; dirtyList.append(c) }
@@ -89,13 +81,13 @@ public final class XenStoreCore {
         return l
     }
 
-    /// Closes connections whose oldest undelivered watch event is older than their
-    /// quota's timeout (C xenstored: 20 s).
+    /// Drops watch events an unprivileged connection left undelivered longer than its
+    /// quota's timeout (C xenstored's check_event_timeout, 20 s). The connection stays;
+    /// dom0's events never expire.
     func expireStalled(now: Double) {
-        for c in connections.values {
-            if let t = c.oldestEvent, now - t > c.quotas.watchEventTimeout {
-                stall(c, reason: "watch event undelivered for \(Int(now - t)) s")
-            }
+        for c in connections.values where !c.privileged {
+            let n = c.dropExpiredEvents(now: now)
+            if n > 0 { log(.info, "connection \(c.serial) (dom\(c.domid)): dropped \(n) stale watch event(s)") }
         }
     }
 
@@ -123,28 +115,55 @@ public final class XenStoreCore {
                                 localLimit: c.privileged ? nil : c.quotas.maxPathLength)
     }
 
-    /// The single argument of a one-string request (bytes before the first NUL).
+    /// The single argument of a one-string request: exactly one NUL, at the end
+    /// (C xenstored's onearg), else EINVAL.
     @inline(__always)
-    func onearg(_ p: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer {
-        if let i = p.firstIndex(of: 0) { return UnsafeRawBufferPointer(rebasing: p[0..<i]) }
-        return p
+    func onearg(_ p: UnsafeRawBufferPointer) throws(XSError) -> UnsafeRawBufferPointer {
+        guard let i = p.firstIndex(of: 0), i == p.count - 1 else { throw .EINVAL }
+        return UnsafeRawBufferPointer(rebasing: p[0..<i])
+    }
+
+    /// The NUL-terminated strings of a payload; bytes after the last NUL are ignored
+    /// (C xenstored's get_strings).
+    func strings(_ p: UnsafeRawBufferPointer) -> [UnsafeRawBufferPointer] {
+        var f = XSPayload.split(p)
+        if let last = p.last, last != 0 { f.removeLast() }
+        return f
+    }
+
+    /// DIRECTORY_PART's offset as C's atoi reads it, without its undefined overflow:
+    /// leading blanks and a sign are skipped, reading stops at the first non-digit
+    /// (junk reads as 0); a negative or overlong number is past any list (Int.max).
+    func childOffset(_ f: UnsafeRawBufferPointer) -> Int {
+        var i = 0
+        while i < f.count, f[i] == 0x20 || (0x09...0x0D).contains(f[i]) { i += 1 }
+        var negative = false
+        if i < f.count, f[i] == UInt8(ascii: "-") || f[i] == UInt8(ascii: "+") { negative = f[i] == UInt8(ascii: "-"); i += 1 }
+        var v = 0
+        while i < f.count, f[i] >= UInt8(ascii: "0"), f[i] <= UInt8(ascii: "9") {
+            let (m, o1) = v.multipliedReportingOverflow(by: 10)
+            let (a, o2) = m.addingReportingOverflow(Int(f[i] - UInt8(ascii: "0")))
+            if o1 || o2 { return Int.max }
+            v = a
+            i += 1
+        }
+        return negative && v != 0 ? Int.max : v
     }
 
     func record(_ change: XSChange?, _ tx: XSTransaction?) {
         guard let change else { return }
-        if let tx { tx.changes.append(change) } else { fire(change) }
+        if let tx { tx.announce(change) } else { fire(change) }
     }
 
-    func requirePrivileged(_ c: XSConnection) throws(XSError) {
-        if !c.privileged { throw .EACCES }
-    }
-
+    /// Checks in C xenstored's process_message order: unknown type (ENOSYS), then
+    /// privilege (EACCES), then the transaction id (ENOENT; WATCH/UNWATCH ignore it).
     func dispatch(_ c: XSConnection, _ h: XSHeader, _ p: UnsafeRawBufferPointer) throws(XSError) {
-        guard let type = XSType(rawValue: h.type) else { throw .EINVAL }
+        guard let type = XSType(rawValue: h.type), type != .watchEvent, type != .error else { throw .ENOSYS }
+        if type.privilegedOnly && !c.privileged { throw .EACCES }
+        let tx = type == .watch || type == .unwatch ? nil : try transaction(c, h)
         let r = h.reqID
         switch type {
         case .read:
-            let tx = try transaction(c, h)
             let (path, _) = try self.path(c, onearg(p))
             if tx == nil, let n = store.nodes[path] {
                 // Hot path: no transaction, node present; no copies beyond the reply.
@@ -156,7 +175,6 @@ public final class XenStoreCore {
             c.enqueue(.read, reqID: r, txID: h.txID, v)
 
         case .write:
-            let tx = try transaction(c, h)
             guard let nul = p.firstIndex(of: 0) else { throw .EINVAL }
             let (path, _) = try self.path(c, UnsafeRawBufferPointer(rebasing: p[0..<nul]))
             let value = Array(UnsafeRawBufferPointer(rebasing: p[(nul + 1)...]))
@@ -164,20 +182,16 @@ public final class XenStoreCore {
             c.enqueueOK(.write, reqID: r, txID: h.txID)
 
         case .mkdir:
-            let tx = try transaction(c, h)
             let (path, _) = try self.path(c, onearg(p))
             record(try store.mkdir(path, c.caller, tx), tx)
             c.enqueueOK(.mkdir, reqID: r, txID: h.txID)
 
         case .rm:
-            let tx = try transaction(c, h)
             let (path, _) = try self.path(c, onearg(p))
-            if path == "/" { throw .EINVAL }
-            record(try store.rm(path, c.caller, tx), tx)
+            for change in try store.rm(path, c.caller, tx) { record(change, tx) }
             c.enqueueOK(.rm, reqID: r, txID: h.txID)
 
         case .directory:
-            let tx = try transaction(c, h)
             let (path, _) = try self.path(c, onearg(p))
             let n = try store.directory(path, c.caller, tx)
             let blob = n.childrenBlob()
@@ -185,15 +199,20 @@ public final class XenStoreCore {
             c.enqueue(.directory, reqID: r, txID: h.txID, blob)
 
         case .directoryPart:
-            let tx = try transaction(c, h)
+            // Exactly two NULs (xenstore_count_strings): path and offset.
+            guard p.reduce(0, { $0 + ($1 == 0 ? 1 : 0) }) == 2 else { throw .EINVAL }
             let f = XSPayload.split(p)
-            guard f.count >= 2 else { throw .EINVAL }
             let (path, _) = try self.path(c, f[0])
-            let off = Int(try parseUInt(f[1]))
             let n = try store.directory(path, c.caller, tx)
+            let off = childOffset(f[1])
             let blob = n.childrenBlob()
-            guard off <= blob.count else { throw .EINVAL }
             var reply = Array("\(n.generation)".utf8) + [0]
+            if off >= blob.count {
+                // At or past the end: the generation and an empty list.
+                reply.append(0)
+                c.enqueue(.directoryPart, reqID: r, txID: h.txID, reply)
+                return
+            }
             let room = c.quotas.maxPayload - reply.count - 1
             // Whole names only; a final extra NUL marks the end of the list.
             var end = off
@@ -211,15 +230,15 @@ public final class XenStoreCore {
             c.enqueue(.directoryPart, reqID: r, txID: h.txID, reply)
 
         case .getPerms:
-            let tx = try transaction(c, h)
-            let (path, _) = try self.path(c, onearg(p))
+            let (path, _) = try self.path(c, onearg(p), special: true)
             c.enqueue(.getPerms, reqID: r, txID: h.txID, try store.getPerms(path, c.caller, tx).wire)
 
         case .setPerms:
-            let tx = try transaction(c, h)
-            let f = XSPayload.split(p)
+            let f = strings(p)
             guard f.count >= 2 else { throw .EINVAL }
-            let (path, _) = try self.path(c, f[0])
+            // The permission count is checked before anything else (do_set_perms).
+            if !c.privileged && f.count - 1 > c.quotas.maxPerms { throw .ENOSPC }
+            let (path, _) = try self.path(c, f[0], special: true)
             var entries: [XSPerm] = []
             for x in f[1...] {
                 guard let e = XSPerm(Substring(String(xsBytes: x))) else { throw .EINVAL }
@@ -230,20 +249,20 @@ public final class XenStoreCore {
             c.enqueueOK(.setPerms, reqID: r, txID: h.txID)
 
         case .watch:
-            let f = XSPayload.split(p)
-            guard f.count >= 2 else { throw .EINVAL }
+            let f = strings(p)
+            guard f.count == 2 else { throw .EINVAL }
             let (path, relative) = try self.path(c, f[0], special: true)
-            let token = String(xsBytes: f[1])
+            let token = Array(f[1])
             try addWatch(c, path: path, token: token, relative: relative)
             c.enqueueOK(.watch, reqID: r, txID: h.txID)
             // Fired once up front, after the reply (C xenstored does the same).
             if let w = c.watches.last { queueEvent(w, path: path) }
 
         case .unwatch:
-            let f = XSPayload.split(p)
-            guard f.count >= 2 else { throw .EINVAL }
+            let f = strings(p)
+            guard f.count == 2 else { throw .EINVAL }
             let (path, _) = try self.path(c, f[0], special: true)
-            try removeWatch(c, path: path, token: String(xsBytes: f[1]))
+            try removeWatch(c, path: path, token: Array(f[1]))
             c.enqueueOK(.unwatch, reqID: r, txID: h.txID)
 
         case .resetWatches:
@@ -253,7 +272,7 @@ public final class XenStoreCore {
             c.enqueueOK(.resetWatches, reqID: r, txID: h.txID)
 
         case .transactionStart:
-            if h.txID != 0 { throw .EBUSY }
+            if tx != nil { throw .EBUSY }
             if !c.privileged && c.transactions.count >= c.quotas.maxTransactions { throw .ENOSPC }
             var id = nextTxID
             while id == 0 || c.transactions[id] != nil { id &+= 1 }
@@ -262,9 +281,9 @@ public final class XenStoreCore {
             c.enqueue(.transactionStart, reqID: r, txID: 0, Array("\(id)".utf8) + [0])
 
         case .transactionEnd:
-            guard let t = try transaction(c, h) else { throw .EINVAL }
-            let arg = onearg(p)
+            let arg = try onearg(p)
             guard arg.count == 1, arg[0] == UInt8(ascii: "T") || arg[0] == UInt8(ascii: "F") else { throw .EINVAL }
+            guard let t = tx else { throw .ENOENT }
             c.transactions[h.txID] = nil
             if arg[0] == UInt8(ascii: "T") {
                 let changes = try store.commit(t)
@@ -275,8 +294,7 @@ public final class XenStoreCore {
             c.enqueueOK(.transactionEnd, reqID: r, txID: h.txID)
 
         case .introduce:
-            try requirePrivileged(c)
-            let f = XSPayload.split(p)
+            let f = strings(p)
             guard f.count >= 3 else { throw .EINVAL }
             let domid = try parseDomid(f[0])
             let mfn = try parseUInt(f[1])
@@ -286,14 +304,12 @@ public final class XenStoreCore {
             c.enqueueOK(.introduce, reqID: r, txID: h.txID)
 
         case .release:
-            try requirePrivileged(c)
             let domid = try parseDomid(onearg(p))
             if domid == 0 { throw .EINVAL }
             try releaseDomain(domid)
             c.enqueueOK(.release, reqID: r, txID: h.txID)
 
         case .resume:
-            try requirePrivileged(c)
             let domid = try parseDomid(onearg(p))
             guard domains[domid] != nil else { throw .ENOENT }
             c.enqueueOK(.resume, reqID: r, txID: h.txID)
@@ -308,8 +324,7 @@ public final class XenStoreCore {
             c.enqueue(.getDomainPath, reqID: r, txID: h.txID, Array(XSPath.domainPath(domid).utf8) + [0])
 
         case .setTarget:
-            try requirePrivileged(c)
-            let f = XSPayload.split(p)
+            let f = strings(p)
             guard f.count >= 2 else { throw .EINVAL }
             let domid = try parseDomid(f[0])
             let target = try parseDomid(f[1])
@@ -318,15 +333,14 @@ public final class XenStoreCore {
             c.enqueueOK(.setTarget, reqID: r, txID: h.txID)
 
         case .control:
-            try requirePrivileged(c)
-            let f = XSPayload.split(p)
+            let f = strings(p)
             guard let cmd = f.first else { throw .EINVAL }
             let args = f.dropFirst().map { String(xsBytes: $0) }
             let reply = try control(String(xsBytes: cmd), args)
             c.enqueue(.control, reqID: r, txID: h.txID, Array(reply.utf8) + [0])
 
         case .watchEvent, .error:
-            throw .EINVAL
+            throw .ENOSYS
         }
     }
 

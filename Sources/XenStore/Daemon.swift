@@ -144,7 +144,7 @@ public final class XenStoreDaemon: XSRingHost {
                 pfds = interest.map { pollfd(fd: $0.key, events: $0.value, revents: 0) }
                 pollSetChanged = false
             }
-            let timeout = muted.isEmpty ? 1000 : Int32(max(0, min(1000, ((muted.map(\.mutedUntil).min() ?? 0) - monotonicSeconds()) * 1000 + 1)))
+            let timeout = !busy.isEmpty ? 0 : muted.isEmpty ? 1000 : Int32(max(0, min(1000, ((muted.map(\.mutedUntil).min() ?? 0) - monotonicSeconds()) * 1000 + 1)))
             let n = pfds.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), timeout) }
             if n < 0 {
                 if errno == EINTR { continue }
@@ -171,10 +171,25 @@ public final class XenStoreDaemon: XSRingHost {
                     }
                 }
             }
+            serveBusy()
             unmuteExpired()
             afterEvents()
             let now = monotonicSeconds()
             if now - lastExpiry >= 1 { core.expireStalled(now: now); lastExpiry = now; afterEvents() }
+        }
+    }
+
+    /// Rings whose last turn ended at its budget: served once per round, like every
+    /// other connection, until they run dry.
+    var busy: [RingEndpoint] = []
+
+    func serveBusy() {
+        guard !busy.isEmpty else { return }
+        let l = busy
+        busy.removeAll(keepingCapacity: true)
+        for r in l {
+            r.queuedBusy = false
+            serviceRing(r)
         }
     }
 
@@ -313,7 +328,11 @@ public final class XenStoreDaemon: XSRingHost {
     func serviceRing(_ r: RingEndpoint) {
         if r.dead { return }
         switch r.service(core) {
-        case .ok: break
+        case .ok:
+            if r.moreWork && !r.queuedBusy && !r.dead {
+                r.queuedBusy = true
+                busy.append(r)
+            }
         case .corrupt(let code, let why):
             core.log(.warning, "dom\(r.conn.domid) ring: \(why); closing its connection")
             r.markError(code)

@@ -39,6 +39,8 @@ final class XSDomain {
     let mfn: UInt64
     let port: UInt32
     var conn: XSConnection?
+    /// The hypervisor reported it shut down (C: domain->shutdown).
+    var shutdown = false
     init(domid: DomID, mfn: UInt64, port: UInt32) { self.domid = domid; self.mfn = mfn; self.port = port }
 }
 
@@ -84,23 +86,64 @@ extension XenStoreCore {
         domains[domid] = d
         host.attachRing(conn, ring)
         log(.info, "introduced domain \(domid) (mfn \(mfn), port \(port))")
-        fire(XSChange(path: "@introduceDomain", recursive: false, perms: XSPermissions(owner: 0)))
+        fire(XSChange(path: "@introduceDomain", exact: false, perms: XSPermissions(owner: 0)))
     }
 
-    /// Forgets a domain: drops its connection, watches and transactions, removes its
-    /// /local/domain/<domid> subtree, gives its other nodes to dom0, and fires
-    /// @releaseDomain. Called for XS_RELEASE and when the hypervisor reports the
-    /// domain's death. Throws ENOENT for a domain never introduced.
+    /// Forgets a domain: drops its connection, watches and transactions, removes every
+    /// node it owns (with its subtree) wherever it is, and fires @releaseDomain. Nodes
+    /// dom0 owns, in the domain's home too, stay for the toolstack to remove (C
+    /// xenstored's destroy_domain / domain_tree_remove, without --keep-orphans).
+    /// Called for XS_RELEASE and when the hypervisor reports the domain's death.
+    /// Throws ENOENT for a domain never introduced.
     public func releaseDomain(_ domid: DomID) throws(XSError) {
         guard let d = domains[domid] else { throw .ENOENT }
         if let c = d.conn { closeConnection(c, reason: "domain released") }  // detaches the ring
         domains[domid] = nil
-        // Dom0 cleans up, so watchers hear about the removal like any other change.
-        let dom0 = XSCaller(domid: 0, privileged: true)
-        if let change = try? store.rm(XSPath.domainPath(domid), dom0) { fire(change) }
-        store.disown(domid)
+        removeOwnedNodes(domid)
         log(.info, "released domain \(domid)")
-        fire(XSChange(path: "@releaseDomain", recursive: false, perms: XSPermissions(owner: 0)))
+        fire(XSChange(path: "@releaseDomain", exact: false, perms: XSPermissions(owner: 0)))
+    }
+
+    /// The hypervisor reports these domains shut down (XEN_DOMINF_shutdown: powered
+    /// off, rebooting, crashed) but not dying. As C xenstored's check_domain, the
+    /// first report of a domain fires @releaseDomain (once for the whole batch), as
+    /// xenstore.txt documents; the domain stays introduced until it dies or is
+    /// released. Unknown domains are ignored.
+    public func domainsShutDown(_ ids: [DomID]) {
+        var notify = false
+        for id in ids {
+            if let d = domains[id], !d.shutdown {
+                d.shutdown = true
+                notify = true
+            }
+        }
+        if notify { fire(XSChange(path: "@releaseDomain", exact: false, perms: XSPermissions(owner: 0))) }
+    }
+
+    /// Walks the tree from the root and removes each node `domid` owns with its
+    /// subtree (whose other nodes are not visited). Dom0 removes them, so watchers
+    /// hear about each removal like any other change.
+    func removeOwnedNodes(_ domid: DomID) {
+        guard store.ownedCount(domid, nil) > 0 else { return }
+        let dom0 = XSCaller(domid: 0, privileged: true)
+        var stack = ["/"]
+        while let p = stack.popLast() {
+            guard let n = store.nodes[p] else { continue }
+            if n.perms.owner == domid && p != "/" {
+                if let changes = try? store.rm(p, dom0) { changes.forEach(fire) }
+                continue
+            }
+            for c in n.children.reversed() { stack.append(XSPath.child(p, c)) }
+        }
+        // A special node dom0 gave the domain goes back to dom0 (it cannot be removed).
+        for s in XSStore.specialNodes {
+            if var n = store.nodes[s], n.perms.owner == domid {
+                n.perms.owner = 0
+                store.nodes[s] = n
+                store.adjustOwned(domid, -1, nil)
+                store.adjustOwned(0, 1, nil)
+            }
+        }
     }
 
     public func isIntroduced(_ domid: DomID) -> Bool { domid == 0 || domains[domid] != nil }

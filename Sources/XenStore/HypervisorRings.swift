@@ -26,9 +26,10 @@ extension XenStoreCore {
     }
 }
 
-/// Follows VIRQ_DOM_EXC: when the hypervisor reports a domain's death, every
-/// introduced domain it no longer has is released (its nodes' watches fire
-/// @releaseDomain), as C xenstored's domain_cleanup does.
+/// Follows VIRQ_DOM_EXC as C xenstored's check_domains does: every introduced
+/// domain the hypervisor no longer has (or has dying) is released (its nodes'
+/// watches fire @releaseDomain), and a domain seen shut down for the first time
+/// fires @releaseDomain while staying introduced.
 public final class DomainDeathWatcher: @unchecked Sendable {
     // Sound: started once; the thread owns `virq` after start.
     let hv: Hypervisor
@@ -58,13 +59,17 @@ public final class DomainDeathWatcher: @unchecked Sendable {
                     ready.signal()
                 }
                 ready.wait()
-                guard let alive = try? Set(hv.listDomains().filter { $0.state != 3 }.map { UInt32($0.domid) }) else {
+                guard let list = try? hv.listDomains() else {
                     logger.error("lost the hypervisor; domain deaths are no longer followed")
                     return
                 }
+                let living = list.filter { $0.state != 3 }  // not dying
+                let alive = Set(living.map { UInt32($0.domid) })
+                let shutDown = living.filter(\.isShutdown).map { UInt32($0.domid) }
                 let dead = known.withLock { $0 }.filter { !alive.contains($0) }
-                guard !dead.isEmpty else { continue }
+                guard !dead.isEmpty || !shutDown.isEmpty else { continue }
                 handle.perform { core in
+                    core.domainsShutDown(shutDown)
                     for d in dead { try? core.releaseDomain(d) }
                 }
             }

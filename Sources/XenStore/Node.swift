@@ -12,9 +12,16 @@ public struct XSNode: Sendable, Equatable {
         self.value = value; self.perms = perms; self.children = children; self.generation = generation
     }
 
-    /// Bytes charged against the node-size quota: the value plus children's names.
-    var chargedSize: Int {
-        var n = value.count
+    /// Bytes charged against the node-size quota, as C xenstored's
+    /// calc_node_acc_size: a 16-byte header, 8 bytes per permission, the value and
+    /// the children's names.
+    var chargedSize: Int { XSNode.chargedSize(perms: perms.entries.count, value: value.count, children: childrenSize) }
+
+    static func chargedSize(perms: Int, value: Int, children: Int) -> Int { 16 + 8 * perms + value + children }
+
+    /// Bytes of the children's names, each NUL-terminated.
+    var childrenSize: Int {
+        var n = 0
         for c in children { n += c.utf8.count + 1 }
         return n
     }
@@ -22,18 +29,23 @@ public struct XSNode: Sendable, Equatable {
     /// DIRECTORY reply: "a\0b\0".
     func childrenBlob() -> [UInt8] {
         var out: [UInt8] = []
-        out.reserveCapacity(chargedSize - value.count)
+        out.reserveCapacity(childrenSize)
         for c in children { out.append(contentsOf: c.utf8); out.append(0) }
         return out
     }
 }
 
-/// A change to report to watchers: the node path, whether it removed a subtree (so
-/// watches below it fire too), and the node's permissions for the read check.
+/// A change to report to watchers (C xenstored's fire_watches arguments): the node
+/// path; `exact` when only watches set on exactly that path fire (a node removed
+/// below the removed root, C's watch_exact), else watches on it and its ancestors;
+/// and what watch_permitted judges by: the node's permissions, its old ones for a
+/// SET_PERMS, and its parent's when the parent is gone by the time it fires.
 public struct XSChange: Sendable {
     public var path: String
-    public var recursive: Bool
+    public var exact: Bool
     public var perms: XSPermissions
+    public var oldPerms: XSPermissions? = nil
+    public var parentPerms: XSPermissions? = nil
 }
 
 /// Who is asking: the caller's domain, privilege and quotas.

@@ -4,13 +4,15 @@
 public struct XSQuotas: Sendable, Equatable {
     /// Nodes a domain may own (C: quota_nb_entry_per_domain, -E). Over: ENOSPC.
     public var maxNodes = 1000
-    /// Bytes in one node: value plus its children's names (C: -S). Over: ENOSPC.
+    /// Bytes in one node as C counts them: a 16-byte header, 8 bytes per permission,
+    /// the value and its children's names (C: -S). Over: ENOSPC.
     public var maxNodeSize = 2048
     /// Watches per domain (C: -W). Over: E2BIG.
     public var maxWatches = 128
     /// Open transactions per connection (C: -t). Over: ENOSPC.
     public var maxTransactions = 10
-    /// Nodes touched by one transaction (C: quota_trans_nodes). Over: ENOSPC.
+    /// Distinct nodes one transaction may access, missing ones included (C:
+    /// quota_trans_nodes). Over: ENOSPC, and the transaction's commit fails (ENOMEM).
     public var maxTransactionNodes = 1024
     /// Requests whose replies are not yet delivered (C: -Q). Over: we stop reading
     /// the connection until the client consumes replies (backpressure, no error).
@@ -21,11 +23,12 @@ public struct XSQuotas: Sendable, Equatable {
     public var maxPathLength = 2048
     /// Permission entries on one node (C: quota_nb_perms_per_node). Over: ENOSPC.
     public var maxPerms = 5
-    /// Bytes of undelivered output (replies and watch events) a connection may hold
-    /// before it is considered stalled and closed. Bounds memory for slow readers.
+    /// Bytes of undelivered output (replies and watch events) an unprivileged
+    /// connection may hold: watch events past it are dropped, as C xenstored drops
+    /// events over a domain's memory quota. No connection is closed for its backlog.
     public var maxOutputBytes = 1 << 20
-    /// Seconds a watch event may wait undelivered (C: 20 s) before the connection is
-    /// closed as stalled.
+    /// Seconds an unprivileged connection's watch event may wait undelivered (C:
+    /// 20 s) before it is dropped; 0 disables. Dom0's events never expire.
     public var watchEventTimeout: Double = 20
 
     public init() {}

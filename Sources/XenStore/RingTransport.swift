@@ -34,6 +34,15 @@ final class RingEndpoint {
     /// Kicks in a row that moved nothing, and when a storm mute ends (XSA-332).
     var idleKicks = 0
     var mutedUntil: Double = 0
+    /// The last `service` stopped at its budget with work possibly left; the daemon
+    /// serves the ring again next round without waiting for a kick.
+    var moreWork = false
+    var queuedBusy = false
+
+    /// Requests processed per `service` call. C xenstored reads one message per
+    /// connection per poll round; a small batch keeps that fairness (a guest that
+    /// keeps its ring full cannot hold the single daemon thread) at fewer rounds.
+    static let messagesPerTurn = 8
 
     init(conn: XSConnection, port: XenstoreRingPort) {
         self.conn = conn
@@ -56,22 +65,26 @@ final class RingEndpoint {
 
     enum Outcome { case ok, corrupt(UInt32, String) }
 
-    /// Moves responses out and requests in until neither makes progress. Kicks the guest
-    /// once at the end if anything moved.
+    /// Moves responses out and requests in until neither makes progress or
+    /// `messagesPerTurn` requests were processed (then `moreWork` is set). Kicks the
+    /// guest once at the end if anything moved.
     func service(_ core: XenStoreCore) -> Outcome {
         var kicked = false
         defer { if kicked && !dead { port.notify() } }
+        moreWork = false
+        var served = 0
         while !conn.closed {
             var progress = false
             switch flushResponses() {
             case .corrupt(let e, let why): return .corrupt(e, why)
             case .ok(let moved): if moved { progress = true; kicked = true }
             }
+            if served >= Self.messagesPerTurn { moreWork = true; break }
             // Backpressure: leave requests on the ring while replies are undelivered.
             if conn.pendingMessages < conn.quotas.maxOutstanding {
-                switch parseInput(core) {
+                switch parseInput(core, budget: Self.messagesPerTurn - served) {
                 case .corrupt(let e, let why): return .corrupt(e, why)
-                case .ok(let processed): if processed { progress = true }
+                case .ok(let processed): if processed > 0 { progress = true; served += processed }
                 }
                 if !hasCompleteMessage() {
                     switch pullRequests() {
@@ -86,6 +99,7 @@ final class RingEndpoint {
     }
 
     enum Step { case ok(Bool), corrupt(UInt32, String) }
+    enum Parsed { case ok(Int), corrupt(UInt32, String) }
 
     func hasCompleteMessage() -> Bool {
         if inbuf.count < XSHeader.size { return false }
@@ -123,14 +137,14 @@ final class RingEndpoint {
         return .ok(true)
     }
 
-    /// Parses and processes complete messages from the private copy.
-    func parseInput(_ core: XenStoreCore) -> Step {
-        var processed = false
+    /// Parses and processes up to `budget` complete messages from the private copy.
+    func parseInput(_ core: XenStoreCore, budget: Int) -> Parsed {
+        var processed = 0
         var head = 0
         let maxPayload = conn.quotas.maxPayload
-        var result: Step? = nil
+        var result: Parsed? = nil
         inbuf.withUnsafeBytes { b in
-            while !conn.closed && conn.pendingMessages < conn.quotas.maxOutstanding {
+            while !conn.closed && processed < budget && conn.pendingMessages < conn.quotas.maxOutstanding {
                 let avail = b.count - head
                 if avail < XSHeader.size { break }
                 let h = XSHeader(from: b.baseAddress! + head)
@@ -142,7 +156,7 @@ final class RingEndpoint {
                 if avail < total { break }
                 core.process(conn, h, UnsafeRawBufferPointer(start: b.baseAddress! + head + XSHeader.size, count: Int(h.len)))
                 head += total
-                processed = true
+                processed += 1
             }
         }
         if let result { return result }

@@ -8,41 +8,55 @@ public final class XSStore {
     /// Nodes owned per domain (for the node quota).
     var owned: [DomID: Int] = [:]
     var generation: UInt64 = 1
-    /// Open transactions, which need pre-change versions of nodes changed outside them.
+    /// Open transactions.
     var open: [ObjectIdentifier: XSTransaction] = [:]
 
     public init() {
-        // The tree C xenstored starts with (setup_structure): /, /tool, /tool/xenstored.
+        // The tree C xenstored starts with (setup_structure): /, /tool, /tool/xenstored,
+        // and the special nodes, outside the tree, whose permissions decide who hears
+        // their watch events.
         let rootPerms = XSPermissions(owner: 0)
         nodes["/"] = XSNode(perms: rootPerms, children: ["tool"])
         nodes["/tool"] = XSNode(perms: rootPerms, children: ["xenstored"])
         nodes["/tool/xenstored"] = XSNode(perms: rootPerms)
-        owned[0] = 3
+        for s in XSStore.specialNodes { nodes[s] = XSNode(perms: rootPerms) }
+        owned[0] = 5
     }
 
     public var nodeCount: Int { nodes.count }
 
+    static let specialNodes = ["@introduceDomain", "@releaseDomain"]
+
     // MARK: views
 
+    /// The node at `path` as the caller sees it. Inside a transaction the first access
+    /// records the node (present or not) and takes the transaction's copy; an
+    /// unprivileged caller's access past the transaction's node budget is ENOSPC and
+    /// fails the transaction (C: access_node), nothing is recorded.
     @inline(__always)
-    func node(_ path: String, _ tx: XSTransaction?) -> XSNode? {
+    func node(_ path: String, _ tx: XSTransaction?, _ c: XSCaller) throws(XSError) -> XSNode? {
         guard let tx else { return nodes[path] }
-        if let w = tx.writes[path] { return w }
-        tx.reads.insert(path)
-        if let p = tx.preserved[path] { return p }
-        return nodes[path]
+        if let a = tx.accessed[path] { return a.node }
+        if !c.privileged && tx.accessed.count >= c.quotas.maxTransactionNodes {
+            tx.failed = true
+            throw .ENOSPC
+        }
+        let n = nodes[path]
+        tx.accessed[path] = XSTransaction.Access(generation: n?.generation, node: n, modified: false)
+        return n
     }
 
     @inline(__always)
     func put(_ path: String, _ n: XSNode?, _ tx: XSTransaction?) {
-        if let tx { tx.writes[path] = .some(n); return }
-        if !open.isEmpty {
-            let old = nodes[path]
-            for t in open.values where t.preserved.index(forKey: path) == nil {
-                t.preserved[path] = .some(old)
-            }
+        guard let tx else { nodes[path] = n; return }
+        // Every path written was looked up through node() first, so it is recorded.
+        if var a = tx.accessed[path] {
+            a.node = n
+            a.modified = true
+            tx.accessed[path] = a
+        } else {
+            tx.accessed[path] = XSTransaction.Access(generation: nodes[path]?.generation, node: n, modified: true)
         }
-        nodes[path] = n
     }
 
     @inline(__always)
@@ -56,30 +70,33 @@ public final class XSStore {
         if let tx { tx.nodeDelta[d, default: 0] += delta } else { owned[d, default: 0] += delta }
     }
 
-    func checkTxSize(_ tx: XSTransaction?, _ c: XSCaller) throws(XSError) {
-        if let tx, !c.privileged, tx.touchedCount > c.quotas.maxTransactionNodes { throw .ENOSPC }
-    }
-
     // MARK: lookup with C xenstored's error rules
 
     /// Gets a node the caller may access with `need`. A missing node gives ENOENT if the
-    /// closest existing ancestor grants `need`, else EACCES (errno_from_parents), so a
-    /// guest cannot probe trees it cannot read.
+    /// closest existing ancestor grants any of `need`, else EACCES (errno_from_parents),
+    /// so a guest cannot probe trees it cannot read.
     public func get(_ path: String, need: XSAccess, _ c: XSCaller, _ tx: XSTransaction?) throws(XSError) -> XSNode {
-        if let n = node(path, tx) {
+        if let n = try node(path, tx, c) {
             guard c.access(n.perms).isSuperset(of: need) else { throw .EACCES }
             return n
         }
         throw errorFromParents(path, need: need, c, tx)
     }
 
+    /// The error for a missing node; ENOSPC when a transaction's budget runs out on
+    /// the way up (C propagates it from ask_parents).
     func errorFromParents(_ path: String, need: XSAccess, _ c: XSCaller, _ tx: XSTransaction?) -> XSError {
         var p = XSPath.parent(path)
-        while let q = p {
-            if let n = node(q, tx) {
-                return c.access(n.perms).isSuperset(of: need) ? .ENOENT : .EACCES
+        do throws(XSError) {
+            while let q = p {
+                if let n = try node(q, tx, c) {
+                    // C tests parent_perm & perm: any of the access asked for will do.
+                    return c.access(n.perms).isDisjoint(with: need) ? .EACCES : .ENOENT
+                }
+                p = XSPath.parent(q)
             }
-            p = XSPath.parent(q)
+        } catch {
+            return error
         }
         return .ENOENT
     }
@@ -87,15 +104,11 @@ public final class XSStore {
     // MARK: operations
 
     public func read(_ path: String, _ c: XSCaller, _ tx: XSTransaction? = nil) throws(XSError) -> [UInt8] {
-        let n = try get(path, need: .read, c, tx)
-        try checkTxSize(tx, c)
-        return n.value
+        try get(path, need: .read, c, tx).value
     }
 
     public func directory(_ path: String, _ c: XSCaller, _ tx: XSTransaction? = nil) throws(XSError) -> XSNode {
-        let n = try get(path, need: .read, c, tx)
-        try checkTxSize(tx, c)
-        return n
+        try get(path, need: .read, c, tx)
     }
 
     public func getPerms(_ path: String, _ c: XSCaller, _ tx: XSTransaction? = nil) throws(XSError) -> XSPermissions {
@@ -106,7 +119,7 @@ public final class XSStore {
     /// permissions; an unprivileged creator becomes the owner).
     @discardableResult
     public func write(_ path: String, _ value: [UInt8], _ c: XSCaller, _ tx: XSTransaction? = nil) throws(XSError) -> XSChange {
-        if var n = node(path, tx) {
+        if var n = try node(path, tx, c) {
             guard c.access(n.perms).contains(.write) else { throw .EACCES }
             if !c.privileged && value.count + (n.chargedSize - n.value.count) > c.quotas.maxNodeSize {
                 throw .ENOSPC
@@ -115,22 +128,21 @@ public final class XSStore {
             n.generation = nextGeneration()
             let perms = n.perms
             put(path, n, tx)
-            try checkTxSize(tx, c)
-            return XSChange(path: path, recursive: false, perms: perms)
+            return XSChange(path: path, exact: false, perms: perms)
         }
         let perms = try create(path, value, c, tx)
-        return XSChange(path: path, recursive: false, perms: perms)
+        return XSChange(path: path, exact: false, perms: perms)
     }
 
     /// MKDIR: creates an empty node; an existing writable node is left alone.
     /// Returns nil when nothing changed.
     public func mkdir(_ path: String, _ c: XSCaller, _ tx: XSTransaction? = nil) throws(XSError) -> XSChange? {
-        if let n = node(path, tx) {
+        if let n = try node(path, tx, c) {
             guard c.access(n.perms).contains(.write) else { throw .EACCES }
             return nil
         }
         let perms = try create(path, [], c, tx)
-        return XSChange(path: path, recursive: false, perms: perms)
+        return XSChange(path: path, exact: false, perms: perms)
     }
 
     func create(_ path: String, _ value: [UInt8], _ c: XSCaller, _ tx: XSTransaction?) throws(XSError) -> XSPermissions {
@@ -139,14 +151,16 @@ public final class XSStore {
         var anc = XSPath.parent(path)
         var ancestorNode: XSNode? = nil
         while let a = anc {
-            if let n = node(a, tx) { ancestorNode = n; break }
+            if let n = try node(a, tx, c) { ancestorNode = n; break }
             missing.append(a)
             anc = XSPath.parent(a)
         }
         guard let ancestorPath = anc, var parent = ancestorNode else { throw .ENOENT }
         guard c.access(parent.perms).contains(.write) else { throw .EACCES }
         if !c.privileged {
-            if value.count > c.quotas.maxNodeSize { throw .ENOSPC }
+            if XSNode.chargedSize(perms: parent.perms.entries.count, value: value.count, children: 0) > c.quotas.maxNodeSize {
+                throw .ENOSPC
+            }
             if ownedCount(c.domid, tx) + missing.count > c.quotas.maxNodes { throw .ENOSPC }
             let name = XSPath.basename(missing.last!)
             if parent.chargedSize + name.utf8.count + 1 > c.quotas.maxNodeSize { throw .ENOSPC }
@@ -164,33 +178,39 @@ public final class XSStore {
             parentPath = p
         }
         put(path, parent, tx)
-        try checkTxSize(tx, c)
         return perms
     }
 
     /// RM: removes a node and its subtree. Removing a missing node whose parent exists
-    /// succeeds (returns nil); removing "/" is EINVAL.
-    public func rm(_ path: String, _ c: XSCaller, _ tx: XSTransaction? = nil) throws(XSError) -> XSChange? {
-        guard let n = node(path, tx) else {
+    /// succeeds (no changes); removing "/" is EINVAL. Returns one change per removed
+    /// node, descendants first (exact) and the root last, as C's delnode_sub fires.
+    public func rm(_ path: String, _ c: XSCaller, _ tx: XSTransaction? = nil) throws(XSError) -> [XSChange] {
+        guard let n = try node(path, tx, c) else {
             let e = errorFromParents(path, need: .write, c, tx)
-            if e == .ENOENT, let p = XSPath.parent(path), node(p, tx) != nil { return nil }
+            if e == .ENOENT, let p = XSPath.parent(path), try node(p, tx, c) != nil { return [] }
             throw e
         }
+        // Permission first: a guest removing "/" is EACCES, dom0 EINVAL (do_rm).
         guard c.access(n.perms).contains(.write) else { throw .EACCES }
-        guard let parentPath = XSPath.parent(path), var parent = node(parentPath, tx) else { throw .EINVAL }
-        removeSubtree(path, n, tx)
+        guard let parentPath = XSPath.parent(path), var parent = try node(parentPath, tx, c) else { throw .EINVAL }
+        var changes: [XSChange] = []
+        try removeSubtree(path, n, tx, c, &changes)
         let name = XSPath.basename(path)
         if let i = parent.children.firstIndex(where: { $0 == name }) { parent.children.remove(at: i) }
         parent.generation = nextGeneration()
         put(parentPath, parent, tx)
-        try checkTxSize(tx, c)
-        return XSChange(path: path, recursive: true, perms: n.perms)
+        changes.append(XSChange(path: path, exact: false, perms: n.perms))
+        return changes
     }
 
-    func removeSubtree(_ path: String, _ n: XSNode, _ tx: XSTransaction?) {
+    func removeSubtree(_ path: String, _ n: XSNode, _ tx: XSTransaction?, _ c: XSCaller,
+                       _ changes: inout [XSChange]) throws(XSError) {
         for child in n.children {
             let cp = XSPath.child(path, child)
-            if let cn = node(cp, tx) { removeSubtree(cp, cn, tx) }
+            if let cn = try node(cp, tx, c) {
+                try removeSubtree(cp, cn, tx, c, &changes)
+                changes.append(XSChange(path: cp, exact: true, perms: cn.perms, parentPerms: n.perms))
+            }
         }
         adjustOwned(n.perms.owner, -1, tx)
         put(path, nil, tx)
@@ -203,16 +223,19 @@ public final class XSStore {
         if !c.privileged {
             if perms.entries.count > c.quotas.maxPerms { throw .ENOSPC }
             if perms.owner != n.perms.owner { throw .EPERM }
+            if XSNode.chargedSize(perms: perms.entries.count, value: n.value.count, children: n.childrenSize) > c.quotas.maxNodeSize {
+                throw .ENOSPC
+            }
         }
         if perms.owner != n.perms.owner {
             adjustOwned(n.perms.owner, -1, tx)
             adjustOwned(perms.owner, 1, tx)
         }
+        let oldPerms = n.perms
         n.perms = perms
         n.generation = nextGeneration()
         put(path, n, tx)
-        try checkTxSize(tx, c)
-        return XSChange(path: path, recursive: false, perms: perms)
+        return XSChange(path: path, exact: false, perms: perms, oldPerms: oldPerms)
     }
 
     // MARK: transactions
@@ -227,31 +250,23 @@ public final class XSStore {
         open[ObjectIdentifier(t)] = nil
     }
 
-    /// Commits, or throws EAGAIN leaving the store untouched. Returns the changes to
-    /// announce. Quotas were checked as the transaction ran.
+    /// Commits, or leaves the store untouched and throws: ENOMEM for a transaction an
+    /// access was refused in, EAGAIN when a node it accessed changed since (C:
+    /// do_transaction_end, finalize_transaction). Returns the changes to announce.
+    /// Quotas were checked as the transaction ran.
     public func commit(_ t: XSTransaction) throws(XSError) -> [XSChange] {
         open[ObjectIdentifier(t)] = nil
-        if t.conflicts() { throw .EAGAIN }
-        for (path, n) in t.writes {
-            put(path, n, nil)
+        if t.failed { throw .ENOMEM }
+        for (path, a) in t.accessed where nodes[path]?.generation != a.generation { throw .EAGAIN }
+        for (path, a) in t.accessed where a.modified {
+            if var n = a.node {
+                n.generation = nextGeneration()
+                nodes[path] = n
+            } else {
+                nodes[path] = nil
+            }
         }
         for (d, delta) in t.nodeDelta { owned[d, default: 0] += delta }
         return t.changes
-    }
-
-    // MARK: domain clean-up
-
-    /// Gives every node owned by `domid` to dom0, as C xenstored does when a domain goes
-    /// away, so a later domain reusing the id inherits nothing.
-    func disown(_ domid: DomID) {
-        guard (owned[domid] ?? 0) > 0 else { return }
-        var moved = 0
-        for (path, var n) in nodes where n.perms.owner == domid {
-            n.perms.owner = 0
-            put(path, n, nil)
-            moved += 1
-        }
-        owned[domid] = nil
-        owned[0, default: 0] += moved
     }
 }

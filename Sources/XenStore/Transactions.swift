@@ -1,34 +1,54 @@
-// Transactions (docs/misc/xenstore.txt TRANSACTION_START/END): a transaction sees the
-// store as it was when it started plus its own changes; at commit, if any node it read
-// or wrote has changed outside it meanwhile, the commit fails with EAGAIN.
+// Transactions (docs/misc/xenstore.txt TRANSACTION_START/END), as C xenstored's
+// transaction.c does them: the first access to a node inside a transaction records
+// the node's generation and takes the transaction's own copy of it; later accesses
+// use that copy, and writes change only the copy. At commit, every accessed node must
+// still have the generation recorded at its first access, else EAGAIN; then the
+// modified copies replace the live nodes.
 //
-// Snapshot without copying the store: while a transaction is open, the first global
-// change to a path saves the previous version into that transaction's `preserved`
-// map. A read inside the transaction looks at its own writes, then `preserved`, then
-// the live store (which, for paths not in `preserved`, is unchanged since the start).
-// A path present in `preserved` is exactly a path changed since the start, which is
-// also the conflict test.
+// A transaction holds data only for the nodes it accessed, at most
+// `maxTransactionNodes` of them for an unprivileged caller: changes made outside it
+// cost it nothing. An access past that budget is refused with ENOSPC and marks the
+// transaction failed, so its commit answers ENOMEM and applies nothing (C:
+// access_node sets trans->fail; do_transaction_end returns ENOMEM).
 
 public final class XSTransaction {
     public let id: UInt32
-    /// Node versions written inside the transaction (nil = removed).
-    var writes: [String: XSNode?] = [:]
-    /// Pre-change versions of nodes changed outside since the start (nil = absent).
-    var preserved: [String: XSNode?] = [:]
-    /// Paths read inside the transaction.
-    var reads: Set<String> = []
-    /// Changes to announce to watchers on commit.
+
+    struct Access {
+        /// Generation of the live node at the first access (nil: absent).
+        var generation: UInt64?
+        /// The transaction's view of the node (nil: absent).
+        var node: XSNode?
+        var modified: Bool
+    }
+    /// Every node accessed inside the transaction, missing ones included.
+    var accessed: [String: Access] = [:]
+    /// Changes to announce to watchers on commit: one per path, in first-change order.
     var changes: [XSChange] = []
+    var changeIndex: [String: Int] = [:]
     /// Per-domain node-count delta of the writes.
     var nodeDelta: [DomID: Int] = [:]
+    /// An access was refused; the commit fails.
+    var failed = false
 
     init(id: UInt32) { self.id = id }
 
-    var touchedCount: Int { writes.count + reads.count }
+    /// Distinct nodes accessed (the quantity C's quota_trans_nodes bounds).
+    var touchedCount: Int { accessed.count }
+    /// Entries the transaction holds, all bounded by what it touched.
+    var retainedCount: Int { accessed.count + changes.count }
 
-    func conflicts() -> Bool {
-        for p in reads where preserved.index(forKey: p) != nil { return true }
-        for p in writes.keys where preserved.index(forKey: p) != nil { return true }
-        return false
+    /// Records a change to announce, one per path: a non-exact change replaces an
+    /// exact one, not the other way round (C: queue_watches).
+    func announce(_ change: XSChange) {
+        if let i = changeIndex[change.path] {
+            changes[i].exact = changes[i].exact && change.exact
+            changes[i].perms = change.perms
+            changes[i].oldPerms = changes[i].oldPerms ?? change.oldPerms
+            changes[i].parentPerms = change.parentPerms
+        } else {
+            changeIndex[change.path] = changes.count
+            changes.append(change)
+        }
     }
 }

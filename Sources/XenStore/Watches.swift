@@ -1,16 +1,20 @@
 // Watches (docs/misc/xenstore.txt WATCH/UNWATCH/WATCH_EVENT): a watch on P fires for
 // changes to P and anything below it, and once when registered. Removal of a subtree
-// also fires watches set below the removed node. Watches are indexed by path so a
-// change costs one lookup per ancestor, not a scan of every watch.
+// also fires the watches set exactly on each removed node below it. Watches are
+// indexed by path so a change costs one lookup per ancestor, not a scan of every
+// watch.
+
+import CXen
 
 final class XSWatch {
     unowned let conn: XSConnection
     let path: String
-    let token: String
+    /// The token's bytes as the client sent them (echoed unchanged, as C does).
+    let token: [UInt8]
     /// Registered with a relative path: events report paths relative to the domain home.
     let relative: Bool
 
-    init(conn: XSConnection, path: String, token: String, relative: Bool) {
+    init(conn: XSConnection, path: String, token: [UInt8], relative: Bool) {
         self.conn = conn; self.path = path; self.token = token; self.relative = relative
     }
 }
@@ -38,58 +42,72 @@ struct XSWatchIndex {
             byPath[path]?.forEach { body($0, path) }
             return
         }
+        if change.exact {
+            byPath[path]?.forEach { body($0, path) }
+            return
+        }
         // The node itself and its ancestors.
         var p: String? = path
         while let q = p {
             if let list = byPath[q] { for w in list { body(w, path) } }
             p = XSPath.parent(q)
         }
-        // Removal: watches strictly below the removed node fire with their own path.
-        if change.recursive {
-            for (wp, list) in byPath where wp != path && XSPath.isSelfOrDescendant(wp, of: path) {
-                for w in list { body(w, wp) }
-            }
-        }
     }
 }
 
 extension XenStoreCore {
-    /// Queues the WATCH_EVENT messages a change causes. A watcher only hears about
-    /// nodes it may read; special (@) events go to privileged connections only.
+    /// Queues the WATCH_EVENT messages a change causes, to watchers that may read
+    /// (C's watch_permitted) the node under its old permissions, or under its current
+    /// ones, or its parent. A special (@) node's permissions are its node's (dom0
+    /// may grant read), its parent "/".
     func fire(_ change: XSChange) {
         guard watches.count > 0 else { return }
         let special = change.path.utf8.first == UInt8(ascii: "@")
+        let perms = special ? store.nodes[change.path]?.perms ?? change.perms : change.perms
+        var parentPerms = change.parentPerms
+        var parentLooked = parentPerms != nil
         watches.matches(change) { w, reported in
             let c = w.conn
             if c.closed { return }
-            if special {
-                if !c.privileged { return }
-            } else if !c.caller.access(change.perms).contains(.read) {
-                return
+            let caller = c.caller
+            var ok = caller.access(perms).contains(.read)
+                || change.oldPerms.map { caller.access($0).contains(.read) } ?? false
+            if !ok {
+                if !parentLooked {
+                    let parent = special ? "/" : XSPath.parent(change.path)
+                    parentPerms = parent.flatMap { store.nodes[$0]?.perms }
+                    parentLooked = true
+                }
+                ok = parentPerms.map { caller.access($0).contains(.read) } ?? false
             }
+            if !ok { return }
             queueEvent(w, path: reported)
         }
     }
 
+    /// Queues one WATCH_EVENT as C xenstored's send_event does: an event longer than
+    /// XENSTORE_PAYLOAD_MAX or identical to one still pending is not sent; for an
+    /// unprivileged watcher, nor is one past its output quota, and the event expires
+    /// undelivered after the quota's timeout. No connection is closed for its backlog.
     func queueEvent(_ w: XSWatch, path: String) {
         let c = w.conn
         let shown = w.relative ? XSPath.relativize(path, domid: c.domid) : path
+        let len = shown.utf8.count + w.token.count + 2
+        if len > Int(XENSTORE_PAYLOAD_MAX) { return }
         var body: [UInt8] = []
-        body.reserveCapacity(shown.utf8.count + w.token.utf8.count + 2)
+        body.reserveCapacity(len)
         body.append(contentsOf: shown.utf8); body.append(0)
-        body.append(contentsOf: w.token.utf8); body.append(0)
-        c.enqueue(.watchEvent, reqID: 0, txID: 0, body)
-        if c.oldestEvent == nil { c.oldestEvent = monotonicSeconds() }
-        markDirty(c)
-        // A reader that never drains cannot make us hold unbounded output.
-        if c.pendingBytes > c.quotas.maxOutputBytes {
-            stall(c, reason: "undelivered output exceeds \(c.quotas.maxOutputBytes) bytes")
-        }
+        body.append(contentsOf: w.token); body.append(0)
+        let queued = c.enqueueEvent(body, dedupe: shown.utf8.first != UInt8(ascii: "@"),
+                                    limit: c.privileged ? nil : c.quotas.maxOutputBytes,
+                                    expires: c.privileged || c.quotas.watchEventTimeout <= 0
+                                        ? 0 : monotonicSeconds() + c.quotas.watchEventTimeout)
+        if queued { markDirty(c) }
     }
 
-    func addWatch(_ c: XSConnection, path: String, token: String, relative: Bool) throws(XSError) {
-        // @introduceDomain / @releaseDomain are for the toolstack only.
-        if path.utf8.first == UInt8(ascii: "@") && !c.privileged { throw .EACCES }
+    func addWatch(_ c: XSConnection, path: String, token: [UInt8], relative: Bool) throws(XSError) {
+        // Anyone may watch @introduceDomain / @releaseDomain (do_watch); later events
+        // reach only those who may read the node (fire).
         if c.watches.contains(where: { $0.path == path && $0.token == token }) { throw .EEXIST }
         if !c.privileged && domainWatchCount(c.domid) >= c.quotas.maxWatches { throw .E2BIG }
         let w = XSWatch(conn: c, path: path, token: token, relative: relative)
@@ -97,7 +115,7 @@ extension XenStoreCore {
         watches.add(w)
     }
 
-    func removeWatch(_ c: XSConnection, path: String, token: String) throws(XSError) {
+    func removeWatch(_ c: XSConnection, path: String, token: [UInt8]) throws(XSError) {
         guard let i = c.watches.firstIndex(where: { $0.path == path && $0.token == token }) else { throw .ENOENT }
         watches.remove(c.watches[i])
         c.watches.remove(at: i)

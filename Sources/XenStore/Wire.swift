@@ -28,6 +28,15 @@ public enum XSType: UInt32, Sendable, CaseIterable {
     // 20 was XS_RESTRICT, removed from the protocol.
     case resetWatches = 21
     case directoryPart = 22
+
+    /// Requests only privileged connections may send (XS_FLAG_PRIV in C xenstored's
+    /// wire_funcs); others get EACCES.
+    var privilegedOnly: Bool {
+        switch self {
+        case .control, .introduce, .release, .isDomainIntroduced, .resume, .setTarget: return true
+        default: return false
+        }
+    }
 }
 
 /// Errors travel as their errno *names* (`struct xsd_errors` in xs_wire.h).

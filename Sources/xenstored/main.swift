@@ -27,8 +27,8 @@ struct XenstoredCommand: ParsableCommand {
     var quotaPayload = XSQuotas.default.maxPayload
     @Option(help: "Path length below /local/domain/<id>/.") var quotaPathLength = XSQuotas.default.maxPathLength
     @Option(help: "Permission entries per node.") var quotaPerms = XSQuotas.default.maxPerms
-    @Option(help: "Undelivered output bytes before a connection counts as stalled.") var quotaOutputBytes = XSQuotas.default.maxOutputBytes
-    @Option(help: "Seconds a watch event may stay undelivered.") var watchEventTimeout = XSQuotas.default.watchEventTimeout
+    @Option(help: "Undelivered output bytes a guest connection may hold; watch events past it are dropped.") var quotaOutputBytes = XSQuotas.default.maxOutputBytes
+    @Option(help: "Seconds a guest's watch event may stay undelivered before it is dropped (0: never).") var watchEventTimeout = XSQuotas.default.watchEventTimeout
     @Option(parsing: .singleValue,
             help: "Per-domain quota override DOMID:KEY=VALUE (keys: nodes, node-size, watches, transactions, outstanding, payload, path-length, perms).")
     var domainQuota: [String] = []

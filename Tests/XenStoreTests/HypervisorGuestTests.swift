@@ -53,7 +53,9 @@ import XenTestKit
         #expect(throws: XenBusError.xs(.EACCES)) { try g1.xenstore.read(g2.home + "/secret") }
         #expect(throws: XenBusError.xs(.EACCES)) { try g1.xenstore.write(g2.home + "/evil", "x") }
         #expect(throws: XenBusError.xs(.EACCES)) { try g1.xenstore.write("/local/domain/0/evil", "x") }
-        #expect(throws: XenBusError.xs(.EACCES)) { try g1.xenstore.watch("@releaseDomain") }
+        // Special watches are allowed (do_watch) but only readers hear events after
+        // the registration (watch_permitted; the node is n0).
+        #expect(throws: Never.self) { try g1.xenstore.watch("@releaseDomain") }
 
         // Its watches fire: once at registration, then on a change below.
         let ev = Events()
@@ -72,6 +74,26 @@ import XenTestKit
         let ev = Events()
         _ = try s.xenstore.watch("@releaseDomain", token: "rel", callback: ev.callback)
         #expect(ev.next()?.path == "@releaseDomain")  // registration
+        try s.hypervisor.destroyDomain(g.domid)
+        #expect(ev.next()?.path == "@releaseDomain")
+        #expect(try !s.xenstore.isDomainIntroduced(XenStore.DomID(g.domid)))
+    }
+
+    /// xenstore.txt: "@releaseDomain occurs on any domain crash or shutdown"; C
+    /// xenstored's check_domain fires it the first time it sees XEN_DOMINF_shutdown,
+    /// and the domain stays introduced until it dies.
+    @Test func guestShutdownFiresReleaseDomain() throws {
+        let s = try Self.dom0()
+        let g = try s.createGuest(name: "quitter")
+        defer { g.xenstore.close() }
+        try g.xenstore.write("data/x", "1")
+        let ev = Events()
+        _ = try s.xenstore.watch("@releaseDomain", token: "rel", callback: ev.callback)
+        #expect(ev.next()?.path == "@releaseDomain")  // registration
+        try g.hypervisor.shutdownSelf(reason: .poweroff)
+        #expect(ev.next()?.path == "@releaseDomain")
+        #expect(try s.xenstore.isDomainIntroduced(XenStore.DomID(g.domid)))
+        #expect(try s.xenstore.read(g.home + "/data/x") == "1")
         try s.hypervisor.destroyDomain(g.domid)
         #expect(ev.next()?.path == "@releaseDomain")
         #expect(try !s.xenstore.isDomainIntroduced(XenStore.DomID(g.domid)))
