@@ -222,12 +222,9 @@ import XenHV
 
     /// IPv6 UDP both ways; the guest's datagram leaves with csum_blank
     /// (feature-ipv6-csum-offload) and the kernel completes the checksum.
-    @Test func udpOverIPv6WithChecksumOffload() throws {
-        let f = try HypervisorFixture()
-        let net = try PeerNetwork()
-        defer { net.tearDown() }
-        let g = try GuestVif(fixture: f, network: net)
-        defer { g.close() }
+    /// fd00:0:<subnet>::2 on the peer's veth (no DAD), and the guest's
+    /// fd00:0:<subnet>::1 as its neighbour at `guestMAC`.
+    static func ipv6(_ net: PeerNetwork, guestMAC: [UInt8]) throws -> (peer: [UInt8], guest: [UInt8]) {
         let sub = UInt8(net.subnet)
         let peer6: [UInt8] = [0xfd, 0, 0, 0, 0, sub, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]
         let guest6: [UInt8] = [0xfd, 0, 0, 0, 0, sub, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
@@ -235,7 +232,17 @@ import XenHV
             stride(from: 0, to: 16, by: 2).map { String(UInt16(a[$0]) << 8 | UInt16(a[$0 + 1]), radix: 16) }.joined(separator: ":")
         }
         try ip("-n", net.namespace, "addr", "add", "\(text(peer6))/64", "dev", net.vethPeer, "nodad")
-        try ip("-n", net.namespace, "neigh", "replace", text(guest6), "lladdr", MACAddress(g.mac).description, "dev", net.vethPeer)
+        try ip("-n", net.namespace, "neigh", "replace", text(guest6), "lladdr", MACAddress(guestMAC).description, "dev", net.vethPeer)
+        return (peer6, guest6)
+    }
+
+    @Test func udpOverIPv6WithChecksumOffload() throws {
+        let f = try HypervisorFixture()
+        let net = try PeerNetwork()
+        defer { net.tearDown() }
+        let g = try GuestVif(fixture: f, network: net)
+        defer { g.close() }
+        let (peer6, guest6) = try Self.ipv6(net, guestMAC: g.mac)
         let sock = try net.socket(type: Int32(SOCK_DGRAM.rawValue), port: 5000, ipv6: true)
         defer { close(sock) }
         let out = Self.pattern(1200, seed: 6)
@@ -269,14 +276,7 @@ import XenHV
         defer { net.tearDown() }
         let g = try GuestVif(fixture: f, network: net, features: FrontendFeatures(sg: true))
         defer { g.close() }
-        let sub = UInt8(net.subnet)
-        let peer6: [UInt8] = [0xfd, 0, 0, 0, 0, sub, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]
-        let guest6: [UInt8] = [0xfd, 0, 0, 0, 0, sub, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
-        func text(_ a: [UInt8]) -> String {
-            stride(from: 0, to: 16, by: 2).map { String(UInt16(a[$0]) << 8 | UInt16(a[$0 + 1]), radix: 16) }.joined(separator: ":")
-        }
-        try ip("-n", net.namespace, "addr", "add", "\(text(peer6))/64", "dev", net.vethPeer, "nodad")
-        try ip("-n", net.namespace, "neigh", "replace", text(guest6), "lladdr", MACAddress(g.mac).description, "dev", net.vethPeer)
+        let (_, guest6) = try Self.ipv6(net, guestMAC: g.mac)
         let sock = try net.socket(type: Int32(SOCK_DGRAM.rawValue), port: 5000, ipv6: true)
         defer { close(sock) }
         let back = Self.pattern(700, seed: 3)

@@ -19,17 +19,6 @@ final class FloodControl: Sendable {
 /// keeps its tx ring full cannot keep it from its stop eventfd. Needs root
 /// (taps); every vif is closed in a defer, after the flooding thread stopped.
 @Suite(.serialized) struct WorkerTurnTests {
-    /// Waits (bounded) for a condition another thread makes true.
-    func eventually(_ ms: Int = 5000, _ cond: () throws -> Bool) rethrows -> Bool {
-        let deadline = Date().addingTimeInterval(Double(ms) / 1000)
-        while Date() < deadline {
-            if try cond() { return true }
-            var pfd = pollfd(fd: -1, events: 0, revents: 0)
-            _ = poll(&pfd, 0, 10)
-        }
-        return try cond()
-    }
-
     /// A frontend thread refills every free tx slot as soon as responses come
     /// back, never sleeping; `disconnect()` must still return promptly. End
     /// to end only: on this 2-core machine under load the flood held the
@@ -71,7 +60,7 @@ final class FloodControl: Sendable {
             g.close()
         }
         // The flood is on once the backend has carried a few rings' worth.
-        #expect(eventually { g.vif.stats.snapshot.txPackets > 256 })
+        #expect(pollUntil(seconds: 5) { g.vif.stats.snapshot.txPackets > 256 })
         let returned = DispatchSemaphore(value: 0)
         let vif = g.vif
         let disconnector = TestThread { vif.disconnect(); returned.signal() }
@@ -149,7 +138,7 @@ final class FloodControl: Sendable {
         let used = Double(ticks() - t0) / clockTicksPerSecond, window = Date().timeIntervalSince(w0)
         #expect(used < 0.25 * window, "the queue worker used \(used) s of CPU in \(window) s after its tap was deleted")
         // And the queue says so, once.
-        #expect(eventually { g.vif.stats.snapshot[.tapGone] == 1 })
+        #expect(pollUntil(seconds: 5) { g.vif.stats.snapshot[.tapGone] == 1 })
         #expect(g.vif.stats.snapshot[.tapGone] == 1)
     }
 }
