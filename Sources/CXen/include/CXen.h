@@ -201,12 +201,12 @@ int cxen_spawn_closefrom(void *file_actions, int from);
 #define CXEN_CPU_WORDS 16
 int cxen_thread_affinity(uint64_t mask[CXEN_CPU_WORDS]);
 int cxen_set_thread_affinity(const uint64_t mask[CXEN_CPU_WORDS]);
-/* SO_PEERCRED pid of a Unix-socket peer, or -1. */
 /* pidfd_open(pid, 0) and pidfd_send_signal(pidfd, sig, NULL, 0) through
    syscall(2). A pidfd names one process for good: once that process is
    reaped, signals fail with ESRCH, even when its pid went to another. */
 int cxen_pidfd_open(int pid);
 int cxen_pidfd_send_signal(int pidfd, int sig);
+/* SO_PEERCRED pid of a Unix-socket peer, or -1. */
 int cxen_peer_pid(int sock);
 
 #endif /* CXEN_H */
