@@ -54,6 +54,13 @@ public final class HypervisorDaemon {
     var nextDomID: DomID = 1
     var virqDomExc: [(domid: DomID, port: EventPort)] = []
     var recvBuffer: [UInt8] = []
+    /// accept(2) found no descriptor left (EMFILE/ENFILE): the connection
+    /// stays queued and the listening socket readable, so it is left out of
+    /// the poll until then (CLOCK_MONOTONIC ns) instead of being spun on.
+    var acceptPausedUntil: UInt64 = 0
+    static let acceptPauseNanoseconds: UInt64 = 100_000_000
+    /// Logged once per spell without descriptors.
+    var acceptStarved = false
     var running = true
 
     public init(configuration: Configuration, logger: Logger) throws {
@@ -131,7 +138,17 @@ public final class HypervisorDaemon {
     func pollRound(timeout: Int32) -> Round? {
         var pfds: [pollfd] = []
         var polled: [Client] = []
-        pfds.append(pollfd(fd: listenFD, events: Int16(POLLIN), revents: 0))
+        var timeout = timeout
+        if acceptPausedUntil != 0 {
+            let now = Self.monotonicNanoseconds()
+            if now >= acceptPausedUntil {
+                acceptPausedUntil = 0
+            } else {
+                let left = Int32(clamping: (acceptPausedUntil - now + 999_999) / 1_000_000)
+                timeout = timeout < 0 ? left : min(timeout, left)
+            }
+        }
+        pfds.append(pollfd(fd: acceptPausedUntil == 0 ? listenFD : -1, events: Int16(POLLIN), revents: 0))
         pfds.append(pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0))
         for c in clients.values {
             pfds.append(pollfd(fd: c.fd, events: Int16(POLLIN), revents: 0))
@@ -168,11 +185,28 @@ public final class HypervisorDaemon {
     func accept() {
         let fd = Glibc.accept(listenFD, nil, nil)
         if fd >= 0 { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-        guard fd >= 0 else { return }
+        guard fd >= 0 else {
+            if errno == EMFILE || errno == ENFILE {
+                if !acceptStarved { logger.warning("accept: no descriptor left (errno \(errno)); new connections wait") }
+                acceptStarved = true
+                acceptPausedUntil = Self.monotonicNanoseconds() + Self.acceptPauseNanoseconds
+            }
+            return
+        }
+        if acceptStarved {
+            acceptStarved = false
+            logger.info("accepting connections again")
+        }
         let c = Client(id: nextClientID, fd: fd, domid: 0)
         nextClientID += 1
         clients[fd] = c
         logger.debug("dom0 client connected", metadata: ["client": "\(c.id)", "pid": "\(cxen_peer_pid(fd))"])
+    }
+
+    static func monotonicNanoseconds() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
     }
 
     /// Answers one request of `c`. The receive never blocks (MSG_DONTWAIT):

@@ -11,8 +11,6 @@ public final class XenStoreCore {
     var nextTxID: UInt32 = 1
     /// Connections with output queued by someone else's request (watch events).
     var dirtyList: [XSConnection] = []
-    /// Connections the core gave up on; the transport closes them.
-    var closing: [XSConnection] = []
 
     public var defaultQuotas: XSQuotas
     /// Per-domain quota overrides.
@@ -71,13 +69,6 @@ public final class XenStoreCore {
         let l = dirtyList
         dirtyList.removeAll(keepingCapacity: true)
         for c in l { c.dirty = false }
-        return l
-    }
-
-    func takeClosing() -> [XSConnection] {
-        if closing.isEmpty { return [] }
-        let l = closing
-        closing.removeAll()
         return l
     }
 

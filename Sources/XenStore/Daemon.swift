@@ -230,7 +230,7 @@ public final class XenStoreDaemon: XSRingHost {
         for w in work { w(core) }
     }
 
-    /// Delivers output queued by other connections' requests and closes casualties.
+    /// Delivers output queued by other connections' requests.
     func afterEvents() {
         var rounds = 0
         repeat {
@@ -241,11 +241,8 @@ public final class XenStoreDaemon: XSRingHost {
                 case nil: break
                 }
             }
-            for c in core.takeClosing() {
-                if case .socket(let s)? = bySerial[c.serial] { closeSocket(s) }
-            }
             rounds += 1
-        } while (!core.dirtyList.isEmpty || !core.closing.isEmpty) && rounds < 8
+        } while !core.dirtyList.isEmpty && rounds < 8
         if !pendingRelease.isEmpty {
             let l = pendingRelease
             pendingRelease.removeAll()

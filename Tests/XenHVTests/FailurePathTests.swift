@@ -88,4 +88,46 @@ import XenTestKit
         close(d.guestDescriptor)
         try f.dom0.destroyDomain(d.domid)
     }
+
+    /// utime + stime of `pid`, in clock ticks (/proc/PID/stat fields 14, 15).
+    static func cpuTicks(_ pid: pid_t) -> Int {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return 0 }
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        // After the ")": state is field 3, so utime (14) and stime (15) are at 11 and 12.
+        return fields.count > 12 ? (Int(fields[11]) ?? 0) + (Int(fields[12]) ?? 0) : 0
+    }
+
+    /// With no descriptor left, accept(2) fails and the connection stays
+    /// queued, the listening socket readable: xenhv leaves it out of its poll
+    /// for a moment instead of spinning on it, and takes the connection once
+    /// descriptors are back.
+    @Test func noDescriptorForAConnectionIsNoSpin() throws {
+        let f = try HypervisorFixture()
+        let xenhv = f.daemon.pid
+        _ = try f.dom0.listDomains()
+        let original = Self.limit(xenhv)
+        let open = Self.descriptors(xenhv)
+        let lowestFree = (0...).first { !open.contains($0) }!
+        #expect(CommandResult.run("prlimit", ["--pid", "\(xenhv)", "--nofile=\(lowestFree):"]).ok)
+        defer { Self.restore(xenhv, to: original) }
+        let s = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        #expect(s >= 0)
+        defer { close(s) }
+        var addr = try UnixSocketAddress.make(f.socket)
+        #expect(UnixSocketAddress.with(&addr) { connect(s, $0, $1) } == 0)  // queued in the backlog
+        // A measuring window, not synchronisation: xenhv's CPU over one second.
+        let before = Self.cpuTicks(xenhv)
+        var none = pollfd(fd: -1, events: 0, revents: 0)
+        _ = poll(&none, 0, 1000)
+        let used = Double(Self.cpuTicks(xenhv) - before) / clockTicksPerSecond
+        #expect(used < 0.2, "xenhv used \(used) s of CPU in 1 s on a connection it could not accept")
+        Self.restore(xenhv, to: original)
+        // The queued connection is taken and served now.
+        try WireMessage(code: Int32(HVOp.hello.rawValue), payload: []).send(on: s)
+        var buf = [UInt8]()
+        let reply = try WireMessage.receive(on: s, buffer: &buf)
+        #expect(reply != nil && reply!.code >= 0, "the waiting connection was not served")
+        reply?.fds.forEach { Glibc.close($0) }
+    }
 }

@@ -388,7 +388,6 @@ func guest(_ core: XenStoreCore, _ domid: DomID) -> CoreClient {
         #expect(slow.conn.pendingMessages == 3)
         core.expireStalled(now: t + 21)
         #expect(!slow.conn.closed)
-        #expect(core.takeClosing().isEmpty)
         let left = slow.drain()
         #expect(left.map(\.type) == [XSType.watch.rawValue])
         dom0.write("/local/domain/5/e/y", "1")
