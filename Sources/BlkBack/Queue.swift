@@ -412,7 +412,7 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
         guard let (q, dsync) = deferred,
               bounceFreeCount >= q.nrSegments || (engine?.inFlight ?? 0) == 0 else { return }
         deferred = nil
-        startIO(q, geometry: disk.geometry, dsync: dsync)
+        startIO(q, geometry: disk.geometry, dsync: dsync, segmentsCopied: true)
         engine?.submit(refused: { slot, err in self.complete(slot: slot, result: -Int(err)) }, completed: complete)
     }
 
@@ -516,16 +516,19 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
 
     /// READ/WRITE (direct or indirect), or the data of a flush: validates every
     /// segment, maps the pages, and queues one vectored iocb reading or writing
-    /// straight into the guest's pages.
-    private func startIO(_ q: BlkRequest, geometry g: DiskGeometry, dsync: Bool) {
+    /// straight into the guest's pages. `segmentsCopied`: `segs` already holds
+    /// this request's segment list (a deferred request's: nothing else runs
+    /// while it waits), so the guest's pages are not read a second time.
+    private func startIO(_ q: BlkRequest, geometry g: DiskGeometry, dsync: Bool, segmentsCopied: Bool = false) {
         let write = q.command != .read
         guard freeCount > 0 else {
             BlkStats.bump(stats.outOfRequests)
             return fail(q, .ioError(EBUSY))
         }
         let n = q.nrSegments
-        // 1. The segment list, copied once into our scratch.
-        if q.isIndirect {
+        // 1. The segment list, copied once into our scratch (kept from the
+        // first attempt when `segmentsCopied`).
+        if !segmentsCopied && q.isIndirect {
             let per = BlkifLimits.segmentsPerIndirectPage
             for p in 0..<q.indirectPages {
                 let gref = q.indirectGref(p)
@@ -534,7 +537,7 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
                     return fail(q, .grantMapFailed(gref))
                 }
             }
-        } else {
+        } else if !segmentsCopied {
             withUnsafeBytes(of: q.directSegments) { b in
                 for i in 0..<n { segs[i] = b.load(fromByteOffset: i * 8, as: UInt64.self) }
             }
@@ -562,9 +565,10 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
                 release(slot: slot)
                 freeSlots[freeCount] = Int32(slot)
                 freeCount += 1
-                // Every bounce page is in flight: wait for completions (our
-                // copy of the request is kept; an indirect request's segment
-                // pages are copied and validated again then).
+                // Every bounce page is in flight: wait for completions. Our
+                // copies of the request and of its segment list (`segs`, which
+                // no other request touches meanwhile: none is consumed while
+                // one waits) are used again; the guest's pages are not re-read.
                 if !bounceUnavailable, let e = engine, e.inFlight + e.batchCount > 0 {
                     BlkStats.bump(stats.outOfRequests)
                     deferred = (q, dsync)

@@ -69,12 +69,8 @@ final class QueueWorker: @unchecked Sendable {
                 throw fail(.eventChannel(port: port, "\(error)"))
             }
         }
-        var events = rings.events
-        if case .split(let t, let r) = events, t == r { events = .shared(t) }
-        switch events {
+        switch rings.events.normalized {
         case .shared(let p):
-            // One port named twice is one channel, bound once (Xen refuses a
-            // second bind of the same remote port), as xenvif_connect_data.
             txChannel = try bind(p)
             rxChannel = nil
         case .split(let t, let r):

@@ -79,6 +79,13 @@ public struct VifConfig: Sendable {
 public enum QueueEventChannels: Sendable, Equatable {
     case shared(EventPort)
     case split(tx: EventPort, rx: EventPort)
+
+    /// A split pair naming one port is that one channel, bound once (Xen
+    /// refuses a second bind of a remote port; Linux's xenvif_connect_data).
+    public var normalized: QueueEventChannels {
+        if case .split(let t, let r) = self, t == r { return .shared(t) }
+        return self
+    }
 }
 
 /// One queue as the frontend announced it (`tx-ring-ref`, `rx-ring-ref`, and

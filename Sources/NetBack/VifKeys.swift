@@ -71,7 +71,7 @@ public enum VifKeys {
             let events: QueueEventChannels
             func port(_ key: String) -> UInt32? { read(dir.isEmpty ? key : "\(dir)/\(key)").flatMap { UInt32($0) } }
             if let t = port("event-channel-tx"), let r = port("event-channel-rx") {
-                events = t == r ? .shared(t) : .split(tx: t, rx: r)
+                events = QueueEventChannels.split(tx: t, rx: r).normalized
             } else if let p = port("event-channel") {
                 events = .shared(p)
             } else {

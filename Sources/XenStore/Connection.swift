@@ -46,12 +46,13 @@ public final class XSConnection {
     public var pendingMessages: Int { queued.count - queuedHead }
 
     @inline(__always)
-    func enqueue(_ type: XSType, reqID: UInt32, txID: UInt32, _ body: UnsafeRawBufferPointer) {
+    func enqueue(_ type: XSType, reqID: UInt32, txID: UInt32, _ body: UnsafeRawBufferPointer,
+                 event: [UInt8]? = nil, expires: Double = 0) {
         let start = out.count
         XSHeader(type, reqID: reqID, txID: txID, len: UInt32(body.count))
             .append(to: &out)
         out.append(contentsOf: body)
-        queued.append(Queued(start: start, end: out.count, event: nil, expires: 0))
+        queued.append(Queued(start: start, end: out.count, event: event, expires: expires))
     }
 
     /// Queues a WATCH_EVENT unless (C xenstored's send_event) an identical event is
@@ -60,10 +61,7 @@ public final class XSConnection {
     func enqueueEvent(_ body: [UInt8], dedupe: Bool, limit: Int?, expires: Double) -> Bool {
         if dedupe && pendingEvents[body] != nil { return false }
         if let limit, pendingBytes + XSHeader.size + body.count > limit { return false }
-        let start = out.count
-        XSHeader(.watchEvent, reqID: 0, txID: 0, len: UInt32(body.count)).append(to: &out)
-        out.append(contentsOf: body)
-        queued.append(Queued(start: start, end: out.count, event: body, expires: expires))
+        body.withUnsafeBytes { enqueue(.watchEvent, reqID: 0, txID: 0, $0, event: body, expires: expires) }
         pendingEvents[body, default: 0] += 1
         return true
     }
@@ -114,10 +112,7 @@ public final class XSConnection {
 
     @inline(__always)
     func enqueueOK(_ type: XSType, reqID: UInt32, txID: UInt32) {
-        let start = out.count
-        XSHeader(type, reqID: reqID, txID: txID, len: 3).append(to: &out)
-        out.append(UInt8(ascii: "O")); out.append(UInt8(ascii: "K")); out.append(0)
-        queued.append(Queued(start: start, end: out.count, event: nil, expires: 0))
+        withUnsafeBytes(of: (UInt8(ascii: "O"), UInt8(ascii: "K"), UInt8(0))) { enqueue(type, reqID: reqID, txID: txID, $0) }
     }
 
     /// Marks `n` bytes as delivered by the transport.
