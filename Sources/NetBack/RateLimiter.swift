@@ -1,4 +1,5 @@
 import Glibc
+import XenHV
 
 /// The vif's `rate` key: `bytes,usec` — at most `bytes` per `usec`
 /// microseconds (what libxl writes for `rate=10Mb/s@20ms`).
@@ -40,11 +41,7 @@ public struct RateLimiter: Sendable {
         windowStart = now
     }
 
-    @inline(__always) public static func now() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-    }
+    @inline(__always) public static func now() -> UInt64 { monotonicNanoseconds() }
 
     /// When the current window ends (nanoseconds, CLOCK_MONOTONIC).
     /// Saturates at UInt64.max for a huge interval (the toolstack's `rate`

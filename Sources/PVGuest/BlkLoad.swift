@@ -170,7 +170,7 @@ extension BlkFrontDevice {
         var count = 0
 
         let stride = UInt64(load.blockSize / 512)
-        var rng: UInt64 = 0x9E37_79B9_7F4A_7C15 ^ UInt64(truncatingIfNeeded: clockNanoseconds())
+        var rng: UInt64 = 0x9E37_79B9_7F4A_7C15 ^ UInt64(truncatingIfNeeded: monotonicNanoseconds())
         var next: UInt64 = 0
         @inline(__always) func issue(_ i: Int, at t: UInt64) {
             var pos: UInt64
@@ -192,7 +192,7 @@ extension BlkFrontDevice {
             started[i] = t
         }
 
-        let t0 = clockNanoseconds()
+        let t0 = monotonicNanoseconds()
         let deadline = t0 + UInt64(load.seconds * 1e9)
         for i in 0..<load.depth { issue(i, at: t0) }
         if ring.pushRequestsAndCheckNotify() { try channel.notify() }
@@ -215,7 +215,7 @@ extension BlkFrontDevice {
                 }
                 remaining[i] -= 1
                 guard remaining[i] == 0 else { continue }
-                let t = clockNanoseconds()
+                let t = monotonicNanoseconds()
                 ops += 1
                 if count < capacity {
                     samples[count] = UInt32(truncatingIfNeeded: min(t &- started[i], UInt64(UInt32.max)))
@@ -232,11 +232,11 @@ extension BlkFrontDevice {
             if got { idleSince = 0; continue }
             if try ring.finalCheckForResponses() { continue }
             if !channel.wait(milliseconds: 1000) {
-                let t = clockNanoseconds()
+                let t = monotonicNanoseconds()
                 if idleSince == 0 { idleSince = t } else if t - idleSince > 30_000_000_000 { throw BlkLoadError.stalled(outstanding) }
             }
         }
-        let elapsed = Double(clockNanoseconds() - t0) / 1e9
+        let elapsed = Double(monotonicNanoseconds() - t0) / 1e9
         var sorted = UnsafeMutableBufferPointer(start: samples, count: count)
         sorted.sort()
         let p50 = count > 0 ? UInt64(sorted[count / 2]) : 0
@@ -245,8 +245,3 @@ extension BlkFrontDevice {
     }
 }
 
-@inline(__always) func clockNanoseconds() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
-}

@@ -3,6 +3,7 @@
 // xs_* calls (tools/libs/store/xs.c) in behaviour.
 import Foundation
 import Glibc
+import func XenHV.monotonicSeconds
 import XenStore
 
 public struct XenBusWatchEvent: Sendable, Equatable {
@@ -162,7 +163,7 @@ public final class XenBusClient: @unchecked Sendable {
             cond.lock(); pending[id] = nil; cond.unlock()
             throw error
         }
-        let deadline = timeout.map { monotonicNow() + $0 }
+        let deadline = timeout.map { monotonicSeconds() + $0 }
         cond.lock()
         defer { cond.unlock() }
         while true {
@@ -176,7 +177,7 @@ public final class XenBusClient: @unchecked Sendable {
                 return r.payload
             }
             if closed { pending[id] = nil; throw .closed }
-            if !cond.wait(until: deadline), let d = deadline, monotonicNow() >= d {
+            if !cond.wait(until: deadline), let d = deadline, monotonicSeconds() >= d {
                 pending[id] = nil
                 throw .timeout
             }

@@ -2,6 +2,7 @@
 // backend  /local/domain/<backend-domid>/backend/<type>/<frontend-domid>/<devid>
 // frontend /local/domain/<frontend-domid>/device/<type>/<devid>
 import CXen
+import func XenHV.monotonicSeconds
 import XenStore
 
 /// `enum xenbus_state` from xen/io/xenbus.h.
@@ -97,12 +98,12 @@ extension XenBusClient {
                              _ predicate: @escaping @Sendable (XenbusState) -> Bool) async throws -> XenbusState {
         let w = try watch(dir + "/state")
         defer { try? unwatch(w) }
-        let deadline = monotonicNow() + timeout
+        let deadline = monotonicSeconds() + timeout
         var it = w.makeAsyncIterator()
         while true {
             let s = try state(at: dir)
             if predicate(s) { return s }
-            if monotonicNow() > deadline { throw XenBusError.timeout }
+            if monotonicSeconds() > deadline { throw XenBusError.timeout }
             guard await it.next() != nil else { throw XenBusError.closed }
         }
     }

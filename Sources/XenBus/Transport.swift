@@ -2,6 +2,7 @@
 import CXen
 import Glibc
 import Synchronization
+import func XenHV.monotonicSeconds
 import XenStore
 
 public enum XenBusError: Error, Equatable, Sendable, CustomStringConvertible {
@@ -157,8 +158,8 @@ public final class XenBusRingTransport: XenBusTransport, @unchecked Sendable {
                 if space == 0 {
                     // The daemon frees space and notifies; our reader thread consumes that
                     // notification, so poll the index with a short back-off.
-                    if spins == 0 { stalledSince = monotonicNow() }
-                    if monotonicNow() - stalledSince > stalledSendLimit { throw .timeout }
+                    if spins == 0 { stalledSince = monotonicSeconds() }
+                    if monotonicSeconds() - stalledSince > stalledSendLimit { throw .timeout }
                     port.notify()
                     spins += 1
                     usleep(spins < 100 ? 50 : 1000)
@@ -225,8 +226,8 @@ public final class XenBusRingTransport: XenBusTransport, @unchecked Sendable {
         guard closedFlag.set() else { return }
         var one: UInt64 = 1
         _ = withUnsafeBytes(of: &one) { write(wakeFD, $0.baseAddress, 8) }
-        let deadline = monotonicNow() + 5
-        while receiving.load(ordering: .sequentiallyConsistent) && monotonicNow() < deadline {
+        let deadline = monotonicSeconds() + 5
+        while receiving.load(ordering: .sequentiallyConsistent) && monotonicSeconds() < deadline {
             usleep(200)
         }
     }
@@ -279,8 +280,3 @@ final class AtomicFlag: Sendable {
     var isSet: Bool { v.load(ordering: .sequentiallyConsistent) }
 }
 
-func monotonicNow() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-}

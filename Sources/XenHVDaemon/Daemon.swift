@@ -140,7 +140,7 @@ public final class HypervisorDaemon {
         var polled: [Client] = []
         var timeout = timeout
         if acceptPausedUntil != 0 {
-            let now = Self.monotonicNanoseconds()
+            let now = monotonicNanoseconds()
             if now >= acceptPausedUntil {
                 acceptPausedUntil = 0
             } else {
@@ -189,7 +189,7 @@ public final class HypervisorDaemon {
             if errno == EMFILE || errno == ENFILE {
                 if !acceptStarved { logger.warning("accept: no descriptor left (errno \(errno)); new connections wait") }
                 acceptStarved = true
-                acceptPausedUntil = Self.monotonicNanoseconds() + Self.acceptPauseNanoseconds
+                acceptPausedUntil = monotonicNanoseconds() + Self.acceptPauseNanoseconds
             }
             return
         }
@@ -201,12 +201,6 @@ public final class HypervisorDaemon {
         nextClientID += 1
         clients[fd] = c
         logger.debug("dom0 client connected", metadata: ["client": "\(c.id)", "pid": "\(cxen_peer_pid(fd))"])
-    }
-
-    static func monotonicNanoseconds() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
     }
 
     /// Answers one request of `c`. The receive never blocks (MSG_DONTWAIT):

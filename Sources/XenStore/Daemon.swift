@@ -1,10 +1,11 @@
 // The daemon's event loop: one thread, one poll(2) set over the listening socket, every
 // client socket, every guest ring's event descriptor and a wake-up eventfd for
 // requests from other threads (the hypervisor reporting a domain's death).
-import Glibc
 import CXen
+import Glibc
 import Logging
 import Synchronization
+import XenHV
 
 /// Thread-safe handle to a running daemon.
 public final class XenStoreDaemonHandle: Sendable {

@@ -5,6 +5,7 @@
 // watch.
 
 import CXen
+import XenHV
 
 final class XSWatch {
     unowned let conn: XSConnection

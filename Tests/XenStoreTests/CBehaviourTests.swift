@@ -4,6 +4,7 @@ import CXen
 import Glibc
 import Testing
 @testable import XenStore
+import func XenHV.monotonicSeconds
 
 private func home(_ core: XenStoreCore, _ d: DomID) -> CoreClient {
     let dom0 = CoreClient(core)

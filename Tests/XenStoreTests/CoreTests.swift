@@ -3,6 +3,7 @@
 import CXen
 import Testing
 @testable import XenStore
+import func XenHV.monotonicSeconds
 
 /// A ring host that accepts every ring without serving it (core-level tests).
 final class NullRingHost: XSRingHost {
