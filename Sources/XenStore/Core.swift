@@ -46,7 +46,6 @@ public final class XenStoreCore {
         guard !c.closed else { return }
         c.closed = true
         c.closeReason = reason
-        for t in c.transactions.values { store.abort(t) }
         c.transactions.removeAll()
         removeAllWatches(c)
         connections[c.serial] = nil
@@ -258,7 +257,6 @@ public final class XenStoreCore {
 
         case .resetWatches:
             removeAllWatches(c)
-            for t in c.transactions.values { store.abort(t) }
             c.transactions.removeAll()
             c.enqueueOK(.resetWatches, reqID: r, txID: h.txID)
 
@@ -277,10 +275,7 @@ public final class XenStoreCore {
             guard let t = tx else { throw .ENOENT }
             c.transactions[h.txID] = nil
             if arg[0] == UInt8(ascii: "T") {
-                let changes = try store.commit(t)
-                for ch in changes { fire(ch) }
-            } else {
-                store.abort(t)
+                for ch in try store.commit(t) { fire(ch) }
             }
             c.enqueueOK(.transactionEnd, reqID: r, txID: h.txID)
 

@@ -8,8 +8,6 @@ public final class XSStore {
     /// Nodes owned per domain (for the node quota).
     var owned: [DomID: Int] = [:]
     var generation: UInt64 = 1
-    /// Open transactions.
-    var open: [ObjectIdentifier: XSTransaction] = [:]
 
     public init() {
         // The tree C xenstored starts with (setup_structure): /, /tool, /tool/xenstored,
@@ -240,22 +238,15 @@ public final class XSStore {
 
     // MARK: transactions
 
-    public func begin(id: UInt32) -> XSTransaction {
-        let t = XSTransaction(id: id)
-        open[ObjectIdentifier(t)] = t
-        return t
-    }
-
-    public func abort(_ t: XSTransaction) {
-        open[ObjectIdentifier(t)] = nil
-    }
+    /// A new transaction. It holds only what it accesses, so the store keeps no
+    /// list of open ones, and ending one without a commit is dropping it.
+    public func begin(id: UInt32) -> XSTransaction { XSTransaction(id: id) }
 
     /// Commits, or leaves the store untouched and throws: ENOMEM for a transaction an
     /// access was refused in, EAGAIN when a node it accessed changed since (C:
     /// do_transaction_end, finalize_transaction). Returns the changes to announce.
     /// Quotas were checked as the transaction ran.
     public func commit(_ t: XSTransaction) throws(XSError) -> [XSChange] {
-        open[ObjectIdentifier(t)] = nil
         if t.failed { throw .ENOMEM }
         for (path, a) in t.accessed where nodes[path]?.generation != a.generation { throw .EAGAIN }
         for (path, a) in t.accessed where a.modified {
