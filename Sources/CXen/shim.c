@@ -16,6 +16,10 @@
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <linux/kcmp.h>
+#include <grp.h>
+#include <stdio.h>
+#include <sys/mount.h>
+#include <sys/wait.h>
 
 int cxen_memfd_create(const char *name, unsigned int flags) {
     return memfd_create(name, flags);
@@ -214,4 +218,128 @@ void cxen_set_thread_name(const char *name) {
     for (; name[i] != 0 && i < sizeof buf - 1; i++) buf[i] = name[i];
     buf[i] = 0;
     prctl(PR_SET_NAME, (unsigned long)buf, 0, 0, 0);
+}
+
+int cxen_setns(int fd, int nstype) { return setns(fd, nstype); }
+int cxen_unshare(int flags) { return unshare(flags); }
+
+/* The child's side of cxen_spawn_confined: only system calls between fork and
+ * exec (the parent is multithreaded). A failed step reports its errno on
+ * `report` and exits. */
+static int confined_write_file(const char *path, const char *text, size_t len) {
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    ssize_t n = write(fd, text, len);
+    int e = errno;
+    close(fd);
+    if (n != (ssize_t)len) { errno = n < 0 ? e : EIO; return -1; }
+    return 0;
+}
+
+static void confined_fail(int report) {
+    int e = errno ? errno : EIO;
+    (void)!write(report, &e, sizeof e);
+    _exit(127);
+}
+
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+
+int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[],
+                        const int *from, const int *to, int count, int close_from, int new_session,
+                        unsigned uid, unsigned gid, const char *netns_mount, int *pid_out) {
+    char uid_map[32], gid_map[32], ns_path[48];
+    int uid_len = snprintf(uid_map, sizeof uid_map, "0 %u 1\n", uid);
+    int gid_len = snprintf(gid_map, sizeof gid_map, "0 %u 1\n", gid);
+    /* report: child -> parent (0 = namespaces made, else errno; EOF = exec'd);
+       go: parent -> child, once the namespace is named. Both above every
+       target slot, so no dup2 in the child lands on them. */
+    int p[2], g[2], report[2] = {-1, -1}, go[2] = {-1, -1};
+    if (pipe2(p, O_CLOEXEC) != 0) return errno;
+    if (pipe2(g, O_CLOEXEC) != 0) { int e = errno; close(p[0]); close(p[1]); return e; }
+    int raw[4] = {p[0], p[1], g[0], g[1]}, *moved[4] = {&report[0], &report[1], &go[0], &go[1]};
+    int err = 0;
+    for (int i = 0; i < 4; i++) {
+        *moved[i] = fcntl(raw[i], F_DUPFD_CLOEXEC, 100);
+        if (*moved[i] < 0 && !err) err = errno;
+        close(raw[i]);
+    }
+    if (err) {
+        for (int i = 0; i < 4; i++) if (*moved[i] >= 0) close(*moved[i]);
+        return err;
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        err = errno;
+        for (int i = 0; i < 4; i++) close(*moved[i]);
+        return err;
+    }
+    if (pid == 0) {
+        struct sigaction dfl = {0};
+        dfl.sa_handler = SIG_DFL;
+        for (int s = 1; s < NSIG; s++) if (s != SIGKILL && s != SIGSTOP) (void)sigaction(s, &dfl, NULL);
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        close(report[0]);
+        close(go[1]);
+        errno = 0;
+        if (new_session && setsid() < 0) confined_fail(report[1]);
+        for (int i = 0; i < count; i++) if (dup2(from[i], to[i]) < 0) confined_fail(report[1]);
+        if (syscall(SYS_close_range, (unsigned)close_from, ~0U, CLOSE_RANGE_CLOEXEC) != 0) confined_fail(report[1]);
+        if (setgroups(0, NULL) != 0 || setresgid(gid, gid, gid) != 0 || setresuid(uid, uid, uid) != 0)
+            confined_fail(report[1]);
+        /* A changed uid makes the process non-dumpable, which leaves its
+           /proc/self files to root: the maps below could not be written. */
+        if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) != 0 || prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
+            confined_fail(report[1]);
+        if (unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0) confined_fail(report[1]);
+        if (confined_write_file("/proc/self/setgroups", "deny", 4) != 0
+            || confined_write_file("/proc/self/gid_map", gid_map, (size_t)gid_len) != 0
+            || confined_write_file("/proc/self/uid_map", uid_map, (size_t)uid_len) != 0)
+            confined_fail(report[1]);
+        if (netns_mount) {
+            int ready = 0;
+            char b = 0;
+            if (write(report[1], &ready, sizeof ready) != sizeof ready) _exit(127);
+            if (read(go[0], &b, 1) != 1) _exit(127);  /* the parent gave up */
+        }
+        execve(path, argv, envp);
+        confined_fail(report[1]);
+    }
+    close(report[1]);
+    close(go[0]);
+    int status = -1;
+    ssize_t n;
+    if (netns_mount) {
+        do n = read(report[0], &status, sizeof status); while (n < 0 && errno == EINTR);
+        if (n == sizeof status && status == 0) {
+            snprintf(ns_path, sizeof ns_path, "/proc/%d/ns/net", (int)pid);
+            if (mount(ns_path, netns_mount, "none", MS_BIND, NULL) != 0) {
+                err = errno;
+            } else if (write(go[1], "g", 1) != 1) {
+                err = errno;
+                umount2(netns_mount, MNT_DETACH);
+            }
+        } else {
+            err = n == sizeof status ? status : EIO;
+        }
+    }
+    close(go[1]);
+    if (!err) {
+        do n = read(report[0], &status, sizeof status); while (n < 0 && errno == EINTR);
+        if (n == sizeof status) {
+            err = status ? status : EIO;
+            if (netns_mount) umount2(netns_mount, MNT_DETACH);
+        }
+    }
+    close(report[0]);
+    if (err) {
+        kill(pid, SIGKILL);
+        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
+        return err;
+    }
+    *pid_out = pid;
+    return 0;
 }

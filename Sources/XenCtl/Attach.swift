@@ -104,7 +104,7 @@ extension Toolstack {
     public func networkAttach(_ domain: String, spec: String, seconds: Double = 30) throws -> String {
         let vif: VifSpec
         do { vif = try VifSpec(parsing: spec) } catch { throw Failure("vif '\(spec)': \(error.message)") }
-        if let why = Self.missingBridge(vif) { throw Failure(why) }
+        if let why = Self.missingBridge(vif) ?? Self.tunUnusableByGuests() { throw Failure(why) }
         let (hv, d) = try attachTarget(domain)
         let xs = try connectStore()
         defer { xs.close() }

@@ -53,6 +53,7 @@ extension Toolstack {
         for v in config.vifs {
             if let why = Self.missingBridge(v) { throw Failure("\(configPath):\(configLine(text, "vif")): \(why)") }
         }
+        if !config.vifs.isEmpty, let why = Self.tunUnusableByGuests() { throw Failure(why) }
         let hv = try connect()
         let xs = try connectStore()
         defer { xs.close() }
@@ -79,8 +80,17 @@ extension Toolstack {
             try xs.introduce(domid: id, mfn: dom.storeMFN, port: dom.storePort)
             for disk in config.disks { try addDisk(disk, to: id, xs) }
             for (i, vif) in config.vifs.enumerated() { _ = try addVif(vif, devid: i, to: id, xs) }
+            // The guest's own directory (its NBD sockets and devices list) and
+            // the name its network namespace will have.
+            let confinement = confinement(of: dom.domid)
             let guestDir = runDir + "/guests/\(dom.domid)"
             try FileManager.default.createDirectory(atPath: guestDir, withIntermediateDirectories: true)
+            guard chown(guestDir, confinement.uid, confinement.gid) == 0 else {
+                throw Failure("chown \(guestDir): \(String(cString: strerror(errno)))")
+            }
+            let namespace = networkNamespace(of: dom.domid)
+            NetNamespace.remove(namespace)  // a stale one of an earlier domain with this id
+            try NetNamespace.makeMountPoint(namespace)
             let log = open(runDir + "/logs/guest-\(config.name).log", O_WRONLY | O_CREAT | (appendLog ? O_APPEND : O_TRUNC) | O_CLOEXEC, 0o644)
             defer { if log >= 0 { close(log) } }
             var ready: [CInt] = [-1, -1]
@@ -91,10 +101,10 @@ extension Toolstack {
             defer { close(null) }
             child = try ProcessLauncher.spawn(
                 ProcessLauncher.executableDirectory + "/pvguest",
-                arguments: ["--nbd-dir", guestDir, "--ready-fd", "4"],
+                arguments: ["--nbd-dir", guestDir, "--netns", namespace, "--ready-fd", "4"],
                 environment: ["XENHV_GUEST_FD": "3", "XEN_RUN_DIR": runDir],
                 descriptors: [(null, 0), (log >= 0 ? log : null, 1), (log >= 0 ? log : null, 2), (dom.guestDescriptor, 3), (ready[1], 4)],
-                newSession: true, cpus: config.cpus)
+                newSession: true, cpus: config.cpus, confinement: confinement)
             close(ready[1])
             close(dom.guestDescriptor)
             try hv.attachProcess(child, to: dom.domid)
@@ -122,8 +132,10 @@ extension Toolstack {
         }
     }
 
-    /// Removes a domain's home and its device directories (libxl's part of destroy).
+    /// Removes a domain's home and its device directories (libxl's part of
+    /// destroy), its run directory and its network namespace's name.
     func removeStoreEntries(of domid: XenHV.DomID, _ xs: XenBusClient) {
+        NetNamespace.remove(networkNamespace(of: domid))
         _ = try? xs.transaction { t in
             for type in ["vbd", "vif"] {
                 try t.rmIfPresent("/local/domain/0/backend/\(type)/\(domid)")

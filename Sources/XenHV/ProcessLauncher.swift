@@ -4,6 +4,23 @@ import Glibc
 /// Starts a process with chosen descriptors in chosen slots (posix_spawn), the
 /// way a toolstack starts a guest with its hypervisor connection inherited.
 public enum ProcessLauncher {
+    /// How a guest process is kept from dom0's powers (libxl's dm_restrict
+    /// for QEMU: its own uid, no capabilities; here also its own user and
+    /// network namespace, in which it may make its NICs and nothing else).
+    public struct Confinement: Sendable, Equatable {
+        public var uid: uid_t
+        public var gid: gid_t
+        /// The `ip netns` name the child's network namespace gets before it
+        /// runs (its mount point, ``NetNamespace/makeMountPoint(_:)``, must
+        /// exist); nil leaves it unnamed.
+        public var networkNamespace: String?
+        public init(uid: uid_t, gid: gid_t, networkNamespace: String? = nil) {
+            self.uid = uid
+            self.gid = gid
+            self.networkNamespace = networkNamespace
+        }
+    }
+
     /// Spawns `path` with `arguments`; `descriptors` maps our fd to the child's
     /// slot (e.g. a pipe to 0, the guest connection to 3); no other
     /// descriptor above 2 reaches the child. `newSession`
@@ -12,9 +29,12 @@ public enum ProcessLauncher {
     /// sets with xc_vcpu_setaffinity before the guest runs): the calling
     /// thread takes it for the spawn, so the child and every thread it ever
     /// starts inherit it, and gets its own back.
+    /// `confinement` starts it as another uid in a user and network
+    /// namespace of its own (``Confinement``).
     public static func spawn(
         _ path: String, arguments: [String], environment: [String: String] = [:],
-        descriptors: [(ours: CInt, child: CInt)] = [], newSession: Bool = false, cpus: CPUSet? = nil
+        descriptors: [(ours: CInt, child: CInt)] = [], newSession: Bool = false, cpus: CPUSet? = nil,
+        confinement: Confinement? = nil
     ) throws -> pid_t {
         var saved = CPUSet.Words(repeating: 0, count: Int(CXEN_CPU_WORDS))
         if let cpus {
@@ -70,6 +90,15 @@ public enum ProcessLauncher {
             envp.forEach { free($0) }
         }
         var pid: pid_t = 0
+        if let confinement {
+            // fork and exec in the shim: posix_spawn cannot change uid or namespaces.
+            let from = staged.map(\.0), to = staged.map(\.1)
+            let mountPoint = confinement.networkNamespace.map(NetNamespace.path)
+            let rc = cxen_spawn_confined(path, argv, envp, from, to, CInt(staged.count), max(3, firstFree), newSession ? 1 : 0,
+                                         confinement.uid, confinement.gid, mountPoint, &pid)
+            guard rc == 0 else { throw HypervisorError.system(call: "starting \(path) confined (uid \(confinement.uid))", errno: rc) }
+            return pid
+        }
         let rc = posix_spawn(&pid, path, &actions, &attr, argv, envp)
         guard rc == 0 else { throw HypervisorError.system(call: "posix_spawn \(path)", errno: rc) }
         return pid

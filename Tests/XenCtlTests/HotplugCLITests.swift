@@ -229,8 +229,14 @@ extension XenctlCLITests {
         #expect(crc == 0, "\(cerr)")
         let domid = cout.split(separator: "(id ").last?.split(separator: ")").first.map(String.init) ?? "?"
         let guestPID = Int32(cout.split(separator: "guest process ").last?.split(separator: "\n").first ?? "") ?? 0
-        guestNS = "xen-\(domid)"
-        #expect(access("/run/netns/" + guestNS, F_OK) != 0, "a guest without NICs has no namespace yet")
+        guestNS = Toolstack(runDir: run).networkNamespace(of: UInt16(domid) ?? 0)
+        // The guest runs unprivileged, as its domain's uid, in a network
+        // namespace of its own that has the domain's name from the start.
+        let status = (try? String(contentsOfFile: "/proc/\(guestPID)/status", encoding: .utf8)) ?? ""
+        let uid = UInt32(domid).map { Toolstack.guestIDBase + $0 } ?? 0
+        #expect(status.split(separator: "\n").contains { $0.hasPrefix("Uid:\t\(uid)\t\(uid)\t\(uid)\t\(uid)") }, "\(status)")
+        var own = stat(), named = stat()
+        #expect(stat("/proc/\(guestPID)/ns/net", &own) == 0 && stat("/run/netns/" + guestNS, &named) == 0 && own.st_ino == named.st_ino)
 
         let (arc, aout, aerr) = try xenctl("network-attach", "bare", "mac=00:16:3e:00:15:01, bridge=\(bridge)", runDir: run)
         #expect(arc == 0, "\(aerr)")
@@ -282,13 +288,16 @@ extension XenctlCLITests {
         kill(guestPID, SIGCONT)
         stopped = 0
 
-        // The last NIC's detach takes the guest's namespace away with it.
+        // The last NIC's detach leaves the guest's namespace (it lives in
+        // it); the domain's end takes it away.
         #expect(try xenctl("network-detach", "bare", "1", runDir: run).0 == 0)
         #expect(eventually { access("/sys/class/net/vif\(domid).1", F_OK) != 0 })
-        #expect(eventually { access("/run/netns/" + guestNS, F_OK) != 0 }, "\(guestNS) outlived the guest's last NIC")
+        #expect(eventually { sh(ip, ["-n", guestNS, "link", "show", "eth1"]) != 0 }, "eth1 outlived the detach")
+        #expect(access("/run/netns/" + guestNS, F_OK) == 0)
         #expect(try xenctl("network-list", "bare", runDir: run).1.split(separator: "\n").count == 1)
 
         #expect(try xenctl("down", runDir: run).0 == 0)
         #expect(processes(mentioning: run).isEmpty)
+        #expect(access("/run/netns/" + guestNS, F_OK) != 0, "\(guestNS) outlived its domain")
     }
 }

@@ -209,4 +209,24 @@ int cxen_pidfd_send_signal(int pidfd, int sig);
 /* SO_PEERCRED pid of a Unix-socket peer, or -1. */
 int cxen_peer_pid(int sock);
 
+/* Starts a guest process confined as libxl confines a device model with
+ * dm_restrict, with a user namespace in place of a chroot: fork, then in the
+ * child default signal dispositions and an empty mask, setsid when
+ * `new_session`, dup2(from[i], to[i]) for `count` pairs (the sources must be
+ * close-on-exec and above every target), every descriptor >= `close_from`
+ * close-on-exec, no supplementary groups, gid and uid `gid`/`uid` (every
+ * capability gone), PR_SET_NO_NEW_PRIVS, then unshare(CLONE_NEWUSER |
+ * CLONE_NEWNET) with uid/gid 0 inside mapped to `uid`/`gid` outside: the
+ * child holds CAP_NET_ADMIN over its own network namespace only. When
+ * `netns_mount` is set (an existing empty file) the parent bind-mounts the
+ * child's namespace there (`ip netns` naming) before the child execs.
+ * 0 and *pid_out, or an errno (the child, if one was made, is reaped). */
+int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[],
+                        const int *from, const int *to, int count, int close_from, int new_session,
+                        unsigned uid, unsigned gid, const char *netns_mount, int *pid_out);
+/* setns(2) for a namespace type (CLONE_NEW*); 0 or -1 with errno. */
+int cxen_setns(int fd, int nstype);
+/* unshare(2); 0 or -1 with errno. */
+int cxen_unshare(int flags);
+
 #endif /* CXEN_H */

@@ -1,6 +1,5 @@
-import CNetShim
+import CXen
 import Glibc
-import XenHV
 
 /// Named network namespaces as iproute2 keeps them (`/run/netns/NAME`, a bind
 /// mount of a namespace's nsfs inode), entered with setns(2) for the calling
@@ -10,13 +9,6 @@ public enum NetNamespace {
     static let cloneNewNet: Int32 = 0x4000_0000  // CLONE_NEWNET
     static let msBind: UInt = 4096  // MS_BIND
     static let mntDetach: Int32 = 2  // MNT_DETACH
-
-    /// unshare(2): Glibc declares it only under _GNU_SOURCE, so it is looked up in libc.
-    static let libcUnshare: (@convention(c) (Int32) -> Int32)? = {
-        // Sound: libc's `int unshare(int flags)` has exactly this C signature.
-        guard let f = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "unshare") else { return nil }
-        return unsafeBitCast(f, to: (@convention(c) (Int32) -> Int32).self)
-    }()
 
     public static func path(_ name: String) -> String { directory + "/" + name }
 
@@ -38,25 +30,21 @@ public enum NetNamespace {
         defer {
             // A thread stuck in the guest's namespace would put every later
             // socket of this thread there: that is not recoverable.
-            precondition(cnet_enter_netns(home) == 0, "cannot return to the original network namespace")
+            precondition(cxen_setns(home, cloneNewNet) == 0, "cannot return to the original network namespace")
             close(home)
         }
         var created = false
         let p = path(name)
         let fd = open(p, O_RDONLY | O_CLOEXEC)
         if fd >= 0 {
-            let r = cnet_enter_netns(fd)
+            let r = cxen_setns(fd, cloneNewNet)
+            let e = errno
             close(fd)
-            guard r == 0 else { throw HypervisorError.system(call: "setns \(p)", errno: -r) }
+            guard r == 0 else { throw HypervisorError.system(call: "setns \(p)", errno: e) }
         } else {
             guard create else { throw HypervisorError.system(call: "open \(p)", errno: errno) }
-            if mkdir(directory, 0o755) != 0 && errno != EEXIST {
-                throw HypervisorError.system(call: "mkdir \(directory)", errno: errno)
-            }
-            let f = open(p, O_RDONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0)
-            guard f >= 0 else { throw HypervisorError.system(call: "create \(p)", errno: errno) }
-            close(f)
-            guard let unshare = libcUnshare, unshare(cloneNewNet) == 0 else {
+            try makeMountPoint(name)
+            guard cxen_unshare(cloneNewNet) == 0 else {
                 let e = errno
                 unlink(p)
                 throw HypervisorError.system(call: "unshare(CLONE_NEWNET)", errno: e)
@@ -69,6 +57,19 @@ public enum NetNamespace {
             created = true
         }
         return (try body(), created)
+    }
+
+    /// The empty file a namespace of that name is bind-mounted on (what
+    /// `ip netns add` makes first); it must not exist yet.
+    public static func makeMountPoint(_ name: String) throws {
+        guard isValidName(name) else { throw HypervisorError.protocolViolation("bad network namespace name '\(name)'") }
+        if mkdir(directory, 0o755) != 0 && errno != EEXIST {
+            throw HypervisorError.system(call: "mkdir \(directory)", errno: errno)
+        }
+        let p = path(name)
+        let f = open(p, O_RDONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0)
+        guard f >= 0 else { throw HypervisorError.system(call: "create \(p)", errno: errno) }
+        close(f)
     }
 
     /// Removes a namespace made by ``run(in:create:_:)`` (`ip netns del`).

@@ -1,0 +1,129 @@
+import Foundation
+import Glibc
+import Testing
+import XenHV
+
+/// A confined guest process (``ProcessLauncher/Confinement``) runs as its own
+/// unprivileged uid in a user and network namespace of its own: it cannot
+/// open root's sockets or files (xenhv's and xenstored's are 0600), cannot
+/// enter the host's network namespace, and can make a tap in its own. Root:
+/// it changes uid and names a namespace under /run/netns, which it removes.
+@Suite(.serialized) struct ConfinementTests {
+    static let uid = uid_t(0x7000_0000 + 30_000 + getpid() % 1000)
+
+    /// What the confined probe printed, and how it exited.
+    func runConfined(_ script: String, networkNamespace: String? = nil) throws -> (status: Int32, out: String, pid: pid_t) {
+        var p: [CInt] = [-1, -1]
+        #expect(pipe(&p) == 0)
+        let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        defer { close(null); close(p[0]) }
+        let pid: pid_t
+        do {
+            pid = try ProcessLauncher.spawn(
+                "/usr/bin/python3", arguments: ["-I", "-c", script],
+                descriptors: [(null, 0), (p[1], 1), (p[1], 2)],
+                confinement: .init(uid: Self.uid, gid: Self.uid, networkNamespace: networkNamespace))
+        } catch {
+            close(p[1])
+            throw error
+        }
+        close(p[1])
+        var out = Data()
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = read(p[0], &buf, buf.count)
+            if n <= 0 { break }
+            out.append(contentsOf: buf[0..<n])
+        }
+        var st: Int32 = 0
+        waitpid(pid, &st, 0)
+        return ((st >> 8) & 0xff, String(decoding: out, as: UTF8.self), pid)
+    }
+
+    @Test func aConfinedProcessHasNoneOfRootsPowers() throws {
+        let dir = NSTemporaryDirectory() + "confined-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        chmod(dir, 0o755)
+        // A root-only socket, as xenhv's and xenstored's are, and a root-only file.
+        let sockPath = dir + "/dom0.sock"
+        let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        defer { close(s) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { b in
+            for (i, c) in sockPath.utf8.enumerated() { b[i] = c }
+        }
+        let bound = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        #expect(bound == 0 && chmod(sockPath, 0o600) == 0 && listen(s, 4) == 0)
+        let secret = dir + "/secret"
+        #expect(FileManager.default.createFile(atPath: secret, contents: Data("x".utf8), attributes: [.posixPermissions: 0o600]))
+
+        let probe = """
+            import ctypes, fcntl, os, socket, struct
+            def attempt(what, f):
+                try:
+                    f(); print(what, "ok")
+                except OSError as e:
+                    print(what, "denied" if e.errno in (1, 13) else "errno %d" % e.errno)
+            print("uid", os.getuid(), open("/proc/self/uid_map").read().split())
+            attempt("dom0 socket", lambda: socket.socket(socket.AF_UNIX).connect("\(sockPath)"))
+            attempt("root file", lambda: open("\(secret)").read())
+            def host_netns():
+                fd = os.open("/proc/1/ns/net", os.O_RDONLY)
+                if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            attempt("host netns", host_netns)
+            print("links", sorted(n for _, n in socket.if_nameindex()))
+            def tap():
+                fd = os.open("/dev/net/tun", os.O_RDWR)
+                fcntl.ioctl(fd, 0x400454ca, struct.pack("16sH", b"ct0", 0x0002 | 0x1000))
+                print("made", sorted(n for _, n in socket.if_nameindex()))
+            attempt("tap", tap)
+            """
+        let r = try runConfined(probe)
+        #expect(r.status == 0, "\(r.out)")
+        let lines = r.out.split(separator: "\n").map(String.init)
+        #expect(lines.contains("uid 0 ['0', '\(Self.uid)', '1']"), "\(r.out)")  // root only inside, as uid 0x7...
+        #expect(lines.contains("dom0 socket denied"), "\(r.out)")
+        #expect(lines.contains("root file denied"), "\(r.out)")
+        #expect(lines.contains("host netns denied"), "\(r.out)")
+        #expect(lines.contains("links ['lo']"), "\(r.out)")  // a namespace of its own
+        #expect(lines.contains("made ['ct0', 'lo']") && lines.contains("tap ok"), "\(r.out)")
+        // The same probe unconfined reaches both (the denials above are the confinement's).
+        #expect(access(sockPath, W_OK) == 0 && access(secret, R_OK) == 0)
+    }
+
+    /// The namespace is named before the child runs, and a child that
+    /// cannot start leaves no name and no process behind.
+    @Test func theNamespaceIsNamedBeforeTheChildRuns() throws {
+        let name = "xcf\(getpid())"
+        defer { NetNamespace.remove(name) }
+        try NetNamespace.makeMountPoint(name)
+        // The child finds its own namespace under the name at once.
+        let r = try runConfined("""
+            import os
+            print("same", os.stat("/proc/self/ns/net").st_ino == os.stat("/run/netns/\(name)").st_ino)
+            """, networkNamespace: name)
+        #expect(r.out == "same True\n", "\(r.out)")
+        // Mounted: the name is on nsfs, not on /run's file system, and it
+        // keeps the namespace after the child exited.
+        func mounted() -> Bool {
+            var dir = stat(), file = stat()
+            return stat(NetNamespace.directory, &dir) == 0 && stat(NetNamespace.path(name), &file) == 0 && file.st_dev != dir.st_dev
+        }
+        #expect(mounted(), "no namespace mounted")
+        NetNamespace.remove(name)
+
+        try NetNamespace.makeMountPoint(name)
+        #expect(throws: HypervisorError.self) {
+            _ = try ProcessLauncher.spawn("/nonexistent/guest", arguments: [],
+                                          confinement: .init(uid: Self.uid, gid: Self.uid, networkNamespace: name))
+        }
+        #expect(NetNamespace.exists(name) && !mounted(), "a failed start left its namespace mounted")
+        var status: Int32 = 0
+        #expect(waitpid(-1, &status, WNOHANG) <= 0, "a failed start left a child to reap")
+    }
+}
