@@ -54,6 +54,7 @@ extension Toolstack {
             if let why = Self.missingBridge(v) { throw Failure("\(configPath):\(configLine(text, "vif")): \(why)") }
         }
         if !config.vifs.isEmpty, let why = Self.tunUnusableByGuests() { throw Failure(why) }
+        if let why = guestsDirectoryUnreachable() { throw Failure(why) }
         let hv = try connect()
         let xs = try connectStore()
         defer { xs.close() }

@@ -31,6 +31,21 @@ extension Toolstack {
         return .init(uid: id, gid: id, networkNamespace: networkNamespace(of: domid))
     }
 
+    /// Why an unprivileged guest could not reach its directory under
+    /// `<run dir>/guests` (its NBD sockets and devices list), or nil: that
+    /// and every directory above it must be searchable by others, as /run's are.
+    func guestsDirectoryUnreachable() -> String? {
+        var path = runDir + "/guests"
+        while true {
+            var st = stat()
+            if stat(path, &st) == 0, st.st_mode & 0o001 == 0 {
+                return "\(path) is mode \(String(st.st_mode & 0o777, radix: 8)): guests run unprivileged and serve their disks from \(runDir)/guests, so it must be searchable by others (chmod o+x \(path))"
+            }
+            guard let slash = path.lastIndex(of: "/"), path != "/" else { return nil }
+            path = slash == path.startIndex ? "/" : String(path[..<slash])
+        }
+    }
+
     /// Why an unprivileged guest could not open /dev/net/tun for its NICs, or
     /// nil. Debian's udev makes it 0666 (taps are guarded by CAP_NET_ADMIN in
     /// the namespace, not by the device's mode); without udev the kernel

@@ -100,6 +100,7 @@ final class SystemSoak: @unchecked Sendable {
         guestCount = guests
         var template = Array("/tmp/xsoak-XXXXXX".utf8CString)
         run = String(cString: mkdtemp(&template)!)
+        chmod(run, 0o755)  // guests run unprivileged and serve their disks from run/guests
         let tag = String(getpid() % 100000)
         bridge = "xsk\(tag)"
         veth = "xskv\(tag)"

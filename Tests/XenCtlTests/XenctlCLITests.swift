@@ -128,6 +128,12 @@ import XenTestKit
             #expect(rc != 0 && out.isEmpty, "\(path)")
             #expect(err.hasPrefix("xenctl: " + run + "/") && err.contains(message) && err.split(separator: "\n").count == 1, "\(err)")
         }
+        // A run directory closed to others: guests, unprivileged, could not serve their disks from it.
+        #expect(chmod(run, 0o700) == 0)
+        let (crc, cout, cerr) = try xenctl("create", cfg("closed", "name = 'h'\nmemory = 32\n"), runDir: run)
+        #expect(crc != 0 && cout.isEmpty, "\(cout)")
+        #expect(cerr == "xenctl: \(run) is mode 700: guests run unprivileged and serve their disks from \(run)/guests, so it must be searchable by others (chmod o+x \(run))\n", "\(cerr)")
+        #expect(chmod(run, 0o755) == 0)
         #expect(try xenctl("destroy", "ghost", runDir: run).2 == "xenctl: no domain 'ghost'\n")
         #expect(try xenctl("block-list", "ghost", runDir: run).0 != 0)
         // Nothing half-made by the failures.
