@@ -269,7 +269,18 @@ int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[]
         for (int i = 0; i < 4; i++) if (*moved[i] >= 0) close(*moved[i]);
         return err;
     }
-    pid_t pid = fork();
+    /* clone3 in place of fork: the child is init of a PID namespace of its
+       own, so everything it ever starts dies with it (the kernel kills a
+       namespace's processes when its init exits). glibc does not know about
+       this child, so the child uses raw system calls where glibc would
+       touch other threads (setresuid and friends broadcast to every thread
+       glibc believes in). */
+    struct {
+        uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls;
+    } args = {0};
+    args.flags = CLONE_NEWPID;
+    args.exit_signal = SIGCHLD;
+    pid_t pid = (pid_t)syscall(SYS_clone3, &args, sizeof args);
     if (pid < 0) {
         err = errno;
         for (int i = 0; i < 4; i++) close(*moved[i]);
@@ -288,7 +299,8 @@ int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[]
         if (new_session && setsid() < 0) confined_fail(report[1]);
         for (int i = 0; i < count; i++) if (dup2(from[i], to[i]) < 0) confined_fail(report[1]);
         if (syscall(SYS_close_range, (unsigned)close_from, ~0U, CLOSE_RANGE_CLOEXEC) != 0) confined_fail(report[1]);
-        if (setgroups(0, NULL) != 0 || setresgid(gid, gid, gid) != 0 || setresuid(uid, uid, uid) != 0)
+        if (syscall(SYS_setgroups, 0, NULL) != 0 || syscall(SYS_setresgid, gid, gid, gid) != 0
+            || syscall(SYS_setresuid, uid, uid, uid) != 0)
             confined_fail(report[1]);
         /* A changed uid makes the process non-dumpable, which leaves its
            /proc/self files to root: the maps below could not be written. */

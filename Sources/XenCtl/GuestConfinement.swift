@@ -5,7 +5,8 @@ import XenHV
 /// with `dm_restrict`: an unprivileged uid of their own (libxl takes
 /// `xen-qemuuser-range-base` plus the domid), no capabilities, and, in place
 /// of QEMU's chroot, a user namespace owning a network namespace of their own,
-/// in which pvguest may make its NICs and nothing else. xenhv's and
+/// in which pvguest may make its NICs and nothing else, and a PID namespace
+/// whose init it is, so whatever it starts dies with it. xenhv's and
 /// xenstored's sockets are root's (mode 0600), so a guest reaches the
 /// hypervisor only through the connection it inherits and xenstore only
 /// through its ring.

@@ -6,7 +6,8 @@ import Glibc
 public enum ProcessLauncher {
     /// How a guest process is kept from dom0's powers (libxl's dm_restrict
     /// for QEMU: its own uid, no capabilities; here also its own user and
-    /// network namespace, in which it may make its NICs and nothing else).
+    /// network namespace, in which it may make its NICs and nothing else,
+    /// and a PID namespace whose init it is, so what it starts dies with it).
     public struct Confinement: Sendable, Equatable {
         public var uid: uid_t
         public var gid: gid_t

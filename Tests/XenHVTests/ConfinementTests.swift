@@ -6,7 +6,8 @@ import XenHV
 /// A confined guest process (``ProcessLauncher/Confinement``) runs as its own
 /// unprivileged uid in a user and network namespace of its own: it cannot
 /// open root's sockets or files (xenhv's and xenstored's are 0600), cannot
-/// enter the host's network namespace, and can make a tap in its own. Root:
+/// enter the host's network namespace, and can make a tap in its own;
+/// whatever it starts dies with it. Root:
 /// it changes uid and names a namespace under /run/netns, which it removes.
 @Suite(.serialized) struct ConfinementTests {
     static let uid = uid_t(0x7000_0000 + 30_000 + getpid() % 1000)
@@ -94,6 +95,40 @@ import XenHV
         #expect(lines.contains("made ['ct0', 'lo']") && lines.contains("tap ok"), "\(r.out)")
         // The same probe unconfined reaches both (the denials above are the confinement's).
         #expect(access(sockPath, W_OK) == 0 && access(secret, R_OK) == 0)
+    }
+
+    /// Whatever a confined process starts dies with it (it is init of a PID
+    /// namespace of its own): a destroyed guest leaves no process behind to
+    /// hold its memory.
+    @Test func whatAConfinedProcessStartsDiesWithIt() throws {
+        var p: [CInt] = [-1, -1]
+        #expect(pipe(&p) == 0)
+        let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        defer { close(null); close(p[0]) }
+        let probe = """
+            import os, subprocess, sys, time
+            child = subprocess.Popen(["/bin/sleep", "1000"], stdout=subprocess.DEVNULL)
+            print(os.getpid(), child.pid, flush=True)
+            time.sleep(1000)
+            """
+        let pid = try ProcessLauncher.spawn("/usr/bin/python3", arguments: ["-I", "-c", probe],
+                                            descriptors: [(null, 0), (p[1], 1), (p[1], 2)],
+                                            confinement: .init(uid: Self.uid, gid: Self.uid))
+        close(p[1])
+        var line = [UInt8]()
+        var b: UInt8 = 0
+        while read(p[0], &b, 1) == 1 && b != 10 { line.append(b) }
+        // Its own view: it is 1 and the sleep 2; ours: the sleep is its child.
+        #expect(String(decoding: line, as: UTF8.self) == "1 2")
+        let children = (try? String(contentsOfFile: "/proc/\(pid)/task/\(pid)/children", encoding: .utf8)) ?? ""
+        let sleeper = pid_t(children.split(separator: " ").first ?? "") ?? 0
+        #expect(sleeper > 0, "no child in \(children)")
+        kill(pid, SIGKILL)
+        var st: Int32 = 0
+        waitpid(pid, &st, 0)
+        // The kernel killed and reaped the namespace's processes before its init's exit completed.
+        #expect(sleeper > 0 && kill(sleeper, 0) == -1 && errno == ESRCH, "the guest's child outlived it")
+        if sleeper > 0 { kill(sleeper, SIGKILL) }
     }
 
     /// The namespace is named before the child runs, and a child that

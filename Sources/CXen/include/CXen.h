@@ -210,8 +210,9 @@ int cxen_pidfd_send_signal(int pidfd, int sig);
 int cxen_peer_pid(int sock);
 
 /* Starts a guest process confined as libxl confines a device model with
- * dm_restrict, with a user namespace in place of a chroot: fork, then in the
- * child default signal dispositions and an empty mask, setsid when
+ * dm_restrict, with a user namespace in place of a chroot: clone into a PID
+ * namespace of its own (whatever it starts dies with it), then in the child
+ * default signal dispositions and an empty mask, setsid when
  * `new_session`, dup2(from[i], to[i]) for `count` pairs (the sources must be
  * close-on-exec and above every target), every descriptor >= `close_from`
  * close-on-exec, no supplementary groups, gid and uid `gid`/`uid` (every
