@@ -155,7 +155,7 @@ extension Toolstack {
             // replaced (detached and attached while the guest was busy) goes
             // before the new device connects.
             if (try? xs.state(at: dev.frontendPath)) == .connected,
-               let text = try? String(contentsOfFile: file, encoding: .utf8),
+               let text = Self.readGuestFile(file),
                let line = text.split(separator: "\n").first(where: { $0.hasPrefix(key) }) {
                 return String(line.dropFirst(key.count))
             }

@@ -112,8 +112,13 @@ extension Toolstack {
             var disks: [(String, String)] = []
             var nics: [String] = []
             var up = false
-            while true {
-                let line = ProcessLauncher.readLine(ready[0])
+            // The guest is not trusted to answer, or to answer briefly: its
+            // boot waits at most 120 s for its devices.
+            let deadline = monotonicSeconds() + Self.guestBootSeconds
+            for _ in 0..<1024 {
+                guard let line = ProcessLauncher.readLine(ready[0], deadline: deadline) else {
+                    throw Failure("domain '\(config.name)': the guest did not come up within \(Int(Self.guestBootSeconds)) s; see \(runDir)/logs/guest-\(config.name).log")
+                }
                 if line.isEmpty { break }
                 let w = line.split(separator: " ")
                 if let disk = Self.diskEntry(line) { disks.append(disk) }
@@ -133,6 +138,10 @@ extension Toolstack {
         }
     }
 
+    /// How long `create` waits for a guest's ready line (pvguest waits up to
+    /// 120 s for its devices).
+    static let guestBootSeconds = 150.0
+
     /// Removes a domain's home and its device directories (libxl's part of
     /// destroy), its run directory and its network namespace's name.
     func removeStoreEntries(of domid: XenHV.DomID, _ xs: XenBusClient) {
@@ -143,7 +152,7 @@ extension Toolstack {
             }
             try t.rmIfPresent("/local/domain/\(domid)")
         }
-        try? FileManager.default.removeItem(atPath: runDir + "/guests/\(domid)")
+        removeGuestDirectory(runDir + "/guests/\(domid)")
     }
 
     /// `xl block-list DOMAIN`.

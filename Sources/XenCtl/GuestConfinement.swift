@@ -60,3 +60,59 @@ extension Toolstack {
         return nil
     }
 }
+
+/// The guest owns its directory under `<run dir>/guests` and may put anything
+/// there (symlinks, FIFOs, deep trees), swapping entries while root looks:
+/// the toolstack reads and removes it only through descriptors, never
+/// following a link.
+extension Toolstack {
+    /// The guest's `devices` list: a regular file read without following a
+    /// link or blocking on a FIFO, at most 64 KiB; nil when it is anything else.
+    static func readGuestFile(_ path: String, limit: Int = 64 << 10) -> String? {
+        let fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG else { return nil }
+        var bytes = [UInt8](repeating: 0, count: limit)
+        var n = 0
+        while n < limit {
+            let r = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress! + n, limit - n) }
+            if r < 0 && errno == EINTR { continue }
+            guard r > 0 else { break }
+            n += r
+        }
+        return String(decoding: bytes[..<n], as: UTF8.self)
+    }
+
+    /// Removes a guest's directory as `rm -rf` would, but relative to
+    /// descriptors opened without following links, so a guest that swaps a
+    /// subdirectory for a link to elsewhere makes root remove only its own
+    /// files. Bounded in depth.
+    func removeGuestDirectory(_ path: String) {
+        let fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        if fd >= 0 { Self.emptyDirectory(fd, depth: 0) }  // takes fd
+        _ = rmdir(path)
+    }
+
+    private static func emptyDirectory(_ fd: CInt, depth: Int) {
+        guard let dir = fdopendir(fd) else {
+            close(fd)
+            return
+        }
+        defer { closedir(dir) }
+        var names: [String] = []
+        while let e = readdir(dir) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        for name in names {
+            if unlinkat(fd, name, 0) == 0 || errno != EISDIR { continue }
+            if depth < 16 {
+                let sub = openat(fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+                if sub >= 0 { emptyDirectory(sub, depth: depth + 1) }
+            }
+            _ = unlinkat(fd, name, AT_REMOVEDIR)
+        }
+    }
+}

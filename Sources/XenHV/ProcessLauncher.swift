@@ -171,6 +171,27 @@ extension ProcessLauncher {
 
     /// Reads one line (without the newline) from a descriptor, byte by byte so
     /// nothing past the line is consumed; empty at end of stream.
+    /// One line from a process that may be hostile (a guest's ready pipe):
+    /// nil once `deadline` (``monotonicSeconds()``) has passed first; a line
+    /// is cut at `limit` bytes (the rest comes as the next). "" at EOF.
+    public static func readLine(_ fd: CInt, deadline: Double, limit: Int = 4096) -> String? {
+        var line = [UInt8]()
+        var c: UInt8 = 0
+        while line.count < limit {
+            let left = deadline - monotonicSeconds()
+            guard left > 0 else { return nil }
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let r = poll(&p, 1, Int32(min(left * 1000, 60_000)) + 1)
+            if r < 0 && errno == EINTR { continue }
+            guard r > 0 else { continue }
+            let n = read(fd, &c, 1)
+            if n < 0 && (errno == EINTR || errno == EAGAIN) { continue }
+            if n <= 0 || c == 10 { break }
+            line.append(c)
+        }
+        return String(decoding: line, as: UTF8.self)
+    }
+
     public static func readLine(_ fd: CInt) -> String {
         var line = [UInt8]()
         var c: UInt8 = 0

@@ -162,3 +162,23 @@ import XenHV
         #expect(waitpid(-1, &status, WNOHANG) <= 0, "a failed start left a child to reap")
     }
 }
+
+/// The toolstack reads a guest's ready pipe with a deadline and a line limit:
+/// a guest that never answers, or answers without end, cannot hold it.
+@Suite struct BoundedReadLineTests {
+    @Test func aSilentWriterTimesOutAndALongLineIsCut() throws {
+        var p: [CInt] = [-1, -1]
+        #expect(pipe(&p) == 0)
+        defer { close(p[0]) }
+        // Nothing written, the writer still open: nil once the deadline passed.
+        #expect(ProcessLauncher.readLine(p[0], deadline: monotonicSeconds() + 0.05) == nil)
+        let long = [UInt8](repeating: 66, count: 100) + [10] + Array("ok\n".utf8)
+        #expect(write(p[1], long, long.count) == long.count)
+        let far = monotonicSeconds() + 30
+        #expect(ProcessLauncher.readLine(p[0], deadline: far, limit: 64) == String(repeating: "B", count: 64))
+        #expect(ProcessLauncher.readLine(p[0], deadline: far, limit: 64) == String(repeating: "B", count: 36))
+        #expect(ProcessLauncher.readLine(p[0], deadline: far) == "ok")
+        close(p[1])
+        #expect(ProcessLauncher.readLine(p[0], deadline: far) == "")  // EOF
+    }
+}
