@@ -2,6 +2,7 @@ import CNetShim
 import CXen
 import Glibc
 import Logging
+import Synchronization
 import XenHV
 import XenRing
 
@@ -9,7 +10,7 @@ import XenRing
 /// channel(s), tap queue descriptor and the thread that serves them.
 ///
 /// The thread polls the event channel(s), the tap (only while the rx backlog
-/// has room) and a stop eventfd. Each wake-up runs a transmit pass and a
+/// has room) and a control eventfd (stop, or a changed rate). Each wake-up runs a transmit pass and a
 /// receive pass; a rate-limited transmit side and a waiting receive backlog
 /// set the poll timeout.
 final class QueueWorker: @unchecked Sendable {
@@ -24,15 +25,20 @@ final class QueueWorker: @unchecked Sendable {
     let rxChannel: EventChannel?  // split event channels only
     let tapFD: CInt
     let ownsFD: Bool
-    let stopFD: CInt
+    /// Written to stop the thread (`stopping` set) or to make it look at a
+    /// changed rate.
+    let controlFD: CInt
+    let stopping = Atomic<Bool>(false)
     let rxNotify: Bool
+    /// `shared.rateChanges` when this queue last took the rate.
+    private var rateChangesSeen: UInt64
     var tx: TxEngine
     var rx: RxEngine
     private var thread: pthread_t?
     private var lastDropLog: UInt64 = 0
     private var dropsSinceLog = 0
 
-    init(shared: VifShared, hypervisor: Hypervisor, domid: DomID, rate: RateLimit?, rxQueueLimit: Int,
+    init(shared: VifShared, hypervisor: Hypervisor, domid: DomID, rxQueueLimit: Int,
          index: Int, rings: VifQueueRings, features: FrontendFeatures, tapFD: CInt, ownsFD: Bool) throws(VifError) {
         self.shared = shared
         self.hypervisor = hypervisor
@@ -77,17 +83,20 @@ final class QueueWorker: @unchecked Sendable {
             txChannel = try bind(t)
             rxChannel = try bind(r)
         }
-        stopFD = cxen_eventfd(0, Int32(O_NONBLOCK | O_CLOEXEC))
-        guard stopFD >= 0 else { throw fail(.badConnection("eventfd: \(String(cString: strerror(errno)))")) }
+        controlFD = cxen_eventfd(0, Int32(O_NONBLOCK | O_CLOEXEC))
+        guard controlFD >= 0 else { throw fail(.badConnection("eventfd: \(String(cString: strerror(errno)))")) }
         let txRing: SharedRing<NetifTxRing>
         let rxRing: SharedRing<NetifRxRing>
         do {
             txRing = try txm.region.ring(NetifTxRing.self, pages: 1)
             rxRing = try rxm.region.ring(NetifRxRing.self, pages: 1)
         } catch {
-            Glibc.close(stopFD)
+            Glibc.close(controlFD)
             throw fail(.badConnection("\(error)"))
         }
+        // The count first: a change after it is seen at the first turn.
+        rateChangesSeen = shared.rateChanges.load(ordering: .acquiring)
+        let rate = shared.rate.withLock { $0 }
         tx = TxEngine(ring: BackRing(attaching: txRing), hypervisor: hypervisor, domid: domid, tapFD: tapFD,
                       stats: shared.stats, queueStats: shared.stats.queues[index], rate: rate)
         rx = RxEngine(ring: BackRing(attaching: rxRing), hypervisor: hypervisor, domid: domid, tapFD: tapFD,
@@ -108,17 +117,23 @@ final class QueueWorker: @unchecked Sendable {
         thread = t
     }
 
+    /// Makes the thread look at the shared state (a changed rate) now.
+    func wake() {
+        var one: UInt64 = 1
+        _ = write(controlFD, &one, 8)
+    }
+
     /// Stops and joins the thread, then unmaps the rings and closes the ports.
     func stop() {
-        var one: UInt64 = 1
-        _ = write(stopFD, &one, 8)
+        stopping.store(true, ordering: .releasing)
+        wake()
         if let t = thread { pthread_join(t, nil) }
         thread = nil
         hypervisor.unmapGrant(txMap)
         hypervisor.unmapGrant(rxMap)
         try? txChannel.close()
         try? rxChannel?.close()
-        Glibc.close(stopFD)
+        Glibc.close(controlFD)
         if ownsFD { Glibc.close(tapFD) }
     }
 
@@ -146,6 +161,12 @@ final class QueueWorker: @unchecked Sendable {
             let before = (tx.ring.reqCons, rx.ring.reqCons, rx.count, tx.held == nil)
             var now = RateLimiter.now()
             var timeout: Int32 = -1
+            let rateChanges = shared.rateChanges.load(ordering: .acquiring)
+            if rateChanges != rateChangesSeen {
+                rateChangesSeen = rateChanges
+                tx.limiter.change(to: shared.rate.withLock { $0 }, now: now)
+                txHoldUntil = 0  // a held queue tries again with the new credit
+            }
             // A spent turn budget on either side: poll without waiting, so
             // the stop eventfd and the other side get their turn first.
             var moreWork = false
@@ -204,7 +225,7 @@ final class QueueWorker: @unchecked Sendable {
                 spurious = Self.stormThreshold / 2
             }
             var n = 0
-            fds[n] = pollfd(fd: stopFD, events: Int16(POLLIN), revents: 0); n += 1
+            fds[n] = pollfd(fd: controlFD, events: Int16(POLLIN), revents: 0); n += 1
             let evtchnAt = n
             if !backingOff {
                 fds[n] = pollfd(fd: txChannel.descriptor, events: Int16(POLLIN), revents: 0); n += 1
@@ -217,7 +238,10 @@ final class QueueWorker: @unchecked Sendable {
             }
             let r = poll(&fds, nfds_t(n), timeout)
             if r < 0 && errno != EINTR { shared.logger.error("poll: \(String(cString: strerror(errno)))"); return }
-            if fds[0].revents != 0 { return }
+            if fds[0].revents != 0 {
+                if stopping.load(ordering: .acquiring) { return }
+                _ = cxen_evtfd_drain(controlFD)
+            }
             // A deleted tap polls POLLERR at once, for ever (tun_chr_poll with
             // no device): stop polling it rather than spin.
             if tapAt >= 0, fds[tapAt].revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 { rx.tapGone = true }

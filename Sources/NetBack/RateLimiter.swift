@@ -29,7 +29,7 @@ public struct RateLimit: Sendable, Equatable {
 /// max(bytes, 128 KiB) so one jumbo/GSO packet can always pass. A packet
 /// larger than the remaining credit waits for the next window.
 public struct RateLimiter: Sendable {
-    public let limit: RateLimit?
+    public private(set) var limit: RateLimit?
     private(set) var remainingCredit: UInt64
     private var windowStart: UInt64  // nanoseconds, CLOCK_MONOTONIC
     /// Set when a packet was held back; the caller sleeps until `nextCredit`.
@@ -60,6 +60,26 @@ public struct RateLimiter: Sendable {
         let (sum, overflow) = remainingCredit.addingReportingOverflow(l.bytesPerInterval)
         remainingCredit = Swift.min(overflow ? .max : sum, maxBurst)
         limited = false
+    }
+
+    /// The toolstack changed `rate` while connected (Linux's
+    /// xen_net_rate_changed): a queue held back for credit gets the new
+    /// window's credit now (Linux fires its pending credit timer at once);
+    /// otherwise the remaining credit is cut to the new window's bytes.
+    public mutating func change(to new: RateLimit?, now: UInt64 = RateLimiter.now()) {
+        limit = new
+        guard let l = new else {
+            remainingCredit = .max
+            limited = false
+            return
+        }
+        if limited {
+            windowStart = now
+            remainingCredit = 0
+            addCredit()
+        } else if remainingCredit > l.bytesPerInterval {
+            remainingCredit = l.bytesPerInterval
+        }
     }
 
     /// Whether a packet of `size` bytes may go now; if so its size is charged.

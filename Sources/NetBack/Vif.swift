@@ -199,7 +199,7 @@ public final class Vif: @unchecked Sendable {
         var l = logger ?? Logger(label: "netback")
         l[metadataKey: "vif"] = "\(t.name)"
         self.logger = l
-        shared = VifShared(tap: t, logger: l, stallTimeout: config.rxStallTimeoutNanoseconds, queues: config.maxQueues)
+        shared = VifShared(tap: t, logger: l, stallTimeout: config.rxStallTimeoutNanoseconds, queues: config.maxQueues, rate: config.rate)
         do {
             let nl = try Netlink()
             try nl.setAddress(t.name, .backendSide)
@@ -252,7 +252,7 @@ public final class Vif: @unchecked Sendable {
                         do throws(TapError) { fd = try tap.openQueue() } catch { throw .tap(error) }
                     }
                     let w = try QueueWorker(shared: shared, hypervisor: hypervisor, domid: config.frontendDomid,
-                                              rate: config.rate, rxQueueLimit: config.rxQueueLimit, index: i, rings: q, features: f, tapFD: fd, ownsFD: i != 0)
+                                              rxQueueLimit: config.rxQueueLimit, index: i, rings: q, features: f, tapFD: fd, ownsFD: i != 0)
                     started.append(w)
                 }
             } catch {
@@ -274,6 +274,19 @@ public final class Vif: @unchecked Sendable {
     public static func tapOffloads(_ f: FrontendFeatures) -> (checksum: Bool, tso4: Bool, tso6: Bool) {
         (!f.noChecksumOffload, f.sg && f.gsoTCPv4, f.sg && f.gsoTCPv6 && f.ipv6ChecksumOffload)
     }
+
+    /// The toolstack's `rate` changed (Linux's xen_net_rate_changed, on its
+    /// watch of the backend's `rate`): every queue takes it at its next turn,
+    /// woken for it, and so does a later reconnect.
+    public func changeRate(_ rate: RateLimit?) {
+        guard shared.rate.withLock({ r -> Bool in defer { r = rate }; return r != rate }) else { return }
+        shared.rateChanges.wrappingAdd(1, ordering: .releasing)
+        lifecycle.withLock { _ in for w in workers { w.wake() } }
+        logger.info("rate now \(rate.map { "\($0.bytesPerInterval) bytes per \($0.intervalMicroseconds) us" } ?? "unlimited")")
+    }
+
+    /// The rate the queues use now.
+    public var rate: RateLimit? { shared.rate.withLock { $0 } }
 
     /// Stops the workers, unmaps the rings and closes the event channels. The
     /// tap stays (a reconnect reuses it).
@@ -302,9 +315,14 @@ final class VifShared: @unchecked Sendable {
     weak var tap: Tap?
     let logger: Logger
     let stallTimeout: UInt64
+    /// The toolstack's `rate`, and how often it changed: a queue compares the
+    /// count at each turn and takes the rate when it moved.
+    let rate: Mutex<RateLimit?>
+    let rateChanges = Atomic<UInt64>(0)
 
-    init(tap: Tap, logger: Logger, stallTimeout: UInt64, queues: Int) {
+    init(tap: Tap, logger: Logger, stallTimeout: UInt64, queues: Int, rate: RateLimit?) {
         stats = VifStats(queues: queues)
+        self.rate = Mutex(rate)
         self.tap = tap
         self.logger = logger
         self.stallTimeout = stallTimeout

@@ -37,14 +37,19 @@ public enum VifKeys {
             guard let mtu = UInt32(m), (68...65535).contains(mtu) else { throw KeyError("bad mtu '\(m)'") }
             c.mtu = mtu
         }
-        // A `rate` that does not parse means unlimited, as in Linux.
-        if let r = read("rate") {
-            c.rate = RateLimit(xenstoreValue: r)
-            if c.rate == nil {
-                warn("failed to parse network rate limit '\(r)' (want BYTES,USEC, both 1...\(UInt64.max)): traffic unlimited")
-            }
-        }
+        c.rate = rate(read("rate"), warn: warn)
         return c
+    }
+
+    /// The backend's `rate` value: absent, or one that does not parse, means
+    /// unlimited, as in Linux (which warns about the latter).
+    public static func rate(_ value: String?, warn: (String) -> Void) -> RateLimit? {
+        guard let r = value else { return nil }
+        guard let rate = RateLimit(xenstoreValue: r) else {
+            warn("failed to parse network rate limit '\(r)' (want BYTES,USEC, both 1...\(UInt64.max)): traffic unlimited")
+            return nil
+        }
+        return rate
     }
 
     /// The frontend directory's keys at connect time: queues (ring refs and

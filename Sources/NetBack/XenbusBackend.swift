@@ -68,6 +68,16 @@ public final class NetbackDriver: XenBusBackendDriver {
 
     public func disconnect(_ vif: Vif) { vif.disconnect() }
 
+    /// Linux's credit watch (xen_net_rate_changed): a `rate` the toolstack
+    /// writes or removes while the vif runs applies at once; one that does
+    /// not parse means unlimited, as at probe.
+    public func backendKeyChanged(_ vif: Vif, _ dev: XenBusDevice, key: String, xs: XenBusClient) {
+        guard key == "rate" else { return }
+        let path = dev.backendPath
+        let rate = VifKeys.rate((try? xs.readIfExists(path + "/rate")) ?? nil) { logger.warning("\(path): \($0)") }
+        vif.changeRate(rate)
+    }
+
     /// A netfront goes Connected before the backend does (xen-netfront's
     /// talk_to_netback), its rx ring already filled with buffers. Rings on
     /// which no backend ever answered (each shared ring's `rsp_prod` still 0)

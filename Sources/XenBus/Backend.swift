@@ -30,11 +30,17 @@ public protocol XenBusBackendDriver: AnyObject, SendableMetatype {
     /// before the backend does (xen-netfront) — rather than using them with a
     /// backend that died. Default: false (wait for the frontend to start over).
     func frontendRingsUnused(_ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) -> Bool
+    /// A key under an open device's backend directory changed (`key` is
+    /// relative to it): the toolstack may change some while the device runs,
+    /// as Linux netback watches `rate`. Our own writes come here too.
+    /// Default: nothing.
+    func backendKeyChanged(_ device: Device, _ dev: XenBusDevice, key: String, xs: XenBusClient)
 }
 
 extension XenBusBackendDriver {
     public func counters(_ device: Device) -> [(String, UInt64)] { [] }
     public func frontendRingsUnused(_ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) -> Bool { false }
+    public func backendKeyChanged(_ device: Device, _ dev: XenBusDevice, key: String, xs: XenBusClient) {}
 }
 
 /// The backend half of the XenBus state machine, as Linux's xenbus_probe and
@@ -169,7 +175,11 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
         if rel.count < 2 {
             rescan()
         } else {
-            reconcile(root + "/" + rel[0] + "/" + rel[1])
+            let path = root + "/" + rel[0] + "/" + rel[1]
+            if rel.count > 2, let e = devices[path], let device = e.device {
+                driver.backendKeyChanged(device, e.dev, key: rel[2...].joined(separator: "/"), xs: xs)
+            }
+            reconcile(path)
         }
     }
 

@@ -267,6 +267,25 @@ import XenRing
         do { let ok = r.admit(1, now: t0 + 100_000_000); #expect(ok) }  // new window, fresh credit
     }
 
+    /// xen_net_rate_changed: a queue held for credit gets the new window's
+    /// credit now; one that is not is cut to the new window; nil lifts it.
+    @Test func aChangedRateAppliesAsLinuxDoes() {
+        let t0: UInt64 = 1_000_000_000
+        var held = RateLimiter(RateLimit(bytesPerInterval: 1000, intervalMicroseconds: 10_000_000), now: t0)
+        do { let ok = held.admit(900, now: t0); #expect(ok) }
+        do { let ok = held.admit(900, now: t0 + 1); #expect(!ok && held.limited) }
+        held.change(to: RateLimit(bytesPerInterval: 5000, intervalMicroseconds: 10_000_000), now: t0 + 2)
+        do { let ok = held.admit(900, now: t0 + 2); #expect(ok) }  // not 10 s later
+        #expect(held.nextCredit == t0 + 2 + 10_000_000_000)
+
+        var running = RateLimiter(nil, now: t0)
+        running.change(to: RateLimit(bytesPerInterval: 1000, intervalMicroseconds: 10_000_000), now: t0)
+        do { let ok = running.admit(1000, now: t0); #expect(ok) }
+        do { let ok = running.admit(1, now: t0); #expect(!ok) }  // cut to the new window's bytes
+        running.change(to: nil, now: t0)
+        do { let ok = running.admit(Int(UInt32.max), now: t0); #expect(ok) }
+    }
+
     @Test func aJumboPacketAlwaysFitsEventually() {
         var r = RateLimiter(RateLimit(bytesPerInterval: 1000, intervalMicroseconds: 1000), now: 0)
         var now: UInt64 = 0
