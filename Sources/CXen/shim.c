@@ -223,7 +223,7 @@ void cxen_set_thread_name(const char *name) {
 int cxen_setns(int fd, int nstype) { return setns(fd, nstype); }
 int cxen_unshare(int flags) { return unshare(flags); }
 
-/* The child's side of cxen_spawn_confined: only system calls between fork and
+/* The child's side of cxen_spawn_confined: only system calls between clone and
  * exec (the parent is multithreaded). A failed step reports its errno on
  * `report` and exits. */
 static int confined_write_file(const char *path, const char *text, size_t len) {
@@ -255,18 +255,23 @@ int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[]
     /* report: child -> parent (0 = namespaces made, else errno; EOF = exec'd);
        go: parent -> child, once the namespace is named. Both above every
        target slot, so no dup2 in the child lands on them. */
-    int p[2], g[2], report[2] = {-1, -1}, go[2] = {-1, -1};
-    if (pipe2(p, O_CLOEXEC) != 0) return errno;
-    if (pipe2(g, O_CLOEXEC) != 0) { int e = errno; close(p[0]); close(p[1]); return e; }
-    int raw[4] = {p[0], p[1], g[0], g[1]}, *moved[4] = {&report[0], &report[1], &go[0], &go[1]};
+    /* exe: the program, opened here and executed through its descriptor, so
+       the child needs no search permission on the directories above it (a
+       build tree in a 0700 home or mktemp directory). */
+    int p[2], g[2], report[2] = {-1, -1}, go[2] = {-1, -1}, exe = -1;
+    int e0 = open(path, O_PATH | O_CLOEXEC);
+    if (e0 < 0) return errno;
+    if (pipe2(p, O_CLOEXEC) != 0) { int e = errno; close(e0); return e; }
+    if (pipe2(g, O_CLOEXEC) != 0) { int e = errno; close(e0); close(p[0]); close(p[1]); return e; }
+    int raw[5] = {p[0], p[1], g[0], g[1], e0}, *moved[5] = {&report[0], &report[1], &go[0], &go[1], &exe};
     int err = 0;
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < 5; i++) {
         *moved[i] = fcntl(raw[i], F_DUPFD_CLOEXEC, 100);
         if (*moved[i] < 0 && !err) err = errno;
         close(raw[i]);
     }
     if (err) {
-        for (int i = 0; i < 4; i++) if (*moved[i] >= 0) close(*moved[i]);
+        for (int i = 0; i < 5; i++) if (*moved[i] >= 0) close(*moved[i]);
         return err;
     }
     /* clone3 in place of fork: the child is init of a PID namespace of its
@@ -283,7 +288,7 @@ int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[]
     pid_t pid = (pid_t)syscall(SYS_clone3, &args, sizeof args);
     if (pid < 0) {
         err = errno;
-        for (int i = 0; i < 4; i++) close(*moved[i]);
+        for (int i = 0; i < 5; i++) close(*moved[i]);
         return err;
     }
     if (pid == 0) {
@@ -306,6 +311,8 @@ int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[]
            /proc/self files to root: the maps below could not be written. */
         if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) != 0 || prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
             confined_fail(report[1]);
+        /* Not left in the caller's directory, which it may not reach. */
+        if (chdir("/") != 0) confined_fail(report[1]);
         if (unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0) confined_fail(report[1]);
         if (confined_write_file("/proc/self/setgroups", "deny", 4) != 0
             || confined_write_file("/proc/self/gid_map", gid_map, (size_t)gid_len) != 0
@@ -317,9 +324,10 @@ int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[]
             if (write(report[1], &ready, sizeof ready) != sizeof ready) _exit(127);
             if (read(go[0], &b, 1) != 1) _exit(127);  /* the parent gave up */
         }
-        execve(path, argv, envp);
+        syscall(SYS_execveat, exe, "", argv, envp, AT_EMPTY_PATH);
         confined_fail(report[1]);
     }
+    close(exe);
     close(report[1]);
     close(go[0]);
     int status = -1;

@@ -50,14 +50,8 @@ import XenHV
         let sockPath = dir + "/dom0.sock"
         let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         defer { close(s) }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { b in
-            for (i, c) in sockPath.utf8.enumerated() { b[i] = c }
-        }
-        let bound = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
+        var addr = try UnixSocketAddress.make(sockPath)
+        let bound = UnixSocketAddress.with(&addr) { bind(s, $0, $1) }
         #expect(bound == 0 && chmod(sockPath, 0o600) == 0 && listen(s, 4) == 0)
         let secret = dir + "/secret"
         #expect(FileManager.default.createFile(atPath: secret, contents: Data("x".utf8), attributes: [.posixPermissions: 0o600]))
@@ -95,6 +89,29 @@ import XenHV
         #expect(lines.contains("made ['ct0', 'lo']") && lines.contains("tap ok"), "\(r.out)")
         // The same probe unconfined reaches both (the denials above are the confinement's).
         #expect(access(sockPath, W_OK) == 0 && access(secret, R_OK) == 0)
+    }
+
+    /// The program is executed through a descriptor the launcher opened, so
+    /// a build tree the guest's uid cannot search (a 0700 home or mktemp
+    /// directory) still starts it.
+    @Test func aProgramInADirectoryClosedToTheGuestStillRuns() throws {
+        let dir = NSTemporaryDirectory() + "closed-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        #expect(chmod(dir, 0o700) == 0)
+        try FileManager.default.copyItem(atPath: "/bin/echo", toPath: dir + "/echo")
+        var p: [CInt] = [-1, -1]
+        #expect(pipe(&p) == 0)
+        defer { close(p[0]) }
+        let pid = try ProcessLauncher.spawn(dir + "/echo", arguments: ["started"], descriptors: [(p[1], 1)],
+                                            confinement: .init(uid: Self.uid, gid: Self.uid))
+        close(p[1])
+        var buf = [UInt8](repeating: 0, count: 64)
+        let n = read(p[0], &buf, buf.count)
+        var st: Int32 = 0
+        waitpid(pid, &st, 0)
+        #expect(n > 0 && String(decoding: buf[0..<max(n, 0)], as: UTF8.self) == "started\n")
+        #expect(st == 0)
     }
 
     /// Whatever a confined process starts dies with it (it is init of a PID

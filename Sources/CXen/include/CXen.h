@@ -216,11 +216,14 @@ int cxen_peer_pid(int sock);
  * `new_session`, dup2(from[i], to[i]) for `count` pairs (the sources must be
  * close-on-exec and above every target), every descriptor >= `close_from`
  * close-on-exec, no supplementary groups, gid and uid `gid`/`uid` (every
- * capability gone), PR_SET_NO_NEW_PRIVS, then unshare(CLONE_NEWUSER |
+ * capability gone), PR_SET_NO_NEW_PRIVS, the working directory /, then unshare(CLONE_NEWUSER |
  * CLONE_NEWNET) with uid/gid 0 inside mapped to `uid`/`gid` outside: the
  * child holds CAP_NET_ADMIN over its own network namespace only. When
  * `netns_mount` is set (an existing empty file) the parent bind-mounts the
  * child's namespace there (`ip netns` naming) before the child execs.
+ * `path` is opened by the caller's credentials and executed through that
+ * descriptor (execveat), so the child need not reach the directories above
+ * it; an ELF program, not a script.
  * 0 and *pid_out, or an errno (the child, if one was made, is reaped). */
 int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[],
                         const int *from, const int *to, int count, int close_from, int new_session,
