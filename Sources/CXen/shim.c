@@ -19,6 +19,7 @@
 #include <grp.h>
 #include <stdio.h>
 #include <sys/mount.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 
 int cxen_memfd_create(const char *name, unsigned int flags) {
@@ -248,7 +249,8 @@ static void confined_fail(int report) {
 
 int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[],
                         const int *from, const int *to, int count, int close_from, int new_session,
-                        unsigned uid, unsigned gid, const char *netns_mount, int *pid_out) {
+                        unsigned uid, unsigned gid, const char *netns_mount,
+                        uint64_t max_file_size, uint64_t max_processes, int *pid_out) {
     char uid_map[32], gid_map[32], ns_path[48];
     int uid_len = snprintf(uid_map, sizeof uid_map, "0 %u 1\n", uid);
     int gid_len = snprintf(gid_map, sizeof gid_map, "0 %u 1\n", gid);
@@ -295,6 +297,9 @@ int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[]
         struct sigaction dfl = {0};
         dfl.sa_handler = SIG_DFL;
         for (int s = 1; s < NSIG; s++) if (s != SIGKILL && s != SIGSTOP) (void)sigaction(s, &dfl, NULL);
+        struct sigaction ign = {0};
+        ign.sa_handler = SIG_IGN;
+        if (max_file_size) (void)sigaction(SIGXFSZ, &ign, NULL);
         sigset_t none;
         sigemptyset(&none);
         sigprocmask(SIG_SETMASK, &none, NULL);
@@ -310,6 +315,9 @@ int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[]
         /* A changed uid makes the process non-dumpable, which leaves its
            /proc/self files to root: the maps below could not be written. */
         if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) != 0 || prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
+            confined_fail(report[1]);
+        struct rlimit fsize = {max_file_size, max_file_size}, nproc = {max_processes, max_processes};
+        if ((max_file_size && setrlimit(RLIMIT_FSIZE, &fsize) != 0) || (max_processes && setrlimit(RLIMIT_NPROC, &nproc) != 0))
             confined_fail(report[1]);
         /* Not left in the caller's directory, which it may not reach. */
         if (chdir("/") != 0) confined_fail(report[1]);

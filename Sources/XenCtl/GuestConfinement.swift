@@ -27,9 +27,18 @@ extension Toolstack {
         return "xen-\(domid)-" + String(h, radix: 16)
     }
 
+    /// A guest's log (its stdout and stderr, a file in the run directory,
+    /// usually on a small tmpfs) grows to this at most, so a guest writing
+    /// without end cannot fill /run under dom0's services.
+    public static let guestMaxFileSize: UInt64 = 64 << 20
+    /// Processes and threads of one guest's uid (pvguest runs a few dozen
+    /// threads), so a guest that forks without end cannot exhaust the host's.
+    public static let guestMaxProcesses: UInt64 = 1024
+
     func confinement(of domid: XenHV.DomID) -> ProcessLauncher.Confinement {
         let id = Self.guestIDBase + UInt32(domid)
-        return .init(uid: id, gid: id, networkNamespace: networkNamespace(of: domid))
+        return .init(uid: id, gid: id, networkNamespace: networkNamespace(of: domid),
+                     maxFileSize: Self.guestMaxFileSize, maxProcesses: Self.guestMaxProcesses)
     }
 
     /// Why an unprivileged guest could not reach its directory under

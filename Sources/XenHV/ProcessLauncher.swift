@@ -15,10 +15,17 @@ public enum ProcessLauncher {
         /// runs (its mount point, ``NetNamespace/makeMountPoint(_:)``, must
         /// exist); nil leaves it unnamed.
         public var networkNamespace: String?
-        public init(uid: uid_t, gid: gid_t, networkNamespace: String? = nil) {
+        /// Hard limits it cannot raise: the largest file it may write
+        /// (RLIMIT_FSIZE; a write past it fails with EFBIG) and how many
+        /// processes and threads its uid may have (RLIMIT_NPROC); nil leaves one as it is.
+        public var maxFileSize: UInt64?
+        public var maxProcesses: UInt64?
+        public init(uid: uid_t, gid: gid_t, networkNamespace: String? = nil, maxFileSize: UInt64? = nil, maxProcesses: UInt64? = nil) {
             self.uid = uid
             self.gid = gid
             self.networkNamespace = networkNamespace
+            self.maxFileSize = maxFileSize
+            self.maxProcesses = maxProcesses
         }
     }
 
@@ -96,7 +103,8 @@ public enum ProcessLauncher {
             let from = staged.map(\.0), to = staged.map(\.1)
             let mountPoint = confinement.networkNamespace.map(NetNamespace.path)
             let rc = cxen_spawn_confined(path, argv, envp, from, to, CInt(staged.count), max(3, firstFree), newSession ? 1 : 0,
-                                         confinement.uid, confinement.gid, mountPoint, &pid)
+                                         confinement.uid, confinement.gid, mountPoint,
+                                         confinement.maxFileSize ?? 0, confinement.maxProcesses ?? 0, &pid)
             guard rc == 0 else { throw HypervisorError.system(call: "starting \(path) confined (uid \(confinement.uid))", errno: rc) }
             return pid
         }

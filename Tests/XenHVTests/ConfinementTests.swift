@@ -114,6 +114,56 @@ import XenHV
         #expect(st == 0)
     }
 
+    /// Its log cannot grow past the file-size limit (a write past it fails,
+    /// the guest lives on) and its uid cannot have more processes than the
+    /// process limit: a guest cannot fill /run or the process table.
+    @Test func limitsHoldItsLogAndItsProcesses() throws {
+        let dir = NSTemporaryDirectory() + "limits-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let log = open(dir + "/log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        #expect(log >= 0)
+        defer { close(log) }
+        var p: [CInt] = [-1, -1]
+        #expect(pipe(&p) == 0)
+        defer { close(p[0]) }
+        let probe = """
+            import os, subprocess, sys
+            try:
+                os.write(1, b"x" * (2 << 20)); os.write(1, b"x" * 4096); print("fsize ok", file=sys.stderr)
+            except OSError as e:
+                print("fsize errno", e.errno, file=sys.stderr)
+            children, refused = [], 0
+            for _ in range(20):
+                try:
+                    children.append(subprocess.Popen(["/bin/sleep", "100"]))
+                except OSError as e:
+                    refused += 1
+            print("nproc started", len(children), "refused", refused, file=sys.stderr, flush=True)
+            for c in children: c.kill(); c.wait()
+            """
+        let pid = try ProcessLauncher.spawn("/usr/bin/python3", arguments: ["-I", "-c", probe], descriptors: [(log, 1), (p[1], 2)],
+                                            confinement: .init(uid: Self.uid, gid: Self.uid, maxFileSize: 1 << 20, maxProcesses: 8))
+        close(p[1])
+        var out = Data()
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = read(p[0], &buf, buf.count)
+            if n <= 0 { break }
+            out.append(contentsOf: buf[0..<n])
+        }
+        var st: Int32 = 0
+        waitpid(pid, &st, 0)
+        let text = String(decoding: out, as: UTF8.self)
+        #expect(text.contains("fsize errno \(EFBIG)"), "\(text)")
+        var info = stat()
+        #expect(stat(dir + "/log", &info) == 0 && info.st_size == 1 << 20)
+        // Python itself is one of the 8; a few sleeps start, the rest are refused (EAGAIN).
+        let counts = text.split(separator: "\n").first { $0.hasPrefix("nproc") }?.split(separator: " ").compactMap { Int($0) } ?? []
+        #expect(counts.count == 2 && counts[0] > 0 && counts[0] < 8 && counts[1] == 20 - counts[0], "\(text)")
+        #expect(st == 0, "\(text)")
+    }
+
     /// Whatever a confined process starts dies with it (it is init of a PID
     /// namespace of its own): a destroyed guest leaves no process behind to
     /// hold its memory.

@@ -223,11 +223,16 @@ int cxen_peer_pid(int sock);
  * child's namespace there (`ip netns` naming) before the child execs.
  * `path` is opened by the caller's credentials and executed through that
  * descriptor (execveat), so the child need not reach the directories above
- * it; an ELF program, not a script.
+ * it; an ELF program, not a script. Hard limits the child cannot raise
+ * (it has no capability in the initial user namespace): RLIMIT_FSIZE
+ * `max_file_size` (SIGXFSZ ignored, so a write past it fails with EFBIG
+ * rather than killing it) and RLIMIT_NPROC `max_processes` (for its uid);
+ * 0 leaves a limit as it is.
  * 0 and *pid_out, or an errno (the child, if one was made, is reaped). */
 int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[],
                         const int *from, const int *to, int count, int close_from, int new_session,
-                        unsigned uid, unsigned gid, const char *netns_mount, int *pid_out);
+                        unsigned uid, unsigned gid, const char *netns_mount,
+                        uint64_t max_file_size, uint64_t max_processes, int *pid_out);
 /* setns(2) for a namespace type (CLONE_NEW*); 0 or -1 with errno. */
 int cxen_setns(int fd, int nstype);
 /* unshare(2); 0 or -1 with errno. */
