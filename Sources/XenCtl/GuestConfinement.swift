@@ -41,6 +41,14 @@ extension Toolstack {
                      maxFileSize: Self.guestMaxFileSize, maxProcesses: Self.guestMaxProcesses)
     }
 
+    /// A directory of the run directory that guests have no business in
+    /// (logs, monitors' configs): root's and its group's only, also when it
+    /// existed before.
+    static func makePrivateDirectory(_ path: String) {
+        mkdir(path, 0o750)
+        chmod(path, 0o750)
+    }
+
     /// Why an unprivileged guest could not reach its directory under
     /// `<run dir>/guests` (its NBD sockets and devices list), or nil: that
     /// and every directory above it must be searchable by others, as /run's are.

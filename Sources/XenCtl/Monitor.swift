@@ -52,7 +52,7 @@ extension Toolstack {
     /// Spawns the monitor of a domain just created (`xenctl monitor`, in its
     /// own session) and waits until it follows the domain.
     func startMonitor(for guest: CreatedGuest, configText: String, configPath: String) throws {
-        mkdir(monitorDir, 0o755)
+        Self.makePrivateDirectory(monitorDir)
         guard FileManager.default.createFile(atPath: monitorConfigPath(guest.name), contents: Data(configText.utf8)) else {
             throw Failure("cannot write \(monitorConfigPath(guest.name))")
         }
@@ -123,7 +123,7 @@ extension Toolstack {
             logger.error("\(error)")
             return 1
         }
-        mkdir(monitorDir, 0o755)
+        Self.makePrivateDirectory(monitorDir)
         let lock = open(monitorLockPath(name), O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
         guard lock >= 0 else {
             logger.error("cannot open \(monitorLockPath(name)): \(String(cString: strerror(errno)))")

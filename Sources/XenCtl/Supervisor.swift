@@ -63,7 +63,7 @@ public final class Supervisor {
         signals = cxen_signalfd(&sigs, CInt(sigs.count))
         guard signals >= 0 else { throw HypervisorError.system(call: "signalfd", errno: errno) }
         mkdir(runDir, 0o755)
-        mkdir(runDir + "/logs", 0o755)
+        Toolstack.makePrivateDirectory(runDir + "/logs")
     }
 
     static func monotonic() -> Double {

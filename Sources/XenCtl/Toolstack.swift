@@ -71,7 +71,7 @@ public struct Toolstack: Sendable {
     public func up() throws {
         if supervisorPID() == nil {
             mkdir(runDir, 0o755)
-            mkdir(runDir + "/logs", 0o755)
+            Self.makePrivateDirectory(runDir + "/logs")
             unlink(runDir + "/supervisor.status")
             let log = open(runDir + "/logs/supervisor.log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
             guard log >= 0 else { throw Failure("cannot write \(runDir)/logs: \(String(cString: strerror(errno)))") }

@@ -237,6 +237,11 @@ extension XenctlCLITests {
         #expect(status.split(separator: "\n").contains { $0.hasPrefix("Uid:\t\(uid)\t\(uid)\t\(uid)\t\(uid)") }, "\(status)")
         var own = stat(), named = stat()
         #expect(stat("/proc/\(guestPID)/ns/net", &own) == 0 && stat("/run/netns/" + guestNS, &named) == 0 && own.st_ino == named.st_ino)
+        // Other guests' logs and configs are closed to it.
+        for dir in ["logs", "monitors"] {
+            var st = stat()
+            #expect(stat(run + "/" + dir, &st) == 0 && st.st_mode & 0o007 == 0, "\(dir) is open to guests")
+        }
 
         let (arc, aout, aerr) = try xenctl("network-attach", "bare", "mac=00:16:3e:00:15:01, bridge=\(bridge)", runDir: run)
         #expect(arc == 0, "\(aerr)")
