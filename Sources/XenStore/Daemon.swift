@@ -125,13 +125,17 @@ public final class XenStoreDaemon: XSRingHost {
         serviceRing(r)
     }
 
-    func detachRing(_ conn: XSConnection) {
-        guard case .ring(let r)? = bySerial.removeValue(forKey: conn.serial) else { return }
+    func takeRing(_ conn: XSConnection) -> XenstoreRingPort? {
+        guard case .ring(let r)? = bySerial.removeValue(forKey: conn.serial) else { return nil }
         r.dead = true
         remove(r.port.eventFD)
         byFD[r.port.eventFD] = nil
+        return r.port
+    }
+
+    func detachRing(_ conn: XSConnection) {
         // Released after the current event, when nothing touches the page any more.
-        pendingRelease.append(r.port)
+        if let port = takeRing(conn) { pendingRelease.append(port) }
     }
 
     // MARK: loop

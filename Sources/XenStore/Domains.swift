@@ -32,12 +32,15 @@ public typealias XenstoreRingProvider = (_ domid: DomID, _ mfn: UInt64, _ port: 
 protocol XSRingHost: AnyObject {
     func attachRing(_ conn: XSConnection, _ port: XenstoreRingPort)
     func detachRing(_ conn: XSConnection)
+    /// Detaches the connection's ring without releasing it and hands it
+    /// back (a domain introduced again on the same port keeps its binding).
+    func takeRing(_ conn: XSConnection) -> XenstoreRingPort?
 }
 
 final class XSDomain {
     let domid: DomID
     let mfn: UInt64
-    let port: UInt32
+    var port: UInt32
     var conn: XSConnection?
     /// The hypervisor reported it shut down (C: domain->shutdown).
     var shutdown = false
@@ -70,12 +73,14 @@ extension XenStoreCore {
     }
 
     /// INTRODUCE: resolves the ring through the provider and starts serving it.
+    /// A domain introduced again is C xenstored's way of recreating its
+    /// xenbus event channel (introduce_domain, then domain_conn_reset): see
+    /// ``reintroduce(_:port:)``. Port 0 is refused, as C's `port <= 0`.
     public func introduce(domid: DomID, mfn: UInt64, port: UInt32) throws(XSError) {
-        if domid == 0 { throw .EINVAL }
+        if domid == 0 || port == 0 { throw .EINVAL }
         if let d = domains[domid] {
-            // Re-introducing the same ring is harmless; another ring for a live domain is not.
-            if d.mfn == mfn && d.port == port { return }
-            throw .EEXIST
+            try reintroduce(d, port: port)
+            return
         }
         guard let provider = ringProvider, let host = ringHost else { throw .EINVAL }
         let ring: XenstoreRingPort
@@ -87,6 +92,36 @@ extension XenStoreCore {
         host.attachRing(conn, ring)
         log(.info, "introduced domain \(domid) (mfn \(mfn), port \(port))")
         fire(XSChange(path: "@introduceDomain", exact: false, perms: XSPermissions(owner: 0)))
+    }
+
+    /// The domain's ring is bound to `port` (on the same port: the binding it
+    /// has, as C's unbind and bind again end up) and its connection starts over,
+    /// as C's domain_conn_reset: its watches, transactions and buffered
+    /// messages are dropped and the ring's four indices zeroed; a guest that
+    /// set XENSTORE_RECONNECT is told XENSTORE_CONNECTED and kicked. The
+    /// target set with SET_TARGET stays. As in C, the mfn is not looked at
+    /// again (the ring stays on the page first introduced) and no
+    /// @introduceDomain fires. Unlike C, a port that cannot be bound leaves
+    /// the old binding and connection as they were (EINVAL); C would
+    /// carry on with no port.
+    func reintroduce(_ d: XSDomain, port: UInt32) throws(XSError) {
+        guard let provider = ringProvider, let host = ringHost else { throw .EINVAL }
+        let ring: XenstoreRingPort
+        if port == d.port, let c = d.conn, let kept = host.takeRing(c) {
+            ring = kept
+        } else {
+            do { ring = try provider(d.domid, d.mfn, port) } catch { throw .EINVAL }
+        }
+        let target = d.conn?.target
+        if let old = d.conn { closeConnection(old, reason: "domain introduced again") }  // detaches the old ring
+        let reconnecting = RingEndpoint.reset(ring.page)
+        d.port = port
+        let conn = newConnection(domid: d.domid, privileged: false)
+        conn.target = target
+        d.conn = conn
+        host.attachRing(conn, ring)
+        if reconnecting { ring.notify() }
+        log(.info, "domain \(d.domid) introduced again (port \(port)): its connection starts over")
     }
 
     /// Forgets a domain: drops its connection, watches and transactions, removes every

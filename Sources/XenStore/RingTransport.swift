@@ -56,6 +56,18 @@ final class RingEndpoint {
         inbuf.reserveCapacity(XSHeader.size + 4096 + XSRingLayout.size)
     }
 
+    /// C's domain_conn_reset on the page: the four indices zeroed, and a
+    /// guest waiting in XENSTORE_RECONNECT switched to XENSTORE_CONNECTED
+    /// (returns whether it was, so the caller kicks it once attached).
+    static func reset(_ page: UnsafeMutableRawPointer) -> Bool {
+        for index in [XSRingLayout.reqCons, XSRingLayout.reqProd, XSRingLayout.rspCons, XSRingLayout.rspProd] {
+            cxen_store_release_u32(u32(page, index), 0)
+        }
+        guard cxen_load_acquire_u32(u32(page, XSRingLayout.connection)) == UInt32(XENSTORE_RECONNECT) else { return false }
+        cxen_store_release_u32(u32(page, XSRingLayout.connection), UInt32(XENSTORE_CONNECTED))
+        return true
+    }
+
     @inline(__always)
     static func u32(_ page: UnsafeMutableRawPointer, _ off: Int) -> UnsafeMutablePointer<UInt32> {
         // Sound: the offsets come from MemoryLayout of the C struct; the page is 4096 bytes

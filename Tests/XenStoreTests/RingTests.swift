@@ -151,6 +151,38 @@ func waitUntil(_ timeout: Double = 10, _ cond: () -> Bool) -> Bool {
 }
 
 @Suite(.serialized) struct RingTransportTests {
+    /// INTRODUCE of an introduced domain (C's do_introduce → domain_conn_reset):
+    /// the connection starts over — its watches and transactions gone, the
+    /// ring's indices zeroed, a guest waiting in XENSTORE_RECONNECT told
+    /// CONNECTED — on the same port's binding, which stays; a new client on
+    /// the ring is served.
+    @Test func introducingADomainAgainResetsItsConnection() throws {
+        let d = try InProcessDaemon()
+        defer { d.stop() }
+        let dom0 = try d.dom0()
+        defer { dom0.close() }
+        let (g5, ring) = try d.startGuest(5, dom0)
+        _ = try g5.watch("data", token: "mine") { _ in }
+        _ = try g5.transactionStart()
+        try g5.write("data/x", "1")
+        #expect(d.onDaemon { $0.domains[5]!.conn!.watches.count } == 1)
+        #expect(d.onDaemon { $0.domains[5]!.conn!.transactions.count } == 1)
+        g5.close()
+        ring.store(\.connection, UInt32(XENSTORE_RECONNECT))
+
+        try dom0.introduce(domid: 5, mfn: 1005, port: 1)
+        #expect(ring.load(\.req_prod) == 0 && ring.load(\.req_cons) == 0 && ring.load(\.rsp_prod) == 0 && ring.load(\.rsp_cons) == 0)
+        #expect(ring.load(\.connection) == UInt32(XENSTORE_CONNECTED))
+        #expect(d.onDaemon { $0.domains[5]!.conn!.watches.count } == 0)
+        #expect(d.onDaemon { $0.domains[5]!.conn!.transactions.count } == 0)
+        // The same binding serves a guest that starts over.
+        let again = XenBusClient.guest(ring.guestPort)
+        defer { again.close() }
+        #expect(try again.read("data/x") == "1")
+        try again.write("data/y", "2")
+        #expect(try dom0.read("/local/domain/5/data/y") == "2")
+    }
+
     @Test func guestOwnSubtreeOthersRefusedWatchesFire() async throws {
         let d = try InProcessDaemon()
         defer { d.stop() }
