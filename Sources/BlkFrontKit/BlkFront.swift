@@ -274,8 +274,4 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     }
 }
 
-func monotonicMs() -> Int64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
-}
+func monotonicMs() -> Int64 { Int64(monotonicNanoseconds() / 1_000_000) }

@@ -146,9 +146,7 @@ extension Toolstack {
                     seconds: Double) throws -> String {
         let file = runDir + "/guests/\(d.domid)/devices"
         let key = "\(dev.type)/\(dev.devid) "
-        var now = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &now)
-        let end = Double(now.tv_sec) + Double(now.tv_nsec) / 1e9 + seconds
+        let end = monotonicSeconds() + seconds
         var failure: String
         while true {
             // Connected first: a line still listed for a device this one
@@ -167,8 +165,7 @@ extension Toolstack {
                 failure = "the domain went away"
                 break
             }
-            clock_gettime(CLOCK_MONOTONIC, &now)
-            guard Double(now.tv_sec) + Double(now.tv_nsec) / 1e9 < end else {
+            guard monotonicSeconds() < end else {
                 failure = "the guest did not connect it within \(Int(seconds)) s (see \(runDir)/logs/guest-\(d.name).log)"
                 break
             }

@@ -258,9 +258,7 @@ extension Toolstack {
         let xs = try connectStore()
         defer { xs.close() }
         try xs.write("/local/domain/\(d.domid)/control/shutdown", reboot ? "reboot" : "poweroff")
-        var start = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &start)
-        let end = Double(start.tv_sec) + Double(start.tv_nsec) / 1e9 + seconds
+        let end = monotonicSeconds() + seconds
         while true {
             let follower = monitor(of: d.name)
             let now = (try hv.listDomains()).first { $0.domid == d.domid }
@@ -271,9 +269,7 @@ extension Toolstack {
                 return nil
             }
             if let now, now.isShutdown, !followed { return nil }
-            var t = timespec()
-            clock_gettime(CLOCK_MONOTONIC, &t)
-            guard Double(t.tv_sec) + Double(t.tv_nsec) / 1e9 < end else {
+            guard monotonicSeconds() < end else {
                 throw Failure("domain '\(d.name)' did not \(reboot ? "reboot" : "shut down") within \(Int(seconds)) s")
             }
             var p = pollfd(fd: -1, events: 0, revents: 0)

@@ -66,12 +66,6 @@ public final class Supervisor {
         Toolstack.makePrivateDirectory(runDir + "/logs")
     }
 
-    static func monotonic() -> Double {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-    }
-
     /// Runs until SIGTERM/SIGINT; returns after every service has stopped.
     public func run() {
         writeFile(runDir + "/supervisor.pid", "\(getpid())\n")
@@ -81,7 +75,7 @@ public final class Supervisor {
         while true {
             var fds = [pollfd(fd: signals, events: Int16(POLLIN), revents: 0)]
             for s in services where s.stdout >= 0 { fds.append(pollfd(fd: s.stdout, events: Int16(POLLIN), revents: 0)) }
-            let now = Self.monotonic()
+            let now = monotonicSeconds()
             let nextRestart = services.compactMap(\.restartAt).min()
             let timeout = nextRestart.map { Int32(max(0, min(60_000, ($0 - now) * 1000))) } ?? -1
             _ = poll(&fds, nfds_t(fds.count), timeout)
@@ -103,7 +97,7 @@ public final class Supervisor {
                     start(next)
                 }
             }
-            let t = Self.monotonic()
+            let t = monotonicSeconds()
             for s in services where s.restartAt.map({ $0 <= t }) ?? false {
                 s.restartAt = nil
                 start(s)
@@ -126,7 +120,7 @@ public final class Supervisor {
             s.stdout = p[0]
             s.ready = false
             s.everStarted = true
-            s.startedAt = Self.monotonic()
+            s.startedAt = monotonicSeconds()
             logger.info("started \(s.spec.name)", metadata: ["pid": "\(s.pid)"])
         } catch {
             close(p[0])
@@ -178,7 +172,7 @@ public final class Supervisor {
             guard !stopping else { continue }
             logger.warning("\(s.spec.name) exited (status \(st)); restarting in \(s.backoff)s")
             // A service that ran a minute is healthy again: reset its back-off.
-            if Self.monotonic() - s.startedAt > 60 { s.backoff = 0.5 }
+            if monotonicSeconds() - s.startedAt > 60 { s.backoff = 0.5 }
             scheduleRestart(s)
             // Its dependents (a new xenhv has no domains, a new xenstored no
             // connections) stop too and start again, in order, once it is ready.
@@ -210,7 +204,7 @@ public final class Supervisor {
 
     func scheduleRestart(_ s: Service) {
         s.restarts += 1
-        s.restartAt = Self.monotonic() + s.backoff
+        s.restartAt = monotonicSeconds() + s.backoff
         s.backoff = min(s.backoff * 2, 30)
     }
 
@@ -219,10 +213,10 @@ public final class Supervisor {
         beforeStop?()
         for s in services.reversed() where s.pid > 0 {
             kill(s.pid, SIGTERM)
-            let deadline = Self.monotonic() + 10
+            let deadline = monotonicSeconds() + 10
             var st: Int32 = 0
             while waitpid(s.pid, &st, WNOHANG) == 0 {
-                if Self.monotonic() > deadline {
+                if monotonicSeconds() > deadline {
                     logger.warning("\(s.spec.name) did not stop; killing it")
                     kill(s.pid, SIGKILL)
                     waitpid(s.pid, &st, 0)

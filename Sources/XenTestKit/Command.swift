@@ -33,14 +33,11 @@ public struct CommandResult: Sendable, CustomStringConvertible {
         for fd in [o[1], e[1], null] { close(fd) }
         var out: [UInt8] = [], err: [UInt8] = []
         var open = [o[0], e[0]]
-        var start = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &start)
+        let end = monotonicSeconds() + timeout
         var timedOut = false
         var buf = [UInt8](repeating: 0, count: 65536)
         while !open.isEmpty {
-            var now = timespec()
-            clock_gettime(CLOCK_MONOTONIC, &now)
-            let left = timeout - (Double(now.tv_sec - start.tv_sec) + Double(now.tv_nsec - start.tv_nsec) / 1e9)
+            let left = end - monotonicSeconds()
             if left <= 0 { timedOut = true; kill(pid, SIGKILL); break }
             var fds = open.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
             if poll(&fds, nfds_t(fds.count), Int32(min(left * 1000, 1000)) + 1) < 0 && errno != EINTR { break }
