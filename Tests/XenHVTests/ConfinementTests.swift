@@ -12,8 +12,10 @@ import XenHV
 @Suite(.serialized) struct ConfinementTests {
     static let uid = uid_t(0x7000_0000 + 30_000 + getpid() % 1000)
 
-    /// What the confined probe printed, and how it exited.
-    func runConfined(_ script: String, networkNamespace: String? = nil) throws -> (status: Int32, out: String, pid: pid_t) {
+    /// What the confined probe printed (stdout, unless `stdout` takes it,
+    /// and stderr), and how it exited.
+    func runConfined(_ script: String, networkNamespace: String? = nil, stdout: CInt? = nil,
+                     maxFileSize: UInt64? = nil, maxProcesses: UInt64? = nil) throws -> (status: Int32, out: String, pid: pid_t) {
         var p: [CInt] = [-1, -1]
         #expect(pipe(&p) == 0)
         let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
@@ -22,8 +24,9 @@ import XenHV
         do {
             pid = try ProcessLauncher.spawn(
                 "/usr/bin/python3", arguments: ["-I", "-c", script],
-                descriptors: [(null, 0), (p[1], 1), (p[1], 2)],
-                confinement: .init(uid: Self.uid, gid: Self.uid, networkNamespace: networkNamespace))
+                descriptors: [(null, 0), (stdout ?? p[1], 1), (p[1], 2)],
+                confinement: .init(uid: Self.uid, gid: Self.uid, networkNamespace: networkNamespace,
+                                   maxFileSize: maxFileSize, maxProcesses: maxProcesses))
         } catch {
             close(p[1])
             throw error
@@ -124,9 +127,6 @@ import XenHV
         let log = open(dir + "/log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         #expect(log >= 0)
         defer { close(log) }
-        var p: [CInt] = [-1, -1]
-        #expect(pipe(&p) == 0)
-        defer { close(p[0]) }
         let probe = """
             import os, subprocess, sys
             try:
@@ -142,26 +142,15 @@ import XenHV
             print("nproc started", len(children), "refused", refused, file=sys.stderr, flush=True)
             for c in children: c.kill(); c.wait()
             """
-        let pid = try ProcessLauncher.spawn("/usr/bin/python3", arguments: ["-I", "-c", probe], descriptors: [(log, 1), (p[1], 2)],
-                                            confinement: .init(uid: Self.uid, gid: Self.uid, maxFileSize: 1 << 20, maxProcesses: 8))
-        close(p[1])
-        var out = Data()
-        var buf = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = read(p[0], &buf, buf.count)
-            if n <= 0 { break }
-            out.append(contentsOf: buf[0..<n])
-        }
-        var st: Int32 = 0
-        waitpid(pid, &st, 0)
-        let text = String(decoding: out, as: UTF8.self)
+        let r = try runConfined(probe, stdout: log, maxFileSize: 1 << 20, maxProcesses: 8)
+        let text = r.out
         #expect(text.contains("fsize errno \(EFBIG)"), "\(text)")
         var info = stat()
         #expect(stat(dir + "/log", &info) == 0 && info.st_size == 1 << 20)
         // Python itself is one of the 8; a few sleeps start, the rest are refused (EAGAIN).
         let counts = text.split(separator: "\n").first { $0.hasPrefix("nproc") }?.split(separator: " ").compactMap { Int($0) } ?? []
         #expect(counts.count == 2 && counts[0] > 0 && counts[0] < 8 && counts[1] == 20 - counts[0], "\(text)")
-        #expect(st == 0, "\(text)")
+        #expect(r.status == 0, "\(text)")
     }
 
     /// Whatever a confined process starts dies with it (it is init of a PID
