@@ -92,7 +92,7 @@ extension Toolstack {
             let namespace = networkNamespace(of: dom.domid)
             NetNamespace.remove(namespace)  // a stale one of an earlier domain with this id
             try NetNamespace.makeMountPoint(namespace)
-            let log = open(runDir + "/logs/guest-\(config.name).log", O_WRONLY | O_CREAT | (appendLog ? O_APPEND : O_TRUNC) | O_CLOEXEC, 0o644)
+            let log = Self.openGuestLog(runDir + "/logs/guest-\(config.name).log", append: appendLog)
             defer { if log >= 0 { close(log) } }
             var ready: [CInt] = [-1, -1]
             guard pipe(&ready) == 0 else { throw Failure("pipe: \(String(cString: strerror(errno)))") }

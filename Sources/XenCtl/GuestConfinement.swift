@@ -35,6 +35,18 @@ extension Toolstack {
     /// threads), so a guest that forks without end cannot exhaust the host's.
     public static let guestMaxProcesses: UInt64 = 1024
 
+    /// A guest's log for its stdout and stderr. A restarted guest (`append`)
+    /// continues the old one, unless that has reached half the file-size
+    /// limit: then the old one becomes `<log>.old` (replacing an older one),
+    /// so the new guest's output is never refused by the limit from the start.
+    static func openGuestLog(_ path: String, append: Bool) -> CInt {
+        var st = stat()
+        if append, stat(path, &st) == 0, UInt64(st.st_size) >= guestMaxFileSize / 2 {
+            rename(path, path + ".old")
+        }
+        return open(path, O_WRONLY | O_CREAT | (append ? O_APPEND : O_TRUNC) | O_CLOEXEC, 0o640)
+    }
+
     func confinement(of domid: XenHV.DomID) -> ProcessLauncher.Confinement {
         let id = Self.guestIDBase + UInt32(domid)
         return .init(uid: id, gid: id, networkNamespace: networkNamespace(of: domid),

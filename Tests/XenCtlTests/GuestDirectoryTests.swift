@@ -25,6 +25,30 @@ import Testing
         #expect((try? String(contentsOfFile: outside + "/precious", encoding: .utf8)) == "keep")
     }
 
+    /// A restarted guest continues its log, unless the log has reached half
+    /// the guest's file-size limit: then it is kept as `.old` and a new one starts.
+    @Test func aRestartedGuestsLogIsRotatedBeforeItsLimit() throws {
+        let dir = NSTemporaryDirectory() + "guestlog-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let log = dir + "/guest-a.log"
+        func write(_ s: String, append: Bool) {
+            let fd = Toolstack.openGuestLog(log, append: append)
+            #expect(fd >= 0)
+            _ = s.withCString { Glibc.write(fd, $0, strlen($0)) }
+            close(fd)
+        }
+        write("first\n", append: false)
+        write("restarted\n", append: true)
+        #expect((try? String(contentsOfFile: log, encoding: .utf8)) == "first\nrestarted\n")
+        #expect(truncate(log, off_t(Toolstack.guestMaxFileSize / 2)) == 0)
+        write("again\n", append: true)
+        #expect((try? String(contentsOfFile: log, encoding: .utf8)) == "again\n")
+        var st = stat()
+        #expect(stat(log + ".old", &st) == 0 && UInt64(st.st_size) == Toolstack.guestMaxFileSize / 2)
+        #expect(stat(log, &st) == 0 && st.st_mode & 0o777 == 0o640)
+    }
+
     @Test func theDevicesListIsReadOnlyFromARegularFile() throws {
         let dir = NSTemporaryDirectory() + "guestfile-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
