@@ -237,8 +237,8 @@ static int confined_write_file(const char *path, const char *text, size_t len) {
     return 0;
 }
 
-static void confined_fail(int report) {
-    int e = errno ? errno : EIO;
+static void confined_fail(int report, int step) {
+    int e = (step << 16) | ((errno ? errno : EIO) & 0xffff);
     (void)!write(report, &e, sizeof e);
     _exit(127);
 }
@@ -250,7 +250,7 @@ static void confined_fail(int report) {
 int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[],
                         const int *from, const int *to, int count, int close_from, int new_session,
                         unsigned uid, unsigned gid, const char *netns_mount,
-                        uint64_t max_file_size, uint64_t max_processes, int *pid_out) {
+                        uint64_t max_file_size, uint64_t max_processes, int *pid_out, int *failed_step) {
     char uid_map[32], gid_map[32], ns_path[48];
     int uid_len = snprintf(uid_map, sizeof uid_map, "0 %u 1\n", uid);
     int gid_len = snprintf(gid_map, sizeof gid_map, "0 %u 1\n", gid);
@@ -261,8 +261,10 @@ int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[]
        the child needs no search permission on the directories above it (a
        build tree in a 0700 home or mktemp directory). */
     int p[2], g[2], report[2] = {-1, -1}, go[2] = {-1, -1}, exe = -1;
+    *failed_step = CXEN_CONFINE_EXEC;
     int e0 = open(path, O_PATH | O_CLOEXEC);
     if (e0 < 0) return errno;
+    *failed_step = CXEN_CONFINE_SETUP;
     if (pipe2(p, O_CLOEXEC) != 0) { int e = errno; close(e0); return e; }
     if (pipe2(g, O_CLOEXEC) != 0) { int e = errno; close(e0); close(p[0]); close(p[1]); return e; }
     int raw[5] = {p[0], p[1], g[0], g[1], e0}, *moved[5] = {&report[0], &report[1], &go[0], &go[1], &exe};
@@ -290,6 +292,7 @@ int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[]
     pid_t pid = (pid_t)syscall(SYS_clone3, &args, sizeof args);
     if (pid < 0) {
         err = errno;
+        *failed_step = CXEN_CONFINE_NAMESPACES;
         for (int i = 0; i < 5; i++) close(*moved[i]);
         return err;
     }
@@ -306,26 +309,26 @@ int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[]
         close(report[0]);
         close(go[1]);
         errno = 0;
-        if (new_session && setsid() < 0) confined_fail(report[1]);
-        for (int i = 0; i < count; i++) if (dup2(from[i], to[i]) < 0) confined_fail(report[1]);
-        if (syscall(SYS_close_range, (unsigned)close_from, ~0U, CLOSE_RANGE_CLOEXEC) != 0) confined_fail(report[1]);
+        if (new_session && setsid() < 0) confined_fail(report[1], CXEN_CONFINE_SETUP);
+        for (int i = 0; i < count; i++) if (dup2(from[i], to[i]) < 0) confined_fail(report[1], CXEN_CONFINE_SETUP);
+        if (syscall(SYS_close_range, (unsigned)close_from, ~0U, CLOSE_RANGE_CLOEXEC) != 0) confined_fail(report[1], CXEN_CONFINE_SETUP);
         if (syscall(SYS_setgroups, 0, NULL) != 0 || syscall(SYS_setresgid, gid, gid, gid) != 0
             || syscall(SYS_setresuid, uid, uid, uid) != 0)
-            confined_fail(report[1]);
+            confined_fail(report[1], CXEN_CONFINE_CREDENTIALS);
         /* A changed uid makes the process non-dumpable, which leaves its
            /proc/self files to root: the maps below could not be written. */
         if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) != 0 || prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
-            confined_fail(report[1]);
+            confined_fail(report[1], CXEN_CONFINE_SETUP);
         struct rlimit fsize = {max_file_size, max_file_size}, nproc = {max_processes, max_processes};
         if ((max_file_size && setrlimit(RLIMIT_FSIZE, &fsize) != 0) || (max_processes && setrlimit(RLIMIT_NPROC, &nproc) != 0))
-            confined_fail(report[1]);
+            confined_fail(report[1], CXEN_CONFINE_LIMITS);
         /* Not left in the caller's directory, which it may not reach. */
-        if (chdir("/") != 0) confined_fail(report[1]);
-        if (unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0) confined_fail(report[1]);
+        if (chdir("/") != 0) confined_fail(report[1], CXEN_CONFINE_SETUP);
+        if (unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0) confined_fail(report[1], CXEN_CONFINE_NAMESPACES);
         if (confined_write_file("/proc/self/setgroups", "deny", 4) != 0
             || confined_write_file("/proc/self/gid_map", gid_map, (size_t)gid_len) != 0
             || confined_write_file("/proc/self/uid_map", uid_map, (size_t)uid_len) != 0)
-            confined_fail(report[1]);
+            confined_fail(report[1], CXEN_CONFINE_ID_MAPS);
         if (netns_mount) {
             int ready = 0;
             char b = 0;
@@ -333,7 +336,7 @@ int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[]
             if (read(go[0], &b, 1) != 1) _exit(127);  /* the parent gave up */
         }
         syscall(SYS_execveat, exe, "", argv, envp, AT_EMPTY_PATH);
-        confined_fail(report[1]);
+        confined_fail(report[1], CXEN_CONFINE_EXEC);
     }
     close(exe);
     close(report[1]);
@@ -346,19 +349,24 @@ int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[]
             snprintf(ns_path, sizeof ns_path, "/proc/%d/ns/net", (int)pid);
             if (mount(ns_path, netns_mount, "none", MS_BIND, NULL) != 0) {
                 err = errno;
+                *failed_step = CXEN_CONFINE_NAME;
             } else if (write(go[1], "g", 1) != 1) {
                 err = errno;
                 umount2(netns_mount, MNT_DETACH);
             }
+        } else if (n == sizeof status) {
+            err = status & 0xffff;
+            *failed_step = status >> 16;
         } else {
-            err = n == sizeof status ? status : EIO;
+            err = EIO;
         }
     }
     close(go[1]);
     if (!err) {
         do n = read(report[0], &status, sizeof status); while (n < 0 && errno == EINTR);
         if (n == sizeof status) {
-            err = status ? status : EIO;
+            err = (status & 0xffff) ? (status & 0xffff) : EIO;
+            *failed_step = status >> 16;
             if (netns_mount) umount2(netns_mount, MNT_DETACH);
         }
     }

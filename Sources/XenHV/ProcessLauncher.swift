@@ -20,6 +20,24 @@ public enum ProcessLauncher {
         /// processes and threads its uid may have (RLIMIT_NPROC); nil leaves one as it is.
         public var maxFileSize: UInt64?
         public var maxProcesses: UInt64?
+        /// What failed, for the error line: the step of the shim and, where
+        /// the host is the likely cause, what to change.
+        static func describe(step: CInt, errno e: CInt) -> String {
+            switch Int(step) {
+            case Int(CXEN_CONFINE_CREDENTIALS): return "changing its uid and gid"
+            case Int(CXEN_CONFINE_LIMITS): return "setting its resource limits"
+            case Int(CXEN_CONFINE_NAMESPACES):
+                return "making its user, network and PID namespaces"
+                    + (e == EPERM || e == ENOSPC || e == EUSERS
+                        ? " (unprivileged user namespaces must be allowed: sysctl user.max_user_namespaces > 0, and kernel.unprivileged_userns_clone=1 where that exists)"
+                        : "")
+            case Int(CXEN_CONFINE_ID_MAPS): return "mapping its uid and gid in its user namespace"
+            case Int(CXEN_CONFINE_NAME): return "naming its network namespace \(NetNamespace.directory)/..."
+            case Int(CXEN_CONFINE_EXEC): return "executing the program"
+            default: return "preparing the child"
+            }
+        }
+
         public init(uid: uid_t, gid: gid_t, networkNamespace: String? = nil, maxFileSize: UInt64? = nil, maxProcesses: UInt64? = nil) {
             self.uid = uid
             self.gid = gid
@@ -102,10 +120,13 @@ public enum ProcessLauncher {
             // fork and exec in the shim: posix_spawn cannot change uid or namespaces.
             let from = staged.map(\.0), to = staged.map(\.1)
             let mountPoint = confinement.networkNamespace.map(NetNamespace.path)
+            var step: CInt = 0
             let rc = cxen_spawn_confined(path, argv, envp, from, to, CInt(staged.count), max(3, firstFree), newSession ? 1 : 0,
                                          confinement.uid, confinement.gid, mountPoint,
-                                         confinement.maxFileSize ?? 0, confinement.maxProcesses ?? 0, &pid)
-            guard rc == 0 else { throw HypervisorError.system(call: "starting \(path) confined (uid \(confinement.uid))", errno: rc) }
+                                         confinement.maxFileSize ?? 0, confinement.maxProcesses ?? 0, &pid, &step)
+            guard rc == 0 else {
+                throw HypervisorError.system(call: "starting \(path) as uid \(confinement.uid): \(Confinement.describe(step: step, errno: rc))", errno: rc)
+            }
             return pid
         }
         let rc = posix_spawn(&pid, path, &actions, &attr, argv, envp)

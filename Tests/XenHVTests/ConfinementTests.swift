@@ -1,7 +1,8 @@
+import CXen
 import Foundation
 import Glibc
 import Testing
-import XenHV
+@testable import XenHV
 
 /// A confined guest process (``ProcessLauncher/Confinement``) runs as its own
 /// unprivileged uid in a user and network namespace of its own: it cannot
@@ -209,10 +210,13 @@ import XenHV
         NetNamespace.remove(name)
 
         try NetNamespace.makeMountPoint(name)
-        #expect(throws: HypervisorError.self) {
+        let failure = #expect(throws: HypervisorError.self) {
             _ = try ProcessLauncher.spawn("/nonexistent/guest", arguments: [],
                                           confinement: .init(uid: Self.uid, gid: Self.uid, networkNamespace: name))
         }
+        #expect("\(failure.map { "\($0)" } ?? "")".contains("executing the program"), "\(String(describing: failure))")
+        // A host without unprivileged user namespaces is named as the cause.
+        #expect(ProcessLauncher.Confinement.describe(step: CInt(CXEN_CONFINE_NAMESPACES), errno: EPERM).contains("user.max_user_namespaces"))
         #expect(NetNamespace.exists(name) && !mounted(), "a failed start left its namespace mounted")
         var status: Int32 = 0
         #expect(waitpid(-1, &status, WNOHANG) <= 0, "a failed start left a child to reap")

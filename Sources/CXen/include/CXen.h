@@ -232,7 +232,17 @@ int cxen_peer_pid(int sock);
 int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[],
                         const int *from, const int *to, int count, int close_from, int new_session,
                         unsigned uid, unsigned gid, const char *netns_mount,
-                        uint64_t max_file_size, uint64_t max_processes, int *pid_out);
+                        uint64_t max_file_size, uint64_t max_processes, int *pid_out, int *failed_step);
+/* The step of cxen_spawn_confined that failed (*failed_step with its errno). */
+enum {
+    CXEN_CONFINE_SETUP = 1,    /* descriptors, session, working directory, prctl */
+    CXEN_CONFINE_CREDENTIALS,  /* setgroups, setresgid, setresuid */
+    CXEN_CONFINE_LIMITS,       /* setrlimit */
+    CXEN_CONFINE_NAMESPACES,   /* clone3(CLONE_NEWPID), unshare(CLONE_NEWUSER | CLONE_NEWNET) */
+    CXEN_CONFINE_ID_MAPS,      /* setgroups deny, gid_map, uid_map */
+    CXEN_CONFINE_NAME,         /* the bind mount naming the network namespace */
+    CXEN_CONFINE_EXEC,         /* opening or executing the program */
+};
 /* setns(2) for a namespace type (CLONE_NEW*); 0 or -1 with errno. */
 int cxen_setns(int fd, int nstype);
 /* unshare(2); 0 or -1 with errno. */
