@@ -60,17 +60,9 @@ import XenHV
         let g = try GuestVif(fixture: f, network: net, rxQueueLimit: 64, stallTimeoutMs: 300, postRx: false)
         defer { g.close() }
         try net.netlink.setMTU(g.vif.name, 65000)
-        // Frames sent out through the tap itself (an AF_PACKET socket bound to it), so netback reads them.
-        let s = socket(AF_PACKET, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        #expect(s >= 0)
+        // Frames sent out through the tap itself, so netback reads them.
+        let s = try tapSender(g.vif.name)
         defer { close(s) }
-        // struct sockaddr_ll: family u16, protocol be16, ifindex i32, ...
-        var sll = [UInt8](repeating: 0, count: 20)
-        sll.withUnsafeMutableBytes { b in
-            b.storeBytes(of: UInt16(AF_PACKET), toByteOffset: 0, as: UInt16.self)
-            b.storeBytes(of: Int32(if_nametoindex(g.vif.name)), toByteOffset: 4, as: Int32.self)
-        }
-        #expect(sll.withUnsafeBytes { bind(s, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), 20) } == 0)
         let size = 60000
         let frame = g.mac + [0x00, 0x16, 0x3e, 0x77, 0x77, 0x77, 0x88, 0xB5] + [UInt8](repeating: 0x42, count: size - 14)
         for _ in 0..<30 { #expect(frame.withUnsafeBytes { send(s, $0.baseAddress, $0.count, 0) } == size) }
@@ -289,16 +281,9 @@ import XenHV
                               dst: [10, 0, 0, 9], sport: 1, dport: 2, payload: [1, 2, 3]))
         try q.pushTx()
         #expect(try q.txResponses(1).first?.status == Int16(NETIF_RSP_OKAY))
-        // Receive: a frame sent out through the tap (an AF_PACKET socket bound to it).
-        let s = socket(AF_PACKET, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        #expect(s >= 0)
+        // Receive: a frame sent out through the tap.
+        let s = try tapSender(vif.name)
         defer { close(s) }
-        var sll = [UInt8](repeating: 0, count: 20)
-        sll.withUnsafeMutableBytes { b in
-            b.storeBytes(of: UInt16(AF_PACKET), toByteOffset: 0, as: UInt16.self)
-            b.storeBytes(of: Int32(if_nametoindex(vif.name)), toByteOffset: 4, as: Int32.self)
-        }
-        #expect(sll.withUnsafeBytes { bind(s, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), 20) } == 0)
         let marker: [UInt8] = Array("one port, both ways".utf8)
         let frame = mac + [0x00, 0x16, 0x3e, 0x77, 0x77, 0x77, 0x88, 0xB5] + marker + [UInt8](repeating: 0, count: 40)
         #expect(frame.withUnsafeBytes { send(s, $0.baseAddress, $0.count, 0) } == frame.count)

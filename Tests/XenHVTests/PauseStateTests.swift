@@ -33,14 +33,5 @@ import XenHV
         #expect(try info()?.stateLetters == "---sc-")
     }
 
-    /// A running domain still pauses and unpauses.
-    @Test func aRunningDomainStillPauses() throws {
-        let f = try HypervisorFixture()
-        let (d, g) = try f.guest()
-        try f.dom0.pauseDomain(d.domid)
-        #expect(try f.dom0.listDomains().first { $0.domid == d.domid }?.stateLetters == "--p---")
-        try f.dom0.unpauseDomain(d.domid)
-        #expect(try f.dom0.listDomains().first { $0.domid == d.domid }?.stateLetters == "r-----")
-        #expect(g.send("info").hasPrefix("domid \(d.domid)"))
-    }
+    // A running domain still pauses and unpauses: EventChannelTests.pauseAndUnpause.
 }
