@@ -57,7 +57,6 @@ ssize_t cnet_readv(int fd, const struct iovec *iov, int iovcnt) {
     return n < 0 ? -errno : n;
 }
 
-int cnet_enter_netns(int fd) { return setns(fd, CLONE_NEWNET) < 0 ? -errno : 0; }
 
 unsigned int cnet_ifindex(const char *name) { return if_nametoindex(name); }
 

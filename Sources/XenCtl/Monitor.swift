@@ -78,8 +78,7 @@ extension Toolstack {
             throw Failure("domain '\(guest.name)': cannot start its monitor: \(error)")
         }
         close(ready[1])
-        var p = pollfd(fd: ready[0], events: Int16(POLLIN), revents: 0)
-        guard poll(&p, 1, 30_000) > 0, ProcessLauncher.readLine(ready[0]).hasPrefix("monitor ready") else {
+        guard ProcessLauncher.readLine(ready[0], deadline: monotonicSeconds() + 30)?.hasPrefix("monitor ready") == true else {
             throw Failure("domain '\(guest.name)': its monitor did not start; see \(runDir)/logs/monitor-\(guest.name).log")
         }
     }

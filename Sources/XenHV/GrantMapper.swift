@@ -277,9 +277,9 @@ extension Hypervisor {
                 pinned[held].frame = frame
                 held += 1
             }
-            // Offsets last, as a copy checks them (gnttab_copy_buf).
-            for s in spans where Int(s.offset) + Int(s.length) > HVLimits.pageSize { return .failure(.badCopyArg) }
             for (k, s) in spans.enumerated() {
+                // Offsets after the pins, as a copy checks them (gnttab_copy_buf).
+                guard Int(s.offset) + Int(s.length) <= HVLimits.pageSize else { return .failure(.badCopyArg) }
                 var lo = 0, hi = n - 1  // the span's ref is among the n
                 while lo < hi {
                     let mid = (lo + hi) / 2

@@ -70,36 +70,18 @@ public enum ProcessLauncher {
             }
         }
         defer { if cpus != nil { _ = cxen_set_thread_affinity(saved) } }
-        // The child starts with no blocked signals and default dispositions,
-        // whatever signalfd or handlers its parent set up.
-        var attr = posix_spawnattr_t()
-        posix_spawnattr_init(&attr)
-        defer { posix_spawnattr_destroy(&attr) }
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        posix_spawnattr_setsigmask(&attr, &empty)
-        var defaults = sigset_t()
-        sigemptyset(&defaults)
-        for sig in [SIGPIPE, SIGTERM, SIGINT, SIGHUP, SIGCHLD] { sigaddset(&defaults, sig) }
-        posix_spawnattr_setsigdefault(&attr, &defaults)
-        posix_spawnattr_setflags(&attr, Int16(0x08 /* SETSIGMASK */ | 0x04 /* SETSIGDEF */ | (newSession ? 0x80 /* SETSID */ : 0)))
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
         // Move sources out of the way first so no dup2 clobbers a later source,
         // and so source == target still ends up without close-on-exec.
         var staged: [(CInt, CInt)] = []
+        defer { for (t, _) in staged { close(t) } }
         for (ours, child) in descriptors {
             let tmp = fcntl(ours, F_DUPFD_CLOEXEC, 100)
             guard tmp >= 0 else { throw HypervisorError.system(call: "fcntl(F_DUPFD)", errno: errno) }
             staged.append((tmp, child))
         }
-        defer { for (t, _) in staged { close(t) } }
-        for (t, child) in staged { posix_spawn_file_actions_adddup2(&actions, t, child) }
         // Nothing else crosses over, not even descriptors we inherited without
         // close-on-exec (a caller's pipe would otherwise never see EOF).
-        let firstFree = (descriptors.map(\.child).max() ?? 2) + 1
-        _ = cxen_spawn_closefrom(&actions, max(3, firstFree))
+        let closeFrom = max(3, (descriptors.map(\.child).max() ?? 2) + 1)
 
         var env = [String: String]()
         var i = 0
@@ -117,11 +99,13 @@ public enum ProcessLauncher {
         }
         var pid: pid_t = 0
         if let confinement {
-            // fork and exec in the shim: posix_spawn cannot change uid or namespaces.
+            // clone and exec in the shim, which resets signals, moves the
+            // descriptors and closes the rest itself: posix_spawn cannot
+            // change uid or namespaces.
             let from = staged.map(\.0), to = staged.map(\.1)
             let mountPoint = confinement.networkNamespace.map(NetNamespace.path)
             var step: CInt = 0
-            let rc = cxen_spawn_confined(path, argv, envp, from, to, CInt(staged.count), max(3, firstFree), newSession ? 1 : 0,
+            let rc = cxen_spawn_confined(path, argv, envp, from, to, CInt(staged.count), closeFrom, newSession ? 1 : 0,
                                          confinement.uid, confinement.gid, mountPoint,
                                          confinement.maxFileSize ?? 0, confinement.maxProcesses ?? 0, &pid, &step)
             guard rc == 0 else {
@@ -129,6 +113,24 @@ public enum ProcessLauncher {
             }
             return pid
         }
+        // The child starts with no blocked signals and default dispositions,
+        // whatever signalfd or handlers its parent set up.
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        var empty = sigset_t()
+        sigemptyset(&empty)
+        posix_spawnattr_setsigmask(&attr, &empty)
+        var defaults = sigset_t()
+        sigemptyset(&defaults)
+        for sig in [SIGPIPE, SIGTERM, SIGINT, SIGHUP, SIGCHLD] { sigaddset(&defaults, sig) }
+        posix_spawnattr_setsigdefault(&attr, &defaults)
+        posix_spawnattr_setflags(&attr, Int16(0x08 /* SETSIGMASK */ | 0x04 /* SETSIGDEF */ | (newSession ? 0x80 /* SETSID */ : 0)))
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        for (t, child) in staged { posix_spawn_file_actions_adddup2(&actions, t, child) }
+        _ = cxen_spawn_closefrom(&actions, closeFrom)
         let rc = posix_spawn(&pid, path, &actions, &attr, argv, envp)
         guard rc == 0 else { throw HypervisorError.system(call: "posix_spawn \(path)", errno: rc) }
         return pid
@@ -199,10 +201,10 @@ extension ProcessLauncher {
     }
 
     /// Reads one line (without the newline) from a descriptor, byte by byte so
-    /// nothing past the line is consumed; empty at end of stream.
-    /// One line from a process that may be hostile (a guest's ready pipe):
-    /// nil once `deadline` (``monotonicSeconds()``) has passed first; a line
-    /// is cut at `limit` bytes (the rest comes as the next). "" at EOF.
+    /// nothing past the line is consumed; "" at end of stream. For a process
+    /// that may be hostile (a guest's ready pipe): nil once `deadline`
+    /// (``monotonicSeconds()``) has passed first; a line is cut at `limit`
+    /// bytes (the rest comes as the next).
     public static func readLine(_ fd: CInt, deadline: Double, limit: Int = 4096) -> String? {
         var line = [UInt8]()
         var c: UInt8 = 0
@@ -221,11 +223,9 @@ extension ProcessLauncher {
         return String(decoding: line, as: UTF8.self)
     }
 
+    /// ``readLine(_:deadline:limit:)`` from a trusted process: no deadline, no limit.
     public static func readLine(_ fd: CInt) -> String {
-        var line = [UInt8]()
-        var c: UInt8 = 0
-        while read(fd, &c, 1) == 1, c != 10 { line.append(c) }
-        return String(decoding: line, as: UTF8.self)
+        readLine(fd, deadline: .infinity, limit: .max) ?? ""
     }
 }
 

@@ -54,6 +54,10 @@ public final class HypervisorDaemon {
     var nextDomID: DomID = 1
     var virqDomExc: [(domid: DomID, port: EventPort)] = []
     var recvBuffer: [UInt8] = []
+    /// One poll round's descriptors and the clients behind them, kept
+    /// between rounds for their capacity.
+    var pollFDs: [pollfd] = []
+    var polledClients: [Client] = []
     /// accept(2) found no descriptor left (EMFILE/ENFILE): the connection
     /// stays queued and the listening socket readable, so it is left out of
     /// the poll until then (CLOCK_MONOTONIC ns) instead of being spun on.
@@ -136,8 +140,8 @@ public final class HypervisorDaemon {
     /// One poll over the listening socket, the signalfd and every client
     /// (`timeout` in milliseconds, -1 for none); nil when poll fails.
     func pollRound(timeout: Int32) -> Round? {
-        var pfds: [pollfd] = []
-        var polled: [Client] = []
+        pollFDs.removeAll(keepingCapacity: true)
+        polledClients.removeAll(keepingCapacity: true)
         var timeout = timeout
         if acceptPausedUntil != 0 {
             let now = monotonicNanoseconds()
@@ -148,25 +152,26 @@ public final class HypervisorDaemon {
                 timeout = timeout < 0 ? left : min(timeout, left)
             }
         }
-        pfds.append(pollfd(fd: acceptPausedUntil == 0 ? listenFD : -1, events: Int16(POLLIN), revents: 0))
-        pfds.append(pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0))
+        pollFDs.append(pollfd(fd: acceptPausedUntil == 0 ? listenFD : -1, events: Int16(POLLIN), revents: 0))
+        pollFDs.append(pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0))
         for c in clients.values {
-            pfds.append(pollfd(fd: c.fd, events: Int16(POLLIN), revents: 0))
-            polled.append(c)
+            pollFDs.append(pollfd(fd: c.fd, events: Int16(POLLIN), revents: 0))
+            polledClients.append(c)
         }
         while true {
-            let n = poll(&pfds, nfds_t(pfds.count), timeout)
+            let n = poll(&pollFDs, nfds_t(pollFDs.count), timeout)
             if n >= 0 { break }
             if errno == EINTR { continue }
             logger.critical("poll failed: errno \(errno)")
             return nil
         }
         var round = Round()
-        round.listening = pfds[0].revents & Int16(POLLIN) != 0
-        round.signalled = pfds[1].revents != 0
-        for (i, c) in polled.enumerated() where pfds[i + 2].revents != 0 {
-            round.ready.append((c, pfds[i + 2].revents))
+        round.listening = pollFDs[0].revents & Int16(POLLIN) != 0
+        round.signalled = pollFDs[1].revents != 0
+        for (i, c) in polledClients.enumerated() where pollFDs[i + 2].revents != 0 {
+            round.ready.append((c, pollFDs[i + 2].revents))
         }
+        polledClients.removeAll(keepingCapacity: true)  // no client kept past its round
         return round
     }
 

@@ -24,9 +24,7 @@ extension HypervisorDaemon {
             }
         } catch {
             // The memfds go with the Domain; its ports' wake-up sets are ours to close.
-            for p in 1..<Int(HVLimits.eventChannelPorts) where dom.ports[p].state != .free {
-                close(EventPort(p), in: dom)
-            }
+            closeAllPorts(of: dom, wakePeer: false)
             throw error
         }
         nextDomID += 1
@@ -48,9 +46,7 @@ extension HypervisorDaemon {
         dom.signalProcess(SIGKILL)
         dom.signalProcess(SIGCONT)
         dom.dropProcess()
-        for p in 1..<Int(HVLimits.eventChannelPorts) where dom.ports[p].state != .free {
-            close(EventPort(p), in: dom, wakePeer: true)
-        }
+        closeAllPorts(of: dom, wakePeer: true)
         if let c = clients.values.first(where: { $0.id == dom.guestClient }) {
             clients.removeValue(forKey: c.fd)
             Glibc.close(c.fd)
@@ -58,6 +54,13 @@ extension HypervisorDaemon {
         domains.removeValue(forKey: dom.domid)
         logger.info("destroyed domain", metadata: ["domid": "\(dom.domid)", "name": "\(dom.name)"])
         raiseDomExc()
+    }
+
+    /// Every port of `dom` that is in use, closed (evtchn_destroy).
+    private func closeAllPorts(of dom: Domain, wakePeer: Bool) {
+        for p in 1..<Int(HVLimits.eventChannelPorts) where dom.ports[p].state != .free {
+            close(EventPort(p), in: dom, wakePeer: wakePeer)
+        }
     }
 
     /// `domain_shutdown` (and `domain_crash`, reason SHUTDOWN_crash): records

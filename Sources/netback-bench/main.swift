@@ -451,7 +451,7 @@ func socketInNamespace(_ ns: String, type: Int32, port: UInt16) throws -> CInt {
     let t = Thread {
         defer { sem.signal() }
         let nsfd = open("/var/run/netns/\(ns)", O_RDONLY | O_CLOEXEC)
-        guard nsfd >= 0, cnet_enter_netns(nsfd) == 0 else { box.err = errno; return }
+        guard nsfd >= 0, cxen_setns(nsfd, 0x4000_0000 /* CLONE_NEWNET */) == 0 else { box.err = errno; return }
         close(nsfd)
         let s = socket(AF_INET, type | Int32(SOCK_CLOEXEC.rawValue), 0)
         var addr = sockaddr_in()

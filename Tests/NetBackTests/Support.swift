@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import Synchronization
 import CNetShim
+import CXen
 import NetBack
 import NetFrontKit
 import XenHV
@@ -152,7 +153,7 @@ final class PeerNetwork {
         pthread_create(&t, nil, { a in
             let b = Unmanaged<Box>.fromOpaque(a!).takeRetainedValue()
             let nsfd = open(b.path, O_RDONLY | O_CLOEXEC)
-            guard nsfd >= 0, cnet_enter_netns(nsfd) == 0 else { b.err = errno; return nil }
+            guard nsfd >= 0, cxen_setns(nsfd, 0x4000_0000 /* CLONE_NEWNET */) == 0 else { b.err = errno; return nil }
             close(nsfd)
             let s = Glibc.socket(b.v6 ? AF_INET6 : AF_INET, b.type | Int32(SOCK_CLOEXEC.rawValue), 0)
             guard s >= 0 else { b.err = errno; return nil }

@@ -48,9 +48,6 @@ ssize_t cnet_writev(int fd, const struct iovec *iov, int iovcnt);
 /* readv that returns bytes or -errno. */
 ssize_t cnet_readv(int fd, const struct iovec *iov, int iovcnt);
 
-/* setns(fd, CLONE_NEWNET) for the calling thread. 0 or -errno. */
-int cnet_enter_netns(int fd);
-
 /* if_nametoindex, 0 when there is no such device. */
 unsigned int cnet_ifindex(const char *name);
 
