@@ -23,6 +23,9 @@ public final class MappingBudget: Sendable {
 
     /// One more mapping, if the budget has room.
     @inline(__always) func take() -> Bool {
+        // A spent budget is only read: every queue of every guest shares this
+        // counter, and a miss past the budget must not write its cache line.
+        guard used.load(ordering: .relaxed) < limit else { return false }
         if used.wrappingAdd(1, ordering: .relaxed).newValue <= limit { return true }
         used.wrappingSubtract(1, ordering: .relaxed)
         return false

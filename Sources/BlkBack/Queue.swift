@@ -413,6 +413,13 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
               bounceFreeCount >= q.nrSegments || (engine?.inFlight ?? 0) == 0 else { return }
         deferred = nil
         startIO(q, geometry: disk.geometry, dsync: dsync, segmentsCopied: true)
+        submitBatch()
+    }
+
+    /// Submits what the ring pass queued (one io_submit per chunk); a refused
+    /// iocb is answered with its error.
+    @inline(__always)
+    private func submitBatch() {
         engine?.submit(refused: { slot, err in self.complete(slot: slot, result: -Int(err)) }, completed: complete)
     }
 
@@ -447,7 +454,7 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
             budget -= 1
             handle(R.decode(raw))
         }
-        engine?.submit(refused: { slot, err in self.complete(slot: slot, result: -Int(err)) }, completed: complete)
+        submitBatch()
         return nslots - budget
     }
 
@@ -511,7 +518,7 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
         if e != 0 { return fail(q, .ioError(e)) }
         if q.nrSegments == 0 { return respond(q.id, q.responseOp, .okay) }
         startIO(q, geometry: disk.geometry, dsync: true)
-        engine?.submit(refused: { slot, err in self.complete(slot: slot, result: -Int(err)) }, completed: complete)
+        submitBatch()
     }
 
     /// READ/WRITE (direct or indirect), or the data of a flush: validates every
@@ -528,18 +535,20 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
         let n = q.nrSegments
         // 1. The segment list, copied once into our scratch (kept from the
         // first attempt when `segmentsCopied`).
-        if !segmentsCopied && q.isIndirect {
-            let per = BlkifLimits.segmentsPerIndirectPage
-            for p in 0..<q.indirectPages {
-                let gref = q.indirectGref(p)
-                let count = Swift.min(per, n - p * per)
-                guard copyIndirectPage(gref, into: segs + p * per, count: count) else {
-                    return fail(q, .grantMapFailed(gref))
+        if !segmentsCopied {
+            if q.isIndirect {
+                let per = BlkifLimits.segmentsPerIndirectPage
+                for p in 0..<q.indirectPages {
+                    let gref = q.indirectGref(p)
+                    let count = Swift.min(per, n - p * per)
+                    guard copyIndirectPage(gref, into: segs + p * per, count: count) else {
+                        return fail(q, .grantMapFailed(gref))
+                    }
                 }
-            }
-        } else if !segmentsCopied {
-            withUnsafeBytes(of: q.directSegments) { b in
-                for i in 0..<n { segs[i] = b.load(fromByteOffset: i * 8, as: UInt64.self) }
+            } else {
+                withUnsafeBytes(of: q.directSegments) { b in
+                    for i in 0..<n { segs[i] = b.load(fromByteOffset: i * 8, as: UInt64.self) }
+                }
             }
         }
         // 2. Validation of the copy.
@@ -581,6 +590,7 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
             if (Int(bitPattern: base) | len) & align != 0 { aligned = false }
             iov[i] = iovec(iov_base: base, iov_len: len)
         }
+        if sp.pointee.bounces > 0 { BlkStats.bump(stats.bouncedSegments, by: UInt64(sp.pointee.bounces)) }
         if write && sp.pointee.bounces > 0, let gref = copyBounces(slot: slot, toGuest: false) {
             release(slot: slot)
             freeSlots[freeCount] = Int32(slot)
@@ -717,8 +727,7 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
             persistentMisses &+= 1
         }
         guard let p = bounceSegment(slot: slot, gref: gref, offset: offset, length: length) else { return nil }
-        BlkStats.bump(stats.bouncedSegments)
-        return p - offset
+        return p - offset  // counted per request, in startIO
     }
 
     /// The mapped page's address, for iovecs. Sound to keep: the page stays

@@ -99,9 +99,10 @@ final class QueueWorker: @unchecked Sendable {
         let rate = shared.rate.withLock { $0 }
         tx = TxEngine(ring: BackRing(attaching: txRing), hypervisor: hypervisor, domid: domid, tapFD: tapFD,
                       stats: shared.stats, queueStats: shared.stats.queues[index], rate: rate)
+        let offloads = Vif.tapOffloads(features)
         rx = RxEngine(ring: BackRing(attaching: rxRing), hypervisor: hypervisor, domid: domid, tapFD: tapFD,
-                      stats: shared.stats, queueStats: shared.stats.queues[index], sg: features.sg, gsoTCPv4: features.sg && features.gsoTCPv4,
-                      gsoTCPv6: Vif.tapOffloads(features).tso6, ipv6Checksum: features.ipv6ChecksumOffload,
+                      stats: shared.stats, queueStats: shared.stats.queues[index], sg: features.sg, gsoTCPv4: offloads.tso4,
+                      gsoTCPv6: offloads.tso6, ipv6Checksum: features.ipv6ChecksumOffload,
                       queueLimit: rxQueueLimit)
     }
 

@@ -196,9 +196,7 @@ struct RxEngine: ~Copyable {
             let len = lengths[head] - VnetHeader.size
             var h = VnetHeader.load(from: p)
             let data = p + VnetHeader.size
-            if h.needsChecksum && !ipv6Checksum && Self.isIPv6(UnsafeRawBufferPointer(start: data, count: len)) {
-                h = Self.completeChecksum(h, length: len) { data + $0 * Self.pageSize }
-            }
+            h = finishingIPv6Checksum(h, length: len, firstPage: data) { data + $0 * Self.pageSize }
             guard let frame = layout(h, length: len) else {
                 popBacklog()
                 continue
@@ -284,9 +282,21 @@ struct RxEngine: ~Copyable {
     /// Whether an Ethernet frame (optionally 802.1Q-tagged) carries IPv6.
     static func isIPv6(_ f: UnsafeRawBufferPointer) -> Bool {
         guard f.count >= 14 else { return false }
-        let type = UInt16(f[12]) << 8 | UInt16(f[13])
-        if type == 0x8100, f.count >= 18 { return UInt16(f[16]) << 8 | UInt16(f[17]) == 0x86DD }
+        let type = PacketParser.be16(f, 12)
+        if type == 0x8100, f.count >= 18 { return PacketParser.be16(f, 16) == 0x86DD }
         return type == 0x86DD
+    }
+
+    /// A frame of `length` bytes asking for a checksum (NEEDS_CSUM) that a
+    /// frontend without feature-ipv6-csum-offload cannot finish, when it is
+    /// IPv6: finished here (`page(k)`: data page k), so the guest gets a
+    /// complete one, as Linux's xenvif_fix_features makes the stack do.
+    @inline(__always)
+    func finishingIPv6Checksum(_ h: VnetHeader, length: Int, firstPage: UnsafeMutableRawPointer,
+                               page: (Int) -> UnsafeMutableRawPointer) -> VnetHeader {
+        guard h.needsChecksum && !ipv6Checksum,
+              Self.isIPv6(UnsafeRawBufferPointer(start: firstPage, count: Swift.min(length, Self.pageSize))) else { return h }
+        return Self.completeChecksum(h, length: length, page: page)
     }
 
     /// Finishes a partial checksum (NEEDS_CSUM: the field at csum_start +
@@ -382,11 +392,8 @@ struct RxEngine: ~Copyable {
                     }
                 }
                 let len = n - VnetHeader.size
-                if h.needsChecksum && !ipv6Checksum
-                    && Self.isIPv6(UnsafeRawBufferPointer(start: pinned[0].iov_base, count: Swift.min(len, Self.pageSize))) {
-                    // Data page k sits in buffer k, or k + 1 behind a GSO extra's.
-                    h = Self.completeChecksum(h, length: len) { k in pinned[k == 0 || plain ? k : k + 1].iov_base! }
-                }
+                // Data page k sits in buffer k, or k + 1 behind a GSO extra's.
+                h = finishingIPv6Checksum(h, length: len, firstPage: pinned[0].iov_base!) { k in pinned[k == 0 || plain ? k : k + 1].iov_base! }
                 return n
             }
             guard case .success(let n) = result else {

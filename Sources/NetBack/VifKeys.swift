@@ -74,10 +74,9 @@ public enum VifKeys {
             // numbers), else `event-channel`; a pair naming one port is that
             // one channel (xenvif_connect_data binds it once).
             let events: QueueEventChannels
-            func port(_ key: String) -> UInt32? { read(dir.isEmpty ? key : "\(dir)/\(key)").flatMap { UInt32($0) } }
-            if let t = port("event-channel-tx"), let r = port("event-channel-rx") {
+            if let t = try? number(read, "event-channel-tx", in: dir), let r = try? number(read, "event-channel-rx", in: dir) {
                 events = QueueEventChannels.split(tx: t, rx: r).normalized
-            } else if let p = port("event-channel") {
+            } else if let p = try? number(read, "event-channel", in: dir) {
                 events = .shared(p)
             } else {
                 throw KeyError("reading \(dir.isEmpty ? "" : dir + "/")event-channel(-tx/rx): missing or not a number")
