@@ -56,19 +56,19 @@ public final class XSConnection {
     }
 
     /// Queues a WATCH_EVENT unless (C xenstored's send_event) an identical event is
-    /// still pending (`dedupe`; special @ events are not deduplicated) or it would
-    /// take the output past `limit` bytes. Returns whether it was queued.
-    func enqueueEvent(_ body: [UInt8], dedupe: Bool, limit: Int?, expires: Double) -> Bool {
+    /// still pending (`dedupe`; special @ events are not deduplicated). The
+    /// output quota is the caller's (it drops before building the event).
+    /// Returns whether it was queued.
+    func enqueueEvent(_ body: [UInt8], dedupe: Bool, expires: Double) -> Bool {
         if dedupe && pendingEvents[body] != nil { return false }
-        if let limit, pendingBytes + XSHeader.size + body.count > limit { return false }
         body.withUnsafeBytes { enqueue(.watchEvent, reqID: 0, txID: 0, $0, event: body, expires: expires) }
         pendingEvents[body, default: 0] += 1
         return true
     }
 
     func forget(_ q: Queued) {
-        guard let body = q.event, let n = pendingEvents[body] else { return }
-        pendingEvents[body] = n > 1 ? n - 1 : nil
+        guard let body = q.event, let i = pendingEvents.index(forKey: body) else { return }
+        if pendingEvents.values[i] > 1 { pendingEvents.values[i] -= 1 } else { pendingEvents.remove(at: i) }
     }
 
     /// Drops watch events that expired before the transport began sending them (C

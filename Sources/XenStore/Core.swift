@@ -190,8 +190,8 @@ public final class XenStoreCore {
 
         case .directoryPart:
             // Exactly two NULs (xenstore_count_strings): path and offset.
-            guard p.reduce(0, { $0 + ($1 == 0 ? 1 : 0) }) == 2 else { throw .EINVAL }
-            let f = XSPayload.split(p)
+            let f = strings(p)
+            guard f.count == 2 else { throw .EINVAL }
             let (path, _) = try self.path(c, f[0])
             let n = try store.directory(path, c.caller, tx)
             let off = childOffset(f[1])

@@ -91,7 +91,7 @@ extension XenStoreCore {
         domains[domid] = d
         host.attachRing(conn, ring)
         log(.info, "introduced domain \(domid) (mfn \(mfn), port \(port))")
-        fire(XSChange(path: "@introduceDomain", exact: false, perms: XSPermissions(owner: 0)))
+        fireSpecial("@introduceDomain")
     }
 
     /// The domain's ring is bound to `port` (on the same port: the binding it
@@ -136,7 +136,7 @@ extension XenStoreCore {
         domains[domid] = nil
         removeOwnedNodes(domid)
         log(.info, "released domain \(domid)")
-        fire(XSChange(path: "@releaseDomain", exact: false, perms: XSPermissions(owner: 0)))
+        fireSpecial("@releaseDomain")
     }
 
     /// The hypervisor reports these domains shut down (XEN_DOMINF_shutdown: powered
@@ -152,7 +152,7 @@ extension XenStoreCore {
                 notify = true
             }
         }
-        if notify { fire(XSChange(path: "@releaseDomain", exact: false, perms: XSPermissions(owner: 0))) }
+        if notify { fireSpecial("@releaseDomain") }
     }
 
     /// Walks the tree from the root and removes each node `domid` owns with its

@@ -63,7 +63,7 @@ public final class DomainDeathWatcher: @unchecked Sendable {
                     logger.error("lost the hypervisor; domain deaths are no longer followed")
                     return
                 }
-                let living = list.filter { $0.state != 3 }  // not dying
+                let living = list.filter { DomainState(rawValue: $0.state) != .dying }
                 let alive = Set(living.map { UInt32($0.domid) })
                 let shutDown = living.filter(\.isShutdown).map { UInt32($0.domid) }
                 let dead = known.withLock { $0 }.filter { !alive.contains($0) }

@@ -33,11 +33,6 @@ public final class XSTransaction {
 
     init(id: UInt32) { self.id = id }
 
-    /// Distinct nodes accessed (the quantity C's quota_trans_nodes bounds).
-    var touchedCount: Int { accessed.count }
-    /// Entries the transaction holds, all bounded by what it touched.
-    var retainedCount: Int { accessed.count + changes.count }
-
     /// Records a change to announce, one per path: a non-exact change replaces an
     /// exact one, not the other way round (C: queue_watches).
     func announce(_ change: XSChange) {

@@ -39,11 +39,7 @@ struct XSWatchIndex {
     /// Calls `body(watch, reportedPath)` for every watch a change at `path` fires.
     func matches(_ change: XSChange, _ body: (XSWatch, String) -> Void) {
         let path = change.path
-        if path.utf8.first == UInt8(ascii: "@") {
-            byPath[path]?.forEach { body($0, path) }
-            return
-        }
-        if change.exact {
+        if change.exact || path.utf8.first == UInt8(ascii: "@") {
             byPath[path]?.forEach { body($0, path) }
             return
         }
@@ -59,12 +55,12 @@ struct XSWatchIndex {
 extension XenStoreCore {
     /// Queues the WATCH_EVENT messages a change causes, to watchers that may read
     /// (C's watch_permitted) the node under its old permissions, or under its current
-    /// ones, or its parent. A special (@) node's permissions are its node's (dom0
-    /// may grant read), its parent "/".
+    /// ones, or its parent. A special (@) node's parent is "/".
     func fire(_ change: XSChange) {
         guard watches.count > 0 else { return }
         let special = change.path.utf8.first == UInt8(ascii: "@")
-        let perms = special ? store.nodes[change.path]?.perms ?? change.perms : change.perms
+        let perms = change.perms
+        let now = monotonicSeconds()  // for the events' expiry
         var parentPerms = change.parentPerms
         var parentLooked = parentPerms != nil
         watches.matches(change) { w, reported in
@@ -82,27 +78,36 @@ extension XenStoreCore {
                 ok = parentPerms.map { caller.access($0).contains(.read) } ?? false
             }
             if !ok { return }
-            queueEvent(w, path: reported)
+            queueEvent(w, path: reported, now: now)
         }
+    }
+
+    /// Fires the watches on special node `name` (@introduceDomain,
+    /// @releaseDomain), which exists for good, under its permissions (dom0 may
+    /// grant read: C's fire_special_watches reads the node).
+    func fireSpecial(_ name: String) {
+        guard let perms = store.nodes[name]?.perms else { return }
+        fire(XSChange(path: name, exact: false, perms: perms))
     }
 
     /// Queues one WATCH_EVENT as C xenstored's send_event does: an event longer than
     /// XENSTORE_PAYLOAD_MAX or identical to one still pending is not sent; for an
     /// unprivileged watcher, nor is one past its output quota, and the event expires
     /// undelivered after the quota's timeout. No connection is closed for its backlog.
-    func queueEvent(_ w: XSWatch, path: String) {
+    func queueEvent(_ w: XSWatch, path: String, now: Double = monotonicSeconds()) {
         let c = w.conn
         let shown = w.relative ? XSPath.relativize(path, domid: c.domid) : path
         let len = shown.utf8.count + w.token.count + 2
         if len > Int(XENSTORE_PAYLOAD_MAX) { return }
+        // Past the output quota: dropped before anything is built for it.
+        if !c.privileged && c.pendingBytes + XSHeader.size + len > c.quotas.maxOutputBytes { return }
         var body: [UInt8] = []
         body.reserveCapacity(len)
         body.append(contentsOf: shown.utf8); body.append(0)
         body.append(contentsOf: w.token); body.append(0)
         let queued = c.enqueueEvent(body, dedupe: shown.utf8.first != UInt8(ascii: "@"),
-                                    limit: c.privileged ? nil : c.quotas.maxOutputBytes,
                                     expires: c.privileged || c.quotas.watchEventTimeout <= 0
-                                        ? 0 : monotonicSeconds() + c.quotas.watchEventTimeout)
+                                        ? 0 : now + c.quotas.watchEventTimeout)
         if queued { markDirty(c) }
     }
 

@@ -60,7 +60,7 @@ private func isEmptyPart(_ m: CoreClient.Msg) -> Bool {
         var errs: Set<String> = []
         for i in 0..<200 { errs.insert(g.readError("m\(i)/a/b/c", tx: t) ?? "ok") }
         #expect(errs.contains("ENOSPC"))
-        #expect(g.conn.transactions.values.first!.touchedCount <= 8)
+        #expect(g.conn.transactions.values.first!.accessed.count <= 8)
         // Reading the same node again costs nothing new.
         let t2 = g.txStart()
         for _ in 0..<50 { #expect(g.readError("m0", tx: t2) == "ENOENT") }
@@ -102,7 +102,7 @@ private func isEmptyPart(_ m: CoreClient.Msg) -> Bool {
         _ = g.txStart()  // never ended
         let name = String(repeating: "k", count: 200)
         for i in 0..<2000 { g.write("\(name)\(i)", ""); g.rm("\(name)\(i)") }
-        #expect(g.conn.transactions.values.first!.retainedCount < 16)
+        #expect(g.conn.transactions.values.first.map { $0.accessed.count + $0.changes.count }! < 16)
     }
 
     /// A transaction sees a node as it was when it first accessed it; a change after
