@@ -55,7 +55,10 @@ public struct GrantSpan: Sendable {
 struct MapHandles {
     var free: [GrantHandle] = []
     var highWater: GrantHandle = 0
+    /// Where each handle's page is mapped (0 while a map is under way);
+    /// ``unmapping`` marks a handle an unmap has claimed.
     var addresses: [UInt] = []
+    static let unmapping: UInt = 1
     /// Live mappings per granting domain: a dying domain's objects are dropped
     /// from the cache once this reaches zero.
     var perDomain: [DomID: Int] = [:]
@@ -180,35 +183,36 @@ extension Hypervisor {
 
     /// `GNTTABOP_unmap_grant_ref` by handle: GNTST_bad_handle for a handle not in use.
     ///
-    /// As Xen's unmap_common, the maptrack entry is read again under the
-    /// active entry's lock: of two unmaps of one handle at once, one finds it
-    /// still in use and unmaps it, the other gets GNTST_bad_handle. The page
-    /// is unmapped, its pin dropped and the handle freed once.
+    /// Xen's unmap_common decides which of two unmaps of one handle wins by
+    /// reading the maptrack entry again under the active entry's lock. Our
+    /// maptrack is this process's own, so the handle is claimed under the
+    /// process's state lock instead: of two unmaps at once one claims it and
+    /// unmaps it, the other gets GNTST_bad_handle. The page is unmapped before
+    /// the pin drops (the granter may revoke and reuse it after), and outside
+    /// the entry lock, which another process mapping the same grant would spin
+    /// on for the length of the munmap.
     @discardableResult
     public func unmap(handle: GrantHandle) -> GrantStatus {
-        guard maptrack != nil, handle < state.withLock({ $0.maps.capacity }) else { return .badHandle }
-        let e = cxen_load_acquire_u64(maptrackEntry(handle))
-        guard e & MaptrackLayout.inUse != 0 else { return .badHandle }
-        let d = DomID(truncatingIfNeeded: e >> 32)
-        let ref = GrantRef(truncatingIfNeeded: e)
-        let writable = e & MaptrackLayout.writable != 0
-        guard let dom = state.withLock({ $0.domains[d] }), ref < dom.active.entries else { return .badHandle }
-        let pins = dom.active.lock(ref, owner: clientID)
-        guard cxen_load_acquire_u64(maptrackEntry(handle)) == e else {
-            dom.active.unlock(ref, pins: pins)
-            return .badHandle
+        guard maptrack != nil else { return .badHandle }
+        let claim: (entry: UInt64, address: UInt, dom: ForeignDomain)? = state.withLock { s in
+            guard Int(handle) < s.maps.addresses.count else { return nil }
+            let e = cxen_load_acquire_u64(maptrackEntry(handle))
+            let address = s.maps.addresses[Int(handle)]
+            guard e & MaptrackLayout.inUse != 0, address & MapHandles.unmapping == 0,
+                  let dom = s.domains[DomID(truncatingIfNeeded: e >> 32)],
+                  GrantRef(truncatingIfNeeded: e) < dom.active.entries else { return nil }
+            s.maps.addresses[Int(handle)] = address | MapHandles.unmapping
+            return (e, address, dom)
         }
-        // Unmapped before the busy bits clear: the granter may revoke and reuse the page after.
-        let addr = state.withLock { $0.maps.addresses[Int(handle)] }
-        if addr != 0 { munmap(UnsafeMutableRawPointer(bitPattern: addr), HVLimits.pageSize) }
-        release(handle: handle, dom: dom, ref: ref, writable: writable, locked: pins)
+        guard let (e, address, dom) = claim else { return .badHandle }
+        if address != 0 { munmap(UnsafeMutableRawPointer(bitPattern: address), HVLimits.pageSize) }
+        release(handle: handle, dom: dom, ref: GrantRef(truncatingIfNeeded: e), writable: e & MaptrackLayout.writable != 0)
         return .okay
     }
 
-    /// Drops the pin of `handle` and frees it. With `locked` the entry lock
-    /// is held already (those are the pins it returned).
-    private func release(handle: GrantHandle, dom: ForeignDomain, ref: GrantRef, writable: Bool, locked: Pins? = nil) {
-        let pins = locked ?? dom.active.lock(ref, owner: clientID)
+    /// Drops the pin of `handle` and frees it.
+    private func release(handle: GrantHandle, dom: ForeignDomain, ref: GrantRef, writable: Bool) {
+        let pins = dom.active.lock(ref, owner: clientID)
         let left = Pins(read: pins.read - (writable ? 0 : min(1, pins.read)),
                         write: pins.write - (writable ? min(1, pins.write) : 0))
         dom.entries.releaseBusy(ref, pins: left)

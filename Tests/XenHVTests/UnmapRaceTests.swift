@@ -6,9 +6,8 @@ import Testing
 @testable import XenHV
 
 /// Two unmaps of one handle at once: one wins, the other gets
-/// GNTST_bad_handle, as Xen's unmap_common re-reads the maptrack entry under
-/// the active entry's lock. Never a double munmap, a pin dropped twice or a
-/// handle freed twice.
+/// GNTST_bad_handle, as in Xen's unmap_common. Never a double munmap, a pin
+/// dropped twice or a handle freed twice.
 @Suite struct UnmapRaceTests {
     /// What the main thread and the two unmapping threads share.
     final class Shared: Sendable {
@@ -78,5 +77,40 @@ import Testing
         #expect(f.dom0.unmapGrant(held) == .okay)
         #expect(g.send("end 5") == "ok")
         #expect(g.send("end 6") == "ok")
+    }
+
+    /// The page goes before the pin (the granter may reuse it once the busy
+    /// bits clear), and the munmap does not hold the grant's entry lock, which
+    /// every process mapping or copying that grant takes: with the lock held
+    /// elsewhere, an unmap has already unmapped the page while it waits.
+    @Test func unmapDropsThePageBeforeItWaitsForTheEntryLock() throws {
+        let f = try HypervisorFixture()
+        let (d, g) = try f.guest()
+        #expect(g.send("grant 7 0 12 rw") == "ok")
+        let m = try f.dom0.mapGrant(domid: d.domid, ref: 7, writable: true).get()
+        let dom = try #require(f.dom0.foreignDomain(d.domid))
+        let pins = dom.active.lock(7, owner: 0xFFFF_FFF0)
+        let s = Shared()
+        let hv = f.dom0
+        let unmapper = Thread {
+            if hv.unmap(handle: m.handle) == .okay { s.okays.add(1, ordering: .relaxed) }
+            s.finished.add(1, ordering: .releasing)
+        }
+        unmapper.start()
+        let page = m.region.base
+        let deadline = monotonicSeconds() + 10
+        var unmapped = false
+        while !unmapped && monotonicSeconds() < deadline {
+            unmapped = msync(page, HVLimits.pageSize, MS_ASYNC) != 0 && errno == ENOMEM
+            if !unmapped { sched_yield() }
+        }
+        #expect(unmapped, "the page was still mapped while the unmap waited for the entry lock")
+        #expect(s.finished.load(ordering: .acquiring) == 0, "the unmap dropped its pin without the entry lock")
+        #expect(g.send("flags 7") == "\(GTF_permit_access | GTF_reading | GTF_writing)")
+        dom.active.unlock(7, pins: pins)
+        while s.finished.load(ordering: .acquiring) == 0 { sched_yield() }
+        #expect(s.okays.load(ordering: .relaxed) == 1)
+        #expect(g.send("flags 7") == "\(GTF_permit_access)")
+        #expect(g.send("end 7") == "ok")
     }
 }
