@@ -39,6 +39,7 @@ extension Toolstack {
         do { try startMonitor(for: guest, configText: text, configPath: configPath) } catch {
             if let hv = try? connect() { try? hv.destroyDomain(guest.domid) }
             if let xs = try? connectStore() { removeStoreEntries(of: guest.domid, xs); xs.close() }
+            unlink(monitorConfigPath(guest.name))
             throw error
         }
         return guest

@@ -63,6 +63,8 @@ public struct DomainConfig: Sendable, Equatable {
         guard n.utf8.count <= 64, !n.contains(where: { $0 == "/" || $0.isWhitespace }) else {
             throw fail("name", "name '\(n)' must be 1-64 characters without '/' or spaces")
         }
+        // xl's verbs, and ours, would read such a name as an option.
+        guard !n.hasPrefix("-") else { throw fail("name", "name '\(n)' must not start with '-'") }
         name = n
         /// xlu_cfg_get_bounded_long: any atom, quoted or not, read whole with
         /// strtol(..., 0) (`0x200`, `"512"`); a `+=` setting is refused.

@@ -21,9 +21,11 @@ extension Toolstack {
     /// directory; another run directory's toolstack numbers its domains from
     /// 1 too, so its names carry a hash of that directory.
     public func networkNamespace(of domid: XenHV.DomID) -> String {
-        guard runDir != "/run/swiftxen" else { return "xen-\(domid)" }
+        // Through symlinks too (/var/run is /run on Debian), so create and destroy agree however it was named.
+        let dir = realpath(runDir, nil).map { p in defer { free(p) }; return String(cString: p) } ?? runDir
+        guard dir != "/run/swiftxen" else { return "xen-\(domid)" }
         var h: UInt32 = 2_166_136_261  // FNV-1a
-        for b in runDir.utf8 { h = (h ^ UInt32(b)) &* 16_777_619 }
+        for b in dir.utf8 { h = (h ^ UInt32(b)) &* 16_777_619 }
         return "xen-\(domid)-" + String(h, radix: 16)
     }
 

@@ -69,7 +69,7 @@ extension Toolstack {
         do {
             _ = try ProcessLauncher.spawn(
                 ProcessLauncher.executableDirectory + "/xenctl",
-                arguments: ["monitor", "--run-dir", runDir, "--name", guest.name, "--domid", "\(guest.domid)",
+                arguments: ["monitor", "--run-dir", runDir, "--name=" + guest.name, "--domid", "\(guest.domid)",
                             "--config-path", configPath, "--ready-fd", "3"],
                 descriptors: [(null, 0), (log >= 0 ? log : null, 1), (log >= 0 ? log : null, 2), (ready[1], 3)],
                 newSession: true)
@@ -304,11 +304,11 @@ extension Toolstack {
         var buf = [CChar](repeating: 0, count: 24)
         strftime(&buf, buf.count, "-%Y%m%dT%H%MZ", &tm)
         let suffix = cString(buf)
-        var candidate = String(info.name.prefix(64 - suffix.count)) + suffix
+        var candidate = info.name.prefix(utf8: 64 - suffix.utf8.count) + suffix
         do { try hv.renameDomain(info.domid, to: candidate) } catch let e as XenErrno where e == .EEXIST {
             // Twice in one minute: the old domid keeps the names apart.
             let more = suffix + "-\(info.domid)"
-            candidate = String(info.name.prefix(64 - more.count)) + more
+            candidate = info.name.prefix(utf8: 64 - more.utf8.count) + more
             try hv.renameDomain(info.domid, to: candidate)
         }
         try xs.write("/local/domain/\(info.domid)/name", candidate)

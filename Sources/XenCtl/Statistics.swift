@@ -40,7 +40,8 @@ extension Toolstack {
         func rate(_ d: DeviceStatistics, _ k: String) -> String {
             guard seconds > 0, let p = previous.first(where: { $0.type == d.type && $0.domid == d.domid && $0.devid == d.devid }),
                   let a = p.counters[k], let b = d.counters[k], b >= a else { return "-" }
-            return String(Int(Double(b - a) / seconds))
+            let r = Double(b - a) / seconds
+            return r < 1e18 ? String(Int(r)) : "-"
         }
         var out = "Domain           Device      " + "ops-in".leftPadding(10) + "ops-out".leftPadding(10)
             + "/s-in".leftPadding(8) + "/s-out".leftPadding(8) + "bytes-in".leftPadding(14) + "bytes-out".leftPadding(14)

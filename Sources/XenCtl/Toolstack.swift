@@ -4,8 +4,22 @@ import XenHV
 /// The toolstack's operations on one run directory (xl's verbs and the service
 /// launcher). Errors are single lines that name the object.
 public struct Toolstack: Sendable {
+    /// The run directory, absolute: guests run in `/` and the names made
+    /// from it (network namespaces) must not depend on how it was spelt.
     public let runDir: String
-    public init(runDir: String) { self.runDir = runDir }
+    public init(runDir: String) { self.runDir = Self.absolutePath(runDir) }
+
+    /// `path` made absolute against the current directory, without empty or
+    /// `.` components (`..` is kept: what it means depends on symlinks).
+    static func absolutePath(_ path: String) -> String {
+        var full = path
+        if !path.hasPrefix("/") {
+            var buf = [CChar](repeating: 0, count: Int(PATH_MAX))
+            if getcwd(&buf, buf.count) != nil { full = cString(buf) + "/" + path }
+        }
+        let parts = full.split(separator: "/").filter { $0 != "." }
+        return "/" + parts.joined(separator: "/")
+    }
 
     public struct Failure: Error, CustomStringConvertible {
         public let description: String
@@ -174,4 +188,15 @@ private func fscanf_pid(_ f: UnsafeMutablePointer<FILE>, _ pid: inout Int32) -> 
 extension String {
     func padding(_ n: Int) -> String { count >= n ? self : self + String(repeating: " ", count: n - count) }
     func leftPadding(_ n: Int) -> String { count >= n ? self : String(repeating: " ", count: n - count) + self }
+    /// The longest prefix of whole characters that is at most `bytes` UTF-8 bytes
+    /// (Xen counts a domain name's length in bytes).
+    func prefix(utf8 bytes: Int) -> String {
+        var end = startIndex, used = 0
+        for c in self {
+            used += c.utf8.count
+            guard used <= bytes else { break }
+            end = index(after: end)
+        }
+        return String(self[..<end])
+    }
 }

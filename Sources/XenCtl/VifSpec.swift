@@ -119,7 +119,7 @@ public struct MACAddress: Sendable, Equatable, Hashable, CustomStringConvertible
         guard parts.count == 6 else { throw SpecError("'\(s)' is not a MAC address like 00:16:3e:01:02:03") }
         var b: [UInt8] = []
         for p in parts {
-            guard p.count == 2, let v = UInt8(p, radix: 16) else { throw SpecError("'\(s)' is not a MAC address like 00:16:3e:01:02:03") }
+            guard p.count == 2, p.allSatisfy(\.isHexDigit), let v = UInt8(p, radix: 16) else { throw SpecError("'\(s)' is not a MAC address like 00:16:3e:01:02:03") }
             b.append(v)
         }
         guard b[0] & 1 == 0 else { throw SpecError("'\(s)' is a multicast address; a NIC needs a unicast one") }

@@ -71,6 +71,9 @@ public struct XLConfig: Sendable, Equatable {
         let file: String
         var i = 0
         var line = 1
+        /// Lists open around the parser's position.
+        var depth = 0
+        static let maxDepth = 32
         init(_ s: [Unicode.Scalar], file: String) { self.s = s; self.file = file }
 
         var atEnd: Bool { i >= s.count }
@@ -158,6 +161,11 @@ public struct XLConfig: Sendable, Equatable {
 
         mutating func list() throws(ConfigError) -> [Value] {
             let start = line
+            // Lists nest (a value is an atom or a list), but not without end:
+            // a deep enough one would overflow the stack of this recursion.
+            guard depth < Self.maxDepth else { throw error("lists nested more than \(Self.maxDepth) deep") }
+            depth += 1
+            defer { depth -= 1 }
             advance()
             var items: [Value] = []
             while true {

@@ -29,6 +29,15 @@ func fail(_ message: String) -> Never {
     exit(1)
 }
 
+/// A wait or an interval in seconds from the command line: a finite number
+/// in `range`, or one error line before anything is done.
+func checkSeconds(_ value: Double, _ option: String, in range: ClosedRange<Double> = 0...86_400) {
+    func text(_ x: Double) -> String { x == x.rounded() ? String(Int(x)) : String(x) }
+    guard value.isFinite, range.contains(value) else {
+        fail("--\(option) \(value): give a number of seconds from \(text(range.lowerBound)) to \(text(range.upperBound))")
+    }
+}
+
 struct Up: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Start the dom0 services, supervised.")
     @OptionGroup var rd: RunDirOption
@@ -106,6 +115,7 @@ struct BlockAttach: ParsableCommand {
     @Argument(help: "Domain name or id.") var domain: String
     @Argument(help: "The disk in xl's syntax, e.g. 'format=raw, vdev=xvdb, access=rw, target=/path/disk.img'.") var disk: String
     @Option(help: "Seconds to wait for the guest to connect the disk (then it is removed again).") var timeout: Double = 30
+    func validate() { checkSeconds(timeout, "timeout") }
     func run() throws {
         do {
             let (vdev, uri) = try Toolstack(runDir: rd.path).blockAttach(domain, spec: disk, seconds: timeout)
@@ -140,6 +150,7 @@ struct NetworkAttach: ParsableCommand {
     @Argument(help: "Domain name or id.") var domain: String
     @Argument(help: "The NIC in xl's syntax, e.g. 'mac=00:16:3e:01:02:03, bridge=xenbr0'.") var vif: String
     @Option(help: "Seconds to wait for the guest to connect the NIC (then it is removed again).") var timeout: Double = 30
+    func validate() { checkSeconds(timeout, "timeout") }
     func run() throws {
         do { print(try Toolstack(runDir: rd.path).networkAttach(domain, spec: vif, seconds: timeout)) } catch { fail("\(error)") }
     }
@@ -161,6 +172,7 @@ struct Shutdown: ParsableCommand {
     @OptionGroup var rd: RunDirOption
     @Argument(help: "Domain name or id.") var domain: String
     @Option(help: "Seconds to wait for the guest.") var timeout: Double = 30
+    func validate() { checkSeconds(timeout, "timeout") }
     func run() throws {
         do {
             if let d = try Toolstack(runDir: rd.path).shutdown(domain, seconds: timeout) {
@@ -176,6 +188,7 @@ struct Reboot: ParsableCommand {
     @OptionGroup var rd: RunDirOption
     @Argument(help: "Domain name or id.") var domain: String
     @Option(help: "Seconds to wait for the guest.") var timeout: Double = 30
+    func validate() { checkSeconds(timeout, "timeout") }
     func run() throws {
         do {
             if let d = try Toolstack(runDir: rd.path).shutdown(domain, reboot: true, seconds: timeout) {
@@ -190,6 +203,7 @@ struct Top: ParsableCommand {
     @OptionGroup var rd: RunDirOption
     @Flag(help: "Print one table and exit.") var once = false
     @Option(help: "Seconds between refreshes.") var interval: Double = 1
+    func validate() { checkSeconds(interval, "interval", in: 0.1...3600) }
     func run() throws {
         let t = Toolstack(runDir: rd.path)
         guard t.supervisorPID() != nil else { fail("dom0 services are not running (xenctl up starts them)") }
@@ -208,6 +222,7 @@ struct Metrics: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Per-device counters and service health in Prometheus text format.")
     @OptionGroup var rd: RunDirOption
     @Option(help: "Serve GET /metrics on 127.0.0.1:PORT instead of printing once.") var listen: UInt16?
+    func validate() { if listen == 0 { fail("--listen 0: give the port to serve on (1-65535)") } }
     func run() throws {
         let t = Toolstack(runDir: rd.path)
         guard let port = listen else { print(t.metricsText(), terminator: ""); return }

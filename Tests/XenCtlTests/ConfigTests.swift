@@ -49,6 +49,20 @@ import XenHV
         #expect(d.cpus == nil, "no cpus: any CPU")
     }
 
+    /// Input that used to trap or to fail late: lists nested without end
+    /// (the parser's recursion), and a name xl's verbs would take for an option.
+    @Test func badInputIsOneConfigError() throws {
+        let deep = "x = " + String(repeating: "[", count: 100_000)
+        #expect(throws: ConfigError(file: "d.cfg", line: 1, message: "lists nested more than 32 deep")) {
+            try XLConfig(parsing: deep, file: "d.cfg")
+        }
+        let nested = "x = " + String(repeating: "[", count: 32) + "'a'" + String(repeating: "]", count: 32) + "\n"
+        #expect(throws: Never.self) { try XLConfig(parsing: nested, file: "d.cfg") }
+        #expect(throws: ConfigError(file: "d.cfg", line: 2, message: "name '-web' must not start with '-'")) {
+            try DomainConfig(try XLConfig(parsing: "memory = 32\nname = '-web'\n", file: "d.cfg"))
+        }
+    }
+
     /// xl.cfg(5)'s `cpus` CPULISTs, read left to right as xl's parse_cpurange does.
     @Test func cpuLists() throws {
         #expect(try DomainConfig.cpuList("0-3,^1").cpus == [0, 2, 3])
@@ -168,6 +182,9 @@ import XenHV
         #expect(try VifSpec(parsing: "mtu=9000").mtu == 9000)
         #expect(throws: SpecError.self) { try VifSpec(parsing: "mtu=12") }
         #expect(throws: SpecError.self) { try VifSpec(parsing: "mac=00:16:3e:01:02") }
+        // Two hex digits a byte: a sign is no digit (UInt8(_:radix:) would take "-0" and "+e").
+        #expect(throws: SpecError.self) { try VifSpec(parsing: "mac=-0:16:3e:01:02:03") }
+        #expect(throws: SpecError.self) { try VifSpec(parsing: "mac=+e:16:3e:01:02:03") }
         let r = MACAddress.randomXen()
         #expect(r.bytes.prefix(3) == [0, 0x16, 0x3E] && r.bytes[0] & 1 == 0)
     }

@@ -234,6 +234,29 @@ import XenTestKit
         #expect(processes(mentioning: run).isEmpty)
     }
 
+    /// Waits and intervals that are no number of seconds, and port 0: one
+    /// line before anything is done (a NaN timeout used to trap after the
+    /// device was in the store, a negative interval to block for ever).
+    @Test func badSecondsAndPortsAreOneLine() throws {
+        let run = NSTemporaryDirectory() + "xenctl-args-\(getpid())"
+        let cases: [[String]] = [
+            ["block-attach", "d", "vdev=xvdb, target=/nope.img", "--timeout", "nan"],
+            ["network-attach", "d", "bridge=xenbr0", "--timeout=-1"],
+            ["shutdown", "d", "--timeout=-inf"],
+            ["reboot", "d", "--timeout", "1e30"],
+            ["top", "--interval=-1"],
+            ["top", "--interval", "1e-300"],
+            ["metrics", "--listen", "0"],
+        ]
+        for args in cases {
+            let r = CommandResult.run(Self.bin, args + ["--run-dir", run], timeout: 20)
+            let option = args.last { $0.hasPrefix("--") }!.split(separator: "=")[0]
+            #expect(r.status != 0 && r.out.isEmpty, "\(args)")
+            #expect(r.err.hasPrefix("xenctl: \(option) ") && r.err.split(separator: "\n").count == 1, "\(args): \(r.err)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: run), "nothing was made")
+    }
+
     @Test func unitsCarryTheSupervisorsCommandLines() throws {
         let units = Toolstack.systemdUnits(bindir: "/usr/local/bin")
         let specs = Toolstack(runDir: "/run/swiftxen").services(bindir: "/usr/local/bin")

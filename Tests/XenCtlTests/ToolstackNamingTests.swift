@@ -1,0 +1,37 @@
+import Foundation
+import Glibc
+import Testing
+@testable import XenCtl
+
+/// Names the toolstack derives: the same run directory however it is spelt,
+/// and domain names cut to Xen's 64 bytes, not 64 characters.
+@Suite struct ToolstackNamingTests {
+    @Test func aRunDirectoryNamesTheSameNamespaceHoweverItIsSpelt() throws {
+        let dir = NSTemporaryDirectory() + "naming-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir + "/run", withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let link = dir + "/link"
+        #expect(symlink(dir + "/run", link) == 0)
+        let plain = Toolstack(runDir: dir + "/run")
+        #expect(plain.runDir == dir + "/run")
+        #expect(Toolstack(runDir: dir + "//run/./").runDir == dir + "/run")
+        // Relative to the current directory (not changed here: the suites run in parallel in one process).
+        let cwd = FileManager.default.currentDirectoryPath
+        #expect(Toolstack(runDir: "a/./b/").runDir == (cwd == "/" ? "" : cwd) + "/a/b")
+        let ns = plain.networkNamespace(of: 3)
+        #expect(ns.hasPrefix("xen-3-"))
+        for other in [Toolstack(runDir: dir + "/run/"), Toolstack(runDir: link)] {
+            #expect(other.networkNamespace(of: 3) == ns, "\(other.runDir)")
+        }
+        #expect(Toolstack(runDir: "/run/swiftxen/").networkNamespace(of: 3) == "xen-3")
+    }
+
+    @Test func namesAreCutByUTF8Bytes() {
+        let name = String(repeating: "é", count: 32)  // 64 bytes
+        let cut = name.prefix(utf8: 64 - "-20261205T1200Z".utf8.count)
+        #expect(cut.utf8.count == 48 && cut == String(repeating: "é", count: 24))
+        #expect("abcé".prefix(utf8: 4) == "abc", "a character is never split")
+        #expect("abc".prefix(utf8: 10) == "abc")
+        #expect("abc".prefix(utf8: 0) == "")
+    }
+}
