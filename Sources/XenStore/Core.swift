@@ -275,7 +275,7 @@ public final class XenStoreCore {
             guard let t = tx else { throw .ENOENT }
             c.transactions[h.txID] = nil
             if arg[0] == UInt8(ascii: "T") {
-                for ch in try store.commit(t) { fire(ch) }
+                for ch in try store.commit(t, maxNodes: c.privileged ? nil : c.quotas.maxNodes) { fire(ch) }
             }
             c.enqueueOK(.transactionEnd, reqID: r, txID: h.txID)
 
@@ -296,8 +296,12 @@ public final class XenStoreCore {
             c.enqueueOK(.release, reqID: r, txID: h.txID)
 
         case .resume:
+            // C do_resume (onearg_domain): dom0 is EINVAL; the domain runs
+            // again, so its next shutdown fires @releaseDomain again.
             let domid = try parseDomid(onearg(p))
-            guard domains[domid] != nil else { throw .ENOENT }
+            if domid == 0 { throw .EINVAL }
+            guard let d = domains[domid] else { throw .ENOENT }
+            d.shutdown = false
             c.enqueueOK(.resume, reqID: r, txID: h.txID)
 
         case .isDomainIntroduced:

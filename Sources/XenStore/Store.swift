@@ -245,9 +245,16 @@ public final class XSStore {
     /// Commits, or leaves the store untouched and throws: ENOMEM for a transaction an
     /// access was refused in, EAGAIN when a node it accessed changed since (C:
     /// do_transaction_end, finalize_transaction). Returns the changes to announce.
-    /// Quotas were checked as the transaction ran.
-    public func commit(_ t: XSTransaction) throws(XSError) -> [XSChange] {
+    /// Node sizes were checked as the transaction ran; the node counts are
+    /// checked again here against `maxNodes` (nil for a privileged
+    /// connection), with everything committed since the transaction began, as
+    /// C's acc_fix_domains does: ENOSPC, or several transactions, each within
+    /// the quota on its own, would together take a domain past it.
+    public func commit(_ t: XSTransaction, maxNodes: Int? = nil) throws(XSError) -> [XSChange] {
         if t.failed { throw .ENOMEM }
+        if let maxNodes {
+            for (d, delta) in t.nodeDelta where delta > 0 && owned[d, default: 0] + delta > maxNodes { throw .ENOSPC }
+        }
         for (path, a) in t.accessed where nodes[path]?.generation != a.generation { throw .EAGAIN }
         for (path, a) in t.accessed where a.modified {
             if var n = a.node {

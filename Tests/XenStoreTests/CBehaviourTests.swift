@@ -299,6 +299,22 @@ private func isEmptyPart(_ m: CoreClient.Msg) -> Bool {
         try! core.releaseDomain(4)
         #expect(dom0.pollEvents().map(\.path) == ["@releaseDomain"])
     }
+
+    /// do_resume: a suspended domain that resumes runs again, so its next
+    /// shutdown fires @releaseDomain again (a checkpoint, or a cancelled
+    /// migration, followed by a power-off).
+    @Test func resumeClearsTheShutdown() {
+        let (core, _) = makeCore()
+        let dom0 = CoreClient(core)
+        _ = guest(core, 5)
+        dom0.watch("@releaseDomain", "r"); _ = dom0.pollEvents()
+        core.domainsShutDown([5])
+        #expect(dom0.pollEvents().map(\.path) == ["@releaseDomain"])
+        #expect(dom0.send(.resume, dom0.fields(["5"])).error == nil)
+        #expect(dom0.send(.resume, dom0.fields(["0"])).error == "EINVAL")
+        core.domainsShutDown([5])
+        #expect(dom0.pollEvents().map(\.path) == ["@releaseDomain"])
+    }
 }
 
 @Suite struct ReleaseLikeCTests {

@@ -546,6 +546,30 @@ func guest(_ core: XenStoreCore, _ domid: DomID) -> CoreClient {
         #expect(dom0.send(.control, dom0.fields(["quota", "5"])).string.contains("nodes 6"))
     }
 
+    /// C's do_transaction_end checks the node quota again at commit
+    /// (acc_fix_domains): transactions each within the quota on their own
+    /// cannot together take a guest past it.
+    @Test func nodeCountHoldsAcrossTransactions() {
+        var q = XSQuotas(); q.maxNodes = 6
+        let (core, dom0, g) = setup(q)
+        // The home directory is one of the 6; each transaction adds 3.
+        let t1 = g.txStart(), t2 = g.txStart()
+        #expect(g.write("a/b/c", "v", tx: t1) == nil)
+        #expect(g.write("x/y/z", "v", tx: t2) == nil)
+        #expect(g.txEnd(t1, commit: true) == nil)
+        #expect(g.txEnd(t2, commit: true) == "ENOSPC")
+        #expect(g.readError("x") == "ENOENT")
+        #expect(core.store.ownedCount(5, nil) == 4)
+        // A commit that removes as much as it adds is fine, and dom0 is not bound.
+        let t3 = g.txStart()
+        #expect(g.rm("a", tx: t3) == nil)
+        #expect(g.write("p/q/r", "v", tx: t3) == nil)
+        #expect(g.txEnd(t3, commit: true) == nil)
+        let t4 = dom0.txStart()
+        for i in 0..<5 { #expect(dom0.write("/local/domain/5/d\(i)", "v", tx: t4) == nil) }
+        #expect(dom0.txEnd(t4, commit: true) == nil)
+    }
+
     @Test func defaultNodeQuotaIs1000() {
         let (core, _, g) = setup(.default)
         var err: String? = nil
