@@ -101,7 +101,10 @@ public final class BlkbackDriver: XenBusBackendDriver {
             guard let n = UInt32(s) else { throw BlkBackError.badConfiguration("\(key) is '\(s)', not a number") }
             return n
         }
-        let order = try xs.readIfExists(fe + "/ring-page-order").map { _ in try number(fe + "/ring-page-order") } ?? 0
+        // Linux's connect_ring: a `ring-page-order` present, even 0, means the
+        // refs are ring-ref0..N (multi_ref); absent, the one ring-ref.
+        let orderKey = try xs.readIfExists(fe + "/ring-page-order")
+        let order = try orderKey.map { _ in try number(fe + "/ring-page-order") } ?? 0
         guard order <= UInt32(BlkifLimits.maxRingPageOrder) else {
             throw BlkBackError.badConfiguration("ring-page-order \(order) above \(BlkifLimits.maxRingPageOrder)")
         }
@@ -110,7 +113,7 @@ public final class BlkbackDriver: XenBusBackendDriver {
             throw BlkBackError.badConfiguration("multi-queue-num-queues \(queues) (at most \(device.maxQueues))")
         }
         func ring(in dir: String) throws -> QueueRingConfig {
-            let refs: [GrantRef] = order == 0
+            let refs: [GrantRef] = orderKey == nil
                 ? [try number(dir + "/ring-ref")]
                 : try (0..<(1 << order)).map { try number(dir + "/ring-ref\($0)") }
             return QueueRingConfig(ringRefs: refs, eventChannel: try number(dir + "/event-channel"))

@@ -39,6 +39,8 @@ extension Hostile {
                 ("ring-ref granted to another domain", with(["ring-ref": "\(foreign)"])),
                 ("ring-page-order 9", with(["ring-page-order": "9", "ring-ref0": "\(front.queues[0].ringRefs[0])"])),
                 ("ring-page-order abc", with(["ring-page-order": "abc"])),
+                // Linux reads ring-ref0 once the order is given, even 0.
+                ("ring-page-order 0 with ring-ref only", with(["ring-page-order": "0"])),
                 ("multi-queue-num-queues 1000", with(["multi-queue-num-queues": "1000"])),
                 ("multi-queue-num-queues 0", with(["multi-queue-num-queues": "0"])),
                 ("event-channel abc", with(["event-channel": "abc"])),
