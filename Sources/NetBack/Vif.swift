@@ -207,6 +207,9 @@ public final class Vif: @unchecked Sendable {
         } catch {
             throw .netlink(error)
         }
+        // No carrier until a frontend connects (Linux's xenvif_alloc), so the
+        // bridge forwards nothing to a port no guest reads.
+        do throws(TapError) { try t.setCarrier(false) } catch { throw .tap(error) }
     }
 
     deinit { close() }
@@ -257,6 +260,7 @@ public final class Vif: @unchecked Sendable {
                 }
             } catch {
                 for w in started { w.stop() }
+                try? tap.setCarrier(false)
                 throw error
             }
             workers = started
@@ -289,11 +293,19 @@ public final class Vif: @unchecked Sendable {
     public var rate: RateLimit? { shared.rate.withLock { $0 } }
 
     /// Stops the workers, unmaps the rings and closes the event channels. The
-    /// tap stays (a reconnect reuses it).
+    /// tap stays (a reconnect reuses it), without carrier (Linux's
+    /// xenvif_disconnect_data), and the frames it still holds are dropped
+    /// (xenvif_rx_queue_purge): a frontend that connects later is not handed
+    /// frames from before, and none sit in dom0 meanwhile.
     public func disconnect() {
         lifecycle.withLock { _ in
+            guard !workers.isEmpty else { return }
             for w in workers { w.stop() }
             workers = []
+            guard let tap else { return }
+            try? tap.setCarrier(false)
+            var frame = [UInt8](repeating: 0, count: 65_536 + VnetHeader.size)
+            for _ in 0..<4096 where read(tap.queues[0], &frame, frame.count) > 0 {}
         }
     }
 

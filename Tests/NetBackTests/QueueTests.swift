@@ -51,6 +51,47 @@ import XenHV
         #expect(got)
     }
 
+    /// A vif has carrier only while a frontend is connected (Linux's
+    /// xenvif_alloc, xenvif_disconnect_data), and the frames it held when the
+    /// frontend left are dropped, not handed to the next one.
+    @Test func carrierOnlyWhileConnectedAndNoFramesFromBefore() throws {
+        let f = try HypervisorFixture()
+        let net = try PeerNetwork()
+        defer { net.tearDown() }
+        let (domid, guest) = try f.guest(pages: NetFront.pagesNeeded(queues: 2), name: uniqueName("netfront"))
+        var cfg = VifConfig(frontendDomid: domid, devid: 0, tapName: uniqueName("nbv"))
+        cfg.rxQueueLimit = 4
+        let vif = try Vif(hypervisor: f.dom0, config: cfg)
+        defer { vif.close() }
+        try net.plug(vif)
+        #expect(try !net.netlink.link(vif.name).carrier)
+        // A frontend that posts no buffers: what is sent to it waits, in the
+        // vif's backlog (4 frames) and in the tap.
+        let first = try NetFront(guest: guest)
+        try vif.connect(first.connection(features: .all))
+        #expect(try net.netlink.link(vif.name).carrier)
+        let s = try tapSender(vif.name)
+        defer { close(s) }
+        func frame(_ tag: UInt8) -> [UInt8] {
+            [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00, 0x16, 0x3e, 0x77, 0x77, 0x77, 0x88, 0xB5] + [UInt8](repeating: tag, count: 100)
+        }
+        for _ in 0..<40 { #expect(frame(1).withUnsafeBytes { send(s, $0.baseAddress, $0.count, 0) } == 114) }
+        vif.disconnect()
+        #expect(try !net.netlink.link(vif.name).carrier)
+        // The next frontend gets only what is sent after it connected.
+        let second = try NetFront(guest: guest, firstPage: NetFront.pagesPerQueue, firstRef: 16 + GrantRef(NetFront.pagesPerQueue))
+        let q = second.queues[0]
+        try q.postRx()
+        try vif.connect(second.connection(features: .all))
+        #expect(try net.netlink.link(vif.name).carrier)
+        #expect(frame(2).withUnsafeBytes { send(s, $0.baseAddress, $0.count, 0) } == 114)
+        var tags: [UInt8] = []
+        while !tags.contains(2), let r = try q.receive(timeout: 2000) {
+            if r.bytes.count == 114, r.bytes[12] == 0x88, r.bytes[13] == 0xB5 { tags.append(r.bytes[14]) }
+        }
+        #expect(tags == [2], "frames from before the reconnect: \(tags.filter { $0 == 1 }.count)")
+    }
+
     /// The backlog is bounded in bytes too (Linux's XENVIF_RX_QUEUE_BYTES):
     /// large frames fill it long before its frame limit.
     @Test func backlogOfLargeFramesIsBoundedInBytes() throws {
