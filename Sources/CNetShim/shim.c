@@ -13,12 +13,12 @@
 #include <netlink/route/link/bridge.h>
 #include <netlink/route/link/veth.h>
 
-int cnet_tap_open(const char *name, int multiqueue, char *actual) {
+int cnet_tap_open(const char *name, int multiqueue, int exclusive, char *actual) {
     int fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) return -errno;
     struct ifreq ifr;
     memset(&ifr, 0, sizeof ifr);
-    ifr.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (multiqueue ? IFF_MULTI_QUEUE : 0);
+    ifr.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (multiqueue ? IFF_MULTI_QUEUE : 0) | (exclusive ? IFF_TUN_EXCL : 0);
     if (strlen(name) >= IFNAMSIZ) { close(fd); return -ENAMETOOLONG; }
     strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
     if (ioctl(fd, TUNSETIFF, &ifr) < 0) { int e = errno; close(fd); return -e; }

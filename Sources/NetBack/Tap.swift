@@ -23,15 +23,17 @@ public final class Tap: @unchecked Sendable {
     /// One non-blocking descriptor per queue.
     public let queues: [CInt]
 
-    /// Creates (or attaches to) tap `name` with `queues` queue descriptors.
-    public init(name: String, queues count: Int = 1, multiQueue: Bool? = nil) throws(TapError) {
+    /// Creates (or attaches to) tap `name` with `queues` queue descriptors;
+    /// `exclusive` only creates (EBUSY when a device of that name exists), so
+    /// a queue is never attached to a tap someone else made.
+    public init(name: String, queues count: Int = 1, multiQueue: Bool? = nil, exclusive: Bool = false) throws(TapError) {
         precondition(count >= 1)
         let mq = multiQueue ?? (count > 1)
         precondition(mq || count == 1, "several queues need IFF_MULTI_QUEUE")
         var fds: [CInt] = []
         var actual = [CChar](repeating: 0, count: 16)
-        for _ in 0..<count {
-            let fd = cnet_tap_open(name, mq ? 1 : 0, &actual)
+        for i in 0..<count {
+            let fd = cnet_tap_open(name, mq ? 1 : 0, exclusive && i == 0 ? 1 : 0, &actual)
             guard fd >= 0 else {
                 fds.forEach { _ = Glibc.close($0) }
                 throw TapError(operation: "TUNSETIFF \(name)", errno: -fd)

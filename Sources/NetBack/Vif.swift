@@ -193,7 +193,9 @@ public final class Vif: @unchecked Sendable {
         self.hypervisor = hypervisor
         let wanted = config.tapName ?? Tap.vifName(domid: config.frontendDomid, devid: config.devid)
         let t: Tap
-        do { t = try Tap(name: wanted, queues: 1, multiQueue: config.maxQueues > 1) } catch { throw .tap(error) }
+        // Made, never joined: a tap of that name that exists (another vif's
+        // `vifname`, a leftover) would otherwise take this guest's frames.
+        do { t = try Tap(name: wanted, queues: 1, multiQueue: config.maxQueues > 1, exclusive: true) } catch { throw .tap(error) }
         tap = t
         name = t.name
         var l = logger ?? Logger(label: "netback")
@@ -364,7 +366,7 @@ extension Tap {
     public func openQueue() throws(TapError) -> CInt {
         guard multiQueue else { throw TapError(operation: "attach queue to \(name)", errno: EINVAL) }
         var actual = [CChar](repeating: 0, count: 16)
-        let fd = cnet_tap_open(name, 1, &actual)
+        let fd = cnet_tap_open(name, 1, 0, &actual)
         guard fd >= 0 else { throw TapError(operation: "TUNSETIFF \(name)", errno: -fd) }
         let r = cnet_tap_set_vnet_hdr_size(fd, Int32(VnetHeader.size))
         guard r == 0 else {

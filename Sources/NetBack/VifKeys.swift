@@ -22,7 +22,7 @@ public enum VifKeys {
         return v
     }
 
-    /// The backend directory's keys (written by the toolstack): mac, mtu, rate.
+    /// The backend directory's keys (written by the toolstack): mac, mtu, rate, vifname.
     /// `warn` gets one line for a `rate` that is refused (traffic then
     /// unlimited, as Linux's "Failed to parse network rate limit").
     public static func config(frontendDomid: DomID, devid: UInt32, maxQueues: Int,
@@ -38,6 +38,14 @@ public enum VifKeys {
             c.mtu = mtu
         }
         c.rate = rate(read("rate"), warn: warn)
+        // libxl's `vifname`: the tap gets that name instead of vif<domid>.<devid>
+        // (Xen's hotplug scripts rename the netdev to it; netback makes its tap so).
+        if let n = read("vifname"), !n.isEmpty {
+            guard n.utf8.count < 16, n != ".", n != "..", !n.contains(where: { "/:%".contains($0) || $0.isWhitespace }) else {
+                throw KeyError("bad vifname '\(n)'")
+            }
+            c.tapName = n
+        }
         return c
     }
 

@@ -29,6 +29,9 @@ extension Toolstack {
         if let script = vif.script { be["script"] = script }
         if let rate = vif.rate { be["rate"] = rate.xenstoreValue }
         if let mtu = vif.mtu { be["mtu"] = "\(mtu)" }
+        // For netback (the tap's name) and the hotplug script, as libxl writes them.
+        if let name = vif.vifname { be["vifname"] = name }
+        if let ip = vif.ip { be["ip"] = ip }
         try xs.createDevice(XenBusDevice(type: "vif", frontendDomid: domid, devid: devid), backend: be,
                             frontend: ["mac": mac, "handle": "\(devid)"], exclusive: exclusive)
         return mac

@@ -31,7 +31,7 @@ public struct VifSpec: Sendable, Equatable {
             switch key {
             case "mac": mac = try MACAddress(parsing: value)
             case "bridge":
-                guard Self.isValidInterfaceName(value) else { throw SpecError("'\(value)' is not a valid bridge name (1-15 characters, no '/', ':' or spaces)") }
+                guard Self.isValidInterfaceName(value) else { throw SpecError("'\(value)' is not a valid bridge name (1-15 characters, no '/', ':', '%' or spaces)") }
                 bridge = value
             case "script": script = value
             case "vifname":
@@ -50,9 +50,10 @@ public struct VifSpec: Sendable, Equatable {
         }
     }
 
-    /// Linux's IFNAMSIZ rules.
+    /// Linux's IFNAMSIZ rules, and no `%` (the kernel would take `%d` for a
+    /// number of its own choosing).
     public static func isValidInterfaceName(_ n: String) -> Bool {
-        !n.isEmpty && n.utf8.count < 16 && n != "." && n != ".." && !n.contains { $0 == "/" || $0 == ":" || $0.isWhitespace }
+        !n.isEmpty && n.utf8.count < 16 && n != "." && n != ".." && !n.contains { "/:%".contains($0) || $0.isWhitespace }
     }
 
     /// xl's rate syntax, as libxlu_vif.c's xlu_vif_parse_rate reads it:

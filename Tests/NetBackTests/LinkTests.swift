@@ -40,6 +40,13 @@ import XenTestKit
         let single = try Tap(name: uniqueName("nbt"))
         defer { _ = try? nl.deleteLink(single.name) }
         #expect(throws: TapError.self) { try single.openQueue() }
+        // An exclusive open never joins a tap that exists (IFF_TUN_EXCL: EBUSY).
+        let joined = #expect(throws: TapError.self) { try Tap(name: name, queues: 1, multiQueue: true, exclusive: true) }
+        #expect(joined?.errno == EBUSY)
+        let fresh = uniqueName("nbt")
+        let own = try Tap(name: fresh, queues: 2, multiQueue: true, exclusive: true)
+        defer { _ = try? nl.deleteLink(fresh) }
+        #expect(own.queues.count == 2)
     }
 
     @Test func bridgeEnslaveMTUUpRelease() throws {

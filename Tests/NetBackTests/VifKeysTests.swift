@@ -47,7 +47,12 @@ import Testing
         #expect(c.rate == RateLimit(bytesPerInterval: 1_250_000, intervalMicroseconds: 20000))
         #expect(throws: VifKeys.KeyError.self) { try VifKeys.config(frontendDomid: 3, devid: 1, maxQueues: 1) { $0 == "mac" ? "zz" : nil } }
         let unlimited = try VifKeys.config(frontendDomid: 3, devid: 1, maxQueues: 1) { $0 == "rate" ? "bogus" : nil }
-        #expect(unlimited.rate == nil && unlimited.mtu == 1500)
+        #expect(unlimited.rate == nil && unlimited.mtu == 1500 && unlimited.tapName == nil)
+        // libxl's vifname names the tap; one the kernel would refuse or number itself is an error.
+        #expect(try VifKeys.config(frontendDomid: 3, devid: 1, maxQueues: 1) { $0 == "vifname" ? "web0" : nil }.tapName == "web0")
+        for bad in ["this-is-too-long0", "a/b", "a:1", "vif%d", "a b", ".."] {
+            #expect(throws: VifKeys.KeyError.self, "\(bad)") { try VifKeys.config(frontendDomid: 3, devid: 1, maxQueues: 1) { $0 == "vifname" ? bad : nil } }
+        }
         #expect(Vif.backendFeatures(maxQueues: 4).contains { $0 == ("multi-queue-max-queues", "4") })
     }
 

@@ -31,6 +31,12 @@ extension XenctlCLITests {
         sh("/usr/bin/xenstore-exists", [path], environment: ["XENSTORED_PATH": runDir + "/xenstored/socket"]) == 0
     }
 
+    /// The value at `path` in the run directory's xenstore (Debian's xenstore-read), or nil.
+    func storeRead(_ path: String, runDir: String) -> String? {
+        let r = CommandResult.run("/usr/bin/xenstore-read", [path], environment: ["XENSTORED_PATH": runDir + "/xenstored/socket"])
+        return r.status == 0 ? r.out.trimmingCharacters(in: .newlines) : nil
+    }
+
     /// The first 4 bytes of `file` at `offset`.
     func bytes(_ file: String, at offset: UInt64 = 0) -> [UInt8] {
         guard let h = FileHandle(forReadingAtPath: file) else { return [] }
@@ -256,17 +262,27 @@ extension XenctlCLITests {
         }
         #expect(pinged, "no ping reply from the peer through the hotplugged NIC")
 
-        // A second NIC takes the lowest free id.
-        let (brc, bout, berr) = try xenctl("network-attach", "bare", "bridge=\(bridge)", runDir: run)
+        // A second NIC takes the lowest free id; its tap has the vifname
+        // asked for, and the store has that and `ip` for hotplug scripts.
+        let vifname = "xhn\(tag)"
+        let (brc, bout, berr) = try xenctl("network-attach", "bare", "bridge=\(bridge), vifname=\(vifname), ip=10.215.0.3", runDir: run)
         #expect(brc == 0 && bout.hasPrefix("nic eth1 netns \(guestNS) mac 00:16:3e:"), "\(bout)\(berr)")
-        #expect(access("/sys/class/net/\(bridge)/brif/vif\(domid).1", F_OK) == 0)
+        #expect(access("/sys/class/net/\(bridge)/brif/\(vifname)", F_OK) == 0)
+        #expect(access("/sys/class/net/vif\(domid).1", F_OK) != 0)
+        #expect(storeRead("/local/domain/0/backend/vif/\(domid)/1/ip", runDir: run) == "10.215.0.3")
+        // A vifname some device has already is refused, never joined (that
+        // would hand the guest's frames to it).
+        let (nrc, nout, nerr) = try xenctl("network-attach", "bare", "bridge=\(bridge), vifname=\(bridge)", runDir: run)
+        #expect(nrc != 0 && nout.isEmpty && nerr.hasPrefix("xenctl: domain 'bare': vif 2: the backend failed: ")
+                && nerr.split(separator: "\n").count == 1, "\(nerr)")
+        #expect(!storeHas("/local/domain/0/backend/vif/\(domid)/2", runDir: run))
 
         // Detaching eth0: tap and NIC go, eth1 stays.
         #expect(try xenctl("network-detach", "bare", "0", runDir: run).0 == 0)
         #expect(eventually { access("/sys/class/net/vif\(domid).0", F_OK) != 0 }, "the tap outlived the detach")
         #expect(eventually { sh(ip, ["-n", guestNS, "link", "show", "eth0"]) != 0 }, "eth0 outlived the detach")
         #expect(sh(ip, ["-n", guestNS, "link", "show", "eth1"]) == 0)
-        #expect(access("/sys/class/net/\(bridge)/brif/vif\(domid).1", F_OK) == 0)
+        #expect(access("/sys/class/net/\(bridge)/brif/\(vifname)", F_OK) == 0)
 
         // Bad input: one line naming the object, non-zero exit, no node, no tap.
         let bad: [([String], String)] = [
@@ -296,7 +312,7 @@ extension XenctlCLITests {
         // The last NIC's detach leaves the guest's namespace (it lives in
         // it); the domain's end takes it away.
         #expect(try xenctl("network-detach", "bare", "1", runDir: run).0 == 0)
-        #expect(eventually { access("/sys/class/net/vif\(domid).1", F_OK) != 0 })
+        #expect(eventually { access("/sys/class/net/\(vifname)", F_OK) != 0 })
         #expect(eventually { sh(ip, ["-n", guestNS, "link", "show", "eth1"]) != 0 }, "eth1 outlived the detach")
         #expect(access("/run/netns/" + guestNS, F_OK) == 0)
         #expect(try xenctl("network-list", "bare", runDir: run).1.split(separator: "\n").count == 1)

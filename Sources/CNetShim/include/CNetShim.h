@@ -31,10 +31,12 @@ static const unsigned int CNET_TUN_F_TSO6 = TUN_F_TSO6;
 static const unsigned int CNET_TUN_F_TSO_ECN = TUN_F_TSO_ECN;
 
 /* Opens /dev/net/tun and attaches to (or creates) tap `name` with
- * IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, plus IFF_MULTI_QUEUE when `multiqueue`.
- * The descriptor is non-blocking and close-on-exec. The kernel's name for the
- * device is written to `actual` (IFNAMSIZ bytes). Returns fd or -errno. */
-int cnet_tap_open(const char *name, int multiqueue, char *actual);
+ * IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, plus IFF_MULTI_QUEUE when `multiqueue`;
+ * with `exclusive` (IFF_TUN_EXCL) only creates: a device of that name that
+ * exists already is -EBUSY. The descriptor is non-blocking and close-on-exec.
+ * The kernel's name for the device is written to `actual` (IFNAMSIZ bytes).
+ * Returns fd or -errno. */
+int cnet_tap_open(const char *name, int multiqueue, int exclusive, char *actual);
 /* TUNSETOFFLOAD with TUN_F_* bits. 0 or -errno. */
 int cnet_tap_set_offload(int fd, unsigned int flags);
 /* TUNSETVNETHDRSZ. 0 or -errno. */
