@@ -2,6 +2,31 @@
 // privilege) is fixed by the transport at creation, never taken from messages.
 import Glibc
 
+/// Watch events a guest's requests caused that still wait in a dom0
+/// connection's output (C xenstored charges them to the request that caused
+/// them, and domain_can_read stops reading a domain with too many
+/// outstanding). Dom0's events are never dropped, so without this a guest
+/// writing under the nodes a slow dom0 client watches would grow the daemon
+/// without bound; past ``XSQuotas/maxCausedEvents`` the guest is not read
+/// until they drain.
+final class CausedEvents {
+    private(set) var count: [DomID: Int] = [:]
+    /// Called when a domain falls back under the limit: its ring is read again.
+    var onUnblock: (DomID) -> Void = { _ in }
+    let limit: Int
+
+    init(limit: Int) { self.limit = limit }
+
+    func blocked(_ d: DomID) -> Bool { (count[d] ?? 0) >= limit }
+    func add(_ d: DomID) { count[d, default: 0] += 1 }
+    func release(_ d: DomID) {
+        guard let i = count.index(forKey: d) else { return }
+        let n = count.values[i] - 1
+        if n > 0 { count.values[i] = n } else { count.remove(at: i) }
+        if n == limit - 1 { onUnblock(d) }
+    }
+}
+
 public final class XSConnection {
     public let serial: Int
     public let domid: DomID
@@ -22,6 +47,8 @@ public final class XSConnection {
         var event: [UInt8]?
         /// Monotonic time after which an undelivered event is dropped (0: never).
         var expires: Double
+        /// The guest whose request caused this event (counted in ``CausedEvents``).
+        var cause: DomID? = nil
     }
     var out: [UInt8] = []
     var outHead = 0
@@ -36,8 +63,11 @@ public final class XSConnection {
     /// Set by the core when output was queued outside the transport's own processing.
     var dirty = false
 
-    init(serial: Int, domid: DomID, privileged: Bool, quotas: XSQuotas) {
+    let caused: CausedEvents
+
+    init(serial: Int, domid: DomID, privileged: Bool, quotas: XSQuotas, caused: CausedEvents) {
         self.serial = serial; self.domid = domid; self.privileged = privileged; self.quotas = quotas
+        self.caused = caused
     }
 
     var caller: XSCaller { XSCaller(domid: domid, privileged: privileged, target: target, quotas: quotas) }
@@ -47,28 +77,38 @@ public final class XSConnection {
 
     @inline(__always)
     func enqueue(_ type: XSType, reqID: UInt32, txID: UInt32, _ body: UnsafeRawBufferPointer,
-                 event: [UInt8]? = nil, expires: Double = 0) {
+                 event: [UInt8]? = nil, expires: Double = 0, cause: DomID? = nil) {
         let start = out.count
         XSHeader(type, reqID: reqID, txID: txID, len: UInt32(body.count))
             .append(to: &out)
         out.append(contentsOf: body)
-        queued.append(Queued(start: start, end: out.count, event: event, expires: expires))
+        queued.append(Queued(start: start, end: out.count, event: event, expires: expires, cause: cause))
     }
 
     /// Queues a WATCH_EVENT unless (C xenstored's send_event) an identical event is
     /// still pending (`dedupe`; special @ events are not deduplicated). The
     /// output quota is the caller's (it drops before building the event).
     /// Returns whether it was queued.
-    func enqueueEvent(_ body: [UInt8], dedupe: Bool, expires: Double) -> Bool {
+    func enqueueEvent(_ body: [UInt8], dedupe: Bool, expires: Double, cause: DomID? = nil) -> Bool {
         if dedupe && pendingEvents[body] != nil { return false }
-        body.withUnsafeBytes { enqueue(.watchEvent, reqID: 0, txID: 0, $0, event: body, expires: expires) }
+        body.withUnsafeBytes { enqueue(.watchEvent, reqID: 0, txID: 0, $0, event: body, expires: expires, cause: cause) }
         pendingEvents[body, default: 0] += 1
+        if let cause { caused.add(cause) }
         return true
     }
 
+    /// A queued message is gone (delivered or dropped).
     func forget(_ q: Queued) {
+        if let d = q.cause { caused.release(d) }
         guard let body = q.event, let i = pendingEvents.index(forKey: body) else { return }
         if pendingEvents.values[i] > 1 { pendingEvents.values[i] -= 1 } else { pendingEvents.remove(at: i) }
+    }
+
+    /// The connection is closed: what it still holds will never be delivered.
+    func dropOutput() {
+        for i in queuedHead..<queued.count { forget(queued[i]) }
+        out = []; outHead = 0
+        queued = []; queuedHead = 0
     }
 
     /// Drops watch events that expired before the transport began sending them (C
@@ -96,7 +136,7 @@ public final class XSConnection {
             let from = max(q.start, outHead)
             let start = newOut.count - (from - q.start)
             newOut.append(contentsOf: out[from..<q.end])
-            kept.append(Queued(start: start, end: newOut.count, event: q.event, expires: q.expires))
+            kept.append(Queued(start: start, end: newOut.count, event: q.event, expires: q.expires, cause: q.cause))
         }
         out = newOut
         outHead = 0

@@ -19,9 +19,18 @@ public final class XenStoreCore {
     weak var ringHost: XSRingHost?
     public var logger: Logger
 
+    /// Watch events each guest caused that wait in others' output.
+    let caused: CausedEvents
+    /// The guest whose request is being processed (nil: dom0 or none).
+    var cause: DomID?
+
     public init(quotas: XSQuotas = .default, logger: Logger = Logger(label: "xenstored")) {
         self.defaultQuotas = quotas
         self.logger = logger
+        caused = CausedEvents(limit: quotas.maxCausedEvents)
+        caused.onUnblock = { [unowned self] d in
+            if let c = domains[d]?.conn { markDirty(c) }
+        }
     }
 
     public var watchCount: Int { watches.count }
@@ -35,7 +44,7 @@ public final class XenStoreCore {
 
     /// A new client acting as `domid`. Socket clients are dom0 and privileged.
     public func newConnection(domid: DomID, privileged: Bool) -> XSConnection {
-        let c = XSConnection(serial: nextSerial, domid: domid, privileged: privileged, quotas: quotas(for: domid))
+        let c = XSConnection(serial: nextSerial, domid: domid, privileged: privileged, quotas: quotas(for: domid), caused: caused)
         nextSerial += 1
         connections[c.serial] = c
         return c
@@ -48,6 +57,7 @@ public final class XenStoreCore {
         c.closeReason = reason
         c.transactions.removeAll()
         removeAllWatches(c)
+        c.dropOutput()
         connections[c.serial] = nil
         if c.domid != 0 || !c.privileged { log(.info, "connection \(c.serial) (dom\(c.domid)) closed: \(reason)") }
         if let d = domains[c.domid], d.conn === c {
@@ -85,6 +95,9 @@ public final class XenStoreCore {
 
     /// Handles one request; its reply is queued on `c`.
     public func process(_ c: XSConnection, _ h: XSHeader, _ payload: UnsafeRawBufferPointer) {
+        // Watch events this request causes are charged to a guest.
+        cause = c.privileged ? nil : c.domid
+        defer { cause = nil }
         do throws(XSError) {
             try dispatch(c, h, payload)
         } catch {

@@ -17,6 +17,12 @@ public struct XSQuotas: Sendable, Equatable {
     /// Requests whose replies are not yet delivered (C: -Q). Over: we stop reading
     /// the connection until the client consumes replies (backpressure, no error).
     public var maxOutstanding = 20
+    /// Watch events a guest's requests caused that wait undelivered in dom0
+    /// connections' output (C: a request stays outstanding, -Q, until its watch
+    /// events are delivered). At it, the guest's requests wait on its ring
+    /// until they drain (no error). The default quotas' value holds for every
+    /// domain.
+    public var maxCausedEvents = 256
     /// Message payload (XENSTORE_PAYLOAD_MAX). Over: the connection is closed.
     public var maxPayload = 4096
     /// Path length below /local/domain/<n>/ (XENSTORE_REL_PATH_MAX). Over: EINVAL.

@@ -92,8 +92,9 @@ final class RingEndpoint {
             case .ok(let moved): if moved { progress = true; kicked = true }
             }
             if served >= Self.messagesPerTurn { moreWork = true; break }
-            // Backpressure: leave requests on the ring while replies are undelivered.
-            if conn.pendingMessages < conn.quotas.maxOutstanding {
+            // Backpressure: leave requests on the ring while replies, or the
+            // watch events they caused elsewhere, are undelivered.
+            if conn.pendingMessages < conn.quotas.maxOutstanding && !conn.caused.blocked(conn.domid) {
                 switch parseInput(core, budget: Self.messagesPerTurn - served) {
                 case .corrupt(let e, let why): return .corrupt(e, why)
                 case .ok(let processed): if processed > 0 { progress = true; served += processed }
@@ -156,7 +157,8 @@ final class RingEndpoint {
         let maxPayload = conn.quotas.maxPayload
         var result: Parsed? = nil
         inbuf.withUnsafeBytes { b in
-            while !conn.closed && processed < budget && conn.pendingMessages < conn.quotas.maxOutstanding {
+            while !conn.closed && processed < budget && conn.pendingMessages < conn.quotas.maxOutstanding
+                    && !conn.caused.blocked(conn.domid) {
                 let avail = b.count - head
                 if avail < XSHeader.size { break }
                 let h = XSHeader(from: b.baseAddress! + head)

@@ -105,9 +105,13 @@ extension XenStoreCore {
         body.reserveCapacity(len)
         body.append(contentsOf: shown.utf8); body.append(0)
         body.append(contentsOf: w.token); body.append(0)
+        // An event for dom0, which is never dropped, is charged to the guest
+        // that caused it (an unprivileged watcher's are bounded by its own
+        // quota and timeout, so no guest can hold another back by not reading).
         let queued = c.enqueueEvent(body, dedupe: shown.utf8.first != UInt8(ascii: "@"),
                                     expires: c.privileged || c.quotas.watchEventTimeout <= 0
-                                        ? 0 : now + c.quotas.watchEventTimeout)
+                                        ? 0 : now + c.quotas.watchEventTimeout,
+                                    cause: c.privileged ? cause : nil)
         if queued { markDirty(c) }
     }
 

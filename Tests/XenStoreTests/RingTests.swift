@@ -308,6 +308,49 @@ func waitUntil(_ timeout: Double = 10, _ cond: () -> Bool) -> Bool {
         #expect(waitUntil { d.onDaemon { core in core.connections.values.first { $0.domid == 4 }?.pendingMessages ?? -1 } == 0 })
     }
 
+    /// A dom0 client's watch events are never dropped; those a guest's writes
+    /// cause while the client does not read hold that guest's requests back
+    /// (C's outstanding-request quota), so the daemon does not grow for it.
+    @Test func eventsForASlowDom0ClientHoldTheGuestBack() throws {
+        var q = XSQuotas(); q.maxCausedEvents = 8
+        let d = try InProcessDaemon(quotas: q)
+        defer { d.stop() }
+        let dom0 = try d.dom0()
+        defer { dom0.close() }
+        let r = d.addRing(4)
+        try dom0.mkdir("/local/domain/4")
+        try dom0.setPermissions("/local/domain/4", [XSPerm(4, .none)])
+        try dom0.introduce(domid: 4, mfn: 1004, port: 1)
+        // A dom0 client that watches the guest's home and then reads nothing
+        // (no transport: its output only grows).
+        let serial = d.onDaemon { core -> Int in
+            let c = core.newConnection(domid: 0, privileged: true)
+            let p = Array("/local/domain/4".utf8) + [0] + Array("w".utf8) + [0]
+            p.withUnsafeBytes { core.process(c, XSHeader(.watch, reqID: 1, txID: 0, len: UInt32(p.count)), $0) }
+            c.consumed(c.pendingBytes)  // the reply and the registration event
+            return c.serial
+        }
+        func written() -> Int { d.onDaemon { core in core.store.nodes.keys.filter { $0.hasPrefix("/local/domain/4/x") }.count } }
+        var batch: [UInt8] = []
+        for i in 0..<20 { batch += RawSocketClient.message(.write, Array("/local/domain/4/x\(i)".utf8) + [0, 0x31], reqID: UInt32(i + 1)) }
+        #expect(batch.count <= 1024)
+        r.rawWrite(batch)
+        // Eight writes are served, then the guest's requests wait on its ring.
+        #expect(waitUntil { d.onDaemon { $0.connections[serial]!.pendingMessages } == 8 })
+        #expect(written() == 8)
+        // Each time the client reads what it was sent, up to eight more are served.
+        func readAll() { d.onDaemon { core in let c = core.connections[serial]!; c.consumed(c.pendingBytes) } }
+        readAll()
+        #expect(waitUntil { written() == 16 })
+        #expect(d.onDaemon { $0.connections[serial]!.pendingMessages } == 8)
+        readAll()
+        #expect(waitUntil { written() == 20 })
+        #expect(d.onDaemon { core in core.caused.count[4] ?? 0 } == 4)
+        // A dom0 client that goes away releases what it held.
+        d.onDaemon { core in core.closeConnection(core.connections[serial]!, reason: "test") }
+        #expect(d.onDaemon { core in core.caused.count[4] ?? 0 } == 0)
+    }
+
     @Test func releaseFromHypervisorCleansUpAndFiresReleaseDomain() throws {
         let d = try InProcessDaemon()
         defer { d.stop() }
