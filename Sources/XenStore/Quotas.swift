@@ -14,6 +14,11 @@ public struct XSQuotas: Sendable, Equatable {
     /// Distinct nodes one transaction may access, missing ones included (C:
     /// quota_trans_nodes). Over: ENOSPC, and the transaction's commit fails (ENOMEM).
     public var maxTransactionNodes = 1024
+    /// Bytes one transaction may hold for an unprivileged caller: the paths it
+    /// accessed and the nodes it changed (C charges transaction copies to the
+    /// domain's memory quota, 2.5 MB hard, -M); ten transactions so hold at most
+    /// about as much. Over: ENOSPC, and the commit fails (ENOMEM).
+    public var maxTransactionBytes = 256 * 1024
     /// Requests whose replies are not yet delivered (C: -Q). Over: we stop reading
     /// the connection until the client consumes replies (backpressure, no error).
     public var maxOutstanding = 20

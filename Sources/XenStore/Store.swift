@@ -35,12 +35,14 @@ public final class XSStore {
     func node(_ path: String, _ tx: XSTransaction?, _ c: XSCaller) throws(XSError) -> XSNode? {
         guard let tx else { return nodes[path] }
         if let a = tx.accessed[path] { return a.node }
-        if !c.privileged && tx.accessed.count >= c.quotas.maxTransactionNodes {
+        let cost = path.utf8.count + XSTransaction.entryOverhead
+        if !c.privileged && (tx.accessed.count >= c.quotas.maxTransactionNodes || tx.bytes + cost > c.quotas.maxTransactionBytes) {
             tx.failed = true
             throw .ENOSPC
         }
         let n = nodes[path]
         tx.accessed[path] = XSTransaction.Access(generation: n?.generation, node: n, modified: false)
+        tx.bytes += cost
         return n
     }
 
@@ -49,12 +51,15 @@ public final class XSStore {
         guard let tx else { nodes[path] = n; return }
         // Every path written was looked up through node() first, so it is recorded.
         if var a = tx.accessed[path] {
+            if a.modified { tx.bytes -= a.node?.chargedSize ?? 0 }
             a.node = n
             a.modified = true
             tx.accessed[path] = a
         } else {
             tx.accessed[path] = XSTransaction.Access(generation: nodes[path]?.generation, node: n, modified: true)
+            tx.bytes += path.utf8.count + XSTransaction.entryOverhead
         }
+        tx.bytes += n?.chargedSize ?? 0
     }
 
     @inline(__always)

@@ -6,10 +6,11 @@
 // modified copies replace the live nodes.
 //
 // A transaction holds data only for the nodes it accessed, at most
-// `maxTransactionNodes` of them for an unprivileged caller: changes made outside it
-// cost it nothing. An access past that budget is refused with ENOSPC and marks the
-// transaction failed, so its commit answers ENOMEM and applies nothing (C:
-// access_node sets trans->fail; do_transaction_end returns ENOMEM).
+// `maxTransactionNodes` of them and `maxTransactionBytes` of paths and changed nodes
+// for an unprivileged caller: changes made outside it cost it nothing. An access past
+// that budget is refused with ENOSPC and marks the transaction failed, so its commit
+// answers ENOMEM and applies nothing (C: access_node sets trans->fail;
+// do_transaction_end returns ENOMEM).
 
 public final class XSTransaction {
     public let id: UInt32
@@ -30,6 +31,11 @@ public final class XSTransaction {
     var nodeDelta: [DomID: Int] = [:]
     /// An access was refused; the commit fails.
     var failed = false
+    /// What the transaction holds: each accessed path, and each node it
+    /// changed as C charges a node (bounded by ``XSQuotas/maxTransactionBytes``).
+    var bytes = 0
+    /// Bytes counted for a recorded access besides its path.
+    static let entryOverhead = 64
 
     init(id: UInt32) { self.id = id }
 

@@ -69,6 +69,33 @@ private func isEmptyPart(_ m: CoreClient.Msg) -> Bool {
         #expect(g.txEnd(t, commit: true) == "ENOMEM")
     }
 
+    /// A transaction's copies are bounded in bytes too (C charges them to the
+    /// domain's memory quota): ten open transactions of large values cannot
+    /// make a guest hold tens of megabytes.
+    @Test func transactionBytesAreBounded() {
+        var q = XSQuotas(); q.maxTransactionBytes = 64 * 1024
+        let (core, _) = makeCore(q)
+        _ = home(core, 5)
+        let g = guest(core, 5)
+        let t = g.txStart()
+        let big = String(repeating: "v", count: 1900)
+        var failedAt = -1
+        for i in 0..<100 where failedAt < 0 { if g.write("n\(i)", big, tx: t) == "ENOSPC" { failedAt = i } }
+        #expect(failedAt > 20 && failedAt < 40, "\(failedAt)")  // about 64 KiB of 2 KB nodes
+        #expect(g.conn.transactions.values.first!.bytes <= 64 * 1024 + 2048 + 128)
+        #expect(g.txEnd(t, commit: true) == "ENOMEM")
+        #expect(g.readError("n0") == "ENOENT")
+        // Rewriting one node does not add up.
+        let t2 = g.txStart()
+        for _ in 0..<200 { #expect(g.write("same", big, tx: t2) == nil) }
+        #expect(g.txEnd(t2, commit: true) == nil)
+        // dom0 is not bound.
+        let d = CoreClient(core)
+        let dt = d.txStart()
+        for i in 0..<100 { #expect(d.write("/big/n\(i)", big, tx: dt) == nil) }
+        #expect(d.txEnd(dt, commit: true) == nil)
+    }
+
     @Test func refusedWriteFailsTheCommitAndAppliesNothing() {
         var q = XSQuotas(); q.maxTransactionNodes = 8
         let (core, _) = makeCore(q)
