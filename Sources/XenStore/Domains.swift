@@ -158,15 +158,23 @@ extension XenStoreCore {
     /// Walks the tree from the root and removes each node `domid` owns with its
     /// subtree (whose other nodes are not visited). Dom0 removes them, so watchers
     /// hear about each removal like any other change.
+    ///
+    /// Entries that grant the domain access to nodes others own go too (C's
+    /// domain_adjust_node_perms, XSA-322): a later domain given the same id
+    /// must not inherit them.
     func removeOwnedNodes(_ domid: DomID) {
-        guard store.ownedCount(domid, nil) > 0 else { return }
         let dom0 = XSCaller(domid: 0, privileged: true)
         var stack = ["/"]
         while let p = stack.popLast() {
-            guard let n = store.nodes[p] else { continue }
+            guard var n = store.nodes[p] else { continue }
             if n.perms.owner == domid && p != "/" {
                 if let changes = try? store.rm(p, dom0) { changes.forEach(fire) }
                 continue
+            }
+            if n.perms.entries.dropFirst().contains(where: { $0.domid == domid }) {
+                n.perms.entries = [n.perms.entries[0]] + n.perms.entries.dropFirst().filter { $0.domid != domid }
+                n.generation = store.nextGeneration()  // a transaction that read the old list must not commit it back
+                store.nodes[p] = n
             }
             for c in n.children.reversed() { stack.append(XSPath.child(p, c)) }
         }
