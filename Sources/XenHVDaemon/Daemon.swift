@@ -227,27 +227,36 @@ public final class HypervisorDaemon {
         }
         // Descriptors are never accepted from clients.
         msg.fds.forEach { _ = Glibc.close($0) }
-        var reply: WireMessage
-        do {
-            guard let op = HVOp(rawValue: UInt32(bitPattern: msg.code)) else { throw XenErrno.ENOSYS }
-            if !c.greeted && op != .hello { throw XenErrno.EPERM }
-            var r = WireReader(msg.payload)
-            reply = try handle(op, &r, client: c)
-        } catch let e as XenErrno {
-            reply = WireMessage(code: -e.rawValue, payload: [])
-        } catch {
-            logger.warning("client \(c.id) sent a malformed request: \(error)")
-            reply = WireMessage(code: -XenErrno.EINVAL.rawValue, payload: [])
-        }
+        let reply = answer(msg.code, msg.payload, client: c)
         do { try reply.send(on: c.fd, blocking: false) } catch {
             logger.warning("dropping client \(c.id) (domain \(c.domid)): it does not read its replies")
             disconnect(c)
         }
-        // Descriptors we created only to pass along are closed once sent, and
-        // also when the request failed after making them (the error reply
-        // carries none).
+        closeReplyDescriptors()
+    }
+
+    /// Descriptors we created only to pass along are closed once sent, and
+    /// also when the request failed after making them (the error reply
+    /// carries none).
+    func closeReplyDescriptors() {
         ownedOnlyForSending.forEach { _ = Glibc.close($0) }
         ownedOnlyForSending.removeAll(keepingCapacity: true)
+    }
+
+    /// The reply to one request of `c`: its result, or the errno it failed with
+    /// (EINVAL for one that does not parse).
+    func answer(_ code: Int32, _ payload: [UInt8], client c: Client) -> WireMessage {
+        do {
+            guard let op = HVOp(rawValue: UInt32(bitPattern: code)) else { throw XenErrno.ENOSYS }
+            if !c.greeted && op != .hello { throw XenErrno.EPERM }
+            var r = WireReader(payload)
+            return try handle(op, &r, client: c)
+        } catch let e as XenErrno {
+            return WireMessage(code: -e.rawValue, payload: [])
+        } catch {
+            logger.warning("client \(c.id) sent a malformed request: \(error)")
+            return WireMessage(code: -XenErrno.EINVAL.rawValue, payload: [])
+        }
     }
 
     /// Descriptors made for one reply (the read-only port generations, the

@@ -14,6 +14,7 @@ public func fuzzInitialize(_ argc: UnsafeMutablePointer<CInt>, _ argv: UnsafeMut
         exit(2)
     }
     selected = t
+    FuzzTarget.aloneInProcess()
     return 0
 }
 
@@ -44,6 +45,7 @@ struct FuzzMain {
 struct Replay {
     static func main() {
         let args = CommandLine.arguments
+        FuzzTarget.aloneInProcess()
         guard args.count >= 2, let t = FuzzTarget(rawValue: args[1]) else {
             print("usage: xen-fuzz TARGET FILE... (targets: \(FuzzTarget.allCases.map(\.rawValue).joined(separator: ", ")))")
             exit(2)

@@ -1,3 +1,4 @@
+import XenHVDaemon
 import XenStore
 
 /// Fuzz entry points over the project's real code. libFuzzer calls them through
@@ -17,6 +18,14 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     case blkifRequest = "blkif-request"
     /// netback's transmit packet assembly and offload header setup.
     case netifTx = "netif-tx"
+    /// xenhv's handling of what a guest process sends on its connection.
+    case hvRequest = "hv-request"
+
+    /// Called by a process that runs nothing but the targets (the fuzzer, the
+    /// replay tool): the checks that need the whole process to themselves are on.
+    public static func aloneInProcess() {
+        XenHVFuzzing.checkDescriptors = true
+    }
 
     public func run(_ data: UnsafeRawBufferPointer) {
         switch self {
@@ -26,6 +35,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         case .xsRing: XenStoreFuzzing.ring(data)
         case .blkifRequest: fuzzBlkifRequest(data)
         case .netifTx: fuzzNetifTx(data)
+        case .hvRequest: XenHVFuzzing.request(data)
         }
     }
 }
