@@ -204,7 +204,8 @@ public final class Hypervisor: @unchecked Sendable {
     public func attachProcess(_ pid: Int32, to d: DomID) throws {
         _ = try call(.attachProcess) { $0.u16(d); $0.u32(UInt32(bitPattern: pid)) }
     }
-    /// Stops the guest process (SIGSTOP) and marks the domain paused.
+    /// Stops the guest process (SIGSTOP; a confined guest's whole PID
+    /// namespace) and marks the domain paused.
     public func pauseDomain(_ d: DomID) throws { _ = try call(.pauseDomain) { $0.u16(d) } }
     public func unpauseDomain(_ d: DomID) throws { _ = try call(.unpauseDomain) { $0.u16(d) } }
 

@@ -327,7 +327,7 @@ public final class HypervisorDaemon {
             let d = try r.u16()
             guard d != 0, let dom = domains[d] else { throw d == 0 ? XenErrno.EINVAL : XenErrno.ESRCH }
             let pause = op == .pauseDomain
-            dom.signalProcess(pause ? SIGSTOP : SIGCONT)
+            dom.signalDomain(pause ? SIGSTOP : SIGCONT)
             // A shut-down or crashed domain stays so (Xen keeps is_shut_down
             // across pause and unpause), or the toolstack would never apply
             // its on_* action.

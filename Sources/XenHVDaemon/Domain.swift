@@ -83,6 +83,68 @@ final class Domain {
         guard fd >= 0 else { throw XenErrno(errno) }
         dropProcess()
         processFD = fd
+        processID = pid
+    }
+    private var processID: pid_t = 0
+
+    /// Stops or continues everything the domain runs, as pausing a domain
+    /// stops all its vCPUs: its process and, when that process is the init of
+    /// a PID namespace of its own (a guest `xenctl create` confined), every
+    /// process in that namespace. Passes repeat until one finds no process it
+    /// had not signalled: a stopped process cannot fork, and one a SIGSTOP is
+    /// pending for has its fork restarted after the stop, so a pass finds
+    /// what forked during the one before (bounded, for a fork storm).
+    func signalDomain(_ signal: Int32) {
+        signalProcess(signal)
+        guard processFD >= 0, let ns = Self.pidNamespace(processID),
+              cxen_pidfd_send_signal(processFD, 0) == 0,  // the namespace read was our process's
+              ns != Self.pidNamespace(getpid()), Self.isNamespaceInit(processID) else { return }
+        var signalled: Set<pid_t> = [processID]
+        for _ in 0..<16 {
+            var fresh = false
+            for pid in Self.processes() where !signalled.contains(pid) && Self.pidNamespace(pid) == ns {
+                signalled.insert(pid)
+                let fd = cxen_pidfd_open(pid)
+                guard fd >= 0 else { continue }
+                // Still that namespace's: the pid was not reused before the pidfd named it.
+                if Self.pidNamespace(pid) == ns { _ = cxen_pidfd_send_signal(fd, signal); fresh = true }
+                Glibc.close(fd)
+            }
+            if !fresh { break }
+        }
+    }
+
+    /// The PID namespace `pid` is in (its /proc ns link's device and inode).
+    static func pidNamespace(_ pid: pid_t) -> [UInt64]? {
+        var st = stat()
+        guard stat("/proc/\(pid)/ns/pid", &st) == 0 else { return nil }
+        return [UInt64(st.st_dev), UInt64(st.st_ino)]
+    }
+
+    /// Whether `pid` is pid 1 of its own innermost namespace (/proc's NSpid).
+    static func isNamespaceInit(_ pid: pid_t) -> Bool {
+        guard let f = fopen("/proc/\(pid)/status", "r") else { return false }
+        defer { fclose(f) }
+        var line = [CChar](repeating: 0, count: 256)
+        while fgets(&line, Int32(line.count), f) != nil {
+            let text = String(cString: line)
+            guard text.hasPrefix("NSpid:") else { continue }
+            let ids = text.dropFirst(6).split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" })
+            return ids.count > 1 && ids.last == "1"
+        }
+        return false
+    }
+
+    /// Every process's pid (/proc's numeric entries).
+    static func processes() -> [pid_t] {
+        guard let dir = opendir("/proc") else { return [] }
+        defer { closedir(dir) }
+        var out: [pid_t] = []
+        while let e = readdir(dir) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.baseAddress!.assumingMemoryBound(to: CChar.self)) }
+            if let pid = pid_t(name) { out.append(pid) }
+        }
+        return out
     }
 
     /// Signals the domain's process, if it still has one; a process that has

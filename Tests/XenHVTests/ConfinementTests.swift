@@ -188,6 +188,63 @@ import Testing
         if sleeper > 0 { kill(sleeper, SIGKILL) }
     }
 
+    /// Pausing a confined guest's domain stops everything in its PID
+    /// namespace, not its init alone (as pausing a domain stops all its
+    /// vCPUs); unpausing continues it all; destroying it kills it all.
+    @Test func pauseStopsTheWholeGuest() throws {
+        let f = try HypervisorFixture()
+        var p: [CInt] = [-1, -1]
+        #expect(pipe(&p) == 0)
+        let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        defer { close(null); close(p[0]) }
+        let probe = """
+            import subprocess, time
+            subprocess.Popen(["/bin/sleep", "1000"], stdout=subprocess.DEVNULL)
+            subprocess.Popen(["/bin/sleep", "1001"], stdout=subprocess.DEVNULL)
+            print("ready", flush=True)
+            time.sleep(1000)
+            """
+        let pid = try ProcessLauncher.spawn("/usr/bin/python3", arguments: ["-I", "-c", probe],
+                                            descriptors: [(null, 0), (p[1], 1), (p[1], 2)],
+                                            confinement: .init(uid: Self.uid, gid: Self.uid))
+        close(p[1])
+        var children: [pid_t] = []
+        defer {
+            kill(pid, SIGKILL)
+            var st: Int32 = 0
+            waitpid(pid, &st, 0)
+            for c in children { kill(c, SIGKILL) }
+        }
+        #expect(ProcessLauncher.readLine(p[0], deadline: monotonicSeconds() + 30) == "ready")
+        children = ((try? String(contentsOfFile: "/proc/\(pid)/task/\(pid)/children", encoding: .utf8)) ?? "")
+            .split(separator: " ").compactMap { pid_t($0) }
+        #expect(children.count == 2)
+        let d = try f.dom0.createDomain(pages: 64, name: "paused")
+        close(d.guestDescriptor)
+        try f.dom0.attachProcess(pid, to: d.domid)
+        /// Waits (bounded) until every process is in `state` ("T" stopped) or not.
+        func all(_ stopped: Bool) -> Bool {
+            let deadline = monotonicSeconds() + 10
+            while monotonicSeconds() < deadline {
+                let states = ([pid] + children).map { q -> Bool in
+                    let stat = (try? String(contentsOfFile: "/proc/\(q)/stat", encoding: .utf8)) ?? ""
+                    return stat.split(separator: ")").last?.split(separator: " ").first == "T"
+                }
+                if states.allSatisfy({ $0 == stopped }) { return true }
+                sched_yield()
+            }
+            return false
+        }
+        try f.dom0.pauseDomain(d.domid)
+        #expect(all(true), "a process of the paused guest still runs")
+        try f.dom0.unpauseDomain(d.domid)
+        #expect(all(false), "a process of the unpaused guest is still stopped")
+        try f.dom0.destroyDomain(d.domid)
+        var st: Int32 = 0
+        #expect(waitpid(pid, &st, 0) == pid)
+        #expect(children.allSatisfy { kill($0, 0) == -1 && errno == ESRCH }, "a process outlived the destroyed guest")
+    }
+
     /// The namespace is named before the child runs, and a child that
     /// cannot start leaves no name and no process behind.
     @Test func theNamespaceIsNamedBeforeTheChildRuns() throws {
