@@ -21,6 +21,7 @@
 #include <sys/mount.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
+#include <pthread.h>
 
 int cxen_memfd_create(const char *name, unsigned int flags) {
     return memfd_create(name, flags);
@@ -111,9 +112,58 @@ static ssize_t send_fds(int sock, const void *buf, size_t len, const int *fds, i
     return r;
 }
 
+/* Descriptors a hostile peer sent, closed on a thread of their own: closing
+   the last reference to a socket with SO_LINGER and unsent data, or to a
+   FUSE file, can wait for as long as that peer likes, and a single-threaded
+   daemon must not. The thread is started at the first one. */
+static int deferred_pipe[2] = { -1, -1 };
+static int deferring = 0;
+
+static void *closer_main(void *arg) {
+    (void)arg;
+    int fd;
+    for (;;) {
+        ssize_t n = read(deferred_pipe[0], &fd, sizeof fd);
+        if (n == (ssize_t)sizeof fd) close(fd);
+        else if (n < 0 && errno != EINTR) return NULL;
+    }
+}
+
+int cxen_defer_closes(void) {
+    if (deferring) return 0;
+    if (pipe2(deferred_pipe, O_CLOEXEC) != 0) return -errno;
+    (void)fcntl(deferred_pipe[1], F_SETFL, O_NONBLOCK);
+    pthread_t t;
+    pthread_attr_t a;
+    pthread_attr_init(&a);
+    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+    int r = pthread_create(&t, &a, closer_main, NULL);
+    pthread_attr_destroy(&a);
+    if (r != 0) { close(deferred_pipe[0]); close(deferred_pipe[1]); return -r; }
+    deferring = 1;
+    return 0;
+}
+
+void cxen_close_received(int fd) {
+    if (!deferring) { close(fd); return; }
+    /* A full pipe means the closer is stuck on one already: the descriptor
+       stays open (bounded by RLIMIT_NOFILE) rather than stall the caller. */
+    (void)write(deferred_pipe[1], &fd, sizeof fd);
+}
+
+int cxen_refuse_descriptors(int sock) {
+#ifndef SO_PASSRIGHTS
+#define SO_PASSRIGHTS 83
+#endif
+    int off = 0;
+    return setsockopt(sock, SOL_SOCKET, SO_PASSRIGHTS, &off, sizeof off) == 0 ? 0 : -errno;
+}
+
 ssize_t cxen_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int nowait, int *eof) {
     struct iovec iov = { .iov_base = buf, .iov_len = len };
-    union { char buf[CMSG_SPACE(sizeof(int) * CXEN_MAX_FDS)]; struct cmsghdr align; } u;
+    /* Room for as many as one record can carry (SCM_MAX_FD): whatever does
+       not fit would be closed by the kernel in this thread. */
+    union { char buf[CMSG_SPACE(sizeof(int) * 253)]; struct cmsghdr align; } u;
     struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1,
                           .msg_control = u.buf, .msg_controllen = sizeof(u.buf) };
     *nfds = 0;
@@ -129,7 +179,7 @@ ssize_t cxen_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds
         int *in = (int *)CMSG_DATA(c);
         for (int i = 0; i < n; i++) {
             if (*nfds < maxfds) fds[(*nfds)++] = in[i];
-            else close(in[i]); /* never leak a descriptor we cannot return */
+            else cxen_close_received(in[i]); /* never leak a descriptor we cannot return */
         }
     }
     /* On SOCK_SEQPACKET (and datagram) sockets 0 is also the length of an

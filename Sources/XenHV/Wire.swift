@@ -168,7 +168,7 @@ package struct WireMessage {
         if r == 0 && eof != 0 { return .end }
         guard r >= 8 else {
             let e = errno
-            for i in 0..<Int(nfds) { Glibc.close(fds[i]) }
+            for i in 0..<Int(nfds) { cxen_close_received(fds[i]) }
             if r < 0, e == EAGAIN || e == EWOULDBLOCK { return .wouldBlock }
             if r < 0, e == ECONNRESET { return .end }
             if r < 0 { throw .system(call: "recvmsg", errno: e) }
@@ -177,7 +177,7 @@ package struct WireMessage {
         let code = buffer.withUnsafeBytes { Int32(littleEndian: $0.loadUnaligned(fromByteOffset: 0, as: Int32.self)) }
         let len = buffer.withUnsafeBytes { Int(UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: 4, as: UInt32.self))) }
         guard len == r - 8 else {
-            for i in 0..<Int(nfds) { Glibc.close(fds[i]) }
+            for i in 0..<Int(nfds) { cxen_close_received(fds[i]) }
             throw .protocolViolation("length \(len) but \(r - 8) payload bytes")
         }
         return .message(WireMessage(code: code, payload: Array(buffer[8..<r]), fds: Array(fds[0..<Int(nfds)])))

@@ -66,6 +66,8 @@ public final class HypervisorDaemon {
     /// Logged once per spell without descriptors.
     var acceptStarved = false
     var running = true
+    /// SO_PASSRIGHTS is off on guests' connections (Linux 6.16 and later).
+    var guestsCannotSendDescriptors = false
 
     public init(configuration: Configuration, logger: Logger) throws {
         self.config = configuration
@@ -83,6 +85,18 @@ public final class HypervisorDaemon {
         guard signalFD >= 0 else { throw HypervisorError.system(call: "signalfd", errno: errno) }
         listenFD = try Self.listen(at: configuration.socketPath)
         domains[0] = try Domain(domid: 0, name: "Domain-0", pages: 0)
+        // What guests send is closed off this thread (see serve); on kernels
+        // with SO_PASSRIGHTS they cannot send descriptors at all.
+        let r = cxen_defer_closes()
+        guard r == 0 else { throw HypervisorError.system(call: "closer thread", errno: -r) }
+        var probe: [CInt] = [-1, -1]
+        if socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &probe) == 0 {
+            guestsCannotSendDescriptors = cxen_refuse_descriptors(probe[0]) == 0
+            probe.forEach { _ = Glibc.close($0) }
+        }
+        if !guestsCannotSendDescriptors {
+            logger.warning("this kernel has no SO_PASSRIGHTS (Linux 6.16): a guest that sends a descriptor is disconnected, and the descriptor closed on a thread of its own")
+        }
     }
 
     static func listen(at path: String) throws -> CInt {
@@ -225,8 +239,16 @@ public final class HypervisorDaemon {
             disconnect(c)
             return
         }
-        // Descriptors are never accepted from clients.
-        msg.fds.forEach { _ = Glibc.close($0) }
+        // Descriptors are never accepted from clients. A guest's could be a
+        // file whose last close waits as long as the guest likes, so they are
+        // closed on the closer thread, and a guest that sends any is gone (no
+        // guest of ours does: it is a protocol violation, its domain's crash).
+        msg.fds.forEach { cxen_close_received($0) }
+        if c.domid != 0 && !msg.fds.isEmpty {
+            logger.warning("dropping client \(c.id) (domain \(c.domid)): it sent descriptors")
+            disconnect(c)
+            return
+        }
         let reply = answer(msg.code, msg.payload, client: c)
         do { try reply.send(on: c.fd, blocking: false) } catch {
             logger.warning("dropping client \(c.id) (domain \(c.domid)): it does not read its replies")

@@ -22,6 +22,8 @@ extension HypervisorDaemon {
             guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &sv) == 0 else {
                 throw HypervisorError.system(call: "socketpair", errno: errno)
             }
+            // The guest's sendmsg of a descriptor fails (EPERM) where the kernel can refuse it.
+            if guestsCannotSendDescriptors { _ = cxen_refuse_descriptors(sv[0]) }
         } catch {
             // The memfds go with the Domain; its ports' wake-up sets are ours to close.
             closeAllPorts(of: dom, wakePeer: false)

@@ -177,6 +177,17 @@ ssize_t cxen_send_with_fds_nowait(int sock, const void *buf, size_t len, const i
    return of 0 is the end of the stream only when *eof is 1; with *eof 0 it
    is an empty record (SOCK_SEQPACKET keeps record boundaries). */
 ssize_t cxen_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int nowait, int *eof);
+/* From now on, descriptors a peer sent are closed on a thread of their own
+   (cxen_close_received): the last close of some files (a socket lingering
+   on unsent data, a FUSE file) waits as long as whoever made them likes.
+   0 or -errno. */
+int cxen_defer_closes(void);
+/* Closes a descriptor a peer sent: at once, or on the closer thread after
+   cxen_defer_closes. */
+void cxen_close_received(int fd);
+/* SO_PASSRIGHTS off (Linux 6.16): the peer's sendmsg with SCM_RIGHTS fails
+   (EPERM) and nothing reaches us. 0 or -errno (ENOPROTOOPT before 6.16). */
+int cxen_refuse_descriptors(int sock);
 /* Names the calling thread (prctl PR_SET_NAME; at most 15 bytes are kept), so
    top -H, perf and /proc/<pid>/task/<tid>/comm tell the threads apart. */
 void cxen_set_thread_name(const char *name);
