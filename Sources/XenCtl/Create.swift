@@ -38,7 +38,9 @@ extension Toolstack {
         let guest = try create(config, configPath: configPath, text: text)
         do { try startMonitor(for: guest, configText: text, configPath: configPath) } catch {
             if let hv = try? connect() { try? hv.destroyDomain(guest.domid) }
-            if let xs = try? connectStore() { removeStoreEntries(of: guest.domid, xs); xs.close() }
+            let xs = try? connectStore()
+            removeStoreEntries(of: guest.domid, xs)
+            xs?.close()
             unlink(monitorConfigPath(guest.name))
             throw error
         }
@@ -133,7 +135,10 @@ extension Toolstack {
             return CreatedGuest(name: config.name, domid: dom.domid, pid: child, disks: disks, nics: nics)
         } catch {
             try? hv.destroyDomain(dom.domid)  // also stops the guest process
-            if child > 0 { var st: Int32 = 0; waitpid(child, &st, 0) }
+            // Unless xenhv never learnt it (the attach failed, the domain was
+            // destroyed meanwhile, xenhv went away): ours is not reaped yet,
+            // so its pid is still its own.
+            if child > 0 { kill(child, SIGKILL); var st: Int32 = 0; waitpid(child, &st, 0) }
             removeStoreEntries(of: dom.domid, xs)
             throw error as? Failure ?? Failure("creating domain '\(config.name)': \(error)")
         }
@@ -144,16 +149,17 @@ extension Toolstack {
     static let guestBootSeconds = 150.0
 
     /// Removes a domain's home and its device directories (libxl's part of
-    /// destroy), its run directory and its network namespace's name.
-    func removeStoreEntries(of domid: XenHV.DomID, _ xs: XenBusClient) {
+    /// destroy), its run directory and its network namespace's name; the
+    /// last two also when the store cannot be reached (`xs` nil).
+    func removeStoreEntries(of domid: XenHV.DomID, _ xs: XenBusClient?) {
         NetNamespace.remove(networkNamespace(of: domid))
-        _ = try? xs.transaction { t in
+        removeGuestDirectory(runDir + "/guests/\(domid)")
+        _ = try? xs?.transaction { t in
             for type in ["vbd", "vif"] {
                 try t.rmIfPresent("/local/domain/0/backend/\(type)/\(domid)")
             }
             try t.rmIfPresent("/local/domain/\(domid)")
         }
-        removeGuestDirectory(runDir + "/guests/\(domid)")
     }
 
     /// `xl block-list DOMAIN`.

@@ -88,13 +88,22 @@ extension Toolstack {
     public func stopMonitors(seconds: Double = 10) {
         let names = ((try? FileManager.default.contentsOfDirectory(atPath: monitorDir)) ?? [])
             .filter { $0.hasSuffix(".pid") }.map { String($0.dropLast(4)) }
-        let live = names.compactMap { n in monitor(of: n).map { (n, $0.pid) } }
-        for (_, pid) in live { kill(pid, SIGTERM) }
-        let deadline = time(nil) + time_t(seconds)
-        for (name, pid) in live {
+        // Each through a pidfd taken while its lock showed that pid alive, so
+        // no signal reaches a process that got the pid later.
+        let live: [(String, CInt)] = names.compactMap { n in
+            guard let m = monitor(of: n) else { return nil }
+            let fd = cxen_pidfd_open(m.pid)
+            guard fd >= 0 else { return nil }
+            guard monitor(of: n)?.pid == m.pid else { close(fd); return nil }
+            return (n, fd)
+        }
+        defer { for (_, fd) in live { close(fd) } }
+        for (_, fd) in live { _ = cxen_pidfd_send_signal(fd, SIGTERM) }
+        let deadline = monotonicSeconds() + seconds
+        for (name, fd) in live {
             while monitor(of: name) != nil {
-                guard time(nil) < deadline else {
-                    kill(pid, SIGKILL)
+                guard monotonicSeconds() < deadline else {
+                    _ = cxen_pidfd_send_signal(fd, SIGKILL)
                     break
                 }
                 var p = pollfd(fd: -1, events: 0, revents: 0)
@@ -234,7 +243,11 @@ extension Toolstack {
             } else {
                 xs.close()
                 logger.info("destroying domain \(info.domid) to restart it")
-                try destroyForRestart(info.domid, hv)
+                // `xenctl destroy` got there first: the user's word wins over on_reboot.
+                guard try destroyForRestart(info.domid, hv) else {
+                    logger.info("domain \(info.domid) was destroyed meanwhile; not restarting it")
+                    return nil
+                }
             }
             let g = try create(next, configPath: configPath, text: text, appendLog: true)
             logger.info("restarted '\(g.name)' as domain \(g.domid), guest process \(g.pid)")
@@ -288,11 +301,16 @@ extension Toolstack {
         return next
     }
 
-    func destroyForRestart(_ domid: XenHV.DomID, _ hv: Hypervisor) throws {
-        do { try hv.destroyDomain(domid) } catch let e as XenErrno where e == .ESRCH {}
-        let xs = try connectStore()
+    /// Destroys the domain and removes what the toolstack made for it;
+    /// false when it was gone already (someone else destroyed it).
+    @discardableResult
+    func destroyForRestart(_ domid: XenHV.DomID, _ hv: Hypervisor) throws -> Bool {
+        var destroyed = true
+        do { try hv.destroyDomain(domid) } catch let e as XenErrno where e == .ESRCH { destroyed = false }
+        let xs = try? connectStore()
         removeStoreEntries(of: domid, xs)
-        xs.close()
+        xs?.close()
+        return destroyed
     }
 
     /// preserve_domain: renames the old domain to `<name>-<YYYYMMDDTHHMMZ>`

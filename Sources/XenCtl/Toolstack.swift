@@ -1,3 +1,4 @@
+import CXen
 import Glibc
 import XenHV
 
@@ -71,12 +72,22 @@ public struct Toolstack: Sendable {
         }
     }
 
-    /// The supervisor's pid if it is alive.
+    /// The supervisor's pid if it is alive: the pid file's process, if that
+    /// is this run directory's `xenctl supervise` (a supervisor that died
+    /// without removing its file may have left its pid to anyone).
     public func supervisorPID() -> pid_t? {
         guard let f = fopen(runDir + "/supervisor.pid", "r") else { return nil }
         defer { fclose(f) }
         var pid: Int32 = 0
         guard fscanf_pid(f, &pid), pid > 0, kill(pid, 0) == 0 else { return nil }
+        let fd = open("/proc/\(pid)/cmdline", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var buf = [UInt8](repeating: 0, count: 4096)
+        let n = read(fd, &buf, buf.count)
+        let args = buf.prefix(max(0, n)).split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
+        guard args.count >= 4, args[1] == "supervise", let i = args.firstIndex(of: "--run-dir"), i + 1 < args.count,
+              args[i + 1] == runDir else { return nil }
         return pid
     }
 
@@ -108,13 +119,19 @@ public struct Toolstack: Sendable {
 
     /// Stops everything; false if nothing was running.
     public func down() throws -> Bool {
+        // Through a pidfd taken while the pid is known to be the supervisor's:
+        // no signal reaches a process that got its pid later.
         guard let pid = supervisorPID() else { return false }
-        kill(pid, SIGTERM)
-        let deadline = time(nil) + 60
-        while kill(pid, 0) == 0 {
-            guard time(nil) < deadline else { throw Failure("the supervisor (pid \(pid)) did not stop within 60 s") }
-            var pfd = pollfd(fd: -1, events: 0, revents: 0)
-            _ = poll(&pfd, 0, 50)
+        let pidfd = cxen_pidfd_open(pid)
+        guard pidfd >= 0 else { return false }
+        defer { close(pidfd) }
+        guard supervisorPID() == pid else { return false }
+        _ = cxen_pidfd_send_signal(pidfd, SIGTERM)
+        // A pidfd polls readable once its process has exited.
+        var pfd = pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0)
+        let deadline = monotonicSeconds() + 60
+        while poll(&pfd, 1, 50) == 0 || (pfd.revents & Int16(POLLIN)) == 0 {
+            guard monotonicSeconds() < deadline else { throw Failure("the supervisor (pid \(pid)) did not stop within 60 s") }
         }
         return true
     }
@@ -159,10 +176,9 @@ public struct Toolstack: Sendable {
         let d = try resolve(hv, domain)
         guard d.domid != 0 else { throw Failure("domain 0 cannot be destroyed") }
         try hv.destroyDomain(d.domid)
-        if let xs = try? connectStore() {
-            removeStoreEntries(of: d.domid, xs)
-            xs.close()
-        }
+        let xs = try? connectStore()
+        removeStoreEntries(of: d.domid, xs)
+        xs?.close()
     }
 
     /// Destroys every guest (before the services stop).
@@ -171,7 +187,7 @@ public struct Toolstack: Sendable {
         let xs = try? connectStore()
         for d in all where d.domid != 0 {
             try? hv.destroyDomain(d.domid)
-            if let xs { removeStoreEntries(of: d.domid, xs) }
+            removeStoreEntries(of: d.domid, xs)
         }
         xs?.close()
     }

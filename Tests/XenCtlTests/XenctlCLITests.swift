@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import Testing
 import XenCtl
+import XenHV
 import XenTestKit
 
 /// xenctl end to end against the real daemons (root: it starts xenhv and xenstored).
@@ -232,6 +233,23 @@ import XenTestKit
         #expect(drc == 0)
         #expect(!FileManager.default.fileExists(atPath: "/sys/class/net/\(tap)"))
         #expect(processes(mentioning: run).isEmpty)
+    }
+
+    /// A supervisor that died without removing its pid file may have left its
+    /// pid to another process: that one is not taken for it, nor signalled.
+    @Test func aStalePidFileNamesNoSupervisor() throws {
+        let run = NSTemporaryDirectory() + "xenctl-stale-\(getpid())"
+        try FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: run) }
+        let other = try ProcessLauncher.spawn("/bin/sleep", arguments: ["1000"], descriptors: [])
+        defer { kill(other, SIGKILL); var st: Int32 = 0; waitpid(other, &st, 0) }
+        #expect(FileManager.default.createFile(atPath: run + "/supervisor.pid", contents: Data("\(other)\n".utf8)))
+        #expect(Toolstack(runDir: run).supervisorPID() == nil)
+        let (rc, out, _) = try xenctl("down", runDir: run)
+        #expect(rc == 0 && out == "xenctl: dom0 services are not running\n", "\(out)")
+        #expect(kill(other, 0) == 0, "xenctl down signalled a process that is not its supervisor")
+        var st: Int32 = 0
+        #expect(waitpid(other, &st, WNOHANG) == 0)
     }
 
     /// Waits and intervals that are no number of seconds, and port 0: one
