@@ -13,19 +13,34 @@ import XenHV
 extension Toolstack {
     /// Domain N's process runs as uid and gid `guestIDBase + N` (one per
     /// domain, so guests cannot signal or trace each other), an otherwise
-    /// unused range above systemd's container uids.
+    /// unused range above systemd's container uids. Another run directory's
+    /// toolstack numbers its domains from 1 too, so its guests take a block
+    /// of 32768 ids (domids stop below 0x7FF0) of their own above that, one
+    /// of 8191 chosen by a hash of the directory (``guestID(of:)``).
     public static let guestIDBase: UInt32 = 0x7000_0000
+
+    /// The run directory through symlinks (/var/run is /run on Debian), so
+    /// create and destroy agree however it was named; nil for the default.
+    private var runDirectoryHash: UInt32? {
+        let dir = realpath(runDir, nil).map { p in defer { free(p) }; return String(cString: p) } ?? runDir
+        guard dir != "/run/swiftxen" else { return nil }
+        var h: UInt32 = 2_166_136_261  // FNV-1a
+        for b in dir.utf8 { h = (h ^ UInt32(b)) &* 16_777_619 }
+        return h
+    }
+
+    /// The uid and gid of domain `domid`'s process.
+    public func guestID(of domid: XenHV.DomID) -> UInt32 {
+        let block = runDirectoryHash.map { $0 % 8191 + 1 } ?? 0
+        return Self.guestIDBase + block << 15 + UInt32(domid)
+    }
 
     /// The `ip netns` name of a domain's network namespace, which holds its
     /// NICs and the guest process itself: `xen-<domid>` for the default run
     /// directory; another run directory's toolstack numbers its domains from
     /// 1 too, so its names carry a hash of that directory.
     public func networkNamespace(of domid: XenHV.DomID) -> String {
-        // Through symlinks too (/var/run is /run on Debian), so create and destroy agree however it was named.
-        let dir = realpath(runDir, nil).map { p in defer { free(p) }; return String(cString: p) } ?? runDir
-        guard dir != "/run/swiftxen" else { return "xen-\(domid)" }
-        var h: UInt32 = 2_166_136_261  // FNV-1a
-        for b in dir.utf8 { h = (h ^ UInt32(b)) &* 16_777_619 }
+        guard let h = runDirectoryHash else { return "xen-\(domid)" }
         return "xen-\(domid)-" + String(h, radix: 16)
     }
 
@@ -50,7 +65,7 @@ extension Toolstack {
     }
 
     func confinement(of domid: XenHV.DomID) -> ProcessLauncher.Confinement {
-        let id = Self.guestIDBase + UInt32(domid)
+        let id = guestID(of: domid)
         return .init(uid: id, gid: id, networkNamespace: networkNamespace(of: domid),
                      maxFileSize: Self.guestMaxFileSize, maxProcesses: Self.guestMaxProcesses)
     }

@@ -68,6 +68,7 @@ struct PVGuestCommand: ParsableCommand {
         pthread_sigmask(SIG_BLOCK, &set, nil)
 
         let hv = try Hypervisor.guestFromEnvironment()
+        HypervisorWatch.exitWhenGone(hv, logger: logger)
         let xs = try XenBusClient.guest(hypervisor: hv)
         let home = try xs.getDomainPath(UInt32(hv.domid))
         let runDir = ProcessInfo.processInfo.environment["XEN_RUN_DIR"] ?? "/run/swiftxen"

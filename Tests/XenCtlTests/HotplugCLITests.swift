@@ -239,7 +239,7 @@ extension XenctlCLITests {
         // The guest runs unprivileged, as its domain's uid, in a network
         // namespace of its own that has the domain's name from the start.
         let status = (try? String(contentsOfFile: "/proc/\(guestPID)/status", encoding: .utf8)) ?? ""
-        let uid = UInt32(domid).map { Toolstack.guestIDBase + $0 } ?? 0
+        let uid = UInt16(domid).map { Toolstack(runDir: run).guestID(of: $0) } ?? 0
         #expect(status.split(separator: "\n").contains { $0.hasPrefix("Uid:\t\(uid)\t\(uid)\t\(uid)\t\(uid)") }, "\(status)")
         var own = stat(), named = stat()
         #expect(stat("/proc/\(guestPID)/ns/net", &own) == 0 && stat("/run/netns/" + guestNS, &named) == 0 && own.st_ino == named.st_ino)

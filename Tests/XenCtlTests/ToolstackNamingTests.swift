@@ -24,6 +24,13 @@ import Testing
             #expect(other.networkNamespace(of: 3) == ns, "\(other.runDir)")
         }
         #expect(Toolstack(runDir: "/run/swiftxen/").networkNamespace(of: 3) == "xen-3")
+        // Guest uids: domain 3 of another run directory is not domain 3 of the
+        // default one (both toolstacks number from 1), and its spelling does not matter.
+        #expect(Toolstack(runDir: "/run/swiftxen").guestID(of: 3) == 0x7000_0003)
+        let other = plain.guestID(of: 3)
+        #expect(other != 0x7000_0003 && other & 0x7FFF == 3 && other >= 0x7000_8000 && other < 0x8000_0000)
+        #expect(Toolstack(runDir: link).guestID(of: 3) == other)
+        #expect(plain.guestID(of: 0x7FEF) < 0x8000_0000)
     }
 
     @Test func namesAreCutByUTF8Bytes() {

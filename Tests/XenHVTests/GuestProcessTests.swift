@@ -43,6 +43,36 @@ import XenTestKit
         return pending & fatal != 0
     }
 
+    /// A guest lives no longer than its hypervisor: pvguest ends as soon as
+    /// xenhv goes away (here while it waits for xenstore, which never comes),
+    /// so no guest of a crashed xenhv runs on under a uid the next domain
+    /// with its domid is given.
+    @Test func aGuestEndsWithItsHypervisor() throws {
+        let f = try HypervisorFixture()
+        let d = try f.dom0.createDomain(pages: 64, name: "orphan")
+        let dir = f.dir + "/guest"
+        let guest = try Child("pvguest", ["--nbd-dir", dir], environment: ["XENHV_GUEST_FD": "3"],
+                              extra: [(d.guestDescriptor, 3)])
+        close(d.guestDescriptor)
+        /// Waits (bounded) for `cond`.
+        func eventually(_ cond: () -> Bool) -> Bool {
+            let deadline = monotonicSeconds() + 10
+            while monotonicSeconds() < deadline { if cond() { return true }; sched_yield() }
+            return cond()
+        }
+        // pvguest has greeted xenhv once it maps the domain's shared objects.
+        #expect(eventually { (try? String(contentsOfFile: "/proc/\(guest.pid)/maps", encoding: .utf8))?.contains("xen-") == true })
+        f.daemon.kill9()
+        // Exited: a zombie until reaped (the last field of a zombie's stat is its exit code).
+        func stat() -> [Substring] {
+            ((try? String(contentsOfFile: "/proc/\(guest.pid)/stat", encoding: .utf8)) ?? "").split(separator: ")").last?
+                .split(separator: " ") ?? []
+        }
+        #expect(eventually { stat().first == "Z" }, "the guest outlived xenhv")
+        #expect(stat().last.flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }.map { ($0 >> 8) & 0xFF } == 3)
+        guest.reap()
+    }
+
     /// The guest's connection hung up (the domain crashed) while its process
     /// lives on: destroy kills it, as Xen's destroy ends a domain whatever it
     /// is doing; the pidfd makes sure it is that process.

@@ -57,7 +57,15 @@ final class Child {
     }
 
     func kill9() {
+        guard !reaped else { return }
         kill(pid, SIGKILL)
+        reap()
+    }
+
+    /// SIGTERM and reap, unless reaped already (its pid may be another's now).
+    func terminate() {
+        guard !reaped else { return }
+        kill(pid, SIGTERM)
         reap()
     }
 
@@ -114,9 +122,7 @@ final class HypervisorFixture {
     }
 
     deinit {
-        daemon.post("")  // no-op; xenhv reads no stdin
-        kill(daemon.pid, SIGTERM)
-        daemon.reap()
+        daemon.terminate()
         try? FileManager.default.removeItem(atPath: dir)
     }
 }
