@@ -98,16 +98,22 @@ import Testing
     /// A guest that sends xenhv an empty record with a descriptor (its
     /// memory's memfd, say) leaves nothing in xenhv: the kernel refuses the
     /// descriptor, or xenhv closes it (off its own thread) and drops the guest.
-    @Test func xenhvKeepsNoDescriptorAGuestSentInAnEmptyRecord() throws {
-        let f = try HypervisorFixture()
+    /// A domain whose connection the test holds, greeted as a guest would.
+    static func greetedGuest(_ f: HypervisorFixture) throws -> Hypervisor.CreatedDomain {
         let d = try f.dom0.createDomain(pages: 16, name: "sender")
-        defer { close(d.guestDescriptor) }
-        let sock = d.guestDescriptor
-        try WireMessage(code: Int32(HVOp.hello.rawValue), payload: []).send(on: sock)
+        try WireMessage(code: Int32(HVOp.hello.rawValue), payload: []).send(on: d.guestDescriptor)
         var buf = [UInt8]()
-        let hello = try WireMessage.receive(on: sock, buffer: &buf)
+        let hello = try WireMessage.receive(on: d.guestDescriptor, buffer: &buf)
         #expect(hello?.code == 0)
         hello?.fds.forEach { close($0) }
+        return d
+    }
+
+    @Test func xenhvKeepsNoDescriptorAGuestSentInAnEmptyRecord() throws {
+        let f = try HypervisorFixture()
+        let d = try Self.greetedGuest(f)
+        defer { close(d.guestDescriptor) }
+        let sock = d.guestDescriptor
         let p = try Pipe()
         let sent = Self.sendRecord(sock, [], fds: [p.ends[1]])
         if Self.kernelRefusesDescriptors {
@@ -131,12 +137,10 @@ import Testing
     /// it off its own thread and drops the guest; xenhv answers others.
     @Test func aGuestCannotHandXenhvADescriptor() throws {
         let f = try HypervisorFixture()
-        let d = try f.dom0.createDomain(pages: 16, name: "sender")
+        let d = try Self.greetedGuest(f)
         defer { close(d.guestDescriptor) }
         let sock = d.guestDescriptor
-        try WireMessage(code: Int32(HVOp.hello.rawValue), payload: []).send(on: sock)
         var buf = [UInt8]()
-        (try WireMessage.receive(on: sock, buffer: &buf))?.fds.forEach { close($0) }
         let p = try Pipe()
         let request = [UInt8](withUnsafeBytes(of: Int32(HVOp.querySize.rawValue).littleEndian) { Array($0) })
             + [UInt8](withUnsafeBytes(of: UInt32(2).littleEndian) { Array($0) }) + [0xF0, 0x7F]

@@ -133,11 +133,18 @@ final class InProcessDaemon: @unchecked Sendable {
 
     /// Introduces `domid` with a fresh ring, gives it its home directory, returns its client.
     func startGuest(_ domid: DomID, _ dom0: XenBusClient) throws -> (XenBusClient, TestRing) {
+        let r = try introduceRing(domid, dom0)
+        return (XenBusClient.guest(r.guestPort), r)
+    }
+
+    /// A guest's ring, its home given to it and the domain introduced; the
+    /// test plays the guest on the ring itself.
+    func introduceRing(_ domid: DomID, _ dom0: XenBusClient) throws -> TestRing {
         let r = addRing(domid)
         try dom0.mkdir("/local/domain/\(domid)")
         try dom0.setPermissions("/local/domain/\(domid)", [XSPerm(domid, .none)])
         try dom0.introduce(domid: domid, mfn: 1000 + UInt64(domid), port: 1)
-        return (XenBusClient.guest(r.guestPort), r)
+        return r
     }
 }
 
@@ -285,10 +292,7 @@ func waitUntil(_ timeout: Double = 10, _ cond: () -> Bool) -> Bool {
         defer { d.stop() }
         let dom0 = try d.dom0()
         defer { dom0.close() }
-        let r = d.addRing(4)
-        try dom0.mkdir("/local/domain/4")
-        try dom0.setPermissions("/local/domain/4", [XSPerm(4, .none)])
-        try dom0.introduce(domid: 4, mfn: 1004, port: 1)
+        let r = try d.introduceRing(4, dom0)
         // 30 small reads queued at once (fits the 1 KiB ring); nobody consumes replies.
         var batch: [UInt8] = []
         for i in 0..<30 { batch += RawSocketClient.message(.read, Array("/local/domain/4".utf8) + [0], reqID: UInt32(i + 1)) }
@@ -317,10 +321,7 @@ func waitUntil(_ timeout: Double = 10, _ cond: () -> Bool) -> Bool {
         defer { d.stop() }
         let dom0 = try d.dom0()
         defer { dom0.close() }
-        let r = d.addRing(4)
-        try dom0.mkdir("/local/domain/4")
-        try dom0.setPermissions("/local/domain/4", [XSPerm(4, .none)])
-        try dom0.introduce(domid: 4, mfn: 1004, port: 1)
+        let r = try d.introduceRing(4, dom0)
         // A dom0 client that watches the guest's home and then reads nothing
         // (no transport: its output only grows).
         let serial = d.onDaemon { core -> Int in
