@@ -22,6 +22,8 @@
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <pthread.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
 
 int cxen_memfd_create(const char *name, unsigned int flags) {
     return memfd_create(name, flags);
@@ -118,6 +120,8 @@ static ssize_t send_fds(int sock, const void *buf, size_t len, const int *fds, i
    daemon must not. The thread is started at the first one. */
 static int deferred_pipe[2] = { -1, -1 };
 static int deferring = 0;
+static pthread_once_t deferring_once = PTHREAD_ONCE_INIT;
+static int deferring_error = 0;
 
 static void *closer_main(void *arg) {
     (void)arg;
@@ -129,26 +133,54 @@ static void *closer_main(void *arg) {
     }
 }
 
-int cxen_defer_closes(void) {
-    if (deferring) return 0;
-    if (pipe2(deferred_pipe, O_CLOEXEC) != 0) return -errno;
+static void start_closer(void) {
+    if (pipe2(deferred_pipe, O_CLOEXEC) != 0) { deferring_error = errno; return; }
     (void)fcntl(deferred_pipe[1], F_SETFL, O_NONBLOCK);
+    /* The closer takes no signals: they stay the caller's business. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
     pthread_t t;
     pthread_attr_t a;
     pthread_attr_init(&a);
     pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
     int r = pthread_create(&t, &a, closer_main, NULL);
     pthread_attr_destroy(&a);
-    if (r != 0) { close(deferred_pipe[0]); close(deferred_pipe[1]); return -r; }
-    deferring = 1;
-    return 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (r != 0) { close(deferred_pipe[0]); close(deferred_pipe[1]); deferring_error = r; return; }
+    __atomic_store_n(&deferring, 1, __ATOMIC_RELEASE);
+}
+
+int cxen_defer_closes(void) {
+    pthread_once(&deferring_once, start_closer);
+    return __atomic_load_n(&deferring, __ATOMIC_ACQUIRE) ? 0 : -deferring_error;
 }
 
 void cxen_close_received(int fd) {
-    if (!deferring) { close(fd); return; }
+    if (!__atomic_load_n(&deferring, __ATOMIC_ACQUIRE)) { close(fd); return; }
     /* A full pipe means the closer is stuck on one already: the descriptor
        stays open (bounded by RLIMIT_NOFILE) rather than stall the caller. */
     (void)write(deferred_pipe[1], &fd, sizeof fd);
+}
+
+int cxen_pid_ns_within(int pid, unsigned long long dev, unsigned long long ino) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/ns/pid", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    /* Up the namespace tree (NS_GET_PARENT) until the one asked for, or the
+       top: the initial namespace's parent, and any outside ours, is EPERM. */
+    for (int depth = 0; depth < 40; depth++) {
+        struct stat st;
+        if (fstat(fd, &st) != 0) break;
+        if ((unsigned long long)st.st_dev == dev && (unsigned long long)st.st_ino == ino) { close(fd); return 1; }
+        int parent = ioctl(fd, _IO(0xb7, 0x2) /* NS_GET_PARENT */);
+        close(fd);
+        if (parent < 0) return 0;
+        fd = parent;
+    }
+    close(fd);
+    return 0;
 }
 
 int cxen_refuse_descriptors(int sock) {

@@ -307,7 +307,8 @@ public final class Vif: @unchecked Sendable {
             guard let tap else { return }
             try? tap.setCarrier(false)
             var frame = [UInt8](repeating: 0, count: 65_536 + VnetHeader.size)
-            for _ in 0..<4096 where read(tap.queues[0], &frame, frame.count) > 0 {}
+            var drained = 0
+            while drained < 4096 && read(tap.queues[0], &frame, frame.count) > 0 { drained += 1 }
         }
     }
 

@@ -102,12 +102,14 @@ final class Domain {
         var signalled: Set<pid_t> = [processID]
         for _ in 0..<16 {
             var fresh = false
-            for pid in Self.processes() where !signalled.contains(pid) && Self.pidNamespace(pid) == ns {
+            // The guest's namespace and any it nested in it (it is root in its
+            // user namespace, so it may make them).
+            for pid in Self.processes() where !signalled.contains(pid) && cxen_pid_ns_within(pid, ns[0], ns[1]) == 1 {
                 signalled.insert(pid)
                 let fd = cxen_pidfd_open(pid)
                 guard fd >= 0 else { continue }
-                // Still that namespace's: the pid was not reused before the pidfd named it.
-                if Self.pidNamespace(pid) == ns { _ = cxen_pidfd_send_signal(fd, signal); fresh = true }
+                // Still in it: the pid was not reused before the pidfd named it.
+                if cxen_pid_ns_within(pid, ns[0], ns[1]) == 1 { _ = cxen_pidfd_send_signal(fd, signal); fresh = true }
                 Glibc.close(fd)
             }
             if !fresh { break }

@@ -23,6 +23,12 @@ public enum XenHVFuzzing {
             fatalError("xenhv-fuzz: cannot start a daemon at \(path)")
         }
         unlink(path)  // nothing connects; the listening descriptor stays
+        // The daemon took SIGTERM, SIGINT and SIGHUP for its signalfd, which
+        // nothing reads here: they are the fuzzer's again.
+        var set = sigset_t()
+        sigemptyset(&set)
+        for s in [SIGTERM, SIGINT, SIGHUP] { sigaddset(&set, s) }
+        pthread_sigmask(SIG_UNBLOCK, &set, nil)
         daemon = d
         return d
     }

@@ -178,13 +178,24 @@ extension XenStoreCore {
             }
             for c in n.children.reversed() { stack.append(XSPath.child(p, c)) }
         }
-        // A special node dom0 gave the domain goes back to dom0 (it cannot be removed).
+        // A special node dom0 gave the domain goes back to dom0 (it cannot be
+        // removed), and what dom0 granted it there goes too.
         for s in XSStore.specialNodes {
-            if var n = store.nodes[s], n.perms.owner == domid {
+            guard var n = store.nodes[s] else { continue }
+            var changed = false
+            if n.perms.owner == domid {
                 n.perms.owner = 0
-                store.nodes[s] = n
                 store.adjustOwned(domid, -1, nil)
                 store.adjustOwned(0, 1, nil)
+                changed = true
+            }
+            if n.perms.entries.dropFirst().contains(where: { $0.domid == domid }) {
+                n.perms.entries = [n.perms.entries[0]] + n.perms.entries.dropFirst().filter { $0.domid != domid }
+                changed = true
+            }
+            if changed {
+                n.generation = store.nextGeneration()
+                store.nodes[s] = n
             }
         }
     }

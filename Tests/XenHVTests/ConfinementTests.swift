@@ -197,10 +197,17 @@ import Testing
         #expect(pipe(&p) == 0)
         let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
         defer { close(null); close(p[0]) }
+        // Two children, and a third in a PID namespace it nests in its own
+        // (it is root in its user namespace, so it may).
         let probe = """
-            import subprocess, time
+            import ctypes, os, subprocess, time
             subprocess.Popen(["/bin/sleep", "1000"], stdout=subprocess.DEVNULL)
             subprocess.Popen(["/bin/sleep", "1001"], stdout=subprocess.DEVNULL)
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.unshare(0x20000000) != 0:
+                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWPID)")
+            if os.fork() == 0:
+                os.execv("/bin/sleep", ["sleep", "1002"])
             print("ready", flush=True)
             time.sleep(1000)
             """
@@ -218,7 +225,7 @@ import Testing
         #expect(ProcessLauncher.readLine(p[0], deadline: monotonicSeconds() + 30) == "ready")
         children = ((try? String(contentsOfFile: "/proc/\(pid)/task/\(pid)/children", encoding: .utf8)) ?? "")
             .split(separator: " ").compactMap { pid_t($0) }
-        #expect(children.count == 2)
+        #expect(children.count == 3)
         let d = try f.dom0.createDomain(pages: 64, name: "paused")
         close(d.guestDescriptor)
         try f.dom0.attachProcess(pid, to: d.domid)

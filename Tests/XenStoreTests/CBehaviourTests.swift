@@ -354,6 +354,7 @@ private func isEmptyPart(_ m: CoreClient.Msg) -> Bool {
         dom0.write("/local/domain/5/name", "g")                       // dom0-owned
         dom0.mkdir("/local/domain/5/data"); dom0.setPerms("/local/domain/5/data", ["n5"])
         dom0.mkdir("/shared"); dom0.setPerms("/shared", ["n0", "w5"])
+        dom0.setPerms("@releaseDomain", ["n0", "r5"])
         let g = guest(core, 5)
         #expect(g.write("data/x", "1") == nil)
         #expect(g.write("/shared/mine/deep", "m") == nil)
@@ -369,6 +370,7 @@ private func isEmptyPart(_ m: CoreClient.Msg) -> Bool {
         // What others granted it goes too (XSA-322): a new domain 5 gets none of it.
         #expect(dom0.send(.getPerms, dom0.fields(["/shared"])).fields == ["n0"])
         #expect(dom0.send(.getPerms, dom0.fields(["/local/domain/5"])).fields == ["n0"])
+        #expect(dom0.send(.getPerms, dom0.fields(["@releaseDomain"])).fields == ["n0"])
     }
 }
 
@@ -457,6 +459,7 @@ private func isEmptyPart(_ m: CoreClient.Msg) -> Bool {
         let (core, _) = makeCore()
         let dom0 = CoreClient(core)
         dom0.mkdir("/shared"); dom0.setPerms("/shared", ["n0", "w5"])
+        dom0.setPerms("@releaseDomain", ["n0", "r5"])
         let g = guest(core, 5)
         #expect(g.setPerms("/shared/missing", ["n5"]) == "ENOENT")   // asks write|owner, has write
         #expect(g.readError("/shared/missing") == "EACCES")           // asks read, has none

@@ -188,6 +188,9 @@ void cxen_close_received(int fd);
 /* SO_PASSRIGHTS off (Linux 6.16): the peer's sendmsg with SCM_RIGHTS fails
    (EPERM) and nothing reaches us. 0 or -errno (ENOPROTOOPT before 6.16). */
 int cxen_refuse_descriptors(int sock);
+/* 1 when process `pid` is in the PID namespace (`dev`, `ino` of its
+   /proc/PID/ns/pid link) or in one nested in it, else 0. */
+int cxen_pid_ns_within(int pid, unsigned long long dev, unsigned long long ino);
 /* Names the calling thread (prctl PR_SET_NAME; at most 15 bytes are kept), so
    top -H, perf and /proc/<pid>/task/<tid>/comm tell the threads apart. */
 void cxen_set_thread_name(const char *name);
