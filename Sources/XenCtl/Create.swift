@@ -65,7 +65,7 @@ extension Toolstack {
             throw Failure("domain '\(config.name)' already exists")
         }
         let dom: Hypervisor.CreatedDomain
-        do { dom = try hv.createDomain(pages: config.memory * 256, name: config.name) } catch {
+        do { dom = try hv.createDomain(pages: config.memory * 256, name: config.name, guestIDBase: guestID(of: 0)) } catch {
             throw Failure("creating domain '\(config.name)': \(error)")
         }
         var child: pid_t = 0

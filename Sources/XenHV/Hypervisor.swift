@@ -161,8 +161,16 @@ public final class Hypervisor: @unchecked Sendable {
     /// `XEN_DOMCTL_createdomain` plus the PV builder: `pages` 4 KiB pages of
     /// memory, start_info, shared_info, the xenstore and console pages and their
     /// unbound event channels (remote end: dom0).
-    public func createDomain(pages: UInt32, name: String) throws -> CreatedDomain {
-        var (r, fds) = try call(.createDomain) { $0.u32(pages); $0.string(name) }
+    ///
+    /// `guestIDBase`: the uid range the toolstack runs guest processes from
+    /// (the domain's runs as `guestIDBase + domid`, as libxl's
+    /// xen-qemuuser-range-base), so xenhv charges what the guest can grow in
+    /// the kernel through its ports to that uid; 0 for none.
+    public func createDomain(pages: UInt32, name: String, guestIDBase: UInt32 = 0) throws -> CreatedDomain {
+        var (r, fds) = try call(.createDomain) { w in
+            w.u32(pages); w.string(name)
+            if guestIDBase != 0 { w.u32(guestIDBase) }
+        }
         guard fds.count == 1 else { throw HypervisorError.protocolViolation("createDomain without descriptor") }
         return CreatedDomain(
             domid: try r.u16(), guestDescriptor: fds[0], storePort: try r.u32(), consolePort: try r.u32(),

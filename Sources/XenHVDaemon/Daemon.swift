@@ -322,7 +322,10 @@ public final class HypervisorDaemon {
             try requirePrivileged(c)
             let pages = try r.u32()
             let name = try r.string()
-            let (d, guestEnd) = try createDomain(pages: pages, name: name)
+            // Optional: the toolstack's uid range for guest processes (libxl's
+            // xen-qemuuser-range-base); the domain's process runs as base + domid.
+            let guestIDBase = r.at < r.bytes.count ? try r.u32() : 0
+            let (d, guestEnd) = try createDomain(pages: pages, name: name, guestIDBase: guestIDBase)
             ownedOnlyForSending.insert(guestEnd)
             fds.append(guestEnd)
             w.u16(d.domid); w.u32(d.storePort); w.u32(d.consolePort)
@@ -510,7 +513,9 @@ public final class HypervisorDaemon {
 
     func allocate(in dom: Domain, _ state: Port.State, owner: UInt32) throws(XenErrno) -> EventPort {
         guard let port = dom.freePort() else { throw .ENOSPC }
-        let wake = cxen_wake_create()
+        // A guest's set counts against its own uid's epoll watches: whoever
+        // holds an epoll descriptor may add watches to it.
+        let wake = dom.processUID.map { cxen_wake_create_as($0) } ?? cxen_wake_create()
         guard wake >= 0 else { throw .ENOMEM }
         dom.ports[Int(port)] = Port(state: state, wake: wake, owner: owner)
         dom.bumpGeneration(port)

@@ -48,6 +48,10 @@ final class Domain {
     /// process holds its pid later. -1 when none.
     private(set) var processFD: CInt = -1
     var guestClient: UInt32 = 0
+    /// The uid the toolstack runs the domain's process as, when it said
+    /// (createDomain's guest id base): the wake-up sets of the domain's ports
+    /// are made with it as their real uid.
+    var processUID: uid_t?
     var storePort: EventPort = 0
     var consolePort: EventPort = 0
     /// Xen's `shutdown_code`: set once, when the domain shuts down or crashes.

@@ -5,8 +5,9 @@ import XenHV
 extension HypervisorDaemon {
     /// `XEN_DOMCTL_createdomain` + the PV builder. Returns the domain and our
     /// end of its guest connection to hand to the toolstack.
-    func createDomain(pages: UInt32, name: String) throws -> (Domain, CInt) {
+    func createDomain(pages: UInt32, name: String, guestIDBase: UInt32 = 0) throws -> (Domain, CInt) {
         guard pages > SpecialPages.reserved, pages <= HVLimits.maxGuestPages else { throw XenErrno.EINVAL }
+        guard guestIDBase == 0 || guestIDBase <= UInt32(Int32.max) - UInt32(HVLimits.firstReservedDomID) else { throw XenErrno.EINVAL }
         guard !name.isEmpty, name.utf8.count <= 64, !domains.values.contains(where: { $0.name == name }) else {
             throw name.isEmpty || name.utf8.count > 64 ? XenErrno.EINVAL : XenErrno.EEXIST
         }
@@ -14,6 +15,7 @@ extension HypervisorDaemon {
         // can never reach a newer domain.
         guard nextDomID < HVLimits.firstReservedDomID else { throw XenErrno.ENOSPC }
         let dom = try Domain(domid: nextDomID, name: name, pages: pages)
+        if guestIDBase != 0 { dom.processUID = guestIDBase + UInt32(dom.domid) }
         var sv: [CInt] = [-1, -1]
         do {
             dom.storePort = try allocate(in: dom, .unbound(remote: 0), owner: 0)

@@ -8,9 +8,12 @@ import Testing
 import XenRing
 
 @Suite struct EventChannelTests {
-    @Test func notifyWakesThePeerBothWays() throws {
+    /// Also for a domain whose ports' wake-up sets xenhv makes as the guest's
+    /// uid (a toolstack that names its guests' uid range, as xenctl does).
+    @Test(arguments: [UInt32(0), 0x7000_0000])
+    func notifyWakesThePeerBothWays(guestIDBase: UInt32) throws {
         let f = try HypervisorFixture()
-        let (d, g) = try f.guest()
+        let (d, g) = try f.guest(guestIDBase: guestIDBase)
         let port = EventPort(g.send("alloc 0"))!
         #expect(try f.dom0.status(of: port, in: d.domid) == .unbound(remote: 0))
         let ch = try f.dom0.bindInterdomain(remote: d.domid, remotePort: port)
@@ -276,5 +279,20 @@ import XenRing
         #expect(write(fd, &ceiling, 8) == 8)
         #expect(cxen_evtfd_drain(fd) == ceiling)
         #expect(cxen_evtfd_drain(fd) == 0)
+    }
+
+    /// Making a wake-up set as a guest's uid (the kernel charges its watches
+    /// to that user) leaves the thread as it was: real, effective and saved uid.
+    @Test func aSetMadeAsTheGuestLeavesTheThreadsIDs() {
+        /// This thread's real, effective, saved and filesystem uids.
+        func ids() -> String {
+            ((try? String(contentsOfFile: "/proc/thread-self/status", encoding: .utf8)) ?? "")
+                .split(separator: "\n").first { $0.hasPrefix("Uid:") }.map(String.init) ?? "?"
+        }
+        let before = ids()
+        let fd = cxen_wake_create_as(0x7000_7777)
+        let after = ids()
+        #expect(fd >= 0 && after == before && before != "?", "\(after) after, \(before) before")
+        if fd >= 0 { close(fd) }
     }
 }

@@ -102,8 +102,8 @@ final class HypervisorFixture {
     }
 
     /// Creates a domain and starts a guest peer process on its connection.
-    func guest(pages: UInt32 = 64, name: String = "guest") throws -> (Hypervisor.CreatedDomain, Child) {
-        let d = try dom0.createDomain(pages: pages, name: name)
+    func guest(pages: UInt32 = 64, name: String = "guest", guestIDBase: UInt32 = 0) throws -> (Hypervisor.CreatedDomain, Child) {
+        let d = try dom0.createDomain(pages: pages, name: name, guestIDBase: guestIDBase)
         let child = try Child("xen-testpeer", ["guest"], environment: ["XENHV_GUEST_FD": "3"],
                               extra: [(d.guestDescriptor, 3)])
         close(d.guestDescriptor)

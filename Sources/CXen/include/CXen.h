@@ -163,6 +163,11 @@ uint64_t cxen_evtfd_drain(int fd);
    (test harnesses stand one in for a port) it drains it as
    cxen_evtfd_drain does and returns 1 when it held a count. */
 int cxen_wake_create(void);
+/* The same, made with `uid` as the real uid (the kernel charges the watches
+   anyone adds to it to that user, fs.epoll.max_user_watches): a set handed to
+   a guest counts against the guest's own quota, not xenhv's. Needs root;
+   without it the set is made as by cxen_wake_create. */
+int cxen_wake_create_as(unsigned int uid);
 int cxen_wake_add(int wake, int fd);
 void cxen_wake_remove(int wake, int fd);
 int cxen_port_signal(int fd);
