@@ -269,6 +269,18 @@ final class GuestVif {
         }
         if postRx { for q in front.queues { try q.postRx() } }
         try vif.connect(front.connection(features: features))
+        // The tap has carrier from the connect on; the bridge forwards to it
+        // once the kernel's link watch has seen that (asynchronously): wait
+        // (bounded) for the port to forward, so a test's first frame is not
+        // dropped at the bridge.
+        if network != nil {
+            let state = "/sys/class/net/\(vif.name)/brport/state"
+            let deadline = Date().addingTimeInterval(5)
+            while Date() < deadline, (try? String(contentsOfFile: state, encoding: .utf8))?.hasPrefix("3") != true {
+                var p = pollfd(fd: -1, events: 0, revents: 0)
+                _ = poll(&p, 0, 5)
+            }
+        }
     }
 
     var queue: FrontQueue { front.queues[0] }
