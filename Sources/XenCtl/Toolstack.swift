@@ -170,6 +170,15 @@ public struct Toolstack: Sendable {
         throw Failure("no domain '\(domain)'")
     }
 
+    /// `xl pause` / `xl unpause`: the domain's process stops (all of it: a
+    /// confined guest's whole PID namespace) or continues.
+    public func pause(_ domain: String, _ paused: Bool) throws {
+        let hv = try connect()
+        let d = try resolve(hv, domain)
+        guard d.domid != 0 else { throw Failure("domain 0 cannot be \(paused ? "paused" : "unpaused")") }
+        if paused { try hv.pauseDomain(d.domid) } else { try hv.unpauseDomain(d.domid) }
+    }
+
     /// `xl destroy`.
     public func destroy(_ domain: String) throws {
         let hv = try connect()

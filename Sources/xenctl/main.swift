@@ -12,7 +12,7 @@ struct XenCtlCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "xenctl",
         abstract: "The toolstack: dom0 services and xl's verbs.",
-        subcommands: [Up.self, Down.self, Status.self, Create.self, List.self, Destroy.self, BlockList.self,
+        subcommands: [Up.self, Down.self, Status.self, Create.self, List.self, Pause.self, Unpause.self, Destroy.self, BlockList.self,
                       BlockAttach.self, BlockDetach.self, NetworkList.self, NetworkAttach.self, NetworkDetach.self, Shutdown.self,
                       Reboot.self, Top.self, Metrics.self, Units.self, Supervise.self, Monitor.self])
 }
@@ -82,6 +82,24 @@ struct Destroy: ParsableCommand {
     @Argument(help: "Domain name or id.") var domain: String
     func run() throws {
         do { try Toolstack(runDir: rd.path).destroy(domain) } catch { fail("\(error)") }
+    }
+}
+
+struct Pause: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Pause a domain (xl pause): everything its guest runs stops.")
+    @OptionGroup var rd: RunDirOption
+    @Argument(help: "Domain name or id.") var domain: String
+    func run() throws {
+        do { try Toolstack(runDir: rd.path).pause(domain, true) } catch { fail("\(error)") }
+    }
+}
+
+struct Unpause: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Unpause a domain (xl unpause).")
+    @OptionGroup var rd: RunDirOption
+    @Argument(help: "Domain name or id.") var domain: String
+    func run() throws {
+        do { try Toolstack(runDir: rd.path).pause(domain, false) } catch { fail("\(error)") }
     }
 }
 

@@ -243,6 +243,19 @@ extension XenctlCLITests {
         #expect(status.split(separator: "\n").contains { $0.hasPrefix("Uid:\t\(uid)\t\(uid)\t\(uid)\t\(uid)") }, "\(status)")
         var own = stat(), named = stat()
         #expect(stat("/proc/\(guestPID)/ns/net", &own) == 0 && stat("/run/netns/" + guestNS, &named) == 0 && own.st_ino == named.st_ino)
+        // xl pause / unpause: the guest's process stops, and so does
+        // everything in its PID namespace; the state letters say so.
+        func isStopped(_ pid: Int32) -> Bool {
+            ((try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? "").split(separator: ")").last?
+                .split(separator: " ").first == "T"
+        }
+        #expect(try xenctl("pause", "bare", runDir: run).0 == 0)
+        #expect(eventually { isStopped(guestPID) }, "the paused guest still runs")
+        #expect(try xenctl("list", runDir: run).1.contains("--p---"))
+        #expect(try xenctl("unpause", "bare", runDir: run).0 == 0)
+        #expect(eventually { !isStopped(guestPID) }, "the unpaused guest is still stopped")
+        #expect(try xenctl("pause", "0", runDir: run).2 == "xenctl: domain 0 cannot be paused\n")
+        #expect(try xenctl("pause", "ghost", runDir: run).2 == "xenctl: no domain 'ghost'\n")
         // Other guests' logs and configs are closed to it.
         for dir in ["logs", "monitors"] {
             var st = stat()
