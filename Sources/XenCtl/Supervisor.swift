@@ -43,6 +43,9 @@ public final class Supervisor {
         var expectedExit = false
         /// Stopped with a dependency; started again in order once that is ready.
         var waitingForDependency = false
+        /// When it was asked to stop (SIGTERM) for a dependency's restart: past
+        /// ``Supervisor/stopGraceSeconds`` it gets SIGKILL.
+        var stopAskedAt: Double?
         init(_ s: ServiceSpec) { spec = s }
     }
 
@@ -54,6 +57,8 @@ public final class Supervisor {
     let signals: CInt
     /// The next service to start once the one before it is ready.
     var startIndex = 0
+    /// How long a service asked to stop for its dependency's restart may take.
+    static let stopGraceSeconds = 10.0
 
     public init(runDir: String, services: [ServiceSpec], logger: Logger) throws {
         self.runDir = runDir
@@ -76,7 +81,8 @@ public final class Supervisor {
             var fds = [pollfd(fd: signals, events: Int16(POLLIN), revents: 0)]
             for s in services where s.stdout >= 0 { fds.append(pollfd(fd: s.stdout, events: Int16(POLLIN), revents: 0)) }
             let now = monotonicSeconds()
-            let nextRestart = services.compactMap(\.restartAt).min()
+            // Wake for the next restart, or to kill a service slow to stop.
+            let nextRestart = (services.compactMap(\.restartAt) + services.compactMap { $0.stopAskedAt.map { $0 + Self.stopGraceSeconds } }).min()
             let timeout = nextRestart.map { Int32(max(0, min(60_000, ($0 - now) * 1000))) } ?? -1
             _ = poll(&fds, nfds_t(fds.count), timeout)
 
@@ -88,16 +94,24 @@ public final class Supervisor {
                 pump(s)
             }
             if stopping { break }
-            // Start the next service once the previous one is ready.
+            // Start the next service once the previous one is ready; one still
+            // on its way out (stopped for a dependency's restart) is waited
+            // for, not passed over, so it is started again once it is gone.
             while startIndex + 1 < services.count, services[startIndex].ready {
-                startIndex += 1
-                let next = services[startIndex]
+                let next = services[startIndex + 1]
+                if next.expectedExit && next.pid > 0 { break }
                 if next.pid == 0 && next.restartAt == nil && (next.waitingForDependency || !next.everStarted) {
                     next.waitingForDependency = false
                     start(next)
                 }
+                startIndex += 1
             }
             let t = monotonicSeconds()
+            for s in services where s.expectedExit && s.pid > 0 && (s.stopAskedAt.map { t - $0 > Self.stopGraceSeconds } ?? false) {
+                logger.warning("\(s.spec.name) did not stop within \(Int(Self.stopGraceSeconds)) s; killing it")
+                kill(s.pid, SIGKILL)  // our child, not reaped yet: its pid is its own
+                s.stopAskedAt = nil
+            }
             for s in services where s.restartAt.map({ $0 <= t }) ?? false {
                 s.restartAt = nil
                 start(s)
@@ -167,6 +181,7 @@ public final class Supervisor {
             if s.stdout >= 0 { pump(s); close(s.stdout); s.stdout = -1 }
             if s.expectedExit {
                 s.expectedExit = false
+                s.stopAskedAt = nil
                 continue
             }
             guard !stopping else { continue }
@@ -180,6 +195,8 @@ public final class Supervisor {
             for d in services[(i + 1)...] where dependents.contains(d.spec.name) {
                 if d.pid > 0 {
                     d.expectedExit = true
+                    d.ready = false  // it is going: nothing after it starts against it
+                    d.stopAskedAt = monotonicSeconds()
                     kill(d.pid, SIGTERM)
                 }
                 d.restartAt = nil

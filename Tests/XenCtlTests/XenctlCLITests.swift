@@ -77,6 +77,18 @@ import XenTestKit
         for name in ["xenstored", "blkback", "netback"] { #expect(waitRestarted(name, from: 0, runDir: run) != nil) }
         #expect(try xenctl("list", runDir: run).0 == 0)
 
+        // A dependent slow to stop when its dependency restarts (here: netback
+        // stopped, its SIGTERM pending) is waited for and started again once
+        // it is gone, not passed over for good.
+        let slow = ServiceStatus.read(runDir: run)!.first { $0.name == "netback" }!.pid
+        #expect(kill(slow, SIGSTOP) == 0)
+        let hvBefore = ServiceStatus.read(runDir: run)!.first { $0.name == "xenhv" }!.pid
+        #expect(kill(hvBefore, SIGKILL) == 0)
+        #expect(waitRestarted("xenhv", from: hvBefore, runDir: run) != nil)
+        #expect(waitRestarted("blkback", from: 0, runDir: run) != nil)
+        #expect(kill(slow, SIGCONT) == 0)
+        #expect(waitRestarted("netback", from: slow, runDir: run) != nil, "netback was not started again")
+
         let (drc, _, derr) = try xenctl("down", runDir: run)
         #expect(drc == 0, "\(derr)")
         #expect(processes(mentioning: run).isEmpty)
