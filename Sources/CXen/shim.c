@@ -23,6 +23,7 @@
 #include <sys/wait.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 
@@ -254,6 +255,30 @@ int cxen_peer_pid(int sock) {
     if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &l) != 0) return -1;
     return cred.pid;
 }
+
+static volatile sig_atomic_t termination_noted = 0;
+static void note_termination(int sig) { (void)sig; termination_noted = 1; }
+
+int cxen_note_termination(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = note_termination;  /* no SA_RESTART: a wait in poll(2) returns EINTR */
+    sigemptyset(&sa.sa_mask);
+    int r = 0;
+    r |= sigaction(SIGINT, &sa, NULL);
+    r |= sigaction(SIGTERM, &sa, NULL);
+    r |= sigaction(SIGHUP, &sa, NULL);
+    /* A mask inherited from whoever started us must not hold them back. */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGHUP);
+    r |= pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+    return r == 0 ? 0 : -errno;
+}
+
+int cxen_termination_noted(void) { return termination_noted; }
 
 int cxen_termination_signalfd(void) {
     sigset_t set;

@@ -1,3 +1,4 @@
+import CXen
 import Foundation
 import Glibc
 import XenBus
@@ -170,6 +171,10 @@ extension Toolstack {
             }
             guard monotonicSeconds() < end else {
                 failure = "the guest did not connect it within \(Int(seconds)) s (see \(runDir)/logs/guest-\(d.name).log)"
+                break
+            }
+            guard cxen_termination_noted() == 0 else {
+                failure = "interrupted"
                 break
             }
             var p = pollfd(fd: -1, events: 0, revents: 0)

@@ -1,3 +1,4 @@
+import CXen
 import Foundation
 import Glibc
 import XenBus
@@ -120,6 +121,7 @@ extension Toolstack {
             let deadline = monotonicSeconds() + Self.guestBootSeconds
             for _ in 0..<1024 {
                 guard let line = ProcessLauncher.readLine(ready[0], deadline: deadline) else {
+                    if cxen_termination_noted() != 0 { throw Failure("domain '\(config.name)': interrupted; undone") }
                     throw Failure("domain '\(config.name)': the guest did not come up within \(Int(Self.guestBootSeconds)) s; see \(runDir)/logs/guest-\(config.name).log")
                 }
                 if line.isEmpty { break }

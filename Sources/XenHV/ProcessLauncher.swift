@@ -205,12 +205,13 @@ extension ProcessLauncher {
     /// that may be hostile (a guest's ready pipe): nil once `deadline`
     /// (``monotonicSeconds()``) has passed first; a line is cut at `limit`
     /// bytes (the rest comes as the next).
+    /// Also nil once a termination signal was noted (`cxen_note_termination`).
     public static func readLine(_ fd: CInt, deadline: Double, limit: Int = 4096) -> String? {
         var line = [UInt8]()
         var c: UInt8 = 0
         while line.count < limit {
             let left = deadline - monotonicSeconds()
-            guard left > 0 else { return nil }
+            guard left > 0, cxen_termination_noted() == 0 else { return nil }
             var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
             let r = poll(&p, 1, Int32(min(left * 1000, 60_000)) + 1)
             if r < 0 && errno == EINTR { continue }

@@ -1,6 +1,7 @@
 // xenctl: the toolstack (xl's verbs) and the dom0 service launcher.
 // Argument parsing only; the work is in the XenCtl library.
 import ArgumentParser
+import CXen
 import Foundation
 import Glibc
 import Logging
@@ -108,6 +109,7 @@ struct Create: ParsableCommand {
     @OptionGroup var rd: RunDirOption
     @Argument(help: "The domain's xl.cfg file.") var config: String
     func run() throws {
+        _ = cxen_note_termination()  // Ctrl-C while the guest boots: undone, not left half-made
         do {
             let g = try Toolstack(runDir: rd.path).create(configPath: config)
             print("Created domain \(g.name) (id \(g.domid)), guest process \(g.pid)")
@@ -135,6 +137,7 @@ struct BlockAttach: ParsableCommand {
     @Option(help: "Seconds to wait for the guest to connect the disk (then it is removed again).") var timeout: Double = 30
     func validate() { checkSeconds(timeout, "timeout") }
     func run() throws {
+        _ = cxen_note_termination()  // Ctrl-C while the guest connects it: the device is removed again
         do {
             let (vdev, uri) = try Toolstack(runDir: rd.path).blockAttach(domain, spec: disk, seconds: timeout)
             print("disk \(vdev): \(uri)")
@@ -170,6 +173,7 @@ struct NetworkAttach: ParsableCommand {
     @Option(help: "Seconds to wait for the guest to connect the NIC (then it is removed again).") var timeout: Double = 30
     func validate() { checkSeconds(timeout, "timeout") }
     func run() throws {
+        _ = cxen_note_termination()  // Ctrl-C while the guest connects it: the device is removed again
         do { print(try Toolstack(runDir: rd.path).networkAttach(domain, spec: vif, seconds: timeout)) } catch { fail("\(error)") }
     }
 }

@@ -319,6 +319,21 @@ extension XenctlCLITests {
         #expect(!storeHas("/local/domain/0/backend/vif/\(domid)/0", runDir: run))
         #expect(!storeHas("/local/domain/\(domid)/device/vif/0", runDir: run))
         #expect(access("/sys/class/net/vif\(domid).0", F_OK) != 0, "a failed attach left its tap")
+        // Ctrl-C while the guest does not connect: one line, and undone too.
+        let interrupted = Process()
+        interrupted.executableURL = URL(fileURLWithPath: Self.bin)
+        interrupted.arguments = ["network-attach", "bare", "bridge=\(bridge)", "--timeout", "60", "--run-dir", run]
+        let interruptedErr = Pipe()
+        interrupted.standardOutput = FileHandle.nullDevice
+        interrupted.standardError = interruptedErr
+        try interrupted.run()
+        #expect(eventually { storeHas("/local/domain/0/backend/vif/\(domid)/0", runDir: run) })
+        kill(interrupted.processIdentifier, SIGINT)
+        interrupted.waitUntilExit()
+        let interruptedText = String(decoding: interruptedErr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(interrupted.terminationStatus != 0 && interruptedText == "xenctl: domain 'bare': vif 0: interrupted; removed\n", "\(interruptedText)")
+        #expect(!storeHas("/local/domain/0/backend/vif/\(domid)/0", runDir: run))
+        #expect(!storeHas("/local/domain/\(domid)/device/vif/0", runDir: run))
         kill(guestPID, SIGCONT)
         stopped = 0
 

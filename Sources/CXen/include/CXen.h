@@ -207,6 +207,11 @@ void cxen_set_thread_name(const char *name);
 int cxen_same_file(int a, int b);
 
 /* A signalfd for SIGTERM, SIGINT and SIGHUP, which it also blocks; -1 on error. */
+/* SIGINT, SIGTERM and SIGHUP only set a flag (cxen_termination_noted),
+   without SA_RESTART, so a command in a bounded wait sees it and undoes what
+   it made instead of dying half-way. 0 or -errno. */
+int cxen_note_termination(void);
+int cxen_termination_noted(void);
 int cxen_termination_signalfd(void);
 /* A non-blocking signalfd for `n` signals, which it also blocks; -1 on error. */
 int cxen_signalfd(const int *signals, int n);
