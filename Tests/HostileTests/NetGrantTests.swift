@@ -365,19 +365,7 @@ extension Hostile {
 /// them from its descriptor): an AF_PACKET socket bound to the interface.
 final class TapInjector {
     let fd: CInt
-    init(_ name: String) throws {
-        let s = socket(AF_PACKET, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard s >= 0 else { throw FrontError("AF_PACKET socket: \(errno)") }
-        // struct sockaddr_ll: family u16, protocol be16, ifindex i32, hatype u16, pkttype u8, halen u8, addr[8].
-        var sll = [UInt8](repeating: 0, count: 20)
-        sll.withUnsafeMutableBytes { b in
-            b.storeBytes(of: UInt16(AF_PACKET), toByteOffset: 0, as: UInt16.self)
-            b.storeBytes(of: Int32(cnet_ifindex(name)), toByteOffset: 4, as: Int32.self)
-        }
-        let r = sll.withUnsafeBytes { bind(s, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), 20) }
-        guard r == 0 else { close(s); throw FrontError("bind to \(name): \(errno)") }
-        fd = s
-    }
+    init(_ name: String) throws { fd = try tapSender(name) }
 
     func send(_ frame: [UInt8]) throws {
         let n = frame.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, 0) }

@@ -5,6 +5,7 @@ import NetBack
 import NetFrontKit
 import Testing
 import XenHV
+import XenTestKit
 
 /// Receive backlog bounds, stalled-guest carrier, multi-queue and rate
 /// limiting on a real vif. Needs root: bridge, veth, namespace and taps,

@@ -185,24 +185,6 @@ final class PeerNetwork {
     }
 }
 
-/// Waits up to `ms` for `fd` to be readable, then reads one datagram.
-/// An AF_PACKET socket bound to tap `name`: a frame sent on it goes out
-/// through the tap, so netback reads it from the tap's queue.
-func tapSender(_ name: String) throws -> CInt {
-    let s = socket(AF_PACKET, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-    guard s >= 0 else { throw FrontError("AF_PACKET socket: \(String(cString: strerror(errno)))") }
-    // struct sockaddr_ll: family u16, protocol be16, ifindex i32, ...
-    var sll = [UInt8](repeating: 0, count: 20)
-    sll.withUnsafeMutableBytes { b in
-        b.storeBytes(of: UInt16(AF_PACKET), toByteOffset: 0, as: UInt16.self)
-        b.storeBytes(of: Int32(if_nametoindex(name)), toByteOffset: 4, as: Int32.self)
-    }
-    guard sll.withUnsafeBytes({ bind(s, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), 20) }) == 0 else {
-        close(s)
-        throw FrontError("bind AF_PACKET to \(name): \(String(cString: strerror(errno)))")
-    }
-    return s
-}
 
 func receiveDatagram(_ fd: CInt, timeout ms: Int32 = 5000) -> [UInt8]? {
     var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
