@@ -96,19 +96,20 @@ public final class BlkbackDriver: XenBusBackendDriver {
 
     /// Reads and checks the frontend's ring keys (blkif.h), single or multi-queue.
     func readRings(_ device: VirtualBlockDevice, _ dev: XenBusDevice, _ fe: String, _ xs: XenBusClient) throws -> FrontendConfig {
-        func number(_ key: String) throws -> UInt32 {
-            let s = try xs.read(key)
+        // Each key is read once: what the frontend writes meanwhile is not seen twice.
+        func parse(_ key: String, _ s: String) throws -> UInt32 {
             guard let n = UInt32(s) else { throw BlkBackError.badConfiguration("\(key) is '\(s)', not a number") }
             return n
         }
+        func number(_ key: String) throws -> UInt32 { try parse(key, try xs.read(key)) }
         // Linux's connect_ring: a `ring-page-order` present, even 0, means the
         // refs are ring-ref0..N (multi_ref); absent, the one ring-ref.
         let orderKey = try xs.readIfExists(fe + "/ring-page-order")
-        let order = try orderKey.map { _ in try number(fe + "/ring-page-order") } ?? 0
+        let order = try orderKey.map { try parse(fe + "/ring-page-order", $0) } ?? 0
         guard order <= UInt32(BlkifLimits.maxRingPageOrder) else {
             throw BlkBackError.badConfiguration("ring-page-order \(order) above \(BlkifLimits.maxRingPageOrder)")
         }
-        let queues = try xs.readIfExists(fe + "/multi-queue-num-queues").map { _ in try number(fe + "/multi-queue-num-queues") } ?? 1
+        let queues = try xs.readIfExists(fe + "/multi-queue-num-queues").map { try parse(fe + "/multi-queue-num-queues", $0) } ?? 1
         guard queues >= 1, Int(queues) <= device.maxQueues else {
             throw BlkBackError.badConfiguration("multi-queue-num-queues \(queues) (at most \(device.maxQueues))")
         }

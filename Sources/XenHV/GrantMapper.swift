@@ -55,8 +55,8 @@ public struct GrantSpan: Sendable {
 struct MapHandles {
     var free: [GrantHandle] = []
     var highWater: GrantHandle = 0
-    /// Where each handle's page is mapped (0 while a map is under way);
-    /// ``unmapping`` marks a handle an unmap has claimed.
+    /// Where each handle's page is mapped (0 while a map is under way, when
+    /// no unmap may claim it); ``unmapping`` marks a handle an unmap has claimed.
     var addresses: [UInt] = []
     static let unmapping: UInt = 1
     /// Live mappings per granting domain: a dying domain's objects are dropped
@@ -198,14 +198,15 @@ extension Hypervisor {
             guard Int(handle) < s.maps.addresses.count else { return nil }
             let e = cxen_load_acquire_u64(maptrackEntry(handle))
             let address = s.maps.addresses[Int(handle)]
-            guard e & MaptrackLayout.inUse != 0, address & MapHandles.unmapping == 0,
+            // A handle whose map has not returned (no address yet) is no one's to unmap.
+            guard e & MaptrackLayout.inUse != 0, address != 0, address & MapHandles.unmapping == 0,
                   let dom = s.domains[DomID(truncatingIfNeeded: e >> 32)],
                   GrantRef(truncatingIfNeeded: e) < dom.active.entries else { return nil }
             s.maps.addresses[Int(handle)] = address | MapHandles.unmapping
             return (e, address, dom)
         }
         guard let (e, address, dom) = claim else { return .badHandle }
-        if address != 0 { munmap(UnsafeMutableRawPointer(bitPattern: address), HVLimits.pageSize) }
+        munmap(UnsafeMutableRawPointer(bitPattern: address), HVLimits.pageSize)
         release(handle: handle, dom: dom, ref: GrantRef(truncatingIfNeeded: e), writable: e & MaptrackLayout.writable != 0)
         return .okay
     }

@@ -2,31 +2,6 @@
 // privilege) is fixed by the transport at creation, never taken from messages.
 import Glibc
 
-/// Watch events a guest's requests caused that still wait in a dom0
-/// connection's output (C xenstored charges them to the request that caused
-/// them, and domain_can_read stops reading a domain with too many
-/// outstanding). Dom0's events are never dropped, so without this a guest
-/// writing under the nodes a slow dom0 client watches would grow the daemon
-/// without bound; past ``XSQuotas/maxCausedEvents`` the guest is not read
-/// until they drain.
-final class CausedEvents {
-    private(set) var count: [DomID: Int] = [:]
-    /// Called when a domain falls back under the limit: its ring is read again.
-    var onUnblock: (DomID) -> Void = { _ in }
-    let limit: Int
-
-    init(limit: Int) { self.limit = limit }
-
-    func blocked(_ d: DomID) -> Bool { (count[d] ?? 0) >= limit }
-    func add(_ d: DomID) { count[d, default: 0] += 1 }
-    func release(_ d: DomID) {
-        guard let i = count.index(forKey: d) else { return }
-        let n = count.values[i] - 1
-        if n > 0 { count.values[i] = n } else { count.remove(at: i) }
-        if n == limit - 1 { onUnblock(d) }
-    }
-}
-
 public final class XSConnection {
     public let serial: Int
     public let domid: DomID
@@ -47,8 +22,9 @@ public final class XSConnection {
         var event: [UInt8]?
         /// Monotonic time after which an undelivered event is dropped (0: never).
         var expires: Double
-        /// The guest whose request caused this event (counted in ``CausedEvents``).
-        var cause: DomID? = nil
+        /// The guest connection whose request caused this event (counted in
+        /// its ``XSConnection/causedEvents``).
+        var cause: XSConnection? = nil
     }
     var out: [UInt8] = []
     var outHead = 0
@@ -63,12 +39,24 @@ public final class XSConnection {
     /// Set by the core when output was queued outside the transport's own processing.
     var dirty = false
 
-    let caused: CausedEvents
+    /// Watch events this guest's requests caused that still wait in a dom0
+    /// connection's output (C xenstored charges them to the request that
+    /// caused them, and domain_can_read stops reading a domain with too many
+    /// outstanding). Dom0's events are never dropped, so without this a guest
+    /// writing under the nodes a slow dom0 client watches would grow the
+    /// daemon without bound; at ``XSQuotas/maxCausedEvents`` its requests
+    /// wait until they drain.
+    var causedEvents = 0
+    /// For marking this connection to be served again when its caused events drain.
+    weak var core: XenStoreCore?
 
-    init(serial: Int, domid: DomID, privileged: Bool, quotas: XSQuotas, caused: CausedEvents) {
+    init(serial: Int, domid: DomID, privileged: Bool, quotas: XSQuotas) {
         self.serial = serial; self.domid = domid; self.privileged = privileged; self.quotas = quotas
-        self.caused = caused
     }
+
+    /// Whether the transport may take its next request: replies, and the
+    /// watch events its requests caused elsewhere, are not backed up.
+    var mayReadRequests: Bool { pendingMessages < quotas.maxOutstanding && causedEvents < quotas.maxCausedEvents }
 
     var caller: XSCaller { XSCaller(domid: domid, privileged: privileged, target: target, quotas: quotas) }
 
@@ -77,7 +65,7 @@ public final class XSConnection {
 
     @inline(__always)
     func enqueue(_ type: XSType, reqID: UInt32, txID: UInt32, _ body: UnsafeRawBufferPointer,
-                 event: [UInt8]? = nil, expires: Double = 0, cause: DomID? = nil) {
+                 event: [UInt8]? = nil, expires: Double = 0, cause: XSConnection? = nil) {
         let start = out.count
         XSHeader(type, reqID: reqID, txID: txID, len: UInt32(body.count))
             .append(to: &out)
@@ -89,17 +77,20 @@ public final class XSConnection {
     /// still pending (`dedupe`; special @ events are not deduplicated). The
     /// output quota is the caller's (it drops before building the event).
     /// Returns whether it was queued.
-    func enqueueEvent(_ body: [UInt8], dedupe: Bool, expires: Double, cause: DomID? = nil) -> Bool {
+    func enqueueEvent(_ body: [UInt8], dedupe: Bool, expires: Double, cause: XSConnection? = nil) -> Bool {
         if dedupe && pendingEvents[body] != nil { return false }
         body.withUnsafeBytes { enqueue(.watchEvent, reqID: 0, txID: 0, $0, event: body, expires: expires, cause: cause) }
         pendingEvents[body, default: 0] += 1
-        if let cause { caused.add(cause) }
+        cause?.causedEvents += 1
         return true
     }
 
     /// A queued message is gone (delivered or dropped).
     func forget(_ q: Queued) {
-        if let d = q.cause { caused.release(d) }
+        if let g = q.cause {
+            g.causedEvents -= 1
+            if g.causedEvents == g.quotas.maxCausedEvents - 1 { g.core?.markDirty(g) }  // its ring is read again
+        }
         guard let body = q.event, let i = pendingEvents.index(forKey: body) else { return }
         if pendingEvents.values[i] > 1 { pendingEvents.values[i] -= 1 } else { pendingEvents.remove(at: i) }
     }

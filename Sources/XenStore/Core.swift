@@ -19,18 +19,12 @@ public final class XenStoreCore {
     weak var ringHost: XSRingHost?
     public var logger: Logger
 
-    /// Watch events each guest caused that wait in others' output.
-    let caused: CausedEvents
     /// The guest whose request is being processed (nil: dom0 or none).
-    var cause: DomID?
+    var cause: XSConnection?
 
     public init(quotas: XSQuotas = .default, logger: Logger = Logger(label: "xenstored")) {
         self.defaultQuotas = quotas
         self.logger = logger
-        caused = CausedEvents(limit: quotas.maxCausedEvents)
-        caused.onUnblock = { [unowned self] d in
-            if let c = domains[d]?.conn { markDirty(c) }
-        }
     }
 
     public var watchCount: Int { watches.count }
@@ -44,7 +38,8 @@ public final class XenStoreCore {
 
     /// A new client acting as `domid`. Socket clients are dom0 and privileged.
     public func newConnection(domid: DomID, privileged: Bool) -> XSConnection {
-        let c = XSConnection(serial: nextSerial, domid: domid, privileged: privileged, quotas: quotas(for: domid), caused: caused)
+        let c = XSConnection(serial: nextSerial, domid: domid, privileged: privileged, quotas: quotas(for: domid))
+        c.core = self
         nextSerial += 1
         connections[c.serial] = c
         return c
@@ -96,7 +91,7 @@ public final class XenStoreCore {
     /// Handles one request; its reply is queued on `c`.
     public func process(_ c: XSConnection, _ h: XSHeader, _ payload: UnsafeRawBufferPointer) {
         // Watch events this request causes are charged to a guest.
-        cause = c.privileged ? nil : c.domid
+        cause = c.privileged ? nil : c
         defer { cause = nil }
         do throws(XSError) {
             try dispatch(c, h, payload)
@@ -279,7 +274,7 @@ public final class XenStoreCore {
             var id = nextTxID
             while id == 0 || c.transactions[id] != nil { id &+= 1 }
             nextTxID = id &+ 1
-            c.transactions[id] = store.begin(id: id)
+            c.transactions[id] = store.begin(id: id, for: c.caller)
             c.enqueue(.transactionStart, reqID: r, txID: 0, Array("\(id)".utf8) + [0])
 
         case .transactionEnd:

@@ -166,37 +166,23 @@ extension XenStoreCore {
         let dom0 = XSCaller(domid: 0, privileged: true)
         var stack = ["/"]
         while let p = stack.popLast() {
-            guard var n = store.nodes[p] else { continue }
+            guard let n = store.nodes[p] else { continue }
             if n.perms.owner == domid && p != "/" {
                 if let changes = try? store.rm(p, dom0) { changes.forEach(fire) }
                 continue
             }
-            if n.perms.entries.dropFirst().contains(where: { $0.domid == domid }) {
-                n.perms.entries = [n.perms.entries[0]] + n.perms.entries.dropFirst().filter { $0.domid != domid }
-                n.generation = store.nextGeneration()  // a transaction that read the old list must not commit it back
-                store.nodes[p] = n
-            }
+            var perms = n.perms
+            if perms.removeGrants(to: domid) { _ = try? store.setPerms(p, perms, dom0) }
             for c in n.children.reversed() { stack.append(XSPath.child(p, c)) }
         }
         // A special node dom0 gave the domain goes back to dom0 (it cannot be
         // removed), and what dom0 granted it there goes too.
         for s in XSStore.specialNodes {
-            guard var n = store.nodes[s] else { continue }
-            var changed = false
-            if n.perms.owner == domid {
-                n.perms.owner = 0
-                store.adjustOwned(domid, -1, nil)
-                store.adjustOwned(0, 1, nil)
-                changed = true
-            }
-            if n.perms.entries.dropFirst().contains(where: { $0.domid == domid }) {
-                n.perms.entries = [n.perms.entries[0]] + n.perms.entries.dropFirst().filter { $0.domid != domid }
-                changed = true
-            }
-            if changed {
-                n.generation = store.nextGeneration()
-                store.nodes[s] = n
-            }
+            guard let old = store.nodes[s]?.perms else { continue }
+            var perms = old
+            if perms.owner == domid { perms.owner = 0 }
+            _ = perms.removeGrants(to: domid)
+            if perms != old { _ = try? store.setPerms(s, perms, dom0) }
         }
     }
 

@@ -67,6 +67,14 @@ public struct XSPermissions: Sendable, Hashable {
         set { entries[0].domid = newValue }
     }
 
+    /// Drops the entries after the owner's that name `domid` (C's
+    /// domain_adjust_node_perms for a released domain); whether any went.
+    mutating func removeGrants(to domid: DomID) -> Bool {
+        guard entries.dropFirst().contains(where: { $0.domid == domid }) else { return false }
+        entries = [entries[0]] + entries.dropFirst().filter { $0.domid != domid }
+        return true
+    }
+
     /// Access of a connection acting as `domid` (with an optional SET_TARGET target).
     /// Mirrors perm_for_conn in C xenstored: privileged connections and the owner get
     /// everything; a listed domain gets its entry; everyone else gets entry 0's access.

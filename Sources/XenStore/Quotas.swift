@@ -25,8 +25,7 @@ public struct XSQuotas: Sendable, Equatable {
     /// Watch events a guest's requests caused that wait undelivered in dom0
     /// connections' output (C: a request stays outstanding, -Q, until its watch
     /// events are delivered). At it, the guest's requests wait on its ring
-    /// until they drain (no error). The default quotas' value holds for every
-    /// domain.
+    /// until they drain (no error).
     public var maxCausedEvents = 256
     /// Message payload (XENSTORE_PAYLOAD_MAX). Over: the connection is closed.
     public var maxPayload = 4096

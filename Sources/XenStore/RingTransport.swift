@@ -94,7 +94,7 @@ final class RingEndpoint {
             if served >= Self.messagesPerTurn { moreWork = true; break }
             // Backpressure: leave requests on the ring while replies, or the
             // watch events they caused elsewhere, are undelivered.
-            if conn.pendingMessages < conn.quotas.maxOutstanding && !conn.caused.blocked(conn.domid) {
+            if conn.mayReadRequests {
                 switch parseInput(core, budget: Self.messagesPerTurn - served) {
                 case .corrupt(let e, let why): return .corrupt(e, why)
                 case .ok(let processed): if processed > 0 { progress = true; served += processed }
@@ -157,8 +157,7 @@ final class RingEndpoint {
         let maxPayload = conn.quotas.maxPayload
         var result: Parsed? = nil
         inbuf.withUnsafeBytes { b in
-            while !conn.closed && processed < budget && conn.pendingMessages < conn.quotas.maxOutstanding
-                    && !conn.caused.blocked(conn.domid) {
+            while !conn.closed && processed < budget && conn.mayReadRequests {
                 let avail = b.count - head
                 if avail < XSHeader.size { break }
                 let h = XSHeader(from: b.baseAddress! + head)

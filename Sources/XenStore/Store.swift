@@ -35,8 +35,8 @@ public final class XSStore {
     func node(_ path: String, _ tx: XSTransaction?, _ c: XSCaller) throws(XSError) -> XSNode? {
         guard let tx else { return nodes[path] }
         if let a = tx.accessed[path] { return a.node }
-        let cost = path.utf8.count + XSTransaction.entryOverhead
-        if !c.privileged && (tx.accessed.count >= c.quotas.maxTransactionNodes || tx.bytes + cost > c.quotas.maxTransactionBytes) {
+        let cost = tx.byteLimit == nil ? 0 : path.utf8.count + XSTransaction.entryOverhead
+        if !c.privileged && (tx.accessed.count >= c.quotas.maxTransactionNodes || tx.bytes + cost > tx.byteLimit ?? .max) {
             tx.failed = true
             throw .ENOSPC
         }
@@ -50,16 +50,17 @@ public final class XSStore {
     func put(_ path: String, _ n: XSNode?, _ tx: XSTransaction?) {
         guard let tx else { nodes[path] = n; return }
         // Every path written was looked up through node() first, so it is recorded.
+        let counted = tx.byteLimit != nil
         if var a = tx.accessed[path] {
-            if a.modified { tx.bytes -= a.node?.chargedSize ?? 0 }
+            if counted && a.modified { tx.bytes -= a.node?.chargedSize ?? 0 }
             a.node = n
             a.modified = true
             tx.accessed[path] = a
         } else {
             tx.accessed[path] = XSTransaction.Access(generation: nodes[path]?.generation, node: n, modified: true)
-            tx.bytes += path.utf8.count + XSTransaction.entryOverhead
+            if counted { tx.bytes += path.utf8.count + XSTransaction.entryOverhead }
         }
-        tx.bytes += n?.chargedSize ?? 0
+        if counted { tx.bytes += n?.chargedSize ?? 0 }
     }
 
     @inline(__always)
@@ -245,7 +246,10 @@ public final class XSStore {
 
     /// A new transaction. It holds only what it accesses, so the store keeps no
     /// list of open ones, and ending one without a commit is dropping it.
-    public func begin(id: UInt32) -> XSTransaction { XSTransaction(id: id) }
+    /// `c`'s transaction quota in bytes bounds it, unless `c` is privileged.
+    public func begin(id: UInt32, for c: XSCaller) -> XSTransaction {
+        XSTransaction(id: id, byteLimit: c.privileged ? nil : c.quotas.maxTransactionBytes)
+    }
 
     /// Commits, or leaves the store untouched and throws: ENOMEM for a transaction an
     /// access was refused in, EAGAIN when a node it accessed changed since (C:

@@ -34,10 +34,16 @@ public final class XSTransaction {
     /// What the transaction holds: each accessed path, and each node it
     /// changed as C charges a node (bounded by ``XSQuotas/maxTransactionBytes``).
     var bytes = 0
+    /// ``bytes``' bound: the quota of an unprivileged caller; nil for a
+    /// privileged one, whose transactions are not counted at all.
+    let byteLimit: Int?
     /// Bytes counted for a recorded access besides its path.
     static let entryOverhead = 64
 
-    init(id: UInt32) { self.id = id }
+    init(id: UInt32, byteLimit: Int? = nil) {
+        self.id = id
+        self.byteLimit = byteLimit
+    }
 
     /// Records a change to announce, one per path: a non-exact change replaces an
     /// exact one, not the other way round (C: queue_watches).

@@ -60,7 +60,7 @@ extension XenStoreCore {
         guard watches.count > 0 else { return }
         let special = change.path.utf8.first == UInt8(ascii: "@")
         let perms = change.perms
-        let now = monotonicSeconds()  // for the events' expiry
+        var now: Double?  // for guests' events' expiry: read once, when first needed
         var parentPerms = change.parentPerms
         var parentLooked = parentPerms != nil
         watches.matches(change) { w, reported in
@@ -78,7 +78,8 @@ extension XenStoreCore {
                 ok = parentPerms.map { caller.access($0).contains(.read) } ?? false
             }
             if !ok { return }
-            queueEvent(w, path: reported, now: now)
+            if now == nil && !c.privileged { now = monotonicSeconds() }
+            queueEvent(w, path: reported, now: now ?? 0)
         }
     }
 
@@ -93,7 +94,8 @@ extension XenStoreCore {
     /// Queues one WATCH_EVENT as C xenstored's send_event does: an event longer than
     /// XENSTORE_PAYLOAD_MAX or identical to one still pending is not sent; for an
     /// unprivileged watcher, nor is one past its output quota, and the event expires
-    /// undelivered after the quota's timeout. No connection is closed for its backlog.
+    /// undelivered after the quota's timeout (`now` matters only then). No
+    /// connection is closed for its backlog.
     func queueEvent(_ w: XSWatch, path: String, now: Double = monotonicSeconds()) {
         let c = w.conn
         let shown = w.relative ? XSPath.relativize(path, domid: c.domid) : path

@@ -368,9 +368,9 @@ private func isEmptyPart(_ m: CoreClient.Msg) -> Bool {
         #expect(core.store.ownedCount(5, nil) == 0)
         #expect(w.pollEvents().map(\.path) == ["/shared/mine"])
         // What others granted it goes too (XSA-322): a new domain 5 gets none of it.
-        #expect(dom0.send(.getPerms, dom0.fields(["/shared"])).fields == ["n0"])
-        #expect(dom0.send(.getPerms, dom0.fields(["/local/domain/5"])).fields == ["n0"])
-        #expect(dom0.send(.getPerms, dom0.fields(["@releaseDomain"])).fields == ["n0"])
+        #expect(dom0.getPerms("/shared") == ["n0"])
+        #expect(dom0.getPerms("/local/domain/5") == ["n0"])
+        #expect(dom0.getPerms("@releaseDomain") == ["n0"])
     }
 }
 

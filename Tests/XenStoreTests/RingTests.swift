@@ -325,11 +325,9 @@ func waitUntil(_ timeout: Double = 10, _ cond: () -> Bool) -> Bool {
         // A dom0 client that watches the guest's home and then reads nothing
         // (no transport: its output only grows).
         let serial = d.onDaemon { core -> Int in
-            let c = core.newConnection(domid: 0, privileged: true)
-            let p = Array("/local/domain/4".utf8) + [0] + Array("w".utf8) + [0]
-            p.withUnsafeBytes { core.process(c, XSHeader(.watch, reqID: 1, txID: 0, len: UInt32(p.count)), $0) }
-            c.consumed(c.pendingBytes)  // the reply and the registration event
-            return c.serial
+            let c = CoreClient(core)
+            c.watch("/local/domain/4", "w")  // its reply and the registration event read
+            return c.conn.serial
         }
         func written() -> Int { d.onDaemon { core in core.store.nodes.keys.filter { $0.hasPrefix("/local/domain/4/x") }.count } }
         var batch: [UInt8] = []
@@ -346,10 +344,10 @@ func waitUntil(_ timeout: Double = 10, _ cond: () -> Bool) -> Bool {
         #expect(d.onDaemon { $0.connections[serial]!.pendingMessages } == 8)
         readAll()
         #expect(waitUntil { written() == 20 })
-        #expect(d.onDaemon { core in core.caused.count[4] ?? 0 } == 4)
+        #expect(d.onDaemon { core in core.domains[4]!.conn!.causedEvents } == 4)
         // A dom0 client that goes away releases what it held.
         d.onDaemon { core in core.closeConnection(core.connections[serial]!, reason: "test") }
-        #expect(d.onDaemon { core in core.caused.count[4] ?? 0 } == 0)
+        #expect(d.onDaemon { core in core.domains[4]!.conn!.causedEvents } == 0)
     }
 
     @Test func releaseFromHypervisorCleansUpAndFiresReleaseDomain() throws {
