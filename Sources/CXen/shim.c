@@ -67,8 +67,8 @@ int cxen_wake_create_as(unsigned int uid) {
        creator (ep->user), whoever adds them. This thread takes `uid` as its
        real uid for the one call (the raw system call changes this thread
        only; the effective uid, root, stays, so it can take its own back). */
-    uid_t r, e, s;
-    if (getresuid(&r, &e, &s) != 0 || syscall(SYS_setresuid, (long)uid, -1L, -1L) != 0) return epoll_create1(EPOLL_CLOEXEC);
+    uid_t r = getuid();
+    if (syscall(SYS_setresuid, (long)uid, -1L, -1L) != 0) return epoll_create1(EPOLL_CLOEXEC);
     int fd = epoll_create1(EPOLL_CLOEXEC);
     int err = errno;
     if (syscall(SYS_setresuid, (long)r, -1L, -1L) != 0) abort();  /* never go on as someone else */
@@ -256,6 +256,21 @@ int cxen_peer_pid(int sock) {
     return cred.pid;
 }
 
+/* SIGINT, SIGTERM and SIGHUP: what a daemon stops on and a command undoes on. */
+static void termination_set(sigset_t *set) {
+    sigemptyset(set);
+    sigaddset(set, SIGINT);
+    sigaddset(set, SIGTERM);
+    sigaddset(set, SIGHUP);
+}
+
+int cxen_termination_unblock(void) {
+    sigset_t set;
+    termination_set(&set);
+    int r = pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+    return r == 0 ? 0 : -r;
+}
+
 static volatile sig_atomic_t termination_noted = 0;
 static void note_termination(int sig) { (void)sig; termination_noted = 1; }
 
@@ -268,24 +283,16 @@ int cxen_note_termination(void) {
     r |= sigaction(SIGINT, &sa, NULL);
     r |= sigaction(SIGTERM, &sa, NULL);
     r |= sigaction(SIGHUP, &sa, NULL);
+    if (r != 0) return -errno;
     /* A mask inherited from whoever started us must not hold them back. */
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGHUP);
-    r |= pthread_sigmask(SIG_UNBLOCK, &set, NULL);
-    return r == 0 ? 0 : -errno;
+    return cxen_termination_unblock();
 }
 
 int cxen_termination_noted(void) { return termination_noted; }
 
 int cxen_termination_signalfd(void) {
     sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGHUP);
+    termination_set(&set);
     if (sigprocmask(SIG_BLOCK, &set, NULL) != 0) return -1;
     return signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
 }

@@ -66,8 +66,17 @@ public final class HypervisorDaemon {
     /// Logged once per spell without descriptors.
     var acceptStarved = false
     var running = true
-    /// SO_PASSRIGHTS is off on guests' connections (Linux 6.16 and later).
-    var guestsCannotSendDescriptors = false
+    /// Said once: the kernel cannot refuse descriptors (before Linux 6.16).
+    var warnedDescriptorsPass = false
+
+    /// No client may pass xenhv a descriptor: the kernel refuses them on
+    /// `fd` (SO_PASSRIGHTS, Linux 6.16: the sender's sendmsg fails with
+    /// EPERM). Before 6.16 ``serve(_:)`` closes what arrives off this thread.
+    func refuseDescriptors(on fd: CInt) {
+        guard cxen_refuse_descriptors(fd) != 0, !warnedDescriptorsPass else { return }
+        warnedDescriptorsPass = true
+        logger.warning("this kernel has no SO_PASSRIGHTS (Linux 6.16): a guest that sends a descriptor is disconnected, and the descriptor closed on a thread of its own")
+    }
 
     public init(configuration: Configuration, logger: Logger) throws {
         self.config = configuration
@@ -89,14 +98,6 @@ public final class HypervisorDaemon {
         // with SO_PASSRIGHTS they cannot send descriptors at all.
         let r = cxen_defer_closes()
         guard r == 0 else { throw HypervisorError.system(call: "closer thread", errno: -r) }
-        var probe: [CInt] = [-1, -1]
-        if socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &probe) == 0 {
-            guestsCannotSendDescriptors = cxen_refuse_descriptors(probe[0]) == 0
-            probe.forEach { _ = Glibc.close($0) }
-        }
-        if !guestsCannotSendDescriptors {
-            logger.warning("this kernel has no SO_PASSRIGHTS (Linux 6.16): a guest that sends a descriptor is disconnected, and the descriptor closed on a thread of its own")
-        }
     }
 
     static func listen(at path: String) throws -> CInt {
@@ -216,6 +217,7 @@ public final class HypervisorDaemon {
             acceptStarved = false
             logger.info("accepting connections again")
         }
+        refuseDescriptors(on: fd)
         let c = Client(id: nextClientID, fd: fd, domid: 0)
         nextClientID += 1
         clients[fd] = c

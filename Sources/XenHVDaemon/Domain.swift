@@ -102,30 +102,38 @@ final class Domain {
         signalProcess(signal)
         guard processFD >= 0, let ns = Self.pidNamespace(processID),
               cxen_pidfd_send_signal(processFD, 0) == 0,  // the namespace read was our process's
-              ns != Self.pidNamespace(getpid()), Self.isNamespaceInit(processID) else { return }
+              ns != Self.ownPIDNamespace, Self.isNamespaceInit(processID) else { return }
         var signalled: Set<pid_t> = [processID]
         for _ in 0..<16 {
             var fresh = false
             // The guest's namespace and any it nested in it (it is root in its
             // user namespace, so it may make them).
-            for pid in Self.processes() where !signalled.contains(pid) && cxen_pid_ns_within(pid, ns[0], ns[1]) == 1 {
+            for pid in Self.processes() where !signalled.contains(pid) && cxen_pid_ns_within(pid, ns.device, ns.inode) == 1 {
                 signalled.insert(pid)
                 let fd = cxen_pidfd_open(pid)
                 guard fd >= 0 else { continue }
                 // Still in it: the pid was not reused before the pidfd named it.
-                if cxen_pid_ns_within(pid, ns[0], ns[1]) == 1 { _ = cxen_pidfd_send_signal(fd, signal); fresh = true }
+                if cxen_pid_ns_within(pid, ns.device, ns.inode) == 1 { _ = cxen_pidfd_send_signal(fd, signal); fresh = true }
                 Glibc.close(fd)
             }
             if !fresh { break }
         }
     }
 
-    /// The PID namespace `pid` is in (its /proc ns link's device and inode).
-    static func pidNamespace(_ pid: pid_t) -> [UInt64]? {
+    /// A namespace, as its /proc ns link names it.
+    struct Namespace: Equatable {
+        let device: UInt64
+        let inode: UInt64
+    }
+
+    /// The PID namespace `pid` is in.
+    static func pidNamespace(_ pid: pid_t) -> Namespace? {
         var st = stat()
         guard stat("/proc/\(pid)/ns/pid", &st) == 0 else { return nil }
-        return [UInt64(st.st_dev), UInt64(st.st_ino)]
+        return Namespace(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
     }
+    /// xenhv's own, which never changes.
+    static let ownPIDNamespace = pidNamespace(getpid())
 
     /// Whether `pid` is pid 1 of its own innermost namespace (/proc's NSpid).
     static func isNamespaceInit(_ pid: pid_t) -> Bool {
@@ -133,7 +141,7 @@ final class Domain {
         defer { fclose(f) }
         var line = [CChar](repeating: 0, count: 256)
         while fgets(&line, Int32(line.count), f) != nil {
-            let text = String(cString: line)
+            let text = cString(line)
             guard text.hasPrefix("NSpid:") else { continue }
             let ids = text.dropFirst(6).split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" })
             return ids.count > 1 && ids.last == "1"

@@ -25,10 +25,7 @@ public enum XenHVFuzzing {
         unlink(path)  // nothing connects; the listening descriptor stays
         // The daemon took SIGTERM, SIGINT and SIGHUP for its signalfd, which
         // nothing reads here: they are the fuzzer's again.
-        var set = sigset_t()
-        sigemptyset(&set)
-        for s in [SIGTERM, SIGINT, SIGHUP] { sigaddset(&set, s) }
-        pthread_sigmask(SIG_UNBLOCK, &set, nil)
+        _ = cxen_termination_unblock()
         daemon = d
         return d
     }

@@ -15,7 +15,8 @@ extension HypervisorDaemon {
         // can never reach a newer domain.
         guard nextDomID < HVLimits.firstReservedDomID else { throw XenErrno.ENOSPC }
         let dom = try Domain(domid: nextDomID, name: name, pages: pages)
-        if guestIDBase != 0 { dom.processUID = guestIDBase + UInt32(dom.domid) }
+        // Only root can make the sets as another uid (without, they are made as ours).
+        if guestIDBase != 0 && geteuid() == 0 { dom.processUID = guestIDBase + UInt32(dom.domid) }
         var sv: [CInt] = [-1, -1]
         do {
             dom.storePort = try allocate(in: dom, .unbound(remote: 0), owner: 0)
@@ -24,8 +25,7 @@ extension HypervisorDaemon {
             guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &sv) == 0 else {
                 throw HypervisorError.system(call: "socketpair", errno: errno)
             }
-            // The guest's sendmsg of a descriptor fails (EPERM) where the kernel can refuse it.
-            if guestsCannotSendDescriptors { _ = cxen_refuse_descriptors(sv[0]) }
+            refuseDescriptors(on: sv[0])
         } catch {
             // The memfds go with the Domain; its ports' wake-up sets are ours to close.
             closeAllPorts(of: dom, wakePeer: false)

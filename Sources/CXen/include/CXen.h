@@ -211,6 +211,8 @@ int cxen_same_file(int a, int b);
    without SA_RESTART, so a command in a bounded wait sees it and undoes what
    it made instead of dying half-way. 0 or -errno. */
 int cxen_note_termination(void);
+/* Unblocks SIGINT, SIGTERM and SIGHUP in the calling thread. 0 or -errno. */
+int cxen_termination_unblock(void);
 int cxen_termination_noted(void);
 int cxen_termination_signalfd(void);
 /* A non-blocking signalfd for `n` signals, which it also blocks; -1 on error. */
