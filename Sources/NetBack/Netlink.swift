@@ -54,7 +54,7 @@ public final class Netlink: @unchecked Sendable {
     }
 
     private static func checkName(_ name: String, _ what: String) throws(NetlinkError) {
-        guard !name.isEmpty, name.utf8.count < 16, !name.contains("/"), !name.contains(" ") else {
+        guard InterfaceName.isValid(name) else {
             throw NetlinkError(operation: what, code: -7, reason: "invalid interface name '\(name)'")
         }
     }

@@ -41,7 +41,7 @@ public enum VifKeys {
         // libxl's `vifname`: the tap gets that name instead of vif<domid>.<devid>
         // (Xen's hotplug scripts rename the netdev to it; netback makes its tap so).
         if let n = read("vifname"), !n.isEmpty {
-            guard n.utf8.count < 16, n != ".", n != "..", !n.contains(where: { "/:%".contains($0) || $0.isWhitespace }) else {
+            guard InterfaceName.isValid(n) else {
                 throw KeyError("bad vifname '\(n)'")
             }
             c.tapName = n

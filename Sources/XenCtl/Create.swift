@@ -39,9 +39,7 @@ extension Toolstack {
         let guest = try create(config, configPath: configPath, text: text)
         do { try startMonitor(for: guest, configText: text, configPath: configPath) } catch {
             if let hv = try? connect() { try? hv.destroyDomain(guest.domid) }
-            let xs = try? connectStore()
-            removeStoreEntries(of: guest.domid, xs)
-            xs?.close()
+            removeStoreEntries(of: guest.domid)
             unlink(monitorConfigPath(guest.name))
             throw error
         }
@@ -152,7 +150,14 @@ extension Toolstack {
 
     /// Removes a domain's home and its device directories (libxl's part of
     /// destroy), its run directory and its network namespace's name; the
-    /// last two also when the store cannot be reached (`xs` nil).
+    /// last two also when the store cannot be reached.
+    func removeStoreEntries(of domid: XenHV.DomID) {
+        let xs = try? connectStore()
+        removeStoreEntries(of: domid, xs)
+        xs?.close()
+    }
+
+    /// The same, through the store connection `xs` (nil: the store cannot be reached).
     func removeStoreEntries(of domid: XenHV.DomID, _ xs: XenBusClient?) {
         NetNamespace.remove(networkNamespace(of: domid))
         removeGuestDirectory(runDir + "/guests/\(domid)")

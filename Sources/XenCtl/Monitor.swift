@@ -307,9 +307,7 @@ extension Toolstack {
     func destroyForRestart(_ domid: XenHV.DomID, _ hv: Hypervisor) throws -> Bool {
         var destroyed = true
         do { try hv.destroyDomain(domid) } catch let e as XenErrno where e == .ESRCH { destroyed = false }
-        let xs = try? connectStore()
-        removeStoreEntries(of: domid, xs)
-        xs?.close()
+        removeStoreEntries(of: domid)
         return destroyed
     }
 

@@ -57,7 +57,8 @@ public final class Supervisor {
     let signals: CInt
     /// The next service to start once the one before it is ready.
     var startIndex = 0
-    /// How long a service asked to stop for its dependency's restart may take.
+    /// How long a service asked to stop (at shutdown, or for its dependency's
+    /// restart) may take before it is killed.
     static let stopGraceSeconds = 10.0
 
     public init(runDir: String, services: [ServiceSpec], logger: Logger) throws {
@@ -230,7 +231,7 @@ public final class Supervisor {
         beforeStop?()
         for s in services.reversed() where s.pid > 0 {
             kill(s.pid, SIGTERM)
-            let deadline = monotonicSeconds() + 10
+            let deadline = monotonicSeconds() + Self.stopGraceSeconds
             var st: Int32 = 0
             while waitpid(s.pid, &st, WNOHANG) == 0 {
                 if monotonicSeconds() > deadline {

@@ -13,11 +13,7 @@ public struct Toolstack: Sendable {
     /// `path` made absolute against the current directory, without empty or
     /// `.` components (`..` is kept: what it means depends on symlinks).
     static func absolutePath(_ path: String) -> String {
-        var full = path
-        if !path.hasPrefix("/") {
-            var buf = [CChar](repeating: 0, count: Int(PATH_MAX))
-            if getcwd(&buf, buf.count) != nil { full = cString(buf) + "/" + path }
-        }
+        let full = path.hasPrefix("/") ? path : (DiskSpec.currentDirectory() ?? "") + "/" + path
         let parts = full.split(separator: "/").filter { $0 != "." }
         return "/" + parts.joined(separator: "/")
     }
@@ -185,9 +181,7 @@ public struct Toolstack: Sendable {
         let d = try resolve(hv, domain)
         guard d.domid != 0 else { throw Failure("domain 0 cannot be destroyed") }
         try hv.destroyDomain(d.domid)
-        let xs = try? connectStore()
-        removeStoreEntries(of: d.domid, xs)
-        xs?.close()
+        removeStoreEntries(of: d.domid)
     }
 
     /// Destroys every guest (before the services stop).

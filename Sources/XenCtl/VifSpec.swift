@@ -1,3 +1,4 @@
+import XenHV
 /// One NIC in xl's network specification syntax (xl-network-configuration(5)):
 /// `mac=00:16:3e:01:02:03, bridge=xenbr0, rate=100Mb/s`.
 public struct VifSpec: Sendable, Equatable {
@@ -50,11 +51,7 @@ public struct VifSpec: Sendable, Equatable {
         }
     }
 
-    /// Linux's IFNAMSIZ rules, and no `%` (the kernel would take `%d` for a
-    /// number of its own choosing).
-    public static func isValidInterfaceName(_ n: String) -> Bool {
-        !n.isEmpty && n.utf8.count < 16 && n != "." && n != ".." && !n.contains { "/:%".contains($0) || $0.isWhitespace }
-    }
+    public static func isValidInterfaceName(_ n: String) -> Bool { InterfaceName.isValid(n) }
 
     /// xl's rate syntax, as libxlu_vif.c's xlu_vif_parse_rate reads it:
     /// `NUMBER[K|M|G](B|b)/s`, then optionally `@INTERVAL`: a number followed

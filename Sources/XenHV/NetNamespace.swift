@@ -80,3 +80,12 @@ public enum NetNamespace {
         unlink(p)
     }
 }
+
+/// Linux network interface names (dev_valid_name): 1-15 bytes, not `.` or
+/// `..`, no `/`, `:` or white space, and no `%`, which the kernel would take
+/// for a number of its own choosing.
+public enum InterfaceName {
+    public static func isValid(_ n: String) -> Bool {
+        !n.isEmpty && n.utf8.count < 16 && n != "." && n != ".." && !n.contains { "/:%".contains($0) || $0.isWhitespace }
+    }
+}

@@ -86,22 +86,30 @@ struct Destroy: ParsableCommand {
     }
 }
 
-struct Pause: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Pause a domain (xl pause): everything its guest runs stops.")
-    @OptionGroup var rd: RunDirOption
-    @Argument(help: "Domain name or id.") var domain: String
+/// `xl pause` and `xl unpause`: one verb each, the same work.
+protocol PauseVerb: ParsableCommand {
+    static var paused: Bool { get }
+    var rd: RunDirOption { get }
+    var domain: String { get }
+}
+extension PauseVerb {
     func run() throws {
-        do { try Toolstack(runDir: rd.path).pause(domain, true) } catch { fail("\(error)") }
+        do { try Toolstack(runDir: rd.path).pause(domain, Self.paused) } catch { fail("\(error)") }
     }
 }
 
-struct Unpause: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Unpause a domain (xl unpause).")
+struct Pause: PauseVerb {
+    static let configuration = CommandConfiguration(abstract: "Pause a domain (xl pause): everything its guest runs stops.")
+    static let paused = true
     @OptionGroup var rd: RunDirOption
     @Argument(help: "Domain name or id.") var domain: String
-    func run() throws {
-        do { try Toolstack(runDir: rd.path).pause(domain, false) } catch { fail("\(error)") }
-    }
+}
+
+struct Unpause: PauseVerb {
+    static let configuration = CommandConfiguration(abstract: "Unpause a domain (xl unpause).")
+    static let paused = false
+    @OptionGroup var rd: RunDirOption
+    @Argument(help: "Domain name or id.") var domain: String
 }
 
 struct Create: ParsableCommand {

@@ -257,11 +257,7 @@ final class GuestVif {
         // dropped at the bridge.
         if network != nil {
             let state = "/sys/class/net/\(vif.name)/brport/state"
-            let deadline = Date().addingTimeInterval(5)
-            while Date() < deadline, (try? String(contentsOfFile: state, encoding: .utf8))?.hasPrefix("3") != true {
-                var p = pollfd(fd: -1, events: 0, revents: 0)
-                _ = poll(&p, 0, 5)
-            }
+            _ = pollUntil(seconds: 5) { (try? String(contentsOfFile: state, encoding: .utf8))?.hasPrefix("3") == true }
         }
     }
 
