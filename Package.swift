@@ -160,7 +160,8 @@ let package = Package(
             ]),
 
         // ringtests: fuzz entry points over the real code, the libFuzzer driver, corpus replay.
-        .target(name: "RingFuzz", dependencies: ["CXen", "XenRing", "XenStore", "BlkBack", "NetBack", "XenHVDaemon"], path: "ringtests/targets"),
+        .target(name: "RingFuzz", dependencies: ["CXen", "XenRing", "XenStore", "BlkBack", "NetBack", "XenHVDaemon", "XenCtl", "NBD"],
+                path: "ringtests/targets"),
         .executableTarget(
             name: "xen-fuzz", dependencies: ["RingFuzz"], path: "ringtests/driver",
             swiftSettings: [.unsafeFlags(["-parse-as-library"])]),

@@ -285,11 +285,30 @@ public struct DiskSpec: Sendable, Equatable {
 /// A bad device specification string; the caller adds where it came from.
 public struct SpecError: Error, Equatable, CustomStringConvertible, Sendable {
     public let message: String
-    public init(_ message: String) { self.message = message }
+    /// Control characters of the input it quotes are escaped: one line, and no
+    /// escape sequence reaches the user's terminal.
+    public init(_ message: String) { self.message = message.escapingControlCharacters }
     public var description: String { message }
 }
 
 extension String {
+    /// Control characters (newlines, ESC, DEL, C1) written as Swift escapes,
+    /// `\n` or `\u{1B}`: for error lines that quote what a user wrote.
+    var escapingControlCharacters: String {
+        guard unicodeScalars.contains(where: { $0.properties.generalCategory == .control }) else { return self }
+        var out = ""
+        for c in unicodeScalars {
+            guard c.properties.generalCategory == .control else { out.unicodeScalars.append(c); continue }
+            switch c {
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            default: out += "\\u{" + String(c.value, radix: 16, uppercase: true) + "}"
+            }
+        }
+        return out
+    }
+
     var trimmingSpaces: String {
         String(self.drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" }.reversed())
     }

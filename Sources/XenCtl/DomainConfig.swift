@@ -60,8 +60,10 @@ public struct DomainConfig: Sendable, Equatable {
         guard let n = cfg["name"]?.string, !n.isEmpty else {
             throw ConfigError(file: cfg.file, line: cfg.line(of: "name") ?? 1, message: "the domain needs a name (name = \"...\")")
         }
-        guard n.utf8.count <= 64, !n.contains(where: { $0 == "/" || $0.isWhitespace }) else {
-            throw fail("name", "name '\(n)' must be 1-64 characters without '/' or spaces")
+        // It names files of the run directory and lines of `xenctl list`.
+        guard n.utf8.count <= 64, !n.contains(where: { $0 == "/" || $0.isWhitespace }),
+              !n.unicodeScalars.contains(where: { $0.properties.generalCategory == .control }) else {
+            throw fail("name", "name '\(n)' must be 1-64 characters without '/', spaces or control characters")
         }
         // xl's verbs, and ours, would read such a name as an option.
         guard !n.hasPrefix("-") else { throw fail("name", "name '\(n)' must not start with '-'") }
@@ -136,6 +138,7 @@ public struct DomainConfig: Sendable, Equatable {
 /// What is wrong with a CPULIST (xl.cfg's `cpus`).
 public struct CPUListError: Error, Equatable, CustomStringConvertible, Sendable {
     public let message: String
+    public init(message: String) { self.message = message.escapingControlCharacters }
     public var description: String { message }
 }
 

@@ -188,10 +188,12 @@ public struct ConfigError: Error, Equatable, CustomStringConvertible, Sendable {
     public let file: String
     public let line: Int
     public let message: String
+    /// Control characters of the file name and of the input the message
+    /// quotes are escaped (``String/escapingControlCharacters``).
     public init(file: String, line: Int, message: String) {
-        self.file = file
+        self.file = file.escapingControlCharacters
         self.line = line
-        self.message = message
+        self.message = message.escapingControlCharacters
     }
     public var description: String { "\(file):\(line): \(message)" }
 }

@@ -120,6 +120,10 @@ import XenHV
     @Test(arguments: [
         ("memory = 5\n", "needs a name"),
         ("name = 'a b'\n", "must be 1-64 characters"),
+        ("name = 'a\\x1b[31m'\n", "numeric escape"),
+        ("name = 'a\\bb'\n", "name 'a\\u{8}b' must be 1-64 characters without '/', spaces or control characters"),
+        // What a message quotes stays on its line: a newline or an escape sequence is written out.
+        ("name = 'x'\ndisk = [ 'vdev=xvda, bogus\\n\u{1B}[2J, target=/a' ]\n", "disk 'vdev=xvda, bogus\\n\\u{1B}[2J, target=/a': target respecified"),
         ("name = 'x'\nmemory = 0\n", "memory must be"),
         ("name = 'x'\non_crash = 'explode'\n", "on_crash = 'explode': must be one of destroy, restart, rename-restart, preserve, coredump-destroy, coredump-restart"),
         ("name = 'x'\n\non_reboot = 3\n", "d.cfg:3: on_reboot = '3': must be one of"),

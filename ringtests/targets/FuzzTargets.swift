@@ -1,3 +1,4 @@
+import NBD
 import XenHVDaemon
 import XenStore
 
@@ -20,6 +21,10 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     case netifTx = "netif-tx"
     /// xenhv's handling of what a guest process sends on its connection.
     case hvRequest = "hv-request"
+    /// xenctl's xl.cfg reader and its disk, vif and CPU list specifications.
+    case xlConfig = "xl-config"
+    /// The NBD server pvguest exports its disks with, as a local client reaches it.
+    case nbdServer = "nbd-server"
 
     /// Called by a process that runs nothing but the targets (the fuzzer, the
     /// replay tool): the checks that need the whole process to themselves are on.
@@ -36,6 +41,8 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         case .blkifRequest: fuzzBlkifRequest(data)
         case .netifTx: fuzzNetifTx(data)
         case .hvRequest: XenHVFuzzing.request(data)
+        case .xlConfig: fuzzXLConfig(data)
+        case .nbdServer: NBDFuzzing.session(data)
         }
     }
 }
