@@ -1,6 +1,7 @@
 import Dispatch
 import Glibc
 import Logging
+import XenHV
 import XenStore
 
 /// What one kind of backend (vbd, vif) does at each step of the XenBus
@@ -338,8 +339,11 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
         }
     }
 
-    /// xenbus_dev_fatal.
+    /// xenbus_dev_fatal. The message quotes what the frontend wrote (a key's
+    /// value): its control characters are escaped, so a guest cannot forge
+    /// lines of dom0's log or reach an operator's terminal.
     func fatal(_ path: String, _ message: String) {
+        let message = message.escapingControlCharacters
         logger.error("\(path): \(message)")
         try? xs.transaction { t in
             guard try t.readIfExists(path + "/state") != nil else { return }

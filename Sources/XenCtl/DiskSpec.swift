@@ -1,4 +1,5 @@
 import Glibc
+import XenHV
 
 /// One disk in xl's disk specification syntax (xl-disk-configuration(5)), read
 /// as libxlu_disk_l.l reads it: comma-separated `key=value` parameters, flags
@@ -292,23 +293,6 @@ public struct SpecError: Error, Equatable, CustomStringConvertible, Sendable {
 }
 
 extension String {
-    /// Control characters (newlines, ESC, DEL, C1) written as Swift escapes,
-    /// `\n` or `\u{1B}`: for error lines that quote what a user wrote.
-    var escapingControlCharacters: String {
-        guard unicodeScalars.contains(where: { $0.properties.generalCategory == .control }) else { return self }
-        var out = ""
-        for c in unicodeScalars {
-            guard c.properties.generalCategory == .control else { out.unicodeScalars.append(c); continue }
-            switch c {
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            default: out += "\\u{" + String(c.value, radix: 16, uppercase: true) + "}"
-            }
-        }
-        return out
-    }
-
     var trimmingSpaces: String {
         String(self.drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" }.reversed())
     }

@@ -1,3 +1,5 @@
+import XenHV
+
 /// A parsed xl.cfg file (xl.cfg(5)): `KEY = VALUE` settings, values being
 /// strings ("..." or '...', with xl's backslash escapes in both), numbers, or
 /// lists `[ ... ]` that may span lines; `#` starts a comment; `;` or a newline

@@ -89,3 +89,23 @@ public enum HypervisorError: Error, CustomStringConvertible, Sendable {
 #if canImport(Glibc)
 import Glibc
 #endif
+
+extension String {
+    /// Control characters (newlines, ESC, DEL, C1) written as Swift escapes,
+    /// `\n` or `\u{1B}`: for a log or error line that quotes what a user or a
+    /// guest wrote: it stays one line, and no escape sequence reaches a terminal.
+    public var escapingControlCharacters: String {
+        guard unicodeScalars.contains(where: { $0.properties.generalCategory == .control }) else { return self }
+        var out = ""
+        for c in unicodeScalars {
+            guard c.properties.generalCategory == .control else { out.unicodeScalars.append(c); continue }
+            switch c {
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            default: out += "\\u{" + String(c.value, radix: 16, uppercase: true) + "}"
+            }
+        }
+        return out
+    }
+}

@@ -49,6 +49,8 @@ extension Hostile {
                 ("event-channel 99999", with(["event-channel": "99999"])),
                 ("event-channel missing", with(["event-channel": nil])),
                 ("protocol garbage", with(["protocol": "mips-abi"])),
+                // Quoted in dom0's log and <backend>/error: a forged log line, a terminal escape.
+                ("ring-ref with control characters", with(["ring-ref": "1\nblkback: all is well\u{1B}[2J"])),
             ]
             var devs: [XenBusDevice] = []
             for (i, (what, keys)) in cases.enumerated() {
@@ -59,6 +61,8 @@ extension Hostile {
                 #expect(st == .closing, "\(what): backend state \(String(describing: st))")
                 let error = try d.s.xenstore.readIfExists(dev.backendPath + "/error")
                 #expect(error?.isEmpty == false, "\(what): no <backend>/error")
+                #expect(error?.unicodeScalars.contains { $0.properties.generalCategory == .control } == false,
+                        "\(what): <backend>/error quotes control characters: \(String(reflecting: error))")
                 // Nothing of the ring stays mapped.
                 for r in front.queues[0].ringRefs { #expect(h.hypervisor.grantTable!.flags(r) & 0x18 == 0, "\(what): ring left mapped") }
                 try d.s.xenstore.destroyDevice(dev)
