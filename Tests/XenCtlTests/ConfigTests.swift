@@ -209,4 +209,69 @@ import XenHV
         #expect(text.contains("swiftxen_vif_queue_rx_packets_total{domain=\"d7\",domid=\"7\",devid=\"0\",queue=\"1\"} 5"), "\(text)")
         #expect(!text.contains("queue0_"), "\(text)")
     }
+
+    /// `xenctl metrics --listen`: a local client that connects and sends
+    /// nothing does not keep the next scrape from its answer.
+    @Test func anIdleClientDoesNotHoldTheEndpoint() throws {
+        let run = FileManager.default.temporaryDirectory.appendingPathComponent("xenctl-metrics-listen-\(getpid())").path
+        try FileManager.default.createDirectory(atPath: run + "/stats", withIntermediateDirectories: true)
+        try "vbd 3 51712 rd_req 42\n".write(toFile: run + "/stats/blkback.stats", atomically: true, encoding: .utf8)
+        var out: [CInt] = [-1, -1]
+        #expect(pipe(&out) == 0)
+        _ = fcntl(out[0], F_SETFD, FD_CLOEXEC)
+        var sockets: [CInt] = []
+        var server: pid_t = -1
+        defer {
+            if server > 0 { kill(server, SIGKILL); var st: Int32 = 0; waitpid(server, &st, 0) }
+            for fd in sockets + [out[0]] { close(fd) }
+            try? FileManager.default.removeItem(atPath: run)
+        }
+        func loopback(_ port: UInt16) -> sockaddr_in {
+            var a = sockaddr_in()
+            a.sin_family = sa_family_t(AF_INET)
+            a.sin_port = port.bigEndian
+            a.sin_addr.s_addr = UInt32(0x7F00_0001).bigEndian
+            return a
+        }
+        func connected(_ port: UInt16) -> CInt {
+            let c = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            sockets.append(c)
+            var a = loopback(port)
+            let r = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(c, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+            #expect(r == 0, "connect: \(errno)")
+            return c
+        }
+        // A port nothing listens on: one the kernel picks, released.
+        let probe = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var a = loopback(0)
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(probe, $0, len) == 0 && getsockname(probe, $0, &len) == 0 } }
+        close(probe)
+        let port = UInt16(bigEndian: a.sin_port)
+        let null = open("/dev/null", O_RDWR | O_CLOEXEC)
+        server = try ProcessLauncher.spawn(XenctlCLITests.bin, arguments: ["metrics", "--listen", "\(port)", "--run-dir", run],
+                                           descriptors: [(null, 0), (out[1], 1), (null, 2)])
+        close(out[1]); close(null)
+        let ready = ProcessLauncher.readLine(out[0], deadline: monotonicSeconds() + 30)
+        try #require(ready?.hasPrefix("serving metrics on http://127.0.0.1:\(port)") == true, "\(ready ?? "no output")")
+
+        _ = connected(port)  // and sends nothing
+        let scrape = connected(port)
+        let request = Array("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".utf8)
+        #expect(send(scrape, request, request.count, Int32(MSG_NOSIGNAL)) == request.count)
+        var answer: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        let end = monotonicSeconds() + 15
+        while monotonicSeconds() < end {
+            var p = pollfd(fd: scrape, events: Int16(POLLIN), revents: 0)
+            guard poll(&p, 1, 500) >= 0 else { break }
+            guard p.revents != 0 else { continue }
+            let n = read(scrape, &buf, buf.count)
+            if n <= 0 { break }
+            answer += buf[0..<n]
+        }
+        let text = String(decoding: answer, as: UTF8.self)
+        #expect(text.hasPrefix("HTTP/1.1 200 OK\r\n"), "\(text)")
+        #expect(text.contains("swiftxen_vbd_rd_req_total{domain=\"d3\",domid=\"3\",devid=\"51712\"} 42"), "\(text)")
+    }
 }
