@@ -8,11 +8,18 @@ public protocol BlockDevice: AnyObject, Sendable {
     var isReadOnly: Bool { get }
     /// Discard (NBD_CMD_TRIM) supported.
     var canTrim: Bool { get }
+    /// The smallest unit of I/O (offsets and lengths are multiples of it):
+    /// NBD_INFO_BLOCK_SIZE's minimum.
+    var blockSize: UInt32 { get }
     func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, completion: @escaping @Sendable (Int32?) -> Void)
     func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool, completion: @escaping @Sendable (Int32?) -> Void)
     /// Completes only once every write acknowledged before it is durable.
     func flush(completion: @escaping @Sendable (Int32?) -> Void)
     func trim(at offset: UInt64, length: UInt64, completion: @escaping @Sendable (Int32?) -> Void)
+}
+
+extension BlockDevice {
+    public var blockSize: UInt32 { 512 }
 }
 
 /// A RAM disk: the NBD server's own test device, and a null target for benchmarks.

@@ -27,6 +27,7 @@ public enum NBDFuzzing {
             Unmanaged<Client>.fromOpaque(arg!).takeRetainedValue().run()
             return nil
         }, box) == 0 else { fatalError("nbd-fuzz: pthread_create failed") }
+        server.connections.wrappingAdd(1, ordering: .relaxed)  // as the accept loop counts it
         NBDConnection(fd: sv[0], server: server).serve()  // closes its end
         pthread_join(thread, nil)
         close(sv[1])

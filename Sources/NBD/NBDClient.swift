@@ -49,11 +49,12 @@ public final class NBDClient {
     deinit { close(fd) }
 
     /// Sends one request (pipelined: the reply comes through `reply`).
-    public func send(type: UInt16, handle: UInt64, offset: UInt64, length: UInt32, data: [UInt8] = []) throws {
+    /// `flags`: NBD_CMD_FLAG_* (1: FUA).
+    public func send(type: UInt16, flags: UInt16 = 0, handle: UInt64, offset: UInt64, length: UInt32, data: [UInt8] = []) throws {
         var h: [UInt8] = []
         h.reserveCapacity(28 + data.count)
         Self.put32(&h, NBDProto.requestMagic)
-        h += [0, 0, UInt8(type >> 8), UInt8(type & 0xFF)]
+        h += [UInt8(flags >> 8), UInt8(flags & 0xFF), UInt8(type >> 8), UInt8(type & 0xFF)]
         Self.put64(&h, handle)
         Self.put64(&h, offset)
         Self.put32(&h, length)

@@ -11,14 +11,29 @@ import Synchronization
 /// Everything a client sends is checked: magic numbers, option lengths,
 /// request ranges (with overflow-safe arithmetic) and payload sizes; a client
 /// that breaks framing is disconnected, a bad request gets its errno.
+///
+/// What one client can hold is bounded, so it cannot stall the others or the
+/// device: at most ``maxConnections`` connections; ``handshakeSeconds`` to
+/// choose the export; at most ``maxRequestsInFlight`` requests and
+/// ``maxBytesInFlight`` bytes of buffers per connection (as qemu-nbd, which
+/// takes 16 requests), past which its requests wait on its socket; and its
+/// replies are sent by a thread of its own, never by the device's completion
+/// path, so a client that stops reading them stalls only itself.
 public final class NBDServer: @unchecked Sendable {
-    // Sound: `listenFD` and the config are immutable; `stopping` is atomic.
+    // Sound: the config and `listenFD` (set before the accept thread starts)
+    // are immutable; `stopping` and `connections` are atomic.
     public let exportName: String
     public let device: any BlockDevice
     let logger: Logger
     private var listenFD: CInt = -1
     private let stopping = Atomic<Bool>(false)
     private var unixPath: String?
+    let connections = Atomic<Int>(0)
+
+    public static let maxConnections = 16
+    static let handshakeSeconds = 10
+    static let maxRequestsInFlight = 16
+    static let maxBytesInFlight = 64 << 20
 
     public init(exportName: String, device: any BlockDevice, logger: Logger = Logger(label: "nbd")) {
         self.exportName = exportName
@@ -75,11 +90,12 @@ public final class NBDServer: @unchecked Sendable {
         return UInt16(bigEndian: addr.sin_port)
     }
 
-    /// Stops accepting; connections already open finish on their own.
+    /// Stops accepting; connections already open finish on their own. The
+    /// listening socket is shut down here and closed by the accept thread once
+    /// it has left accept(2), so its number cannot be reused under it.
     public func stop() {
         guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        shutdown(listenFD, Int32(SHUT_RDWR))
-        close(listenFD)
+        if listenFD >= 0 { shutdown(listenFD, Int32(SHUT_RDWR)) }
         if let p = unixPath { unlink(p) }
     }
 
@@ -87,21 +103,43 @@ public final class NBDServer: @unchecked Sendable {
 
     private func startAccepting() {
         let fd = listenFD
-        Thread.detach(name: "nbd-accept") { [self] in
+        let started = Thread.detach(name: "nbd-accept") { [self] in
+            defer { close(fd) }
             while !stopping.load(ordering: .acquiring) {
                 let c = accept(fd, nil, nil)
                 if c < 0 {
-                    if errno == EINTR { continue }
-                    return
+                    if stopping.load(ordering: .acquiring) { return }
+                    // Out of descriptors, memory or buffers: let the open
+                    // connections finish some work, then accept again.
+                    if errno != EINTR && errno != ECONNABORTED { pause(milliseconds: 100) }
+                    continue
                 }
                 _ = fcntl(c, F_SETFD, FD_CLOEXEC)
+                guard connections.wrappingAdd(1, ordering: .relaxed).newValue <= Self.maxConnections else {
+                    logger.warning("NBD: refusing a connection past \(Self.maxConnections)")
+                    connections.wrappingSubtract(1, ordering: .relaxed)
+                    close(c)
+                    continue
+                }
                 var one: Int32 = 1
                 setsockopt(c, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
                 let conn = NBDConnection(fd: c, server: self)
-                Thread.detach(name: "nbd-conn") { conn.serve() }
+                guard Thread.detach(name: "nbd-conn", { conn.serve() }) else {
+                    connections.wrappingSubtract(1, ordering: .relaxed)
+                    close(c)
+                    pause(milliseconds: 100)
+                    continue
+                }
             }
         }
+        if !started { logger.error("NBD: cannot start the accept thread"); close(fd) }
     }
+}
+
+/// Sleeps without a signal's help (poll with no descriptors).
+func pause(milliseconds: Int32) {
+    var p = pollfd(fd: -1, events: 0, revents: 0)
+    _ = poll(&p, 0, milliseconds)
 }
 
 public enum NBDError: Error, CustomStringConvertible {
@@ -131,31 +169,55 @@ func unixAddress(_ path: String) throws -> sockaddr_un {
 
 /// A detached pthread (Foundation's Thread is not needed for this).
 enum Thread {
-    static func detach(name: String, _ body: @escaping @Sendable () -> Void) {
+    /// False if no thread could be made (`body` is not run).
+    @discardableResult
+    static func detach(name: String, _ body: @escaping @Sendable () -> Void) -> Bool {
         final class Box: @unchecked Sendable { let body: @Sendable () -> Void; init(_ b: @escaping @Sendable () -> Void) { body = b } }
         var attr = pthread_attr_t()
         pthread_attr_init(&attr)
         pthread_attr_setdetachstate(&attr, Int32(PTHREAD_CREATE_DETACHED))
         var tid = pthread_t()
         let box = Unmanaged.passRetained(Box(body)).toOpaque()
-        pthread_create(&tid, &attr, { arg in
+        let r = pthread_create(&tid, &attr, { arg in
             let b = Unmanaged<AnyObject>.fromOpaque(arg!).takeRetainedValue() as! Box
             b.body()
             return nil
         }, box)
         pthread_attr_destroy(&attr)
+        if r != 0 { Unmanaged<AnyObject>.fromOpaque(box).release() }
+        return r == 0
     }
 }
 
-/// One client connection: negotiation, then the transmission phase.
+/// One client connection: negotiation, then the transmission phase, with a
+/// reader thread (this one: requests in, handed to the device) and a writer
+/// thread (replies out, in the order the device completed them).
 final class NBDConnection: @unchecked Sendable {
-    // Sound: the reader thread owns parsing; replies are serialised by `sendLock`;
-    // `inFlight` is a DispatchGroup.
+    // Sound: the reader thread owns parsing and, until transmission starts,
+    // the socket's sending side; then only the writer thread sends. `budget`,
+    // `pending` and `broken` synchronise themselves; `inFlight` is a DispatchGroup.
     let fd: CInt
     let server: NBDServer
-    let sendLock = Mutex<Void>(())
     let inFlight = DispatchGroup()
     private let broken = Atomic<Bool>(false)
+    /// Requests admitted and not yet answered, and the bytes of their buffers.
+    private let budget = Mutex<(requests: Int, bytes: Int)>((0, 0))
+    private let freed = DispatchSemaphore(value: 0)
+    /// Replies for the writer thread; `end` stops it.
+    private let pending = Mutex<[Reply]>([])
+    private let ready = DispatchSemaphore(value: 0)
+    private let writerDone = DispatchSemaphore(value: 0)
+
+    /// One simple reply; a read's data buffer goes with it and is freed once sent.
+    struct Reply: @unchecked Sendable {
+        // Sound: the buffer belongs to this one reply.
+        var handle: UInt64 = 0
+        var error: UInt32 = 0
+        var buffer: IOBuffer? = nil
+        var sendData = false
+        var bytes = 0
+        var end = false
+    }
 
     init(fd: CInt, server: NBDServer) {
         self.fd = fd
@@ -164,11 +226,27 @@ final class NBDConnection: @unchecked Sendable {
 
     func serve() {
         defer {
-            inFlight.wait()
             close(fd)
+            server.connections.wrappingSubtract(1, ordering: .relaxed)
         }
+        setTimeouts(seconds: NBDServer.handshakeSeconds)
         guard let flags = negotiate() else { return }
+        setTimeouts(seconds: 0)
+        guard Thread.detach(name: "nbd-reply", { [self] in writeReplies() }) else { return }
         transmission(flags: flags)
+        // Every admitted request is answered (or dropped with a broken
+        // socket) before the writer stops and the descriptor is closed.
+        inFlight.wait()
+        enqueue(Reply(end: true))
+        writerDone.wait()
+    }
+
+    /// SO_RCVTIMEO and SO_SNDTIMEO (0: none): the handshake is bounded, the
+    /// transmission phase is not (a client may idle between requests).
+    private func setTimeouts(seconds: Int) {
+        var tv = timeval(tv_sec: seconds, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     }
 
     // MARK: I/O helpers
@@ -252,7 +330,7 @@ final class NBDConnection: @unchecked Sendable {
                 var info = BE()
                 info.u16(NBDProto.infoExport); info.u64(dev.size); info.u16(tflags)
                 var bs = BE()
-                bs.u16(NBDProto.infoBlockSize); bs.u32(512); bs.u32(4096); bs.u32(NBDProto.maxPayload)
+                bs.u16(NBDProto.infoBlockSize); bs.u32(dev.blockSize); bs.u32(max(4096, dev.blockSize)); bs.u32(NBDProto.maxPayload)
                 guard reply(opt, NBDProto.repInfo, info.bytes), reply(opt, NBDProto.repInfo, bs.bytes),
                       reply(opt, NBDProto.repAck, []) else { return nil }
                 if opt == NBDProto.optGo { return tflags }
@@ -285,62 +363,111 @@ final class NBDConnection: @unchecked Sendable {
             let handle = BE.u64(hdr, 8), offset = BE.u64(hdr, 16), length = BE.u32(hdr, 24)
             let (end, overflow) = offset.addingReportingOverflow(UInt64(length))
             let inRange = !overflow && end <= size
+            // A write's payload follows whatever we answer; one we cannot take breaks framing.
+            if type == NBDProto.cmdWrite && length > NBDProto.maxPayload { return }
+            let buffered = (type == NBDProto.cmdRead && length <= NBDProto.maxPayload && inRange) || type == NBDProto.cmdWrite
+            let bytes = buffered ? Int(length) : 0
+            admit(bytes)
 
             switch type {
             case NBDProto.cmdRead:
-                guard length <= NBDProto.maxPayload, inRange else { simpleReply(handle, NBDProto.EINVAL); continue }
+                guard length <= NBDProto.maxPayload, inRange else { answer(handle, NBDProto.EINVAL, bytes: bytes); continue }
+                guard length > 0 else { answer(handle, 0, bytes: bytes); continue }
                 let io = IOBuffer(count: Int(length))
-                inFlight.enter()
                 dev.read(at: offset, into: io.raw) { [self] err in
-                    simpleReply(handle, err.map { UInt32($0) } ?? 0, payload: err == nil ? UnsafeRawBufferPointer(io.raw) : nil)
-                    io.raw.deallocate()
-                    inFlight.leave()
+                    answer(handle, err.map { UInt32($0) } ?? 0, data: err == nil ? io : nil, free: io, bytes: bytes)
                 }
             case NBDProto.cmdWrite:
-                // The payload follows whatever we answer; one we cannot take breaks framing.
-                guard length <= NBDProto.maxPayload else { return }
                 let io = IOBuffer(count: Int(length))
-                guard length == 0 || readExact(io.raw.baseAddress!, Int(length)) else { io.raw.deallocate(); return }
-                if dev.isReadOnly { io.raw.deallocate(); simpleReply(handle, NBDProto.EPERM); continue }
-                guard inRange else { io.raw.deallocate(); simpleReply(handle, NBDProto.ENOSPC); continue }
-                inFlight.enter()
+                guard length == 0 || readExact(io.raw.baseAddress!, Int(length)) else {
+                    io.raw.deallocate(); abandon(bytes); return
+                }
+                if dev.isReadOnly { answer(handle, NBDProto.EPERM, free: io, bytes: bytes); continue }
+                guard inRange else { answer(handle, NBDProto.ENOSPC, free: io, bytes: bytes); continue }
+                guard length > 0 else { answer(handle, 0, free: io, bytes: bytes); continue }
                 dev.write(at: offset, from: UnsafeRawBufferPointer(io.raw), fua: cmdFlags & NBDProto.cmdFlagFUA != 0) { [self] err in
-                    simpleReply(handle, err.map { UInt32($0) } ?? 0)
-                    io.raw.deallocate()
-                    inFlight.leave()
+                    answer(handle, err.map { UInt32($0) } ?? 0, free: io, bytes: bytes)
                 }
             case NBDProto.cmdFlush:
-                inFlight.enter()
-                dev.flush { [self] err in
-                    simpleReply(handle, err.map { UInt32($0) } ?? 0)
-                    inFlight.leave()
-                }
+                dev.flush { [self] err in answer(handle, err.map { UInt32($0) } ?? 0, bytes: bytes) }
             case NBDProto.cmdTrim:
-                if dev.isReadOnly { simpleReply(handle, NBDProto.EPERM); continue }
-                guard inRange else { simpleReply(handle, NBDProto.EINVAL); continue }
-                inFlight.enter()
-                dev.trim(at: offset, length: UInt64(length)) { [self] err in
-                    simpleReply(handle, err.map { UInt32($0) } ?? 0)
-                    inFlight.leave()
-                }
+                if dev.isReadOnly { answer(handle, NBDProto.EPERM, bytes: bytes); continue }
+                guard inRange else { answer(handle, NBDProto.EINVAL, bytes: bytes); continue }
+                guard length > 0 else { answer(handle, 0, bytes: bytes); continue }
+                dev.trim(at: offset, length: UInt64(length)) { [self] err in answer(handle, err.map { UInt32($0) } ?? 0, bytes: bytes) }
             case NBDProto.cmdDisc:
+                abandon(bytes)
                 return
             default:
-                simpleReply(handle, NBDProto.EINVAL)
+                answer(handle, NBDProto.EINVAL, bytes: bytes)
             }
         }
     }
 
-    /// One simple reply (header + optional read data), atomically on the socket.
-    func simpleReply(_ handle: UInt64, _ error: UInt32, payload: UnsafeRawBufferPointer? = nil) {
-        var h = BE()
-        h.u32(NBDProto.simpleReplyMagic); h.u32(error); h.u64(handle)
-        sendLock.withLock { _ in
-            let ok = writeBytes(h.bytes) && (payload.map { $0.isEmpty || writeAll($0.baseAddress!, $0.count) } ?? true)
-            if !ok {
-                broken.store(true, ordering: .releasing)
-                shutdown(fd, Int32(SHUT_RDWR))
+    /// Waits until this connection may hold one more request of `bytes`
+    /// bytes of buffers (always, when it holds none): a client that does not
+    /// read its replies stops being read itself.
+    private func admit(_ bytes: Int) {
+        while true {
+            let admitted = budget.withLock { b -> Bool in
+                guard b.requests == 0
+                    || (b.requests < NBDServer.maxRequestsInFlight && b.bytes + bytes <= NBDServer.maxBytesInFlight) else { return false }
+                b.requests += 1
+                b.bytes += bytes
+                return true
             }
+            if admitted { inFlight.enter(); return }
+            freed.wait()
+        }
+    }
+
+    /// An admitted request that gets no reply (the client left).
+    private func abandon(_ bytes: Int) {
+        release(bytes)
+        inFlight.leave()
+    }
+
+    private func release(_ bytes: Int) {
+        budget.withLock { $0.requests -= 1; $0.bytes -= bytes }
+        freed.signal()
+    }
+
+    /// Queues the reply to an admitted request (from any thread: the device's
+    /// completion path only appends to a list).
+    private func answer(_ handle: UInt64, _ error: UInt32, data: IOBuffer? = nil, free: IOBuffer? = nil, bytes: Int) {
+        enqueue(Reply(handle: handle, error: error, buffer: free ?? data, sendData: data != nil, bytes: bytes))
+    }
+
+    private func enqueue(_ r: Reply) {
+        pending.withLock { $0.append(r) }
+        ready.signal()
+    }
+
+    /// The writer thread: sends each reply (header and a read's data) whole,
+    /// frees its buffer and gives its budget back. After a failed send the
+    /// socket is shut down (the reader stops) and later replies are dropped.
+    private func writeReplies() {
+        var batch: [Reply] = []
+        while true {
+            ready.wait()
+            pending.withLock { swap(&$0, &batch) }
+            for r in batch {
+                if r.end { writerDone.signal(); return }
+                if !broken.load(ordering: .acquiring) {
+                    var h = BE()
+                    h.u32(NBDProto.simpleReplyMagic); h.u32(r.error); h.u64(r.handle)
+                    let ok = writeBytes(h.bytes)
+                        && (!r.sendData || r.buffer.map { $0.raw.isEmpty || writeAll($0.raw.baseAddress!, $0.raw.count) } ?? true)
+                    if !ok {
+                        broken.store(true, ordering: .releasing)
+                        shutdown(fd, Int32(SHUT_RDWR))
+                    }
+                }
+                r.buffer?.raw.deallocate()
+                release(r.bytes)
+                inFlight.leave()
+            }
+            batch.removeAll(keepingCapacity: true)
         }
     }
 }

@@ -44,6 +44,11 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     public let isReadOnly: Bool
     public let canTrim: Bool
     public let canFlush: Bool
+    /// The backend's logical sector size (`sector-size`; 512 when absent):
+    /// every transfer and discard is a multiple of it, at a multiple of it,
+    /// as blkback validates them. The NBD server advertises it as the
+    /// minimum block size.
+    public let blockSize: UInt32
     public let frontendPath: String
     let backendPath: String
     let backendID: XenHV.DomID
@@ -274,6 +279,9 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         isReadOnly = info & UInt32(VDISK_READONLY) != 0
         canFlush = (try xs.readIfExists(be + "/feature-flush-cache")) == "1"
         canTrim = (try xs.readIfExists(be + "/feature-discard")) == "1" && !isReadOnly
+        let sectorSize = (try xs.readIfExists(be + "/sector-size")).flatMap { UInt32($0) } ?? 512
+        // blkif.h: a power of two of at least 512; anything else is read as 512.
+        blockSize = sectorSize >= 512 && sectorSize <= 65536 && sectorSize & (sectorSize - 1) == 0 ? sectorSize : 512
         for (i, q) in qs.enumerated() {
             q.state.withLock { s in
                 s.ring = rings[i]
@@ -383,8 +391,10 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
             return
         }
         // FUA: the write, then a cache flush, before the client hears of it.
+        // The flush waits for a ring slot, so it is not submitted from the
+        // completion path that frees slots (it would wait for itself).
         transfer(op: UInt8(BLKIF_OP_WRITE), offset: offset, count: buffer.count, read: nil, write: buffer.baseAddress) { [self] err in
-            if let err { completion(err) } else { flush(completion: completion) }
+            if let err { completion(err) } else { DispatchQueue.global().async { self.flush(completion: completion) } }
         }
     }
 
@@ -397,7 +407,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
 
     public func trim(at offset: UInt64, length: UInt64, completion: @escaping @Sendable (Int32?) -> Void) {
         guard canTrim else { completion(95 /* ENOTSUP */); return }
-        guard offset % 512 == 0, length % 512 == 0 else { completion(EINVAL); return }
+        guard offset % UInt64(blockSize) == 0, length % UInt64(blockSize) == 0 else { completion(EINVAL); return }
         submit(Group(parts: 1, completion: completion), readInto: nil, length: 0) { req, _ in
             // blkif_request_discard shares the 112-byte slot with blkif_request.
             let id = req.id
@@ -416,7 +426,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
 
     func transfer(op: UInt8, offset: UInt64, count: Int, read dst: UnsafeMutableRawPointer?, write src: UnsafeRawPointer?,
                   completion: @escaping @Sendable (Int32?) -> Void) {
-        guard offset % 512 == 0, count % 512 == 0, count > 0 else { completion(EINVAL); return }
+        guard offset % UInt64(blockSize) == 0, count % Int(blockSize) == 0, count > 0 else { completion(EINVAL); return }
         guard !isReadOnly || op == UInt8(BLKIF_OP_READ) else { completion(EPERM); return }
         let chunk = self.chunk
         let parts = (count + chunk - 1) / chunk

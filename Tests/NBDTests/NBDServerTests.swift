@@ -105,4 +105,81 @@ import XenTestKit
         let (rc, again) = try run("/usr/bin/qemu-io", ["-f", "raw", s.uri, "-c", "read -P 0 0 512"])
         #expect(rc == 0, "\(again)")
     }
+
+    /// A device that completes every operation on one thread of its own, as
+    /// pvguest's blkfront does (its completion thread drains the ring).
+    final class OneCompletionThread: BlockDevice, @unchecked Sendable {
+        // Sound: MemoryBlockDevice's bytes are touched only inside each operation's range.
+        let disk: MemoryBlockDevice
+        let completions = DispatchQueue(label: "completions")
+        init(size: UInt64) { disk = MemoryBlockDevice(size: size) }
+        var size: UInt64 { disk.size }
+        var isReadOnly: Bool { false }
+        var canTrim: Bool { true }
+        func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, completion: @escaping @Sendable (Int32?) -> Void) {
+            nonisolated(unsafe) let b = buffer
+            completions.async { self.disk.read(at: offset, into: b, completion: completion) }
+        }
+        func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool, completion: @escaping @Sendable (Int32?) -> Void) {
+            nonisolated(unsafe) let b = buffer
+            completions.async { self.disk.write(at: offset, from: b, fua: fua, completion: completion) }
+        }
+        func flush(completion: @escaping @Sendable (Int32?) -> Void) { completions.async { completion(nil) } }
+        func trim(at offset: UInt64, length: UInt64, completion: @escaping @Sendable (Int32?) -> Void) {
+            completions.async { self.disk.trim(at: offset, length: length, completion: completion) }
+        }
+    }
+
+    func serve(_ device: any BlockDevice) throws -> (dir: String, socket: String, server: NBDServer) {
+        let dir = NSTemporaryDirectory() + "nbd-test-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let server = NBDServer(exportName: "disk", device: device)
+        try server.listen(unixPath: dir + "/nbd.sock")
+        return (dir, dir + "/nbd.sock", server)
+    }
+
+    /// A client that pipelines large reads and never reads the replies holds
+    /// only its own connection: another client on the same device is served,
+    /// and the device's completion thread is never blocked on its socket.
+    @Test func aClientThatDoesNotReadItsRepliesStallsOnlyItself() throws {
+        let s = try serve(OneCompletionThread(size: 64 << 20))
+        defer { s.server.stop(); try? FileManager.default.removeItem(atPath: s.dir) }
+        let stuck = try NBDClient(socket: s.socket)
+        for i in 0..<64 {
+            try stuck.send(type: NBDClient.Command.read.rawValue, handle: UInt64(i), offset: UInt64(i) << 20, length: 1 << 20)
+        }
+        let other = try NBDClient(socket: s.socket, timeoutSeconds: 10)
+        try other.write([UInt8](repeating: 0x5C, count: 4096), at: 4096)
+        #expect(try other.read(at: 4096, length: 4096) == [UInt8](repeating: 0x5C, count: 4096))
+        try other.flush()
+        // The stuck client's replies are all still there once it reads them.
+        var answered = Set<UInt64>()
+        for _ in 0..<64 { answered.insert(try stuck.reply { _ in 1 << 20 }.handle) }
+        #expect(answered == Set(0..<64))
+    }
+
+    /// Zero-length reads, writes and discards succeed without reaching the device.
+    @Test func zeroLengthRequestsSucceed() throws {
+        let s = try serve(size: 1 << 20)
+        defer { finish(s) }
+        let c = try NBDClient(socket: s.socket, timeoutSeconds: 10)
+        #expect(try c.read(at: 4096, length: 0).isEmpty)
+        try c.write([], at: 8192)
+        try c.send(type: NBDClient.Command.trim.rawValue, handle: 7, offset: 0, length: 0)
+        let r = try c.reply()
+        #expect(r.handle == 7 && r.error == 0)
+    }
+
+    /// Past NBDServer.maxConnections a connection is closed at once; the
+    /// ones open keep working, and a slot that frees is taken again.
+    @Test func connectionsPastTheCapAreRefused() throws {
+        let s = try serve(size: 1 << 20)
+        defer { finish(s) }
+        var open = try (0..<NBDServer.maxConnections).map { _ in try NBDClient(socket: s.socket, timeoutSeconds: 10) }
+        #expect(throws: NBDError.self) { _ = try NBDClient(socket: s.socket, timeoutSeconds: 10) }
+        #expect(try open[0].read(at: 0, length: 512) == [UInt8](repeating: 0, count: 512))
+        open.removeLast()  // closes it; the server notices and frees its slot
+        let again = pollUntil(seconds: 10) { (try? NBDClient(socket: s.socket, timeoutSeconds: 10)) != nil }
+        #expect(again)
+    }
 }

@@ -1,6 +1,7 @@
 import BlkBack
 import Foundation
 import Glibc
+import NBD
 import Testing
 import XenBus
 import XenHV
@@ -118,6 +119,40 @@ import XenTestKit
         let (rc5, out5) = try Self.qemuIO(b, ["write -P 1 0 4096"])
         #expect(rc5 != 0 && out5.contains("Permission denied"), "\(out5)")
         #expect(try Self.bytes(ro, at: 0, count: 4096) == [UInt8](repeating: 0, count: 4096))
+    }
+
+    /// FUA writes from several NBD connections, more than the ring has slots:
+    /// each one's cache flush waits for a slot, and is not submitted from the
+    /// completion path that frees them (it would wait for itself there).
+    @Test func fuaWritesPastTheRingsSlotsAllComplete() throws {
+        var template = Array("/tmp/pvdisk-XXXXXX".utf8CString)
+        let dir = String(cString: mkdtemp(&template)!)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let img = Self.image(dir, "xvda.img", size: 16 << 20)
+        // One page of ring: 32 slots against 8 connections of 16 requests each.
+        let rig = try Rig(disks: [("xvda", 51712, img, "w")], guestArguments: ["--ring-page-order", "0"])
+        guard let uri = rig.disks["xvda"], let socket = uri.split(separator: "=").last.map(String.init) else {
+            Issue.record("pvguest exported \(rig.disks)")
+            return
+        }
+        let clients = try (0..<8).map { _ in try NBDClient(socket: socket, timeoutSeconds: 20) }
+        let perClient = 40
+        for (c, client) in clients.enumerated() {
+            for i in 0..<perClient {
+                let block = c * perClient + i
+                try client.send(type: NBDClient.Command.write.rawValue, flags: 1, handle: UInt64(block),
+                                offset: UInt64(block) * 4096, length: 4096, data: [UInt8](repeating: UInt8(block & 0xFF), count: 4096))
+            }
+        }
+        for client in clients {
+            for _ in 0..<perClient {
+                let r = try client.reply()
+                #expect(r.error == 0, "write \(r.handle): error \(r.error)")
+            }
+        }
+        for block in [0, 39, 40, 319] {
+            #expect(try Self.bytes(img, at: UInt64(block) * 4096, count: 4096) == [UInt8](repeating: UInt8(block & 0xFF), count: 4096))
+        }
     }
 
     /// Linux's xen_blkif_max_segments: with 256 segments per request a 1 MiB
