@@ -1,5 +1,7 @@
+import CXen
 import Glibc
 import Logging
+import Synchronization
 import XenBus
 import XenHV
 import XenRing
@@ -26,14 +28,31 @@ public final class NetbackDriver: XenBusBackendDriver {
     /// (XENSTORED_PATH so xenstore-read/-write reach our xenstored, XEN_NETLINK).
     let defaultScript: String
     let scriptEnvironment: [String: String]
+    /// How long a hotplug script may run before it is killed and its device
+    /// fails (libxl's LIBXL_HOTPLUG_TIMEOUT is 40 s).
+    let hotplugSeconds: Double
+    /// The script each device went online with, by backend path: `offline`
+    /// runs the same one, as libxl does.
+    private let scripts = Mutex<[String: String]>([:])
 
     public init(hypervisor: Hypervisor, logger: Logger, maxQueues: Int = 1, defaultScript: String,
-                scriptEnvironment: [String: String]) {
+                scriptEnvironment: [String: String], hotplugSeconds: Double = 40) {
         hv = hypervisor
         self.logger = logger
         self.maxQueues = maxQueues
         self.defaultScript = defaultScript
         self.scriptEnvironment = scriptEnvironment
+        self.hotplugSeconds = hotplugSeconds
+    }
+
+    /// A `script` the toolstack wrote: a relative name is one of the scripts
+    /// directory (the default script's), as libxl reads it against
+    /// /etc/xen/scripts, never a file of netback's working directory.
+    func resolve(_ script: String?) -> String {
+        guard let script, !script.isEmpty else { return defaultScript }
+        if script.hasPrefix("/") { return script }
+        let dir = defaultScript.lastIndex(of: "/").map { String(defaultScript[..<$0]) } ?? "."
+        return dir + "/" + script
     }
 
     public func probe(_ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) throws -> Vif? {
@@ -48,7 +67,8 @@ public final class NetbackDriver: XenBusBackendDriver {
             try xs.transaction { t in
                 for (k, v) in Vif.backendFeatures(maxQueues: maxQueues) { try t.write(path + "/" + k, v) }
             }
-            let script = ((try xs.readIfExists(path + "/script")) ?? nil).flatMap { $0.isEmpty ? nil : $0 } ?? defaultScript
+            let script = resolve((try xs.readIfExists(path + "/script")) ?? nil)
+            scripts.withLock { $0[path] = script }
             try hotplug(script, "online", vif: vif.name, dev: dev)
             guard (try xs.readIfExists(path + "/hotplug-status")) == "connected" else {
                 throw VifKeys.KeyError("the hotplug script \(script) did not write hotplug-status=connected")
@@ -118,11 +138,16 @@ public final class NetbackDriver: XenBusBackendDriver {
     }
 
     public func remove(_ vif: Vif, _ dev: XenBusDevice) {
-        try? hotplug(defaultScript, "offline", vif: vif.name, dev: dev)
+        let script = scripts.withLock { $0.removeValue(forKey: dev.backendPath) } ?? defaultScript
+        do { try hotplug(script, "offline", vif: vif.name, dev: dev) } catch {
+            logger.warning("\(dev.backendPath): \(error)")
+        }
         vif.close()
     }
 
-    /// Runs a hotplug script the way Xen's hotplug runner does.
+    /// Runs a hotplug script the way Xen's hotplug runner does, in a session
+    /// of its own; one still running after ``hotplugSeconds`` is killed with
+    /// everything it started, and fails its device.
     func hotplug(_ script: String, _ action: String, vif: String, dev: XenBusDevice) throws {
         var env = scriptEnvironment
         env["vif"] = vif
@@ -130,9 +155,26 @@ public final class NetbackDriver: XenBusBackendDriver {
         let null = open("/dev/null", O_RDWR | O_CLOEXEC)
         defer { close(null) }
         let pid = try ProcessLauncher.spawn(script, arguments: [action], environment: env,
-                                            descriptors: [(null, 0), (null, 1), (2, 2)])
+                                            descriptors: [(null, 0), (null, 1), (2, 2)], newSession: true)
+        // A pidfd polls readable once the script has exited.
+        let pidfd = cxen_pidfd_open(pid)
+        var timedOut = false
+        if pidfd >= 0 {
+            defer { close(pidfd) }
+            let deadline = monotonicSeconds() + hotplugSeconds
+            var p = pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0)
+            while p.revents & Int16(POLLIN) == 0 {
+                let left = deadline - monotonicSeconds()
+                guard left > 0 else { timedOut = true; break }
+                _ = poll(&p, 1, Int32(min(left, 1) * 1000) + 1)
+            }
+            if timedOut { kill(-pid, SIGKILL) }  // its process group: the script and what it started
+        }
         var st: Int32 = 0
         while waitpid(pid, &st, 0) < 0 && errno == EINTR {}
+        if timedOut {
+            throw VifKeys.KeyError("hotplug script \(script) \(action) did not finish within \(Int(hotplugSeconds)) s; killed")
+        }
         guard st & 0x7F == 0, (st >> 8) & 0xFF == 0 else {
             throw VifKeys.KeyError("hotplug script \(script) \(action) failed (status \(st))")
         }

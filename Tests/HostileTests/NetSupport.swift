@@ -88,15 +88,16 @@ final class HostileNetback: @unchecked Sendable {
     let bridge = "hxbr\(getpid() % 100000)"
     private var stopped = false
 
-    init(_ d: HostileDom0) throws {
+    init(_ d: HostileDom0, defaultScript: String = HostileDom0.root + "/scripts/vif-bridge", hotplugSeconds: Double = 40) throws {
         var log = Logger(label: "netback")
         log.logLevel = .critical  // hostile cases make the backend complain on purpose
         let build = Dom0Harness.buildDirectory(packageRoot: HostileDom0.root)
         let driver = NetbackDriver(hypervisor: try d.s.dom0Hypervisor(), logger: log, maxQueues: 1,
-                                   defaultScript: HostileDom0.root + "/scripts/vif-bridge",
+                                   defaultScript: defaultScript,
                                    scriptEnvironment: ["XENSTORED_PATH": d.s.xenstoreSocket,
                                                        "XEN_NETLINK": build + "/xen-netlink",
-                                                       "PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"])
+                                                       "PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"],
+                                   hotplugSeconds: hotplugSeconds)
         service = NetbackService(xenbus: try d.s.dom0XenStore(), driver: driver, logger: log)
         try service.start()
     }
@@ -127,11 +128,20 @@ final class XenBusVif: @unchecked Sendable {
     /// Guest pages for `slots` fronts plus the builder's reserved pages.
     static func pages(slots: Int) -> UInt32 { UInt32(slots * NetFront.pagesPerQueue + 64) }
 
-    static func create(_ d: HostileDom0, _ net: HostileNetback, guest g: Dom0Harness.Guest, devid: Int = 0) throws -> XenBusDevice {
+    /// The toolstack's part only (`backend` adds keys, e.g. `script`), without
+    /// waiting for InitWait.
+    static func add(_ d: HostileDom0, _ net: HostileNetback, guest g: Dom0Harness.Guest, devid: Int = 0,
+                    backend extra: [String: String] = [:]) throws -> XenBusDevice {
         let dev = XenBusDevice(type: "vif", frontendDomid: XenStore.DomID(g.domid), devid: devid)
         let mac = String(format: "00:16:3e:%02x:%02x:%02x", Int(g.domid >> 8) & 0xFF, Int(g.domid) & 0xFF, devid & 0xFF)
-        try d.s.xenstore.createDevice(dev, backend: ["mac": mac, "bridge": net.bridge, "handle": "\(devid)", "type": "vif"],
+        try d.s.xenstore.createDevice(dev, backend: ["mac": mac, "bridge": net.bridge, "handle": "\(devid)", "type": "vif"]
+                                        .merging(extra) { $1 },
                                       frontend: ["mac": mac, "handle": "\(devid)"])
+        return dev
+    }
+
+    static func create(_ d: HostileDom0, _ net: HostileNetback, guest g: Dom0Harness.Guest, devid: Int = 0) throws -> XenBusDevice {
+        let dev = try add(d, net, guest: g, devid: devid)
         guard Dom0Harness.wait(d.s.xenstore, state: dev.backendPath, { $0 == .initWait || $0 == .closing }) == .initWait else {
             let why = (try? d.s.xenstore.readIfExists(dev.backendPath + "/error")) ?? nil
             throw FrontError("\(dev.backendPath) never reached InitWait: \(why ?? "?")")
