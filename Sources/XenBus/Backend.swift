@@ -155,7 +155,7 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
         settle()
         if let slash = statisticsPath.lastIndex(of: "/") { mkdir(String(statisticsPath[..<slash]), 0o755) }
         publishStatistics(to: statisticsPath)
-        _ = (readyLine + "\n").withCString { write(1, $0, strlen($0)) }
+        ServiceReadiness.announce(readyLine)
         var pfd = pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0)
         while poll(&pfd, 1, -1) < 0 && errno == EINTR {}
         logger.info("stopping: detaching \(deviceNames.count) device(s)")

@@ -54,6 +54,8 @@ public struct Toolstack: Sendable {
                 Description=SwiftXen \(s.name)\(after)
 
                 [Service]
+                Type=notify
+                NotifyAccess=main
                 Environment=XEN_RUN_DIR=/run/swiftxen
                 RuntimeDirectory=swiftxen
                 RuntimeDirectoryPreserve=yes

@@ -283,3 +283,29 @@ public final class DetachedThread: @unchecked Sendable {
 @inline(__always) public func cString(_ a: [CChar]) -> String {
     String(decoding: a.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
+
+/// A daemon telling whoever started it that it serves: the line xenctl's
+/// supervisor (and tests) wait for on its stdout, written straight to the
+/// descriptor (a piped stdout is fully buffered), and systemd's `READY=1`
+/// (sd_notify) when a `Type=notify` unit started it with `$NOTIFY_SOCKET`.
+public enum ServiceReadiness {
+    public static func announce(_ line: String) {
+        _ = (line + "\n").withCString { write(1, $0, strlen($0)) }
+        guard let p = getenv("NOTIFY_SOCKET"), p.pointee != 0 else { return }
+        let path = Array(String(cString: p).utf8)
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        guard path.count < MemoryLayout.size(ofValue: addr.sun_path) else { return }
+        withUnsafeMutableBytes(of: &addr.sun_path) { b in
+            b.copyBytes(from: path)
+            if path.first == UInt8(ascii: "@") { b[0] = 0 }  // an abstract socket
+        }
+        let length = MemoryLayout<sockaddr_un>.offset(of: \.sun_path)! + path.count + (path.first == UInt8(ascii: "@") ? 0 : 1)
+        let s = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard s >= 0 else { return }
+        defer { close(s) }
+        _ = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sendto(s, "READY=1", 7, Int32(MSG_NOSIGNAL), $0, socklen_t(length)) }
+        }
+    }
+}

@@ -129,9 +129,7 @@ public final class HypervisorDaemon {
     /// Serves until SIGTERM, SIGINT or SIGHUP.
     public func run() {
         logger.info("xenhv listening", metadata: ["socket": "\(config.socketPath)"])
-        // The readiness line supervisors and tests wait for.
-        let ready = "xenhv ready \(config.socketPath)\n"
-        _ = ready.withCString { write(1, $0, strlen($0)) }
+        ServiceReadiness.announce("xenhv ready \(config.socketPath)")
         while running {
             guard let round = pollRound(timeout: -1) else { break }
             if round.signalled {

@@ -82,9 +82,7 @@ struct NetbackCommand: ParsableCommand {
             gsoTCPv6: f.contains("gso-tcpv6"), noChecksumOffload: f.contains("no-csum-offload"),
             ipv6ChecksumOffload: f.contains("ipv6-csum-offload"))
         try vif.connect(VifConnection(queues: queues.map(\.rings), features: features))
-        // Straight to the descriptor: a piped stdout is fully buffered, and whoever started us waits for this line.
-        let ready = "netback ready \(vif.name)\n"
-        _ = ready.withCString { write(1, $0, strlen($0)) }
+        ServiceReadiness.announce("netback ready \(vif.name)")
         // The signalfd is non-blocking: wait for it to become readable.
         var pfd = pollfd(fd: sfd, events: Int16(POLLIN), revents: 0)
         while poll(&pfd, 1, -1) < 0 && errno == EINTR {}

@@ -97,8 +97,8 @@ struct XenstoredCommand: ParsableCommand {
         }
         // SIGTERM/SIGINT: stop the loop so the socket file is removed.
         XenstoredCommand.installStopSignals(handle)
-        print("xenstored ready \(path)")
         fflush(nil)
+        ServiceReadiness.announce("xenstored ready \(path)")
         daemon.run()
     }
 

@@ -287,6 +287,40 @@ import XenTestKit
         #expect(!FileManager.default.fileExists(atPath: run), "nothing was made")
     }
 
+    /// The units are Type=notify: a daemon sends systemd READY=1 (sd_notify)
+    /// when it serves, so a dependent starts after its dependency is ready,
+    /// as the supervisor starts it after the ready line.
+    @Test func daemonsTellSystemdTheyAreReady() throws {
+        var template = Array("/tmp/notify-XXXXXX".utf8CString)
+        let dir = String(cString: mkdtemp(&template)!)
+        let listener = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        var pid: pid_t = -1
+        defer {
+            if pid > 0 { kill(pid, SIGKILL); var st: Int32 = 0; waitpid(pid, &st, 0) }
+            close(listener)
+            try? FileManager.default.removeItem(atPath: dir)
+        }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let path = Array((dir + "/notify").utf8)
+        withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: path) }
+        let bound = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        try #require(bound == 0)
+        let null = open("/dev/null", O_RDWR | O_CLOEXEC)
+        defer { close(null) }
+        pid = try ProcessLauncher.spawn(BuildProducts.path("xenhv"), arguments: ["--socket", dir + "/xenhv.sock", "--log-level", "error"],
+                                        environment: ["NOTIFY_SOCKET": dir + "/notify"], descriptors: [(null, 0), (null, 1), (null, 2)])
+        var p = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
+        try #require(poll(&p, 1, 30_000) == 1, "xenhv sent nothing to NOTIFY_SOCKET")
+        var buf = [UInt8](repeating: 0, count: 256)
+        let n = recv(listener, &buf, buf.count, 0)
+        #expect(n > 0 && String(decoding: buf[0..<max(0, n)], as: UTF8.self) == "READY=1")
+        // By then it serves.
+        #expect(access(dir + "/xenhv.sock", F_OK) == 0)
+    }
+
     @Test func unitsCarryTheSupervisorsCommandLines() throws {
         let units = Toolstack.systemdUnits(bindir: "/usr/local/bin")
         let specs = Toolstack(runDir: "/run/swiftxen").services(bindir: "/usr/local/bin")
