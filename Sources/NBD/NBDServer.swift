@@ -26,7 +26,10 @@ public final class NBDServer: @unchecked Sendable {
     public let device: any BlockDevice
     let logger: Logger
     private var listenFD: CInt = -1
+    /// Set by ``stop()`` after it shut the listening socket down; the accept
+    /// thread closes the socket once it sees it, and only then.
     private let stopping = Atomic<Bool>(false)
+    private let stopped = Mutex<Bool>(false)
     private var unixPath: String?
     let connections = Atomic<Int>(0)
 
@@ -63,7 +66,7 @@ public final class NBDServer: @unchecked Sendable {
         }
         listenFD = s
         unixPath = path
-        startAccepting()
+        guard startAccepting() else { unlink(path); throw NBDError.system("pthread_create (accept thread)", EAGAIN) }
     }
 
     /// Listens on 127.0.0.1:`port` (0 picks one) and returns the port.
@@ -86,7 +89,7 @@ public final class NBDServer: @unchecked Sendable {
         }
         guard r == 0, Glibc.listen(s, 16) == 0 else { let e = errno; close(s); throw NBDError.system("bind 127.0.0.1:\(port)", e) }
         listenFD = s
-        startAccepting()
+        guard startAccepting() else { throw NBDError.system("pthread_create (accept thread)", EAGAIN) }
         return UInt16(bigEndian: addr.sin_port)
     }
 
@@ -94,14 +97,21 @@ public final class NBDServer: @unchecked Sendable {
     /// listening socket is shut down here and closed by the accept thread once
     /// it has left accept(2), so its number cannot be reused under it.
     public func stop() {
-        guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        if listenFD >= 0 { shutdown(listenFD, Int32(SHUT_RDWR)) }
+        let first = stopped.withLock { done -> Bool in
+            guard !done else { return false }
+            done = true
+            if listenFD >= 0 { shutdown(listenFD, Int32(SHUT_RDWR)) }
+            return true
+        }
+        guard first else { return }
+        stopping.store(true, ordering: .releasing)
         if let p = unixPath { unlink(p) }
     }
 
     deinit { stop() }
 
-    private func startAccepting() {
+    /// False if the accept thread could not start (the socket is closed).
+    private func startAccepting() -> Bool {
         let fd = listenFD
         let started = Thread.detach(name: "nbd-accept") { [self] in
             defer { close(fd) }
@@ -111,7 +121,7 @@ public final class NBDServer: @unchecked Sendable {
                     if stopping.load(ordering: .acquiring) { return }
                     // Out of descriptors, memory or buffers: let the open
                     // connections finish some work, then accept again.
-                    if errno != EINTR && errno != ECONNABORTED { pause(milliseconds: 100) }
+                    if errno != EINTR && errno != ECONNABORTED { idle(milliseconds: 100) }
                     continue
                 }
                 _ = fcntl(c, F_SETFD, FD_CLOEXEC)
@@ -127,17 +137,21 @@ public final class NBDServer: @unchecked Sendable {
                 guard Thread.detach(name: "nbd-conn", { conn.serve() }) else {
                     connections.wrappingSubtract(1, ordering: .relaxed)
                     close(c)
-                    pause(milliseconds: 100)
+                    idle(milliseconds: 100)
                     continue
                 }
             }
         }
-        if !started { logger.error("NBD: cannot start the accept thread"); close(fd) }
+        if !started {
+            close(fd)
+            listenFD = -1
+        }
+        return started
     }
 }
 
 /// Sleeps without a signal's help (poll with no descriptors).
-func pause(milliseconds: Int32) {
+func idle(milliseconds: Int32) {
     var p = pollfd(fd: -1, events: 0, revents: 0)
     _ = poll(&p, 0, milliseconds)
 }
@@ -229,8 +243,16 @@ final class NBDConnection: @unchecked Sendable {
             close(fd)
             server.connections.wrappingSubtract(1, ordering: .relaxed)
         }
+        // The whole handshake is bounded (a timeout per call is not: a byte
+        // every few seconds, or options without end, would hold a slot).
         setTimeouts(seconds: NBDServer.handshakeSeconds)
-        guard let flags = negotiate() else { return }
+        let negotiating = Mutex<Bool>(true)
+        DispatchQueue.global().asyncAfter(deadline: .now() + .seconds(NBDServer.handshakeSeconds)) { [fd] in
+            negotiating.withLock { if $0 { shutdown(fd, Int32(SHUT_RDWR)) } }
+        }
+        let flags = negotiate()
+        negotiating.withLock { $0 = false }  // from here the descriptor may be closed: the timer no longer touches it
+        guard let flags else { return }
         setTimeouts(seconds: 0)
         guard Thread.detach(name: "nbd-reply", { [self] in writeReplies() }) else { return }
         transmission(flags: flags)

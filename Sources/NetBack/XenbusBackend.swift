@@ -74,6 +74,7 @@ public final class NetbackDriver: XenBusBackendDriver {
                 throw VifKeys.KeyError("the hotplug script \(script) did not write hotplug-status=connected")
             }
         } catch {
+            scripts.withLock { _ = $0.removeValue(forKey: path) }
             vif.close()
             throw error
         }
@@ -156,22 +157,26 @@ public final class NetbackDriver: XenBusBackendDriver {
         defer { close(null) }
         let pid = try ProcessLauncher.spawn(script, arguments: [action], environment: env,
                                             descriptors: [(null, 0), (null, 1), (2, 2)], newSession: true)
-        // A pidfd polls readable once the script has exited.
+        // A pidfd polls readable once the script has exited; without one
+        // (an old kernel, no descriptor left), waitpid(WNOHANG) every 50 ms.
         let pidfd = cxen_pidfd_open(pid)
-        var timedOut = false
-        if pidfd >= 0 {
-            defer { close(pidfd) }
-            let deadline = monotonicSeconds() + hotplugSeconds
-            var p = pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0)
-            while p.revents & Int16(POLLIN) == 0 {
-                let left = deadline - monotonicSeconds()
-                guard left > 0 else { timedOut = true; break }
-                _ = poll(&p, 1, Int32(min(left, 1) * 1000) + 1)
-            }
-            if timedOut { kill(-pid, SIGKILL) }  // its process group: the script and what it started
-        }
+        defer { if pidfd >= 0 { close(pidfd) } }
+        let deadline = monotonicSeconds() + hotplugSeconds
         var st: Int32 = 0
-        while waitpid(pid, &st, 0) < 0 && errno == EINTR {}
+        var timedOut = false
+        while true {
+            let r = waitpid(pid, &st, WNOHANG)
+            if r == pid || (r < 0 && errno != EINTR) { break }
+            let left = deadline - monotonicSeconds()
+            guard left > 0 else {
+                timedOut = true
+                kill(-pid, SIGKILL)  // its process group: the script and what it started
+                while waitpid(pid, &st, 0) < 0 && errno == EINTR {}
+                break
+            }
+            var p = pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0)
+            _ = poll(&p, 1, pidfd >= 0 ? Int32(min(left, 1) * 1000) + 1 : 50)
+        }
         if timedOut {
             throw VifKeys.KeyError("hotplug script \(script) \(action) did not finish within \(Int(hotplugSeconds)) s; killed")
         }

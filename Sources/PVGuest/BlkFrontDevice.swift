@@ -49,6 +49,9 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     /// as blkback validates them. The NBD server advertises it as the
     /// minimum block size.
     public let blockSize: UInt32
+    /// Where FUA writes' flushes wait for a ring slot, one at a time (not on
+    /// the completion thread, which frees the slots; not one pool thread each).
+    let fuaFlushes = DispatchQueue(label: "blkfront-fua")
     public let frontendPath: String
     let backendPath: String
     let backendID: XenHV.DomID
@@ -280,8 +283,9 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         canFlush = (try xs.readIfExists(be + "/feature-flush-cache")) == "1"
         canTrim = (try xs.readIfExists(be + "/feature-discard")) == "1" && !isReadOnly
         let sectorSize = (try xs.readIfExists(be + "/sector-size")).flatMap { UInt32($0) } ?? 512
-        // blkif.h: a power of two of at least 512; anything else is read as 512.
-        blockSize = sectorSize >= 512 && sectorSize <= 65536 && sectorSize & (sectorSize - 1) == 0 ? sectorSize : 512
+        // blkif.h: a power of two of at least 512 (blkback offers up to 4096,
+        // which also divides every request's split); anything else is read as 512.
+        blockSize = sectorSize >= 512 && sectorSize <= 4096 && sectorSize & (sectorSize - 1) == 0 ? sectorSize : 512
         for (i, q) in qs.enumerated() {
             q.state.withLock { s in
                 s.ring = rings[i]
@@ -394,7 +398,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         // The flush waits for a ring slot, so it is not submitted from the
         // completion path that frees slots (it would wait for itself).
         transfer(op: UInt8(BLKIF_OP_WRITE), offset: offset, count: buffer.count, read: nil, write: buffer.baseAddress) { [self] err in
-            if let err { completion(err) } else { DispatchQueue.global().async { self.flush(completion: completion) } }
+            if let err { completion(err) } else { fuaFlushes.async { self.flush(completion: completion) } }
         }
     }
 

@@ -293,6 +293,9 @@ public enum ServiceReadiness {
         _ = (line + "\n").withCString { write(1, $0, strlen($0)) }
         guard let p = getenv("NOTIFY_SOCKET"), p.pointee != 0 else { return }
         let path = Array(String(cString: p).utf8)
+        // Ours alone (sd_notify's unset_environment): children that inherit
+        // it would write to systemd, which takes only the main process.
+        unsetenv("NOTIFY_SOCKET")
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
         guard path.count < MemoryLayout.size(ofValue: addr.sun_path) else { return }

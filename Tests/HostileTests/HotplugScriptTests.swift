@@ -14,7 +14,12 @@ extension Hostile {
         @Test func scriptsResolveGoOfflineTheSameWayAndAreBoundInTime() throws {
             var template = Array("/tmp/hotplug-XXXXXX".utf8CString)
             let dir = String(cString: mkdtemp(&template)!)
-            defer { try? FileManager.default.removeItem(atPath: dir) }
+            defer {
+                // Should netback fail to kill it, the hung script's child goes here.
+                if let t = try? String(contentsOfFile: dir + "/hang.pid", encoding: .utf8),
+                   let child = Int32(t.trimmingCharacters(in: .whitespacesAndNewlines)) { kill(child, SIGKILL) }
+                try? FileManager.default.removeItem(atPath: dir)
+            }
             // The scripts directory: vif-bridge (the default), a recorder that
             // notes each action and then does vif-bridge's work, and a script
             // that hangs with a child of its own.
@@ -58,7 +63,8 @@ extension Hostile {
             }
             try d.s.xenstore.destroyDevice(stuck)
 
-            // netback goes on: another vif connects and carries frames.
+            // netback goes on (its XenBus work waited for the hung script, as it is
+            // serial): another vif connects and carries frames.
             let fine = try XenBusVif(d, net, guest: g, devid: 1)
             #expect(try vifCarriesFrames(fine.queue, tap: fine.tapName))
         }

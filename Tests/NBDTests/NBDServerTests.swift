@@ -1,7 +1,9 @@
 import Foundation
 import Glibc
 import NBD
+import Synchronization
 import Testing
+import XenHV
 import XenTestKit
 
 /// The NBD server against real clients: Debian's nbdinfo (libnbd) and qemu-io.
@@ -15,12 +17,9 @@ import XenTestKit
     }
 
     func serve(size: UInt64 = 64 << 20, readOnly: Bool = false) throws -> Served {
-        let dir = NSTemporaryDirectory() + "nbd-test-\(UUID().uuidString.prefix(8))"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let dev = MemoryBlockDevice(size: size, readOnly: readOnly)
-        let server = NBDServer(exportName: "disk", device: dev)
-        try server.listen(unixPath: dir + "/nbd.sock")
-        return Served(dir: dir, socket: dir + "/nbd.sock", server: server, device: dev)
+        let s = try serve(dev)
+        return Served(dir: s.dir, socket: s.socket, server: s.server, device: dev)
     }
 
     func finish(_ s: Served) {
@@ -158,16 +157,43 @@ import XenTestKit
         #expect(answered == Set(0..<64))
     }
 
+    /// A device that notes any zero-length operation it is handed (blkfront
+    /// refuses them with EINVAL).
+    final class NotesEmpty: BlockDevice, @unchecked Sendable {
+        // Sound: `sawEmpty` is atomic; the disk as in OneCompletionThread.
+        let disk = MemoryBlockDevice(size: 1 << 20)
+        let sawEmpty = Atomic<Bool>(false)
+        var size: UInt64 { disk.size }
+        var isReadOnly: Bool { false }
+        var canTrim: Bool { true }
+        func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, completion: @escaping @Sendable (Int32?) -> Void) {
+            if buffer.isEmpty { sawEmpty.store(true, ordering: .relaxed) }
+            disk.read(at: offset, into: buffer, completion: completion)
+        }
+        func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool, completion: @escaping @Sendable (Int32?) -> Void) {
+            if buffer.isEmpty { sawEmpty.store(true, ordering: .relaxed) }
+            disk.write(at: offset, from: buffer, fua: fua, completion: completion)
+        }
+        func flush(completion: @escaping @Sendable (Int32?) -> Void) { completion(nil) }
+        func trim(at offset: UInt64, length: UInt64, completion: @escaping @Sendable (Int32?) -> Void) {
+            if length == 0 { sawEmpty.store(true, ordering: .relaxed) }
+            disk.trim(at: offset, length: length, completion: completion)
+        }
+    }
+
     /// Zero-length reads, writes and discards succeed without reaching the device.
     @Test func zeroLengthRequestsSucceed() throws {
-        let s = try serve(size: 1 << 20)
-        defer { finish(s) }
+        let dev = NotesEmpty()
+        let s = try serve(dev)
+        defer { s.server.stop(); try? FileManager.default.removeItem(atPath: s.dir) }
         let c = try NBDClient(socket: s.socket, timeoutSeconds: 10)
         #expect(try c.read(at: 4096, length: 0).isEmpty)
         try c.write([], at: 8192)
         try c.send(type: NBDClient.Command.trim.rawValue, handle: 7, offset: 0, length: 0)
         let r = try c.reply()
         #expect(r.handle == 7 && r.error == 0)
+        let reached = dev.sawEmpty.load(ordering: .relaxed)
+        #expect(!reached, "a zero-length request reached the device")
     }
 
     /// Past NBDServer.maxConnections a connection is closed at once; the
@@ -181,5 +207,37 @@ import XenTestKit
         open.removeLast()  // closes it; the server notices and frees its slot
         let again = pollUntil(seconds: 10) { (try? NBDClient(socket: s.socket, timeoutSeconds: 10)) != nil }
         #expect(again)
+    }
+
+    /// The handshake is bounded as a whole: a client that keeps asking for
+    /// the export list, never choosing one, is cut off after the deadline
+    /// (a per-call timeout would never fire for it).
+    @Test func aHandshakeWithoutEndIsCutOff() throws {
+        let s = try serve(size: 1 << 20)
+        defer { finish(s) }
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in let b = Array(s.socket.utf8); p.copyBytes(from: b); p[b.count] = 0 }
+        let r = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        try #require(r == 0)
+        var tv = timeval(tv_sec: 30, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var hello = [UInt8](repeating: 0, count: 18)
+        try #require(read(fd, &hello, 18) == 18)
+        let flags: [UInt8] = [0, 0, 0, 3]
+        try #require(write(fd, flags, 4) == 4)
+        // NBD_OPT_LIST, again and again: a reply (server + ack) each time, until the server hangs up.
+        let list: [UInt8] = Array("IHAVEOPT".utf8) + [0, 0, 0, 3, 0, 0, 0, 0]
+        let start = monotonicSeconds()
+        var buf = [UInt8](repeating: 0, count: 4096)
+        var cutOff = false
+        while monotonicSeconds() - start < 30 {
+            guard send(fd, list, list.count, Int32(MSG_NOSIGNAL)) == list.count else { cutOff = true; break }
+            guard read(fd, &buf, buf.count) > 0 else { cutOff = true; break }
+        }
+        #expect(cutOff, "still negotiating after 30 s")
+        #expect(monotonicSeconds() - start < 20)
     }
 }
