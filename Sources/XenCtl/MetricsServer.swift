@@ -1,4 +1,5 @@
 import Glibc
+import XenHV
 
 /// A minimal HTTP responder for Prometheus scrapes on 127.0.0.1: every request
 /// gets the current metrics text (one request per connection).
@@ -47,13 +48,24 @@ public enum MetricsServer {
         }
     }
 
-    /// Reads the request (what arrives within ``requestSeconds``; every path
-    /// gets the metrics) and sends the answer, giving up after ``answerSeconds``.
+    /// Reads the request's head (to its blank line, within ``requestSeconds``
+    /// and 16 KiB; every path gets the metrics) and sends the answer, giving
+    /// up after ``answerSeconds``. A head read whole means no unread bytes
+    /// are left at the close, which would reset the connection under the answer.
     static func answer(_ c: CInt, render: () -> String) {
-        var p = pollfd(fd: c, events: Int16(POLLIN), revents: 0)
-        guard poll(&p, 1, requestSeconds * 1000) == 1 else { return }
+        let deadline = monotonicSeconds() + Double(requestSeconds)
+        var head: [UInt8] = []
         var buf = [UInt8](repeating: 0, count: 4096)
-        guard read(c, &buf, buf.count) > 0 else { return }
+        func complete() -> Bool { head.firstRange(of: [13, 10, 13, 10]) != nil || head.firstRange(of: [10, 10]) != nil }
+        while !complete() {
+            let left = deadline - monotonicSeconds()
+            guard left > 0, head.count < 16384 else { return }
+            var p = pollfd(fd: c, events: Int16(POLLIN), revents: 0)
+            guard poll(&p, 1, Int32(left * 1000) + 1) == 1 else { return }
+            let n = read(c, &buf, buf.count)
+            guard n > 0 else { return }
+            head += buf[0..<n]
+        }
         var limit = timeval(tv_sec: answerSeconds, tv_usec: 0)
         setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
         let body = render()

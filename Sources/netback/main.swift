@@ -107,7 +107,9 @@ extension NetbackCommand {
             up += "/.."
             candidates.append("\(up)/scripts/vif-bridge")
         }
-        let script: String = hotplugScript ?? candidates.first(where: { access($0, X_OK) == 0 }) ?? "\(dir)/vif-bridge"
+        // Absolute: relative `script` keys are read against its directory.
+        let given = hotplugScript.map { $0.hasPrefix("/") ? $0 : FileManager.default.currentDirectoryPath + "/" + $0 }
+        let script: String = given ?? candidates.first(where: { access($0, X_OK) == 0 }) ?? "\(dir)/vif-bridge"
         let driver = NetbackDriver(hypervisor: hv, logger: log, maxQueues: max(1, maxQueues), defaultScript: script,
                                    scriptEnvironment: ["XENSTORED_PATH": xenstorePath, "XEN_NETLINK": "\(dir)/xen-netlink"])
         let runDir = env["XEN_RUN_DIR"] ?? "/run/swiftxen"
