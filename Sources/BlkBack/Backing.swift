@@ -1,6 +1,7 @@
 import CLibAIO
 import CXen
 import Glibc
+import Synchronization
 import Logging
 
 /// What a virtual block device stores its data in.
@@ -147,13 +148,26 @@ final class Backing: @unchecked Sendable {
     }
 
     /// Makes completed writes durable (fdatasync). Returns 0 or an errno.
+    /// Once one flush failed, every later one fails too (as QEMU's
+    /// page_cache_inconsistent): Linux reports a writeback error once, and
+    /// marks the pages it lost clean, so the next fdatasync would say 0 for
+    /// writes that never reached the disk.
     func flush() -> Int32 {
         guard kind != .null else { return 0 }
+        let failed = flushFailed.load(ordering: .acquiring)
+        if failed != 0 { return failed }
         while fdatasync(bufferedFD) != 0 {
-            if errno != EINTR { return errno }
+            if errno != EINTR {
+                let e = errno
+                flushFailed.store(e, ordering: .releasing)
+                return e
+            }
         }
         return 0
     }
+
+    /// The errno of the first failed flush, or 0 (shared by every queue).
+    let flushFailed = Atomic<Int32>(0)
 
     /// Discards `[offset, offset+length)` bytes: a hole punched in a file, BLKDISCARD
     /// (or BLKSECDISCARD) on a device. Returns 0 or an errno.

@@ -149,7 +149,10 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     /// A READ/WRITE waiting for bounce pages: in-flight requests hold them all.
     private var deferred: (request: BlkRequest, dsync: Bool)?
     /// No new request is consumed while one waits (a fence, or a request for bounce pages).
-    @inline(__always) private var waiting: Bool { fence != nil || deferred != nil }
+    /// A WRITE_BARRIER's own data write in flight: blkif.h has every write
+    /// issued after the barrier wait for its completion.
+    private var barrierWriting = false
+    @inline(__always) private var waiting: Bool { fence != nil || deferred != nil || barrierWriting }
     private var lastPushed: UInt32
     private var broken = false
     private let reason = Mutex<String?>(nil)
@@ -323,6 +326,7 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
                 runFence(f)
                 continue
             }
+            if barrierWriting, (engine?.inFlight ?? 0) == 0 { barrierWriting = false; continue }
             pushResponses()
             if persistentMisses > 0 { purgeIfDue() }
             var timeout: Int32 = -1
@@ -519,6 +523,9 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
         if q.nrSegments == 0 { return respond(q.id, q.responseOp, .okay) }
         startIO(q, geometry: disk.geometry, dsync: true)
         submitBatch()
+        // Nothing behind a barrier is consumed until its write completed (it
+        // is the only I/O in flight: every earlier one drained first).
+        if q.command == .writeBarrier, (engine?.inFlight ?? 0) > 0 { barrierWriting = true }
     }
 
     /// READ/WRITE (direct or indirect), or the data of a flush: validates every

@@ -403,7 +403,8 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     }
 
     public func flush(completion: @escaping @Sendable (Int32?) -> Void) {
-        guard canFlush else { completion(nil); return }
+        // Nothing to make durable on a read-only disk (blkback refuses FLUSH there, as Linux).
+        guard canFlush, !isReadOnly else { completion(nil); return }
         submit(Group(parts: 1, completion: completion), readInto: nil, length: 0) { req, _ in
             req.operation = UInt8(BLKIF_OP_FLUSH_DISKCACHE)
         }

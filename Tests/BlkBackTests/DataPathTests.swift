@@ -172,6 +172,33 @@ extension BlkBackIntegration {
             #expect(fileBytes(s.image, offset: 64 * 512, count: 4096) == d)
         }
 
+        /// blkif.h: "All writes issued after the barrier request must not
+        /// execute until after the completion of the barrier request." Writes
+        /// queued behind a barrier with data are answered after it, though
+        /// the barrier's own write (RWF_DSYNC) is the slow one.
+        @Test func writesBehindABarrierWaitForItsWrite() throws {
+            let s = try Self.setup(bytes: 8 << 20, order: 1)
+            let b = try s.front.makeBuffer(pages: 8)
+            try s.front.fill(b, with: pattern(8 * 4096, seed: 21))
+            var barrier = try s.front.rwRequest(BlkifOp.write, sector: 0, buffer: b, bytes: 8 * 4096)
+            barrier.operation = BlkifOp.writeBarrier
+            var later: [BlkRequest] = []
+            for i in 0..<8 {
+                let w = try s.front.makeBuffer(pages: 1)
+                try s.front.fill(w, with: pattern(4096, seed: UInt8(30 + i)))
+                later.append(try s.front.rwRequest(BlkifOp.write, sector: 1024 + UInt64(i) * 8, buffer: w, bytes: 4096))
+            }
+            try s.front.pushBatch([barrier] + later)
+            var order: [UInt64] = []
+            for _ in 0...later.count {
+                let r = try s.front.waitResponse()
+                #expect(r.status == 0)
+                order.append(r.id)
+            }
+            #expect(order.first == barrier.id, "answered before the barrier: \(order.prefix { $0 != barrier.id })")
+            #expect(fileBytes(s.image, offset: 0, count: 8 * 4096) == pattern(8 * 4096, seed: 21))
+        }
+
         @Test func discardPunchesAHole() throws {
             let s = try Self.setup(bytes: 8 << 20)
             let data = pattern(2 * Self.mib, seed: 12)

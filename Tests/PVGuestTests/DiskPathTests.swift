@@ -119,6 +119,12 @@ import XenTestKit
         let (rc5, out5) = try Self.qemuIO(b, ["write -P 1 0 4096"])
         #expect(rc5 != 0 && out5.contains("Permission denied"), "\(out5)")
         #expect(try Self.bytes(ro, at: 0, count: 4096) == [UInt8](repeating: 0, count: 4096))
+        // A flush of a read-only disk has nothing to make durable: it succeeds
+        // (blkback refuses FLUSH_DISKCACHE there, as Linux does; blkfront does not send it).
+        if let socket = b.split(separator: "=").last.map(String.init) {
+            let client = try NBDClient(socket: socket, timeoutSeconds: 20)
+            #expect(throws: Never.self) { try client.flush() }
+        }
     }
 
     /// FUA writes from several NBD connections, more than the ring has slots:
