@@ -111,7 +111,10 @@ final class Backing: @unchecked Sendable {
             } else {
                 kind = .file
                 sectorSize = o.sectorSize ?? 512
-                directAlignment = 512
+                // What the filesystem asks of O_DIRECT (4096 over 4 KiB-sector
+                // storage); I/O it would refuse goes to the buffered descriptor.
+                let asked = direct >= 0 ? Int(clibaio_dio_offset_align(direct)) : 0
+                directAlignment = asked >= 512 && asked & (asked - 1) == 0 ? asked : 512
                 discard = o.discard && !o.readOnly
                 discardSecure = false  // a punched hole in a file is not a secure erase
             }

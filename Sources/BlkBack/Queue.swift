@@ -573,8 +573,9 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
         let sp = slots + slot
         sp.pointee = SlotState(id: q.id, operation: q.responseOp, write: write, sectors: total, bytes: Int(total) << 9)
         let iov = iovecs + slot * maxSeg
-        var aligned = true
         let align = disk.backing.directAlignment - 1
+        // O_DIRECT needs the file offset aligned too (a 4 KiB-sector filesystem refuses 512).
+        var aligned = Int(truncatingIfNeeded: q.sector << 9) & align == 0
         for i in 0..<n {
             let s = BlkSegment(raw: segs[i])
             guard let page = mapSegment(slot: slot, gref: s.gref, offset: s.byteOffset, length: s.sectors << 9) else {

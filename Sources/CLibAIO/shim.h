@@ -20,6 +20,8 @@
 #include <linux/fs.h>
 #include <linux/falloc.h>
 #include <malloc.h>
+#include <sys/syscall.h>
+#include <linux/stat.h>
 
 /* fcntl.h declares these only under _GNU_SOURCE. */
 #ifndef O_DIRECT
@@ -91,6 +93,15 @@ static const int CLIBAIO_O_DIRECT = CLIBAIO_O_DIRECT_VALUE;
 static inline int clibaio_blkgetsize64(int fd, uint64_t *bytes) { return ioctl(fd, BLKGETSIZE64, bytes); }
 /* BLKSSZGET: logical sector size. */
 static inline int clibaio_blksszget(int fd, int *size) { return ioctl(fd, BLKSSZGET, size); }
+/* The file-offset alignment O_DIRECT needs on `fd` (statx's STATX_DIOALIGN,
+ * Linux 6.1), or 0 where the kernel or the filesystem does not say. A file on
+ * a filesystem over 4 KiB-sector storage needs 4096, not 512. */
+static inline unsigned clibaio_dio_offset_align(int fd) {
+    struct statx stx;
+    memset(&stx, 0, sizeof stx);
+    if (syscall(SYS_statx, fd, "", 0x1000 /* AT_EMPTY_PATH */, STATX_DIOALIGN, &stx) != 0) return 0;
+    return (stx.stx_mask & STATX_DIOALIGN) ? stx.stx_dio_offset_align : 0;
+}
 /* BLKDISCARD / BLKSECDISCARD over [start, start+len) bytes. */
 static inline int clibaio_blkdiscard(int fd, uint64_t start, uint64_t len, int secure) {
     uint64_t range[2] = { start, len };
