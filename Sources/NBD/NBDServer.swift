@@ -34,14 +34,16 @@ public final class NBDServer: @unchecked Sendable {
     let connections = Atomic<Int>(0)
 
     public static let maxConnections = 16
-    static let handshakeSeconds = 10
+    /// Seconds a client has to choose the export (10; tests shorten it).
+    public let handshakeSeconds: Int
     static let maxRequestsInFlight = 16
     static let maxBytesInFlight = 64 << 20
 
-    public init(exportName: String, device: any BlockDevice, logger: Logger = Logger(label: "nbd")) {
+    public init(exportName: String, device: any BlockDevice, logger: Logger = Logger(label: "nbd"), handshakeSeconds: Int = 10) {
         self.exportName = exportName
         self.device = device
         self.logger = logger
+        self.handshakeSeconds = handshakeSeconds
     }
 
     /// Listens on a Unix socket (replacing a stale one) and serves in the
@@ -243,15 +245,15 @@ final class NBDConnection: @unchecked Sendable {
             close(fd)
             server.connections.wrappingSubtract(1, ordering: .relaxed)
         }
-        // The whole handshake is bounded (a timeout per call is not: a byte
-        // every few seconds, or options without end, would hold a slot).
-        setTimeouts(seconds: NBDServer.handshakeSeconds)
-        let negotiating = Mutex<Bool>(true)
-        DispatchQueue.global().asyncAfter(deadline: .now() + .seconds(NBDServer.handshakeSeconds)) { [fd] in
-            negotiating.withLock { if $0 { shutdown(fd, Int32(SHUT_RDWR)) } }
-        }
+        // The whole handshake is bounded: each read and write of it may take
+        // only what is left of the deadline (a fixed timeout per call would
+        // let a byte every few seconds, or options without end, hold a slot).
+        // No timer: pvguest keeps off libdispatch's worker pool, whose
+        // monitor reads /proc/<tid>/stat, which a guest's PID namespace
+        // does not match (it crashes the process).
+        handshakeDeadline = Self.now() + Double(server.handshakeSeconds)
         let flags = negotiate()
-        negotiating.withLock { $0 = false }  // from here the descriptor may be closed: the timer no longer touches it
+        handshakeDeadline = nil
         guard let flags else { return }
         setTimeouts(seconds: 0)
         guard Thread.detach(name: "nbd-reply", { [self] in writeReplies() }) else { return }
@@ -265,10 +267,30 @@ final class NBDConnection: @unchecked Sendable {
 
     /// SO_RCVTIMEO and SO_SNDTIMEO (0: none): the handshake is bounded, the
     /// transmission phase is not (a client may idle between requests).
-    private func setTimeouts(seconds: Int) {
-        var tv = timeval(tv_sec: seconds, tv_usec: 0)
+    private func setTimeouts(seconds: Double) {
+        var tv = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - seconds.rounded(.down)) * 1e6))
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    /// The end of the handshake (monotonic seconds) while it runs; only the
+    /// reader thread touches it, before the writer thread exists.
+    private var handshakeDeadline: Double?
+
+    /// Before a handshake read or write: the socket's timeouts set to what is
+    /// left of the deadline; false once it has passed.
+    private func withinHandshake() -> Bool {
+        guard let d = handshakeDeadline else { return true }
+        let left = d - Self.now()
+        guard left > 0 else { return false }
+        setTimeouts(seconds: max(left, 0.001))
+        return true
+    }
+
+    static func now() -> Double {
+        var t = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &t)
+        return Double(t.tv_sec) + Double(t.tv_nsec) / 1e9
     }
 
     // MARK: I/O helpers
@@ -276,6 +298,7 @@ final class NBDConnection: @unchecked Sendable {
     func readExact(_ p: UnsafeMutableRawPointer, _ n: Int) -> Bool {
         var got = 0
         while got < n {
+            guard withinHandshake() else { return false }
             let r = read(fd, p + got, n - got)
             if r < 0 && errno == EINTR { continue }
             guard r > 0 else { return false }
@@ -291,6 +314,7 @@ final class NBDConnection: @unchecked Sendable {
     func writeAll(_ p: UnsafeRawPointer, _ n: Int) -> Bool {
         var sent = 0
         while sent < n {
+            guard withinHandshake() else { return false }
             let r = send(fd, p + sent, n - sent, Int32(MSG_NOSIGNAL))
             if r < 0 && errno == EINTR { continue }
             guard r > 0 else { return false }

@@ -49,9 +49,11 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     /// as blkback validates them. The NBD server advertises it as the
     /// minimum block size.
     public let blockSize: UInt32
-    /// Where FUA writes' flushes wait for a ring slot, one at a time (not on
-    /// the completion thread, which frees the slots; not one pool thread each).
-    let fuaFlushes = DispatchQueue(label: "blkfront-fua")
+    /// Where FUA writes' flushes wait for a ring slot, one at a time: not on
+    /// the completion thread, which frees the slots, and not on libdispatch's
+    /// worker pool (its monitor reads /proc/<tid>/stat, which a guest's PID
+    /// namespace does not match, and crashes the process).
+    let fuaFlushes = SerialThread(name: "blkfront-fua")
     public let frontendPath: String
     let backendPath: String
     let backendID: XenHV.DomID
@@ -398,7 +400,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         // The flush waits for a ring slot, so it is not submitted from the
         // completion path that frees slots (it would wait for itself).
         transfer(op: UInt8(BLKIF_OP_WRITE), offset: offset, count: buffer.count, read: nil, write: buffer.baseAddress) { [self] err in
-            if let err { completion(err) } else { fuaFlushes.async { self.flush(completion: completion) } }
+            if let err { completion(err) } else { fuaFlushes.run { self.flush(completion: completion) } }
         }
     }
 
@@ -610,6 +612,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     public func close() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         failAll()
+        fuaFlushes.stop()  // what it still holds fails at once (failAll marked the device failed)
         if let w = backendWatch { try? xs.unwatch(w) }
         wakeCompletions()
         // The completion thread may be in a reconnect's handshake, which ends
@@ -805,5 +808,73 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
             try checkAttached()
         }
         return false
+    }
+}
+
+/// Work run in order on one thread of its own, started at the first job or
+/// at ``stop()`` (a plain pthread, off libdispatch's pool); ``stop()`` ends it
+/// after the jobs already queued, and a job given once it has ended runs at
+/// once on the caller's thread (for a closed device, which fails it without
+/// waiting).
+final class SerialThread: @unchecked Sendable {
+    // Sound: `state` and `started` synchronise themselves; `name` is immutable.
+    private struct State {
+        var jobs: [(@Sendable () -> Void)?] = []
+        var stopping = false
+        var ended = false
+    }
+    private let name: String
+    private let state = Mutex(State())
+    private let ready = DispatchSemaphore(value: 0)
+    private let started = Atomic<Bool>(false)
+
+    init(name: String) { self.name = name }
+
+    func run(_ job: @escaping @Sendable () -> Void) {
+        let inline = state.withLock { s -> Bool in
+            if s.ended { return true }
+            s.jobs.append(job)
+            return false
+        }
+        if inline { return job() }
+        wake()
+    }
+
+    func stop() {
+        let first = state.withLock { s -> Bool in
+            guard !s.stopping else { return false }
+            s.stopping = true
+            s.jobs.append(nil)
+            return true
+        }
+        if first { wake() }
+    }
+
+    private func wake() {
+        if !started.exchange(true, ordering: .acquiringAndReleasing) {
+            DetachedThread.start(name: name) { [self] in loop() }
+        }
+        ready.signal()
+    }
+
+    private func loop() {
+        while true {
+            ready.wait()
+            let (some, next) = state.withLock { s -> (Bool, (@Sendable () -> Void)?) in
+                s.jobs.isEmpty ? (false, nil) : (true, s.jobs.removeFirst())
+            }
+            guard some else { continue }
+            guard let job = next else {
+                // Ended: what came in behind the stop runs here, later jobs inline.
+                let rest = state.withLock { s -> [(@Sendable () -> Void)?] in
+                    s.ended = true
+                    defer { s.jobs = [] }
+                    return s.jobs
+                }
+                for case let j? in rest { j() }
+                return
+            }
+            job()
+        }
     }
 }

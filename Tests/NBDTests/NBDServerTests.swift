@@ -240,4 +240,23 @@ import XenTestKit
         #expect(cutOff, "still negotiating after 30 s")
         #expect(monotonicSeconds() - start < 20)
     }
+
+    /// The handshake deadline fires after a connection that negotiated and
+    /// left: the server (its process) lives on and serves the next client.
+    @Test func theHandshakeDeadlineOutlivesItsConnection() throws {
+        let dir = NSTemporaryDirectory() + "nbd-test-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let server = NBDServer(exportName: "disk", device: MemoryBlockDevice(size: 1 << 20), handshakeSeconds: 1)
+        try server.listen(unixPath: dir + "/nbd.sock")
+        defer { server.stop(); try? FileManager.default.removeItem(atPath: dir) }
+        for _ in 0..<8 {
+            let c = try NBDClient(socket: dir + "/nbd.sock", timeoutSeconds: 10)
+            _ = try c.read(at: 0, length: 512)
+        }
+        // Past every connection's deadline (1 s): their timers have fired.
+        let until = monotonicSeconds() + 2
+        while monotonicSeconds() < until { var p = pollfd(fd: -1, events: 0, revents: 0); _ = poll(&p, 0, 100) }
+        let c = try NBDClient(socket: dir + "/nbd.sock", timeoutSeconds: 10)
+        #expect(try c.read(at: 0, length: 512) == [UInt8](repeating: 0, count: 512))
+    }
 }
