@@ -227,7 +227,7 @@ let package = Package(
                            "XenBus", "XenStore", "CXen", "NBD", "XenCtl", .product(name: "Logging", package: "swift-log")]),
 
         // NBD server (newstyle fixed): how pvguest exposes its disks to qemu-io, nbdinfo and fio.
-        .target(name: "NBD", dependencies: [.product(name: "Logging", package: "swift-log")]),
+        .target(name: "NBD", dependencies: ["XenHV", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "NBDTests", dependencies: ["NBD", "XenTestKit"]),
 
         .testTarget(

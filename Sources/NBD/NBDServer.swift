@@ -2,6 +2,7 @@ import Dispatch
 import Glibc
 import Logging
 import Synchronization
+import XenHV
 
 /// An NBD server for one export (newstyle fixed negotiation, NBD_OPT_GO /
 /// INFO / LIST / EXPORT_NAME, simple replies), on a Unix socket or a loopback
@@ -211,10 +212,9 @@ enum Thread {
 final class NBDConnection: @unchecked Sendable {
     // Sound: the reader thread owns parsing and, until transmission starts,
     // the socket's sending side; then only the writer thread sends. `budget`,
-    // `pending` and `broken` synchronise themselves; `inFlight` is a DispatchGroup.
+    // `pending` and `broken` synchronise themselves.
     let fd: CInt
     let server: NBDServer
-    let inFlight = DispatchGroup()
     private let broken = Atomic<Bool>(false)
     /// Requests admitted and not yet answered, and the bytes of their buffers.
     private let budget = Mutex<(requests: Int, bytes: Int)>((0, 0))
@@ -251,7 +251,7 @@ final class NBDConnection: @unchecked Sendable {
         // No timer: pvguest keeps off libdispatch's worker pool, whose
         // monitor reads /proc/<tid>/stat, which a guest's PID namespace
         // does not match (it crashes the process).
-        handshakeDeadline = Self.now() + Double(server.handshakeSeconds)
+        handshakeDeadline = monotonicSeconds() + Double(server.handshakeSeconds)
         let flags = negotiate()
         handshakeDeadline = nil
         guard let flags else { return }
@@ -260,7 +260,7 @@ final class NBDConnection: @unchecked Sendable {
         transmission(flags: flags)
         // Every admitted request is answered (or dropped with a broken
         // socket) before the writer stops and the descriptor is closed.
-        inFlight.wait()
+        while budget.withLock({ $0.requests }) > 0 { freed.wait() }
         enqueue(Reply(end: true))
         writerDone.wait()
     }
@@ -281,17 +281,12 @@ final class NBDConnection: @unchecked Sendable {
     /// left of the deadline; false once it has passed.
     private func withinHandshake() -> Bool {
         guard let d = handshakeDeadline else { return true }
-        let left = d - Self.now()
+        let left = d - monotonicSeconds()
         guard left > 0 else { return false }
         setTimeouts(seconds: max(left, 0.001))
         return true
     }
 
-    static func now() -> Double {
-        var t = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &t)
-        return Double(t.tv_sec) + Double(t.tv_nsec) / 1e9
-    }
 
     // MARK: I/O helpers
 
@@ -426,7 +421,7 @@ final class NBDConnection: @unchecked Sendable {
             case NBDProto.cmdWrite:
                 let io = IOBuffer(count: Int(length))
                 guard length == 0 || readExact(io.raw.baseAddress!, Int(length)) else {
-                    io.raw.deallocate(); abandon(bytes); return
+                    io.raw.deallocate(); release(bytes: bytes); return
                 }
                 if dev.isReadOnly { answer(handle, NBDProto.EPERM, free: io, bytes: bytes); continue }
                 guard inRange else { answer(handle, NBDProto.ENOSPC, free: io, bytes: bytes); continue }
@@ -442,7 +437,7 @@ final class NBDConnection: @unchecked Sendable {
                 guard length > 0 else { answer(handle, 0, bytes: bytes); continue }
                 dev.trim(at: offset, length: UInt64(length)) { [self] err in answer(handle, err.map { UInt32($0) } ?? 0, bytes: bytes) }
             case NBDProto.cmdDisc:
-                abandon(bytes)
+                release(bytes: bytes)
                 return
             default:
                 answer(handle, NBDProto.EINVAL, bytes: bytes)
@@ -462,19 +457,15 @@ final class NBDConnection: @unchecked Sendable {
                 b.bytes += bytes
                 return true
             }
-            if admitted { inFlight.enter(); return }
+            if admitted { return }
             freed.wait()
         }
     }
 
-    /// An admitted request that gets no reply (the client left).
-    private func abandon(_ bytes: Int) {
-        release(bytes)
-        inFlight.leave()
-    }
-
-    private func release(_ bytes: Int) {
-        budget.withLock { $0.requests -= 1; $0.bytes -= bytes }
+    /// Gives back what admitted requests held: answered ones (a batch of
+    /// the writer's at a time), or one that gets no reply (the client left).
+    private func release(requests: Int = 1, bytes: Int) {
+        budget.withLock { $0.requests -= requests; $0.bytes -= bytes }
         freed.signal()
     }
 
@@ -484,9 +475,14 @@ final class NBDConnection: @unchecked Sendable {
         enqueue(Reply(handle: handle, error: error, buffer: free ?? data, sendData: data != nil, bytes: bytes))
     }
 
+    /// The writer takes the whole list at each wake-up, so only the reply
+    /// that finds it empty wakes it.
     private func enqueue(_ r: Reply) {
-        pending.withLock { $0.append(r) }
-        ready.signal()
+        let wasEmpty = pending.withLock { p -> Bool in
+            defer { p.append(r) }
+            return p.isEmpty
+        }
+        if wasEmpty { ready.signal() }
     }
 
     /// The writer thread: sends each reply (header and a read's data) whole,
@@ -497,6 +493,7 @@ final class NBDConnection: @unchecked Sendable {
         while true {
             ready.wait()
             pending.withLock { swap(&$0, &batch) }
+            var answered = 0, bytes = 0
             for r in batch {
                 if r.end { writerDone.signal(); return }
                 if !broken.load(ordering: .acquiring) {
@@ -510,9 +507,10 @@ final class NBDConnection: @unchecked Sendable {
                     }
                 }
                 r.buffer?.raw.deallocate()
-                release(r.bytes)
-                inFlight.leave()
+                answered += 1
+                bytes += r.bytes
             }
+            if answered > 0 { release(requests: answered, bytes: bytes) }
             batch.removeAll(keepingCapacity: true)
         }
     }

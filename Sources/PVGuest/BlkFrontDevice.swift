@@ -811,70 +811,60 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     }
 }
 
-/// Work run in order on one thread of its own, started at the first job or
-/// at ``stop()`` (a plain pthread, off libdispatch's pool); ``stop()`` ends it
-/// after the jobs already queued, and a job given once it has ended runs at
-/// once on the caller's thread (for a closed device, which fails it without
-/// waiting).
+/// Work run in order on one thread of its own, started at the first job (a
+/// plain pthread, off libdispatch's pool); ``stop()`` ends it after the jobs
+/// already queued, and a job given after that runs at once on the caller's
+/// thread (for a closed device, which fails it without waiting).
 final class SerialThread: @unchecked Sendable {
-    // Sound: `state` and `started` synchronise themselves; `name` is immutable.
+    // Sound: `state` synchronises itself; `name` is immutable.
     private struct State {
-        var jobs: [(@Sendable () -> Void)?] = []
+        var jobs: [@Sendable () -> Void] = []
+        var started = false
         var stopping = false
         var ended = false
     }
     private let name: String
     private let state = Mutex(State())
     private let ready = DispatchSemaphore(value: 0)
-    private let started = Atomic<Bool>(false)
 
     init(name: String) { self.name = name }
 
     func run(_ job: @escaping @Sendable () -> Void) {
-        let inline = state.withLock { s -> Bool in
-            if s.ended { return true }
+        let (inline, start, wake) = state.withLock { s -> (Bool, Bool, Bool) in
+            if s.ended || s.stopping { return (true, false, false) }
+            let wake = s.jobs.isEmpty  // the thread takes the whole list at each wake-up
             s.jobs.append(job)
-            return false
+            defer { s.started = true }
+            return (false, !s.started, wake)
         }
         if inline { return job() }
-        wake()
+        if start { DetachedThread.start(name: name) { [self] in loop() } }
+        if wake { ready.signal() }
     }
 
+    /// After the jobs already queued (none if it never started), it ends.
     func stop() {
-        let first = state.withLock { s -> Bool in
+        let wake = state.withLock { s -> Bool in
             guard !s.stopping else { return false }
             s.stopping = true
-            s.jobs.append(nil)
-            return true
+            if !s.started { s.ended = true }
+            return s.started
         }
-        if first { wake() }
-    }
-
-    private func wake() {
-        if !started.exchange(true, ordering: .acquiringAndReleasing) {
-            DetachedThread.start(name: name) { [self] in loop() }
-        }
-        ready.signal()
+        if wake { ready.signal() }
     }
 
     private func loop() {
+        var batch: [@Sendable () -> Void] = []
         while true {
             ready.wait()
-            let (some, next) = state.withLock { s -> (Bool, (@Sendable () -> Void)?) in
-                s.jobs.isEmpty ? (false, nil) : (true, s.jobs.removeFirst())
+            let stopping = state.withLock { s -> Bool in
+                swap(&s.jobs, &batch)
+                if s.stopping { s.ended = true }
+                return s.stopping
             }
-            guard some else { continue }
-            guard let job = next else {
-                // Ended: what came in behind the stop runs here, later jobs inline.
-                let rest = state.withLock { s -> [(@Sendable () -> Void)?] in
-                    s.ended = true
-                    defer { s.jobs = [] }
-                    return s.jobs
-                }
-                for case let j? in rest { j() }
-                return
-            }
-            job()
+            for job in batch { job() }
+            batch.removeAll(keepingCapacity: true)
+            if stopping { return }
         }
     }
 }

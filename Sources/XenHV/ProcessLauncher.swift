@@ -292,23 +292,20 @@ public enum ServiceReadiness {
     public static func announce(_ line: String) {
         _ = (line + "\n").withCString { write(1, $0, strlen($0)) }
         guard let p = getenv("NOTIFY_SOCKET"), p.pointee != 0 else { return }
-        let path = Array(String(cString: p).utf8)
+        let path = String(cString: p)
         // Ours alone (sd_notify's unset_environment): children that inherit
         // it would write to systemd, which takes only the main process.
         unsetenv("NOTIFY_SOCKET")
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        guard path.count < MemoryLayout.size(ofValue: addr.sun_path) else { return }
-        withUnsafeMutableBytes(of: &addr.sun_path) { b in
-            b.copyBytes(from: path)
-            if path.first == UInt8(ascii: "@") { b[0] = 0 }  // an abstract socket
-        }
-        let length = MemoryLayout<sockaddr_un>.offset(of: \.sun_path)! + path.count + (path.first == UInt8(ascii: "@") ? 0 : 1)
+        guard var addr = try? UnixSocketAddress.make(path) else { return }
+        // "@name" is an abstract socket: a leading NUL, and a length that ends the name.
+        let abstract = path.hasPrefix("@")
+        if abstract { withUnsafeMutableBytes(of: &addr.sun_path) { $0[0] = 0 } }
         let s = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard s >= 0 else { return }
         defer { close(s) }
-        _ = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sendto(s, "READY=1", 7, Int32(MSG_NOSIGNAL), $0, socklen_t(length)) }
+        _ = UnixSocketAddress.with(&addr) { sa, full in
+            let length = abstract ? socklen_t(MemoryLayout<sockaddr_un>.offset(of: \.sun_path)! + path.utf8.count) : full
+            return sendto(s, "READY=1", 7, Int32(MSG_NOSIGNAL), sa, length)
         }
     }
 }

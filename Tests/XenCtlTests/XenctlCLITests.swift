@@ -300,13 +300,8 @@ import XenTestKit
             close(listener)
             try? FileManager.default.removeItem(atPath: dir)
         }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let path = Array((dir + "/notify").utf8)
-        withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: path) }
-        let bound = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
+        var addr = try UnixSocketAddress.make(dir + "/notify")
+        let bound = UnixSocketAddress.with(&addr) { bind(listener, $0, $1) }
         try #require(bound == 0)
         let null = open("/dev/null", O_RDWR | O_CLOEXEC)
         defer { close(null) }
