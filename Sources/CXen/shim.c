@@ -438,6 +438,15 @@ int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[]
         close(report[0]);
         close(go[1]);
         errno = 0;
+        /* A /proc of its own PID namespace, mounted while the child is still
+           root: the host's /proc names the host's processes, so a tid the
+           child reads from gettid() would name another process there, or
+           none (libdispatch's worker monitor reads /proc/<tid>/stat and
+           traps when it is missing). The mount namespace follows the host's
+           (slave): a name removed under /run/netns goes here too. */
+        if (unshare(CLONE_NEWNS) != 0 || mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) != 0
+            || mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0)
+            confined_fail(report[1], CXEN_CONFINE_PROC);
         if (new_session && setsid() < 0) confined_fail(report[1], CXEN_CONFINE_SETUP);
         for (int i = 0; i < count; i++) if (dup2(from[i], to[i]) < 0) confined_fail(report[1], CXEN_CONFINE_SETUP);
         if (syscall(SYS_close_range, (unsigned)close_from, ~0U, CLOSE_RANGE_CLOEXEC) != 0) confined_fail(report[1], CXEN_CONFINE_SETUP);

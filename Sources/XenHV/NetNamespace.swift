@@ -8,6 +8,8 @@ public enum NetNamespace {
     public static let directory = "/run/netns"
     static let cloneNewNet: Int32 = 0x4000_0000  // CLONE_NEWNET
     static let msBind: UInt = 4096  // MS_BIND
+    static let msRec: UInt = 16384  // MS_REC
+    static let msShared: UInt = 1 << 20  // MS_SHARED
     static let mntDetach: Int32 = 2  // MNT_DETACH
 
     public static func path(_ name: String) -> String { directory + "/" + name }
@@ -60,16 +62,35 @@ public enum NetNamespace {
     }
 
     /// The empty file a namespace of that name is bind-mounted on (what
-    /// `ip netns add` makes first); it must not exist yet.
+    /// `ip netns add` makes first); it must not exist yet. The directory is
+    /// made a shared mount first, as `ip netns add` makes it, so a name
+    /// mounted or removed here is mounted or removed in every mount
+    /// namespace copied from this one (a confined guest's).
     public static func makeMountPoint(_ name: String) throws {
         guard isValidName(name) else { throw HypervisorError.protocolViolation("bad network namespace name '\(name)'") }
         if mkdir(directory, 0o755) != 0 && errno != EEXIST {
             throw HypervisorError.system(call: "mkdir \(directory)", errno: errno)
         }
+        try shareDirectory()
         let p = path(name)
         let f = open(p, O_RDONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0)
         guard f >= 0 else { throw HypervisorError.system(call: "create \(p)", errno: errno) }
         close(f)
+    }
+
+    /// `mount --make-shared /run/netns`, upgrading the directory to a mount
+    /// point of its own first when it is not one (iproute2's netns_add).
+    static func shareDirectory() throws {
+        var madeMountPoint = false
+        while mount("", directory, "none", msShared | msRec, nil) != 0 {
+            guard errno == EINVAL, !madeMountPoint else {
+                throw HypervisorError.system(call: "mount --make-shared \(directory)", errno: errno)
+            }
+            guard mount(directory, directory, "none", msBind | msRec, nil) == 0 else {
+                throw HypervisorError.system(call: "mount --bind \(directory) \(directory)", errno: errno)
+            }
+            madeMountPoint = true
+        }
     }
 
     /// Removes a namespace made by ``run(in:create:_:)`` (`ip netns del`).

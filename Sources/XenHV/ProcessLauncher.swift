@@ -7,7 +7,8 @@ public enum ProcessLauncher {
     /// How a guest process is kept from dom0's powers (libxl's dm_restrict
     /// for QEMU: its own uid, no capabilities; here also its own user and
     /// network namespace, in which it may make its NICs and nothing else,
-    /// and a PID namespace whose init it is, so what it starts dies with it).
+    /// and a PID namespace whose init it is, so what it starts dies with it,
+    /// with a /proc of that namespace in a mount namespace of its own).
     public struct Confinement: Sendable, Equatable {
         public var uid: uid_t
         public var gid: gid_t
@@ -34,6 +35,7 @@ public enum ProcessLauncher {
             case Int(CXEN_CONFINE_ID_MAPS): return "mapping its uid and gid in its user namespace"
             case Int(CXEN_CONFINE_NAME): return "naming its network namespace \(NetNamespace.directory)/..."
             case Int(CXEN_CONFINE_EXEC): return "executing the program"
+            case Int(CXEN_CONFINE_PROC): return "mounting a /proc of its own PID namespace"
             default: return "preparing the child"
             }
         }

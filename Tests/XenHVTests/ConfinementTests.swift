@@ -15,7 +15,8 @@ import Testing
 
     /// What the confined probe printed (stdout, unless `stdout` takes it,
     /// and stderr), and how it exited.
-    func runConfined(_ script: String, networkNamespace: String? = nil, stdout: CInt? = nil,
+    /// `inherit` becomes its descriptor 3.
+    func runConfined(_ script: String, networkNamespace: String? = nil, stdout: CInt? = nil, inherit: CInt? = nil,
                      maxFileSize: UInt64? = nil, maxProcesses: UInt64? = nil) throws -> (status: Int32, out: String, pid: pid_t) {
         var p: [CInt] = [-1, -1]
         #expect(pipe(&p) == 0)
@@ -25,7 +26,7 @@ import Testing
         do {
             pid = try ProcessLauncher.spawn(
                 "/usr/bin/python3", arguments: ["-I", "-c", script],
-                descriptors: [(null, 0), (stdout ?? p[1], 1), (p[1], 2)],
+                descriptors: [(null, 0), (stdout ?? p[1], 1), (p[1], 2)] + (inherit.map { [($0, CInt(3))] } ?? []),
                 confinement: .init(uid: Self.uid, gid: Self.uid, networkNamespace: networkNamespace,
                                    maxFileSize: maxFileSize, maxProcesses: maxProcesses))
         } catch {
@@ -71,8 +72,7 @@ import Testing
             attempt("dom0 socket", lambda: socket.socket(socket.AF_UNIX).connect("\(sockPath)"))
             attempt("root file", lambda: open("\(secret)").read())
             def host_netns():
-                fd = os.open("/proc/1/ns/net", os.O_RDONLY)
-                if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:
+                if ctypes.CDLL(None, use_errno=True).setns(3, 0x40000000) != 0:
                     raise OSError(ctypes.get_errno(), "setns")
             attempt("host netns", host_netns)
             print("links", sorted(n for _, n in socket.if_nameindex()))
@@ -82,7 +82,10 @@ import Testing
                 print("made", sorted(n for _, n in socket.if_nameindex()))
             attempt("tap", tap)
             """
-        let r = try runConfined(probe)
+        // The host's network namespace, handed over (its /proc no longer names it).
+        let hostNet = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC)
+        defer { close(hostNet) }
+        let r = try runConfined(probe, inherit: hostNet)
         #expect(r.status == 0, "\(r.out)")
         let lines = r.out.split(separator: "\n").map(String.init)
         #expect(lines.contains("uid 0 ['0', '\(Self.uid)', '1']"), "\(r.out)")  // root only inside, as uid 0x7...
@@ -250,6 +253,29 @@ import Testing
         var st: Int32 = 0
         #expect(waitpid(pid, &st, 0) == pid)
         #expect(children.allSatisfy { kill($0, 0) == -1 && errno == ESRCH }, "a process outlived the destroyed guest")
+    }
+
+    /// Its /proc is its PID namespace's: its own tid is its own there, and
+    /// no host process shows (libdispatch's worker monitor opens
+    /// /proc/<gettid()>/stat and traps when that is missing).
+    @Test func aConfinedProcessSeesAProcOfItsOwn() throws {
+        let r = try runConfined("""
+            import os, threading
+            print("pid", os.getpid(), open("/proc/self/stat").read().split()[0])
+            def own_stat():
+                tid = threading.get_native_id()
+                print("thread", open("/proc/%d/stat" % tid).read().split()[0] == str(tid))
+            t = threading.Thread(target=own_stat)
+            t.start(); t.join()
+            print("processes", sorted(int(d) for d in os.listdir("/proc") if d.isdigit()))
+            """)
+        #expect(r.status == 0, "\(r.out)")
+        let lines = r.out.split(separator: "\n").map(String.init)
+        #expect(lines.contains("pid 1 1"), "\(r.out)")
+        #expect(lines.contains("thread True"), "\(r.out)")
+        #expect(lines.contains("processes [1]"), "\(r.out)")
+        // The host's /proc is untouched: it still shows the host's processes.
+        #expect(access("/proc/\(getpid())/stat", R_OK) == 0)
     }
 
     /// The namespace is named before the child runs, and a child that

@@ -238,7 +238,8 @@ int cxen_peer_pid(int sock);
 /* Starts a guest process confined as libxl confines a device model with
  * dm_restrict, with a user namespace in place of a chroot: clone into a PID
  * namespace of its own (whatever it starts dies with it), then in the child
- * default signal dispositions and an empty mask, setsid when
+ * default signal dispositions and an empty mask, a mount namespace (a slave
+ * of the caller's) with a /proc of the child's PID namespace, setsid when
  * `new_session`, dup2(from[i], to[i]) for `count` pairs (the sources must be
  * close-on-exec and above every target), every descriptor >= `close_from`
  * close-on-exec, no supplementary groups, gid and uid `gid`/`uid` (every
@@ -268,6 +269,7 @@ enum {
     CXEN_CONFINE_ID_MAPS,      /* setgroups deny, gid_map, uid_map */
     CXEN_CONFINE_NAME,         /* the bind mount naming the network namespace */
     CXEN_CONFINE_EXEC,         /* opening or executing the program */
+    CXEN_CONFINE_PROC,         /* unshare(CLONE_NEWNS), mount of its own /proc */
 };
 /* setns(2) for a namespace type (CLONE_NEW*); 0 or -1 with errno. */
 int cxen_setns(int fd, int nstype);
