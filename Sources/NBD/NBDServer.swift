@@ -153,12 +153,6 @@ public final class NBDServer: @unchecked Sendable {
     }
 }
 
-/// Sleeps without a signal's help (poll with no descriptors).
-func idle(milliseconds: Int32) {
-    var p = pollfd(fd: -1, events: 0, revents: 0)
-    _ = poll(&p, 0, milliseconds)
-}
-
 public enum NBDError: Error, CustomStringConvertible {
     case system(String, Int32)
     /// The peer broke the protocol (bad magic, unexpected handle).

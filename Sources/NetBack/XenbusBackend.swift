@@ -157,10 +157,9 @@ public final class NetbackDriver: XenBusBackendDriver {
         defer { close(null) }
         let pid = try ProcessLauncher.spawn(script, arguments: [action], environment: env,
                                             descriptors: [(null, 0), (null, 1), (2, 2)], newSession: true)
-        // A pidfd polls readable once the script has exited; without one
-        // (an old kernel, no descriptor left), waitpid(WNOHANG) every 50 ms.
-        let pidfd = cxen_pidfd_open(pid)
-        defer { if pidfd >= 0 { close(pidfd) } }
+        // Woken by the script's exit; without a pidfd (an old kernel, no
+        // descriptor left), waitpid(WNOHANG) every 50 ms.
+        let process = ProcessHandle(pid)
         let deadline = monotonicSeconds() + hotplugSeconds
         var st: Int32 = 0
         var timedOut = false
@@ -174,8 +173,7 @@ public final class NetbackDriver: XenBusBackendDriver {
                 while waitpid(pid, &st, 0) < 0 && errno == EINTR {}
                 break
             }
-            var p = pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0)
-            _ = poll(&p, 1, pidfd >= 0 ? Int32(min(left, 1) * 1000) + 1 : 50)
+            if let process { _ = process.waitForExit(until: monotonicSeconds() + min(left, 1)) } else { idle(milliseconds: 50) }
         }
         if timedOut {
             throw VifKeys.KeyError("hotplug script \(script) \(action) did not finish within \(Int(hotplugSeconds)) s; killed")

@@ -177,8 +177,7 @@ extension Toolstack {
                 failure = "interrupted"
                 break
             }
-            var p = pollfd(fd: -1, events: 0, revents: 0)
-            _ = poll(&p, 0, 50)
+            idle(milliseconds: 50)
         }
         try? removeDevice(dev, xs)
         throw Failure("domain '\(d.name)': \(what): \(failure); removed")
@@ -202,8 +201,7 @@ extension Toolstack {
     func awaitTapGone(domid: XenHV.DomID, devid: Int, seconds: Int = 10) {
         let deadline = time(nil) + seconds
         while access("/sys/class/net/vif\(domid).\(devid)", F_OK) == 0 && time(nil) < deadline {
-            var p = pollfd(fd: -1, events: 0, revents: 0)
-            _ = poll(&p, 0, 50)
+            idle(milliseconds: 50)
         }
     }
 }

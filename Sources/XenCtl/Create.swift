@@ -286,8 +286,7 @@ extension Toolstack {
             guard monotonicSeconds() < end else {
                 throw Failure("domain '\(d.name)' did not \(reboot ? "reboot" : "shut down") within \(Int(seconds)) s")
             }
-            var p = pollfd(fd: -1, events: 0, revents: 0)
-            _ = poll(&p, 0, 20)
+            idle(milliseconds: 20)
         }
     }
 }

@@ -39,7 +39,7 @@ public enum MetricsServer {
             let c = accept(s, nil, nil)
             guard c >= 0 else {
                 // Out of descriptors (or memory): let the ones in use go first.
-                if errno != EINTR && errno != ECONNABORTED { var p = pollfd(fd: -1, events: 0, revents: 0); _ = poll(&p, 0, 100) }
+                if errno != EINTR && errno != ECONNABORTED { idle(milliseconds: 100) }
                 continue
             }
             _ = fcntl(c, F_SETFD, FD_CLOEXEC)

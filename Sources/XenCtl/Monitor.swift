@@ -90,24 +90,19 @@ extension Toolstack {
             .filter { $0.hasSuffix(".pid") }.map { String($0.dropLast(4)) }
         // Each through a pidfd taken while its lock showed that pid alive, so
         // no signal reaches a process that got the pid later.
-        let live: [(String, CInt)] = names.compactMap { n in
-            guard let m = monitor(of: n) else { return nil }
-            let fd = cxen_pidfd_open(m.pid)
-            guard fd >= 0 else { return nil }
-            guard monitor(of: n)?.pid == m.pid else { close(fd); return nil }
-            return (n, fd)
+        let live: [(String, ProcessHandle)] = names.compactMap { n in
+            guard let m = monitor(of: n), let process = ProcessHandle(m.pid), monitor(of: n)?.pid == m.pid else { return nil }
+            return (n, process)
         }
-        defer { for (_, fd) in live { close(fd) } }
-        for (_, fd) in live { _ = cxen_pidfd_send_signal(fd, SIGTERM) }
+        for (_, process) in live { process.signal(SIGTERM) }
         let deadline = monotonicSeconds() + seconds
-        for (name, fd) in live {
+        for (name, process) in live {
             while monitor(of: name) != nil {
                 guard monotonicSeconds() < deadline else {
-                    _ = cxen_pidfd_send_signal(fd, SIGKILL)
+                    process.signal(SIGKILL)
                     break
                 }
-                var p = pollfd(fd: -1, events: 0, revents: 0)
-                _ = poll(&p, 0, 10)
+                idle(milliseconds: 10)
             }
         }
     }

@@ -109,8 +109,7 @@ public struct Toolstack: Sendable {
         while time(nil) < deadline {
             if let st = ServiceStatus.read(runDir: runDir), !st.isEmpty, st.count == services(bindir: "").count,
                st.allSatisfy({ $0.state == "running" }) { return }
-            var pfd = pollfd(fd: -1, events: 0, revents: 0)
-            _ = poll(&pfd, 0, 50)
+            idle(milliseconds: 50)
         }
         throw Failure("dom0 services did not come up within 60 s; see \(runDir)/logs/")
     }
@@ -119,17 +118,10 @@ public struct Toolstack: Sendable {
     public func down() throws -> Bool {
         // Through a pidfd taken while the pid is known to be the supervisor's:
         // no signal reaches a process that got its pid later.
-        guard let pid = supervisorPID() else { return false }
-        let pidfd = cxen_pidfd_open(pid)
-        guard pidfd >= 0 else { return false }
-        defer { close(pidfd) }
-        guard supervisorPID() == pid else { return false }
-        _ = cxen_pidfd_send_signal(pidfd, SIGTERM)
-        // A pidfd polls readable once its process has exited.
-        var pfd = pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0)
-        let deadline = monotonicSeconds() + 60
-        while poll(&pfd, 1, 50) == 0 || (pfd.revents & Int16(POLLIN)) == 0 {
-            guard monotonicSeconds() < deadline else { throw Failure("the supervisor (pid \(pid)) did not stop within 60 s") }
+        guard let pid = supervisorPID(), let supervisor = ProcessHandle(pid), supervisorPID() == pid else { return false }
+        supervisor.signal(SIGTERM)
+        guard supervisor.waitForExit(until: monotonicSeconds() + 60) else {
+            throw Failure("the supervisor (pid \(pid)) did not stop within 60 s")
         }
         return true
     }

@@ -16,3 +16,10 @@ public func monotonicSeconds() -> Double {
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
 }
+
+/// Sleeps for `milliseconds` (poll with no descriptors): the pause of a
+/// bounded retry loop, never a stand-in for a readiness signal.
+public func idle(milliseconds: Int32) {
+    var p = pollfd(fd: -1, events: 0, revents: 0)
+    _ = poll(&p, 0, milliseconds)
+}

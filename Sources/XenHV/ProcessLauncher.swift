@@ -139,6 +139,40 @@ public enum ProcessLauncher {
     }
 }
 
+/// A process named by a pidfd (pidfd_open(2)): its signals reach the process
+/// it was taken for, or nobody once that has exited, never one that got its
+/// pid later; and anyone, not only its parent, can wait for it to exit.
+/// Taken while something shows that pid is still the process meant.
+public final class ProcessHandle {
+    public let pid: pid_t
+    private let fd: CInt
+
+    /// nil when the process has gone (or no descriptor is left).
+    public init?(_ pid: pid_t) {
+        let fd = cxen_pidfd_open(pid)
+        guard fd >= 0 else { return nil }
+        self.pid = pid
+        self.fd = fd
+    }
+
+    deinit { close(fd) }
+
+    /// Sends `signal` (0 only checks); false once the process has exited.
+    @discardableResult
+    public func signal(_ signal: CInt) -> Bool { cxen_pidfd_send_signal(fd, signal) == 0 }
+
+    /// Waits until the process has exited (the pidfd polls readable) or
+    /// `deadline` (``monotonicSeconds()``) has passed; true if it exited.
+    public func waitForExit(until deadline: Double) -> Bool {
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        while true {
+            let left = deadline - monotonicSeconds()
+            if poll(&p, 1, left > 0 ? Int32(min(left, 1) * 1000) + 1 : 0) > 0 && p.revents & Int16(POLLIN) != 0 { return true }
+            if left <= 0 { return false }
+        }
+    }
+}
+
 /// A set of CPUs by number (a CPU affinity), in the bitmap the C shim takes.
 public struct CPUSet: Sendable, Equatable, CustomStringConvertible {
     public typealias Words = [UInt64]

@@ -41,12 +41,12 @@ final class Domain {
     let privateArea: SharedMemory
     let portGenerations: SharedMemory
     var ports: [Port]
-    /// A pidfd of the process that runs the domain, taken when the toolstack
-    /// named it (attachProcess) and kept until destroy: pause, unpause and
-    /// destroy signal that very process (one that hung up its connection but
-    /// lives on included) or nobody once it has exited, never whatever
-    /// process holds its pid later. -1 when none.
-    private(set) var processFD: CInt = -1
+    /// The process that runs the domain, taken when the toolstack named it
+    /// (attachProcess) and kept until destroy: pause, unpause and destroy
+    /// signal that very process (one that hung up its connection but lives
+    /// on included) or nobody once it has exited, never whatever process
+    /// holds its pid later.
+    private(set) var process: ProcessHandle?
     var guestClient: UInt32 = 0
     /// The uid the toolstack runs the domain's process as, when it said
     /// (createDomain's guest id base): the wake-up sets of the domain's ports
@@ -81,15 +81,11 @@ final class Domain {
         active.setState(.running)
     }
 
-    /// Takes a pidfd of `pid` as the domain's process (replacing any earlier one).
+    /// Takes `pid` as the domain's process (replacing any earlier one).
     func attachProcess(_ pid: pid_t) throws(XenErrno) {
-        let fd = cxen_pidfd_open(pid)
-        guard fd >= 0 else { throw XenErrno(errno) }
-        dropProcess()
-        processFD = fd
-        processID = pid
+        guard let p = ProcessHandle(pid) else { throw XenErrno(errno) }
+        process = p
     }
-    private var processID: pid_t = 0
 
     /// Stops or continues everything the domain runs, as pausing a domain
     /// stops all its vCPUs: its process and, when that process is the init of
@@ -100,21 +96,19 @@ final class Domain {
     /// what forked during the one before (bounded, for a fork storm).
     func signalDomain(_ signal: Int32) {
         signalProcess(signal)
-        guard processFD >= 0, let ns = Self.pidNamespace(processID),
-              cxen_pidfd_send_signal(processFD, 0) == 0,  // the namespace read was our process's
-              ns != Self.ownPIDNamespace, Self.isNamespaceInit(processID) else { return }
-        var signalled: Set<pid_t> = [processID]
+        guard let process, let ns = Self.pidNamespace(process.pid),
+              process.signal(0),  // the namespace read was our process's
+              ns != Self.ownPIDNamespace, Self.isNamespaceInit(process.pid) else { return }
+        var signalled: Set<pid_t> = [process.pid]
         for _ in 0..<16 {
             var fresh = false
             // The guest's namespace and any it nested in it (it is root in its
             // user namespace, so it may make them).
             for pid in Self.processes() where !signalled.contains(pid) && cxen_pid_ns_within(pid, ns.device, ns.inode) == 1 {
                 signalled.insert(pid)
-                let fd = cxen_pidfd_open(pid)
-                guard fd >= 0 else { continue }
-                // Still in it: the pid was not reused before the pidfd named it.
-                if cxen_pid_ns_within(pid, ns.device, ns.inode) == 1 { _ = cxen_pidfd_send_signal(fd, signal); fresh = true }
-                Glibc.close(fd)
+                guard let member = ProcessHandle(pid) else { continue }
+                // Still in it: the pid was not reused before the handle named it.
+                if cxen_pid_ns_within(pid, ns.device, ns.inode) == 1 { member.signal(signal); fresh = true }
             }
             if !fresh { break }
         }
@@ -164,13 +158,12 @@ final class Domain {
     /// Signals the domain's process, if it still has one; a process that has
     /// exited is not signalled (ESRCH), whoever has its pid now.
     func signalProcess(_ signal: Int32) {
-        if processFD >= 0 { _ = cxen_pidfd_send_signal(processFD, signal) }
+        process?.signal(signal)
     }
 
     /// Forgets the domain's process (the domain was destroyed).
     func dropProcess() {
-        if processFD >= 0 { Glibc.close(processFD) }
-        processFD = -1
+        process = nil
     }
 
     /// Bumps a port's binding generation so senders refresh their cached peer.

@@ -240,8 +240,7 @@ struct Top: ParsableCommand {
         var previous = t.statistics()
         if once { print(t.topTable(previous: [], seconds: 0)); return }
         while true {
-            var p = pollfd(fd: -1, events: 0, revents: 0)
-            _ = poll(&p, 0, Int32(interval * 1000))
+            idle(milliseconds: Int32(interval * 1000))
             print("\u{1B}[H\u{1B}[2J" + t.topTable(previous: previous, seconds: interval))
             previous = t.statistics()
         }
