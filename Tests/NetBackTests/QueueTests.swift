@@ -11,16 +11,6 @@ import XenTestKit
 /// limiting on a real vif. Needs root: bridge, veth, namespace and taps,
 /// removed in defers.
 @Suite(.serialized) struct QueueTests {
-    /// Waits (bounded) for a condition that the vif's own thread makes true.
-    func eventually(_ ms: Int = 5000, _ cond: () throws -> Bool) rethrows -> Bool {
-        let deadline = Date().addingTimeInterval(Double(ms) / 1000)
-        while Date() < deadline {
-            if try cond() { return true }
-            var pfd = pollfd(fd: -1, events: 0, revents: 0)
-            _ = poll(&pfd, 0, 10)
-        }
-        return try cond()
-    }
 
     @Test func backlogIsBoundedAndAStalledGuestLosesCarrier() throws {
         let f = try HypervisorFixture()
@@ -284,7 +274,7 @@ import XenTestKit
         #expect(sendDatagram(sock, to: g.ip, port: 6000, payload) == payload.count)
         // Four stall timeouts (the worker looks every 10 ms while frames wait):
         // the carrier stays on and nothing is flushed.
-        #expect(try !eventually(800) { try !net.netlink.link(g.vif.name).carrier })
+        #expect(try !eventually(seconds: 0.8) { try !net.netlink.link(g.vif.name).carrier })
         #expect(g.vif.stats.snapshot[.rxStalledFlush] == 0)
         // Buffers posted with no notification, as such a frontend does: the frame that waited arrives.
         for _ in 0..<64 {

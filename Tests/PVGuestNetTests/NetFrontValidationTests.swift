@@ -138,15 +138,6 @@ import XenTestKit
         rx.pushResponses()
         try channel.notify()
 
-        /// Polls `condition` (bounded: 200 x 25 ms).
-        func eventually(_ condition: () throws -> Bool) rethrows -> Bool {
-            for _ in 0..<200 {
-                if try condition() { return true }
-                var pfd = pollfd()
-                _ = poll(&pfd, 0, 25)  // a bounded pause between polls
-            }
-            return try condition()
-        }
         _ = eventually {
             nic.stats.rxPackets.load(ordering: .relaxed) + nic.stats.rxDropped.load(ordering: .relaxed) >= 9
                 && nic.stats.protocolErrors.load(ordering: .relaxed) >= 5

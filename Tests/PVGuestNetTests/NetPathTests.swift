@@ -171,15 +171,6 @@ import XenTestKit
         /// Whether a link of that name exists in the root namespace.
         func linkExists(_ name: String) -> Bool { if_nametoindex(name) != 0 }
 
-        /// Polls (bounded) until `condition` holds.
-        func eventually(_ attempts: Int = 200, _ condition: () throws -> Bool) rethrows -> Bool {
-            for _ in 0..<attempts {
-                if try condition() { return true }
-                var pfd = pollfd()  // a bounded 50 ms pause between polls of a condition
-                _ = poll(&pfd, 0, 50)
-            }
-            return try condition()
-        }
     }
 
     /// iperf3 TCP from the guest namespace to the peer's server, `reverse` for peer -> guest.
@@ -251,9 +242,9 @@ import XenTestKit
         // kill -9 netback: its vif tap goes; a new netback re-offers the device,
         // the guest redoes the handshake and traffic flows again.
         rig.killNetback()
-        #expect(rig.eventually { !rig.linkExists(rig.vifName) }, "\(rig.vifName) outlived netback")
+        #expect(eventually { !rig.linkExists(rig.vifName) }, "\(rig.vifName) outlived netback")
         try rig.startNetback()
-        #expect(rig.eventually { rig.linkExists(rig.vifName) }, "the new netback made no \(rig.vifName)")
+        #expect(eventually { rig.linkExists(rig.vifName) }, "the new netback made no \(rig.vifName)")
         #expect(try Self.pingWorks(from: rig.guestNS, to: Self.peerIP, attempts: 30), "ping after netback restart")
         #expect(try Self.pingWorks(from: rig.peerNS, to: Self.guestIP, attempts: 3), "peer -> guest ping after restart")
         #expect(try rig.dom0.xenstore.read(be + "/state") == "4")
@@ -265,7 +256,7 @@ import XenTestKit
         var st: Int32 = 0
         waitpid(rig.guest, &st, 0)
         rig.guest = 0
-        #expect(rig.eventually { access("/run/netns/" + rig.guestNS, F_OK) != 0 }, "\(rig.guestNS) outlived pvguest")
+        #expect(eventually { access("/run/netns/" + rig.guestNS, F_OK) != 0 }, "\(rig.guestNS) outlived pvguest")
 
         rig.tearDown()
         #expect(Self.leftovers(rig).isEmpty, "left behind: \(Self.leftovers(rig))")
@@ -410,13 +401,13 @@ import XenTestKit
             #expect(up.status == 0 && up.output.contains("receiver"), "guest -> peer iperf3: \(up.output)")
             let down = try Self.iperf(rig, reverse: true, streams: 8)
             #expect(down.status == 0 && down.output.contains("receiver"), "peer -> guest iperf3: \(down.output)")
-            spread = rig.eventually(60) { names.allSatisfy { counter($0) > 1000 } }
+            spread = eventually(seconds: 3) { names.allSatisfy { counter($0) > 1000 } }
         }
         #expect(spread, "per-queue packets: \(names.map { "\($0)=\(counter($0))" })")
 
         // kill -9 netback; the restarted one is reconnected with two queues again.
         rig.killNetback()
-        #expect(rig.eventually { !rig.linkExists(rig.vifName) }, "\(rig.vifName) outlived netback")
+        #expect(eventually { !rig.linkExists(rig.vifName) }, "\(rig.vifName) outlived netback")
         try rig.startNetback()
         #expect(try Self.pingWorks(from: rig.guestNS, to: Self.peerIP, attempts: 30), "ping after netback restart")
         #expect(try xs.read(fe + "/state") == "4")

@@ -25,16 +25,6 @@ import XenHV
         }
     }
 
-    /// Polls `condition` every 20 ms until it holds or `seconds` pass.
-    func eventually(_ seconds: Double = 30, _ condition: () throws -> Bool) rethrows -> Bool {
-        let end = Date().addingTimeInterval(seconds)
-        while Date() < end {
-            if try condition() { return true }
-            var p = pollfd(fd: -1, events: 0, revents: 0)
-            _ = poll(&p, 0, 20)
-        }
-        return try condition()
-    }
 
     func run(_ exe: String, _ args: [String], env: [String: String] = [:]) -> (Int32, String) {
         let r = CommandResult.run(exe, args, environment: env)
@@ -136,7 +126,7 @@ import XenHV
         #expect(qemuIO(run, domid: first.domid, "write -P 0x5a 0 65536"))
         #expect(kill(first.pid, SIGKILL) == 0)
         var second = 0
-        let back = try eventually {
+        let back = try eventually(seconds: 30) {
             second = try list(run).first { $0.name == "crashy" && $0.domid != first.domid && $0.state == "r-----" }?.domid ?? 0
             return second != 0
         }
@@ -149,7 +139,7 @@ import XenHV
         #expect(!storeHas(run, "/local/domain/\(first.domid)") && !storeHas(run, "/local/domain/0/backend/vbd/\(first.domid)"))
         #expect(storeHas(run, "/local/domain/0/backend/vbd/\(second)/51712"))
         // The monitor follows the new domain once its guest is up (create returned).
-        #expect(eventually { toolstack.monitor(of: "crashy")?.domid == UInt16(second) }, "\(logs("crashy"))")
+        #expect(eventually(seconds: 30) { toolstack.monitor(of: "crashy")?.domid == UInt16(second) }, "\(logs("crashy"))")
         #expect(qemuIO(run, domid: second, "read -P 0x5a 0 65536", "write -P 0xa5 65536 4096"))
         let monitorLog = (try? String(contentsOfFile: run + "/logs/monitor-crashy.log", encoding: .utf8)) ?? ""
         #expect(monitorLog.contains("domain \(first.domid) shut down, reason crash: action restart"), "\(monitorLog)")
@@ -181,7 +171,7 @@ import XenHV
         }
         #expect(storeHas(run, "/local/domain/0/backend/vbd/\(g.domid)/51712"))
         #expect(kill(g.pid, SIGKILL) == 0)
-        #expect(try eventually { try !list(run).contains { $0.name == "gone" } && toolstack.monitor(of: "gone") == nil })
+        #expect(try eventually(seconds: 30) { try !list(run).contains { $0.name == "gone" } && toolstack.monitor(of: "gone") == nil })
         #expect(!storeHas(run, "/local/domain/\(g.domid)") && !storeHas(run, "/local/domain/0/backend/vbd/\(g.domid)"))
 
         // on_crash=preserve: listed as crashed (xl's "---sc-") until destroyed; the monitor is done.
@@ -192,8 +182,8 @@ import XenHV
             return
         }
         #expect(kill(k.pid, SIGKILL) == 0)
-        #expect(try eventually { try list(run).contains(Row(name: "kept", domid: k.domid, state: "---sc-")) })
-        #expect(eventually { toolstack.monitor(of: "kept") == nil })
+        #expect(try eventually(seconds: 30) { try list(run).contains(Row(name: "kept", domid: k.domid, state: "---sc-")) })
+        #expect(eventually(seconds: 30) { toolstack.monitor(of: "kept") == nil })
         #expect(try list(run).contains(Row(name: "kept", domid: k.domid, state: "---sc-")))
         #expect(storeHas(run, "/local/domain/\(k.domid)"))
         #expect(try cli.xenctl("destroy", "kept", runDir: run).0 == 0)
@@ -232,7 +222,7 @@ import XenHV
             return
         }
         #expect(kill(d.pid, SIGKILL) == 0)
-        #expect(try eventually { try !list(run).contains { $0.name == "dumped" } && toolstack.monitor(of: "dumped") == nil })
+        #expect(try eventually(seconds: 30) { try !list(run).contains { $0.name == "dumped" } && toolstack.monitor(of: "dumped") == nil })
         let core = run + "/dump/dumped-\(d.domid).core"
         let (erc, sections) = self.run("/usr/bin/readelf", ["-h", "-S", "-W", core])
         #expect(erc == 0 && sections.contains("CORE (Core file)"), "\(sections)")
@@ -259,7 +249,7 @@ import XenHV
             return
         }
         #expect(kill(n.pid, SIGKILL) == 0)
-        #expect(try eventually { try list(run).contains { $0.name == "renamed" && $0.domid != n.domid && $0.state == "r-----" } })
+        #expect(try eventually(seconds: 30) { try list(run).contains { $0.name == "renamed" && $0.domid != n.domid && $0.state == "r-----" } })
         let old = try list(run).first { $0.domid == n.domid }
         #expect(old?.state == "---sc-" && old?.name.hasPrefix("renamed-") == true && old?.name.hasSuffix("Z") == true, "\(String(describing: old))")
         #expect(try cli.xenctl("destroy", "\(n.domid)", runDir: run).0 == 0)

@@ -15,16 +15,6 @@ extension XenctlCLITests {
         CommandResult.run(exe, args, environment: environment).status
     }
 
-    /// Polls `condition` every 25 ms for at most `seconds`.
-    func eventually(seconds: Double = 10, _ condition: () -> Bool) -> Bool {
-        let end = Date().addingTimeInterval(seconds)
-        while Date() < end {
-            if condition() { return true }
-            var p = pollfd(fd: -1, events: 0, revents: 0)
-            _ = poll(&p, 0, 25)
-        }
-        return condition()
-    }
 
     /// Whether `path` exists in the run directory's xenstore (Debian's xenstore-exists).
     func storeHas(_ path: String, runDir: String) -> Bool {

@@ -54,21 +54,15 @@ import XenTestKit
         let guest = try Child("pvguest", ["--nbd-dir", dir], environment: ["XENHV_GUEST_FD": "3"],
                               extra: [(d.guestDescriptor, 3)])
         close(d.guestDescriptor)
-        /// Waits (bounded) for `cond`.
-        func eventually(_ cond: () -> Bool) -> Bool {
-            let deadline = monotonicSeconds() + 10
-            while monotonicSeconds() < deadline { if cond() { return true }; sched_yield() }
-            return cond()
-        }
         // pvguest has greeted xenhv once it maps the domain's shared objects.
-        #expect(eventually { (try? String(contentsOfFile: "/proc/\(guest.pid)/maps", encoding: .utf8))?.contains("xen-") == true })
+        #expect(eventually(seconds: 30) { (try? String(contentsOfFile: "/proc/\(guest.pid)/maps", encoding: .utf8))?.contains("xen-") == true })
         f.daemon.kill9()
         // Exited: a zombie until reaped (the last field of a zombie's stat is its exit code).
         func stat() -> [Substring] {
             ((try? String(contentsOfFile: "/proc/\(guest.pid)/stat", encoding: .utf8)) ?? "").split(separator: ")").last?
                 .split(separator: " ") ?? []
         }
-        #expect(eventually { stat().first == "Z" }, "the guest outlived xenhv")
+        #expect(eventually(seconds: 30) { stat().first == "Z" }, "the guest outlived xenhv")
         #expect(stat().last.flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }.map { ($0 >> 8) & 0xFF } == 3)
         guest.reap()
     }

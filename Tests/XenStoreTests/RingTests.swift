@@ -8,6 +8,7 @@ import Synchronization
 import Testing
 @testable import XenBus
 @testable import XenStore
+import XenTestKit
 
 /// One guest's ring: shared page + two eventfds.
 final class TestRing: @unchecked Sendable {
@@ -148,14 +149,6 @@ final class InProcessDaemon: @unchecked Sendable {
     }
 }
 
-func waitUntil(_ timeout: Double = 10, _ cond: () -> Bool) -> Bool {
-    let deadline = Date().addingTimeInterval(timeout)
-    while Date() < deadline {
-        if cond() { return true }
-        usleep(1000)
-    }
-    return cond()
-}
 
 @Suite(.serialized) struct RingTransportTests {
     /// INTRODUCE of an introduced domain (C's do_introduce → domain_conn_reset):
@@ -222,7 +215,7 @@ func waitUntil(_ timeout: Double = 10, _ cond: () -> Bool) -> Bool {
         let seen = Mutex<[String]>([])
         let cb = try g5.watch("/local/domain/5/cb") { e in seen.withLock { $0.append(e.path) } }
         try g5.write("cb/x", "1")
-        #expect(waitUntil { seen.withLock { $0 } == ["/local/domain/5/cb", "/local/domain/5/cb/x"] })
+        #expect(eventually { seen.withLock { $0 } == ["/local/domain/5/cb", "/local/domain/5/cb/x"] })
         try g5.unwatch(cb)
         // A large value crosses the 1 KiB ring several times in both directions.
         let big = String(repeating: "0123456789abcdef", count: 120)
@@ -243,8 +236,8 @@ func waitUntil(_ timeout: Double = 10, _ cond: () -> Bool) -> Bool {
         // Bogus producer index: more than a ring's worth ahead of the consumer.
         badRing.store(\.req_prod, badRing.load(\.req_cons) &+ 5000)
         TestRing.kick(badRing.toDaemon)
-        #expect(waitUntil { badRing.load(\.error) == UInt32(XENSTORE_ERROR_RINGIDX) })
-        #expect(waitUntil { badRing.released.load(ordering: .sequentiallyConsistent) })
+        #expect(eventually { badRing.load(\.error) == UInt32(XENSTORE_ERROR_RINGIDX) })
+        #expect(eventually { badRing.released.load(ordering: .sequentiallyConsistent) })
         // Everyone else is fine.
         try good.write("still", "here")
         #expect(try dom0.read("/local/domain/7/still") == "here")
@@ -259,8 +252,8 @@ func waitUntil(_ timeout: Double = 10, _ cond: () -> Bool) -> Bool {
         r10.store(\.rsp_cons, r10.load(\.rsp_prod) &+ 3000)
         // The next reply to dom10 finds the bogus index and ends its connection.
         r10.rawWrite(RawSocketClient.message(.read, Array("a".utf8) + [0], reqID: 77))
-        #expect(waitUntil { r10.load(\.error) == UInt32(XENSTORE_ERROR_RINGIDX) })
-        #expect(waitUntil { r10.released.load(ordering: .sequentiallyConsistent) })
+        #expect(eventually { r10.load(\.error) == UInt32(XENSTORE_ERROR_RINGIDX) })
+        #expect(eventually { r10.released.load(ordering: .sequentiallyConsistent) })
         try good.write("still2", "here")
         #expect(try dom0.read("/local/domain/7/still2") == "here")
     }
@@ -277,7 +270,7 @@ func waitUntil(_ timeout: Double = 10, _ cond: () -> Bool) -> Bool {
         var hdr: [UInt8] = []
         XSHeader(.write, reqID: 1, txID: 0, len: 4097).append(to: &hdr)
         r.rawWrite(hdr + [UInt8](repeating: 0x41, count: 100))
-        #expect(waitUntil { r.load(\.error) == UInt32(XENSTORE_ERROR_PROTO) })
+        #expect(eventually { r.load(\.error) == UInt32(XENSTORE_ERROR_PROTO) })
         // Nothing was answered on the dead ring.
         #expect(r.load(\.rsp_prod) == 0)
         try good.write("ok", "1")
@@ -301,15 +294,15 @@ func waitUntil(_ timeout: Double = 10, _ cond: () -> Bool) -> Bool {
         // The daemon answers until the response ring is full, then stops: undelivered
         // replies never exceed one ring plus the outstanding quota.
         usleep(1)
-        #expect(waitUntil { r.load(\.rsp_prod) > 0 })
+        #expect(eventually { r.load(\.rsp_prod) > 0 })
         let pending = d.onDaemon { core in core.connections.values.first { $0.domid == 4 }!.pendingMessages }
         #expect(pending <= 4)
         // Drain as a guest would and check every reply arrives, in order.
         let client = XenBusClient.guest(r.guestPort)  // its reader consumes responses
         defer { client.close() }
         _ = client
-        #expect(waitUntil { r.load(\.req_cons) == r.load(\.req_prod) })
-        #expect(waitUntil { d.onDaemon { core in core.connections.values.first { $0.domid == 4 }?.pendingMessages ?? -1 } == 0 })
+        #expect(eventually { r.load(\.req_cons) == r.load(\.req_prod) })
+        #expect(eventually { d.onDaemon { core in core.connections.values.first { $0.domid == 4 }?.pendingMessages ?? -1 } == 0 })
     }
 
     /// A dom0 client's watch events are never dropped; those a guest's writes
@@ -335,15 +328,15 @@ func waitUntil(_ timeout: Double = 10, _ cond: () -> Bool) -> Bool {
         #expect(batch.count <= 1024)
         r.rawWrite(batch)
         // Eight writes are served, then the guest's requests wait on its ring.
-        #expect(waitUntil { d.onDaemon { $0.connections[serial]!.pendingMessages } == 8 })
+        #expect(eventually { d.onDaemon { $0.connections[serial]!.pendingMessages } == 8 })
         #expect(written() == 8)
         // Each time the client reads what it was sent, up to eight more are served.
         func readAll() { d.onDaemon { core in let c = core.connections[serial]!; c.consumed(c.pendingBytes) } }
         readAll()
-        #expect(waitUntil { written() == 16 })
+        #expect(eventually { written() == 16 })
         #expect(d.onDaemon { $0.connections[serial]!.pendingMessages } == 8)
         readAll()
-        #expect(waitUntil { written() == 20 })
+        #expect(eventually { written() == 20 })
         #expect(d.onDaemon { core in core.domains[4]!.conn!.causedEvents } == 4)
         // A dom0 client that goes away releases what it held.
         d.onDaemon { core in core.closeConnection(core.connections[serial]!, reason: "test") }
@@ -361,12 +354,12 @@ func waitUntil(_ timeout: Double = 10, _ cond: () -> Bool) -> Bool {
         defer { g.close() }
         try g.write("x", "1")
         _ = try g.watch("x")
-        #expect(waitUntil { events.withLock { $0.count } == 1 })  // registration event
+        #expect(eventually { events.withLock { $0.count } == 1 })  // registration event
         d.handle.releaseDomain(3)  // what the hypervisor core calls on domain death
-        #expect(waitUntil { events.withLock { $0.count } == 2 })
+        #expect(eventually { events.withLock { $0.count } == 2 })
         #expect(try !dom0.isDomainIntroduced(3))
         #expect(try !dom0.exists("/local/domain/3"))
-        #expect(waitUntil { ring.released.load(ordering: .sequentiallyConsistent) })
+        #expect(eventually { ring.released.load(ordering: .sequentiallyConsistent) })
         #expect(d.onDaemon { $0.watchCount } == 1)  // only dom0's @releaseDomain remains
     }
 
@@ -443,7 +436,7 @@ func waitUntil(_ timeout: Double = 10, _ cond: () -> Bool) -> Bool {
             gone.append(w)
         }
         // Each closed client (and with it its socket) goes once its reader has stopped.
-        #expect(waitUntil { gone.allSatisfy { $0.client == nil } }, "\(gone.filter { $0.client != nil }.count) closed clients still alive")
+        #expect(eventually { gone.allSatisfy { $0.client == nil } }, "\(gone.filter { $0.client != nil }.count) closed clients still alive")
     }
 
     @Test func transactionsRetryOnEagain() throws {
