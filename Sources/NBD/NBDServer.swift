@@ -116,7 +116,7 @@ public final class NBDServer: @unchecked Sendable {
     /// False if the accept thread could not start (the socket is closed).
     private func startAccepting() -> Bool {
         let fd = listenFD
-        let started = Thread.detach(name: "nbd-accept") { [self] in
+        let started = DetachedThread.start(name: "nbd-accept") { [self] in
             defer { close(fd) }
             while !stopping.load(ordering: .acquiring) {
                 let c = accept(fd, nil, nil)
@@ -137,7 +137,7 @@ public final class NBDServer: @unchecked Sendable {
                 var one: Int32 = 1
                 setsockopt(c, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
                 let conn = NBDConnection(fd: c, server: self)
-                guard Thread.detach(name: "nbd-conn", { conn.serve() }) else {
+                guard DetachedThread.start(name: "nbd-conn", { conn.serve() }) else {
                     connections.wrappingSubtract(1, ordering: .relaxed)
                     close(c)
                     idle(milliseconds: 100)
@@ -176,28 +176,6 @@ func unixAddress(_ path: String) throws -> sockaddr_un {
     guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw NBDError.system("socket path \(path)", ENAMETOOLONG) }
     withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes); $0[bytes.count] = 0 }
     return addr
-}
-
-/// A detached pthread (Foundation's Thread is not needed for this).
-enum Thread {
-    /// False if no thread could be made (`body` is not run).
-    @discardableResult
-    static func detach(name: String, _ body: @escaping @Sendable () -> Void) -> Bool {
-        final class Box: @unchecked Sendable { let body: @Sendable () -> Void; init(_ b: @escaping @Sendable () -> Void) { body = b } }
-        var attr = pthread_attr_t()
-        pthread_attr_init(&attr)
-        pthread_attr_setdetachstate(&attr, Int32(PTHREAD_CREATE_DETACHED))
-        var tid = pthread_t()
-        let box = Unmanaged.passRetained(Box(body)).toOpaque()
-        let r = pthread_create(&tid, &attr, { arg in
-            let b = Unmanaged<AnyObject>.fromOpaque(arg!).takeRetainedValue() as! Box
-            b.body()
-            return nil
-        }, box)
-        pthread_attr_destroy(&attr)
-        if r != 0 { Unmanaged<AnyObject>.fromOpaque(box).release() }
-        return r == 0
-    }
 }
 
 /// One client connection: negotiation, then the transmission phase, with a
@@ -250,7 +228,7 @@ final class NBDConnection: @unchecked Sendable {
         handshakeDeadline = nil
         guard let flags else { return }
         setTimeouts(seconds: 0)
-        guard Thread.detach(name: "nbd-reply", { [self] in writeReplies() }) else { return }
+        guard DetachedThread.start(name: "nbd-reply", { [self] in writeReplies() }) else { return }
         transmission(flags: flags)
         // Every admitted request is answered (or dropped with a broken
         // socket) before the writer stops and the descriptor is closed.

@@ -838,7 +838,17 @@ final class SerialThread: @unchecked Sendable {
             return (false, !s.started, wake)
         }
         if inline { return job() }
-        if start { DetachedThread.start(name: name) { [self] in loop() } }
+        if start, !DetachedThread.start(name: name, { [self] in loop() }) {
+            // No thread (the guest's process limit): what is queued runs
+            // here, and the next job tries again.
+            let jobs = state.withLock { s in
+                s.started = false
+                defer { s.jobs = [] }
+                return s.jobs
+            }
+            for j in jobs { j() }
+            return
+        }
         if wake { ready.signal() }
     }
 

@@ -297,17 +297,27 @@ public final class DetachedThread: @unchecked Sendable {
     let name: String?
     init(_ body: @escaping @Sendable () -> Void, name: String?) { self.body = body; self.name = name }
 
-    /// Starts `body` on a new detached thread, named `name` (15 bytes are kept).
-    public static func start(name: String? = nil, _ body: @escaping @Sendable () -> Void) {
+    /// Starts `body` on a new detached thread, named `name` (15 bytes are
+    /// kept); false if no thread could be made (EAGAIN: RLIMIT_NPROC, memory),
+    /// and then `body` never runs.
+    @discardableResult
+    public static func start(name: String? = nil, _ body: @escaping @Sendable () -> Void) -> Bool {
         let box = Unmanaged.passRetained(DetachedThread(body, name: name)).toOpaque()
+        var attr = pthread_attr_t()
+        pthread_attr_init(&attr)
+        defer { pthread_attr_destroy(&attr) }
+        pthread_attr_setdetachstate(&attr, Int32(PTHREAD_CREATE_DETACHED))
         var tid = pthread_t()
-        pthread_create(&tid, nil, { arg in
+        guard pthread_create(&tid, &attr, { arg in
             let t = Unmanaged<DetachedThread>.fromOpaque(arg!).takeRetainedValue()
             if let n = t.name { cxen_set_thread_name(n) }
             t.body()
             return nil
-        }, box)
-        pthread_detach(tid)
+        }, box) == 0 else {
+            Unmanaged<DetachedThread>.fromOpaque(box).release()
+            return false
+        }
+        return true
     }
 
     /// Names the calling thread, as top -H and perf show it.
