@@ -297,6 +297,33 @@ int cxen_termination_signalfd(void) {
     return signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
 }
 
+static int termination_pipe_w = -1;
+static void write_termination(int sig) {
+    int saved = errno;
+    unsigned char b = (unsigned char)sig;
+    (void)!write(termination_pipe_w, &b, 1);
+    errno = saved;
+}
+
+int cxen_termination_pipe(void) {
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) != 0) return -errno;
+    termination_pipe_w = p[1];
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = write_termination;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGINT, &sa, NULL) != 0 || sigaction(SIGTERM, &sa, NULL) != 0 || sigaction(SIGHUP, &sa, NULL) != 0) {
+        int e = errno;
+        close(p[0]);
+        close(p[1]);
+        return -e;
+    }
+    int r = cxen_termination_unblock();
+    return r == 0 ? p[0] : r;
+}
+
 int cxen_signalfd(const int *signals, int n) {
     sigset_t set;
     sigemptyset(&set);

@@ -22,6 +22,7 @@ public final class Dom0Harness: @unchecked Sendable {
     public let hypervisorSocket: String
     let daemon: XenStoreDaemon
     let stopped = DispatchSemaphore(value: 0)
+    private var interrupted: InterruptCleanup.Token?
 
     /// Where `swift build` put the executables (XEN_BUILD_DIR, else .build/debug).
     public static func buildDirectory(packageRoot: String) -> String {
@@ -66,6 +67,11 @@ public final class Dom0Harness: @unchecked Sendable {
         let sem = stopped
         Foundation.Thread { d.run(); sem.signal() }.start()
         xenstore = try XenBusClient.connect(socketPath: xenstoreSocket)
+        let (pid, dir) = (xenhvPID, dir)
+        interrupted = InterruptCleanup.register {
+            InterruptCleanup.stop(pid)  // its guests end with it
+            try? FileManager.default.removeItem(atPath: dir)
+        }
     }
 
     /// A new xenstore connection for a dom0 service (a backend).
@@ -166,6 +172,7 @@ public final class Dom0Harness: @unchecked Sendable {
         var st: Int32 = 0
         waitpid(xenhvPID, &st, 0)
         try? FileManager.default.removeItem(atPath: dir)
+        if let interrupted { InterruptCleanup.unregister(interrupted) }
     }
 }
 

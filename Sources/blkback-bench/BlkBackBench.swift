@@ -11,6 +11,7 @@ import Glibc
 import Logging
 import XenHV
 import XenRing
+import XenTestKit
 
 @main
 struct BlkBackBench: ParsableCommand {
@@ -64,6 +65,10 @@ struct BlkBackBench: ParsableCommand {
     }
 
     func run() throws {
+        try InterruptCleanup.run(measure)
+    }
+
+    func measure() throws {
         // The in-process xenstored of the private dom0 logs every domain at info.
         LoggingSystem.bootstrap { label in
             var h = StreamLogHandler.standardError(label: label)
@@ -83,8 +88,15 @@ struct BlkBackBench: ParsableCommand {
             }
         }
         if nullOnly { return }
+        let path = image
+        let imageMade = keepImage ? nil : InterruptCleanup.register { unlink(path) }
         try prepareImage(image, mib: imageMiB)
-        defer { if !keepImage { unlink(image) } }
+        defer {
+            if let imageMade {
+                unlink(image)
+                InterruptCleanup.unregister(imageMade)
+            }
+        }
         let loads: [(String, Bool, Int, Int, Bool, String)] = [
             ("4k randread QD1 (per-I/O overhead)", false, 4096, 1, true, "randread"),
             ("4k randread QD32", false, 4096, 32, true, "randread"),
@@ -252,6 +264,7 @@ final class BenchEnvironment {
     let pid: pid_t
     let dom0: Hypervisor
     private let out: CInt
+    private var interrupted: InterruptCleanup.Token?
 
     init() throws {
         dir = NSTemporaryDirectory() + "blkback-bench-\(getpid())"
@@ -271,6 +284,11 @@ final class BenchEnvironment {
             throw HypervisorError.protocolViolation("xenhv did not start")
         }
         dom0 = try Hypervisor.connect(socketPath: socket)
+        let (xenhv, dir) = (pid, dir)
+        interrupted = InterruptCleanup.register {
+            InterruptCleanup.stop(xenhv)
+            try? FileManager.default.removeItem(atPath: dir)
+        }
     }
 
     /// A guest domain held in this process (the frontends run here, on their own threads).
@@ -287,6 +305,7 @@ final class BenchEnvironment {
         waitpid(pid, &st, 0)
         close(out)
         try? FileManager.default.removeItem(atPath: dir)
+        if let interrupted { InterruptCleanup.unregister(interrupted) }
     }
 }
 

@@ -40,6 +40,7 @@ struct Resident {
 final class GuestRig {
     let dom0: Dom0Harness
     let blkback: pid_t
+    private var interrupted: InterruptCleanup.Token?
     let bin: String
     private var guests = 0
     /// blkback's size and descriptors once it is ready, before any disk.
@@ -66,12 +67,15 @@ final class GuestRig {
         }
         initialResident = resident
         initialDescriptors = descriptors
+        let pid = blkback
+        interrupted = InterruptCleanup.register { InterruptCleanup.stop(pid) }
     }
 
     deinit {
         kill(blkback, SIGTERM)
         var st: Int32 = 0
         waitpid(blkback, &st, 0)
+        if let interrupted { InterruptCleanup.unregister(interrupted) }
     }
 
     var resident: Resident { Resident(pid: blkback) }

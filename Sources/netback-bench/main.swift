@@ -39,12 +39,14 @@ struct NetbackBench: ParsableCommand {
 
     func run() throws {
         let all = !tcpOnly && !smallOnly && !memoryOnly
-        let rig = try Rig(build: ProcessLauncher.executableDirectory, queues: queues)
-        defer { rig.tearDown() }
-        try rig.startNetback()
-        if all || memoryOnly { try memory(rig) }
-        if all || tcpOnly { try tcp(rig) }
-        if all || smallOnly { try smallPackets(rig) }
+        try InterruptCleanup.run {
+            let rig = try Rig(build: ProcessLauncher.executableDirectory, queues: queues)
+            defer { rig.tearDown() }
+            try rig.startNetback()
+            if all || memoryOnly { try memory(rig) }
+            if all || tcpOnly { try tcp(rig) }
+            if all || smallOnly { try smallPackets(rig) }
+        }
     }
 
     func tcp(_ rig: Rig) throws {
@@ -193,11 +195,17 @@ final class Rig {
     var kitCount = 0
     /// `--queues`: nil leaves both daemons at their defaults.
     let queues: Int?
+    /// What an interrupted run must still undo: the links and namespaces
+    /// (made in init), netback (while it runs).
+    private var interruptedLinks: InterruptCleanup.Token?
+    private var interruptedNetback: InterruptCleanup.Token?
 
     init(build: String, queues: Int?) throws {
         self.build = build
         self.queues = queues
         dom0 = try Dom0Harness(buildDirectory: build)
+        let (namespaces, links) = ([peerNS, guestNS, nsA, nsB], [vethHost, bridge])
+        interruptedLinks = InterruptCleanup.register { Self.removeLinks(namespaces: namespaces, links: links) }
         do {
             try ip("netns", "add", peerNS)
             try ip("link", "add", bridge, "type", "bridge")
@@ -229,10 +237,15 @@ final class Rig {
             waitpid(netback, &st, 0)
             netback = 0
         }
+        if let t = interruptedNetback { InterruptCleanup.unregister(t) }
         writerTap = nil
-        for n in [peerNS, guestNS, nsA, nsB] { _ = try? sh("/usr/sbin/ip", ["netns", "del", n], check: false) }
-        _ = try? sh("/usr/sbin/ip", ["link", "del", vethHost], check: false)
-        _ = try? sh("/usr/sbin/ip", ["link", "del", bridge], check: false)
+        Self.removeLinks(namespaces: [peerNS, guestNS, nsA, nsB], links: [vethHost, bridge])
+        if let t = interruptedLinks { InterruptCleanup.unregister(t) }
+    }
+
+    static func removeLinks(namespaces: [String], links: [String]) {
+        for n in namespaces { _ = try? sh("/usr/sbin/ip", ["netns", "del", n], check: false) }
+        for l in links { _ = try? sh("/usr/sbin/ip", ["link", "del", l], check: false) }
     }
 
     func startNetback() throws {
@@ -243,6 +256,8 @@ final class Rig {
                                             arguments: ["--xenstore", dom0.xenstoreSocket, "--xenhv-socket", dom0.hypervisorSocket,
                                                         "--log-level", "error"] + (queues.map { ["--max-queues", "\($0)"] } ?? []),
                                             environment: ["XEN_RUN_DIR": dom0.dir], descriptors: [(out[1], 1), (2, 2)])
+        let pid = netback
+        interruptedNetback = InterruptCleanup.register { InterruptCleanup.stop(pid) }
         close(out[1])
         defer { close(out[0]) }
         var line = ""
@@ -331,7 +346,13 @@ final class Rig {
         p.standardOutput = FileHandle.nullDevice
         p.standardError = FileHandle.nullDevice
         try p.run()
-        defer { p.terminate(); p.waitUntilExit() }
+        let pid = p.processIdentifier  // ip netns exec runs iperf3 in its place
+        let interrupted = InterruptCleanup.register { InterruptCleanup.stop(pid) }
+        defer {
+            p.terminate()
+            p.waitUntilExit()
+            InterruptCleanup.unregister(interrupted)
+        }
         func one(_ reverse: Bool) throws -> Double {
             var json = ""
             for _ in 0..<50 {

@@ -215,6 +215,11 @@ int cxen_note_termination(void);
 int cxen_termination_unblock(void);
 int cxen_termination_noted(void);
 int cxen_termination_signalfd(void);
+/* SIGINT, SIGTERM and SIGHUP each write their number (one byte) to a pipe
+   whose read end (close-on-exec, blocking) this returns, or -errno. With
+   SA_RESTART, and nothing blocked: a child gets default dispositions and the
+   mask it would have had. */
+int cxen_termination_pipe(void);
 /* A non-blocking signalfd for `n` signals, which it also blocks; -1 on error. */
 int cxen_signalfd(const int *signals, int n);
 /* The signal number of one pending signalfd record, or -1 when none. */
