@@ -457,34 +457,85 @@ final class NBDConnection: @unchecked Sendable {
         if wasEmpty { ready.signal() }
     }
 
-    /// The writer thread: sends each reply (header and a read's data) whole,
-    /// frees its buffer and gives its budget back. After a failed send the
+    /// The writer thread: sends each batch of replies (headers and reads'
+    /// data) whole, gathered into as few sendmsg calls as it takes, frees
+    /// their buffers and gives their budget back. After a failed send the
     /// socket is shut down (the reader stops) and later replies are dropped.
     private func writeReplies() {
+        // Headers and the gather list live as long as this thread; a chunk is
+        // at most `chunk` replies (more than the budget lets wait at once).
+        let chunk = 2 * NBDServer.maxRequestsInFlight
+        let headers = UnsafeMutableRawPointer.allocate(byteCount: 16 * chunk, alignment: 8)
+        let iov = UnsafeMutablePointer<iovec>.allocate(capacity: 2 * chunk)
+        defer {
+            headers.deallocate()
+            iov.deallocate()
+        }
         var batch: [Reply] = []
         while true {
             ready.wait()
             pending.withLock { swap(&$0, &batch) }
+            let endAt = batch.firstIndex { $0.end }  // nothing is queued after the end
+            let end = endAt != nil
+            let replies = batch[..<(endAt ?? batch.endIndex)]
             var answered = 0, bytes = 0
-            for r in batch {
-                if r.end { writerDone.signal(); return }
+            var first = replies.startIndex
+            while first < replies.endIndex {
+                let next = min(first + chunk, replies.endIndex)
                 if !broken.load(ordering: .acquiring) {
-                    var h = BE()
-                    h.u32(NBDProto.simpleReplyMagic); h.u32(r.error); h.u64(r.handle)
-                    let ok = writeBytes(h.bytes)
-                        && (!r.sendData || r.buffer.map { $0.raw.isEmpty || writeAll($0.raw.baseAddress!, $0.raw.count) } ?? true)
-                    if !ok {
+                    var n = 0
+                    for (k, r) in replies[first..<next].enumerated() {
+                        let h = headers + 16 * k
+                        h.storeBytes(of: NBDProto.simpleReplyMagic.bigEndian, as: UInt32.self)
+                        h.storeBytes(of: r.error.bigEndian, toByteOffset: 4, as: UInt32.self)
+                        h.storeBytes(of: r.handle.bigEndian, toByteOffset: 8, as: UInt64.self)
+                        iov[n] = iovec(iov_base: h, iov_len: 16)
+                        n += 1
+                        if r.sendData, let b = r.buffer, !b.raw.isEmpty {
+                            iov[n] = iovec(iov_base: b.raw.baseAddress, iov_len: b.raw.count)
+                            n += 1
+                        }
+                    }
+                    if !sendAll(iov, n) {
                         broken.store(true, ordering: .releasing)
                         shutdown(fd, Int32(SHUT_RDWR))
                     }
                 }
-                r.buffer?.raw.deallocate()
-                answered += 1
-                bytes += r.bytes
+                for r in replies[first..<next] {
+                    r.buffer?.raw.deallocate()
+                    bytes += r.bytes
+                }
+                answered += next - first
+                first = next
             }
             if answered > 0 { release(requests: answered, bytes: bytes) }
+            if end { writerDone.signal(); return }
             batch.removeAll(keepingCapacity: true)
         }
+    }
+
+    /// Sends the `count` entries of `iov` whole (sendmsg, resumed after a
+    /// partial send; no SIGPIPE). `iov` is consumed.
+    private func sendAll(_ iov: UnsafeMutablePointer<iovec>, _ count: Int) -> Bool {
+        var first = 0
+        while first < count {
+            var msg = msghdr()
+            msg.msg_iov = iov + first
+            msg.msg_iovlen = count - first
+            let r = sendmsg(fd, &msg, Int32(MSG_NOSIGNAL))
+            if r < 0 && errno == EINTR { continue }
+            guard r > 0 else { return false }
+            var left = r
+            while first < count && left >= iov[first].iov_len {
+                left -= iov[first].iov_len
+                first += 1
+            }
+            if left > 0 {
+                iov[first].iov_base = iov[first].iov_base! + left
+                iov[first].iov_len -= left
+            }
+        }
+        return true
     }
 }
 
