@@ -1,4 +1,5 @@
 import CXen
+import Dispatch
 import Glibc
 import Logging
 import Synchronization
@@ -12,14 +13,20 @@ import XenStore
 ///
 /// 1. probe: the toolstack's keys (mac, mtu, rate) make the tap vif<domid>.<devid>;
 ///    the backend offers its features; the hotplug script named by `script`
-///    (default: our vif-bridge) runs with Xen's conventions — `vif`,
-///    `XENBUS_PATH=backend/vif/<domid>/<devid>`, argument `online` — and the
-///    device goes on (to InitWait) only once it wrote hotplug-status=connected;
-/// 2. connect: the frontend's tx/rx-ring-ref, event channel(s), queue-N/ and
-///    feature keys, read with ``VifKeys``, connect the vif (then Connected);
+///    (default: our vif-bridge) starts with Xen's conventions — `vif`,
+///    `XENBUS_PATH=backend/vif/<domid>/<devid>`, argument `online` — on a
+///    thread of its own, and the device goes to InitWait;
+/// 2. connect: once the script wrote hotplug-status=connected (Linux's
+///    hotplug_status watch; ``hotplugGated``), the frontend's tx/rx-ring-ref,
+///    event channel(s), queue-N/ and feature keys, read with ``VifKeys``,
+///    connect the vif (then Connected). A script that fails, or runs past
+///    ``hotplugSeconds``, writes hotplug-status=error and fails its device;
+///    other devices never wait for it;
 /// 3. disconnect on Closing/Closed; on removal the script runs `offline` and
 ///    the tap goes away.
-public final class NetbackDriver: XenBusBackendDriver {
+public final class NetbackDriver: XenBusBackendDriver, @unchecked Sendable {
+    // Sound: the backend's queue makes every driver call; the hotplug threads
+    // touch only `running` and `logger`, and the hypervisor not at all.
     public let type = "vif"
     let hv: Hypervisor
     let logger: Logger
@@ -34,6 +41,16 @@ public final class NetbackDriver: XenBusBackendDriver {
     /// The script each device went online with, by backend path: `offline`
     /// runs the same one, as libxl does.
     private let scripts = Mutex<[String: String]>([:])
+    /// `online` scripts still running, by backend path.
+    private let running = Mutex<[String: RunningScript]>([:])
+
+    /// An `online` script on its thread; ``remove(_:_:)`` cancels it.
+    final class RunningScript: Sendable {
+        let cancelled = Atomic<Bool>(false)
+        let done = DispatchSemaphore(value: 0)
+    }
+
+    public var hotplugGated: Bool { true }
 
     public init(hypervisor: Hypervisor, logger: Logger, maxQueues: Int = 1, defaultScript: String,
                 scriptEnvironment: [String: String], hotplugSeconds: Double = 40) {
@@ -68,10 +85,22 @@ public final class NetbackDriver: XenBusBackendDriver {
                 for (k, v) in Vif.backendFeatures(maxQueues: maxQueues) { try t.write(path + "/" + k, v) }
             }
             let script = resolve((try xs.readIfExists(path + "/script")) ?? nil)
+            // What a previous netback's script wrote is not this one's answer.
+            try xs.transaction { t in
+                for k in ["hotplug-status", "hotplug-error"] where try t.readIfExists(path + "/" + k) != nil {
+                    try t.rm(path + "/" + k)
+                }
+            }
             scripts.withLock { $0[path] = script }
-            try hotplug(script, "online", vif: vif.name, dev: dev)
-            guard (try xs.readIfExists(path + "/hotplug-status")) == "connected" else {
-                throw VifKeys.KeyError("the hotplug script \(script) did not write hotplug-status=connected")
+            let run = RunningScript()
+            running.withLock { $0[path] = run }
+            let name = vif.name
+            guard DetachedThread.start(name: "hotplug-\(dev.frontendDomid).\(dev.devid)", { [self] in
+                defer { run.done.signal() }
+                online(script, vif: name, dev: dev, run: run, xs: xs)
+            }) else {
+                running.withLock { _ = $0.removeValue(forKey: path) }
+                throw VifKeys.KeyError("no thread for the hotplug script \(script)")
             }
         } catch {
             scripts.withLock { _ = $0.removeValue(forKey: path) }
@@ -138,7 +167,40 @@ public final class NetbackDriver: XenBusBackendDriver {
         return out
     }
 
+    /// The `online` script's thread: runs it, and unless the device was
+    /// removed meanwhile, answers for a script that failed, timed out or
+    /// did not write hotplug-status=connected (hotplug-status=error and
+    /// hotplug-error, as Xen's scripts report their own failures). Written
+    /// only while the device's directory exists, so a late answer never
+    /// re-creates a removed device.
+    func online(_ script: String, vif: String, dev: XenBusDevice, run: RunningScript, xs: XenBusClient) {
+        let path = dev.backendPath
+        var failure: String?
+        do {
+            try hotplug(script, "online", vif: vif, dev: dev, run: run)
+            if (try xs.readIfExists(path + "/hotplug-status")) != "connected" {
+                failure = "the hotplug script \(script) did not write hotplug-status=connected"
+            }
+        } catch {
+            failure = "\(error)"
+        }
+        running.withLock { if $0[path] === run { $0.removeValue(forKey: path) } }
+        guard let failure, !run.cancelled.load(ordering: .acquiring) else { return }
+        logger.error("\(path): \(failure)")
+        try? xs.transaction { t in
+            guard try t.readIfExists(path + "/state") != nil else { return }
+            try t.write(path + "/hotplug-error", failure)
+            try t.write(path + "/hotplug-status", "error")
+        }
+    }
+
     public func remove(_ vif: Vif, _ dev: XenBusDevice) {
+        // An `online` script still running is stopped first (killed with
+        // what it started), so `offline` never runs beside it.
+        if let run = running.withLock({ $0.removeValue(forKey: dev.backendPath) }) {
+            run.cancelled.store(true, ordering: .releasing)
+            run.done.wait()
+        }
         let script = scripts.withLock { $0.removeValue(forKey: dev.backendPath) } ?? defaultScript
         do { try hotplug(script, "offline", vif: vif.name, dev: dev) } catch {
             logger.warning("\(dev.backendPath): \(error)")
@@ -149,7 +211,7 @@ public final class NetbackDriver: XenBusBackendDriver {
     /// Runs a hotplug script the way Xen's hotplug runner does, in a session
     /// of its own; one still running after ``hotplugSeconds`` is killed with
     /// everything it started, and fails its device.
-    func hotplug(_ script: String, _ action: String, vif: String, dev: XenBusDevice) throws {
+    func hotplug(_ script: String, _ action: String, vif: String, dev: XenBusDevice, run: RunningScript? = nil) throws {
         var env = scriptEnvironment
         env["vif"] = vif
         env["XENBUS_PATH"] = "backend/vif/\(dev.frontendDomid)/\(dev.devid)"
@@ -163,17 +225,20 @@ public final class NetbackDriver: XenBusBackendDriver {
         let deadline = monotonicSeconds() + hotplugSeconds
         var st: Int32 = 0
         var timedOut = false
+        // Looked at every 100 ms when the device may be removed meanwhile.
+        let slice = run == nil ? 1.0 : 0.1
         while true {
             let r = waitpid(pid, &st, WNOHANG)
             if r == pid || (r < 0 && errno != EINTR) { break }
             let left = deadline - monotonicSeconds()
-            guard left > 0 else {
-                timedOut = true
+            let cancelled = run?.cancelled.load(ordering: .acquiring) == true
+            guard left > 0 && !cancelled else {
+                timedOut = !cancelled
                 kill(-pid, SIGKILL)  // its process group: the script and what it started
                 while waitpid(pid, &st, 0) < 0 && errno == EINTR {}
                 break
             }
-            if let process { _ = process.waitForExit(until: monotonicSeconds() + min(left, 1)) } else { idle(milliseconds: 50) }
+            if let process { _ = process.waitForExit(until: monotonicSeconds() + min(left, slice)) } else { idle(milliseconds: 50) }
         }
         if timedOut {
             throw VifKeys.KeyError("hotplug script \(script) \(action) did not finish within \(Int(hotplugSeconds)) s; killed")

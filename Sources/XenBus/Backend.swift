@@ -36,9 +36,16 @@ public protocol XenBusBackendDriver: AnyObject, SendableMetatype {
     /// as Linux netback watches `rate`. Our own writes come here too.
     /// Default: nothing.
     func backendKeyChanged(_ device: Device, _ dev: XenBusDevice, key: String, xs: XenBusClient)
+    /// Whether a probed device connects only once its hotplug script has
+    /// written `hotplug-status` = `connected`, as Linux netback waits on its
+    /// hotplug_status watch; `error` there fails the device with the script's
+    /// `hotplug-error`. The script runs meanwhile (the driver starts it), so
+    /// a slow one holds back its own device only. Default: false.
+    var hotplugGated: Bool { get }
 }
 
 extension XenBusBackendDriver {
+    public var hotplugGated: Bool { false }
     public func counters(_ device: Device) -> [(String, UInt64)] { [] }
     public func frontendRingsUnused(_ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) -> Bool { false }
     public func backendKeyChanged(_ device: Device, _ dev: XenBusDevice, key: String, xs: XenBusClient) {}
@@ -200,10 +207,15 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
     }
 
     func reconcile(_ path: String) {
-        guard (try? xs.exists(path)) == true else {
+        // A device we serve whose `state` is gone was removed by the
+        // toolstack, even if its directory is back: a late writer (a hotplug
+        // script's hotplug-status) re-created it, and that is removed again.
+        let present = (try? xs.exists(path)) == true
+        if !present || (devices[path] != nil && (try? xs.readIfExists(path + "/state")) == nil) {
             if let e = devices.removeValue(forKey: path) {
                 logger.info("\(path): removed by the toolstack")
                 teardown(e)
+                if present { removeRecreated(path) }
             }
             return
         }
@@ -236,7 +248,14 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
                 }
                 return
             }
-            guard e.device != nil else { return }
+            guard let device = e.device else { return }
+            if case .failed(let why) = hotplug(path) {
+                if let be = try? xs.state(at: path), be != .closing && be != .closed {
+                    driver.disconnect(device)
+                    fatal(path, "hotplug script: \(why)")
+                }
+                return
+            }
             frontendChanged(e)
             return
         }
@@ -320,7 +339,7 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
                 try? switchState(path, to: .initWait)
             }
         case .initialised, .connected:
-            guard be == .initWait, !e.frontendStale else { return }
+            guard be == .initWait, !e.frontendStale, case .done = hotplug(path) else { return }
             do {
                 try driver.connect(device, e.dev, frontendPath: e.frontendPath, xs: xs)
                 try switchState(path, to: .connected)
@@ -336,6 +355,19 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
             try? switchState(path, to: .closed)
         default:
             break
+        }
+    }
+
+    enum HotplugState { case done, running, failed(String) }
+
+    /// Where the device's hotplug script is (``XenBusBackendDriver/hotplugGated``;
+    /// always done for a driver that is not gated).
+    func hotplug(_ path: String) -> HotplugState {
+        guard driver.hotplugGated else { return .done }
+        switch (try? xs.readIfExists(path + "/hotplug-status")) ?? nil {
+        case "connected": return .done
+        case "error": return .failed(((try? xs.readIfExists(path + "/hotplug-error")) ?? nil) ?? "failed")
+        default: return .running
         }
     }
 
@@ -358,6 +390,15 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
     /// would also keep the device open: its removal would never be seen).
     func switchState(_ path: String, to new: XenbusState) throws {
         try xs.switchStateIfPresent(at: path, to: new)
+    }
+
+    /// Removes what late writes re-created of a removed device's directory;
+    /// never a device the toolstack made again (it always has a state).
+    func removeRecreated(_ path: String) {
+        try? xs.transaction { t in
+            guard try t.readIfExists(path) != nil, try t.readIfExists(path + "/state") == nil else { return }
+            try t.rm(path)
+        }
     }
 
     func teardown(_ e: Entry) {
