@@ -97,12 +97,12 @@ extension Hostile {
                 target.store(disk.slotOffset(idx) | (Int(idx) << 32), ordering: .releasing)
                 generation.store(i + 1, ordering: .releasing)
                 // Publish only once the racer is rewriting the slot.
-                #expect(pollUntil(seconds: 10) { started.load(ordering: .relaxed) == i + 1 })
+                #expect(eventually(seconds: 10, every: 1) { started.load(ordering: .relaxed) == i + 1 })
                 try disk.front.publish()
                 // The racer rewrites bytes 0-1 (the response's id) too: only the status is the backend's.
                 let r = try disk.front.waitResponse()
                 statuses.append(r.status)
-                #expect(pollUntil(seconds: 10) { acked.load(ordering: .acquiring) == i + 1 })
+                #expect(eventually(seconds: 10, every: 1) { acked.load(ordering: .acquiring) == i + 1 })
             }
             quit.store(true, ordering: .releasing)
             racer.join()
@@ -206,10 +206,10 @@ extension Hostile {
                 #expect(disk.front.enqueue(q))
                 target.store(disk.slotOffset(idx) | (Int(idx) << 32), ordering: .releasing)
                 generation.store(i + 1, ordering: .releasing)
-                #expect(pollUntil(seconds: 10) { started.load(ordering: .relaxed) == i + 1 })
+                #expect(eventually(seconds: 10, every: 1) { started.load(ordering: .relaxed) == i + 1 })
                 try disk.front.publish()
                 statuses.append(try disk.front.waitResponse().status)
-                #expect(pollUntil(seconds: 10) { acked.load(ordering: .acquiring) == i + 1 })
+                #expect(eventually(seconds: 10, every: 1) { acked.load(ordering: .acquiring) == i + 1 })
             }
             quit.store(true, ordering: .releasing)
             racer.join()

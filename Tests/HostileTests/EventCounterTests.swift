@@ -48,7 +48,7 @@ extension Hostile {
                 body()
                 done.store(true, ordering: .releasing)
             }
-            return (pollUntil(seconds: seconds) { done.load(ordering: .acquiring) }, t)
+            return (eventually(seconds: seconds, every: 1) { done.load(ordering: .acquiring) }, t)
         }
 
         /// Also when the guest first makes its descriptor blocking (fcntl on
@@ -65,7 +65,7 @@ extension Hostile {
             // A request blkback answers, then notifies a guest whose counter is at the ceiling.
             let b = try disk.front.makeBuffer(pages: 1)
             try disk.front.push(try disk.front.rwRequest(BlkifOp.read, sector: 0, buffer: b, bytes: 4096))
-            #expect(try pollUntil(seconds: 10) { try disk.front.hasResponses() }, "no response")
+            #expect(try eventually(seconds: 10, every: 1) { try disk.front.hasResponses() }, "no response")
             // The other guest is served; the saturating guest's disk detaches, which needs its
             // queue thread to come back from the notify.
             #expect(try DiskWorker(other).step(1) == nil)
@@ -119,7 +119,7 @@ extension Hostile {
             #expect(Self.refusesSaturation(fd), "the guest filled the counter xenstored signals")
             // A request whose reply xenstored writes and then notifies; the guest never reads its counter.
             #expect(try ring.send(RawXenStoreRing.message(.read, [home + "/name"], reqID: 1)) > 0)
-            #expect(try pollUntil(seconds: 10) { try ring.unreadResponseBytes() > 0 }, "no reply")
+            #expect(try eventually(seconds: 10, every: 1) { try ring.unreadResponseBytes() > 0 }, "no reply")
             // Everyone else is still answered.
             let (served, t) = Self.finishes(within: 20) {
                 for i in 0..<20 {

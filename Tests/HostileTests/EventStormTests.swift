@@ -97,7 +97,7 @@ extension Hostile {
             }
             // The storm alone, no traffic: what the kicks cost dom0's threads.
             let c0 = threadCPUTicks(), t0 = Date()
-            _ = pollUntil(seconds: 0.5) { false }
+            _ = eventually(seconds: 0.5, every: 1) { false }
             let c1 = threadCPUTicks()
             let idleStormCore = Double(dom0Threads.reduce(0) { $0 + (c1[$1] ?? 0) - (c0[$1] ?? 0) })
                 / clockTicksPerSecond / Date().timeIntervalSince(t0)

@@ -128,12 +128,12 @@ extension Hostile {
                 let a = Int(idx & 0xFFFF) | len << 16
                 armed.store(a, ordering: .releasing)
                 // Publish only once the racer is rewriting the slot.
-                #expect(pollUntil(seconds: 10) { started.load(ordering: .relaxed) == a })
+                #expect(eventually(seconds: 10, every: 1) { started.load(ordering: .relaxed) == a })
                 try q.pushTxAndKick()
                 let resp = try q.txResponses(1)
                 #expect(resp.count == 1 && resp.first?.id == id)
                 statuses.append(resp.first?.status ?? 99)
-                #expect(pollUntil(seconds: 10) { acked.load(ordering: .acquiring) == a })
+                #expect(eventually(seconds: 10, every: 1) { acked.load(ordering: .acquiring) == a })
                 if hv.isDisabled { break }
             }
             quit.store(true, ordering: .releasing)

@@ -256,7 +256,7 @@ extension Hostile {
                 }
                 // Every posted buffer is answered (the injected frames fill them all).
                 var responses: [(id: UInt16, status: Int16)] = []
-                #expect(try pollUntil(seconds: 10) {
+                #expect(try eventually(seconds: 10, every: 1) {
                     while let r = try q.rx.nextResponse() { responses.append((r.id, r.status)) }
                     return responses.count >= ids.count
                 }, "round \(round): \(responses.count) of \(ids.count) rx responses")
@@ -324,7 +324,7 @@ extension Hostile {
                     try inject.send(f)
                 }
                 var responses: [netif_rx_response] = []
-                #expect(try pollUntil(seconds: 10) {
+                #expect(try eventually(seconds: 10, every: 1) {
                     while let r = try q.rx.nextResponse() { responses.append(r) }
                     return responses.count >= ids.count
                 }, "round \(round): \(responses.count) of \(ids.count) rx responses")

@@ -123,7 +123,7 @@ extension Hostile {
             #expect(net.vif(vif.dev)?.isConnected == false)
             // The toolstack removes the device: its tap goes.
             try d.s.xenstore.destroyDevice(vif.dev)
-            #expect(pollUntil(seconds: 10) { if_nametoindex(vif.tapName) == 0 }, "\(vif.tapName) outlived its device")
+            #expect(eventually(seconds: 10, every: 1) { if_nametoindex(vif.tapName) == 0 }, "\(vif.tapName) outlived its device")
 
             let w = worker.stop()
             #expect(w.failures.isEmpty, "\(w.failures)")

@@ -27,7 +27,7 @@ extension Hostile {
             // Each guest's image exists before the count: it persists across attaches.
             for g in guests { _ = try XenBusDisk.create(d.s, guest: g, bytes: 2 << 20); try d.s.xenstore.destroyDevice(
                 XenBusDevice(type: "vbd", frontendDomid: XenStore.DomID(g.domid), devid: 51712)) }
-            _ = pollUntil(seconds: 10) { d.blkback.deviceNames.isEmpty }
+            _ = eventually(seconds: 10, every: 1) { d.blkback.deviceNames.isEmpty }
             // Descriptors of each domain's shared objects (memfds named after the domain).
             func objectsOf(_ g: Dom0Harness.Guest) -> Int { openDescriptors().values.filter { $0.contains("xen-\(d.s.xenhvPID)-d\(g.domid)-") }.count }
             let coldObjects = guests.map(objectsOf)

@@ -323,7 +323,7 @@ final class SystemSoak: @unchecked Sendable {
     /// Waits until every service runs (with a new pid where given).
     @discardableResult
     func waitForServices(seconds: Double, replacing old: [String: Int32] = [:]) -> Bool {
-        pollUntil(seconds: seconds) {
+        eventually(seconds: seconds, every: 1) {
             guard let all = ServiceStatus.read(runDir: self.run), all.count == 4 else { return false }
             return all.allSatisfy { $0.state == "running" && $0.pid > 0 && $0.pid != old[$0.name] }
         }
@@ -336,7 +336,7 @@ final class SystemSoak: @unchecked Sendable {
         guard waitForServices(seconds: seconds), let xs = try? store() else { return ["services or xenstored not up"] }
         defer { xs.close() }
         var missing: [String] = []
-        _ = pollUntil(seconds: seconds) {
+        _ = eventually(seconds: seconds, every: 1) {
             missing = []
             for g in self.guests {
                 for (type, ids) in [("vbd", ["51712", "51728"]), ("vif", ["0", "1"])] {
@@ -442,7 +442,7 @@ final class SystemSoak: @unchecked Sendable {
     /// holds no guest mapping; returns what is still off.
     func waitForIdle(_ idle: Resources, seconds: Double) -> [String] {
         var off: [String] = []
-        _ = pollUntil(seconds: seconds) {
+        _ = eventually(seconds: seconds, every: 1) {
             let now = self.daemonResources()
             off = []
             for (name, n) in idle.descriptors where now.descriptors[name] != n {

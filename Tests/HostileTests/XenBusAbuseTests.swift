@@ -69,7 +69,7 @@ extension Hostile {
             }
             d.blkback.settle()
             // Only the bystander's disk is still open; the liar can still attach a good one.
-            let gone = pollUntil(seconds: 5) { d.blkback.deviceNames.count == 1 }
+            let gone = eventually(seconds: 5, every: 1) { d.blkback.deviceNames.count == 1 }
             #expect(gone, "devices left open: \(d.blkback.deviceNames)")
             // A late event must not re-create a removed device's directory (xenbus_switch_state).
             for dev in devs { #expect(try !d.s.xenstore.exists(dev.backendPath), "\(dev.backendPath) re-created") }

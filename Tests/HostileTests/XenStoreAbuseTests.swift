@@ -15,7 +15,7 @@ final class EventLog: @unchecked Sendable {
     var all: [XenBusWatchEvent] { box.withLock { $0 } }
     func clear() { box.withLock { $0.removeAll() } }
     func wait(seconds: Double = 10, for match: (XenBusWatchEvent) -> Bool) -> Bool {
-        pollUntil(seconds: seconds) { box.withLock { $0.contains(where: match) } }
+        eventually(seconds: seconds, every: 1) { box.withLock { $0.contains(where: match) } }
     }
 }
 
@@ -85,7 +85,7 @@ extension Hostile {
 
             // Requests until its response ring is full and its request ring stops draining.
             var sent = 0, pending: [UInt8] = []
-            let full = try pollUntil(seconds: 10) {
+            let full = try eventually(seconds: 10, every: 1) {
                 if pending.isEmpty { pending = request(sent); sent += 1 }
                 let n = try ring.send(pending)
                 pending.removeFirst(n)
@@ -99,7 +99,7 @@ extension Hostile {
 
             // It reads at last: every request gets its reply, in order, intact.
             var replies: [(type: UInt32, reqID: UInt32, payload: [UInt8])] = []
-            let all = try pollUntil(seconds: 10) {
+            let all = try eventually(seconds: 10, every: 1) {
                 replies += try ring.drain()
                 if !pending.isEmpty { pending.removeFirst(try ring.send(pending)) }
                 return replies.count == sent

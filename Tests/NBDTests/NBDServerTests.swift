@@ -232,7 +232,7 @@ import XenTestKit
         #expect(throws: NBDError.self) { _ = try NBDClient(socket: s.socket, timeoutSeconds: 10) }
         #expect(try open[0].read(at: 0, length: 512) == [UInt8](repeating: 0, count: 512))
         open.removeLast()  // closes it; the server notices and frees its slot
-        let again = pollUntil(seconds: 10) { (try? NBDClient(socket: s.socket, timeoutSeconds: 10)) != nil }
+        let again = eventually(seconds: 10, every: 1) { (try? NBDClient(socket: s.socket, timeoutSeconds: 10)) != nil }
         #expect(again)
     }
 

@@ -257,7 +257,7 @@ final class GuestVif {
         // dropped at the bridge.
         if network != nil {
             let state = "/sys/class/net/\(vif.name)/brport/state"
-            _ = pollUntil(seconds: 5) { (try? String(contentsOfFile: state, encoding: .utf8))?.hasPrefix("3") == true }
+            _ = eventually(seconds: 5, every: 1) { (try? String(contentsOfFile: state, encoding: .utf8))?.hasPrefix("3") == true }
         }
     }
 

@@ -60,7 +60,7 @@ final class FloodControl: Sendable {
             g.close()
         }
         // The flood is on once the backend has carried a few rings' worth.
-        #expect(pollUntil(seconds: 5) { g.vif.stats.snapshot.txPackets > 256 })
+        #expect(eventually(seconds: 5, every: 1) { g.vif.stats.snapshot.txPackets > 256 })
         let returned = DispatchSemaphore(value: 0)
         let vif = g.vif
         let disconnector = TestThread { vif.disconnect(); returned.signal() }
@@ -138,7 +138,7 @@ final class FloodControl: Sendable {
         let used = Double(ticks() - t0) / clockTicksPerSecond, window = Date().timeIntervalSince(w0)
         #expect(used < 0.25 * window, "the queue worker used \(used) s of CPU in \(window) s after its tap was deleted")
         // And the queue says so, once.
-        #expect(pollUntil(seconds: 5) { g.vif.stats.snapshot[.tapGone] == 1 })
+        #expect(eventually(seconds: 5, every: 1) { g.vif.stats.snapshot[.tapGone] == 1 })
         #expect(g.vif.stats.snapshot[.tapGone] == 1)
     }
 }

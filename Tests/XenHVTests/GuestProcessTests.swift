@@ -43,6 +43,15 @@ import XenTestKit
         return pending & fatal != 0
     }
 
+    /// Each thread of `pid`: its name and state, and its kernel stack.
+    static func threadStacks(_ pid: pid_t) -> String {
+        ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []).map { t in
+            let stat = (try? String(contentsOfFile: "/proc/\(pid)/task/\(t)/stat", encoding: .utf8)) ?? ""
+            let stack = (try? String(contentsOfFile: "/proc/\(pid)/task/\(t)/stack", encoding: .utf8)) ?? ""
+            return "\(stat.prefix(40)) \(stack.split(separator: "\n").prefix(4).joined(separator: " < "))"
+        }.joined(separator: "\n")
+    }
+
     /// A guest lives no longer than its hypervisor: pvguest ends as soon as
     /// xenhv goes away (here while it waits for xenstore, which never comes),
     /// so no guest of a crashed xenhv runs on under a uid the next domain
@@ -55,7 +64,13 @@ import XenTestKit
                               extra: [(d.guestDescriptor, 3)])
         close(d.guestDescriptor)
         // pvguest has greeted xenhv once it maps the domain's shared objects.
-        #expect(eventually(seconds: 30) { (try? String(contentsOfFile: "/proc/\(guest.pid)/maps", encoding: .utf8))?.contains("xen-") == true })
+        var maps: String?
+        let mapped = eventually(seconds: 30) {
+            maps = try? String(contentsOfFile: "/proc/\(guest.pid)/maps", encoding: .utf8)
+            return maps?.contains("xen-") == true
+        }
+        // If not: what it mapped, and where each of its threads waits.
+        #expect(mapped, "\(maps.map { String($0.suffix(2000)) } ?? "maps unreadable")\n\(Self.threadStacks(guest.pid))")
         f.daemon.kill9()
         // Exited: a zombie until reaped (the last field of a zombie's stat is its exit code).
         func stat() -> [Substring] {
