@@ -207,16 +207,17 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
     }
 
     func reconcile(_ path: String) {
-        // A device we serve whose `state` is gone was removed by the
-        // toolstack, even if its directory is back: a late writer (a hotplug
-        // script's hotplug-status) re-created it, and that is removed again.
+        // A device whose `state` is gone was removed by the toolstack, even
+        // if its directory is back: a late writer (a hotplug script's
+        // hotplug-status, before or after our teardown) re-created it, and
+        // what it re-created is removed again.
         let present = (try? xs.exists(path)) == true
-        if !present || (devices[path] != nil && (try? xs.readIfExists(path + "/state")) == nil) {
+        if !present || (try? xs.readIfExists(path + "/state")) == nil {
             if let e = devices.removeValue(forKey: path) {
                 logger.info("\(path): removed by the toolstack")
                 teardown(e)
-                if present { removeRecreated(path) }
             }
+            if present { removeRecreated(path) }
             return
         }
         let online = (try? xs.readIfExists(path + "/online")) ?? nil
@@ -339,7 +340,16 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
                 try? switchState(path, to: .initWait)
             }
         case .initialised, .connected:
-            guard be == .initWait, !e.frontendStale, case .done = hotplug(path) else { return }
+            guard be == .initWait, !e.frontendStale else { return }
+            switch hotplug(path) {
+            case .done: break
+            case .running: return
+            case .failed(let why):
+                // Offered again to a frontend that started over: still failed.
+                driver.disconnect(device)
+                fatal(path, "hotplug script: \(why)")
+                return
+            }
             do {
                 try driver.connect(device, e.dev, frontendPath: e.frontendPath, xs: xs)
                 try switchState(path, to: .connected)
@@ -392,11 +402,14 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
         try xs.switchStateIfPresent(at: path, to: new)
     }
 
-    /// Removes what late writes re-created of a removed device's directory;
-    /// never a device the toolstack made again (it always has a state).
+    /// Removes what late writes re-created of a removed device's directory:
+    /// a directory with no state holding only hotplug keys. Never a device
+    /// the toolstack is making (it writes its keys with the state, or at
+    /// least keys of its own).
     func removeRecreated(_ path: String) {
         try? xs.transaction { t in
-            guard try t.readIfExists(path) != nil, try t.readIfExists(path + "/state") == nil else { return }
+            guard try t.readIfExists(path) != nil, try t.readIfExists(path + "/state") == nil,
+                  try t.directory(path).allSatisfy({ $0 == "hotplug-status" || $0 == "hotplug-error" }) else { return }
             try t.rm(path)
         }
     }

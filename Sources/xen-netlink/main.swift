@@ -33,7 +33,11 @@ struct BridgeAdd: ParsableCommand {
     func run() throws {
         try perform { nl throws(NetlinkError) in
             if existOk, let l = try? nl.link(name), l.kind == "bridge" { return }
-            try nl.addBridge(name)
+            do throws(NetlinkError) { try nl.addBridge(name) } catch {
+                // Made meanwhile by someone else (another vif's script): fine
+                // if it is a bridge.
+                guard existOk, let l = try? nl.link(name), l.kind == "bridge" else { throw error }
+            }
         }
     }
 }

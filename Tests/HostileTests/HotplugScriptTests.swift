@@ -47,6 +47,11 @@ extension Hostile {
             // Removed by the toolstack: the recorder runs offline, not the default script.
             try d.s.xenstore.destroyDevice(dev)
             #expect(eventually(seconds: 10, every: 1) { actions() == "online\noffline\n" }, "\(actions())")
+            // A script's write that lands after the removal (xenstore-write
+            // creates what is missing) re-creates the directory: removed again.
+            #expect(eventually { !net.service.deviceNames.contains(dev.backendPath) })
+            try d.s.xenstore.write(dev.backendPath + "/hotplug-status", "connected")
+            #expect(eventually { (try? d.s.xenstore.exists(dev.backendPath)) == false }, "the re-created directory stayed")
 
             // A script that never finishes fails its device after hotplugSeconds, killed with its child.
             let stuck = try XenBusVif.add(d, net, guest: h, backend: ["script": dir + "/hang"])
