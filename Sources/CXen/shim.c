@@ -470,10 +470,13 @@ int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[]
            child reads from gettid() would name another process there, or
            none (libdispatch's worker monitor reads /proc/<tid>/stat and
            traps when it is missing). The mount namespace follows the host's
-           (slave): a name removed under /run/netns goes here too. */
-        if (unshare(CLONE_NEWNS) != 0 || mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) != 0
-            || mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0)
+           (slave): a name removed under /run/netns goes here too. Where the
+           kernel refuses a new proc (a host that is itself a container
+           whose /proc is masked: "too revealing"), the guest keeps the
+           host's /proc, as it did before it had its own. */
+        if (unshare(CLONE_NEWNS) != 0 || mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) != 0)
             confined_fail(report[1], CXEN_CONFINE_PROC);
+        (void)mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
         if (new_session && setsid() < 0) confined_fail(report[1], CXEN_CONFINE_SETUP);
         for (int i = 0; i < count; i++) if (dup2(from[i], to[i]) < 0) confined_fail(report[1], CXEN_CONFINE_SETUP);
         if (syscall(SYS_close_range, (unsigned)close_from, ~0U, CLOSE_RANGE_CLOEXEC) != 0) confined_fail(report[1], CXEN_CONFINE_SETUP);

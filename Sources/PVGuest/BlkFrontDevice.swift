@@ -400,7 +400,12 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         // The flush waits for a ring slot, so it is not submitted from the
         // completion path that frees slots (it would wait for itself).
         transfer(op: UInt8(BLKIF_OP_WRITE), offset: offset, count: buffer.count, read: nil, write: buffer.baseAddress) { [self] err in
-            if let err { completion(err) } else { fuaFlushes.run { self.flush(completion: completion) } }
+            if let err { completion(err) } else {
+                // No thread for flushes (the guest's process limit): the
+                // write is not known durable, so it fails rather than wait
+                // here for a slot only this thread frees.
+                fuaFlushes.run({ self.flush(completion: completion) }, refused: { completion(EIO) })
+            }
         }
     }
 
@@ -814,11 +819,13 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
 /// Work run in order on one thread of its own, started at the first job (a
 /// plain pthread, off libdispatch's pool); ``stop()`` ends it after the jobs
 /// already queued, and a job given after that runs at once on the caller's
-/// thread (for a closed device, which fails it without waiting).
+/// thread (for a closed device, which fails it without waiting). When no
+/// thread can be made, each queued job's `refused` runs instead, on the
+/// caller's thread, and the next job tries again.
 final class SerialThread: @unchecked Sendable {
     // Sound: `state` synchronises itself; `name` is immutable.
     private struct State {
-        var jobs: [@Sendable () -> Void] = []
+        var jobs: [(run: @Sendable () -> Void, refused: @Sendable () -> Void)] = []
         var started = false
         var stopping = false
         var ended = false
@@ -829,24 +836,22 @@ final class SerialThread: @unchecked Sendable {
 
     init(name: String) { self.name = name }
 
-    func run(_ job: @escaping @Sendable () -> Void) {
+    func run(_ job: @escaping @Sendable () -> Void, refused: @escaping @Sendable () -> Void) {
         let (inline, start, wake) = state.withLock { s -> (Bool, Bool, Bool) in
             if s.ended || s.stopping { return (true, false, false) }
             let wake = s.jobs.isEmpty  // the thread takes the whole list at each wake-up
-            s.jobs.append(job)
+            s.jobs.append((job, refused))
             defer { s.started = true }
             return (false, !s.started, wake)
         }
         if inline { return job() }
         if start, !DetachedThread.start(name: name, { [self] in loop() }) {
-            // No thread (the guest's process limit): what is queued runs
-            // here, and the next job tries again.
             let jobs = state.withLock { s in
                 s.started = false
                 defer { s.jobs = [] }
                 return s.jobs
             }
-            for j in jobs { j() }
+            for j in jobs { j.refused() }
             return
         }
         if wake { ready.signal() }
@@ -864,7 +869,7 @@ final class SerialThread: @unchecked Sendable {
     }
 
     private func loop() {
-        var batch: [@Sendable () -> Void] = []
+        var batch: [(run: @Sendable () -> Void, refused: @Sendable () -> Void)] = []
         while true {
             ready.wait()
             let stopping = state.withLock { s -> Bool in
@@ -872,7 +877,7 @@ final class SerialThread: @unchecked Sendable {
                 if s.stopping { s.ended = true }
                 return s.stopping
             }
-            for job in batch { job() }
+            for job in batch { job.run() }
             batch.removeAll(keepingCapacity: true)
             if stopping { return }
         }

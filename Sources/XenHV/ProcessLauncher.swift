@@ -35,7 +35,7 @@ public enum ProcessLauncher {
             case Int(CXEN_CONFINE_ID_MAPS): return "mapping its uid and gid in its user namespace"
             case Int(CXEN_CONFINE_NAME): return "naming its network namespace \(NetNamespace.directory)/..."
             case Int(CXEN_CONFINE_EXEC): return "executing the program"
-            case Int(CXEN_CONFINE_PROC): return "mounting a /proc of its own PID namespace"
+            case Int(CXEN_CONFINE_PROC): return "making its mount namespace"
             default: return "preparing the child"
             }
         }
@@ -143,7 +143,7 @@ public enum ProcessLauncher {
 /// it was taken for, or nobody once that has exited, never one that got its
 /// pid later; and anyone, not only its parent, can wait for it to exit.
 /// Taken while something shows that pid is still the process meant.
-public final class ProcessHandle {
+public final class ProcessHandle: Sendable {
     public let pid: pid_t
     private let fd: CInt
 

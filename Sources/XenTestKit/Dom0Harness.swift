@@ -168,11 +168,12 @@ public final class Dom0Harness: @unchecked Sendable {
         xenstore.close()
         daemon.handle.stop()
         stopped.wait()
-        kill(xenhvPID, SIGTERM)
-        var st: Int32 = 0
-        waitpid(xenhvPID, &st, 0)
-        try? FileManager.default.removeItem(atPath: dir)
-        if let interrupted { InterruptCleanup.unregister(interrupted) }
+        if interrupted.map({ InterruptCleanup.unregister($0) }) ?? true {
+            kill(xenhvPID, SIGTERM)
+            var st: Int32 = 0
+            waitpid(xenhvPID, &st, 0)
+            try? FileManager.default.removeItem(atPath: dir)
+        }
     }
 }
 

@@ -92,10 +92,7 @@ struct BlkBackBench: ParsableCommand {
         let imageMade = keepImage ? nil : InterruptCleanup.register { unlink(path) }
         try prepareImage(image, mib: imageMiB)
         defer {
-            if let imageMade {
-                unlink(image)
-                InterruptCleanup.unregister(imageMade)
-            }
+            if let imageMade, InterruptCleanup.unregister(imageMade) { unlink(image) }
         }
         let loads: [(String, Bool, Int, Int, Bool, String)] = [
             ("4k randread QD1 (per-I/O overhead)", false, 4096, 1, true, "randread"),
@@ -300,12 +297,12 @@ final class BenchEnvironment {
     }
 
     deinit {
+        close(out)
+        guard interrupted.map({ InterruptCleanup.unregister($0) }) ?? true else { return }
         kill(pid, SIGTERM)
         var st: Int32 = 0
         waitpid(pid, &st, 0)
-        close(out)
         try? FileManager.default.removeItem(atPath: dir)
-        if let interrupted { InterruptCleanup.unregister(interrupted) }
     }
 }
 

@@ -72,10 +72,10 @@ final class GuestRig {
     }
 
     deinit {
+        guard interrupted.map({ InterruptCleanup.unregister($0) }) ?? true else { return }
         kill(blkback, SIGTERM)
         var st: Int32 = 0
         waitpid(blkback, &st, 0)
-        if let interrupted { InterruptCleanup.unregister(interrupted) }
     }
 
     var resident: Resident { Resident(pid: blkback) }

@@ -231,16 +231,16 @@ final class Rig {
             waitpid(guest, &st, 0)
             guest = 0
         }
-        if netback > 0 {
+        if netback > 0, interruptedNetback.map({ InterruptCleanup.unregister($0) }) ?? true {
             kill(netback, SIGTERM)
             var st: Int32 = 0
             waitpid(netback, &st, 0)
-            netback = 0
         }
-        if let t = interruptedNetback { InterruptCleanup.unregister(t) }
+        netback = 0
         writerTap = nil
-        Self.removeLinks(namespaces: [peerNS, guestNS, nsA, nsB], links: [vethHost, bridge])
-        if let t = interruptedLinks { InterruptCleanup.unregister(t) }
+        if interruptedLinks.map({ InterruptCleanup.unregister($0) }) ?? true {
+            Self.removeLinks(namespaces: [peerNS, guestNS, nsA, nsB], links: [vethHost, bridge])
+        }
     }
 
     static func removeLinks(namespaces: [String], links: [String]) {
@@ -346,12 +346,15 @@ final class Rig {
         p.standardOutput = FileHandle.nullDevice
         p.standardError = FileHandle.nullDevice
         try p.run()
-        let pid = p.processIdentifier  // ip netns exec runs iperf3 in its place
-        let interrupted = InterruptCleanup.register { InterruptCleanup.stop(pid) }
+        // ip netns exec runs iperf3 in its place; Foundation reaps it, so it
+        // is signalled through a pidfd (never a pid someone else got since).
+        let serverProcess = ProcessHandle(p.processIdentifier)
+        let interrupted = InterruptCleanup.register { serverProcess?.signal(SIGKILL) }
         defer {
-            p.terminate()
-            p.waitUntilExit()
-            InterruptCleanup.unregister(interrupted)
+            if InterruptCleanup.unregister(interrupted) {
+                p.terminate()
+                p.waitUntilExit()
+            }
         }
         func one(_ reverse: Bool) throws -> Double {
             var json = ""

@@ -274,7 +274,7 @@ enum {
     CXEN_CONFINE_ID_MAPS,      /* setgroups deny, gid_map, uid_map */
     CXEN_CONFINE_NAME,         /* the bind mount naming the network namespace */
     CXEN_CONFINE_EXEC,         /* opening or executing the program */
-    CXEN_CONFINE_PROC,         /* unshare(CLONE_NEWNS), mount of its own /proc */
+    CXEN_CONFINE_PROC,         /* unshare(CLONE_NEWNS) and making it a slave */
 };
 /* setns(2) for a namespace type (CLONE_NEW*); 0 or -1 with errno. */
 int cxen_setns(int fd, int nstype);
