@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import NetBack
 import Testing
 import XenBus
 import XenHV
@@ -74,6 +75,26 @@ extension Hostile {
             // netback goes on: another vif connects and carries frames.
             let fine = try XenBusVif(d, net, guest: g, devid: 1)
             #expect(try vifCarriesFrames(fine.queue, tap: fine.tapName))
+        }
+
+        /// vif-bridge for a device the toolstack already removed (its online
+        /// run raced the removal) leaves it alone: it reads no default bridge
+        /// (it used to fall back to xenbr0 and make it on the host), makes
+        /// nothing, and writes nothing back into the store.
+        @Test func vifBridgeLeavesARemovedDeviceAlone() throws {
+            let d = try HostileDom0()
+            let path = "backend/vif/4242/0"
+            let tap = try Tap(name: "hpgone\(getpid() % 10000)")
+            func links() -> Set<String> { Set((try? FileManager.default.contentsOfDirectory(atPath: "/sys/class/net")) ?? []) }
+            let before = links()
+            defer { for l in links().subtracting(before) { _ = try? Netlink().deleteLink(l) } }
+            let r = CommandResult.run("/bin/bash", [HostileDom0.root + "/scripts/vif-bridge", "online"], environment: [
+                "vif": tap.name, "XENBUS_PATH": path, "XENSTORED_PATH": d.s.xenstoreSocket,
+                "XEN_NETLINK": Dom0Harness.buildDirectory(packageRoot: HostileDom0.root) + "/xen-netlink",
+                "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"])
+            #expect(r.status == 1 && r.err.contains("is gone"), "\(r.err)")
+            #expect(links() == before, "vif-bridge made a link")
+            #expect((try d.s.xenstore.exists("/local/domain/0/" + path)) == false)
         }
 
         /// A script that hangs holds back its own vif only (its script runs
