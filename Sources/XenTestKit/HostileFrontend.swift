@@ -11,18 +11,7 @@ import XenStore
 // Hostile-frontend test kit (issue 6): a blkfront attached through the real
 // XenBus handshake to an in-process blkback, a well-behaved disk worker that
 // proves a second guest keeps working, and the measuring helpers the hostile
-// cases share (per-thread CPU, descriptor counts, bounded polling).
-
-/// Polls `condition` until it holds or `seconds` pass (a deadline, not a sleep
-/// used as synchronisation). Returns whether it held.
-public func pollUntil(seconds: Double = 10, _ condition: () throws -> Bool) rethrows -> Bool {
-    let end = Date().addingTimeInterval(seconds)
-    while Date() < end {
-        if try condition() { return true }
-        usleep(500)
-    }
-    return try condition()
-}
+// cases share (per-thread CPU, descriptor counts).
 
 /// This process's threads: tid -> user+system CPU in clock ticks (/proc/self/task/*/stat).
 public func threadCPUTicks() -> [Int32: Int] {
@@ -126,7 +115,7 @@ public final class XenBusDisk: @unchecked Sendable {
         _ = Dom0Harness.wait(guest.xenstore, state: dev.backendPath, seconds: 10) { $0 == .closed }
         try s.xenstore.destroyDevice(dev)
         let path = dev.backendPath
-        guard pollUntil(seconds: 10, { !backend.deviceNames.contains(path) }) else {
+        guard eventually(seconds: 10, every: 1, { !backend.deviceNames.contains(path) }) else {
             throw BlkBackError.badConfiguration("\(path) still open after its removal")
         }
     }
