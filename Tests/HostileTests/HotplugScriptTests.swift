@@ -14,24 +14,12 @@ extension Hostile {
     /// started and fails only its own device. Needs root (taps, a bridge).
     @Suite struct HotplugScriptTests {
         @Test func scriptsResolveGoOfflineTheSameWayAndAreBoundInTime() throws {
-            var template = Array("/tmp/hotplug-XXXXXX".utf8CString)
-            let dir = String(cString: mkdtemp(&template)!)
-            defer {
-                // Should netback fail to kill it, the hung script's child goes here.
-                if let t = try? String(contentsOfFile: dir + "/hang.pid", encoding: .utf8),
-                   let child = Int32(t.trimmingCharacters(in: .whitespacesAndNewlines)) { kill(child, SIGKILL) }
-                try? FileManager.default.removeItem(atPath: dir)
-            }
             // The scripts directory: vif-bridge (the default), a recorder that
             // notes each action and then does vif-bridge's work, and a script
             // that hangs with a child of its own.
-            #expect(symlink(HostileDom0.root + "/scripts/vif-bridge", dir + "/vif-bridge") == 0)
             let recorder = "#!/bin/bash\necho \"$1\" >> \"$(dirname \"$0\")/actions\"\nexec \"$(dirname \"$0\")/vif-bridge\" \"$@\"\n"
-            let hang = "#!/bin/bash\nsleep 600 &\necho $! > \"$(dirname \"$0\")/hang.pid\"\nwait\n"
-            for (name, text) in [("recorder", recorder), ("hang", hang)] {
-                try text.write(toFile: dir + "/" + name, atomically: true, encoding: .utf8)
-                #expect(chmod(dir + "/" + name, 0o755) == 0)
-            }
+            let scripts = try ScriptsDirectory(["recorder": recorder, "hang": ScriptsDirectory.hang])
+            let dir = scripts.path
             let d = try HostileDom0()
             let net = try HostileNetback(d, defaultScript: dir + "/vif-bridge", hotplugSeconds: 2)
             defer { net.stop() }
@@ -60,16 +48,9 @@ extension Hostile {
             #expect((try d.s.xenstore.readIfExists(stuck.backendPath + "/hotplug-status")) == "error")
             let error = (try d.s.xenstore.readIfExists(stuck.backendPath + "/error")) ?? ""
             #expect(error.contains("did not finish within 2 s"), "\(error)")
-            let child = Int32(((try? String(contentsOfFile: dir + "/hang.pid", encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines))
+            let child = scripts.hungChild
             #expect(child != nil)
-            if let child {
-                // Gone, or a zombie for init to reap: not running.
-                let running = { () -> Bool in
-                    guard let stat = try? String(contentsOfFile: "/proc/\(child)/stat", encoding: .utf8) else { return false }
-                    return !(stat.split(separator: ")").last?.trimmingCharacters(in: .whitespaces).hasPrefix("Z") ?? false)
-                }
-                #expect(eventually(seconds: 10, every: 1) { !running() }, "the hung script's child \(child) still runs")
-            }
+            if let child { #expect(eventually { !ScriptsDirectory.running(child) }, "the hung script's child \(child) still runs") }
             try d.s.xenstore.destroyDevice(stuck)
 
             // netback goes on: another vif connects and carries frames.
@@ -103,20 +84,11 @@ extension Hostile {
         /// vif connects to nobody. Removed by the toolstack, it has its
         /// script killed at once, with what the script started.
         @Test func aHungScriptHoldsBackOnlyItsOwnVif() throws {
-            var template = Array("/tmp/hotplug-XXXXXX".utf8CString)
-            let dir = String(cString: mkdtemp(&template)!)
-            defer {
-                if let t = try? String(contentsOfFile: dir + "/hang.pid", encoding: .utf8),
-                   let child = Int32(t.trimmingCharacters(in: .whitespacesAndNewlines)) { kill(child, SIGKILL) }
-                try? FileManager.default.removeItem(atPath: dir)
-            }
-            #expect(symlink(HostileDom0.root + "/scripts/vif-bridge", dir + "/vif-bridge") == 0)
             // Hangs going online; offline it is vif-bridge (which netback runs
             // in line, on its XenBus work: see the README's known gaps).
-            let hang = "#!/bin/bash\n[ \"$1\" = online ] || exec \"$(dirname \"$0\")/vif-bridge\" \"$@\"\n"
-                + "sleep 600 &\necho $! > \"$(dirname \"$0\")/hang.pid\"\nwait\n"
-            try hang.write(toFile: dir + "/hang", atomically: true, encoding: .utf8)
-            #expect(chmod(dir + "/hang", 0o755) == 0)
+            let scripts = try ScriptsDirectory(["hang": ScriptsDirectory.hang.replacingOccurrences(
+                of: "#!/bin/bash\n", with: "#!/bin/bash\n[ \"$1\" = online ] || exec \"$(dirname \"$0\")/vif-bridge\" \"$@\"\n")])
+            let dir = scripts.path
             let d = try HostileDom0()
             let net = try HostileNetback(d, defaultScript: dir + "/vif-bridge", hotplugSeconds: 300)
             defer { net.stop() }
@@ -137,21 +109,50 @@ extension Hostile {
             #expect((try d.s.xenstore.readIfExists(stuck.backendPath + "/hotplug-status")) == nil)
 
             // Removed: its script is killed (not left for 300 s), with its child.
-            let child = Int32(((try? String(contentsOfFile: dir + "/hang.pid", encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines))
+            let child = scripts.hungChild
             #expect(child != nil)
             try d.s.xenstore.destroyDevice(stuck)
-            if let child {
-                let running = { () -> Bool in
-                    guard let stat = try? String(contentsOfFile: "/proc/\(child)/stat", encoding: .utf8) else { return false }
-                    return !(stat.split(separator: ")").last?.trimmingCharacters(in: .whitespaces).hasPrefix("Z") ?? false)
-                }
-                #expect(eventually { !running() }, "the hung script's child \(child) still runs")
-            }
+            if let child { #expect(eventually { !ScriptsDirectory.running(child) }, "the hung script's child \(child) still runs") }
             #expect(eventually { !net.service.deviceNames.contains(stuck.backendPath) })
             // Nothing of the removed device came back (no late hotplug-status).
             net.service.settle()
             #expect((try d.s.xenstore.exists(stuck.backendPath)) == false)
             #expect(try vifCarriesFrames(fine.queue, tap: fine.tapName, tag: 0x7100))
+        }
+    }
+
+    /// A scripts directory of its own (as /etc/xen/scripts): vif-bridge, the
+    /// default, and `scripts` by name. A hung script's child (``hang`` notes
+    /// its pid) is killed, should netback have failed to, and the directory
+    /// removed when it goes.
+    final class ScriptsDirectory {
+        /// Hangs with a child of its own, whose pid it notes in hang.pid.
+        static let hang = "#!/bin/bash\nsleep 600 &\necho $! > \"$(dirname \"$0\")/hang.pid\"\nwait\n"
+        let path: String
+
+        init(_ scripts: [String: String]) throws {
+            var template = Array("/tmp/hotplug-XXXXXX".utf8CString)
+            path = String(cString: mkdtemp(&template)!)
+            #expect(symlink(HostileDom0.root + "/scripts/vif-bridge", path + "/vif-bridge") == 0)
+            for (name, text) in scripts {
+                try text.write(toFile: path + "/" + name, atomically: true, encoding: .utf8)
+                #expect(chmod(path + "/" + name, 0o755) == 0)
+            }
+        }
+
+        var hungChild: pid_t? {
+            Int32(((try? String(contentsOfFile: path + "/hang.pid", encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines))
+        }
+
+        /// Whether `pid` runs: gone, or a zombie for init to reap, is not.
+        static func running(_ pid: pid_t) -> Bool {
+            guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return false }
+            return !(stat.split(separator: ")").last?.trimmingCharacters(in: .whitespaces).hasPrefix("Z") ?? false)
+        }
+
+        deinit {
+            if let child = hungChild { kill(child, SIGKILL) }
+            try? FileManager.default.removeItem(atPath: path)
         }
     }
 }
