@@ -15,7 +15,8 @@ import XenHV
 /// first; the run's own thread, whose children are gone then, fails and
 /// unwinds through its teardown, and whatever it registers meanwhile is undone
 /// at once. The process then exits with 128 + the signal's number, as a shell
-/// reports it; SIGALRM ends it 60 s after the signal if the clean-up hangs.
+/// reports it: when the run's thread is done, or 5 s after the clean-up;
+/// SIGALRM ends it 60 s after the signal if the clean-up hangs.
 public enum InterruptCleanup {
     public struct Token: Sendable { let id: Int }
     private struct State {
@@ -47,6 +48,11 @@ public enum InterruptCleanup {
             _ = line.withCString { write(2, $0, strlen($0)) }
             for a in actions { a() }
             cleaned.signal()
+            // The run's thread has this long to unwind (its children are
+            // gone, so it mostly fails at once); one still measuring
+            // something in-process is not waited for.
+            idle(milliseconds: 5_000)
+            _exit(128 + sig)
         }
         guard started else { throw HypervisorError.system(call: "pthread_create (interrupt clean-up)", errno: EAGAIN) }
         do {
