@@ -144,15 +144,15 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     private let segs: UnsafeMutablePointer<UInt64>
     private let freeSlots: UnsafeMutablePointer<Int32>
     private var freeCount: Int
-    /// A FLUSH/BARRIER waiting for earlier requests to finish.
-    private var fence: BlkRequest?
+    /// What holds the ring until every I/O in flight completed: a
+    /// FLUSH/BARRIER waiting for earlier requests, then (blkif.h) a
+    /// WRITE_BARRIER's own data write, which every later write waits for.
+    private enum Fence { case draining(BlkRequest), barrierWrite }
+    private var fence: Fence?
     /// A READ/WRITE waiting for bounce pages: in-flight requests hold them all.
     private var deferred: (request: BlkRequest, dsync: Bool)?
     /// No new request is consumed while one waits (a fence, or a request for bounce pages).
-    /// A WRITE_BARRIER's own data write in flight: blkif.h has every write
-    /// issued after the barrier wait for its completion.
-    private var barrierWriting = false
-    @inline(__always) private var waiting: Bool { fence != nil || deferred != nil || barrierWriting }
+    @inline(__always) private var waiting: Bool { fence != nil || deferred != nil }
     private var lastPushed: UInt32
     private var broken = false
     private let reason = Mutex<String?>(nil)
@@ -323,10 +323,9 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
             }
             if let f = fence, (engine?.inFlight ?? 0) == 0 {
                 fence = nil
-                runFence(f)
+                if case .draining(let q) = f { runFence(q) }
                 continue
             }
-            if barrierWriting, (engine?.inFlight ?? 0) == 0 { barrierWriting = false; continue }
             pushResponses()
             if persistentMisses > 0 { purgeIfDue() }
             var timeout: Int32 = -1
@@ -495,7 +494,7 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
             startIO(q, geometry: g, dsync: false)
         case .flush, .writeBarrier:
             if let e = engine, e.inFlight > 0 || e.batchCount > 0 {
-                fence = q  // drained first; processRing stops consuming behind it
+                fence = .draining(q)  // drained first; processRing stops consuming behind it
             } else {
                 runFence(q)
             }
@@ -525,7 +524,7 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
         submitBatch()
         // Nothing behind a barrier is consumed until its write completed (it
         // is the only I/O in flight: every earlier one drained first).
-        if q.command == .writeBarrier, (engine?.inFlight ?? 0) > 0 { barrierWriting = true }
+        if q.command == .writeBarrier, (engine?.inFlight ?? 0) > 0 { fence = .barrierWrite }
     }
 
     /// READ/WRITE (direct or indirect), or the data of a flush: validates every

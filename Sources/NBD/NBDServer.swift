@@ -22,15 +22,15 @@ import XenHV
 /// path, so a client that stops reading them stalls only itself.
 public final class NBDServer: @unchecked Sendable {
     // Sound: the config and `listenFD` (set before the accept thread starts)
-    // are immutable; `stopping` and `connections` are atomic.
+    // are immutable; `stopped` is locked and `connections` atomic.
     public let exportName: String
     public let device: any BlockDevice
     let logger: Logger
     private var listenFD: CInt = -1
-    /// Set by ``stop()`` after it shut the listening socket down; the accept
-    /// thread closes the socket once it sees it, and only then.
-    private let stopping = Atomic<Bool>(false)
+    /// Set by ``stop()`` as it shuts the listening socket down, under the
+    /// lock: the accept thread closes the socket once it sees it, and only then.
     private let stopped = Mutex<Bool>(false)
+    private var isStopped: Bool { stopped.withLock { $0 } }
     private var unixPath: String?
     let connections = Atomic<Int>(0)
 
@@ -102,12 +102,11 @@ public final class NBDServer: @unchecked Sendable {
     public func stop() {
         let first = stopped.withLock { done -> Bool in
             guard !done else { return false }
-            done = true
             if listenFD >= 0 { shutdown(listenFD, Int32(SHUT_RDWR)) }
+            done = true
             return true
         }
         guard first else { return }
-        stopping.store(true, ordering: .releasing)
         if let p = unixPath { unlink(p) }
     }
 
@@ -118,10 +117,10 @@ public final class NBDServer: @unchecked Sendable {
         let fd = listenFD
         let started = DetachedThread.start(name: "nbd-accept") { [self] in
             defer { close(fd) }
-            while !stopping.load(ordering: .acquiring) {
+            while !isStopped {
                 let c = accept(fd, nil, nil)
                 if c < 0 {
-                    if stopping.load(ordering: .acquiring) { return }
+                    if isStopped { return }
                     // Out of descriptors, memory or buffers: let the open
                     // connections finish some work, then accept again.
                     if errno != EINTR && errno != ECONNABORTED { idle(milliseconds: 100) }
@@ -258,7 +257,6 @@ final class NBDConnection: @unchecked Sendable {
         setTimeouts(seconds: max(left, 0.001))
         return true
     }
-
 
     // MARK: I/O helpers
 

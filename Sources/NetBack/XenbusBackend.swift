@@ -26,7 +26,7 @@ import XenStore
 ///    the tap goes away.
 public final class NetbackDriver: XenBusBackendDriver, @unchecked Sendable {
     // Sound: the backend's queue makes every driver call; the hotplug threads
-    // touch only `running` and `logger`, and the hypervisor not at all.
+    // touch only their own DeviceScript and `logger`, and the hypervisor not at all.
     public let type = "vif"
     let hv: Hypervisor
     let logger: Logger
@@ -38,16 +38,17 @@ public final class NetbackDriver: XenBusBackendDriver, @unchecked Sendable {
     /// How long a hotplug script may run before it is killed and its device
     /// fails (libxl's LIBXL_HOTPLUG_TIMEOUT is 40 s).
     let hotplugSeconds: Double
-    /// The script each device went online with, by backend path: `offline`
-    /// runs the same one, as libxl does.
-    private let scripts = Mutex<[String: String]>([:])
-    /// `online` scripts still running, by backend path.
-    private let running = Mutex<[String: RunningScript]>([:])
+    /// Each device's hotplug script, by backend path.
+    private let scripts = Mutex<[String: DeviceScript]>([:])
 
-    /// An `online` script on its thread; ``remove(_:_:)`` cancels it.
-    final class RunningScript: Sendable {
+    /// The script a device went online with (`offline` runs the same one, as
+    /// libxl does), and its `online` run on a thread of its own, which
+    /// ``remove(_:_:)`` cancels and waits for.
+    final class DeviceScript: Sendable {
+        let script: String
         let cancelled = Atomic<Bool>(false)
         let done = DispatchSemaphore(value: 0)
+        init(_ script: String) { self.script = script }
     }
 
     public var hotplugGated: Bool { true }
@@ -87,19 +88,16 @@ public final class NetbackDriver: XenBusBackendDriver, @unchecked Sendable {
             let script = resolve((try xs.readIfExists(path + "/script")) ?? nil)
             // What a previous netback's script wrote is not this one's answer.
             try xs.transaction { t in
-                for k in ["hotplug-status", "hotplug-error"] where try t.readIfExists(path + "/" + k) != nil {
-                    try t.rm(path + "/" + k)
-                }
+                try t.rmIfPresent(path + "/hotplug-status")
+                try t.rmIfPresent(path + "/hotplug-error")
             }
-            scripts.withLock { $0[path] = script }
-            let run = RunningScript()
-            running.withLock { $0[path] = run }
+            let run = DeviceScript(script)
+            scripts.withLock { $0[path] = run }
             let name = vif.name
             guard DetachedThread.start(name: "hotplug-\(dev.frontendDomid).\(dev.devid)", { [self] in
                 defer { run.done.signal() }
-                online(script, vif: name, dev: dev, run: run, xs: xs)
+                online(run, vif: name, dev: dev, xs: xs)
             }) else {
-                running.withLock { _ = $0.removeValue(forKey: path) }
                 throw VifKeys.KeyError("no thread for the hotplug script \(script)")
             }
         } catch {
@@ -173,18 +171,17 @@ public final class NetbackDriver: XenBusBackendDriver, @unchecked Sendable {
     /// hotplug-error, as Xen's scripts report their own failures). Written
     /// only while the device's directory exists, so a late answer never
     /// re-creates a removed device.
-    func online(_ script: String, vif: String, dev: XenBusDevice, run: RunningScript, xs: XenBusClient) {
+    func online(_ run: DeviceScript, vif: String, dev: XenBusDevice, xs: XenBusClient) {
         let path = dev.backendPath
         var failure: String?
         do {
-            try hotplug(script, "online", vif: vif, dev: dev, run: run)
+            try hotplug(run.script, "online", vif: vif, dev: dev, run: run)
             if (try xs.readIfExists(path + "/hotplug-status")) != "connected" {
-                failure = "the hotplug script \(script) did not write hotplug-status=connected"
+                failure = "the hotplug script \(run.script) did not write hotplug-status=connected"
             }
         } catch {
             failure = "\(error)"
         }
-        running.withLock { if $0[path] === run { $0.removeValue(forKey: path) } }
         guard let failure, !run.cancelled.load(ordering: .acquiring) else { return }
         logger.error("\(path): \(failure)")
         try? xs.transaction { t in
@@ -197,11 +194,12 @@ public final class NetbackDriver: XenBusBackendDriver, @unchecked Sendable {
     public func remove(_ vif: Vif, _ dev: XenBusDevice) {
         // An `online` script still running is stopped first (killed with
         // what it started), so `offline` never runs beside it.
-        if let run = running.withLock({ $0.removeValue(forKey: dev.backendPath) }) {
+        let run = scripts.withLock { $0.removeValue(forKey: dev.backendPath) }
+        if let run {
             run.cancelled.store(true, ordering: .releasing)
-            run.done.wait()
+            run.done.wait()  // at once if it ended long ago
         }
-        let script = scripts.withLock { $0.removeValue(forKey: dev.backendPath) } ?? defaultScript
+        let script = run?.script ?? defaultScript
         do { try hotplug(script, "offline", vif: vif.name, dev: dev) } catch {
             logger.warning("\(dev.backendPath): \(error)")
         }
@@ -211,7 +209,7 @@ public final class NetbackDriver: XenBusBackendDriver, @unchecked Sendable {
     /// Runs a hotplug script the way Xen's hotplug runner does, in a session
     /// of its own; one still running after ``hotplugSeconds`` is killed with
     /// everything it started, and fails its device.
-    func hotplug(_ script: String, _ action: String, vif: String, dev: XenBusDevice, run: RunningScript? = nil) throws {
+    func hotplug(_ script: String, _ action: String, vif: String, dev: XenBusDevice, run: DeviceScript? = nil) throws {
         var env = scriptEnvironment
         env["vif"] = vif
         env["XENBUS_PATH"] = "backend/vif/\(dev.frontendDomid)/\(dev.devid)"

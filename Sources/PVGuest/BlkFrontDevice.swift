@@ -828,7 +828,6 @@ final class SerialThread: @unchecked Sendable {
         var jobs: [(run: @Sendable () -> Void, refused: @Sendable () -> Void)] = []
         var started = false
         var stopping = false
-        var ended = false
     }
     private let name: String
     private let state = Mutex(State())
@@ -838,7 +837,7 @@ final class SerialThread: @unchecked Sendable {
 
     func run(_ job: @escaping @Sendable () -> Void, refused: @escaping @Sendable () -> Void) {
         let (inline, start, wake) = state.withLock { s -> (Bool, Bool, Bool) in
-            if s.ended || s.stopping { return (true, false, false) }
+            if s.stopping { return (true, false, false) }
             let wake = s.jobs.isEmpty  // the thread takes the whole list at each wake-up
             s.jobs.append((job, refused))
             defer { s.started = true }
@@ -862,7 +861,6 @@ final class SerialThread: @unchecked Sendable {
         let wake = state.withLock { s -> Bool in
             guard !s.stopping else { return false }
             s.stopping = true
-            if !s.started { s.ended = true }
             return s.started
         }
         if wake { ready.signal() }
@@ -874,7 +872,6 @@ final class SerialThread: @unchecked Sendable {
             ready.wait()
             let stopping = state.withLock { s -> Bool in
                 swap(&s.jobs, &batch)
-                if s.stopping { s.ended = true }
                 return s.stopping
             }
             for job in batch { job.run() }

@@ -249,14 +249,7 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
                 }
                 return
             }
-            guard let device = e.device else { return }
-            if case .failed(let why) = hotplug(path) {
-                if let be = try? xs.state(at: path), be != .closing && be != .closed {
-                    driver.disconnect(device)
-                    fatal(path, "hotplug script: \(why)")
-                }
-                return
-            }
+            guard e.device != nil else { return }
             frontendChanged(e)
             return
         }
@@ -330,6 +323,14 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
         let path = e.dev.backendPath
         let fe = (try? xs.state(at: e.frontendPath)) ?? .unknown
         let be = (try? xs.state(at: path)) ?? .unknown
+        let hotplugState = hotplug(path)
+        // A failed hotplug script fails the device, whatever the frontend
+        // does; offered again to a frontend that started over, again.
+        if case .failed(let why) = hotplugState, be != .closing && be != .closed {
+            driver.disconnect(device)
+            fatal(path, "hotplug script: \(why)")
+            return
+        }
         if fe != .initialised && fe != .connected { e.frontendStale = false }
         switch fe {
         case .initialising:
@@ -340,16 +341,7 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
                 try? switchState(path, to: .initWait)
             }
         case .initialised, .connected:
-            guard be == .initWait, !e.frontendStale else { return }
-            switch hotplug(path) {
-            case .done: break
-            case .running: return
-            case .failed(let why):
-                // Offered again to a frontend that started over: still failed.
-                driver.disconnect(device)
-                fatal(path, "hotplug script: \(why)")
-                return
-            }
+            guard be == .initWait, !e.frontendStale, case .done = hotplugState else { return }
             do {
                 try driver.connect(device, e.dev, frontendPath: e.frontendPath, xs: xs)
                 try switchState(path, to: .connected)
