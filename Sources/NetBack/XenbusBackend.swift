@@ -22,11 +22,14 @@ import XenStore
 ///    connect the vif (then Connected). A script that fails, or runs past
 ///    ``hotplugSeconds``, writes hotplug-status=error and fails its device;
 ///    other devices never wait for it;
-/// 3. disconnect on Closing/Closed; on removal the script runs `offline` and
-///    the tap goes away.
+/// 3. disconnect on Closing/Closed; on removal the script runs `offline`,
+///    then the tap goes away, on a thread of its own (libxl runs a removed
+///    device's script apart from other devices' work), so a slow `offline`
+///    holds back only a new device at the same path, probed once it is done.
 public final class NetbackDriver: XenBusBackendDriver, @unchecked Sendable {
     // Sound: the backend's queue makes every driver call; the hotplug threads
-    // touch only their own DeviceScript and `logger`, and the hypervisor not at all.
+    // touch only their own DeviceScript, `logger` and the removed vif (no
+    // longer the backend's), and the hypervisor not at all.
     public let type = "vif"
     let hv: Hypervisor
     let logger: Logger
@@ -40,6 +43,18 @@ public final class NetbackDriver: XenBusBackendDriver, @unchecked Sendable {
     let hotplugSeconds: Double
     /// Each device's hotplug script, by backend path.
     private let scripts = Mutex<[String: DeviceScript]>([:])
+    /// Removed devices whose `offline` script and tap are still being
+    /// dealt with, by backend path (``remove(_:_:)``).
+    private let removals = Mutex<[String: Removal]>([:])
+    /// The backend's ``started(recheck:)``: probes a device again.
+    private let recheck = Mutex<(@Sendable (String) -> Void)?>(nil)
+
+    /// A removal under way: done once the tap is gone; `probeWaits` when a
+    /// new device at the same path was turned away meanwhile.
+    struct Removal {
+        let done: DispatchSemaphore
+        var probeWaits = false
+    }
 
     /// The script a device went online with (`offline` runs the same one, as
     /// libxl does), and its `online` run on a thread of its own, which
@@ -76,6 +91,17 @@ public final class NetbackDriver: XenBusBackendDriver, @unchecked Sendable {
     public func probe(_ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) throws -> Vif? {
         let path = dev.backendPath
         guard try xs.readIfExists(path + "/mac") != nil else { return nil }  // the toolstack's keys are not in yet
+        // A device removed from this path still has its tap (same name) and
+        // its `offline` script: this one is probed again when they are gone.
+        let waits = removals.withLock { r -> Bool in
+            guard r[path] != nil else { return false }
+            r[path]!.probeWaits = true
+            return true
+        }
+        if waits {
+            logger.info("\(path): waiting for the removed device's offline script before probing the new one")
+            return nil
+        }
         let cfg = try VifKeys.config(frontendDomid: XenHV.DomID(dev.frontendDomid), devid: UInt32(dev.devid),
                                      maxQueues: maxQueues, warn: { logger.warning("\(path): \($0)") }) { k in
             (try? xs.readIfExists(path + "/" + k)) ?? nil
@@ -191,19 +217,39 @@ public final class NetbackDriver: XenBusBackendDriver, @unchecked Sendable {
         }
     }
 
+    public func started(recheck: @escaping @Sendable (String) -> Void) {
+        self.recheck.withLock { $0 = recheck }
+    }
+
+    /// Runs the device's `offline` script and then closes its tap, on a
+    /// thread of its own (in line only when no thread can be made). An
+    /// `online` script still running is stopped first (killed with what it
+    /// started), so `offline` never runs beside it.
     public func remove(_ vif: Vif, _ dev: XenBusDevice) {
-        // An `online` script still running is stopped first (killed with
-        // what it started), so `offline` never runs beside it.
-        let run = scripts.withLock { $0.removeValue(forKey: dev.backendPath) }
-        if let run {
-            run.cancelled.store(true, ordering: .releasing)
-            run.done.wait()  // at once if it ended long ago
+        let path = dev.backendPath
+        let run = scripts.withLock { $0.removeValue(forKey: path) }
+        run?.cancelled.store(true, ordering: .releasing)
+        let done = DispatchSemaphore(value: 0)
+        removals.withLock { $0[path] = Removal(done: done) }
+        let finish: @Sendable () -> Void = { [self] in
+            run?.done.wait()  // at once if it ended long ago
+            do { try hotplug(run?.script ?? defaultScript, "offline", vif: vif.name, dev: dev) } catch {
+                logger.warning("\(path): \(error)")
+            }
+            vif.close()
+            let probe = removals.withLock { $0.removeValue(forKey: path)?.probeWaits ?? false }
+            done.signal()
+            if probe, let recheck = recheck.withLock({ $0 }) { recheck(path) }
         }
-        let script = run?.script ?? defaultScript
-        do { try hotplug(script, "offline", vif: vif.name, dev: dev) } catch {
-            logger.warning("\(dev.backendPath): \(error)")
+        if !DetachedThread.start(name: "offline-\(dev.frontendDomid).\(dev.devid)", finish) { finish() }
+    }
+
+    /// Waits for every removal under way (daemon shutdown).
+    public func drain() {
+        for r in removals.withLock({ Array($0.values) }) {
+            r.done.wait()
+            r.done.signal()
         }
-        vif.close()
     }
 
     /// Runs a hotplug script the way Xen's hotplug runner does, in a session

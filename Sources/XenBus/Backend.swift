@@ -42,6 +42,15 @@ public protocol XenBusBackendDriver: AnyObject, SendableMetatype {
     /// `hotplug-error`. The script runs meanwhile (the driver starts it), so
     /// a slow one holds back its own device only. Default: false.
     var hotplugGated: Bool { get }
+    /// Once, as the backend starts: `recheck(path)` has it look at a device
+    /// again, for a driver whose ``probe(_:frontendPath:xs:)`` returned nil
+    /// while work of its own on that device (a removal's script) was under
+    /// way, and which has now finished. Default: nothing.
+    func started(recheck: @escaping @Sendable (_ backendPath: String) -> Void)
+    /// Waits for what the driver finishes after ``remove(_:_:)`` returned
+    /// (netback's `offline` scripts): ``XenBusBackend/stop()`` calls it once
+    /// every device is torn down. Default: nothing.
+    func drain()
 }
 
 extension XenBusBackendDriver {
@@ -49,6 +58,8 @@ extension XenBusBackendDriver {
     public func counters(_ device: Device) -> [(String, UInt64)] { [] }
     public func frontendRingsUnused(_ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) -> Bool { false }
     public func backendKeyChanged(_ device: Device, _ dev: XenBusDevice, key: String, xs: XenBusClient) {}
+    public func started(recheck: @escaping @Sendable (_ backendPath: String) -> Void) {}
+    public func drain() {}
 }
 
 /// The backend half of the XenBus state machine, as Linux's xenbus_probe and
@@ -98,6 +109,10 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
 
     /// Starts watching the backend directory (the first event rescans all).
     public func start() throws {
+        driver.started { [weak self] path in
+            guard let self else { return }
+            self.queue.async { self.reconcile(path) }
+        }
         rootWatch = try xs.watch(root, token: "backend-\(driver.type)") { [weak self] e in
             guard let self else { return }
             self.queue.async { self.changed(e.path) }
@@ -176,6 +191,7 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
             for (_, e) in devices { teardown(e) }
             devices.removeAll()
         }
+        driver.drain()
     }
 
     func changed(_ path: String) {

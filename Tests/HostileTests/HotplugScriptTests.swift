@@ -84,8 +84,7 @@ extension Hostile {
         /// vif connects to nobody. Removed by the toolstack, it has its
         /// script killed at once, with what the script started.
         @Test func aHungScriptHoldsBackOnlyItsOwnVif() throws {
-            // Hangs going online; offline it is vif-bridge (which netback runs
-            // in line, on its XenBus work: see the README's known gaps).
+            // Hangs going online; offline it is vif-bridge.
             let scripts = try ScriptsDirectory(["hang": ScriptsDirectory.hang.replacingOccurrences(
                 of: "#!/bin/bash\n", with: "#!/bin/bash\n[ \"$1\" = online ] || exec \"$(dirname \"$0\")/vif-bridge\" \"$@\"\n")])
             let dir = scripts.path
@@ -118,6 +117,44 @@ extension Hostile {
             net.service.settle()
             #expect((try d.s.xenstore.exists(stuck.backendPath)) == false)
             #expect(try vifCarriesFrames(fine.queue, tap: fine.tapName, tag: 0x7100))
+        }
+        /// A removed vif's `offline` script runs on a thread of its own, as
+        /// libxl runs each device's: one that hangs holds back no other
+        /// guest's vif (it connects and carries frames while the script
+        /// still runs), only a new device at the same path, whose tap has
+        /// the old one's name: that one is probed once the script is done,
+        /// and then connects.
+        @Test func aHungOfflineScriptHoldsBackOnlyItsOwnPath() throws {
+            // Hangs going offline, the first time only; otherwise vif-bridge.
+            let scripts = try ScriptsDirectory(["hang": ScriptsDirectory.hang.replacingOccurrences(
+                of: "#!/bin/bash\n", with: "#!/bin/bash\n[ \"$1\" = offline ] && [ ! -e \"$(dirname \"$0\")/hang.pid\" ] || exec \"$(dirname \"$0\")/vif-bridge\" \"$@\"\n")])
+            let dir = scripts.path
+            let d = try HostileDom0()
+            let net = try HostileNetback(d, defaultScript: dir + "/vif-bridge", hotplugSeconds: 60)
+            defer { net.stop() }
+            let h = try d.guest("hung", pages: XenBusVif.pages(slots: 2))
+            let g = try d.guest("fine", pages: XenBusVif.pages(slots: 1))
+
+            let old = try XenBusVif(d, net, guest: h, backend: ["script": "hang"])
+            try d.s.xenstore.destroyDevice(old.dev)
+            #expect(eventually { scripts.hungChild != nil }, "the offline script never started")
+            let child = try #require(scripts.hungChild)
+            // Another guest's vif connects and carries frames meanwhile.
+            let fine = try XenBusVif(d, net, guest: g)
+            #expect(try vifCarriesFrames(fine.queue, tap: fine.tapName))
+            #expect(ScriptsDirectory.running(child), "the offline script ended before the other vif connected")
+
+            // The same device again: not probed while its old tap and script are there.
+            let again = try XenBusVif.add(d, net, guest: h, backend: ["script": "hang"])
+            net.service.settle()
+            #expect((try d.s.xenstore.state(at: again.backendPath)) == .initialising)
+            #expect(ScriptsDirectory.running(child))
+            // The script ends (its child does): the new device is offered, connects and carries frames.
+            #expect(kill(child, SIGKILL) == 0)
+            try XenBusVif.awaitInitWait(d, again)
+            let front = try XenBusVif(d, attaching: again, guest: h, slot: 1)
+            #expect(try vifCarriesFrames(front.queue, tap: front.tapName, tag: 0x7200))
+            #expect(try vifCarriesFrames(fine.queue, tap: fine.tapName, tag: 0x7300))
         }
     }
 

@@ -140,13 +140,18 @@ final class XenBusVif: @unchecked Sendable {
         return dev
     }
 
-    static func create(_ d: HostileDom0, _ net: HostileNetback, guest g: Dom0Harness.Guest, devid: Int = 0) throws -> XenBusDevice {
-        let dev = try add(d, net, guest: g, devid: devid)
-        guard Dom0Harness.wait(d.s.xenstore, state: dev.backendPath, { $0 == .initWait || $0 == .closing }) == .initWait else {
+    static func create(_ d: HostileDom0, _ net: HostileNetback, guest g: Dom0Harness.Guest, devid: Int = 0,
+                       backend extra: [String: String] = [:]) throws -> XenBusDevice {
+        let dev = try add(d, net, guest: g, devid: devid, backend: extra)
+        try awaitInitWait(d, dev)
+        return dev
+    }
+
+    static func awaitInitWait(_ d: HostileDom0, _ dev: XenBusDevice, seconds: Double = 20) throws {
+        guard Dom0Harness.wait(d.s.xenstore, state: dev.backendPath, seconds: seconds, { $0 == .initWait || $0 == .closing }) == .initWait else {
             let why = (try? d.s.xenstore.readIfExists(dev.backendPath + "/error")) ?? nil
             throw FrontError("\(dev.backendPath) never reached InitWait: \(why ?? "?")")
         }
-        return dev
     }
 
     static func makeFront(_ g: Dom0Harness.Guest, slot: Int) throws -> NetFront {
@@ -170,8 +175,14 @@ final class XenBusVif: @unchecked Sendable {
         try g.xenstore.switchState(at: dev.frontendPath, to: .connected)
     }
 
-    init(_ d: HostileDom0, _ net: HostileNetback, guest g: Dom0Harness.Guest, devid: Int = 0, slot: Int = 0) throws {
-        dev = try Self.create(d, net, guest: g, devid: devid)
+    convenience init(_ d: HostileDom0, _ net: HostileNetback, guest g: Dom0Harness.Guest, devid: Int = 0, slot: Int = 0,
+                     backend extra: [String: String] = [:]) throws {
+        try self.init(d, attaching: Self.create(d, net, guest: g, devid: devid, backend: extra), guest: g, slot: slot)
+    }
+
+    /// A netfront in `slot` of `g`'s pages for `dev`, which netback already offered (InitWait).
+    init(_ d: HostileDom0, attaching dev: XenBusDevice, guest g: Dom0Harness.Guest, slot: Int = 0) throws {
+        self.dev = dev
         guest = g
         front = try Self.makeFront(g, slot: slot)
         try front.queues[0].postRx()
