@@ -84,9 +84,7 @@ extension Hostile {
         /// vif connects to nobody. Removed by the toolstack, it has its
         /// script killed at once, with what the script started.
         @Test func aHungScriptHoldsBackOnlyItsOwnVif() throws {
-            // Hangs going online; offline it is vif-bridge.
-            let scripts = try ScriptsDirectory(["hang": ScriptsDirectory.hang.replacingOccurrences(
-                of: "#!/bin/bash\n", with: "#!/bin/bash\n[ \"$1\" = online ] || exec \"$(dirname \"$0\")/vif-bridge\" \"$@\"\n")])
+            let scripts = try ScriptsDirectory(["hang": ScriptsDirectory.hang(going: "online")])
             let dir = scripts.path
             let d = try HostileDom0()
             let net = try HostileNetback(d, defaultScript: dir + "/vif-bridge", hotplugSeconds: 300)
@@ -118,6 +116,7 @@ extension Hostile {
             #expect((try d.s.xenstore.exists(stuck.backendPath)) == false)
             #expect(try vifCarriesFrames(fine.queue, tap: fine.tapName, tag: 0x7100))
         }
+
         /// A removed vif's `offline` script runs on a thread of its own, as
         /// libxl runs each device's: one that hangs holds back no other
         /// guest's vif (it connects and carries frames while the script
@@ -125,9 +124,7 @@ extension Hostile {
         /// the old one's name: that one is probed once the script is done,
         /// and then connects.
         @Test func aHungOfflineScriptHoldsBackOnlyItsOwnPath() throws {
-            // Hangs going offline, the first time only; otherwise vif-bridge.
-            let scripts = try ScriptsDirectory(["hang": ScriptsDirectory.hang.replacingOccurrences(
-                of: "#!/bin/bash\n", with: "#!/bin/bash\n[ \"$1\" = offline ] && [ ! -e \"$(dirname \"$0\")/hang.pid\" ] || exec \"$(dirname \"$0\")/vif-bridge\" \"$@\"\n")])
+            let scripts = try ScriptsDirectory(["hang": ScriptsDirectory.hang(going: "offline")])
             let dir = scripts.path
             let d = try HostileDom0()
             let net = try HostileNetback(d, defaultScript: dir + "/vif-bridge", hotplugSeconds: 60)
@@ -165,6 +162,10 @@ extension Hostile {
     final class ScriptsDirectory {
         /// Hangs with a child of its own, whose pid it notes in hang.pid.
         static let hang = "#!/bin/bash\nsleep 600 &\necho $! > \"$(dirname \"$0\")/hang.pid\"\nwait\n"
+        /// ``hang`` the first time it runs `action`; vif-bridge otherwise.
+        static func hang(going action: String) -> String {
+            hang.replacingOccurrences(of: "#!/bin/bash\n", with: "#!/bin/bash\n[ \"$1\" = \(action) ] && [ ! -e \"$(dirname \"$0\")/hang.pid\" ] || exec \"$(dirname \"$0\")/vif-bridge\" \"$@\"\n")
+        }
         let path: String
 
         init(_ scripts: [String: String]) throws {
