@@ -547,3 +547,58 @@ int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[]
     *pid_out = pid;
     return 0;
 }
+
+int cxen_spawn_tied(const char *path, char *const argv[], char *const envp[],
+                    const int *from, const int *to, int count, int close_from, int new_session, int *pid_out) {
+    /* report: child -> parent, the errno of a failed step (EOF: exec'd);
+       above every target slot, so no dup2 in the child lands on it. */
+    int p[2], report[2];
+    if (pipe2(p, O_CLOEXEC) != 0) return errno;
+    report[0] = fcntl(p[0], F_DUPFD_CLOEXEC, 100);
+    report[1] = fcntl(p[1], F_DUPFD_CLOEXEC, 100);
+    int err = (report[0] < 0 || report[1] < 0) ? errno : 0;
+    close(p[0]);
+    close(p[1]);
+    if (err) {
+        if (report[0] >= 0) close(report[0]);
+        if (report[1] >= 0) close(report[1]);
+        return err;
+    }
+    pid_t parent = getpid();
+    pid_t pid = fork();
+    if (pid < 0) {
+        err = errno;
+        close(report[0]);
+        close(report[1]);
+        return err;
+    }
+    if (pid == 0) {
+        struct sigaction dfl = {0};
+        dfl.sa_handler = SIG_DFL;
+        for (int s = 1; s < NSIG; s++) if (s != SIGKILL && s != SIGSTOP) (void)sigaction(s, &dfl, NULL);
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        close(report[0]);
+        errno = 0;
+        /* Set, then checked: a parent gone before the prctl sent nothing. */
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) confined_fail(report[1], 0);
+        if (getppid() != parent) _exit(127);
+        if (new_session && setsid() < 0) confined_fail(report[1], 0);
+        for (int i = 0; i < count; i++) if (dup2(from[i], to[i]) < 0) confined_fail(report[1], 0);
+        if (syscall(SYS_close_range, (unsigned)close_from, ~0U, CLOSE_RANGE_CLOEXEC) != 0) confined_fail(report[1], 0);
+        execve(path, argv, envp);
+        confined_fail(report[1], 0);
+    }
+    close(report[1]);
+    int e = 0;
+    ssize_t n;
+    while ((n = read(report[0], &e, sizeof e)) < 0 && errno == EINTR) {}
+    close(report[0]);
+    if (n == (ssize_t)sizeof e) {
+        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
+        return (e & 0xffff) ? (e & 0xffff) : EIO;
+    }
+    *pid_out = pid;
+    return 0;
+}

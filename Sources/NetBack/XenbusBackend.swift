@@ -254,7 +254,9 @@ public final class NetbackDriver: XenBusBackendDriver, @unchecked Sendable {
 
     /// Runs a hotplug script the way Xen's hotplug runner does, in a session
     /// of its own; one still running after ``hotplugSeconds`` is killed with
-    /// everything it started, and fails its device.
+    /// everything it started, and fails its device. The kernel kills it if
+    /// netback dies meanwhile (a script left running would answer into the
+    /// device a restarted netback probes again).
     func hotplug(_ script: String, _ action: String, vif: String, dev: XenBusDevice, run: DeviceScript? = nil) throws {
         var env = scriptEnvironment
         env["vif"] = vif
@@ -262,7 +264,8 @@ public final class NetbackDriver: XenBusBackendDriver, @unchecked Sendable {
         let null = open("/dev/null", O_RDWR | O_CLOEXEC)
         defer { close(null) }
         let pid = try ProcessLauncher.spawn(script, arguments: [action], environment: env,
-                                            descriptors: [(null, 0), (null, 1), (2, 2)], newSession: true)
+                                            descriptors: [(null, 0), (null, 1), (2, 2)], newSession: true,
+                                            tiedToThread: true)
         // Woken by the script's exit; without a pidfd (an old kernel, no
         // descriptor left), waitpid(WNOHANG) every 50 ms.
         let process = ProcessHandle(pid)

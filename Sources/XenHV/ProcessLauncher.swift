@@ -58,11 +58,14 @@ public enum ProcessLauncher {
     /// thread takes it for the spawn, so the child and every thread it ever
     /// starts inherit it, and gets its own back.
     /// `confinement` starts it as another uid in a user and network
-    /// namespace of its own (``Confinement``).
+    /// namespace of its own (``Confinement``). `tiedToThread` has the kernel
+    /// kill it (SIGKILL) when the calling thread ends or this process dies,
+    /// kill -9 included (PR_SET_PDEATHSIG): for a helper that must not
+    /// outlive the thread waiting for it, such as a hotplug script.
     public static func spawn(
         _ path: String, arguments: [String], environment: [String: String] = [:],
         descriptors: [(ours: CInt, child: CInt)] = [], newSession: Bool = false, cpus: CPUSet? = nil,
-        confinement: Confinement? = nil
+        confinement: Confinement? = nil, tiedToThread: Bool = false
     ) throws -> pid_t {
         var saved = CPUSet.Words(repeating: 0, count: Int(CXEN_CPU_WORDS))
         if let cpus {
@@ -113,6 +116,13 @@ public enum ProcessLauncher {
             guard rc == 0 else {
                 throw HypervisorError.system(call: "starting \(path) as uid \(confinement.uid): \(Confinement.describe(step: step, errno: rc))", errno: rc)
             }
+            return pid
+        }
+        if tiedToThread {
+            // fork and exec in the shim: posix_spawn cannot set a death signal.
+            let rc = cxen_spawn_tied(path, argv, envp, staged.map(\.0), staged.map(\.1), CInt(staged.count), closeFrom,
+                                     newSession ? 1 : 0, &pid)
+            guard rc == 0 else { throw HypervisorError.system(call: "starting \(path)", errno: rc) }
             return pid
         }
         // The child starts with no blocked signals and default dispositions,

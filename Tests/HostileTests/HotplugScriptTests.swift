@@ -153,6 +153,55 @@ extension Hostile {
             #expect(try vifCarriesFrames(front.queue, tap: front.tapName, tag: 0x7200))
             #expect(try vifCarriesFrames(fine.queue, tap: fine.tapName, tag: 0x7300))
         }
+        /// A hotplug script dies with netback (the kernel kills it, kill -9
+        /// included): left running, it would answer into the device a
+        /// restarted netback probes again. The netback daemon as a process.
+        @Test func aScriptDiesWithNetback() throws {
+            // Notes its pid, then waits for a writer on a FIFO nobody opens.
+            let waiter = "#!/bin/bash\necho $$ > \"$(dirname \"$0\")/waiter.pid\"\nread -r _ < \"$(dirname \"$0\")/go\"\n"
+                + "xenstore-write \"$XENBUS_PATH/hotplug-status\" connected\n"
+            let scripts = try ScriptsDirectory(["waiter": waiter])
+            let dir = scripts.path
+            #expect(mkfifo(dir + "/go", 0o600) == 0)
+            let d = try HostileDom0()
+            let build = Dom0Harness.buildDirectory(packageRoot: HostileDom0.root)
+            var out: [CInt] = [-1, -1]
+            #expect(pipe(&out) == 0 && fcntl(out[0], F_SETFD, FD_CLOEXEC) == 0)
+            var netback = try ProcessLauncher.spawn(build + "/netback", arguments: [
+                "--xenstore", d.s.xenstoreSocket, "--xenhv-socket", d.s.hypervisorSocket, "--log-level", "critical",
+                "--hotplug-script", dir + "/vif-bridge"], environment: ["XEN_RUN_DIR": d.s.dir], descriptors: [(out[1], 1), (2, 2)])
+            close(out[1])
+            defer {
+                close(out[0])
+                if netback > 0 {
+                    kill(netback, SIGKILL)
+                    var st: Int32 = 0
+                    waitpid(netback, &st, 0)
+                }
+            }
+            var line = ""
+            repeat { line = ProcessLauncher.readLine(out[0]) } while !line.isEmpty && !line.hasPrefix("netback ready")
+            #expect(line.hasPrefix("netback ready"))
+
+            let g = try d.guest("tied", pages: XenBusVif.pages(slots: 1))
+            let dev = XenBusDevice(type: "vif", frontendDomid: XenStore.DomID(g.domid), devid: 0)
+            try d.s.xenstore.createDevice(dev, backend: ["mac": "00:16:3e:00:07:01", "script": "waiter", "handle": "0", "type": "vif"],
+                                          frontend: ["mac": "00:16:3e:00:07:01", "handle": "0"])
+            let pidFile = dir + "/waiter.pid"
+            #expect(eventually { ((try? String(contentsOfFile: pidFile, encoding: .utf8)) ?? "").hasSuffix("\n") },
+                    "the script never started")
+            let script = try #require(pid_t(((try? String(contentsOfFile: pidFile, encoding: .utf8)) ?? "")
+                .trimmingCharacters(in: .whitespacesAndNewlines)))
+            defer { kill(script, SIGKILL) }
+            #expect(ScriptsDirectory.running(script))
+
+            kill(netback, SIGKILL)
+            var st: Int32 = 0
+            waitpid(netback, &st, 0)
+            netback = 0
+            #expect(eventually { !ScriptsDirectory.running(script) }, "the script \(script) outlived netback")
+            #expect((try d.s.xenstore.readIfExists(dev.backendPath + "/hotplug-status")) == nil)
+        }
     }
 
     /// A scripts directory of its own (as /etc/xen/scripts): vif-bridge, the

@@ -276,6 +276,16 @@ enum {
     CXEN_CONFINE_EXEC,         /* opening or executing the program */
     CXEN_CONFINE_PROC,         /* unshare(CLONE_NEWNS) and making it a slave */
 };
+/* Starts `path` as posix_spawn does for ProcessLauncher.spawn (fork and
+ * execve: default signal dispositions and an empty mask, setsid when
+ * `new_session`, dup2(from[i], to[i]) for `count` pairs whose sources are
+ * close-on-exec and above every target, every descriptor >= `close_from`
+ * close-on-exec), and tied to the calling thread with PR_SET_PDEATHSIG
+ * SIGKILL: it is killed when that thread ends or this process dies, kill -9
+ * included. 0 and *pid_out, or an errno (the child, if one was made, is
+ * reaped). */
+int cxen_spawn_tied(const char *path, char *const argv[], char *const envp[],
+                    const int *from, const int *to, int count, int close_from, int new_session, int *pid_out);
 /* setns(2) for a namespace type (CLONE_NEW*); 0 or -1 with errno. */
 int cxen_setns(int fd, int nstype);
 /* unshare(2); 0 or -1 with errno. */
