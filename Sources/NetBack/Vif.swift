@@ -54,6 +54,8 @@ public struct VifConfig: Sendable {
     public var maxQueues: Int = 1
     /// Tap name; Xen's `vif<domid>.<devid>` when nil.
     public var tapName: String?
+    /// The name the tap gets.
+    public var effectiveTapName: String { tapName ?? Tap.vifName(domid: frontendDomid, devid: devid) }
     /// Frames held per queue while the guest posts no rx buffers (XSA-392).
     public var rxQueueLimit: Int = 64
     /// After this long without rx buffers for waiting frames, the carrier goes
@@ -191,7 +193,7 @@ public final class Vif: @unchecked Sendable {
     public init(hypervisor: Hypervisor, config: VifConfig, logger: Logger? = nil) throws(VifError) {
         self.config = config
         self.hypervisor = hypervisor
-        let wanted = config.tapName ?? Tap.vifName(domid: config.frontendDomid, devid: config.devid)
+        let wanted = config.effectiveTapName
         let t: Tap
         // Made, never joined: a tap of that name that exists (another vif's
         // `vifname`, a leftover) would otherwise take this guest's frames.

@@ -27,8 +27,9 @@ import XenStore
 ///    device's script apart from other devices' work), so a slow `offline`
 ///    holds back only a new device at the same path, probed once it is done.
 public final class NetbackDriver: XenBusBackendDriver, @unchecked Sendable {
-    // Sound: the backend's queue makes every driver call; the hotplug threads
-    // touch only their own DeviceScript, `logger` and the removed vif (no
+    // Sound: the backend's queue makes every driver call but started(recheck:)
+    // and drain(), which touch only Mutexes; the hotplug threads touch only
+    // their own DeviceScript, `logger`, the Mutexes and the removed vif (no
     // longer the backend's), and the hypervisor not at all.
     public let type = "vif"
     let hv: Hypervisor
@@ -49,11 +50,15 @@ public final class NetbackDriver: XenBusBackendDriver, @unchecked Sendable {
     /// The backend's ``started(recheck:)``: probes a device again.
     private let recheck = Mutex<(@Sendable (String) -> Void)?>(nil)
 
-    /// A removal under way: done once the tap is gone; `probeWaits` when a
-    /// new device at the same path was turned away meanwhile.
+    /// A removal under way: done once its tap (named `tap`) is gone;
+    /// `waiting`, the devices turned away meanwhile because they have its
+    /// path or would take its tap's name (a `vifname` the toolstack gives
+    /// again, say to a guest restarted under a new domid), probed again
+    /// when it is done.
     struct Removal {
         let done: DispatchSemaphore
-        var probeWaits = false
+        let tap: String
+        var waiting: Set<String> = []
     }
 
     /// The script a device went online with (`offline` runs the same one, as
@@ -91,20 +96,21 @@ public final class NetbackDriver: XenBusBackendDriver, @unchecked Sendable {
     public func probe(_ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) throws -> Vif? {
         let path = dev.backendPath
         guard try xs.readIfExists(path + "/mac") != nil else { return nil }  // the toolstack's keys are not in yet
-        // A device removed from this path still has its tap (same name) and
-        // its `offline` script: this one is probed again when they are gone.
-        let waits = removals.withLock { r -> Bool in
-            guard r[path] != nil else { return false }
-            r[path]!.probeWaits = true
-            return true
-        }
-        if waits {
-            logger.info("\(path): waiting for the removed device's offline script before probing the new one")
-            return nil
-        }
         let cfg = try VifKeys.config(frontendDomid: XenHV.DomID(dev.frontendDomid), devid: UInt32(dev.devid),
                                      maxQueues: maxQueues, warn: { logger.warning("\(path): \($0)") }) { k in
             (try? xs.readIfExists(path + "/" + k)) ?? nil
+        }
+        // A removed device's tap, of the name this one takes, is still there
+        // while its `offline` script runs: probed again once it is gone.
+        let tap = cfg.effectiveTapName
+        let waits = removals.withLock { r -> Bool in
+            guard let key = r.first(where: { $0.key == path || $0.value.tap == tap })?.key else { return false }
+            r[key]!.waiting.insert(path)
+            return true
+        }
+        if waits {
+            logger.info("\(path): waiting for a removed device's offline script before making \(tap)")
+            return nil
         }
         let vif = try Vif(hypervisor: hv, config: cfg, logger: logger)
         do {
@@ -230,16 +236,16 @@ public final class NetbackDriver: XenBusBackendDriver, @unchecked Sendable {
         let run = scripts.withLock { $0.removeValue(forKey: path) }
         run?.cancelled.store(true, ordering: .releasing)
         let done = DispatchSemaphore(value: 0)
-        removals.withLock { $0[path] = Removal(done: done) }
+        removals.withLock { $0[path] = Removal(done: done, tap: vif.name) }
         let finish: @Sendable () -> Void = { [self] in
             run?.done.wait()  // at once if it ended long ago
             do { try hotplug(run?.script ?? defaultScript, "offline", vif: vif.name, dev: dev) } catch {
                 logger.warning("\(path): \(error)")
             }
             vif.close()
-            let probe = removals.withLock { $0.removeValue(forKey: path)?.probeWaits ?? false }
+            let waiting = removals.withLock { $0.removeValue(forKey: path)?.waiting ?? [] }
             done.signal()
-            if probe, let recheck = recheck.withLock({ $0 }) { recheck(path) }
+            if let recheck = recheck.withLock({ $0 }) { for p in waiting.sorted() { recheck(p) } }
         }
         if !DetachedThread.start(name: "offline-\(dev.frontendDomid).\(dev.devid)", finish) { finish() }
     }
@@ -254,9 +260,10 @@ public final class NetbackDriver: XenBusBackendDriver, @unchecked Sendable {
 
     /// Runs a hotplug script the way Xen's hotplug runner does, in a session
     /// of its own; one still running after ``hotplugSeconds`` is killed with
-    /// everything it started, and fails its device. The kernel kills it if
-    /// netback dies meanwhile (a script left running would answer into the
-    /// device a restarted netback probes again).
+    /// everything it started, and fails its device. The kernel kills the
+    /// script if netback dies meanwhile (left running, it would answer into
+    /// the device a restarted netback probes again); a command it started
+    /// finishes (a `xenstore-write` under way may still land).
     func hotplug(_ script: String, _ action: String, vif: String, dev: XenBusDevice, run: DeviceScript? = nil) throws {
         var env = scriptEnvironment
         env["vif"] = vif

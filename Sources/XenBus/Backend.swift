@@ -68,13 +68,17 @@ extension XenBusBackendDriver {
 /// whose directory the toolstack removed. A failure is reported like
 /// xenbus_dev_fatal: the reason in `<backend>/error`, the device Closing.
 public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendable {
-    // Sound: `devices` and the driver are only touched on `queue`.
+    // Sound: `devices`, `stopped` and the driver are only touched on
+    // `queue`, but for the driver's started(recheck:) and drain(), which are
+    // its own to make safe.
     public let xs: XenBusClient
     let driver: Driver
     let logger: Logger
     let queue: DispatchQueue
     let root: String
     var devices: [String: Entry] = [:]
+    /// Set by ``stop()``: a driver's late recheck probes nothing.
+    var stopped = false
     var rootWatch: XenBusWatch?
 
     final class Entry {
@@ -111,7 +115,7 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
     public func start() throws {
         driver.started { [weak self] path in
             guard let self else { return }
-            self.queue.async { self.reconcile(path) }
+            self.queue.async { if !self.stopped { self.reconcile(path) } }
         }
         rootWatch = try xs.watch(root, token: "backend-\(driver.type)") { [weak self] e in
             guard let self else { return }
@@ -188,6 +192,7 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
     public func stop() {
         if let w = rootWatch { try? xs.unwatch(w) }
         queue.sync {
+            stopped = true
             for (_, e) in devices { teardown(e) }
             devices.removeAll()
         }

@@ -120,19 +120,20 @@ extension Hostile {
         /// A removed vif's `offline` script runs on a thread of its own, as
         /// libxl runs each device's: one that hangs holds back no other
         /// guest's vif (it connects and carries frames while the script
-        /// still runs), only a new device at the same path, whose tap has
-        /// the old one's name: that one is probed once the script is done,
-        /// and then connects.
-        @Test func aHungOfflineScriptHoldsBackOnlyItsOwnPath() throws {
+        /// still runs), only new devices that would take the old tap's
+        /// name: one at the same path, and one elsewhere given the same
+        /// `vifname`. Both are probed once the script is done, and connect.
+        @Test func aHungOfflineScriptHoldsBackOnlyItsOwnTapName() throws {
             let scripts = try ScriptsDirectory(["hang": ScriptsDirectory.hang(going: "offline")])
             let dir = scripts.path
             let d = try HostileDom0()
             let net = try HostileNetback(d, defaultScript: dir + "/vif-bridge", hotplugSeconds: 60)
             defer { net.stop() }
-            let h = try d.guest("hung", pages: XenBusVif.pages(slots: 2))
+            let h = try d.guest("hung", pages: XenBusVif.pages(slots: 3))
             let g = try d.guest("fine", pages: XenBusVif.pages(slots: 1))
+            let name = "hxv\(getpid() % 100000)"
 
-            let old = try XenBusVif(d, net, guest: h, backend: ["script": "hang"])
+            let old = try XenBusVif(d, net, guest: h, backend: ["script": "hang", "vifname": name])
             try d.s.xenstore.destroyDevice(old.dev)
             #expect(eventually { scripts.hungChild != nil }, "the offline script never started")
             let child = try #require(scripts.hungChild)
@@ -141,18 +142,25 @@ extension Hostile {
             #expect(try vifCarriesFrames(fine.queue, tap: fine.tapName))
             #expect(ScriptsDirectory.running(child), "the offline script ended before the other vif connected")
 
-            // The same device again: not probed while its old tap and script are there.
-            let again = try XenBusVif.add(d, net, guest: h, backend: ["script": "hang"])
+            // The same path again, and another device named as the old tap:
+            // neither is probed while the old tap and its script are there.
+            let samePath = try XenBusVif.add(d, net, guest: h)
+            let sameName = try XenBusVif.add(d, net, guest: h, devid: 1, backend: ["vifname": name])
             net.service.settle()
-            #expect((try d.s.xenstore.state(at: again.backendPath)) == .initialising)
+            #expect((try d.s.xenstore.state(at: samePath.backendPath)) == .initialising)
+            #expect((try d.s.xenstore.state(at: sameName.backendPath)) == .initialising)
             #expect(ScriptsDirectory.running(child))
-            // The script ends (its child does): the new device is offered, connects and carries frames.
+            // The script ends (its child does): both are offered, connect and carry frames.
             #expect(kill(child, SIGKILL) == 0)
-            try XenBusVif.awaitInitWait(d, again)
-            let front = try XenBusVif(d, attaching: again, guest: h, slot: 1)
-            #expect(try vifCarriesFrames(front.queue, tap: front.tapName, tag: 0x7200))
-            #expect(try vifCarriesFrames(fine.queue, tap: fine.tapName, tag: 0x7300))
+            try XenBusVif.awaitInitWait(d, samePath)
+            try XenBusVif.awaitInitWait(d, sameName)
+            let first = try XenBusVif(d, attaching: samePath, guest: h, slot: 1)
+            #expect(try vifCarriesFrames(first.queue, tap: first.tapName, tag: 0x7200))
+            let named = try XenBusVif(d, attaching: sameName, guest: h, slot: 2)
+            #expect(try vifCarriesFrames(named.queue, tap: name, tag: 0x7300))
+            #expect(try vifCarriesFrames(fine.queue, tap: fine.tapName, tag: 0x7400))
         }
+
         /// A hotplug script dies with netback (the kernel kills it, kill -9
         /// included): left running, it would answer into the device a
         /// restarted netback probes again. The netback daemon as a process.
@@ -166,7 +174,7 @@ extension Hostile {
             let d = try HostileDom0()
             let build = Dom0Harness.buildDirectory(packageRoot: HostileDom0.root)
             var out: [CInt] = [-1, -1]
-            #expect(pipe(&out) == 0 && fcntl(out[0], F_SETFD, FD_CLOEXEC) == 0)
+            #expect(pipe(&out) == 0 && fcntl(out[0], F_SETFD, FD_CLOEXEC) == 0 && fcntl(out[1], F_SETFD, FD_CLOEXEC) == 0)
             var netback = try ProcessLauncher.spawn(build + "/netback", arguments: [
                 "--xenstore", d.s.xenstoreSocket, "--xenhv-socket", d.s.hypervisorSocket, "--log-level", "critical",
                 "--hotplug-script", dir + "/vif-bridge"], environment: ["XEN_RUN_DIR": d.s.dir], descriptors: [(out[1], 1), (2, 2)])
@@ -200,7 +208,6 @@ extension Hostile {
             waitpid(netback, &st, 0)
             netback = 0
             #expect(eventually { !ScriptsDirectory.running(script) }, "the script \(script) outlived netback")
-            #expect((try d.s.xenstore.readIfExists(dev.backendPath + "/hotplug-status")) == nil)
         }
     }
 

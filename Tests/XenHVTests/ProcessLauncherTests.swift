@@ -48,7 +48,7 @@ import XenTestKit
     /// and a program that cannot be executed is an error, not a child.
     @Test func aTiedChildGetsItsDescriptorsAndSession() throws {
         var p: [CInt] = [-1, -1]
-        #expect(pipe(&p) == 0 && fcntl(p[0], F_SETFD, FD_CLOEXEC) == 0)
+        #expect(pipe(&p) == 0 && fcntl(p[0], F_SETFD, FD_CLOEXEC) == 0 && fcntl(p[1], F_SETFD, FD_CLOEXEC) == 0)
         let pid = try ProcessLauncher.spawn("/bin/sh", arguments: ["-c", "echo $$; ls /proc/self/fd"],
                                             descriptors: [(p[1], 1), (2, 2)], newSession: true, tiedToThread: true)
         close(p[1])
