@@ -7,7 +7,7 @@ import Glibc
 /// The counterpart of nbd's doc/proto.md client side, as libnbd speaks it.
 public final class NBDClient {
     /// NBD command types (NBD_CMD_*).
-    public enum Command: UInt16 { case read = 0, write = 1, disconnect = 2, flush = 3, trim = 4 }
+    public enum Command: UInt16 { case read = 0, write = 1, disconnect = 2, flush = 3, trim = 4, writeZeroes = 6 }
 
     public let fd: CInt
     /// The export's size in bytes, from the handshake.

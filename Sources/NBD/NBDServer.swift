@@ -297,6 +297,7 @@ final class NBDConnection: @unchecked Sendable {
         var tflags = NBDProto.hasFlags | NBDProto.sendFlush | NBDProto.sendFUA | NBDProto.canMultiConn
         if dev.isReadOnly { tflags |= NBDProto.readOnly }
         if dev.canTrim && !dev.isReadOnly { tflags |= NBDProto.sendTrim }
+        if !dev.isReadOnly { tflags |= NBDProto.sendWriteZeroes }
 
         var hello = BE()
         hello.u64(NBDProto.initMagic); hello.u64(NBDProto.optMagic)
@@ -406,6 +407,15 @@ final class NBDConnection: @unchecked Sendable {
                 guard inRange else { answer(handle, NBDProto.EINVAL, bytes: bytes); continue }
                 guard length > 0 else { answer(handle, 0, bytes: bytes); continue }
                 dev.trim(at: offset, length: UInt64(length)) { [self] err in answer(handle, err.map { UInt32($0) } ?? 0, bytes: bytes) }
+            case NBDProto.cmdWriteZeroes:
+                if dev.isReadOnly { answer(handle, NBDProto.EPERM, bytes: bytes); continue }
+                guard inRange else { answer(handle, NBDProto.ENOSPC, bytes: bytes); continue }
+                // Never offered (NBD_FLAG_SEND_FAST_ZERO): zeroing here is writing zeros.
+                guard cmdFlags & NBDProto.cmdFlagFastZero == 0 else { answer(handle, NBDProto.EINVAL, bytes: bytes); continue }
+                guard length > 0 else { answer(handle, 0, bytes: bytes); continue }
+                dev.writeZeroes(at: offset, length: UInt64(length), fua: cmdFlags & NBDProto.cmdFlagFUA != 0) { [self] err in
+                    answer(handle, err.map { UInt32($0) } ?? 0, bytes: bytes)
+                }
             case NBDProto.cmdDisc:
                 release(bytes: bytes)
                 return

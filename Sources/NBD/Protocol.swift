@@ -38,6 +38,7 @@ enum NBDProto {
     static let sendFlush: UInt16 = 1 << 2
     static let sendFUA: UInt16 = 1 << 3
     static let sendTrim: UInt16 = 1 << 5
+    static let sendWriteZeroes: UInt16 = 1 << 6
     static let canMultiConn: UInt16 = 1 << 8
 
     // Commands and command flags.
@@ -46,7 +47,11 @@ enum NBDProto {
     static let cmdDisc: UInt16 = 2
     static let cmdFlush: UInt16 = 3
     static let cmdTrim: UInt16 = 4
+    static let cmdWriteZeroes: UInt16 = 6
     static let cmdFlagFUA: UInt16 = 1 << 0
+    /// NBD_CMD_FLAG_FAST_ZERO: fail at once unless zeroing is faster than
+    /// writing zeros (only with NBD_FLAG_SEND_FAST_ZERO, which we never offer).
+    static let cmdFlagFastZero: UInt16 = 1 << 4
 
     // Errors carried in replies.
     static let EPERM: UInt32 = 1

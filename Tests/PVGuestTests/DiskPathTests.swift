@@ -113,6 +113,13 @@ import XenTestKit
         #expect(rc3 == 0 && !out3.contains("failed"), "\(out3)")
         #expect(Self.allocatedBlocks(img) <= before - 2097152 / 512, "blocks \(before) -> \(Self.allocatedBlocks(img))")
 
+        // Write-zeroes (NBD_CMD_WRITE_ZEROES, zeros written through the ring) across 1 MiB chunks.
+        let (rc6, out6) = try Self.qemuIO(a, ["write -P 0x66 16777216 3145728", "write -z 16781312 2097152", "flush"])
+        #expect(rc6 == 0 && !out6.contains("failed"), "\(out6)")
+        #expect(try Self.bytes(img, at: 16_781_312, count: 2_097_152) == [UInt8](repeating: 0, count: 2_097_152))
+        #expect(try Self.bytes(img, at: 16_777_216, count: 4096) == [UInt8](repeating: 0x66, count: 4096))
+        #expect(try Self.bytes(img, at: 18_878_464, count: 1_044_480) == [UInt8](repeating: 0x66, count: 1_044_480))
+
         // A read-only disk reads, and refuses writes with an error.
         let (rc4, out4) = try Self.qemuIO(b, ["read -P 0 0 4096"], readOnly: true)
         #expect(rc4 == 0, "\(out4)")
