@@ -328,4 +328,48 @@ import XenTestKit
             #expect((try? String(contentsOf: committed, encoding: .utf8)) == u.1, "backends/systemd/\(u.0) is stale: run xenctl units")
         }
     }
+
+    /// scripts/install puts the programs and vif-bridge in a bindir with
+    /// units naming it, and the installed xenctl runs the services from
+    /// there; a bad argument is one line and writes nothing.
+    @Test func installedProgramsRunAsTheServices() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().path
+        let build = URL(fileURLWithPath: Self.bin).deletingLastPathComponent().path
+        let dir = NSTemporaryDirectory() + "xenctl-install-\(UUID().uuidString.prefix(8))"
+        let bindir = dir + "/bin", unitdir = dir + "/units", run = dir + "/run"
+        defer {
+            _ = CommandResult.run(bindir + "/xenctl", ["down", "--run-dir", run])
+            for pid in processes(mentioning: run) { kill(pid, SIGKILL) }
+            try? FileManager.default.removeItem(atPath: dir)
+        }
+        let bad = CommandResult.run(root + "/scripts/install", ["--from", build, "--bindir", "relative/bin", "--unitdir", unitdir])
+        #expect(bad.status == 1 && bad.err == "scripts/install: --bindir must be an absolute path (the units name it): 'relative/bin'\n", "\(bad.err)")
+        #expect(!FileManager.default.fileExists(atPath: unitdir))
+
+        let r = CommandResult.run(root + "/scripts/install", ["--from", build, "--bindir", bindir, "--unitdir", unitdir])
+        #expect(r.status == 0, "\(r.err)")
+        for p in ["xenhv", "xenstored", "blkback", "netback", "xenctl", "pvguest", "xen-netlink", "vif-bridge"] {
+            #expect(access(bindir + "/" + p, X_OK) == 0, "\(p) not installed")
+        }
+        let units = (try? FileManager.default.contentsOfDirectory(atPath: unitdir)) ?? []
+        #expect(units.count == 4, "\(units)")
+        for u in units {
+            let text = (try? String(contentsOfFile: unitdir + "/" + u, encoding: .utf8)) ?? ""
+            let exec = text.split(separator: "\n").first { $0.hasPrefix("ExecStart=") } ?? ""
+            #expect(exec.hasPrefix("ExecStart=" + bindir + "/"), "\(u): \(exec)")
+        }
+
+        let env = ["XENHV_FIRST_DOMID": "\(Dom0Harness.distinctFirstDomID())"]
+        let up = CommandResult.run(bindir + "/xenctl", ["up", "--run-dir", run], environment: env, timeout: 120)
+        #expect(up.status == 0, "\(up.err)")
+        let services = ServiceStatus.read(runDir: run) ?? []
+        #expect(services.count == 4 && services.allSatisfy { $0.state == "running" }, "\(services)")
+        for s in services {
+            let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(s.pid)/exe")) ?? ""
+            #expect(exe == bindir + "/" + s.name, "\(s.name) runs \(exe)")
+        }
+        #expect(CommandResult.run(bindir + "/xenctl", ["down", "--run-dir", run]).status == 0)
+        #expect(processes(mentioning: run).isEmpty)
+    }
 }
