@@ -86,11 +86,8 @@ extension Hostile {
         @Test func aHungScriptHoldsBackOnlyItsOwnVif() throws {
             let scripts = try ScriptsDirectory(["hang": ScriptsDirectory.hang(going: "online")])
             let dir = scripts.path
-            let d = try HostileDom0()
-            let net = try HostileNetback(d, defaultScript: dir + "/vif-bridge", hotplugSeconds: 300)
+            let (d, net, h, g) = try scripts.twoGuests(hotplugSeconds: 300)
             defer { net.stop() }
-            let h = try d.guest("hung", pages: XenBusVif.pages(slots: 1))
-            let g = try d.guest("fine", pages: XenBusVif.pages(slots: 1))
 
             let stuck = try XenBusVif.add(d, net, guest: h, backend: ["script": "hang"])
             #expect(eventually { FileManager.default.fileExists(atPath: dir + "/hang.pid") }, "the hung script never started")
@@ -125,12 +122,8 @@ extension Hostile {
         /// `vifname`. Both are probed once the script is done, and connect.
         @Test func aHungOfflineScriptHoldsBackOnlyItsOwnTapName() throws {
             let scripts = try ScriptsDirectory(["hang": ScriptsDirectory.hang(going: "offline")])
-            let dir = scripts.path
-            let d = try HostileDom0()
-            let net = try HostileNetback(d, defaultScript: dir + "/vif-bridge", hotplugSeconds: 60)
+            let (d, net, h, g) = try scripts.twoGuests(hotplugSeconds: 60, hungSlots: 3)
             defer { net.stop() }
-            let h = try d.guest("hung", pages: XenBusVif.pages(slots: 3))
-            let g = try d.guest("fine", pages: XenBusVif.pages(slots: 1))
             let name = "hxv\(getpid() % 100000)"
 
             let old = try XenBusVif(d, net, guest: h, backend: ["script": "hang", "vifname": name])
@@ -231,6 +224,22 @@ extension Hostile {
             for (name, text) in scripts {
                 try text.write(toFile: path + "/" + name, atomically: true, encoding: .utf8)
                 #expect(chmod(path + "/" + name, 0o755) == 0)
+            }
+        }
+
+        /// A dom0 whose netback runs this directory's scripts (vif-bridge by
+        /// default) with `hotplugSeconds`, and two guests: "hung", with room
+        /// for `hungSlots` vifs, and "fine", with room for one.
+        func twoGuests(hotplugSeconds: Double, hungSlots: Int = 1)
+            throws -> (HostileDom0, HostileNetback, Dom0Harness.Guest, Dom0Harness.Guest) {
+            let d = try HostileDom0()
+            let net = try HostileNetback(d, defaultScript: path + "/vif-bridge", hotplugSeconds: hotplugSeconds)
+            do {
+                return (d, net, try d.guest("hung", pages: XenBusVif.pages(slots: hungSlots)),
+                        try d.guest("fine", pages: XenBusVif.pages(slots: 1)))
+            } catch {
+                net.stop()
+                throw error
             }
         }
 

@@ -33,6 +33,11 @@ import XenTestKit
         return (r.status, r.out + r.err)
     }
 
+    /// qemu-io on `uri` running `commands` (each a -c).
+    func qemuIO(_ uri: String, _ commands: [String]) throws -> (Int32, String) {
+        try run("/usr/bin/qemu-io", ["-f", "raw", uri] + commands.flatMap { ["-c", $0] })
+    }
+
     @Test func nbdinfoSeesTheExport() throws {
         let s = try serve(size: 48 << 20)
         defer { finish(s) }
@@ -51,17 +56,10 @@ import XenTestKit
     @Test func qemuIOWritesLandAndReadBack() throws {
         let s = try serve()
         defer { finish(s) }
-        let (rc, out) = try run("/usr/bin/qemu-io", [
-            "-f", "raw", s.uri,
-            "-c", "write -P 0xab 4096 8192",
-            "-c", "write -P 0xcd 1048576 65536",
-            "-c", "read -P 0xab 4096 8192",
-            "-c", "read -P 0xcd 1048576 65536",
-            "-c", "read -P 0 0 4096",
-            "-c", "flush",
-            "-c", "discard 4096 4096",
-            "-c", "read -P 0 4096 4096",
-            "-c", "read -P 0xab 8192 4096",
+        let (rc, out) = try qemuIO(s.uri, [
+            "write -P 0xab 4096 8192", "write -P 0xcd 1048576 65536",
+            "read -P 0xab 4096 8192", "read -P 0xcd 1048576 65536", "read -P 0 0 4096",
+            "flush", "discard 4096 4096", "read -P 0 4096 4096", "read -P 0xab 8192 4096",
         ])
         #expect(rc == 0, "\(out)")
         #expect(!out.contains("Pattern verification failed"), "\(out)")
@@ -114,13 +112,9 @@ import XenTestKit
 
         let q = try serve()
         defer { finish(q) }
-        let (rc, out) = try run("/usr/bin/qemu-io", [
-            "-f", "raw", q.uri,
-            "-c", "write -P 0x11 0 3M",
-            "-c", "write -z 4096 2M",
-            "-c", "read -P 0 4096 2M",
-            "-c", "read -P 0x11 0 4096",
-            "-c", "read -P 0x11 2101248 1044480",
+        let (rc, out) = try qemuIO(q.uri, [
+            "write -P 0x11 0 3M", "write -z 4096 2M",
+            "read -P 0 4096 2M", "read -P 0x11 0 4096", "read -P 0x11 2101248 1044480",
         ])
         #expect(rc == 0 && !out.contains("Pattern verification failed") && !out.lowercased().contains("error"), "\(out)")
     }
@@ -130,14 +124,14 @@ import XenTestKit
         defer { finish(s) }
         let (rc, out) = try run("/usr/bin/qemu-io", ["-f", "raw", "-r", s.uri, "-c", "read -P 0 0 4096"])
         #expect(rc == 0, "\(out)")
-        let (_, w) = try run("/usr/bin/qemu-io", ["-f", "raw", s.uri, "-c", "write -P 1 0 4096"])
+        let (_, w) = try qemuIO(s.uri, ["write -P 1 0 4096"])
         #expect(w.contains("read-only") || w.contains("Operation not permitted") || w.contains("Permission denied"), "\(w)")
     }
 
     @Test func outOfRangeAndGarbageAreRefused() throws {
         let s = try serve(size: 1 << 20)
         defer { finish(s) }
-        let (_, out) = try run("/usr/bin/qemu-io", ["-f", "raw", s.uri, "-c", "read 1044480 8192"])
+        let (_, out) = try qemuIO(s.uri, ["read 1044480 8192"])
         #expect(out.contains("Input/output error") || out.contains("Invalid argument") || out.contains("out of range") || out.contains("beyond"), "\(out)")
         // A client that sends garbage instead of the handshake is dropped; the server lives on.
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
@@ -155,7 +149,7 @@ import XenTestKit
         var one: UInt8 = 0
         #expect(read(fd, &one, 1) == 0)  // closed by the server
         close(fd)
-        let (rc, again) = try run("/usr/bin/qemu-io", ["-f", "raw", s.uri, "-c", "read -P 0 0 512"])
+        let (rc, again) = try qemuIO(s.uri, ["read -P 0 0 512"])
         #expect(rc == 0, "\(again)")
     }
 
