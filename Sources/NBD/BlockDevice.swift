@@ -19,8 +19,10 @@ public protocol BlockDevice: AnyObject, Sendable {
     func flush(completion: @escaping @Sendable (Int32?) -> Void)
     func trim(at offset: UInt64, length: UInt64, completion: @escaping @Sendable (Int32?) -> Void)
     /// NBD_CMD_WRITE_ZEROES: the range reads back as zeros once this
-    /// completes. Default: zeros written (``ZeroFill``), as blkif has no
-    /// write-zeroes request and a discard need not zero.
+    /// completes. Default: zeros written (``ZeroFill``), each chunk issued
+    /// from the last one's completion; a device whose `write` may wait for
+    /// something only its completion path provides (blkfront's ring slots)
+    /// implements its own.
     func writeZeroes(at offset: UInt64, length: UInt64, fua: Bool, completion: @escaping @Sendable (Int32?) -> Void)
 }
 

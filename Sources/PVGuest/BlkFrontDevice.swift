@@ -388,18 +388,36 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     // MARK: BlockDevice
 
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, completion: @escaping @Sendable (Int32?) -> Void) {
-        transfer(op: UInt8(BLKIF_OP_READ), offset: offset, count: buffer.count, read: buffer.baseAddress, write: nil, completion: completion)
+        transfer(op: UInt8(BLKIF_OP_READ), offset: offset, count: buffer.count, read: buffer.baseAddress, write: .none, completion: completion)
     }
 
     public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool, completion: @escaping @Sendable (Int32?) -> Void) {
-        guard fua else {
-            transfer(op: UInt8(BLKIF_OP_WRITE), offset: offset, count: buffer.count, read: nil, write: buffer.baseAddress, completion: completion)
-            return
+        written(fua: fua, completion: completion) { done in
+            transfer(op: UInt8(BLKIF_OP_WRITE), offset: offset, count: buffer.count, read: nil,
+                     write: buffer.baseAddress.map { .bytes($0) } ?? .none, completion: done)
         }
-        // FUA: the write, then a cache flush, before the client hears of it.
-        // The flush waits for a ring slot, so it is not submitted from the
-        // completion path that frees slots (it would wait for itself).
-        transfer(op: UInt8(BLKIF_OP_WRITE), offset: offset, count: buffer.count, read: nil, write: buffer.baseAddress) { [self] err in
+    }
+
+    /// Write-zeroes: blkif has no such request, and a discard need not zero,
+    /// so zeros are written, every part submitted from the calling thread as
+    /// a large write's are (a part submitted from the completion thread could
+    /// wait there for a slot only that thread frees), its slot's pages zeroed
+    /// in place.
+    public func writeZeroes(at offset: UInt64, length: UInt64, fua: Bool, completion: @escaping @Sendable (Int32?) -> Void) {
+        guard length <= UInt64(Int.max) else { completion(EINVAL); return }
+        written(fua: fua, completion: completion) { done in
+            transfer(op: UInt8(BLKIF_OP_WRITE), offset: offset, count: Int(length), read: nil, write: .zeros, completion: done)
+        }
+    }
+
+    /// Runs `write` (a write's submission, handed the completion to call),
+    /// and for FUA a cache flush once it completed, before the client hears
+    /// of it. The flush waits for a ring slot, so it is not submitted from
+    /// the completion path that frees slots (it would wait for itself).
+    private func written(fua: Bool, completion: @escaping @Sendable (Int32?) -> Void,
+                         _ write: (_ done: @escaping @Sendable (Int32?) -> Void) -> Void) {
+        guard fua else { return write(completion) }
+        write { [self] err in
             if let err { completion(err) } else {
                 // No thread for flushes (the guest's process limit): the
                 // write is not known durable, so it fails rather than wait
@@ -436,7 +454,10 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
 
     // MARK: Submission
 
-    func transfer(op: UInt8, offset: UInt64, count: Int, read dst: UnsafeMutableRawPointer?, write src: UnsafeRawPointer?,
+    /// What a write puts in its slots' pages.
+    enum Source { case none, bytes(UnsafeRawPointer), zeros }
+
+    func transfer(op: UInt8, offset: UInt64, count: Int, read dst: UnsafeMutableRawPointer?, write src: Source,
                   completion: @escaping @Sendable (Int32?) -> Void) {
         guard offset % UInt64(blockSize) == 0, count % Int(blockSize) == 0, count > 0 else { completion(EINVAL); return }
         guard !isReadOnly || op == UInt8(BLKIF_OP_READ) else { completion(EPERM); return }
@@ -473,8 +494,10 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                     ind.indirect_grefs.0 = indirectRefs[slot]
                     withUnsafeMutableBytes(of: &req) { $0.storeBytes(of: ind, as: blkif_request_indirect.self) }
                 }
-                if let src {
-                    try? slotPages[slot].write(UnsafeRawBufferPointer(start: src + off, count: len), at: 0)
+                switch src {
+                case .none: break
+                case .bytes(let src): try? slotPages[slot].write(UnsafeRawBufferPointer(start: src + off, count: len), at: 0)
+                case .zeros: try? slotPages[slot].fill(0, at: 0, count: len)
                 }
             }
         }

@@ -93,13 +93,18 @@ import XenTestKit
             let lo = Int(start) - (1 << 20), hi = lo + Int(length)
             #expect(back[lo..<hi].allSatisfy { $0 == 0 }, "not zeroed")
             #expect(back[..<lo].allSatisfy { $0 == 0xA5 } && back[hi...].allSatisfy { $0 == 0xA5 }, "zeroed outside the range")
+            // Refused ones leave their range as it was.
+            let kept = [UInt8](repeating: 0x5C, count: 4096)
+            try c.write(kept, at: 0)
+            try c.write(kept, at: (8 << 20) - 4096)
             for (flags, offset, len, expected) in [(UInt16(0), UInt64((8 << 20) - 4096), UInt32(8192), UInt32(28)),
                                                    (UInt16(1 << 4), UInt64(0), UInt32(4096), UInt32(22))] {
                 try c.send(type: zeroes, flags: flags, handle: 2, offset: offset, length: len)
                 let e = try c.reply()
                 #expect(e.handle == 2 && e.error == expected, "flags \(flags) offset \(offset): \(e.error)")
             }
-            #expect(try c.read(at: 0, length: 4096).allSatisfy { $0 == 0 })
+            #expect(try c.read(at: 0, length: 4096) == kept)
+            #expect(try c.read(at: (8 << 20) - 4096, length: 4096) == kept)
         }
 
         let ro = try serve(readOnly: true)

@@ -168,6 +168,52 @@ import XenTestKit
         }
     }
 
+    /// Large write-zeroes beside large writes from several connections, more
+    /// than the ring has slots: every part is submitted from the connection's
+    /// own thread, never from the completion path (which would wait there
+    /// for a slot only it frees), so all complete, and the bytes are right.
+    @Test func writeZeroesPastTheRingsSlotsAllComplete() throws {
+        var template = Array("/tmp/pvdisk-XXXXXX".utf8CString)
+        let dir = String(cString: mkdtemp(&template)!)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let img = Self.image(dir, "xvda.img", size: 64 << 20)
+        // One page of ring: 32 slots; a 2 MiB request is 16 parts of 128 KiB.
+        let rig = try Rig(disks: [("xvda", 51712, img, "w")], guestArguments: ["--ring-page-order", "0"])
+        guard let uri = rig.disks["xvda"], let socket = uri.split(separator: "=").last.map(String.init) else {
+            Issue.record("pvguest exported \(rig.disks)")
+            return
+        }
+        let mib: UInt64 = 1 << 20
+        let clients = try (0..<4).map { _ in try NBDClient(socket: socket, timeoutSeconds: 20) }
+        // Client c owns 16 MiB at c * 16 MiB: 2 MiB written with a pattern, then 2 MiB zeroed, four times.
+        for (c, client) in clients.enumerated() {
+            for i in 0..<4 {
+                let base = UInt64(c) * 16 * mib + UInt64(i) * 4 * mib
+                try client.send(type: NBDClient.Command.write.rawValue, handle: UInt64(2 * i), offset: base,
+                                length: UInt32(2 * mib), data: [UInt8](repeating: UInt8(0x40 + c), count: Int(2 * mib)))
+                try client.send(type: NBDClient.Command.writeZeroes.rawValue, flags: i == 3 ? 1 : 0, handle: UInt64(2 * i + 1),
+                                offset: base + 2 * mib, length: UInt32(2 * mib))
+            }
+        }
+        for client in clients {
+            for _ in 0..<8 {
+                let r = try client.reply()
+                #expect(r.error == 0, "request \(r.handle): error \(r.error)")
+            }
+        }
+        // The image started as zeros: zeros over data, once more.
+        try clients[0].write([UInt8](repeating: 0x99, count: 4096), at: 2 * mib)
+        try clients[0].send(type: NBDClient.Command.writeZeroes.rawValue, handle: 99, offset: 2 * mib, length: 4096)
+        #expect(try clients[0].reply().error == 0)
+        for c in 0..<4 {
+            for i in 0..<4 {
+                let base = UInt64(c) * 16 * mib + UInt64(i) * 4 * mib
+                #expect(try Self.bytes(img, at: base + 2 * mib - 4096, count: 4096) == [UInt8](repeating: UInt8(0x40 + c), count: 4096))
+                #expect(try Self.bytes(img, at: base + 2 * mib, count: Int(2 * mib)).allSatisfy { $0 == 0 })
+            }
+        }
+    }
+
     /// Linux's xen_blkif_max_segments: with 256 segments per request a 1 MiB
     /// write is one indirect ring request; at the default 32 it is eight of
     /// 128 KiB. Either way the bytes land where they were written.
