@@ -346,6 +346,8 @@ import XenTestKit
         let bad = CommandResult.run(root + "/scripts/install", ["--from", build, "--bindir", "relative/bin", "--unitdir", unitdir])
         #expect(bad.status == 1 && bad.err == "scripts/install: --bindir must be an absolute path (the units name it): 'relative/bin'\n", "\(bad.err)")
         #expect(!FileManager.default.fileExists(atPath: unitdir))
+        let help = CommandResult.run(root + "/scripts/install", ["--help"])
+        #expect(help.status == 0 && help.out.hasPrefix("Installs") && !help.out.contains("set -"), "\(help.out)")
 
         let r = CommandResult.run(root + "/scripts/install", ["--from", build, "--bindir", bindir, "--unitdir", unitdir])
         #expect(r.status == 0, "\(r.err)")
