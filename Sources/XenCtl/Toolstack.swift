@@ -38,7 +38,7 @@ public struct Toolstack: Sendable {
             ServiceSpec(name: "blkback", executable: bindir + "/blkback",
                         arguments: ["--hypervisor", hypervisorSocket, "--xenstore", xenstoreSocket], readyLine: "blkback ready", dependsOn: ["xenhv", "xenstored"]),
             ServiceSpec(name: "netback", executable: bindir + "/netback",
-                        arguments: ["--xenhv-socket", hypervisorSocket, "--xenstore", xenstoreSocket], readyLine: "netback ready", dependsOn: ["xenhv", "xenstored"]),
+                        arguments: ["--hypervisor", hypervisorSocket, "--xenstore", xenstoreSocket], readyLine: "netback ready", dependsOn: ["xenhv", "xenstored"]),
         ]
     }
 

@@ -253,7 +253,7 @@ final class Rig {
         _ = pipe(&out)
         _ = fcntl(out[0], F_SETFD, FD_CLOEXEC)
         netback = try ProcessLauncher.spawn(build + "/netback",
-                                            arguments: ["--xenstore", dom0.xenstoreSocket, "--xenhv-socket", dom0.hypervisorSocket,
+                                            arguments: ["--xenstore", dom0.xenstoreSocket, "--hypervisor", dom0.hypervisorSocket,
                                                         "--log-level", "error"] + (queues.map { ["--max-queues", "\($0)"] } ?? []),
                                             environment: ["XEN_RUN_DIR": dom0.dir], descriptors: [(out[1], 1), (2, 2)])
         let pid = netback

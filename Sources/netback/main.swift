@@ -26,7 +26,9 @@ struct NetbackCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "netback", abstract: "Serve a vif's netif rings on a tap vif<domid>.<devid>.")
 
-    @Option(help: "xenhv's socket.") var xenhvSocket: String?
+    @Option(name: [.customLong("hypervisor"), .customLong("xenhv-socket")],
+            help: "xenhv's socket (default: $XEN_RUN_DIR/xenhv.sock; --xenhv-socket is the same option's old name).")
+    var hypervisor: String?
     @Option(help: "xenstored's socket: serve every vif under /local/domain/0/backend/vif (the XenBus handshake).")
     var xenstore: String?
     @Option(help: "With --xenstore: the hotplug script run for a vif without a `script` key.")
@@ -61,7 +63,7 @@ struct NetbackCommand: ParsableCommand {
         // Block the termination signals before any worker thread exists, so they inherit the mask.
         let sfd = cxen_termination_signalfd()
         let runDir = ProcessInfo.processInfo.environment["XEN_RUN_DIR"] ?? "/run/swiftxen"
-        let hv = try Hypervisor.connect(socketPath: xenhvSocket ?? runDir + "/xenhv.sock")
+        let hv = try Hypervisor.connect(socketPath: hypervisor ?? runDir + "/xenhv.sock")
         if let xenstore {
             try serve(hv: hv, xenstorePath: xenstore, signals: sfd, log: log)
             return

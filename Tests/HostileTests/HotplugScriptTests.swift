@@ -169,7 +169,7 @@ extension Hostile {
             var out: [CInt] = [-1, -1]
             #expect(pipe(&out) == 0 && fcntl(out[0], F_SETFD, FD_CLOEXEC) == 0 && fcntl(out[1], F_SETFD, FD_CLOEXEC) == 0)
             var netback = try ProcessLauncher.spawn(build + "/netback", arguments: [
-                "--xenstore", d.s.xenstoreSocket, "--xenhv-socket", d.s.hypervisorSocket, "--log-level", "critical",
+                "--xenstore", d.s.xenstoreSocket, "--hypervisor", d.s.hypervisorSocket, "--log-level", "critical",
                 "--hotplug-script", dir + "/vif-bridge"], environment: ["XEN_RUN_DIR": d.s.dir], descriptors: [(out[1], 1), (2, 2)])
             close(out[1])
             defer {

@@ -113,7 +113,7 @@ import XenTestKit
             _ = fcntl(out[0], F_SETFD, FD_CLOEXEC)
             netback = try ProcessLauncher.spawn(build + "/netback",
                                                 arguments: ["--xenstore", dom0.xenstoreSocket,
-                                                            "--xenhv-socket", dom0.hypervisorSocket, "--log-level", "warning",
+                                                            "--hypervisor", dom0.hypervisorSocket, "--log-level", "warning",
                                                             "--max-queues", "\(queues)"],
                                                 environment: ["XEN_RUN_DIR": dom0.dir],
                                                 descriptors: [(out[1], 1), (2, 2)])
