@@ -403,6 +403,31 @@ static void confined_fail(int report, int step) {
 #define CLOSE_RANGE_CLOEXEC (1U << 2)
 #endif
 
+/* In a forked child: default dispositions for every signal (`ignore_xfsz`:
+   SIGXFSZ ignored) and an empty mask. Async-signal-safe. */
+static void child_default_signals(int ignore_xfsz) {
+    struct sigaction dfl = {0};
+    dfl.sa_handler = SIG_DFL;
+    for (int s = 1; s < NSIG; s++) if (s != SIGKILL && s != SIGSTOP) (void)sigaction(s, &dfl, NULL);
+    if (ignore_xfsz) {
+        struct sigaction ign = {0};
+        ign.sa_handler = SIG_IGN;
+        (void)sigaction(SIGXFSZ, &ign, NULL);
+    }
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
+/* In a forked child: setsid when asked, dup2(from[i], to[i]), every
+   descriptor >= close_from close-on-exec. 0, or -1 with errno. */
+static int child_descriptors(int new_session, const int *from, const int *to, int count, int close_from) {
+    if (new_session && setsid() < 0) return -1;
+    for (int i = 0; i < count; i++) if (dup2(from[i], to[i]) < 0) return -1;
+    return syscall(SYS_close_range, (unsigned)close_from, ~0U, CLOSE_RANGE_CLOEXEC) != 0 ? -1 : 0;
+}
+
+
 int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[],
                         const int *from, const int *to, int count, int close_from, int new_session,
                         unsigned uid, unsigned gid, const char *netns_mount,
@@ -453,15 +478,7 @@ int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[]
         return err;
     }
     if (pid == 0) {
-        struct sigaction dfl = {0};
-        dfl.sa_handler = SIG_DFL;
-        for (int s = 1; s < NSIG; s++) if (s != SIGKILL && s != SIGSTOP) (void)sigaction(s, &dfl, NULL);
-        struct sigaction ign = {0};
-        ign.sa_handler = SIG_IGN;
-        if (max_file_size) (void)sigaction(SIGXFSZ, &ign, NULL);
-        sigset_t none;
-        sigemptyset(&none);
-        sigprocmask(SIG_SETMASK, &none, NULL);
+        child_default_signals(max_file_size != 0);
         close(report[0]);
         close(go[1]);
         errno = 0;
@@ -477,9 +494,7 @@ int cxen_spawn_confined(const char *path, char *const argv[], char *const envp[]
         if (unshare(CLONE_NEWNS) != 0 || mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) != 0)
             confined_fail(report[1], CXEN_CONFINE_PROC);
         (void)mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
-        if (new_session && setsid() < 0) confined_fail(report[1], CXEN_CONFINE_SETUP);
-        for (int i = 0; i < count; i++) if (dup2(from[i], to[i]) < 0) confined_fail(report[1], CXEN_CONFINE_SETUP);
-        if (syscall(SYS_close_range, (unsigned)close_from, ~0U, CLOSE_RANGE_CLOEXEC) != 0) confined_fail(report[1], CXEN_CONFINE_SETUP);
+        if (child_descriptors(new_session, from, to, count, close_from) != 0) confined_fail(report[1], CXEN_CONFINE_SETUP);
         if (syscall(SYS_setgroups, 0, NULL) != 0 || syscall(SYS_setresgid, gid, gid, gid) != 0
             || syscall(SYS_setresuid, uid, uid, uid) != 0)
             confined_fail(report[1], CXEN_CONFINE_CREDENTIALS);
@@ -573,20 +588,13 @@ int cxen_spawn_tied(const char *path, char *const argv[], char *const envp[],
         return err;
     }
     if (pid == 0) {
-        struct sigaction dfl = {0};
-        dfl.sa_handler = SIG_DFL;
-        for (int s = 1; s < NSIG; s++) if (s != SIGKILL && s != SIGSTOP) (void)sigaction(s, &dfl, NULL);
-        sigset_t none;
-        sigemptyset(&none);
-        sigprocmask(SIG_SETMASK, &none, NULL);
+        child_default_signals(0);
         close(report[0]);
         errno = 0;
         /* Set, then checked: a parent gone before the prctl sent nothing. */
         if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) confined_fail(report[1], 0);
         if (getppid() != parent) _exit(127);
-        if (new_session && setsid() < 0) confined_fail(report[1], 0);
-        for (int i = 0; i < count; i++) if (dup2(from[i], to[i]) < 0) confined_fail(report[1], 0);
-        if (syscall(SYS_close_range, (unsigned)close_from, ~0U, CLOSE_RANGE_CLOEXEC) != 0) confined_fail(report[1], 0);
+        if (child_descriptors(new_session, from, to, count, close_from) != 0) confined_fail(report[1], 0);
         execve(path, argv, envp);
         confined_fail(report[1], 0);
     }

@@ -19,65 +19,61 @@ public protocol BlockDevice: AnyObject, Sendable {
     func flush(completion: @escaping @Sendable (Int32?) -> Void)
     func trim(at offset: UInt64, length: UInt64, completion: @escaping @Sendable (Int32?) -> Void)
     /// NBD_CMD_WRITE_ZEROES: the range reads back as zeros once this
-    /// completes. Default: zeros written (``ZeroFill``), each chunk issued
-    /// from the last one's completion; a device whose `write` may wait for
-    /// something only its completion path provides (blkfront's ring slots)
-    /// implements its own.
+    /// completes. Default: zeros written (``ZeroFill``), every chunk
+    /// submitted from the calling thread; blkfront zeroes its slots' pages
+    /// in place instead.
     func writeZeroes(at offset: UInt64, length: UInt64, fua: Bool, completion: @escaping @Sendable (Int32?) -> Void)
 }
 
 extension BlockDevice {
     public var blockSize: UInt32 { 512 }
     public func writeZeroes(at offset: UInt64, length: UInt64, fua: Bool, completion: @escaping @Sendable (Int32?) -> Void) {
-        ZeroFill(device: self, offset: offset, length: length, fua: fua, completion: completion).run()
+        ZeroFill.write(self, at: offset, length: length, fua: fua, completion: completion)
     }
 }
 
-/// Zeros written over a range from one shared zeroed buffer, ``chunk``
-/// bytes at a time, each write issued when the one before has completed
-/// (on whatever thread, or within the call itself: then the loop goes on
-/// rather than nesting).
-final class ZeroFill: @unchecked Sendable {
-    // Sound: `zeros` is never written after it is made; `state` is locked;
-    // the rest is immutable.
+/// One operation done as several: completes once, when every part has,
+/// with the first part's error.
+public final class CompletionGroup: Sendable {
+    private let state: Mutex<(remaining: Int, error: Int32?)>
+    private let completion: @Sendable (Int32?) -> Void
+
+    public init(parts: Int, completion: @escaping @Sendable (Int32?) -> Void) {
+        state = Mutex((parts, nil))
+        self.completion = completion
+    }
+
+    public func partDone(_ error: Int32?) {
+        let (done, first) = state.withLock { s -> (Bool, Int32?) in
+            if s.error == nil { s.error = error }
+            s.remaining -= 1
+            return (s.remaining == 0, s.error)
+        }
+        if done { completion(first) }
+    }
+}
+
+/// Zeros written over a range, ``chunk`` bytes at a time, every chunk from
+/// one shared zeroed buffer (only ever read) and issued from the calling
+/// thread, as one ``CompletionGroup``.
+enum ZeroFill {
     static let chunk = 1 << 20
     nonisolated(unsafe) private static let zeros: UnsafeRawPointer = {
         let p = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 4096)
         p.initializeMemory(as: UInt8.self, repeating: 0, count: chunk)
         return UnsafeRawPointer(p)
     }()
-    let device: any BlockDevice
-    let end: UInt64
-    let fua: Bool
-    let completion: @Sendable (Int32?) -> Void
-    /// Where the next write starts; whether a write's call has not returned
-    /// yet, and whether that write completed meanwhile.
-    private let state: Mutex<(offset: UInt64, inCall: Bool, completedInCall: Bool)>
 
-    init(device: any BlockDevice, offset: UInt64, length: UInt64, fua: Bool, completion: @escaping @Sendable (Int32?) -> Void) {
-        self.device = device
-        end = offset + length
-        self.fua = fua
-        self.completion = completion
-        state = Mutex((offset, false, false))
-    }
-
-    func run() {
-        while true {
-            let offset = state.withLock { $0.offset }
-            guard offset < end else { return completion(nil) }
-            let n = Int(min(UInt64(Self.chunk), end - offset))
-            state.withLock { $0.inCall = true; $0.completedInCall = false }
-            device.write(at: offset, from: UnsafeRawBufferPointer(start: Self.zeros, count: n), fua: fua) { [self] err in
-                if let err { return completion(err) }
-                let resume = state.withLock { s -> Bool in
-                    s.offset = offset + UInt64(n)
-                    s.completedInCall = s.inCall
-                    return !s.inCall
-                }
-                if resume { run() }
-            }
-            guard state.withLock({ s -> Bool in s.inCall = false; return s.completedInCall }) else { return }
+    static func write(_ device: some BlockDevice, at offset: UInt64, length: UInt64, fua: Bool,
+                      completion: @escaping @Sendable (Int32?) -> Void) {
+        guard length > 0 else { return completion(nil) }
+        let chunk = UInt64(Self.chunk)
+        let group = CompletionGroup(parts: Int((length + chunk - 1) / chunk), completion: completion)
+        var at = offset
+        while at < offset + length {
+            let n = Int(min(chunk, offset + length - at))
+            device.write(at: at, from: UnsafeRawBufferPointer(start: zeros, count: n), fua: fua) { group.partDone($0) }
+            at += UInt64(n)
         }
     }
 }

@@ -149,23 +149,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     }
 
     /// One NBD operation, possibly split over several ring requests.
-    final class Group: @unchecked Sendable {
-        // Sound: `remaining` and `error` change under `lock`.
-        let lock = Mutex<(remaining: Int, error: Int32?)>((0, nil))
-        let completion: @Sendable (Int32?) -> Void
-        init(parts: Int, completion: @escaping @Sendable (Int32?) -> Void) {
-            lock.withLock { $0.remaining = parts }
-            self.completion = completion
-        }
-        func partDone(_ error: Int32?) {
-            let done: (Bool, Int32?) = lock.withLock { s in
-                if s.error == nil { s.error = error }
-                s.remaining -= 1
-                return (s.remaining == 0, s.error)
-            }
-            if done.0 { completion(done.1) }
-        }
-    }
+    typealias Group = CompletionGroup
 
     /// Sound to send: the buffer belongs to this one request until it completes.
     struct Pending: @unchecked Sendable {

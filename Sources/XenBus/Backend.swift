@@ -232,13 +232,12 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
         // if its directory is back: a late writer (a hotplug script's
         // hotplug-status, before or after our teardown) re-created it, and
         // what it re-created is removed again.
-        let present = (try? xs.exists(path)) == true
-        if !present || (try? xs.readIfExists(path + "/state")) == nil {
+        if (try? xs.readIfExists(path + "/state")) == nil {
             if let e = devices.removeValue(forKey: path) {
                 logger.info("\(path): removed by the toolstack")
                 teardown(e)
             }
-            if present { removeRecreated(path) }
+            if (try? xs.exists(path)) == true { removeRecreated(path) }
             return
         }
         let online = (try? xs.readIfExists(path + "/online")) ?? nil

@@ -52,6 +52,33 @@ import XenTestKit
         }
     }
 
+    /// A writable `xvda` of `size` bytes in a directory of its own (removed
+    /// with this), served to a pvguest run with `guestArguments`.
+    final class OneDisk {
+        let dir: String, img: String, rig: Rig
+        /// The export's NBD URI, and its socket.
+        let uri: String, socket: String
+
+        init(size: off_t, guestArguments: [String], pages: UInt32 = 4096) throws {
+            var template = Array("/tmp/pvdisk-XXXXXX".utf8CString)
+            dir = String(cString: mkdtemp(&template)!)
+            img = DiskPathTests.image(dir, "xvda.img", size: size)
+            do {
+                rig = try Rig(disks: [("xvda", 51712, img, "w")], guestArguments: guestArguments, pages: pages)
+                guard let uri = rig.disks["xvda"], let socket = uri.split(separator: "=").last.map(String.init) else {
+                    throw HypervisorError.protocolViolation("pvguest exported \(rig.disks)")
+                }
+                self.uri = uri
+                self.socket = socket
+            } catch {
+                try? FileManager.default.removeItem(atPath: dir)
+                throw error
+            }
+        }
+
+        deinit { try? FileManager.default.removeItem(atPath: dir) }
+    }
+
     static func image(_ dir: String, _ name: String, size: off_t) -> String {
         let p = dir + "/" + name
         #expect(FileManager.default.createFile(atPath: p, contents: nil))
@@ -138,16 +165,9 @@ import XenTestKit
     /// each one's cache flush waits for a slot, and is not submitted from the
     /// completion path that frees them (it would wait for itself there).
     @Test func fuaWritesPastTheRingsSlotsAllComplete() throws {
-        var template = Array("/tmp/pvdisk-XXXXXX".utf8CString)
-        let dir = String(cString: mkdtemp(&template)!)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let img = Self.image(dir, "xvda.img", size: 16 << 20)
         // One page of ring: 32 slots against 8 connections of 16 requests each.
-        let rig = try Rig(disks: [("xvda", 51712, img, "w")], guestArguments: ["--ring-page-order", "0"])
-        guard let uri = rig.disks["xvda"], let socket = uri.split(separator: "=").last.map(String.init) else {
-            Issue.record("pvguest exported \(rig.disks)")
-            return
-        }
+        let disk = try OneDisk(size: 16 << 20, guestArguments: ["--ring-page-order", "0"])
+        let (img, socket) = (disk.img, disk.socket)
         let clients = try (0..<8).map { _ in try NBDClient(socket: socket, timeoutSeconds: 20) }
         let perClient = 40
         for (c, client) in clients.enumerated() {
@@ -173,16 +193,9 @@ import XenTestKit
     /// own thread, never from the completion path (which would wait there
     /// for a slot only it frees), so all complete, and the bytes are right.
     @Test func writeZeroesPastTheRingsSlotsAllComplete() throws {
-        var template = Array("/tmp/pvdisk-XXXXXX".utf8CString)
-        let dir = String(cString: mkdtemp(&template)!)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let img = Self.image(dir, "xvda.img", size: 64 << 20)
         // One page of ring: 32 slots; a 2 MiB request is 16 parts of 128 KiB.
-        let rig = try Rig(disks: [("xvda", 51712, img, "w")], guestArguments: ["--ring-page-order", "0"])
-        guard let uri = rig.disks["xvda"], let socket = uri.split(separator: "=").last.map(String.init) else {
-            Issue.record("pvguest exported \(rig.disks)")
-            return
-        }
+        let disk = try OneDisk(size: 64 << 20, guestArguments: ["--ring-page-order", "0"])
+        let (img, socket) = (disk.img, disk.socket)
         let mib: UInt64 = 1 << 20
         let clients = try (0..<4).map { _ in try NBDClient(socket: socket, timeoutSeconds: 20) }
         // Client c owns 16 MiB at c * 16 MiB: 2 MiB written with a pattern, then 2 MiB zeroed, four times.
@@ -219,17 +232,10 @@ import XenTestKit
     /// 128 KiB. Either way the bytes land where they were written.
     @Test(arguments: [(32, 8), (256, 1)])
     func indirectSegmentsSetTheLargestRingRequest(segments: Int, requests: UInt64) throws {
-        var template = Array("/tmp/pvdisk-XXXXXX".utf8CString)
-        let dir = String(cString: mkdtemp(&template)!)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let img = Self.image(dir, "xvda.img", size: 16 << 20)
         // Ring order 0 (32 slots a queue) and 160 MiB: each queue's slots of 257 pages fit in half of it.
-        let rig = try Rig(disks: [("xvda", 51712, img, "w")],
-                          guestArguments: ["--ring-page-order", "0", "--blk-indirect-segments", "\(segments)"], pages: 40960)
-        guard let a = rig.disks["xvda"] else {
-            Issue.record("pvguest exported \(rig.disks)")
-            return
-        }
+        let disk = try OneDisk(size: 16 << 20, guestArguments: ["--ring-page-order", "0", "--blk-indirect-segments", "\(segments)"],
+                               pages: 40960)
+        let (img, rig, a) = (disk.img, disk.rig, disk.uri)
         func written() -> (requests: UInt64, sectors: UInt64) {
             rig.blkback.withDevices { d in
                 let s = d.values.first?.stats
