@@ -292,13 +292,6 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
 
     // MARK: The event loop
 
-    /// Kicks in a row that brought no request before the event channel is
-    /// muted for ``stormMuteNanoseconds`` (XSA-332: a frontend that notifies in
-    /// a tight loop with no work must not eat a core). Requests are still
-    /// picked up when the mute ends, because the ring itself is re-checked.
-    static var stormKicks: Int { 64 }
-    static var stormMuteNanoseconds: UInt64 { 2_000_000 }
-
     @_specialize(exported: false, where R == BlkifRing)
     @_specialize(exported: false, where R == BlkifX86_32Ring)
     func runLoop() {
@@ -307,19 +300,14 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
                    pollfd(fd: engine?.eventFD ?? -1, events: Int16(POLLIN), revents: 0),
                    pollfd(fd: controlFD, events: Int16(POLLIN), revents: 0))
         var kicked = false
-        var idleKicks = 0
-        var mutedUntil: UInt64 = 0
+        // XSA-332: kicks that keep bringing no request mute the channel.
+        var storm = KickStormGuard()
         while true {
             var consumed = 0
             if !broken && deferred != nil { retryDeferred() }
             if !broken && !waiting { consumed = processRing() }
-            if kicked {
-                idleKicks = consumed == 0 ? idleKicks + 1 : 0
-                if idleKicks >= Self.stormKicks {
-                    idleKicks = 0
-                    mutedUntil = monotonicNanoseconds() &+ Self.stormMuteNanoseconds
-                    BlkStats.bump(stats.spuriousStorms)
-                }
+            if storm.turn(kicked: kicked, foundWork: consumed > 0, now: monotonicNanoseconds()) {
+                BlkStats.bump(stats.spuriousStorms)
             }
             if let f = fence, (engine?.inFlight ?? 0) == 0 {
                 fence = nil
@@ -340,14 +328,9 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
             // A stopped ring is no longer listened to (its kicks would wake us for
             // nothing), nor is a storming one until its mute ends.
             var listen = !broken
-            if mutedUntil != 0 {
-                let t = monotonicNanoseconds()
-                if t < mutedUntil {
-                    listen = false
-                    if timeout < 0 { timeout = Int32((mutedUntil - t + 999_999) / 1_000_000) }
-                } else {
-                    mutedUntil = 0
-                }
+            if let left = storm.muted(now: monotonicNanoseconds()) {
+                listen = false
+                if timeout < 0 { timeout = KickStormGuard.pollMilliseconds(left) }
             }
             fds.0.fd = listen ? channel.descriptor : -1
             let r = withUnsafeMutableBytes(of: &fds) { p in

@@ -151,11 +151,11 @@ final class QueueWorker: @unchecked Sendable {
         DetachedThread.setName("\(shared.tap?.name ?? "vif")q\(index)")
         var txHoldUntil: UInt64 = 0
         var fds = [pollfd](repeating: pollfd(), count: 4)
-        // Storm back-off (XSA-332): kicks that find no work in a row make the
-        // next waits ignore the event channel for a millisecond, so a guest
-        // notifying in a tight loop cannot make this thread spin on its behalf.
+        // Storm back-off (XSA-332): kicks that keep finding no work mute the
+        // event channels, so a guest notifying in a tight loop cannot make
+        // this thread spin on its behalf.
         var kicked = false
-        var spurious = 0
+        var storm = KickStormGuard()
         var tapGoneReported = false
         while true {
             let disabled = shared.disabled.load(ordering: .relaxed)
@@ -218,12 +218,14 @@ final class QueueWorker: @unchecked Sendable {
                 if moreWork { timeout = 0 }
             }
             let after = (tx.ring.reqCons, rx.ring.reqCons, rx.count, tx.held == nil)
-            if before != after { spurious = 0 } else if kicked { spurious += 1 }
-            let backingOff = spurious >= Self.stormThreshold
-            if backingOff {
+            if storm.turn(kicked: kicked, foundWork: before != after, now: RateLimiter.now()) {
                 shared.stats.eventStormBackoffs.wrappingAdd(1, ordering: .relaxed)
-                timeout = timeout < 0 ? 1 : min(timeout, 1)
-                spurious = Self.stormThreshold / 2
+            }
+            var backingOff = false
+            if let left = storm.muted(now: RateLimiter.now()) {
+                backingOff = true
+                let t = KickStormGuard.pollMilliseconds(left)
+                timeout = timeout < 0 ? t : min(timeout, t)
             }
             var n = 0
             fds[n] = pollfd(fd: controlFD, events: Int16(POLLIN), revents: 0); n += 1
@@ -258,9 +260,6 @@ final class QueueWorker: @unchecked Sendable {
             }
         }
     }
-
-    /// Consecutive kicks without work before the event channel is ignored for a millisecond.
-    static let stormThreshold = 64
 
     @inline(__always) static func millis(until: UInt64, now: UInt64) -> Int32 {
         guard until > now else { return 0 }

@@ -142,6 +142,7 @@ public final class XenStoreDaemon: XSRingHost {
 
     /// Runs until `handle.stop()`.
     public func run() {
+        DetachedThread.setName("xenstored")
         var pfds: [pollfd] = []
         var lastExpiry = monotonicSeconds()
         while !handle.stopFlag.load(ordering: .sequentiallyConsistent) {
@@ -149,7 +150,7 @@ public final class XenStoreDaemon: XSRingHost {
                 pfds = interest.map { pollfd(fd: $0.key, events: $0.value, revents: 0) }
                 pollSetChanged = false
             }
-            let timeout = !busy.isEmpty ? 0 : muted.isEmpty ? 1000 : Int32(max(0, min(1000, ((muted.map(\.mutedUntil).min() ?? 0) - monotonicSeconds()) * 1000 + 1)))
+            let timeout = !busy.isEmpty ? 0 : muted.isEmpty ? 1000 : muteTimeout()
             let n = pfds.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), timeout) }
             if n < 0 {
                 if errno == EINTR { continue }
@@ -200,28 +201,34 @@ public final class XenStoreDaemon: XSRingHost {
 
     /// Rings whose event channel is muted for a storm of empty kicks.
     var muted: [RingEndpoint] = []
-    static let stormKicks = 64
-    static let stormMuteSeconds = 0.002
 
     /// XSA-332: a guest that kicks its event channel in a tight loop with no
-    /// work must not eat a core. After `stormKicks` kicks in a row that moved
-    /// nothing, its channel leaves the poll set for `stormMuteSeconds`; the
-    /// ring is serviced again when the mute ends, so no request is lost.
+    /// work must not eat a core. A storm takes the channel out of the poll set
+    /// for the mute ``KickStormGuard`` sets, as Linux's backends delay the
+    /// EOI; the ring is serviced again when the mute ends, so no request is lost.
     func throttleStorm(_ r: RingEndpoint, moved: Bool) {
-        guard !moved else { r.idleKicks = 0; return }
-        r.idleKicks += 1
-        guard r.idleKicks >= Self.stormKicks, !r.dead, byFD[r.port.eventFD] != nil else { return }
-        r.idleKicks = 0
-        r.mutedUntil = monotonicSeconds() + Self.stormMuteSeconds
+        guard r.storm.turn(kicked: true, foundWork: moved, now: monotonicNanoseconds()),
+              !r.dead, byFD[r.port.eventFD] != nil else { return }
         remove(r.port.eventFD)
         muted.append(r)
     }
 
+    /// Until the first mute ends, for poll(2).
+    func muteTimeout() -> Int32 {
+        let now = monotonicNanoseconds()
+        let end = muted.lazy.map(\.storm.mutedUntil).min() ?? now
+        return min(1000, KickStormGuard.pollMilliseconds(end > now ? end - now : 0))
+    }
+
     func unmuteExpired() {
         guard !muted.isEmpty else { return }
-        let now = monotonicSeconds()
-        let (due, rest) = (muted.filter { $0.mutedUntil <= now }, muted.filter { $0.mutedUntil > now })
-        muted = rest
+        let now = monotonicNanoseconds()
+        var due: [RingEndpoint] = []
+        muted.removeAll { r in
+            guard r.storm.muted(now: now) == nil else { return false }
+            due.append(r)
+            return true
+        }
         for r in due where !r.dead && byFD[r.port.eventFD] != nil {
             add(r.port.eventFD, events: Self.POLLIN)
             serviceRing(r)

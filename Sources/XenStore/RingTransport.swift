@@ -4,6 +4,7 @@
 // the ring size, fence, copy out, then parse the private copy. A guest that corrupts
 // an index or sends an oversized message loses its connection; nothing else does.
 import Glibc
+import XenHV
 import CXen
 
 enum XSRingLayout {
@@ -31,9 +32,8 @@ final class RingEndpoint {
     /// Bytes copied out of the request ring not yet parsed (at most one message + 1 KiB).
     var inbuf: [UInt8] = []
     var dead = false
-    /// Kicks in a row that moved nothing, and when a storm mute ends (XSA-332).
-    var idleKicks = 0
-    var mutedUntil: Double = 0
+    /// Kicks that moved nothing mute the port for a while (XSA-332).
+    var storm = KickStormGuard()
     /// The last `service` stopped at its budget with work possibly left; the daemon
     /// serves the ring again next round without waiting for a kick.
     var moreWork = false

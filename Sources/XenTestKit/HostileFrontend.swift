@@ -13,21 +13,45 @@ import XenStore
 // proves a second guest keeps working, and the measuring helpers the hostile
 // cases share (per-thread CPU, descriptor counts).
 
-/// This process's threads: tid -> user+system CPU in clock ticks (/proc/self/task/*/stat).
-public func threadCPUTicks() -> [Int32: Int] {
-    var out: [Int32: Int] = [:]
+/// This process's threads, each with its name (`comm`, as `setName` left it)
+/// and the CPU time it has used so far, in seconds. The time is the thread's
+/// own CPU clock, exact to the scheduler's nanosecond, where /proc's
+/// utime+stime move in 10 ms ticks: too coarse for a share of a core over a
+/// fraction of a second.
+public func threadCPUTimes() -> [Int32: (name: String, seconds: Double)] {
+    var out: [Int32: (name: String, seconds: Double)] = [:]
     for t in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? [] {
-        guard let tid = Int32(t), let s = try? String(contentsOfFile: "/proc/self/task/\(t)/stat", encoding: .utf8),
-              let close = s.lastIndex(of: ")") else { continue }
-        // Fields after "comm)": state is field 3, utime 14, stime 15.
-        let f = s[s.index(after: close)...].split(separator: " ")
-        guard f.count > 13, let u = Int(f[11]), let st = Int(f[12]) else { continue }
-        out[tid] = u + st
+        guard let tid = Int32(t) else { continue }
+        // MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED) of the kernel's posix-timers.h.
+        var ts = timespec()
+        guard clock_gettime(clockid_t((~tid) << 3 | 6), &ts) == 0 else { continue }  // it has exited
+        let name = (try? String(contentsOfFile: "/proc/self/task/\(t)/comm", encoding: .utf8))?
+            .trimmingCharacters(in: .newlines) ?? ""
+        out[tid] = (name, Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9)
     }
     return out
 }
 
-/// Clock ticks per second (for ``threadCPUTicks()``).
+/// The CPU seconds `threads` used between two ``threadCPUTimes()`` samples
+/// (a thread that exited in between counts up to its last sample).
+public func cpuSeconds(of threads: Set<Int32>, from before: [Int32: (name: String, seconds: Double)],
+                       to after: [Int32: (name: String, seconds: Double)]) -> Double {
+    threads.reduce(0) { sum, t in
+        guard let b = before[t]?.seconds else { return sum }
+        return sum + max(0, (after[t]?.seconds ?? b) - b)
+    }
+}
+
+/// Where thread `tid` of this process waits, for a failure message: its
+/// name, kernel wait channel and system call (number and arguments).
+public func threadState(_ tid: Int32) -> String {
+    ["comm", "wchan", "syscall"].map {
+        (try? String(contentsOfFile: "/proc/self/task/\(tid)/\($0)", encoding: .utf8))?
+            .trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
+    }.joined(separator: " ")
+}
+
+/// Clock ticks per second (/proc's utime and stime of other processes).
 public let clockTicksPerSecond = Double(sysconf(Int32(_SC_CLK_TCK)))
 
 /// The calling thread's CPU time in seconds.

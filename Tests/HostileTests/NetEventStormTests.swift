@@ -19,12 +19,11 @@ extension Hostile {
             let (gv, gf) = try directVif(dom0, g, "sb")
             defer { gv.close() }
             let worker = NetWorker(gf.queues[0])
-            // The storming vif's queue thread is the one its connect starts.
-            let before = Set(threadCPUTicks().keys)
+            // The storming vif's queue thread is one its connect starts.
+            let before = Set(threadCPUTimes().keys)
             let (hv, hf) = try directVif(dom0, h, "ss", split: true)
             defer { hv.close() }
-            let vifThreads = Set(threadCPUTicks().keys).subtracting(before)
-            #expect(!vifThreads.isEmpty)
+            let appeared = Set(threadCPUTimes().keys).subtracting(before)
 
             // As for blkback: both channels kicked in the storm windows.
             let tx = hf.queues[0].txChannel, rx = try #require(hf.queues[0].rxChannel)
@@ -33,6 +32,10 @@ extension Hostile {
             // The stormer's vif still serves, and was never disabled for kicking.
             #expect(!hv.isDisabled, "\(hv.disabledReason ?? "")")
             #expect(try vifCarriesFrames(hf.queues[0], tap: hv.name))
+            // It has named itself by now (it carried frames): "<tap>q0", 15 bytes kept.
+            let queueName = String("\(hv.name)q0".utf8.prefix(15))!
+            let vifThreads = Set(threadCPUTimes().filter { appeared.contains($0.key) && $0.value.name == queueName }.keys)
+            #expect(vifThreads.count == 1)
             let vifCore = run.core(of: vifThreads)
             print(String(format: "vif kick storm: %d kicks in %.2f s; storming vif's netback thread %.1f%% of a core; muted %d times; bystander vif %.2f of its baseline",
                          run.kicks, run.stormSeconds, vifCore * 100, backoffs, run.ratio))

@@ -80,15 +80,14 @@ enum KickStorm {
         var base = 0.0, storm = 0.0, failures: [String] = []
         var stormSeconds = 0.0
         var kicks = 0
-        /// Per-thread CPU ticks around each storm window.
-        var windows: [(before: [Int32: Int], after: [Int32: Int])] = []
+        /// Per-thread CPU times around each storm window.
+        var windows: [(before: [Int32: (name: String, seconds: Double)], after: [Int32: (name: String, seconds: Double)])] = []
         /// The bystander's storm throughput over its baseline.
         var ratio: Double { storm / base }
 
         /// The share of one core `threads` used while the storm lasted.
         func core(of threads: Set<Int32>) -> Double {
-            let ticks = windows.reduce(0) { sum, w in sum + threads.reduce(0) { $0 + (w.after[$1] ?? 0) - (w.before[$1] ?? 0) } }
-            return Double(ticks) / clockTicksPerSecond / stormSeconds
+            windows.reduce(0) { $0 + cpuSeconds(of: threads, from: $1.before, to: $1.after) } / stormSeconds
         }
     }
 
@@ -113,9 +112,9 @@ enum KickStorm {
             phase.store(0, ordering: .relaxed)
             let b = measure(window)
             phase.store(1, ordering: .relaxed)
-            let t0 = Date(), c0 = threadCPUTicks()
+            let t0 = Date(), c0 = threadCPUTimes()
             let s = measure(window)
-            let c1 = threadCPUTicks()
+            let c1 = threadCPUTimes()
             r.stormSeconds += Date().timeIntervalSince(t0)
             r.windows.append((c0, c1))
             r.base += b.perSecond
