@@ -227,6 +227,14 @@ final class QueueWorker: @unchecked Sendable {
                 let t = KickStormGuard.pollMilliseconds(left)
                 timeout = timeout < 0 ? t : min(timeout, t)
             }
+            // Reported before the wait: a read that met EBADFD (the tap deleted
+            // between a wake-up and the read) leaves the tap out of this poll,
+            // which may then sleep until the guest or a stop wakes it.
+            if rx.tapGone && !tapGoneReported {
+                tapGoneReported = true
+                shared.stats.count(.tapGone)
+                shared.logger.warning("queue \(index): tap \(shared.tap?.name ?? "?") is gone (deleted under the vif): no longer reading it")
+            }
             var n = 0
             fds[n] = pollfd(fd: controlFD, events: Int16(POLLIN), revents: 0); n += 1
             let evtchnAt = n
@@ -248,11 +256,6 @@ final class QueueWorker: @unchecked Sendable {
             // A deleted tap polls POLLERR at once, for ever (tun_chr_poll with
             // no device): stop polling it rather than spin.
             if tapAt >= 0, fds[tapAt].revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 { rx.tapGone = true }
-            if rx.tapGone && !tapGoneReported {
-                tapGoneReported = true
-                shared.stats.count(.tapGone)
-                shared.logger.warning("queue \(index): tap \(shared.tap?.name ?? "?") is gone (deleted under the vif): no longer reading it")
-            }
             kicked = false
             if !backingOff {
                 if fds[evtchnAt].revents != 0 { _ = txChannel.consume(); kicked = true }
