@@ -76,6 +76,18 @@ final class IOEngine {
         batchCount += 1
     }
 
+    /// Fails the first `count` queued iocbs as an `io_submit` refusing them
+    /// would (tests: the kernel refuses an iocb only for reasons a test cannot
+    /// arrange, such as a security module's veto or a file without
+    /// read_iter). Returns how many it failed.
+    func refuseQueued(_ count: Int, errno: Int32, _ refused: (_ slot: Int, _ errno: Int32) -> Void) -> Int {
+        let n = Swift.min(count, batchCount)
+        for i in 0..<n { refused(Int(UInt(bitPattern: batch[i]!.pointee.data)), errno) }
+        for i in n..<batchCount { batch[i - n] = batch[i] }
+        batchCount -= n
+        return n
+    }
+
     /// Submits everything queued, in `io_submit` calls of ``submitChunk`` iocbs
     /// (looping also if the kernel took part of one). Returns the slots the kernel refused and the
     /// errno, so their requests can be answered with an error.

@@ -20,6 +20,8 @@ final class DiskState: Sendable {
     /// How often unused persistent grants are purged while misses happen
     /// (Linux: LRU_INTERVAL, 100 ms).
     let purgeIntervalNanoseconds: UInt64
+    /// Tests: how many of the next iocbs `io_submit` is to refuse (EINVAL).
+    let submitRefusalsForTesting = Atomic<Int>(0)
 
     init(name: String, backing: Backing, sectors: UInt64, busyPollMicroseconds: Int = 0,
          mappingBudget: MappingBudget = .process, purgeIntervalMilliseconds: Int = 100, logger: Logger) {
@@ -314,6 +316,10 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
                 if case .draining(let q) = f { runFence(q) }
                 continue
             }
+            // A deferred request whose pages came free in this turn (io_submit
+            // refused what held them: nothing is in flight to wake us) goes now;
+            // the guest, whose requests wait behind it, will not kick again.
+            if !broken && deferredCanGo { continue }
             pushResponses()
             if persistentMisses > 0 { purgeIfDue() }
             var timeout: Int32 = -1
@@ -394,9 +400,13 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
 
     /// A request that waited for bounce pages goes once enough are free, or
     /// once nothing is in flight (then all are: at least a largest request's).
+    private var deferredCanGo: Bool {
+        guard let (q, _) = deferred else { return false }
+        return bounceFreeCount >= q.nrSegments || (engine?.inFlight ?? 0) == 0
+    }
+
     private func retryDeferred() {
-        guard let (q, dsync) = deferred,
-              bounceFreeCount >= q.nrSegments || (engine?.inFlight ?? 0) == 0 else { return }
+        guard deferredCanGo, let (q, dsync) = deferred else { return }
         deferred = nil
         startIO(q, geometry: disk.geometry, dsync: dsync, segmentsCopied: true)
         submitBatch()
@@ -406,6 +416,12 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     /// iocb is answered with its error.
     @inline(__always)
     private func submitBatch() {
+        if let e = engine, disk.submitRefusalsForTesting.load(ordering: .relaxed) > 0 {
+            let n = e.refuseQueued(disk.submitRefusalsForTesting.load(ordering: .relaxed), errno: EINVAL) { slot, err in
+                self.complete(slot: slot, result: -Int(err))
+            }
+            disk.submitRefusalsForTesting.wrappingSubtract(n, ordering: .relaxed)
+        }
         engine?.submit(refused: { slot, err in self.complete(slot: slot, result: -Int(err)) }, completed: complete)
     }
 

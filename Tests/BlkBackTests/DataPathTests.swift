@@ -134,6 +134,29 @@ extension BlkBackIntegration {
             }
         }
 
+        /// A request that waits for bounce pages while the ring's first request
+        /// holds them all, when io_submit then refuses that first one: its pages
+        /// come free with nothing in flight to wake the queue, and the guest
+        /// has no reason to kick again. The waiting request goes at once.
+        @Test func aRequestWaitingForBouncePagesGoesWhenIOSubmitRefusedTheirHolder() throws {
+            let s = try Self.setup(bytes: 4 << 20, pattern: 1 << 20, persistent: false)
+            let expected = fileBytes(s.image, offset: 0, count: 4096)
+            let big = try s.front.makeBuffer(pages: 256, indirect: true)
+            let small = try s.front.makeBuffer(pages: 1)
+            let holder = try s.front.rwRequest(BlkifOp.read, sector: 0, buffer: big, bytes: 1 << 20, forceIndirect: true)
+            let waiter = try s.front.rwRequest(BlkifOp.read, sector: 0, buffer: small, bytes: 4096)
+            s.device.disk.submitRefusalsForTesting.store(1, ordering: .relaxed)
+            try s.front.pushBatch([holder, waiter])
+            var status: [UInt64: Int16] = [:]
+            for _ in 0..<2 {
+                let r = try s.front.waitResponse(timeoutMs: 5_000)
+                status[r.id] = r.status
+            }
+            #expect(status == [holder.id: BlkifStatus.error.rawValue, waiter.id: 0])
+            #expect(s.device.stats.outOfRequests == 1, "the second request never waited for bounce pages")
+            #expect(try s.front.contents(small, count: 4096) == expected)
+        }
+
         /// FLUSH_DISKCACHE drains: its response comes after every earlier write's.
         @Test func flushAnswersOnlyAfterEarlierWritesCompleted() throws {
             let s = try Self.setup(bytes: 8 << 20, order: 1)
