@@ -210,7 +210,10 @@ final class QueueWorker: @unchecked Sendable {
                 }
                 now = RateLimiter.now()
                 if txHoldUntil != 0 { timeout = Self.millis(until: txHoldUntil, now: now) }
-                if rx.count > 0 {
+                // Frames wait: a frontend without feature-rx-notify is polled
+                // for buffers; one with it kicks when it posts, and is timed
+                // for a stall only while it has none posted at all.
+                if rx.count > 0 && (!rxNotify || (rx.postedCount == 0 && !rx.carrierOff)) {
                     let t: Int32 = rxNotify
                         ? Self.millis(until: rx.waitingSince &+ shared.stallTimeout, now: now) : 10
                     timeout = timeout < 0 ? t : min(timeout, t)
@@ -301,15 +304,13 @@ final class QueueWorker: @unchecked Sendable {
             }
         }
         let now = RateLimiter.now()
-        if rx.carrierOff, rx.postedCount > 0 {
-            rx.carrierOff = false
-            try? shared.tap?.setCarrier(true)
-            shared.logger.info("queue \(index): guest rx ready, carrier on")
-        }
         if rx.count > 0 {
-            if rx.waitingSince == 0 {
+            // The stall clock runs from the last frame delivered (Linux's
+            // last_rx_time, set per packet): a guest that receives, however
+            // slowly, is not stalled.
+            if rx.waitingSince == 0 || rx.ring.rspProdPvt != start {
                 rx.waitingSince = now
-            } else if rxNotify, now &- rx.waitingSince >= shared.stallTimeout, !rx.carrierOff {
+            } else if rxNotify, rx.postedCount == 0, now &- rx.waitingSince >= shared.stallTimeout, !rx.carrierOff {
                 // Only a frontend with feature-rx-notify can stall: one without
                 // posts buffers with no kick and is polled for them (every
                 // 10 ms while frames wait), as Linux's read_xenbus_vif_flags
@@ -324,6 +325,14 @@ final class QueueWorker: @unchecked Sendable {
             }
         } else {
             rx.waitingSince = 0
+        }
+        // After the stall check: buffers the guest posted meanwhile (taken by
+        // its last deliver) bring the carrier straight back, as Linux's
+        // xenvif_rx_queue_ready; nothing else would wake us for them.
+        if rx.carrierOff, rx.postedCount > 0 {
+            rx.carrierOff = false
+            try? shared.tap?.setCarrier(true)
+            shared.logger.info("queue \(index): guest rx ready, carrier on")
         }
         if notifyRx { notify(tx: false, rx: true) }
         return more

@@ -105,6 +105,34 @@ import XenTestKit
         #expect(flushed >= 1 && flushed <= UInt64(512 * 1024 / size + 4), "backlog held \(flushed) frames")
     }
 
+    /// A guest that receives slowly but steadily is not stalled: the stall
+    /// clock runs from the last frame delivered (Linux's last_rx_time, set per
+    /// packet), not from when the backlog began to wait. Here frames wait
+    /// for five stall timeouts in all while the guest takes one every 40 ms.
+    @Test func aSlowButSteadyReceiverKeepsItsCarrier() throws {
+        let f = try HypervisorFixture()
+        let net = try PeerNetwork()
+        defer { net.tearDown() }
+        let g = try GuestVif(fixture: f, network: net, rxQueueLimit: 64, stallTimeoutMs: 200, postRx: false)
+        defer { g.close() }
+        let s = try tapSender(g.vif.name)
+        defer { close(s) }
+        let frame = g.mac + [0x00, 0x16, 0x3e, 0x77, 0x77, 0x77, 0x88, 0xB5] + [UInt8](repeating: 0x42, count: 100)
+        for _ in 0..<40 { #expect(frame.withUnsafeBytes { send(s, $0.baseAddress, $0.count, 0) } == frame.count) }
+        let start = Date()
+        var received = 0
+        while Date().timeIntervalSince(start) < 1.0 {
+            try g.queue.postRx(1)
+            guard try g.queue.receive(timeout: 2000) != nil else { break }
+            received += 1
+            idle(milliseconds: 40)  // the guest's pace, not synchronisation
+        }
+        #expect(Date().timeIntervalSince(start) >= 1.0, "the guest got no frame after \(received)")
+        #expect(received >= 10)
+        #expect(g.vif.stats.snapshot[.rxStalledFlush] == 0)
+        #expect(try net.netlink.link(g.vif.name).carrier)
+    }
+
     @Test func backlogHoldsFramesUntilBuffersArrive() throws {
         let f = try HypervisorFixture()
         let net = try PeerNetwork()
