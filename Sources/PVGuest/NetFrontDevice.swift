@@ -489,6 +489,9 @@ public final class NetFrontStats: Sendable {
     public let rxDropped = Atomic<UInt64>(0)
     /// Values from the backend that broke the protocol (bad id, size, offset, extra).
     public let protocolErrors = Atomic<UInt64>(0)
+    /// Queues that found the NIC deleted under them (`ip link del` in the
+    /// guest's namespace) and stopped reading it.
+    public let nicGone = Atomic<UInt64>(0)
     public init() {}
 }
 
@@ -518,6 +521,9 @@ extension NetFrontDevice {
         /// The rx event channel with split event channels.
         let rxChannel: EventChannel?
         let sg: Bool, gso4: Bool, gso6: Bool
+        /// The NIC was deleted under us: tun then answers every poll with
+        /// POLLERR, at once, and every read and write with EBADFD.
+        var tapGone = false
         let stopFD: CInt
         let done = DispatchSemaphore(value: 0)
         let failed = Atomic<Bool>(false)
@@ -640,10 +646,18 @@ extension NetFrontDevice {
                     // Ask for an event for the next responses, then look again before sleeping.
                     if try tx.finalCheckForResponses() { continue }
                     if try rx.finalCheckForResponses() { continue }
+                    if tapGone && pfds[1].fd >= 0 {
+                        // Polled no more (it would wake us at once, for ever); said
+                        // before the wait, which may be long.
+                        pfds[1].fd = -1
+                        stats.nicGone.wrappingAdd(1, ordering: .relaxed)
+                        device.logger.warning("\(device.frontendPath): NIC \(device.interfaceName) was deleted in the guest's namespace; queue \(index) no longer reads it")
+                    }
                     pfds[1].events = txRoom ? Int16(POLLIN) : 0
                     for i in pfds.indices { pfds[i].revents = 0 }
                     while poll(&pfds, nfds_t(pfds.count), -1) < 0 && errno == EINTR {}
                     if pfds[0].revents != 0 { return }
+                    if pfds[1].revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 { tapGone = true }
                     // Only a channel the poll found kicked is consumed: a wake-up
                     // by the tap costs no event-channel syscall.
                     if pfds[2].revents != 0 { _ = txChannel.consume() }
@@ -688,7 +702,7 @@ extension NetFrontDevice {
             var batch = 0
             // Sound: the tx pages stay mapped for the device's life, which outlasts this session.
             let pages = txPages.unsafeBaseAddress
-            while txRoom && batch < 64 {
+            while !tapGone && txRoom && batch < 64 {
                 // txRoom leaves at least maxTxSlots ids free: the pages of the last ones take the frame.
                 txIov[0] = iovec(iov_base: txBuffer, iov_len: VnetHeader.size)
                 let last = freeTx.count - 1
@@ -698,6 +712,7 @@ extension NetFrontDevice {
                 let n = readv(fd, txIov, Int32(1 + Self.txReadPages))
                 if n < 0 {
                     if errno == EINTR { continue }
+                    if errno == EBADFD { tapGone = true }
                     break  // EAGAIN: the tap is empty
                 }
                 batch += 1
@@ -881,7 +896,9 @@ extension NetFrontDevice {
             }
             h.store(to: rxBuffer)
             let n: Int
-            if gathered {
+            if tapGone {
+                n = -1
+            } else if gathered {
                 n = write(tapFD, rxBuffer, VnetHeader.size + rxLength)
             } else {
                 rxIov[0] = iovec(iov_base: rxBuffer, iov_len: VnetHeader.size)
@@ -891,6 +908,7 @@ extension NetFrontDevice {
                 stats.rxPackets.wrappingAdd(1, ordering: .relaxed)
                 stats.rxBytes.wrappingAdd(UInt64(rxLength), ordering: .relaxed)
             } else {
+                if n < 0 && errno == EBADFD { tapGone = true }
                 stats.rxDropped.wrappingAdd(1, ordering: .relaxed)
             }
         }

@@ -24,35 +24,79 @@ import XenTestKit
         return f
     }
 
-    @Test func badRxAndTxResponsesAreRefusedAndGoodFramesStillPass() throws {
-        let build = Dom0Harness.buildDirectory(packageRoot: NetPathTests.root)
-        let dom0 = try Dom0Harness(buildDirectory: build)
-        let guest = try dom0.createGuest(name: "nfhostile", pages: 2048)
-        let ns = "nfh\(getpid() % 100000)"
-        defer { _ = try? NetPathTests.run("/usr/sbin/ip", ["netns", "del", ns]) }
+    /// pvguest's netfront on a vif whose backend the test plays through
+    /// xenstore: the device's keys, InitWait, and Connected once the
+    /// frontend is. `close()` takes the backend away first (so the frontend's
+    /// orderly close does not wait for it), stops the frontend and deletes
+    /// its namespace.
+    final class PlayedBackend {
+        let dom0: Dom0Harness
+        let guest: Dom0Harness.Guest
+        let ns: String
+        let be: String, fe: String
+        /// The backend's own xenstore connection, for waiting on the frontend's state.
+        let bx: XenBusClient
+        let nic: NetFrontDevice
 
-        let dev = XenBusDevice(type: "vif", frontendDomid: XenStore.DomID(guest.domid), devid: 0)
-        try dom0.xenstore.createDevice(dev, backend: ["mac": Self.mac], frontend: ["mac": Self.mac])
-        let be = dev.backendPath, fe = dev.frontendPath
-        for k in ["feature-rx-copy", "feature-sg", "feature-gso-tcpv4"] { try dom0.xenstore.write(be + "/" + k, "1") }
-        try dom0.xenstore.switchState(at: be, to: .initWait)
-        // The backend's half of the handshake: Connected once the frontend is.
-        let bx = try dom0.dom0XenStore()
-        let connector = Thread {
-            _ = bx.awaitState(at: fe, seconds: 20) { $0 == .connected }
-            try? bx.switchState(at: be, to: .connected)
+        init(_ name: String, features: [String]) throws {
+            dom0 = try Dom0Harness(buildDirectory: Dom0Harness.buildDirectory(packageRoot: NetPathTests.root))
+            guest = try dom0.createGuest(name: name, pages: 2048)
+            ns = "\(name.prefix(4))\(getpid() % 100000)"
+            let dev = XenBusDevice(type: "vif", frontendDomid: XenStore.DomID(guest.domid), devid: 0)
+            try dom0.xenstore.createDevice(dev, backend: ["mac": NetFrontValidationTests.mac], frontend: ["mac": NetFrontValidationTests.mac])
+            be = dev.backendPath
+            fe = dev.frontendPath
+            for k in features { try dom0.xenstore.write(be + "/" + k, "1") }
+            try dom0.xenstore.switchState(at: be, to: .initWait)
+            bx = try dom0.dom0XenStore()
+            let (bx, fe, be) = (bx, fe, be)
+            Thread {
+                _ = bx.awaitState(at: fe, seconds: 20) { $0 == .connected }
+                try? bx.switchState(at: be, to: .connected)
+            }.start()
+            do {
+                nic = try NetFrontDevice(hypervisor: guest.hypervisor, xenstore: guest.xenstore, frontendPath: fe,
+                                         pages: try GuestPages(hypervisor: guest.hypervisor),
+                                         grants: try GrantRefs(hypervisor: guest.hypervisor), namespace: ns)
+            } catch {
+                _ = try? NetPathTests.run("/usr/sbin/ip", ["netns", "del", ns])
+                throw error
+            }
         }
-        connector.start()
 
-        let nic = try NetFrontDevice(hypervisor: guest.hypervisor, xenstore: guest.xenstore, frontendPath: fe,
-                                     pages: try GuestPages(hypervisor: guest.hypervisor),
-                                     grants: try GrantRefs(hypervisor: guest.hypervisor), namespace: ns)
-        defer {
-            // The backend goes away first, so the frontend's orderly close does not wait for it.
+        func close() {
             try? dom0.xenstore.switchState(at: be, to: .closed)
             nic.stop()
-            withExtendedLifetime(dom0) {}
+            _ = try? NetPathTests.run("/usr/sbin/ip", ["netns", "del", ns])
         }
+    }
+
+    /// The guest deletes its NIC (`ip link del eth0` in its namespace): tun
+    /// then answers every poll with POLLERR at once, and every read with
+    /// EBADFD. The queue stops reading it, says so once, and does not spin.
+    @Test func aDeletedNICDoesNotMakeTheQueueSpin() throws {
+        let before = Set(threadCPUTimes().keys)
+        let p = try PlayedBackend("nfgone", features: ["feature-rx-copy"])
+        defer { p.close() }
+        // Its queue's thread is started before the connection is counted.
+        #expect(eventually { p.nic.connections == 1 })
+        let appeared = Set(threadCPUTimes().keys).subtracting(before)
+        try NetPathTests.ip("-n", p.ns, "link", "del", p.nic.interfaceName)
+        #expect(eventually { p.nic.stats.nicGone.load(ordering: .relaxed) == 1 }, "the queue did not see its NIC go")
+        let c0 = threadCPUTimes(), t0 = Date()
+        idle(milliseconds: 1000)  // a measurement window, not synchronisation
+        let c1 = threadCPUTimes()
+        let queue = Set(c1.filter { appeared.contains($0.key) && $0.value.name == "nf-\(p.nic.interfaceName)q0" }.keys)
+        #expect(queue.count == 1)
+        let used = cpuSeconds(of: queue, from: c0, to: c1) / Date().timeIntervalSince(t0)
+        #expect(used < 0.1, "the queue used \(used) of a core after its NIC was deleted")
+        #expect(p.nic.stats.nicGone.load(ordering: .relaxed) == 1)
+    }
+
+    @Test func badRxAndTxResponsesAreRefusedAndGoodFramesStillPass() throws {
+        let p = try PlayedBackend("nfhostile", features: ["feature-rx-copy", "feature-sg", "feature-gso-tcpv4"])
+        defer { p.close() }
+        let (dom0, guest, ns, be, fe, bx, nic) = (p.dom0, p.guest, p.ns, p.be, p.fe, p.bx, p.nic)
         #expect(nic.createdNamespace && access("/run/netns/" + ns, F_OK) == 0)
         #expect(nic.mac.description == Self.mac)
         #expect(try dom0.xenstore.read(fe + "/request-rx-copy") == "1")
