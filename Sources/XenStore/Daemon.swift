@@ -150,7 +150,11 @@ public final class XenStoreDaemon: XSRingHost {
                 pfds = interest.map { pollfd(fd: $0.key, events: $0.value, revents: 0) }
                 pollSetChanged = false
             }
-            let timeout = !busy.isEmpty ? 0 : muted.isEmpty ? 1000 : muteTimeout()
+            var timeout = !busy.isEmpty ? 0 : muted.isEmpty ? 1000 : muteTimeout()
+            if acceptPausedUntil != 0 {
+                let now = monotonicNanoseconds()
+                timeout = min(timeout, KickStormGuard.pollMilliseconds(acceptPausedUntil > now ? acceptPausedUntil - now : 0))
+            }
             let n = pfds.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), timeout) }
             if n < 0 {
                 if errno == EINTR { continue }
@@ -179,6 +183,10 @@ public final class XenStoreDaemon: XSRingHost {
             }
             serveBusy()
             unmuteExpired()
+            if acceptPausedUntil != 0 && monotonicNanoseconds() >= acceptPausedUntil {
+                acceptPausedUntil = 0
+                add(listenFD, events: Self.POLLIN)
+            }
             afterEvents()
             let now = monotonicSeconds()
             if now - lastExpiry >= 1 { core.expireStalled(now: now); lastExpiry = now; afterEvents() }
@@ -262,10 +270,26 @@ public final class XenStoreDaemon: XSRingHost {
         }
     }
 
+    /// accept(2) found no descriptor left (EMFILE, ENFILE): the connection
+    /// stays queued and the listening socket readable, so it leaves the poll
+    /// set until then (CLOCK_MONOTONIC ns) instead of being spun on, as
+    /// xenhv's does. 0: listening.
+    var acceptPausedUntil: UInt64 = 0
+    static let acceptPauseNanoseconds: UInt64 = 100_000_000
+
     func acceptAll() {
         while true {
             let fd = accept(listenFD, nil, nil)
-            if fd < 0 { return }
+            if fd < 0 {
+                if errno == EMFILE || errno == ENFILE {
+                    if acceptPausedUntil == 0 {
+                        core.log(.warning, "accept: no descriptor left (\(String(cString: strerror(errno)))); new connections wait")
+                    }
+                    acceptPausedUntil = monotonicNanoseconds() + Self.acceptPauseNanoseconds
+                    remove(listenFD)
+                }
+                return
+            }
             _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
             _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
             let conn = core.newConnection(domid: 0, privileged: true)

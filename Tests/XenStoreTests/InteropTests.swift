@@ -3,6 +3,8 @@
 import Foundation
 import Glibc
 import Testing
+import XenHV
+import XenTestKit
 @testable import XenStore
 
 @Suite(.serialized) struct XenstoreUtilsInteropTests {
@@ -211,6 +213,30 @@ import Testing
         #expect(r.reqID == 7 && r.string == "v199")
         let e = try #require(c.receive())
         #expect(e.reqID == 8 && e.type == XSType.error.rawValue && e.string == "ENOENT\0")
+    }
+
+    /// With no descriptor left, accept(2) fails and the connection stays
+    /// queued, the listening socket readable: xenstored leaves it out of its
+    /// poll for a moment instead of spinning on it (as xenhv does), and
+    /// takes the connection once descriptors are back.
+    @Test func noDescriptorForAConnectionIsNoSpin() throws {
+        let d = try DaemonProcess()
+        let pid = d.process.processIdentifier
+        let original = OtherProcess.openFileLimit(pid)
+        #expect(OtherProcess.allowDescriptors(0, in: pid))
+        defer { OtherProcess.setOpenFileLimit(pid, to: original) }
+        let c = try RawSocketClient(path: d.socketPath)  // queued in the backlog
+        c.sendRaw(RawSocketClient.message(.read, Array("/tool/xenstored".utf8) + [0], reqID: 1))
+        // A measuring window, not synchronisation: xenstored's CPU over one second.
+        let before = OtherProcess.cpuSeconds(pid)
+        idle(milliseconds: 1000)
+        let used = OtherProcess.cpuSeconds(pid) - before
+        #expect(used < 0.2, "xenstored used \(used) s of CPU in 1 s on a connection it could not accept")
+        OtherProcess.setOpenFileLimit(pid, to: original)
+        // The queued connection is taken and its request answered now.
+        let r = c.receive()
+        #expect(r?.reqID == 1 && r?.type == XSType.read.rawValue, "the waiting connection was not served")
+        #expect(d.stderrText().contains("no descriptor left"))
     }
 
     @Test func oversizedPayloadClosesOnlyThatConnection() throws {
