@@ -71,6 +71,12 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     var backendWatch: XenBusWatch?
     let logger: Logger
     let failed = Atomic<Bool>(false)
+    /// Submitters writing into a slot's pages right now. With `failed` it
+    /// makes a store-buffering pair (both sequentially consistent): a
+    /// submitter that counts itself and then sees the device not failed
+    /// fills its slot, and ``close()``, which sets `failed` and then waits
+    /// for this to be zero, frees the pages only after it has.
+    let filling = Atomic<Int>(0)
     /// Set by the backend-state watch; the completion thread looks at the store.
     let backendChanged = Atomic<Bool>(false)
     let recoveryCount = Atomic<Int>(0)
@@ -495,9 +501,20 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
             : queues[nextQueue.wrappingAdd(1, ordering: .relaxed).oldValue % queues.count]
         q.slotAvailable.wait()
         let slot = q.freeSlots.withLock { $0.removeLast() }
+        // A close may have begun while we waited: its pages must not be
+        // written once it frees them (they may be another device's by then).
+        filling.wrappingAdd(1, ordering: .sequentiallyConsistent)
+        guard !failed.load(ordering: .sequentiallyConsistent) else {
+            filling.wrappingSubtract(1, ordering: .sequentiallyConsistent)
+            q.freeSlots.withLock { $0.append(slot) }
+            q.slotAvailable.signal()
+            group.partDone(EIO)
+            return
+        }
         var req = blkif_request()
         req.id = UInt64(slot)
         fill(&req, slot)
+        filling.wrappingSubtract(1, ordering: .sequentiallyConsistent)
         let request = req
         // Checked again under the lock: failAll sets `failed` before it empties
         // the in-flight table, so a request either is failed by it or sees it.
@@ -590,7 +607,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     /// Fails every request in flight with EIO (the device is dead); their
     /// slots go back, so no submitter waits for one forever.
     func failAll() {
-        failed.store(true, ordering: .releasing)
+        failed.store(true, ordering: .sequentiallyConsistent)
         for q in queues {
             let lost = q.state.withLock { s -> [(Int, Pending)] in
                 defer { s.inFlight = Array(repeating: nil, count: s.inFlight.count) }
@@ -648,11 +665,20 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                 s.channel = nil
             }
         }
+        // A submitter that took a slot before failAll may still be copying
+        // into its pages (a memcpy of one chunk at most): the pages go back
+        // only after it has (see `filling`).
+        let fillDeadline = monotonicNanoseconds() + 5_000_000_000
+        while filling.load(ordering: .sequentiallyConsistent) != 0 && monotonicNanoseconds() < fillDeadline {
+            idle(milliseconds: 1)
+        }
         for l in links {
             try? l.channel.close()
             if grants.revoke(l.ringRefs) { pages.free(l.ringFrame, count: 1 << ringOrder) }
         }
-        if grants.revoke(slotRefs.flatMap { $0 } + indirectRefs) {
+        if filling.load(ordering: .sequentiallyConsistent) != 0 {
+            logger.warning("\(frontendPath): a request was still being copied into its pages; they stay allocated")
+        } else if grants.revoke(slotRefs.flatMap { $0 } + indirectRefs) {
             pages.free(dataExtent.first, count: dataExtent.count)
         } else {
             logger.warning("\(frontendPath): the backend still maps data pages; they stay granted")
