@@ -212,11 +212,30 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
         }
     }
 
+    /// A directory's children, none when it does not exist; other errors
+    /// (a request that timed out, a lost connection) are thrown: a device is
+    /// never torn down because the store could not be read.
+    func children(_ path: String) throws(XenBusError) -> [String] {
+        do { return try xs.directory(path) } catch .xs(.ENOENT) { return [] }
+    }
+
     func rescan() {
         var seen = Set<String>()
-        for fe in (try? xs.directory(root)) ?? [] {
-            for dev in (try? xs.directory(root + "/" + fe)) ?? [] {
-                let p = root + "/" + fe + "/" + dev
+        let frontends: [String]
+        do { frontends = try children(root) } catch {
+            logger.warning("\(root): cannot list devices (\(error)); they are left as they are")
+            return
+        }
+        for fe in frontends {
+            let dir = root + "/" + fe
+            let devs: [String]
+            do { devs = try children(dir) } catch {
+                logger.warning("\(dir): cannot list devices (\(error)); they are left as they are")
+                for p in devices.keys where p.hasPrefix(dir + "/") { seen.insert(p) }
+                continue
+            }
+            for dev in devs {
+                let p = dir + "/" + dev
                 seen.insert(p)
                 reconcile(p)
             }
@@ -232,7 +251,12 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
         // if its directory is back: a late writer (a hotplug script's
         // hotplug-status, before or after our teardown) re-created it, and
         // what it re-created is removed again.
-        if (try? xs.readIfExists(path + "/state")) == nil {
+        let state: String?
+        do { state = try xs.readIfExists(path + "/state") } catch {
+            logger.warning("\(path): cannot read its state (\(error)); left as it is")
+            return
+        }
+        if state == nil {
             if let e = devices.removeValue(forKey: path) {
                 logger.info("\(path): removed by the toolstack")
                 teardown(e)
