@@ -124,7 +124,12 @@ public final class Supervisor {
 
     func start(_ s: Service) {
         var p: [CInt] = [-1, -1]
-        guard pipe(&p) == 0 else { return }
+        guard pipe(&p) == 0 else {
+            // Out of descriptors for now: tried again like a failed start, not dropped.
+            logger.error("cannot start \(s.spec.name): pipe: \(String(cString: strerror(errno)))")
+            scheduleRestart(s)
+            return
+        }
         _ = fcntl(p[0], F_SETFD, FD_CLOEXEC)
         _ = fcntl(p[0], F_SETFL, O_NONBLOCK)
         if s.log < 0 { s.log = open(runDir + "/logs/\(s.spec.name).log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644) }
