@@ -356,10 +356,12 @@ public final class Hypervisor: @unchecked Sendable {
         state.withLock { $0.evictDeadDomains() }
         guard isPrivileged, let (r, fds) = try? call(.openDomain, { $0.u16(d) }) else { return nil }
         var reader = r
-        guard fds.count == 3, let pages = try? reader.u32(),
-              let f = try? ForeignDomain(domid: d, pages: pages, memoryFD: fds[0], grantFD: fds[1], privateFD: fds[2])
-        else {
+        guard fds.count == 3, let pages = try? reader.u32() else {
             fds.forEach { _ = Glibc.close($0) }
+            return nil
+        }
+        // It owns the descriptors from here, closed by it when it fails.
+        guard let f = try? ForeignDomain(domid: d, pages: pages, memoryFD: fds[0], grantFD: fds[1], privateFD: fds[2]) else {
             return nil
         }
         state.withLock { $0.domains[d] = f }
@@ -389,11 +391,19 @@ final class ForeignDomain: @unchecked Sendable {
     private let lazyLock = Mutex<Void>(())
     private let wholeMemoryAddress = Atomic<UInt>(0)
 
+    /// Takes the three descriptors whatever happens: if a mapping fails, the
+    /// ones already adopted are closed by their ``SharedMemory`` (the failing
+    /// one by its own init) and the rest here, each once (a descriptor closed
+    /// twice may close another thread's that took its number meanwhile).
     init(domid: DomID, pages: UInt32, memoryFD: CInt, grantFD: CInt, privateFD: CInt) throws {
         self.domid = domid
         self.pages = pages
+        var notAdopted = [privateFD, grantFD]
+        defer { notAdopted.forEach { _ = Glibc.close($0) } }
         memory = try SharedMemory(adopting: memoryFD, size: Int(pages) * HVLimits.pageSize, writable: true, map: false)
+        notAdopted.removeLast()
         grantTable = try SharedMemory(adopting: grantFD, size: Int(HVLimits.maxGrantFrames) * HVLimits.pageSize, writable: true)
+        notAdopted.removeLast()
         privateArea = try SharedMemory(adopting: privateFD, size: PrivateLayout.size, writable: true)
         entries = SharedGrantEntries(base: grantTable.base!, capacity: HVLimits.maxGrantFrames * HVLimits.grantEntriesPerFrame)
         active = ActiveGrantTable(base: privateArea.base!)
