@@ -125,9 +125,30 @@ extension Hypervisor {
     private func mapOne(domid d: DomID, ref: GrantRef, writable: Bool, at fixed: UnsafeMutableRawPointer?) -> Result<GrantMapping, GrantStatus> {
         guard maptrack != nil else { return .failure(.permissionDenied) }
         guard let dom = foreignDomain(d) else { return .failure(.badDomain) }
-        guard let handle = state.withLock({ $0.maps.allocate() }) else { return .failure(.noSpace) }
+        // The handle counts for the domain from the start, taken under the lock
+        // that evicts a dead domain with no mapping left: an unmap elsewhere
+        // cannot drop the domain between our lookup and our mapping (its later
+        // unmap would find no domain, and the page would stay mapped for good).
+        let taken: Result<GrantHandle, GrantStatus> = state.withLock { s in
+            guard s.domains[d] === dom else { return .failure(.badDomain) }
+            guard let h = s.maps.allocate() else { return .failure(.noSpace) }
+            s.maps.perDomain[d, default: 0] += 1
+            return .success(h)
+        }
+        let handle: GrantHandle
+        switch taken {
+        case .success(let h): handle = h
+        case .failure(let e): return .failure(e)
+        }
+        func abandon() {
+            state.withLock { s in
+                s.maps.release(handle)
+                s.maps.perDomain[d, default: 1] -= 1
+                s.evictIfDead(d)
+            }
+        }
         guard ref < dom.active.entries else {
-            state.withLock { $0.maps.release(handle) }
+            abandon()
             return .failure(.badGntref)
         }
         let pins = dom.active.lock(ref, owner: clientID)
@@ -136,7 +157,7 @@ extension Hypervisor {
             ? .generalError : dom.entries.setBusy(ref, mapper: domid, writable: writable, forMap: true)
         guard status == .okay else {
             dom.active.unlock(ref, pins: pins)
-            state.withLock { $0.maps.release(handle) }
+            abandon()
             return .failure(status)
         }
         let frame: UInt32
@@ -149,12 +170,11 @@ extension Hypervisor {
         guard frame < dom.pages else {
             dom.entries.releaseBusy(ref, pins: pins)
             dom.active.unlock(ref, pins: pins)
-            state.withLock { $0.maps.release(handle) }
+            abandon()
             return .failure(.generalError)
         }
         cxen_store_release_u64(maptrackEntry(handle), MaptrackLayout.pack(domid: d, ref: ref, writable: writable))
         publishHighWater(handle + 1)
-        state.withLock { $0.maps.perDomain[d, default: 0] += 1 }
         dom.active.unlock(ref, pins: Pins(read: pins.read + (writable ? 0 : 1), write: pins.write + (writable ? 1 : 0)))
 
         let prot = writable ? (PROT_READ | PROT_WRITE) : PROT_READ
