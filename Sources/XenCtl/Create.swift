@@ -69,6 +69,10 @@ extension Toolstack {
         }
         var child: pid_t = 0
         do {
+            // The guest's end of its xenhv connection: the child's from the
+            // spawn on, closed here whatever fails before.
+            var guestFD = dom.guestDescriptor
+            defer { if guestFD >= 0 { close(guestFD) } }
             try hv.setMaxEventChannels(dom.domid, config.maxEventChannels)  // libxl: xc_domain_set_max_evtchn
             let id = XenStore.DomID(dom.domid)
             let home = "/local/domain/\(dom.domid)"
@@ -100,16 +104,19 @@ extension Toolstack {
             guard pipe(&ready) == 0 else { throw Failure("pipe: \(String(cString: strerror(errno)))") }
             _ = fcntl(ready[0], F_SETFD, FD_CLOEXEC)
             defer { close(ready[0]) }
+            defer { if ready[1] >= 0 { close(ready[1]) } }
             let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
             defer { close(null) }
             child = try ProcessLauncher.spawn(
                 ProcessLauncher.executableDirectory + "/pvguest",
                 arguments: ["--nbd-dir", guestDir, "--netns", namespace, "--ready-fd", "4"],
                 environment: ["XENHV_GUEST_FD": "3", "XEN_RUN_DIR": runDir],
-                descriptors: [(null, 0), (log >= 0 ? log : null, 1), (log >= 0 ? log : null, 2), (dom.guestDescriptor, 3), (ready[1], 4)],
+                descriptors: [(null, 0), (log >= 0 ? log : null, 1), (log >= 0 ? log : null, 2), (guestFD, 3), (ready[1], 4)],
                 newSession: true, cpus: config.cpus, confinement: confinement)
             close(ready[1])
-            close(dom.guestDescriptor)
+            ready[1] = -1
+            close(guestFD)
+            guestFD = -1
             try hv.attachProcess(child, to: dom.domid)
             var disks: [(String, String)] = []
             var nics: [String] = []

@@ -72,7 +72,12 @@ public final class Hypervisor: @unchecked Sendable {
             Glibc.close(s)
             throw HypervisorError.cannotConnect(path: socketPath, errno: e)
         }
-        return try Hypervisor(socket: s)
+        do {
+            return try Hypervisor(socket: s)
+        } catch {
+            Glibc.close(s)  // a class whose init throws never runs its deinit
+            throw error
+        }
     }
 
     /// Adopts an inherited guest connection (the descriptor a toolstack got from
