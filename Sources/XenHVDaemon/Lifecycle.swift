@@ -120,14 +120,19 @@ extension HypervisorDaemon {
                 touched.insert(Key(domid: DomID(truncatingIfNeeded: e >> 32), ref: GrantRef(truncatingIfNeeded: e)))
             }
         }
+        // Entries whose lock it died holding go first: a live mapper holding
+        // another entry's lock (a copy pins several) may be spinning on one of
+        // these, and would hold ours against us for ever if we took its first.
+        var heldByDead: [Key] = []
         for dom in domains.values {
             let active = dom.active
             for ref in 0..<active.entries where active.lockOwner(ref) == dead.id {
-                touched.insert(Key(domid: dom.domid, ref: ref))
+                heldByDead.append(Key(domid: dom.domid, ref: ref))
             }
         }
+        touched.subtract(heldByDead)
         let live = clients.values.compactMap { c -> SharedMemory? in c.id == dead.id ? nil : c.maptrack }
-        for key in touched {
+        for key in heldByDead + Array(touched) {
             guard let dom = domains[key.domid] else { continue }
             let active = dom.active
             guard key.ref < active.entries else { continue }
@@ -146,7 +151,7 @@ extension HypervisorDaemon {
             dom.entries.releaseBusy(key.ref, pins: pins)
             active.unlock(key.ref, pins: pins)
         }
-        return touched.count
+        return heldByDead.count + touched.count
     }
 
     private func entry(_ mt: SharedMemory, _ h: Int) -> UInt64 {
