@@ -47,8 +47,11 @@ extension Toolstack {
     }
 
     /// The domain of a parsed config (`text` is its file, for error lines);
-    /// the monitor calls this to restart a domain.
-    func create(_ config: DomainConfig, configPath: String, text: String, appendLog: Bool = false) throws -> CreatedGuest {
+    /// the monitor calls this to restart a domain, with its signalfd of
+    /// termination signals as `interruptFD`: one arriving while the guest
+    /// boots undoes the domain, as Ctrl-C does for `xenctl create`.
+    func create(_ config: DomainConfig, configPath: String, text: String, appendLog: Bool = false,
+                interruptFD: CInt = -1) throws -> CreatedGuest {
         for d in config.disks {
             if let why = Self.missingTarget(d) { throw Failure("\(configPath):\(configLine(text, "disk")): \(why)") }
         }
@@ -125,8 +128,11 @@ extension Toolstack {
             // boot waits at most 120 s for its devices.
             let deadline = monotonicSeconds() + Self.guestBootSeconds
             for _ in 0..<1024 {
-                guard let line = ProcessLauncher.readLine(ready[0], deadline: deadline) else {
-                    if cxen_termination_noted() != 0 { throw Failure("domain '\(config.name)': interrupted; undone") }
+                guard let line = ProcessLauncher.readLine(ready[0], deadline: deadline, interruptFD: interruptFD) else {
+                    var signal = pollfd(fd: interruptFD, events: Int16(POLLIN), revents: 0)
+                    if cxen_termination_noted() != 0 || (interruptFD >= 0 && poll(&signal, 1, 0) > 0) {
+                        throw Failure("domain '\(config.name)': interrupted; undone")
+                    }
                     throw Failure("domain '\(config.name)': the guest did not come up within \(Int(Self.guestBootSeconds)) s; see \(runDir)/logs/guest-\(config.name).log")
                 }
                 if line.isEmpty { break }

@@ -173,7 +173,8 @@ extension Toolstack {
                 }
                 logger.info("domain \(domid) shut down, reason \(reason): action \(action.rawValue)")
                 do {
-                    guard let next = try apply(action, to: info, config: config, text: text, configPath: configPath, hv: hv, logger: logger) else {
+                    guard let next = try apply(action, to: info, config: config, text: text, configPath: configPath, hv: hv,
+                                               interruptFD: signals, logger: logger) else {
                         logger.info("done; exiting")
                         return 0
                     }
@@ -207,7 +208,7 @@ extension Toolstack {
     /// handle_domain_death: carries out `action` on a domain that shut down.
     /// Returns the domid to follow next (a restart), or nil when done.
     func apply(_ action: DomainConfig.Action, to info: Hypervisor.DomainInfo, config: DomainConfig, text: String,
-               configPath: String, hv: Hypervisor, logger: Logger) throws -> XenHV.DomID? {
+               configPath: String, hv: Hypervisor, interruptFD: CInt = -1, logger: Logger) throws -> XenHV.DomID? {
         var action = action
         if action == .coredumpDestroy || action == .coredumpRestart {
             mkdir(runDir + "/dump", 0o700)
@@ -244,7 +245,7 @@ extension Toolstack {
                     return nil
                 }
             }
-            let g = try create(next, configPath: configPath, text: text, appendLog: true)
+            let g = try create(next, configPath: configPath, text: text, appendLog: true, interruptFD: interruptFD)
             logger.info("restarted '\(g.name)' as domain \(g.domid), guest process \(g.pid)")
             for (vdev, uri) in g.disks { logger.info("  disk \(vdev): \(uri)") }
             for n in g.nics { logger.info("  \(n)") }

@@ -252,16 +252,20 @@ extension ProcessLauncher {
     /// (``monotonicSeconds()``) has passed first; a line is cut at `limit`
     /// bytes (the rest comes as the next).
     /// Also nil once a termination signal was noted (`cxen_note_termination`).
-    public static func readLine(_ fd: CInt, deadline: Double, limit: Int = 4096) -> String? {
+    public static func readLine(_ fd: CInt, deadline: Double, limit: Int = 4096, interruptFD: CInt = -1) -> String? {
         var line = [UInt8]()
         var c: UInt8 = 0
         while line.count < limit {
             let left = deadline - monotonicSeconds()
             guard left > 0, cxen_termination_noted() == 0 else { return nil }
             if left.isFinite {  // a trusted writer's line (no deadline) is read straight
-                var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-                let r = poll(&p, 1, Int32(min(left * 1000, 60_000)) + 1)
+                // `interruptFD` (a signalfd of termination signals, which then
+                // interrupt no wait): readable is an interruption too. Not read.
+                var p = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0),
+                         pollfd(fd: interruptFD, events: Int16(POLLIN), revents: 0)]
+                let r = poll(&p, 2, Int32(min(left * 1000, 60_000)) + 1)
                 if r < 0 && errno == EINTR { continue }
+                if p[1].revents != 0 { return nil }
                 guard r > 0 else { continue }
             }
             let n = read(fd, &c, 1)
