@@ -94,16 +94,27 @@ extension XenBusClient {
 
     /// Waits until `<dir>/state` satisfies `predicate` (xenbus_wait_for_state), using a
     /// watch; skipped states are fine since only the current value is tested.
+    /// `.timeout` once `timeout` seconds have passed: the wait is woken by
+    /// the watch or by the deadline, whichever comes first.
     public func waitForState(at dir: String, timeout: Double = 30,
                              _ predicate: @escaping @Sendable (XenbusState) -> Bool) async throws -> XenbusState {
-        let w = try watch(dir + "/state")
-        defer { try? unwatch(w) }
+        let (wakes, wake) = AsyncStream<Void>.makeStream(bufferingPolicy: .bufferingNewest(1))
+        let w = try watch(dir + "/state", callback: { _ in wake.yield() })
         let deadline = monotonicSeconds() + timeout
-        var it = w.makeAsyncIterator()
+        let timer = Task {
+            try? await Task.sleep(nanoseconds: UInt64(max(0, timeout) * 1e9) + 1_000_000)
+            wake.yield()
+        }
+        defer {
+            timer.cancel()
+            try? unwatch(w)
+            wake.finish()
+        }
+        var it = wakes.makeAsyncIterator()
         while true {
             let s = try state(at: dir)
             if predicate(s) { return s }
-            if monotonicSeconds() > deadline { throw XenBusError.timeout }
+            if monotonicSeconds() >= deadline { throw XenBusError.timeout }
             guard await it.next() != nil else { throw XenBusError.closed }
         }
     }

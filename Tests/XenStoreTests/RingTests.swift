@@ -509,6 +509,12 @@ final class InProcessDaemon: @unchecked Sendable {
         try guest.write(dev.frontendPath + "/tx-ring-ref", "8")
         try guest.switchState(at: dev.frontendPath, to: .connected)
         #expect(try await toolstack.waitForState(at: dev.frontendPath) { $0 == .connected } == .connected)
+        // A state that never comes: `.timeout` at the deadline (the watch fired
+        // once, at registration, and never again), not a wait for ever.
+        let stuck = Task { try await toolstack.waitForState(at: dev.frontendPath, timeout: 0.3) { $0 == .closed } }
+        let bound = Task { try await Task.sleep(nanoseconds: 10_000_000_000); stuck.cancel() }
+        await #expect(throws: XenBusError.timeout) { try await stuck.value }
+        bound.cancel()
         #expect(XenbusState(string: "4\n") == .connected)
         #expect(XenbusState(rawValue: Int(XenbusStateReconfigured.rawValue)) == .reconfigured)
         try toolstack.destroyDevice(dev)
