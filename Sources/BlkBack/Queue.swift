@@ -311,6 +311,7 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
             if storm.turn(kicked: kicked, foundWork: consumed > 0, now: monotonicNanoseconds()) {
                 BlkStats.bump(stats.spuriousStorms)
             }
+            kicked = false  // counted once, whichever way this turn goes on
             if let f = fence, (engine?.inFlight ?? 0) == 0 {
                 fence = nil
                 if case .draining(let q) = f { runFence(q) }
