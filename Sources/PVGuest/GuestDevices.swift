@@ -349,14 +349,16 @@ public final class GuestDevices: @unchecked Sendable {
     }
 
     /// A NIC went (or never came): the namespace this guest made goes with the last one.
+    /// Removed under the same lock that creates it: a NIC entering meanwhile
+    /// on another device's queue finds it either still there or gone, never
+    /// one about to go.
     func leaveNamespace() {
-        let remove = shared.withLock { s -> Bool in
+        shared.withLock { s in
             s.nics -= 1
-            guard s.nics == 0, s.createdNamespace else { return false }
+            guard s.nics == 0, s.createdNamespace else { return }
             s.createdNamespace = false
-            return true
+            NetNamespace.remove(options.namespace)
         }
-        if remove { NetNamespace.remove(options.namespace) }
     }
 
     // MARK: The devices file
