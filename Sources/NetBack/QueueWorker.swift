@@ -106,7 +106,9 @@ final class QueueWorker: @unchecked Sendable {
                       queueLimit: rxQueueLimit)
     }
 
-    func start() {
+    /// Starts the queue's thread; throws when none can be made (EAGAIN under
+    /// a thread limit): that vif's connect fails, netback goes on.
+    func start() throws(VifError) {
         let box = Unmanaged.passRetained(self)
         var t = pthread_t()
         let rc = pthread_create(&t, nil, { arg in
@@ -114,7 +116,10 @@ final class QueueWorker: @unchecked Sendable {
             w.run()
             return nil
         }, box.toOpaque())
-        precondition(rc == 0, "pthread_create: \(rc)")
+        guard rc == 0 else {
+            box.release()
+            throw .thread(errno: rc)
+        }
         thread = t
     }
 

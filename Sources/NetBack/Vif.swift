@@ -142,6 +142,8 @@ public enum VifError: Error, CustomStringConvertible, Sendable {
     case eventChannel(port: EventPort, String)
     case badConnection(String)
     case alreadyConnected
+    /// No thread for a queue (pthread_create's error).
+    case thread(errno: Int32)
 
     public var description: String {
         switch self {
@@ -151,6 +153,7 @@ public enum VifError: Error, CustomStringConvertible, Sendable {
         case let .eventChannel(port, m): "cannot bind event channel \(port): \(m)"
         case .badConnection(let m): m
         case .alreadyConnected: "vif is already connected"
+        case .thread(let e): "cannot start a queue thread: \(String(cString: strerror(e)))"
         }
     }
 }
@@ -267,8 +270,14 @@ public final class Vif: @unchecked Sendable {
                 try? tap.setCarrier(false)
                 throw error
             }
+            do throws(VifError) {
+                for w in started { try w.start() }
+            } catch {
+                for w in started { w.stop() }  // joins those that started, releases the rest
+                try? tap.setCarrier(false)
+                throw error
+            }
             workers = started
-            for w in started { w.start() }
             logger.info("connected: \(c.queues.count) queue(s), sg \(f.sg), gso4 \(f.gsoTCPv4), gso6 \(f.gsoTCPv6)")
         }
     }

@@ -606,7 +606,14 @@ extension NetFrontDevice {
         }
 
         func start() {
-            DetachedThread.start(name: "nf-\(device.interfaceName)q\(index)") { [self] in run(); done.signal() }
+            guard DetachedThread.start(name: "nf-\(device.interfaceName)q\(index)", { [self] in run(); done.signal() }) else {
+                // As a data path that failed: the supervisor reconnects, and stop() finds it ended.
+                device.logger.error("\(device.frontendPath): no thread for queue \(index) (pthread_create failed); stopping the data path")
+                failed.store(true, ordering: .releasing)
+                done.signal()
+                device.wake.signal()
+                return
+            }
         }
 
         /// Stops the thread and waits for it, then ``close()``s.
