@@ -319,21 +319,39 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         let ringPages = 1 << order
         var links: [Link] = []
         var rings: [FrontRing<BlkifRing>] = []
+        /// The ring of the queue being set up, until its link is made.
+        var partial: (frame: UInt32, refs: [GrantRef])?
+        /// Revokes a ring's refs; frames this handshake allocated go back to
+        /// the pool once none is held (one the backend still maps stays out of
+        /// use). Reused frames are the caller's. Failed reconnect attempts
+        /// leaked a ring's pages each before.
+        func giveBack(_ frame: UInt32, _ refs: [GrantRef]) {
+            var revoked = true
+            for r in refs {
+                if hv.grantTable!.endAccess(r) { grants.release(r) } else { revoked = false }
+            }
+            if revoked && reuse == nil { pages.free(frame, count: ringPages) }
+        }
         func release() {
             for l in links {
                 try? l.channel.close()
-                for r in l.ringRefs where hv.grantTable!.endAccess(r) { grants.release(r) }
+                giveBack(l.ringFrame, l.ringRefs)
             }
+            if let p = partial { giveBack(p.frame, p.refs) }
         }
         do {
             for q in 0..<nq {
                 let ringFrame = try reuse?[q] ?? pages.allocate(ringPages)
+                partial = (ringFrame, [])
                 let region = pages.page(ringFrame, count: ringPages)
                 try region.fill(0, at: 0, count: ringPages * HVLimits.pageSize)
-                let ringRefs = try (0..<ringPages).map { try grants.grant(frame: ringFrame + UInt32($0), to: beID, readOnly: false) }
+                for i in 0..<ringPages {
+                    partial?.refs.append(try grants.grant(frame: ringFrame + UInt32(i), to: beID, readOnly: false))
+                }
                 rings.append(FrontRing(initializing: try region.ring(BlkifRing.self, pages: ringPages)))
                 let port = try hv.allocUnbound(remote: beID)
-                links.append(Link(ringFrame: ringFrame, ringRefs: ringRefs, channel: try hv.channel(port), bound: .closed))
+                links.append(Link(ringFrame: ringFrame, ringRefs: partial?.refs ?? [], channel: try hv.channel(port), bound: .closed))
+                partial = nil
             }
             try xs.transaction { t in
                 if order > 0 { try t.write(fe + "/ring-page-order", "\(order)") }
