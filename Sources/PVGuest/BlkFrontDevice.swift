@@ -187,10 +187,21 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         // that does not connect must not cost the guest its memory).
         var frames: [(UInt32, Int)] = []
         var granted: [GrantRef] = []
+        // The rings once the handshake made them; ring frames the backend
+        // still maps (a failed handshake's, or these links' after a later
+        // failure) stay allocated and out of use.
+        var madeLinks: [Link] = []
+        var stuckRings: [UInt32] = []
         var done = false
         defer {
             if !done {
-                if grants.revoke(granted) { for (f, n) in frames { pages.free(f, count: n) } }
+                for l in madeLinks {
+                    try? l.channel.close()
+                    if !grants.revoke(l.ringRefs) { stuckRings.append(l.ringFrame) }
+                }
+                if grants.revoke(granted) {
+                    for (f, n) in frames where !stuckRings.contains(f) { pages.free(f, count: n) }
+                }
             }
         }
         // Unknown: the toolstack removed the device before it connected.
@@ -266,7 +277,8 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
 
         let (links, rings, sectors) = try Self.handshake(hv: hv, xs: xs, fe: fe, be: be, beID: beID, order: order,
                                                          indirect: perSlot > Self.segmentsPerRequest ? perSlot : 0,
-                                                         pages: pages, grants: grants, reuse: ringFrames)
+                                                         pages: pages, grants: grants, reuse: ringFrames, stuck: &stuckRings)
+        madeLinks = links
         self.links = links
         self.sectors = sectors
         size = sectors * 512
@@ -301,7 +313,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     /// backend and an unbound port for it; the keys (queue-N/ directories with
     /// several queues), Initialised, then the backend's Connected.
     static func handshake(hv: Hypervisor, xs: XenBusClient, fe: String, be: String, beID: XenHV.DomID, order: Int,
-                          indirect: Int, pages: GuestPages, grants: GrantRefs, reuse: [UInt32]?,
+                          indirect: Int, pages: GuestPages, grants: GrantRefs, reuse: [UInt32]?, stuck: inout [UInt32],
                           queues nq: Int? = nil, abandon: () throws -> Void = {}) throws -> ([Link], [FrontRing<BlkifRing>], UInt64) {
         let nq = nq ?? reuse?.count ?? 1
         let maxOrder = Int((try xs.readIfExists(be + "/max-ring-page-order")) ?? "0") ?? 0
@@ -321,16 +333,16 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         var rings: [FrontRing<BlkifRing>] = []
         /// The ring of the queue being set up, until its link is made.
         var partial: (frame: UInt32, refs: [GrantRef])?
-        /// Revokes a ring's refs; frames this handshake allocated go back to
-        /// the pool once none is held (one the backend still maps stays out of
-        /// use). Reused frames are the caller's. Failed reconnect attempts
-        /// leaked a ring's pages each before.
+        /// Revokes a ring's refs. Frames this handshake allocated go back to
+        /// the pool once none is held; reused frames stay the caller's, and
+        /// those the backend still maps are listed in `stuck` (they stay out
+        /// of use, and out of the next attempt).
         func giveBack(_ frame: UInt32, _ refs: [GrantRef]) {
-            var revoked = true
-            for r in refs {
-                if hv.grantTable!.endAccess(r) { grants.release(r) } else { revoked = false }
+            if !grants.revoke(refs) {
+                if reuse != nil { stuck.append(frame) }
+            } else if reuse == nil {
+                pages.free(frame, count: ringPages)
             }
-            if revoked && reuse == nil { pages.free(frame, count: ringPages) }
         }
         func release() {
             for l in links {
@@ -771,23 +783,24 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                 s.channel = nil
             }
         }
-        // Ring pages nobody maps any more are reused; others are left to the old mapping.
-        var reusable = true
+        // Ring pages nobody maps any more are reused; others are left to the
+        // old mapping (and then the rest go back: the attempt takes new pages).
+        var free: [UInt32] = []
         for l in links {
             try? l.channel.close()
-            for r in l.ringRefs {
-                if hv.grantTable!.endAccess(r) { grants.release(r) } else { reusable = false }
-            }
+            if grants.revoke(l.ringRefs) { free.append(l.ringFrame) }
         }
-        var reuse: [UInt32]? = reusable ? links.map(\.ringFrame) : nil
+        var reuse: [UInt32]? = free.count == links.count ? free : nil
+        if reuse == nil { for f in free { pages.free(f, count: 1 << ringOrder) } }
         // The old rings are given up here: their refs are back on the free
         // list (another device may hold them by now), so nothing may revoke
         // them again — close() revokes only `links`. Frames kept for reuse
-        // go back to the guest if the device ends before it reconnects.
+        // stay ours across failed attempts (a handshake that fails revokes
+        // what it granted on them), and go back to the guest if the device
+        // ends before it reconnects.
         links = []
-        var regranted = false  // a handshake granted the reused frames again: they are its to give back
         defer {
-            if links.isEmpty, !regranted, let frames = reuse { for f in frames { pages.free(f, count: 1 << ringOrder) } }
+            if links.isEmpty, let frames = reuse { for f in frames { pages.free(f, count: 1 << ringOrder) } }
         }
         var attempt = 0
         while !failed.load(ordering: .acquiring) {
@@ -800,17 +813,37 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                 try xs.switchStateIfPresent(at: frontendPath, to: .initialising, owner: Self.handshakeKey)
                 guard try awaitBackend(.initWait) else { continue }
                 try checkAttached()
-                regranted = reuse != nil
+                var stuck: [UInt32] = []
+                defer {
+                    // A failed attempt whose backend kept a reused ring mapped:
+                    // that ring stays out of use, the others go back, and the
+                    // next attempt takes new pages.
+                    if !stuck.isEmpty, let frames = reuse {
+                        for f in frames where !stuck.contains(f) { pages.free(f, count: 1 << ringOrder) }
+                        reuse = nil
+                    }
+                }
                 let (newLinks, rings, newSectors) = try Self.handshake(
                     hv: hv, xs: xs, fe: frontendPath, be: backendPath, beID: backendID, order: ringOrder,
                     indirect: indirectPages.isEmpty ? 0 : segmentsPerSlot, pages: pages, grants: grants,
-                    reuse: reuse, queues: queues.count, abandon: checkAttached)
+                    reuse: reuse, stuck: &stuck, queues: queues.count, abandon: checkAttached)
                 if newSectors != sectors {
                     logger.warning("\(frontendPath): backend now reports \(newSectors) sectors (was \(sectors))")
                 }
+                do {
+                    try xs.switchStateIfPresent(at: frontendPath, to: .connected, owner: Self.handshakeKey)
+                } catch {
+                    // Not connected after all: this attempt's rings are given
+                    // up as a failed handshake's are, and kept for the next.
+                    reuse = newLinks.map(\.ringFrame)
+                    for l in newLinks {
+                        try? l.channel.close()
+                        if !grants.revoke(l.ringRefs) { stuck.append(l.ringFrame) }
+                    }
+                    throw error
+                }
                 links = newLinks
                 sectors = newSectors
-                try xs.switchStateIfPresent(at: frontendPath, to: .connected, owner: Self.handshakeKey)
                 var count = 0
                 for (i, q) in queues.enumerated() {
                     let (kick, n) = q.state.withLock { s -> (Bool, Int) in
@@ -838,7 +871,6 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                 return
             } catch {
                 logger.warning("\(frontendPath): reconnect attempt \(attempt) failed: \(error)")
-                reuse = nil
                 // Back off before retrying the handshake (not a synchronisation).
                 usleep(UInt32(min(attempt, 10)) * 100_000)
             }

@@ -1,0 +1,131 @@
+import Foundation
+import Glibc
+import Synchronization
+import Testing
+import PVGuest
+import XenBus
+import XenHV
+import XenStore
+import XenTestKit
+
+/// pvguest's blkfront gives its ring pages back to the guest whenever a
+/// handshake fails, and never a page the backend still maps (Linux's
+/// blkfront frees a ring only after gnttab_end_foreign_access). The backend
+/// is played by the test over dom0's xenstore, so a handshake can be refused
+/// at will, with or without a ring mapped.
+@Suite struct BlkFrontRingPagesTests {
+    /// One vbd offering two queues of order-1 rings, and the guest's side of
+    /// it in this process (its page pool and grant refs, to count with).
+    final class PlayedDisk: @unchecked Sendable {
+        let dom0: Dom0Harness
+        let guest: Dom0Harness.Guest
+        let be: String, fe: String
+        /// The backend's own connections.
+        let bx: XenBusClient
+        let hv0: Hypervisor
+        let pages: GuestPages
+        let grants: GrantRefs
+
+        init(_ name: String) throws {
+            dom0 = try Dom0Harness(buildDirectory: Dom0Harness.buildDirectory(packageRoot: DiskPathTests.root))
+            guest = try dom0.createGuest(name: name, pages: 8192)
+            let dev = XenBusDevice(type: "vbd", frontendDomid: XenStore.DomID(guest.domid), devid: 51712)
+            try dom0.xenstore.createDevice(dev, backend: ["max-ring-page-order": "1", "multi-queue-max-queues": "2",
+                                                          "sectors": "2048", "info": "0", "sector-size": "512"],
+                                           frontend: ["virtual-device": "51712", "device-type": "disk"])
+            be = dev.backendPath
+            fe = dev.frontendPath
+            bx = try dom0.dom0XenStore()
+            hv0 = try dom0.dom0Hypervisor()
+            pages = try GuestPages(hypervisor: guest.hypervisor)
+            grants = try GrantRefs(hypervisor: guest.hypervisor)
+            try bx.switchState(at: be, to: .initWait)
+        }
+
+        func connect() throws -> BlkFrontDevice {
+            let (bx, fe, be) = (bx, fe, be)
+            Thread {
+                _ = bx.awaitState(at: fe, seconds: 20) { $0 == .initialised }
+                try? bx.switchState(at: be, to: .connected)
+            }.start()
+            return try BlkFrontDevice(hypervisor: guest.hypervisor, xenstore: guest.xenstore, frontendPath: fe,
+                                      pages: pages, grants: grants, ringPageOrder: 1, queues: 2)
+        }
+
+        /// Waits for the frontend's `state`, then moves the backend to `next`.
+        func answer(_ state: XenBus.XenbusState, with next: XenBus.XenbusState, sourceLocation: SourceLocation = #_sourceLocation) throws {
+            let seen = bx.awaitState(at: fe, seconds: 20) { $0 == state }
+            #expect(seen == state, "the frontend did not go \(state)", sourceLocation: sourceLocation)
+            try bx.switchState(at: be, to: next)
+        }
+
+        /// Maps queue 0's first ring page as the backend would.
+        func mapQueue0Ring() throws -> GrantMapping {
+            let ref = try #require(GrantRef(try bx.read(fe + "/queue-0/ring-ref0")))
+            return try hv0.mapGrant(domid: guest.domid, ref: ref, writable: true).get()
+        }
+    }
+
+    /// Two outages. In the first the backend refuses the first reconnect
+    /// attempt: the rings it reused are the next attempt's again, and the
+    /// guest ends with every page it had. In the second the backend maps
+    /// queue 0's ring and then refuses: that ring stays out of use (2 pages),
+    /// queue 1's goes back, and the next attempt takes new pages.
+    @Test(.timeLimit(.minutes(2)))
+    func aRefusedReconnectAttemptKeepsTheRingPagesAndAMappedRingStaysOutOfUse() throws {
+        let p = try PlayedDisk("bfring")
+        let disk = try p.connect()
+        var mapping: GrantMapping?
+        defer {
+            if let m = mapping { _ = p.hv0.unmapGrant(m) }
+            try? p.bx.switchState(at: p.be, to: .closed)
+            disk.close()
+        }
+        let connected = p.pages.available
+
+        try p.bx.switchState(at: p.be, to: .closing)
+        try p.answer(.closed, with: .closed)
+        try p.answer(.initialising, with: .initWait)
+        try p.answer(.initialised, with: .closed)  // refused
+        try p.answer(.initialising, with: .initWait)
+        try p.answer(.initialised, with: .connected)
+        #expect(eventually { disk.recoveries == 1 })
+        #expect(p.pages.available == connected,
+                "a refused attempt cost the guest \(connected - p.pages.available) pages (its reused rings)")
+
+        try p.bx.switchState(at: p.be, to: .closing)
+        try p.answer(.closed, with: .closed)
+        try p.answer(.initialising, with: .initWait)
+        #expect(p.bx.awaitState(at: p.fe, seconds: 20) { $0 == .initialised } == .initialised)
+        mapping = try p.mapQueue0Ring()
+        try p.bx.switchState(at: p.be, to: .closed)  // refused, with the ring mapped
+        try p.answer(.initialising, with: .initWait)
+        try p.answer(.initialised, with: .connected)
+        #expect(eventually { disk.recoveries == 2 })
+        #expect(p.pages.available == connected - 2,
+                "with one 2-page ring still mapped the guest has \(connected - p.pages.available) pages fewer")
+    }
+
+    /// A first handshake refused after the backend mapped a ring: the device
+    /// is not made, and everything it took goes back except that ring.
+    @Test(.timeLimit(.minutes(2)))
+    func aRefusedFirstHandshakeFreesNoRingTheBackendMaps() throws {
+        let p = try PlayedDisk("bfinit")
+        let before = p.pages.available
+        let mapped = Mutex<GrantMapping?>(nil)
+        defer { if let m = mapped.withLock({ $0 }) { _ = p.hv0.unmapGrant(m) } }
+        Thread {
+            guard p.bx.awaitState(at: p.fe, seconds: 20, { $0 == .initialised }) != nil else { return }
+            let m = try? p.mapQueue0Ring()
+            mapped.withLock { $0 = m }
+            try? p.bx.switchState(at: p.be, to: .closing)
+        }.start()
+        #expect(throws: (any Error).self) {
+            _ = try BlkFrontDevice(hypervisor: p.guest.hypervisor, xenstore: p.guest.xenstore, frontendPath: p.fe,
+                                   pages: p.pages, grants: p.grants, ringPageOrder: 1, queues: 2)
+        }
+        #expect(mapped.withLock { $0 } != nil, "the backend did not map the ring")
+        #expect(p.pages.available == before - 2,
+                "the guest has \(before - p.pages.available) pages fewer (2: the ring the backend maps)")
+    }
+}
