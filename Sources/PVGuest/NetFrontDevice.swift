@@ -167,9 +167,15 @@ public final class NetFrontDevice: @unchecked Sendable {
             releaseResources()
             throw error
         }
-        DetachedThread.start(name: "nf-\(interfaceName)") { [self] in
+        guard DetachedThread.start(name: "nf-\(interfaceName)", { [self] in
             supervise()
             supervisorDone.signal()
+        }) else {
+            // Without its supervisor nobody would see the backend go or the
+            // data path fail: the NIC is given up as one that did not connect.
+            supervisorDone.signal()
+            stop()
+            throw HypervisorError.system(call: "pthread_create", errno: EAGAIN)
         }
     }
 
