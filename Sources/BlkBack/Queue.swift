@@ -337,7 +337,7 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
             var listen = !broken
             if let left = storm.muted(now: monotonicNanoseconds()) {
                 listen = false
-                if timeout < 0 { timeout = KickStormGuard.pollMilliseconds(left) }
+                if timeout < 0 { timeout = PollTimeout.milliseconds(left) }
             }
             fds.0.fd = listen ? channel.descriptor : -1
             let r = withUnsafeMutableBytes(of: &fds) { p in

@@ -214,14 +214,14 @@ final class QueueWorker: @unchecked Sendable {
                     continue
                 }
                 now = RateLimiter.now()
-                if txHoldUntil != 0 { timeout = Self.millis(until: txHoldUntil, now: now) }
+                if txHoldUntil != 0 { timeout = PollTimeout.until(txHoldUntil, now: now) }
                 // Frames wait: a frontend without feature-rx-notify is polled
                 // for buffers; one with it kicks when it posts, and is timed
                 // for a stall only while it has none posted at all.
                 if rx.count > 0 && (!rxNotify || (rx.postedCount == 0 && !rx.carrierOff)) {
                     let t: Int32 = rxNotify
-                        ? Self.millis(until: rx.waitingSince &+ shared.stallTimeout, now: now) : 10
-                    timeout = timeout < 0 ? t : min(timeout, t)
+                        ? PollTimeout.until(rx.waitingSince &+ shared.stallTimeout, now: now) : 10
+                    timeout = PollTimeout.sooner(timeout, t)
                 }
                 if moreWork { timeout = 0 }
             }
@@ -232,8 +232,7 @@ final class QueueWorker: @unchecked Sendable {
             var backingOff = false
             if let left = storm.muted(now: RateLimiter.now()) {
                 backingOff = true
-                let t = KickStormGuard.pollMilliseconds(left)
-                timeout = timeout < 0 ? t : min(timeout, t)
+                timeout = PollTimeout.sooner(timeout, PollTimeout.milliseconds(left))
             }
             // Reported before the wait: a read that met EBADFD (the tap deleted
             // between a wake-up and the read) leaves the tap out of this poll,
@@ -270,11 +269,6 @@ final class QueueWorker: @unchecked Sendable {
                 if let rxChannel, fds[evtchnAt + 1].revents != 0 { _ = rxChannel.consume(); kicked = true }
             }
         }
-    }
-
-    @inline(__always) static func millis(until: UInt64, now: UInt64) -> Int32 {
-        guard until > now else { return 0 }
-        return Int32(min((until - now + 999_999) / 1_000_000, 60_000))
     }
 
     /// Reads the tap into the backlog and delivers to the posted buffers until

@@ -71,10 +71,4 @@ public struct KickStormGuard: Sendable {
         mutedUntil = 0
         return nil
     }
-
-    /// `nanoseconds` as a poll(2) timeout, rounded up to whole milliseconds.
-    @inline(__always)
-    public static func pollMilliseconds(_ nanoseconds: UInt64) -> Int32 {
-        Int32(min((nanoseconds + 999_999) / 1_000_000, 60_000))
-    }
 }

@@ -58,13 +58,8 @@ public final class HypervisorDaemon {
     /// between rounds for their capacity.
     var pollFDs: [pollfd] = []
     var polledClients: [Client] = []
-    /// accept(2) found no descriptor left (EMFILE/ENFILE): the connection
-    /// stays queued and the listening socket readable, so it is left out of
-    /// the poll until then (CLOCK_MONOTONIC ns) instead of being spun on.
-    var acceptPausedUntil: UInt64 = 0
-    static let acceptPauseNanoseconds: UInt64 = 100_000_000
-    /// Logged once per spell without descriptors.
-    var acceptStarved = false
+    /// The listener out of the poll while accept(2) finds no descriptor left.
+    var acceptRest = AcceptRest()
     var running = true
     /// Said once: the kernel cannot refuse descriptors (before Linux 6.16).
     var warnedDescriptorsPass = false
@@ -155,17 +150,10 @@ public final class HypervisorDaemon {
     func pollRound(timeout: Int32) -> Round? {
         pollFDs.removeAll(keepingCapacity: true)
         polledClients.removeAll(keepingCapacity: true)
-        var timeout = timeout
-        if acceptPausedUntil != 0 {
-            let now = monotonicNanoseconds()
-            if now >= acceptPausedUntil {
-                acceptPausedUntil = 0
-            } else {
-                let left = Int32(clamping: (acceptPausedUntil - now + 999_999) / 1_000_000)
-                timeout = timeout < 0 ? left : min(timeout, left)
-            }
-        }
-        pollFDs.append(pollfd(fd: acceptPausedUntil == 0 ? listenFD : -1, events: Int16(POLLIN), revents: 0))
+        let now = monotonicNanoseconds()
+        let resting = acceptRest.resting(now: now)
+        let timeout = acceptRest.pollTimeout(timeout, now: now)
+        pollFDs.append(pollfd(fd: resting ? -1 : listenFD, events: Int16(POLLIN), revents: 0))
         pollFDs.append(pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0))
         for c in clients.values {
             pollFDs.append(pollfd(fd: c.fd, events: Int16(POLLIN), revents: 0))
@@ -204,17 +192,13 @@ public final class HypervisorDaemon {
         let fd = Glibc.accept(listenFD, nil, nil)
         if fd >= 0 { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
         guard fd >= 0 else {
-            if errno == EMFILE || errno == ENFILE {
-                if !acceptStarved { logger.warning("accept: no descriptor left (errno \(errno)); new connections wait") }
-                acceptStarved = true
-                acceptPausedUntil = monotonicNanoseconds() + Self.acceptPauseNanoseconds
+            let e = errno
+            if acceptRest.acceptFailed(errno: e, now: monotonicNanoseconds()) == .outOfDescriptors(first: true) {
+                logger.warning("accept: no descriptor left (errno \(e)); new connections wait")
             }
             return
         }
-        if acceptStarved {
-            acceptStarved = false
-            logger.info("accepting connections again")
-        }
+        if acceptRest.accepted() { logger.info("accepting connections again") }
         refuseDescriptors(on: fd)
         let c = Client(id: nextClientID, fd: fd, domid: 0)
         nextClientID += 1

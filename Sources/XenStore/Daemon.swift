@@ -151,10 +151,7 @@ public final class XenStoreDaemon: XSRingHost {
                 pollSetChanged = false
             }
             var timeout = !busy.isEmpty ? 0 : muted.isEmpty ? 1000 : muteTimeout()
-            if acceptPausedUntil != 0 {
-                let now = monotonicNanoseconds()
-                timeout = min(timeout, KickStormGuard.pollMilliseconds(acceptPausedUntil > now ? acceptPausedUntil - now : 0))
-            }
+            timeout = acceptRest.pollTimeout(timeout, now: monotonicNanoseconds())
             let n = pfds.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), timeout) }
             if n < 0 {
                 if errno == EINTR { continue }
@@ -183,8 +180,7 @@ public final class XenStoreDaemon: XSRingHost {
             }
             serveBusy()
             unmuteExpired()
-            if acceptPausedUntil != 0 && monotonicNanoseconds() >= acceptPausedUntil {
-                acceptPausedUntil = 0
+            if acceptRest.until != 0 && !acceptRest.resting(now: monotonicNanoseconds()) {
                 add(listenFD, events: Self.POLLIN)
             }
             afterEvents()
@@ -225,7 +221,7 @@ public final class XenStoreDaemon: XSRingHost {
     func muteTimeout() -> Int32 {
         let now = monotonicNanoseconds()
         let end = muted.lazy.map(\.storm.mutedUntil).min() ?? now
-        return min(1000, KickStormGuard.pollMilliseconds(end > now ? end - now : 0))
+        return min(1000, PollTimeout.until(end, now: now))
     }
 
     func unmuteExpired() {
@@ -270,26 +266,21 @@ public final class XenStoreDaemon: XSRingHost {
         }
     }
 
-    /// accept(2) found no descriptor left (EMFILE, ENFILE): the connection
-    /// stays queued and the listening socket readable, so it leaves the poll
-    /// set until then (CLOCK_MONOTONIC ns) instead of being spun on, as
-    /// xenhv's does. 0: listening.
-    var acceptPausedUntil: UInt64 = 0
-    static let acceptPauseNanoseconds: UInt64 = 100_000_000
+    /// The listener out of the poll set while accept(2) finds no descriptor left.
+    var acceptRest = AcceptRest()
 
     func acceptAll() {
         while true {
             let fd = accept(listenFD, nil, nil)
             if fd < 0 {
-                if errno == EMFILE || errno == ENFILE {
-                    if acceptPausedUntil == 0 {
-                        core.log(.warning, "accept: no descriptor left (\(String(cString: strerror(errno)))); new connections wait")
-                    }
-                    acceptPausedUntil = monotonicNanoseconds() + Self.acceptPauseNanoseconds
+                let e = errno
+                if case .outOfDescriptors(let first) = acceptRest.acceptFailed(errno: e, now: monotonicNanoseconds()) {
+                    if first { core.log(.warning, "accept: no descriptor left (\(String(cString: strerror(e)))); new connections wait") }
                     remove(listenFD)
                 }
                 return
             }
+            if acceptRest.accepted() { core.log(.info, "accepting connections again") }
             _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
             _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
             let conn = core.newConnection(domid: 0, privileged: true)

@@ -1,3 +1,4 @@
+import Glibc
 import Testing
 import XenHV
 
@@ -30,7 +31,7 @@ import XenHV
             #expect(after == nil, "the mute ends on time")
         }
         #expect(mutes == [1, 2, 4, 8, 16, 32, 32, 32].map { $0 * Self.ms })
-        #expect(KickStormGuard.pollMilliseconds(1) == 1 && KickStormGuard.pollMilliseconds(2 * Self.ms) == 2)
+        #expect(PollTimeout.milliseconds(1) == 1 && PollTimeout.milliseconds(2 * Self.ms) == 2)
     }
 
     @Test func workEndsTheEscalationAndBreaksACountOfEmptyKicks() {
@@ -68,5 +69,48 @@ import XenHV
         #expect(Self.storm(&g, at: now))
         let left = g.muted(now: now)
         #expect(left == Self.ms)
+    }
+}
+
+/// xenhv's and xenstored's listeners out of descriptors, and the poll
+/// timeouts every event loop derives from its deadlines.
+@Suite struct AcceptRestTests {
+    static let ms: UInt64 = 1_000_000
+
+    @Test func aListenerOutOfDescriptorsRestsAndIsReportedOncePerSpell() {
+        var r = AcceptRest()
+        let rest = AcceptRest.restNanoseconds
+        var failure = r.acceptFailed(errno: EAGAIN, now: 0)
+        #expect(failure == .other, "a drained listener is no starvation")
+        var resting = r.resting(now: 0)
+        #expect(!resting && r.pollTimeout(-1, now: 0) == -1)
+        let t0 = 5 * Self.ms
+        failure = r.acceptFailed(errno: EMFILE, now: t0)
+        #expect(failure == .outOfDescriptors(first: true))
+        resting = r.resting(now: t0 + rest - 1)
+        #expect(resting)
+        #expect(r.pollTimeout(-1, now: t0) == 100 && r.pollTimeout(7, now: t0) == 7)
+        resting = r.resting(now: t0 + rest)
+        #expect(!resting, "the rest ends on time")
+        #expect(r.pollTimeout(-1, now: t0 + rest) == -1)
+        // Still no descriptor: the same spell, rested again but not reported again.
+        failure = r.acceptFailed(errno: ENFILE, now: t0 + rest)
+        #expect(failure == .outOfDescriptors(first: false))
+        resting = r.resting(now: t0 + rest)
+        #expect(resting)
+        var ended = r.accepted()
+        #expect(ended, "an accept that works ends the spell")
+        ended = r.accepted()
+        #expect(!ended)
+        failure = r.acceptFailed(errno: EMFILE, now: t0 + 10 * rest)
+        #expect(failure == .outOfDescriptors(first: true))
+    }
+
+    @Test func pollTimeoutsRoundUpAndTakeTheSoonerDeadline() {
+        #expect(PollTimeout.milliseconds(0) == 0 && PollTimeout.milliseconds(Self.ms + 1) == 2)
+        #expect(PollTimeout.milliseconds(UInt64.max / 2) == 60_000)
+        #expect(PollTimeout.until(10 * Self.ms, now: 3 * Self.ms) == 7 && PollTimeout.until(3, now: 10) == 0)
+        #expect(PollTimeout.sooner(-1, 5) == 5 && PollTimeout.sooner(5, -1) == 5 && PollTimeout.sooner(9, 4) == 4)
+        #expect(PollTimeout.sooner(-1, -1) == -1)
     }
 }
