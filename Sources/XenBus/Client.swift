@@ -143,23 +143,10 @@ public final class XenBusClient: @unchecked Sendable {
     /// Sends one request and waits for its reply; XS_ERROR becomes `.xs(errno)`.
     public func request(_ type: XSType, _ payload: [UInt8], tx: UInt32 = 0) throws(XenBusError) -> [UInt8] {
         guard payload.count <= 4096 else { throw .xs(.E2BIG) }
-        cond.lock()
-        if closed { cond.unlock(); throw .closed }
-        var id = nextReqID
-        while pending.index(forKey: id) != nil { id &+= 1 }
-        nextReqID = id &+ 1
-        pending[id] = .some(nil)
-        cond.unlock()
-        var msg: [UInt8] = []
-        msg.reserveCapacity(XSHeader.size + payload.count)
-        XSHeader(type, reqID: id, txID: tx, len: UInt32(payload.count)).append(to: &msg)
-        msg.append(contentsOf: payload)
-        let sent: Result<Void, XenBusError> = sendLock.withLock {
-            msg.withUnsafeBytes { b in
-                do throws(XenBusError) { try transport.send(b); return .success(()) } catch { return .failure(error) }
-            }
-        }
-        if case .failure(let error) = sent {
+        let id = try newRequestID(awaited: true)
+        do {
+            try send(type, payload, id: id, tx: tx)
+        } catch {
             cond.lock(); pending[id] = nil; cond.unlock()
             throw error
         }
@@ -182,6 +169,37 @@ public final class XenBusClient: @unchecked Sendable {
                 throw .timeout
             }
         }
+    }
+
+    /// A request id no request in flight has; `awaited` registers it for its reply.
+    private func newRequestID(awaited: Bool) throws(XenBusError) -> UInt32 {
+        cond.lock()
+        defer { cond.unlock() }
+        if closed { throw .closed }
+        var id = nextReqID
+        while pending.index(forKey: id) != nil { id &+= 1 }
+        nextReqID = id &+ 1
+        if awaited { pending[id] = .some(nil) }
+        return id
+    }
+
+    private func send(_ type: XSType, _ payload: [UInt8], id: UInt32, tx: UInt32) throws(XenBusError) {
+        var msg: [UInt8] = []
+        msg.reserveCapacity(XSHeader.size + payload.count)
+        XSHeader(type, reqID: id, txID: tx, len: UInt32(payload.count)).append(to: &msg)
+        msg.append(contentsOf: payload)
+        let sent: Result<Void, XenBusError> = sendLock.withLock {
+            msg.withUnsafeBytes { b in
+                do throws(XenBusError) { try transport.send(b); return .success(()) } catch { return .failure(error) }
+            }
+        }
+        try sent.get()
+    }
+
+    /// Sends a request whose reply nobody waits for (the reader drops it).
+    func post(_ type: XSType, _ payload: [UInt8]) {
+        guard let id = try? newRequestID(awaited: false) else { return }
+        try? send(type, payload, id: id, tx: 0)
     }
 
     static func strings(_ s: [String]) -> [UInt8] { XSPayload.strings(s) }
@@ -306,6 +324,9 @@ public final class XenBusClient: @unchecked Sendable {
             try ok(.watch, Self.strings([path, tok]), tx: 0)
         } catch {
             cond.lock(); watches[tok] = nil; cond.unlock()
+            // Unanswered is not refused: xenstored may yet register it, and
+            // would then count it against our watch quota for good.
+            if error == .timeout { post(.unwatch, Self.strings([path, tok])) }
             throw error
         }
         return w
