@@ -35,8 +35,8 @@ final class QueueWorker: @unchecked Sendable {
     var tx: TxEngine
     var rx: RxEngine
     private var thread: pthread_t?
-    private var lastDropLog: UInt64 = 0
-    private var dropsSinceLog = 0
+    /// Dropped packets are logged as Linux's net_ratelimit lets them.
+    private var dropLog = LogRateLimit()
 
     init(shared: VifShared, hypervisor: Hypervisor, domid: DomID, rxQueueLimit: Int,
          index: Int, rings: VifQueueRings, features: FrontendFeatures, tapFD: CInt, ownsFD: Bool) throws(VifError) {
@@ -195,12 +195,8 @@ final class QueueWorker: @unchecked Sendable {
                         continue
                     }
                     if let d = tx.lastDrop {
-                        // Rate-limited like Linux's net_ratelimit: one line a second, with a count.
-                        dropsSinceLog += 1
-                        if now >= lastDropLog &+ 1_000_000_000 {
-                            shared.logger.warning("queue \(index): dropped a transmitted packet: \(d)\(dropsSinceLog > 1 ? " (\(dropsSinceLog) drops since the last report)" : "")")
-                            lastDropLog = now
-                            dropsSinceLog = 0
+                        if let leftOut = dropLog.admit(now: now) {
+                            shared.logger.warning("queue \(index): dropped a transmitted packet: \(d)\(LogRateLimit.suffix(leftOut))")
                         }
                         tx.lastDrop = nil
                     }

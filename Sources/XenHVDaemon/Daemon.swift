@@ -32,6 +32,8 @@ public final class HypervisorDaemon {
         let fd: CInt
         let domid: DomID
         var greeted = false
+        /// Its malformed requests are logged a line a second at most.
+        var malformedLog = LogRateLimit()
         /// Dom0 mappers only.
         var maptrack: SharedMemory?
         init(id: UInt32, fd: CInt, domid: DomID) {
@@ -260,7 +262,9 @@ public final class HypervisorDaemon {
         } catch let e as XenErrno {
             return WireMessage(code: -e.rawValue, payload: [])
         } catch {
-            logger.warning("client \(c.id) sent a malformed request: \(error)")
+            if let leftOut = c.malformedLog.admit(now: monotonicNanoseconds()) {
+                logger.warning("client \(c.id) sent a malformed request: \(error)\(LogRateLimit.suffix(leftOut))")
+            }
             return WireMessage(code: -XenErrno.EINVAL.rawValue, payload: [])
         }
     }

@@ -88,4 +88,38 @@ import XenTestKit
         #expect(reply != nil && reply!.code >= 0, "the waiting connection was not served")
         reply?.fds.forEach { Glibc.close($0) }
     }
+
+    /// A client repeating a request that does not parse gets EINVAL each
+    /// time, and xenhv logs it a line a second at most (with the count left
+    /// out), as Xen rate-limits guest-caused messages: a guest cannot fill
+    /// dom0's log directory.
+    @Test func aRepeatedMalformedRequestIsLoggedALineASecond() throws {
+        let log = FileManager.default.temporaryDirectory.appendingPathComponent("xenhv-log-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
+        let logFD = open(log, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        #expect(logFD >= 0)
+        defer { unlink(log) }
+        let f = try HypervisorFixture(xenhvArguments: ["--log-level", "warning"], stderr: logFD)
+        close(logFD)
+        let s = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        #expect(s >= 0)
+        defer { close(s) }
+        var addr = try UnixSocketAddress.make(f.socket)
+        #expect(UnixSocketAddress.with(&addr) { connect(s, $0, $1) } == 0)
+        var buf = [UInt8]()
+        try WireMessage(code: Int32(HVOp.hello.rawValue), payload: []).send(on: s)
+        let hello = try WireMessage.receive(on: s, buffer: &buf)
+        #expect(hello != nil && hello!.code >= 0)
+        hello?.fds.forEach { Glibc.close($0) }
+        let sent = 500
+        for _ in 0..<sent {
+            // EVTCHNOP_alloc_unbound without its remote domid.
+            try WireMessage(code: Int32(HVOp.allocUnbound.rawValue), payload: []).send(on: s)
+            let reply = try WireMessage.receive(on: s, buffer: &buf)
+            #expect(reply?.code == -XenErrno.EINVAL.rawValue)
+        }
+        _ = try f.dom0.listDomains()  // xenhv has logged everything before this answer
+        let lines = ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")
+            .split(separator: "\n").filter { $0.contains("malformed request") }
+        #expect(lines.count >= 1 && lines.count <= 3, "\(lines.count) log lines for \(sent) malformed requests")
+    }
 }

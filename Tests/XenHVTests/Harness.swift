@@ -90,11 +90,13 @@ final class HypervisorFixture {
     let daemon: Child
     let dom0: Hypervisor
 
-    init(xenhvArguments: [String] = []) throws {
+    /// `stderr`: where xenhv's log goes (else the test's own stderr).
+    init(xenhvArguments: [String] = [], stderr: CInt? = nil) throws {
         dir = FileManager.default.temporaryDirectory.appendingPathComponent("xenhv-test-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         socket = dir + "/xenhv.sock"
-        daemon = try Child("xenhv", ["--socket", socket, "--log-level", "error"] + xenhvArguments)
+        daemon = try Child("xenhv", ["--socket", socket, "--log-level", "error"] + xenhvArguments,
+                           extra: stderr.map { [(ours: $0, child: CInt(2))] } ?? [])
         guard let line = daemon.readLine(), line.hasPrefix("xenhv ready") else {
             throw HypervisorError.protocolViolation("xenhv did not start")
         }

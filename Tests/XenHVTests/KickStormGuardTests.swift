@@ -114,3 +114,24 @@ import XenHV
         #expect(PollTimeout.sooner(-1, -1) == -1)
     }
 }
+
+/// Guest-caused log lines, one a second at most per source.
+@Suite struct LogRateLimitTests {
+    @Test func oneLineASecondWithTheCountOfThoseLeftOut() {
+        var l = LogRateLimit()
+        let s = LogRateLimit.intervalNanoseconds
+        var admitted = l.admit(now: 7)
+        #expect(admitted == 0)
+        for i in 1...5 {
+            admitted = l.admit(now: 7 + UInt64(i) * s / 10)
+            #expect(admitted == nil)
+        }
+        admitted = l.admit(now: 7 + s)
+        #expect(admitted == 5)
+        admitted = l.admit(now: 7 + s + 1)
+        #expect(admitted == nil)
+        admitted = l.admit(now: 7 + 5 * s)
+        #expect(admitted == 1)
+        #expect(LogRateLimit.suffix(0) == "" && LogRateLimit.suffix(3) == " (3 more since the last report)")
+    }
+}
