@@ -84,9 +84,14 @@ extension Hypervisor {
             .assumingMemoryBound(to: UInt64.self)
     }
 
+    /// Raises the maptrack's published high-water mark (xenhv scans the
+    /// handles below it when this process dies) to `hw`, never lowering it:
+    /// two threads mapping at once must not leave it under the larger
+    /// handle (Xen raises maptrack_limit only under its lock).
     private func publishHighWater(_ hw: GrantHandle) {
         let p = maptrack!.base!.assumingMemoryBound(to: UInt32.self)
-        if cxen_load_acquire_u32(p) < hw { cxen_store_release_u32(p, hw) }
+        var seen = cxen_load_acquire_u32(p)
+        while seen < hw && cxen_cas_u32(p, &seen, hw) == 0 {}
     }
 
     /// `GNTTABOP_map_grant_ref` (GNTMAP_host_map, optionally GNTMAP_readonly) for

@@ -369,8 +369,13 @@ public final class Hypervisor: @unchecked Sendable {
         guard let f = try? ForeignDomain(domid: d, pages: pages, memoryFD: fds[0], grantFD: fds[1], privateFD: fds[2]) else {
             return nil
         }
-        state.withLock { $0.domains[d] = f }
-        return f
+        // Two threads that both missed the cache: the first one's stays (the
+        // other's maps would fail its identity check as a stale domain).
+        return state.withLock { s in
+            if let first = s.domains[d], first.active.state != .dying { return first }
+            s.domains[d] = f
+            return f
+        }
     }
 }
 
