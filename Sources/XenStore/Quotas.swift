@@ -15,7 +15,7 @@ public struct XSQuotas: Sendable, Equatable {
     /// quota_trans_nodes). Over: ENOSPC, and the transaction's commit fails (ENOMEM).
     public var maxTransactionNodes = 1024
     /// Bytes one transaction may hold for an unprivileged caller: the paths it
-    /// accessed and the nodes it changed (C charges transaction copies to the
+    /// accessed and its copies of the nodes, read or changed (C charges transaction copies to the
     /// domain's memory quota, 2.5 MB hard, -M); ten transactions so hold at most
     /// about as much. Over: ENOSPC, and the commit fails (ENOMEM).
     public var maxTransactionBytes = 256 * 1024

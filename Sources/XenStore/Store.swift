@@ -28,19 +28,21 @@ public final class XSStore {
     // MARK: views
 
     /// The node at `path` as the caller sees it. Inside a transaction the first access
-    /// records the node (present or not) and takes the transaction's copy; an
-    /// unprivileged caller's access past the transaction's node budget is ENOSPC and
-    /// fails the transaction (C: access_node), nothing is recorded.
+    /// records the node (present or not) and takes the transaction's copy, charged
+    /// in full: once the live node is rewritten the copy is the transaction's alone
+    /// (C writes it to the transaction's database and charges the domain). An
+    /// unprivileged caller's access past the transaction's node or byte budget is
+    /// ENOSPC and fails the transaction (C: access_node), nothing is recorded.
     @inline(__always)
     func node(_ path: String, _ tx: XSTransaction?, _ c: XSCaller) throws(XSError) -> XSNode? {
         guard let tx else { return nodes[path] }
         if let a = tx.accessed[path] { return a.node }
-        let cost = tx.byteLimit == nil ? 0 : path.utf8.count + XSTransaction.entryOverhead
+        let n = nodes[path]
+        let cost = tx.byteLimit == nil ? 0 : path.utf8.count + XSTransaction.entryOverhead + (n?.chargedSize ?? 0)
         if !c.privileged && (tx.accessed.count >= c.quotas.maxTransactionNodes || tx.bytes + cost > tx.byteLimit ?? .max) {
             tx.failed = true
             throw .ENOSPC
         }
-        let n = nodes[path]
         tx.accessed[path] = XSTransaction.Access(generation: n?.generation, node: n, modified: false)
         tx.bytes += cost
         return n
@@ -52,7 +54,7 @@ public final class XSStore {
         // Every path written was looked up through node() first, so it is recorded.
         let counted = tx.byteLimit != nil
         if var a = tx.accessed[path] {
-            if counted && a.modified { tx.bytes -= a.node?.chargedSize ?? 0 }
+            if counted { tx.bytes -= a.node?.chargedSize ?? 0 }  // charged when read, or when last put
             a.node = n
             a.modified = true
             tx.accessed[path] = a

@@ -6,8 +6,9 @@
 // modified copies replace the live nodes.
 //
 // A transaction holds data only for the nodes it accessed, at most
-// `maxTransactionNodes` of them and `maxTransactionBytes` of paths and changed nodes
-// for an unprivileged caller: changes made outside it cost it nothing. An access past
+// `maxTransactionNodes` of them and `maxTransactionBytes` of paths and node copies
+// for an unprivileged caller (a copy it only read is charged too: once the live node
+// is rewritten outside, the transaction holds the old one alone). An access past
 // that budget is refused with ENOSPC and marks the transaction failed, so its commit
 // answers ENOMEM and applies nothing (C: access_node sets trans->fail;
 // do_transaction_end returns ENOMEM).
@@ -31,8 +32,8 @@ public final class XSTransaction {
     var nodeDelta: [DomID: Int] = [:]
     /// An access was refused; the commit fails.
     var failed = false
-    /// What the transaction holds: each accessed path, and each node it
-    /// changed as C charges a node (bounded by ``XSQuotas/maxTransactionBytes``).
+    /// What the transaction holds: each accessed path, and its copy of each
+    /// node, as C charges a node (bounded by ``XSQuotas/maxTransactionBytes``).
     var bytes = 0
     /// ``bytes``' bound: the quota of an unprivileged caller; nil for a
     /// privileged one, whose transactions are not counted at all.

@@ -96,6 +96,33 @@ private func isEmptyPart(_ m: CoreClient.Msg) -> Bool {
         #expect(d.txEnd(dt, commit: true) == nil)
     }
 
+    /// Reading is holding: a transaction keeps its copy of every node it read,
+    /// and once the live node is rewritten outside, that copy is the
+    /// transaction's alone. Reads are charged like writes, so transactions
+    /// left open over large nodes rewritten meanwhile cannot pin megabytes.
+    @Test func transactionReadsAreChargedToo() {
+        var q = XSQuotas(); q.maxTransactionBytes = 64 * 1024
+        let (core, _) = makeCore(q)
+        _ = home(core, 5)
+        let g = guest(core, 5)
+        let big = String(repeating: "v", count: 1900)
+        for i in 0..<100 { #expect(g.write("n\(i)", big) == nil) }
+        let t = g.txStart()
+        var failedAt = -1
+        for i in 0..<100 where failedAt < 0 { if g.readError("n\(i)", tx: t) == "ENOSPC" { failedAt = i } }
+        #expect(failedAt > 20 && failedAt < 40, "\(failedAt)")  // about 64 KiB of 2 KB nodes
+        #expect(g.conn.transactions.values.first!.bytes <= 64 * 1024)
+        #expect(g.txEnd(t, commit: true) == "ENOMEM")
+        // Reading, then writing, the same node counts it once.
+        let t2 = g.txStart()
+        for i in 0..<20 {
+            #expect(g.readError("n\(i)", tx: t2) == nil)
+            #expect(g.write("n\(i)", big, tx: t2) == nil)
+        }
+        #expect(g.conn.transactions.values.first!.bytes < 20 * (2048 + 128))
+        #expect(g.txEnd(t2, commit: true) == nil)
+    }
+
     @Test func refusedWriteFailsTheCommitAndAppliesNothing() {
         var q = XSQuotas(); q.maxTransactionNodes = 8
         let (core, _) = makeCore(q)
