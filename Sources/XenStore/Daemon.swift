@@ -308,6 +308,9 @@ public final class XenStoreDaemon: XSRingHost {
                 core.log(.warning, "closing client \(s.conn.serial): \(err)")
                 closeSocket(s); return
             }
+            // Paused for backpressure: no longer polled for input (with a
+            // flush already blocked, flushSocket would not update the set).
+            if s.readPaused { updateInterest(s) }
         }
         flushSocket(s)
     }

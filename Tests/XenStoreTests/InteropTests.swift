@@ -239,6 +239,43 @@ import XenTestKit
         #expect(d.stderrText().contains("no descriptor left"))
     }
 
+    /// A dom0 client that sends requests and stops reading the replies: once
+    /// its output is past the high-water mark xenstored stops reading it
+    /// (backpressure), and must then stop polling it for input too, or the
+    /// requests waiting in the socket wake it at once, for ever. Here the
+    /// flush was already blocked when the pause began (replies below the mark
+    /// filled the socket first), the case where the poll set kept POLLIN.
+    @Test func aClientThatStopsReadingCostsNoCPU() throws {
+        let d = try DaemonProcess()
+        let pid = d.process.processIdentifier
+        let c = try RawSocketClient(path: d.socketPath)
+        var tv = timeval(tv_sec: 1, tv_usec: 0)  // a send that cannot go on returns
+        setsockopt(c.fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        c.sendRaw(RawSocketClient.message(.write, Array("/big".utf8) + [0] + [UInt8](repeating: 0x62, count: 4000), reqID: 1))
+        #expect(c.receive()?.string == "OK\0")
+        func reads(_ n: Int, from first: Int) -> [UInt8] {
+            (first..<first + n).flatMap { RawSocketClient.message(.read, Array("/big".utf8) + [0], reqID: UInt32($0)) }
+        }
+        // Replies below the mark (60 of 4 KiB: 241 KB of 256 KiB), more than
+        // the socket holds (212,992 bytes here): the flush blocks. They are all
+        // made before the first is sent, so once one arrives all are made.
+        c.sendRaw(reads(60, from: 2))
+        var ready = pollfd(fd: c.fd, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&ready, 1, 10_000) == 1)
+        // Then requests without end: the output passes the mark, reading pauses.
+        c.sendRaw(reads(20000, from: 100))
+        // A measuring window, not synchronisation: xenstored's CPU over one second.
+        let before = OtherProcess.cpuSeconds(pid)
+        idle(milliseconds: 1000)
+        let used = OtherProcess.cpuSeconds(pid) - before
+        #expect(used < 0.2, "xenstored used \(used) s of CPU in 1 s on a client that does not read")
+        // Others are served meanwhile, and so is the client once it reads.
+        #expect(d.run("xenstore-read", ["/big"]).out.count == 4001)
+        var got = 0
+        while got < 100, let m = c.receive() { if m.type == XSType.read.rawValue { got += 1 } }
+        #expect(got == 100)
+    }
+
     @Test func oversizedPayloadClosesOnlyThatConnection() throws {
         let d = try DaemonProcess()
         let good = try RawSocketClient(path: d.socketPath)
