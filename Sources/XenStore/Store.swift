@@ -170,6 +170,14 @@ public final class XSStore {
             if ownedCount(c.domid, tx) + missing.count > c.quotas.maxNodes { throw .ENOSPC }
             let name = XSPath.basename(missing.last!)
             if parent.chargedSize + name.utf8.count + 1 > c.quotas.maxNodeSize { throw .ENOSPC }
+            // Each new node between them holds one child's name (C: create_node
+            // writes every new node through the node-size check).
+            for i in missing.indices.dropFirst() {
+                let child = XSPath.basename(missing[i - 1]).utf8.count + 1
+                if XSNode.chargedSize(perms: parent.perms.entries.count, value: 0, children: child) > c.quotas.maxNodeSize {
+                    throw .ENOSPC
+                }
+            }
         }
         var parentPath = ancestorPath
         var perms = parent.perms

@@ -590,6 +590,10 @@ func guest(_ core: XenStoreCore, _ domid: DomID) -> CoreClient {
         #expect(g.setPerms("big", ["n5", "r0"]) == nil)
         #expect(g.write("new", String(repeating: "x", count: 3000)) == "ENOSPC")
         #expect(dom0.write("/local/domain/5/big", String(repeating: "x", count: 4000)) == nil)
+        // A node a write creates on the way holds its child's name: 16 + 8 + 2025.
+        #expect(g.write("dir/" + String(repeating: "n", count: 2024), "") == "ENOSPC")
+        #expect(g.readError("dir") == "ENOENT", "nothing of a refused write is made")
+        #expect(g.write("dir/" + String(repeating: "n", count: 2023), "") == nil)
     }
 
     @Test func pathLength() {
