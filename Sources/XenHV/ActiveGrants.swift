@@ -60,19 +60,18 @@ package struct ActiveGrantTable: @unchecked Sendable {
         }
     }
 
-    /// Takes the lock from `deadOwner` if it holds it, or waits for it as usual.
-    package func lock(_ ref: GrantRef, owner: UInt32, stealingFrom deadOwner: UInt32) -> Pins {
+    /// Takes the lock for `owner` if it is free or held by one of `gone`
+    /// (mappers that died holding it) and returns the pins; nil while a live
+    /// owner holds it (xenhv never waits on a dom0 process unboundedly).
+    package func tryLock(_ ref: GrantRef, owner: UInt32, stealingFrom gone: Set<UInt32>) -> Pins? {
         let w = word(ref)
         while true {
             var cur = cxen_load_acquire_u64(w)
             let holder = UInt32(cur >> 32)
-            if holder == deadOwner || holder == 0 {
-                if cxen_cas_u64(w, &cur, UInt64(owner) << 32 | (cur & 0xFFFF_FFFF)) != 0 {
-                    return Pins(raw: UInt32(truncatingIfNeeded: cur))
-                }
-                continue
+            guard holder == 0 || gone.contains(holder) else { return nil }
+            if cxen_cas_u64(w, &cur, UInt64(owner) << 32 | (cur & 0xFFFF_FFFF)) != 0 {
+                return Pins(raw: UInt32(truncatingIfNeeded: cur))
             }
-            sched_yield()
         }
     }
 

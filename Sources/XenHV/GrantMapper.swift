@@ -84,6 +84,14 @@ extension Hypervisor {
             .assumingMemoryBound(to: UInt64.self)
     }
 
+    /// Takes `ref`'s entry lock and never releases it: for tests, a mapper
+    /// that dies holding it (between the two locks of a grant copy, say).
+    package func holdEntryLockForTesting(domid d: DomID, ref: GrantRef) -> Bool {
+        guard let dom = foreignDomain(d), ref < dom.active.entries else { return false }
+        _ = dom.active.lock(ref, owner: clientID)
+        return true
+    }
+
     /// Raises the maptrack's published high-water mark (xenhv scans the
     /// handles below it when this process dies) to `hw`, never lowering it:
     /// two threads mapping at once must not leave it under the larger

@@ -106,52 +106,92 @@ extension HypervisorDaemon {
         }
     }
 
+    /// A grant entry of a live domain.
+    struct GrantKey: Hashable { let domid: DomID; let ref: GrantRef }
+
     /// Repairs every grant entry a dead mapper touched: its maptrack entries and
     /// any entry whose lock it died holding. Each entry's pins are recounted,
     /// under its lock, from the live mappers' maptracks; busy bits no pin needs
-    /// are cleared.
+    /// are cleared (Xen's gnttab_release_mappings, run by the hypervisor itself).
     func releaseGrants(of dead: Client, maptrack: SharedMemory) -> Int {
-        struct Key: Hashable { let domid: DomID; let ref: GrantRef }
-        var touched = Set<Key>()
+        var touched = Set<GrantKey>()
         let hw = Int(cxen_load_acquire_u32(maptrack.base!.assumingMemoryBound(to: UInt32.self)))
         for h in 0..<min(hw, Int(config.maptrackEntries)) {
             let e = entry(maptrack, h)
             if e & MaptrackLayout.inUse != 0 {
-                touched.insert(Key(domid: DomID(truncatingIfNeeded: e >> 32), ref: GrantRef(truncatingIfNeeded: e)))
+                touched.insert(GrantKey(domid: DomID(truncatingIfNeeded: e >> 32), ref: GrantRef(truncatingIfNeeded: e)))
             }
         }
         // Entries whose lock it died holding go first: a live mapper holding
-        // another entry's lock (a copy pins several) may be spinning on one of
-        // these, and would hold ours against us for ever if we took its first.
-        var heldByDead: [Key] = []
+        // another entry's lock (a copy pins several) may be waiting for one of
+        // these, and would hold ours against us meanwhile.
+        var gone: Set<UInt32> = [dead.id]
+        let held = entriesLocked(by: gone)
+        touched.subtract(held)
+        var repaired = 0
+        for key in held + Array(touched) where repair(key, gone: &gone) { repaired += 1 }
+        return repaired
+    }
+
+    /// Entries of live domains whose lock one of `owners` holds.
+    private func entriesLocked(by owners: Set<UInt32>) -> [GrantKey] {
+        var out: [GrantKey] = []
         for dom in domains.values {
             let active = dom.active
-            for ref in 0..<active.entries where active.lockOwner(ref) == dead.id {
-                heldByDead.append(Key(domid: dom.domid, ref: ref))
+            for ref in 0..<active.entries where owners.contains(active.lockOwner(ref)) {
+                out.append(GrantKey(domid: dom.domid, ref: ref))
             }
         }
-        touched.subtract(heldByDead)
-        let live = clients.values.compactMap { c -> SharedMemory? in c.id == dead.id ? nil : c.maptrack }
-        for key in heldByDead + Array(touched) {
-            guard let dom = domains[key.domid] else { continue }
-            let active = dom.active
-            guard key.ref < active.entries else { continue }
-            _ = active.lock(key.ref, owner: Self.hypervisorLockOwner, stealingFrom: dead.id)
-            var r: UInt32 = 0, w: UInt32 = 0
-            for mt in live {
-                let n = Int(cxen_load_acquire_u32(mt.base!.assumingMemoryBound(to: UInt32.self)))
-                for h in 0..<min(n, Int(config.maptrackEntries)) {
-                    let e = entry(mt, h)
-                    guard e & MaptrackLayout.inUse != 0, DomID(truncatingIfNeeded: e >> 32) == key.domid,
-                          GrantRef(truncatingIfNeeded: e) == key.ref else { continue }
-                    if e & MaptrackLayout.writable != 0 { w += 1 } else { r += 1 }
+        return out
+    }
+
+    /// Mappers whose process has gone (their connection hung up) though this
+    /// round has not served the hang-up yet.
+    private func hungUpMappers(besides known: Set<UInt32>) -> Set<UInt32> {
+        var out = Set<UInt32>()
+        for c in clients.values where c.maptrack != nil && !known.contains(c.id) {
+            var p = pollfd(fd: c.fd, events: 0, revents: 0)
+            if Glibc.poll(&p, 1, 0) == 1 && p.revents & Int16(POLLHUP | POLLERR) != 0 { out.insert(c.id) }
+        }
+        return out
+    }
+
+    /// Recounts one entry's pins under its lock, taken over from a mapper in
+    /// `gone` if one died holding it. While a live mapper holds it, xenhv looks
+    /// now and then for mappers that died meanwhile: the live one may be
+    /// waiting for a lock one of them holds, so their entries are repaired
+    /// first (else both would wait for ever, and every domain with them).
+    private func repair(_ key: GrantKey, gone: inout Set<UInt32>) -> Bool {
+        guard let dom = domains[key.domid] else { return false }
+        let active = dom.active
+        guard key.ref < active.entries else { return false }
+        var spins = 0
+        while active.tryLock(key.ref, owner: Self.hypervisorLockOwner, stealingFrom: gone) == nil {
+            spins += 1
+            if spins % 256 == 0 {
+                let more = hungUpMappers(besides: gone)
+                if !more.isEmpty {
+                    gone.formUnion(more)
+                    for k in entriesLocked(by: more) { _ = repair(k, gone: &gone) }
                 }
             }
-            let pins = Pins(read: r, write: w)
-            dom.entries.releaseBusy(key.ref, pins: pins)
-            active.unlock(key.ref, pins: pins)
+            sched_yield()
         }
-        return heldByDead.count + touched.count
+        var r: UInt32 = 0, w: UInt32 = 0
+        for c in clients.values where !gone.contains(c.id) {
+            guard let mt = c.maptrack else { continue }
+            let n = Int(cxen_load_acquire_u32(mt.base!.assumingMemoryBound(to: UInt32.self)))
+            for h in 0..<min(n, Int(config.maptrackEntries)) {
+                let e = entry(mt, h)
+                guard e & MaptrackLayout.inUse != 0, DomID(truncatingIfNeeded: e >> 32) == key.domid,
+                      GrantRef(truncatingIfNeeded: e) == key.ref else { continue }
+                if e & MaptrackLayout.writable != 0 { w += 1 } else { r += 1 }
+            }
+        }
+        let pins = Pins(read: r, write: w)
+        dom.entries.releaseBusy(key.ref, pins: pins)
+        active.unlock(key.ref, pins: pins)
+        return true
     }
 
     private func entry(_ mt: SharedMemory, _ h: Int) -> UInt64 {

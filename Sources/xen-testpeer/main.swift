@@ -97,6 +97,10 @@ func execute(_ w: [Substring]) throws -> String {
         case .failure(let s):
             return "err \(s.rawValue)"
         }
+    case "lock":
+        // Takes a grant entry's lock and keeps it: a mapper killed between
+        // the two locks of an operation.
+        return hv.holdEntryLockForTesting(domid: DomID(u(1)), ref: u(2)) ? "ok" : "err"
     case "mwrite":
         let b = unhex(w[3])
         try b.withUnsafeBytes { try maps[u(1)]!.region.write($0, at: Int(u(2))) }
