@@ -124,16 +124,18 @@ extension XenBusClient {
     /// readable by the frontend, the frontend dir owned by the frontend domain and
     /// readable by the backend — cross-linked, both in state Initialising.
     /// `exclusive`: fail with EEXIST, checked in the same transaction, when
-    /// either directory exists (a hotplug must not replace a device); else a
-    /// leftover is replaced.
+    /// the backend directory exists (a hotplug must not replace a device);
+    /// else a leftover is replaced. A frontend directory is always replaced.
     public func createDevice(_ d: XenBusDevice, backend: [String: String] = [:],
                              frontend: [String: String] = [:], exclusive: Bool = false) throws {
         try transaction { t in
             let bePerms = [XSPerm(d.backendDomid, .none), XSPerm(d.frontendDomid, .read)]
             let fePerms = [XSPerm(d.frontendDomid, .none), XSPerm(d.backendDomid, .read)]
-            if exclusive {
-                for p in [d.backendPath, d.frontendPath] where try t.readIfExists(p) != nil { throw XenBusError.xs(.EEXIST) }
-            }
+            // Only the backend directory says the device exists: the frontend
+            // one is the guest's to make, and a guest must not be able to
+            // refuse its toolstack a device (libxl__device_exists looks at
+            // dom0's own record; a stale frontend directory is replaced).
+            if exclusive, try t.readIfExists(d.backendPath) != nil { throw XenBusError.xs(.EEXIST) }
             try t.rmIfPresent(d.backendPath)
             try t.rmIfPresent(d.frontendPath)
             try t.mkdir(d.backendPath)

@@ -115,9 +115,9 @@ extension Toolstack {
         let id = XenStore.DomID(d.domid)
         var dev: XenBusDevice
         while true {
-            // libxl: the lowest device id neither directory uses.
-            let used = Set(((try? xs.directory(XenBusDevice.backendRoot(type: "vif") + "/\(d.domid)")) ?? [])
-                + ((try? xs.directory("/local/domain/\(d.domid)/device/vif")) ?? []))
+            // libxl: the lowest device id dom0's records do not use (not the
+            // guest's own directory, which it may fill as it likes).
+            let used = Set((try? xs.directory(XenBusDevice.backendRoot(type: "vif") + "/\(d.domid)")) ?? [])
             dev = XenBusDevice(type: "vif", frontendDomid: id, devid: (0...).first { !used.contains("\($0)") }!)
             do {
                 try addVif(vif, devid: dev.devid, to: id, xs, exclusive: true)
@@ -159,7 +159,7 @@ extension Toolstack {
             if (try? xs.state(at: dev.frontendPath)) == .connected,
                let text = Self.readGuestFile(file),
                let line = text.split(separator: "\n").first(where: { $0.hasPrefix(key) }) {
-                return String(line.dropFirst(key.count))
+                return String(line.dropFirst(key.count)).escapingControlCharacters  // the guest's words, printed
             }
             if let error = (try? xs.readIfExists(dev.backendPath + "/error")) ?? nil {
                 failure = "the backend failed: \(error)"

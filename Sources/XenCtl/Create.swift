@@ -128,17 +128,20 @@ extension Toolstack {
             // boot waits at most 120 s for its devices.
             let deadline = monotonicSeconds() + Self.guestBootSeconds
             for _ in 0..<1024 {
-                guard let line = ProcessLauncher.readLine(ready[0], deadline: deadline, interruptFD: interruptFD) else {
+                guard let raw = ProcessLauncher.readLine(ready[0], deadline: deadline, interruptFD: interruptFD) else {
                     var signal = pollfd(fd: interruptFD, events: Int16(POLLIN), revents: 0)
                     if cxen_termination_noted() != 0 || (interruptFD >= 0 && poll(&signal, 1, 0) > 0) {
                         throw Failure("domain '\(config.name)': interrupted; undone")
                     }
                     throw Failure("domain '\(config.name)': the guest did not come up within \(Int(Self.guestBootSeconds)) s; see \(runDir)/logs/guest-\(config.name).log")
                 }
-                if line.isEmpty { break }
+                if raw.isEmpty { break }
+                // The guest's words, printed to the user: one line each, no
+                // escape sequence, and no more NICs than it was given.
+                let line = raw.escapingControlCharacters
                 let w = line.split(separator: " ")
-                if let disk = Self.diskEntry(line) { disks.append(disk) }
-                if w.first == "nic" { nics.append(line) }
+                if let disk = Self.diskEntry(line), disks.count < config.disks.count { disks.append(disk) }
+                if w.first == "nic" && nics.count < config.vifs.count { nics.append(line) }
                 if line.hasPrefix("pvguest ready") { up = true }
             }
             guard up else {
@@ -201,8 +204,10 @@ extension Toolstack {
                 }
                 return nil
             }
-            let evt = key("event-channel") ?? "-1"
-            let ring = key("ring-ref") ?? key("ring-ref0") ?? "-1"
+            // The guest writes these: printed as the numbers they must be
+            // (libxl reads them with strtoul), never as the bytes it chose.
+            let evt = Self.guestNumber(key("event-channel"))
+            let ring = Self.guestNumber(key("ring-ref") ?? key("ring-ref0"))
             out += "\n" + devid.padding(6) + "0".padding(4) + "0".padding(7) + state.padding(6) + evt.padding(7) + ring.padding(9) + be
         }
         return out
@@ -262,9 +267,11 @@ extension Toolstack {
             let be = root + "/" + devid
             func r(_ p: String) -> String { ((try? xs.readIfExists(p)) ?? nil) ?? "-1" }
             let fe = r(be + "/frontend")
+            // The frontend's keys are the guest's: numbers, or -1.
+            func g(_ p: String) -> String { Self.guestNumber((try? xs.readIfExists(fe + "/" + p)) ?? nil) }
             out += "\n" + devid.padding(4) + "0".padding(3) + r(be + "/mac").padding(18) + devid.padding(7)
-                + r(be + "/state").padding(6) + r(fe + "/event-channel").padding(9)
-                + (r(fe + "/tx-ring-ref") + "/" + r(fe + "/rx-ring-ref")).padding(16) + be
+                + r(be + "/state").padding(6) + g("event-channel").padding(9)
+                + (g("tx-ring-ref") + "/" + g("rx-ring-ref")).padding(16) + be
         }
         return out
     }
@@ -301,5 +308,13 @@ extension Toolstack {
             }
             idle(milliseconds: 20)
         }
+    }
+}
+
+extension Toolstack {
+    /// A number the guest wrote (a port, a grant ref) as listings print it:
+    /// the decimal value, or -1 when it is not one (as libxl's strtoul reads).
+    static func guestNumber(_ value: String?) -> String {
+        value.flatMap { UInt32($0) }.map { "\($0)" } ?? "-1"
     }
 }

@@ -6,6 +6,18 @@ import Testing
 /// Names the toolstack derives: the same run directory however it is spelt,
 /// and domain names cut to Xen's 64 bytes, not 64 characters.
 @Suite struct ToolstackNamingTests {
+    /// Listings print what the guest wrote in its frontend directory (ports,
+    /// grant refs) as the numbers they must be, as libxl's strtoul reads
+    /// them: never its bytes (an escape sequence on the admin's terminal, a
+    /// forged row).
+    @Test func listingsPrintGuestValuesAsNumbersOnly() {
+        #expect(Toolstack.guestNumber("17") == "17")
+        #expect(Toolstack.guestNumber(nil) == "-1")
+        #expect(Toolstack.guestNumber("\u{1B}]52;c;aGk=\u{07}") == "-1")
+        #expect(Toolstack.guestNumber("1\nvbd 51712 forged") == "-1")
+        #expect(Toolstack.guestNumber("99999999999") == "-1")
+    }
+
     @Test func aRunDirectoryNamesTheSameNamespaceHoweverItIsSpelt() throws {
         let dir = NSTemporaryDirectory() + "naming-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir + "/run", withIntermediateDirectories: true)

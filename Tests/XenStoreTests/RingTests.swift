@@ -520,6 +520,28 @@ final class InProcessDaemon: @unchecked Sendable {
         try toolstack.destroyDevice(dev)
         #expect(try !toolstack.exists(dev.backendPath))
     }
+
+    /// A hotplug (`exclusive`) is refused only by dom0's record of the device,
+    /// the backend directory: the frontend one is the guest's to make, and a
+    /// guest making it first must not refuse its toolstack the device
+    /// (libxl__device_exists); the guest's leftover is replaced.
+    @Test func aGuestCannotRefuseItsToolstackADevice() throws {
+        let d = try InProcessDaemon()
+        defer { d.stop() }
+        let toolstack = try d.dom0()
+        defer { toolstack.close() }
+        let (guest, _) = try d.startGuest(5, toolstack)
+        defer { guest.close() }
+        let dev = XenBusDevice(type: "vbd", frontendDomid: 5, devid: 51728)
+        try guest.mkdir(dev.frontendPath + "/junk")
+        try toolstack.createDevice(dev, backend: ["params": "/img"], frontend: ["virtual-device": "51728"], exclusive: true)
+        #expect(try toolstack.readIfExists(dev.frontendPath + "/junk") == nil, "the guest's leftover was replaced")
+        #expect(try toolstack.read(dev.frontendPath + "/backend") == dev.backendPath)
+        #expect(throws: XenBusError.xs(.EEXIST)) {
+            try toolstack.createDevice(dev, backend: ["params": "/other"], exclusive: true)
+        }
+        #expect(try toolstack.read(dev.backendPath + "/params") == "/img")
+    }
 }
 
 /// The guest's side of the ring when xenstored is gone: a send into a full
