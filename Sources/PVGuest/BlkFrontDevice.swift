@@ -392,8 +392,9 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                 let why = (try? xs.readIfExists(be + "/error")) ?? nil
                 throw HypervisorError.protocolViolation("backend \(be) did not connect\(why.map { ": \($0)" } ?? "")")
             }
-            guard let sectors = UInt64(try xs.read(be + "/sectors")) else {
-                throw HypervisorError.protocolViolation("\(be)/sectors is not a number")
+            // In bytes it must fit 64 bits (the export's size, offsets into it).
+            guard let sectors = UInt64(try xs.read(be + "/sectors")), sectors <= UInt64.max / 512 else {
+                throw HypervisorError.protocolViolation("\(be)/sectors is not a number of 512-byte sectors that fits 64 bits")
             }
             let bound = try links.map { l in
                 Link(ringFrame: l.ringFrame, ringRefs: l.ringRefs, channel: l.channel, bound: try hv.status(of: l.channel.port))

@@ -8,12 +8,12 @@ import XenHV
 import XenStore
 import XenTestKit
 
-/// pvguest's blkfront gives its ring pages back to the guest whenever a
-/// handshake fails, and never a page the backend still maps (Linux's
-/// blkfront frees a ring only after gnttab_end_foreign_access). The backend
-/// is played by the test over dom0's xenstore, so a handshake can be refused
-/// at will, with or without a ring mapped.
-@Suite struct BlkFrontRingPagesTests {
+/// pvguest's blkfront against a backend the test plays over dom0's
+/// xenstore, so a handshake can be refused at will, with or without a ring
+/// mapped, and the backend's keys can lie. Its ring pages go back to the
+/// guest whenever a handshake fails, and never a page the backend still maps
+/// (Linux's blkfront frees a ring only after gnttab_end_foreign_access).
+@Suite struct BlkFrontPlayedBackendTests {
     /// One vbd offering two queues of order-1 rings, and the guest's side of
     /// it in this process (its page pool and grant refs, to count with).
     final class PlayedDisk: @unchecked Sendable {
@@ -26,12 +26,12 @@ import XenTestKit
         let pages: GuestPages
         let grants: GrantRefs
 
-        init(_ name: String) throws {
+        init(_ name: String, sectors: String = "2048") throws {
             dom0 = try Dom0Harness(buildDirectory: Dom0Harness.buildDirectory(packageRoot: DiskPathTests.root))
             guest = try dom0.createGuest(name: name, pages: 8192)
             let dev = XenBusDevice(type: "vbd", frontendDomid: XenStore.DomID(guest.domid), devid: 51712)
             try dom0.xenstore.createDevice(dev, backend: ["max-ring-page-order": "1", "multi-queue-max-queues": "2",
-                                                          "sectors": "2048", "info": "0", "sector-size": "512"],
+                                                          "sectors": sectors, "info": "0", "sector-size": "512"],
                                            frontend: ["virtual-device": "51712", "device-type": "disk"])
             be = dev.backendPath
             fe = dev.frontendPath
@@ -127,5 +127,25 @@ import XenTestKit
         #expect(mapped.withLock { $0 } != nil, "the backend did not map the ring")
         #expect(p.pages.available == before - 2,
                 "the guest has \(before - p.pages.available) pages fewer (2: the ring the backend maps)")
+    }
+
+    /// A size that does not fit 64 bits in bytes is refused, not multiplied
+    /// (the trap took the whole guest process, every disk and NIC with it),
+    /// and the device gives back everything it took.
+    @Test(.timeLimit(.minutes(2)))
+    func aBackendReportingAnImpossibleSizeIsRefused() throws {
+        let p = try PlayedDisk("bfsize", sectors: "\(UInt64.max)")
+        let before = p.pages.available
+        #expect(throws: HypervisorError.self) { _ = try p.connect() }
+        #expect(p.pages.available == before)
+        try p.bx.write(p.be + "/sectors", "\(UInt64.max / 512)")
+        try p.bx.switchState(at: p.be, to: .initWait)
+        try p.bx.switchState(at: p.fe, to: .initialising)
+        let disk = try p.connect()
+        defer {
+            try? p.bx.switchState(at: p.be, to: .closed)
+            disk.close()
+        }
+        #expect(disk.size == UInt64.max / 512 * 512)
     }
 }
