@@ -314,19 +314,20 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     /// several queues), Initialised, then the backend's Connected.
     static func handshake(hv: Hypervisor, xs: XenBusClient, fe: String, be: String, beID: XenHV.DomID, order: Int,
                           indirect: Int, pages: GuestPages, grants: GrantRefs, reuse: [UInt32]?, stuck: inout [UInt32],
-                          queues nq: Int? = nil, abandon: () throws -> Void = {}) throws -> ([Link], [FrontRing<BlkifRing>], UInt64) {
+                          queues nq: Int? = nil, flush: Bool? = nil,
+                          abandon: () throws -> Void = {}) throws -> ([Link], [FrontRing<BlkifRing>], UInt64) {
         let nq = nq ?? reuse?.count ?? 1
         let maxOrder = Int((try xs.readIfExists(be + "/max-ring-page-order")) ?? "0") ?? 0
         guard order <= maxOrder else {
-            throw HypervisorError.protocolViolation("backend \(be) now offers ring order \(maxOrder) < our \(order)")
+            throw Incompatible(why: "backend \(be) now offers ring order \(maxOrder) < our \(order)")
         }
         let maxIndirect = Int((try xs.readIfExists(be + "/feature-max-indirect-segments")) ?? "0") ?? 0
         guard indirect <= maxIndirect else {
-            throw HypervisorError.protocolViolation("backend \(be) now takes \(maxIndirect) indirect segments < our \(indirect)")
+            throw Incompatible(why: "backend \(be) now takes \(maxIndirect) indirect segments < our \(indirect)")
         }
         let maxQueues = Int((try xs.readIfExists(be + "/multi-queue-max-queues")) ?? "1") ?? 1
         guard nq <= max(1, maxQueues) else {
-            throw HypervisorError.protocolViolation("backend \(be) now takes \(maxQueues) queues < our \(nq)")
+            throw Incompatible(why: "backend \(be) now takes \(maxQueues) queues < our \(nq)")
         }
         let ringPages = 1 << order
         var links: [Link] = []
@@ -391,6 +392,12 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
             guard settled == .connected else {
                 let why = (try? xs.readIfExists(be + "/error")) ?? nil
                 throw HypervisorError.protocolViolation("backend \(be) did not connect\(why.map { ": \($0)" } ?? "")")
+            }
+            // A flush that became a no-op would acknowledge FUA writes and
+            // flushes that never reach stable storage (a write cache appeared);
+            // one that became refused would fail every flush.
+            if let flush, ((try xs.readIfExists(be + "/feature-flush-cache")) == "1") != flush {
+                throw Incompatible(why: "backend \(be) \(flush ? "no longer offers" : "now needs") cache flushes")
             }
             // In bytes it must fit 64 bits (the export's size, offsets into it).
             guard let sectors = UInt64(try xs.read(be + "/sectors")), sectors <= UInt64.max / 512 else {
@@ -827,7 +834,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                 let (newLinks, rings, newSectors) = try Self.handshake(
                     hv: hv, xs: xs, fe: frontendPath, be: backendPath, beID: backendID, order: ringOrder,
                     indirect: indirectPages.isEmpty ? 0 : segmentsPerSlot, pages: pages, grants: grants,
-                    reuse: reuse, stuck: &stuck, queues: queues.count, abandon: checkAttached)
+                    reuse: reuse, stuck: &stuck, queues: queues.count, flush: canFlush, abandon: checkAttached)
                 if newSectors != sectors {
                     logger.warning("\(frontendPath): backend now reports \(newSectors) sectors (was \(sectors))")
                 }
@@ -862,6 +869,13 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                 recoveryCount.add(1, ordering: .relaxed)
                 logger.warning("\(frontendPath): reconnected to \(backendPath); \(count) request(s) resubmitted")
                 return
+            } catch let e as Incompatible {
+                // Linux renegotiates and splits requests anew; these rings and
+                // slots are laid out for the old limits, so the disk fails
+                // (EIO) rather than retrying a handshake that cannot work.
+                logger.error("\(frontendPath): \(e.why); failing the device")
+                failAll()
+                return
             } catch let e as Gone {
                 // The toolstack took the disk away while we reconnected (or put
                 // a new device in its place, which is not ours to handshake on).
@@ -880,6 +894,13 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
 
     /// Why a reconnect stops: the device was closed, or the toolstack detached it.
     struct Gone: Error { let why: String }
+
+    /// A backend come back with less than this device was set up for (ring
+    /// order, queues, indirect segments), or with a different cache flush.
+    struct Incompatible: Error, CustomStringConvertible {
+        let why: String
+        var description: String { why }
+    }
 
     /// Throws ``Gone`` once the device is closed or detached (online=0, the
     /// backend directory removed, or a new device in our frontend directory).

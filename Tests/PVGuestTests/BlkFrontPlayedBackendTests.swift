@@ -26,12 +26,13 @@ import XenTestKit
         let pages: GuestPages
         let grants: GrantRefs
 
-        init(_ name: String, sectors: String = "2048") throws {
+        init(_ name: String, sectors: String = "2048", keys: [String: String] = [:]) throws {
             dom0 = try Dom0Harness(buildDirectory: Dom0Harness.buildDirectory(packageRoot: DiskPathTests.root))
             guest = try dom0.createGuest(name: name, pages: 8192)
             let dev = XenBusDevice(type: "vbd", frontendDomid: XenStore.DomID(guest.domid), devid: 51712)
             try dom0.xenstore.createDevice(dev, backend: ["max-ring-page-order": "1", "multi-queue-max-queues": "2",
-                                                          "sectors": sectors, "info": "0", "sector-size": "512"],
+                                                          "sectors": sectors, "info": "0", "sector-size": "512"]
+                                                .merging(keys) { $1 },
                                            frontend: ["virtual-device": "51712", "device-type": "disk"])
             be = dev.backendPath
             fe = dev.frontendPath
@@ -147,5 +148,50 @@ import XenTestKit
             disk.close()
         }
         #expect(disk.size == UInt64.max / 512 * 512)
+    }
+
+    /// What one 4 KiB read at 0 completed with (nil: success).
+    static func readStatus(_ disk: BlkFrontDevice) -> Int32? {
+        let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
+        let done = DispatchSemaphore(value: 0)
+        let status = Mutex<Int32?>(nil)
+        disk.read(at: 0, into: buf) { e in status.withLock { $0 = e }; done.signal() }
+        // Unanswered, the buffer is left to the read (it may yet be filled).
+        guard done.wait(timeout: .now() + 20) == .success else {
+            Issue.record("the read was never answered")
+            return -1
+        }
+        buf.deallocate()
+        return status.withLock { $0 }
+    }
+
+    /// A backend that comes back with less than the device was set up for
+    /// (here a lower ring order), or without the cache flush it offered, fails
+    /// the disk with EIO: before, the frontend retried a handshake that could
+    /// not work every second for ever while every request waited, and a flush
+    /// gone would have acknowledged FUA writes that never reached the disk.
+    @Test(.timeLimit(.minutes(2)))
+    func aBackendBackWithLessFailsTheDiskInsteadOfRetryingForEver() throws {
+        let order = try PlayedDisk("bforder")
+        let a = try order.connect()
+        defer { a.close() }
+        try order.bx.write(order.be + "/max-ring-page-order", "0")
+        try order.bx.switchState(at: order.be, to: .closing)
+        try order.answer(.closed, with: .closed)
+        try order.answer(.initialising, with: .initWait)
+        #expect(Self.readStatus(a) == EIO)
+        #expect(a.recoveries == 0)
+
+        let flush = try PlayedDisk("bfflush", keys: ["feature-flush-cache": "1"])
+        let b = try flush.connect()
+        defer { b.close() }
+        #expect(b.canFlush)
+        try flush.bx.rm(flush.be + "/feature-flush-cache")
+        try flush.bx.switchState(at: flush.be, to: .closing)
+        try flush.answer(.closed, with: .closed)
+        try flush.answer(.initialising, with: .initWait)
+        try flush.answer(.initialised, with: .connected)
+        #expect(Self.readStatus(b) == EIO)
+        #expect(b.recoveries == 0)
     }
 }
