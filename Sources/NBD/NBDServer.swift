@@ -406,7 +406,12 @@ final class NBDConnection: @unchecked Sendable {
                 if dev.isReadOnly { answer(handle, NBDProto.EPERM, bytes: bytes); continue }
                 guard inRange else { answer(handle, NBDProto.EINVAL, bytes: bytes); continue }
                 guard length > 0 else { answer(handle, 0, bytes: bytes); continue }
-                dev.trim(at: offset, length: UInt64(length)) { [self] err in answer(handle, err.map { UInt32($0) } ?? 0, bytes: bytes) }
+                let fua = cmdFlags & NBDProto.cmdFlagFUA != 0
+                dev.trim(at: offset, length: UInt64(length)) { [self] err in
+                    // FUA: the reply waits until the discard is on stable storage, as a write's does.
+                    guard fua, err == nil else { answer(handle, err.map { UInt32($0) } ?? 0, bytes: bytes); return }
+                    dev.flush { [self] err in answer(handle, err.map { UInt32($0) } ?? 0, bytes: bytes) }
+                }
             case NBDProto.cmdWriteZeroes:
                 if dev.isReadOnly { answer(handle, NBDProto.EPERM, bytes: bytes); continue }
                 guard inRange else { answer(handle, NBDProto.ENOSPC, bytes: bytes); continue }

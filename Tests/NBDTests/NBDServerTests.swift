@@ -276,6 +276,47 @@ import XenTestKit
         #expect(!reached, "a zero-length request reached the device")
     }
 
+    /// A device that records the operations it completed, in order.
+    final class Records: BlockDevice, @unchecked Sendable {
+        // Sound: `done` is behind its mutex; the disk as in OneCompletionThread.
+        let disk = MemoryBlockDevice(size: 1 << 20)
+        let done = Mutex<[String]>([])
+        var size: UInt64 { disk.size }
+        var isReadOnly: Bool { false }
+        var canTrim: Bool { true }
+        var canFlush: Bool { true }
+        func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, completion: @escaping @Sendable (Int32?) -> Void) {
+            disk.read(at: offset, into: buffer, completion: completion)
+        }
+        func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool, completion: @escaping @Sendable (Int32?) -> Void) {
+            disk.write(at: offset, from: buffer, fua: fua, completion: completion)
+        }
+        func flush(completion: @escaping @Sendable (Int32?) -> Void) {
+            done.withLock { $0.append("flush") }
+            completion(nil)
+        }
+        func trim(at offset: UInt64, length: UInt64, completion: @escaping @Sendable (Int32?) -> Void) {
+            disk.trim(at: offset, length: length) { [self] e in done.withLock { $0.append("trim") }; completion(e) }
+        }
+    }
+
+    /// A discard with FUA is answered once it is on stable storage (the NBD
+    /// spec: no reply to a FUA command before its writes are persisted): the
+    /// server flushes after it, as after a FUA write.
+    @Test func aDiscardWithFUAIsAnsweredAfterAFlush() throws {
+        let dev = Records()
+        let s = try serve(dev)
+        defer { s.server.stop(); try? FileManager.default.removeItem(atPath: s.dir) }
+        let c = try NBDClient(socket: s.socket, timeoutSeconds: 10)
+        try c.send(type: NBDClient.Command.trim.rawValue, flags: 1 /* NBD_CMD_FLAG_FUA */, handle: 9, offset: 0, length: 4096)
+        let r = try c.reply()
+        #expect(r.handle == 9 && r.error == 0)
+        #expect(dev.done.withLock { $0 } == ["trim", "flush"], "answered before the discard was flushed")
+        try c.send(type: NBDClient.Command.trim.rawValue, handle: 10, offset: 4096, length: 4096)
+        #expect(try c.reply().handle == 10)
+        #expect(dev.done.withLock { $0 } == ["trim", "flush", "trim"], "a discard without FUA needs no flush")
+    }
+
     /// Past NBDServer.maxConnections a connection is closed at once; the
     /// ones open keep working, and a slot that frees is taken again.
     @Test func connectionsPastTheCapAreRefused() throws {
