@@ -71,6 +71,8 @@ public final class GuestDevices: @unchecked Sendable {
     struct Shared {
         /// Key ("vbd/51712") -> the line listed for it.
         var lines: [String: String] = [:]
+        /// Export names in use (each one socket in the NBD directory) -> the slot's key.
+        var exports: [String: String] = [:]
         /// NICs being brought up or up: the namespace goes when this is 0 again.
         var nics = 0
         var createdNamespace = false
@@ -287,10 +289,25 @@ public final class GuestDevices: @unchecked Sendable {
                                         ringPageOrder: options.ringPageOrder, indirectSegments: options.indirectSegments,
                                         logger: logger)
         let be = device.backendPath
-        let name = (try? xs.readIfExists(be + "/dev")).flatMap { $0 }.flatMap { Self.isSafeName($0) ? $0 : nil } ?? "d\(slot.devid)"
+        // The backend's name for the disk (xl's vdev), unless another disk has
+        // it: a backend naming a second disk after the first must not put its
+        // socket in the first one's place.
+        let wanted = (try? xs.readIfExists(be + "/dev")).flatMap { $0 }.flatMap { Self.isSafeName($0) ? $0 : nil }
+        let name = shared.withLock { s -> String? in
+            for n in [wanted, "d\(slot.devid)"].compactMap({ $0 }) where s.exports[n] == nil || s.exports[n] == slot.key {
+                s.exports[n] = slot.key
+                return n
+            }
+            return nil
+        }
+        guard let name else {
+            device.close()
+            throw HypervisorError.protocolViolation("the disk's names ('\(wanted ?? "")', 'd\(slot.devid)') are another disk's")
+        }
         let server = NBDServer(exportName: name, device: device, logger: logger)
         let socket = "\(options.nbdDir)/\(name).sock"
         do { try server.listen(unixPath: socket) } catch {
+            shared.withLock { _ = $0.exports.removeValue(forKey: name) }
             device.close()
             throw error
         }
@@ -320,6 +337,7 @@ public final class GuestDevices: @unchecked Sendable {
         switch r {
         case let .disk(device, server):
             server.stop()  // the socket goes; open connections get EIO
+            shared.withLock { _ = $0.exports.removeValue(forKey: server.exportName) }
             device.close()
         case let .nic(nic):
             nic.stop()

@@ -164,6 +164,29 @@ import XenTestKit
     /// FUA writes from several NBD connections, more than the ring has slots:
     /// each one's cache flush waits for a slot, and is not submitted from the
     /// completion path that frees them (it would wait for itself there).
+    /// Two disks whose backends give the same name (`dev`, which the backend
+    /// directory holds): each gets a socket of its own, the second under its
+    /// device id, and each export reaches its own image. Before, the second
+    /// socket replaced the first, so the first disk's clients wrote to the
+    /// second's backend.
+    @Test func twoDisksNamedAlikeKeepTheirOwnExports() throws {
+        var template = Array("/tmp/pvdisk-XXXXXX".utf8CString)
+        let dir = String(cString: mkdtemp(&template)!)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let images = [Self.image(dir, "one.img", size: 8 << 20), Self.image(dir, "two.img", size: 8 << 20)]
+        let rig = try Rig(disks: [("xvda", 51712, images[0], "w"), ("xvda", 51728, images[1], "w")])
+        #expect(Set(rig.disks.keys).count == 2 && rig.disks.keys.contains("xvda"), "\(rig.disks)")
+        #expect(Set(rig.disks.values).count == 2)
+        let patterns: [UInt8] = [0x11, 0x22]
+        for ((_, uri), p) in zip(rig.disks.sorted(by: { $0.key < $1.key }), patterns) {
+            let (rc, out) = try Self.qemuIO(uri, ["write -P \(p) 0 4096", "flush"])
+            #expect(rc == 0, "\(out)")
+        }
+        // Each image holds one export's pattern throughout (as sets of byte values).
+        let held = try images.map { Set(try Self.bytes($0, at: 0, count: 4096)) }
+        #expect(Set(held) == Set(patterns.map { Set([$0]) }), "each image got one export's write")
+    }
+
     @Test func fuaWritesPastTheRingsSlotsAllComplete() throws {
         // One page of ring: 32 slots against 8 connections of 16 requests each.
         let disk = try OneDisk(size: 16 << 20, guestArguments: ["--ring-page-order", "0"])
