@@ -12,6 +12,7 @@ extension Toolstack {
     /// directories for blkback and the guest. `exclusive`: an existing device
     /// with that vdev is an error (EEXIST), not replaced.
     func addDisk(_ disk: DiskSpec, to domid: XenStore.DomID, _ xs: XenBusClient, exclusive: Bool = false) throws {
+        try checkSharing(disk, with: domid, xs)
         try xs.createDevice(
             XenBusDevice(type: "vbd", frontendDomid: domid, devid: Int(disk.devid)),
             backend: ["params": disk.target, "mode": disk.access.rawValue, "type": "file", "dev": disk.vdev,
@@ -19,6 +20,35 @@ extension Toolstack {
                       "removable": "0", "bootable": "1"],
             frontend: ["virtual-device": "\(disk.devid)", "device-type": disk.isCDROM ? "cdrom" : "disk"],
             exclusive: exclusive)
+    }
+
+    /// Xen's block hotplug script (`check_sharing`): a disk is not shared
+    /// with another running domain when either has it writable, so two
+    /// guests never write one image or device at once. The same file (device
+    /// and inode) or block device (its number) under any path counts; a domain
+    /// shut down or crashed (a preserved one) does no I/O and does not count.
+    func checkSharing(_ disk: DiskSpec, with domid: XenStore.DomID, _ xs: XenBusClient) throws {
+        var mine = stat()
+        guard stat(disk.target, &mine) == 0 else { return }  // a missing target is refused on its own
+        func same(_ other: stat) -> Bool {
+            let block = mine.st_mode & S_IFMT == S_IFBLK
+            guard block == (other.st_mode & S_IFMT == S_IFBLK) else { return false }
+            return block ? mine.st_rdev == other.st_rdev : mine.st_dev == other.st_dev && mine.st_ino == other.st_ino
+        }
+        let running = (try? connect().listDomains()).map { Set($0.filter { !$0.isShutdown }.map { "\($0.domid)" }) }
+        let root = XenBusDevice.backendRoot(type: "vbd")
+        for other in (try? xs.directory(root)) ?? [] where other != "\(domid)" && running?.contains(other) != false {
+            for dev in (try? xs.directory(root + "/" + other)) ?? [] {
+                let be = root + "/\(other)/\(dev)"
+                guard let params = (try? xs.readIfExists(be + "/params")) ?? nil else { continue }
+                var theirs = stat()
+                guard stat(params, &theirs) == 0, same(theirs) else { continue }
+                let writable = ((try? xs.readIfExists(be + "/mode")) ?? nil) != "r"
+                if disk.access == .readWrite || writable {
+                    throw Failure("disk \(disk.vdev): \(disk.target) is in use by domain \(other)\(writable ? ", writable" : ", read-only"); a disk is shared only read-only by all")
+                }
+            }
+        }
     }
 
     /// libxl_device_nic_add's store part: the vif's directories for netback

@@ -111,6 +111,22 @@ extension XenctlCLITests {
         // The duplicate left the existing xvdc alone.
         #expect(qemuIO(uriB, ["read -P 0x62 0 65536"]) == 0)
 
+        // Another running domain gets no disk that `bare` has writable, not
+        // even read-only, under any path to it (Xen's block script,
+        // check_sharing): one line, nothing made.
+        let otherCfg = run + "/other.cfg"
+        #expect(FileManager.default.createFile(atPath: otherCfg, contents: Data("name = 'other'\nmemory = 16\n".utf8)))
+        #expect(try xenctl("create", otherCfg, runDir: run).0 == 0)
+        let alias = run + "/alias.img"
+        #expect(link(imgB, alias) == 0)
+        for spec in ["vdev=xvdb, target=\(imgB)", "vdev=xvdb, access=ro, target=\(alias)"] {
+            let (rc, out, err) = try xenctl("block-attach", "other", spec, runDir: run)
+            let target = spec.hasSuffix(alias) ? alias : imgB
+            #expect(rc != 0 && out.isEmpty && err == "xenctl: disk xvdb: \(target) is in use by domain \(domid), writable; a disk is shared only read-only by all\n", "\(err)")
+        }
+        #expect(try xenctl("block-list", "other", runDir: run).1.split(separator: "\n").count == 1, "nothing was attached")
+        #expect(try xenctl("destroy", "other", runDir: run).0 == 0)
+
         // A backend that fails (a directory is no disk): its reason, at once,
         // and the device removed; the guest left it out, and attaching it again
         // (with a real image) brings it up.
