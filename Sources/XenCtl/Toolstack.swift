@@ -18,9 +18,11 @@ public struct Toolstack: Sendable {
         return "/" + parts.joined(separator: "/")
     }
 
+    /// One error line: what a user, a config or a guest wrote is quoted with
+    /// its control characters escaped.
     public struct Failure: Error, CustomStringConvertible {
         public let description: String
-        init(_ d: String) { description = d }
+        init(_ d: String) { description = d.escapingControlCharacters }
     }
 
     public var hypervisorSocket: String { runDir + "/xenhv.sock" }

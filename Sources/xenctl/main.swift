@@ -16,6 +16,20 @@ struct XenCtlCommand: ParsableCommand {
         subcommands: [Up.self, Down.self, Status.self, Create.self, List.self, Pause.self, Unpause.self, Destroy.self, BlockList.self,
                       BlockAttach.self, BlockDetach.self, NetworkList.self, NetworkAttach.self, NetworkDetach.self, Shutdown.self,
                       Reboot.self, Top.self, Metrics.self, Units.self, Supervise.self, Monitor.self])
+
+    /// ArgumentParser's own errors (an unknown option, a missing argument, a
+    /// value that does not parse) as one `xenctl:` line, as every other
+    /// error; help and version as ArgumentParser prints them.
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch {
+            guard exitCode(for: error) != .success else { exit(withError: error) }
+            let first = message(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
+            fail(first.trimmingCharacters(in: .whitespaces).replacingOccurrences(of: "Error: ", with: ""))
+        }
+    }
 }
 
 struct RunDirOption: ParsableArguments {
@@ -26,7 +40,7 @@ struct RunDirOption: ParsableArguments {
 
 /// Fails with one clear line and a non-zero exit.
 func fail(_ message: String) -> Never {
-    FileHandle.standardError.write(("xenctl: " + message + "\n").data(using: .utf8)!)
+    FileHandle.standardError.write(("xenctl: " + message.escapingControlCharacters + "\n").data(using: .utf8)!)
     exit(1)
 }
 

@@ -287,6 +287,27 @@ import XenTestKit
         #expect(!FileManager.default.fileExists(atPath: run), "nothing was made")
     }
 
+    /// ArgumentParser's own refusals are one `xenctl:` line too (it prints
+    /// an error, the usage and a hint on three), and an argument quoted in
+    /// an error stays on its line; help is still the whole help.
+    @Test func argumentErrorsAreOneLine() throws {
+        let run = NSTemporaryDirectory() + "xenctl-argerr-\(getpid())"
+        let cases: [([String], String)] = [
+            (["destroy"], "xenctl: Missing expected argument '<domain>'\n"),
+            (["list", "--timeout", "abc"], "xenctl: Unknown option '--timeout'\n"),
+            (["block-attach", "d", "vdev=xvdb", "--timeout", "abc"], "xenctl: The value 'abc' is invalid for '--timeout <timeout>'\n"),
+            (["nosuch"], "xenctl: Unknown option '--run-dir'\n"),  // the root has no such option
+            (["destroy", "a\nb"], "xenctl: xenhv is not running at \(run)/xenhv.sock (xenctl up starts it)\n"),
+        ]
+        for (args, message) in cases {
+            let r = CommandResult.run(Self.bin, args + ["--run-dir", run], timeout: 20)
+            #expect(r.status == 1 && r.out.isEmpty && r.err == message, "\(args): \(r.err)")
+        }
+        let help = CommandResult.run(Self.bin, ["block-attach", "--help"], timeout: 20)
+        #expect(help.status == 0 && help.out.contains("USAGE: xenctl block-attach"), "\(help.out)")
+        #expect(!FileManager.default.fileExists(atPath: run), "nothing was made")
+    }
+
     /// The units are Type=notify: a daemon sends systemd READY=1 (sd_notify)
     /// when it serves, so a dependent starts after its dependency is ready,
     /// as the supervisor starts it after the ready line.
