@@ -143,6 +143,8 @@ extension Toolstack {
         let xs = try connectStore()
         defer { xs.close() }
         let id = XenStore.DomID(d.domid)
+        // A vifname some other device has already (netback refuses it): not ours to wait out.
+        let preexisting = Set([vif.vifname].compactMap { $0 }.filter { access("/sys/class/net/\($0)", F_OK) == 0 })
         var dev: XenBusDevice
         while true {
             // libxl: the lowest device id dom0's records do not use (not the
@@ -156,10 +158,12 @@ extension Toolstack {
                 continue  // another attach took that id meanwhile
             }
         }
+        let tap = Self.tapName(vif, domid: d.domid, devid: dev.devid)
+        let ours = !preexisting.contains(tap)
         do {
             return try awaitGuest(dev, "vif \(dev.devid)", domain: d, hv, xs, seconds: seconds)
         } catch {
-            awaitTapGone(domid: d.domid, devid: dev.devid)
+            if ours { awaitTapGone(tap) }
             throw error
         }
     }
@@ -226,11 +230,16 @@ extension Toolstack {
         try xs.destroyDevice(dev)
     }
 
+    /// The tap netback makes for a vif: its `vifname`, else vif<domid>.<devid>.
+    static func tapName(_ vif: VifSpec, domid: XenHV.DomID, devid: Int) -> String {
+        vif.vifname ?? "vif\(domid).\(devid)"
+    }
+
     /// Waits (bounded) until netback has removed the vif's tap, so a failed
-    /// attach leaves none behind.
-    func awaitTapGone(domid: XenHV.DomID, devid: Int, seconds: Int = 10) {
+    /// attach or create leaves none behind.
+    func awaitTapGone(_ name: String, seconds: Int = 10) {
         let deadline = time(nil) + seconds
-        while access("/sys/class/net/vif\(domid).\(devid)", F_OK) == 0 && time(nil) < deadline {
+        while access("/sys/class/net/\(name)", F_OK) == 0 && time(nil) < deadline {
             idle(milliseconds: 50)
         }
     }

@@ -71,6 +71,9 @@ extension Toolstack {
             throw Failure("creating domain '\(config.name)': \(error)")
         }
         var child: pid_t = 0
+        // Taps of ours to wait out on failure: not a vifname some other device has.
+        let taps = config.vifs.enumerated().map { Self.tapName($1, domid: dom.domid, devid: $0) }
+            .filter { access("/sys/class/net/\($0)", F_OK) != 0 }
         do {
             // The guest's end of its xenhv connection: the child's from the
             // spawn on, closed here whatever fails before.
@@ -156,6 +159,8 @@ extension Toolstack {
             // so its pid is still its own.
             if child > 0 { kill(child, SIGKILL); var st: Int32 = 0; waitpid(child, &st, 0) }
             removeStoreEntries(of: dom.domid, xs)
+            // netback removes the taps once their vifs are gone from the store.
+            for tap in taps { awaitTapGone(tap) }
             throw error as? Failure ?? Failure("creating domain '\(config.name)': \(error)")
         }
     }

@@ -325,6 +325,11 @@ extension XenctlCLITests {
         #expect(!storeHas("/local/domain/0/backend/vif/\(domid)/0", runDir: run))
         #expect(!storeHas("/local/domain/\(domid)/device/vif/0", runDir: run))
         #expect(access("/sys/class/net/vif\(domid).0", F_OK) != 0, "a failed attach left its tap")
+        // The same with a vifname: that tap is gone too when the attach returns.
+        let timedOut = "xht\(tag)"
+        let (vrc, _, verr) = try xenctl("network-attach", "bare", "bridge=\(bridge), vifname=\(timedOut)", "--timeout", "1", runDir: run)
+        #expect(vrc != 0 && verr.split(separator: "\n").count == 1, "\(verr)")
+        #expect(access("/sys/class/net/\(timedOut)", F_OK) != 0, "a failed attach left its tap \(timedOut)")
         // Ctrl-C while the guest does not connect: one line, and undone too.
         let interrupted = Process()
         interrupted.executableURL = URL(fileURLWithPath: Self.bin)
