@@ -74,6 +74,15 @@ public final class Supervisor {
 
     /// Runs until SIGTERM/SIGINT; returns after every service has stopped.
     public func run() {
+        // One supervisor per run directory: the lock is held (its descriptor
+        // never closed) for this one's life. A second, from a concurrent
+        // `xenctl up`, leaves at once and touches nothing of the first's.
+        let lock = open(runDir + "/supervisor.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard lock >= 0, flock(lock, LOCK_EX | LOCK_NB) == 0 else {
+            logger.error("another supervisor runs for \(runDir); this one stops")
+            if lock >= 0 { close(lock) }
+            return
+        }
         writeFile(runDir + "/supervisor.pid", "\(getpid())\n")
         var stopping = false
         start(services[0])

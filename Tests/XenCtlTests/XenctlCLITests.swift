@@ -40,6 +40,39 @@ import XenTestKit
         return nil
     }
 
+    /// Two `xenctl up` at once on one run directory: one supervisor serves
+    /// both, and `down` leaves nothing. Before, each could start its own
+    /// (neither saw the other's pid file yet); `down` stopped the one the
+    /// pid file named, and the other ran on with its services, unseen.
+    @Test func twoUpsAtOnceMakeOneSupervisor() throws {
+        let run = NSTemporaryDirectory() + "xenctl-twoup-\(UUID().uuidString.prefix(8))"
+        defer {
+            _ = try? xenctl("down", runDir: run)
+            for pid in processes(mentioning: run) { kill(pid, SIGKILL) }
+            try? FileManager.default.removeItem(atPath: run)
+        }
+        let env = ["XENHV_FIRST_DOMID": "\(Dom0Harness.distinctFirstDomID())"]
+        let ups = (0..<2).map { _ -> Process in
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: Self.bin)
+            p.arguments = ["up", "--run-dir", run]
+            p.environment = ProcessInfo.processInfo.environment.merging(env) { $1 }
+            p.standardOutput = FileHandle.nullDevice
+            p.standardError = FileHandle.nullDevice
+            return p
+        }
+        for p in ups { try p.run() }
+        for p in ups { p.waitUntilExit() }
+        #expect(ups.allSatisfy { $0.terminationStatus == 0 })
+        let supervisors = processes(mentioning: run).filter { pid in
+            let cmd = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline").map { String(decoding: $0, as: UTF8.self) } ?? ""
+            return cmd.contains("supervise")
+        }
+        #expect(supervisors.count == 1, "\(supervisors.count) supervisors")
+        #expect(try xenctl("down", runDir: run).0 == 0)
+        #expect(eventually { processes(mentioning: run).isEmpty }, "down left \(processes(mentioning: run))")
+    }
+
     @Test func upRestartsCrashedServicesAndDownLeavesNothing() throws {
         let run = NSTemporaryDirectory() + "xenctl-test-\(UUID().uuidString.prefix(8))"
         defer {
