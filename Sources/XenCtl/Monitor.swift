@@ -53,7 +53,12 @@ extension Toolstack {
     /// own session) and waits until it follows the domain.
     func startMonitor(for guest: CreatedGuest, configText: String, configPath: String) throws {
         Self.makePrivateDirectory(monitorDir)
-        guard FileManager.default.createFile(atPath: monitorConfigPath(guest.name), contents: Data(configText.utf8)) else {
+        // A new file (renamed into place), never the old one rewritten: a
+        // previous monitor of the name, leaving, removes only its own.
+        let staged = monitorConfigPath(guest.name) + ".new"
+        guard FileManager.default.createFile(atPath: staged, contents: Data(configText.utf8)),
+              rename(staged, monitorConfigPath(guest.name)) == 0 else {
+            unlink(staged)
             throw Failure("cannot write \(monitorConfigPath(guest.name))")
         }
         let log = open(runDir + "/logs/monitor-\(guest.name).log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
@@ -107,6 +112,13 @@ extension Toolstack {
         }
     }
 
+    /// Whether `descriptor` is the file `path` names now.
+    static func sameFile(descriptor: CInt, path: String) -> Bool {
+        var held = stat(), named = stat()
+        return fstat(descriptor, &held) == 0 && stat(path, &named) == 0
+            && held.st_dev == named.st_dev && held.st_ino == named.st_ino
+    }
+
     /// `xenctl monitor`: follows domain `domid` called `name` until it is
     /// destroyed, applying its config's actions. `readyFD` gets one line once
     /// the monitor follows the domain. Returns the exit status.
@@ -121,19 +133,41 @@ extension Toolstack {
             logger.error("cannot read \(monitorConfigPath(name))")
             return 1
         }
+        // The config file as written for this monitor: removed as it leaves,
+        // unless a later create of the name wrote a new one meanwhile.
+        var configFile = stat()
+        let haveConfigFile = stat(monitorConfigPath(name), &configFile) == 0
         let config: DomainConfig
         do { config = try DomainConfig(try XLConfig(parsing: text, file: configPath)) } catch {
             logger.error("\(error)")
             return 1
         }
         Self.makePrivateDirectory(monitorDir)
-        let lock = open(monitorLockPath(name), O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-        guard lock >= 0 else {
-            logger.error("cannot open \(monitorLockPath(name)): \(String(cString: strerror(errno)))")
-            return 1
+        var lock: CInt = -1
+        while true {
+            lock = open(monitorLockPath(name), O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+            guard lock >= 0 else {
+                logger.error("cannot open \(monitorLockPath(name)): \(String(cString: strerror(errno)))")
+                return 1
+            }
+            // A previous monitor of this name may still be on its way out;
+            // it removes the file as it leaves, so the lock taken must be on
+            // the file the path names now.
+            while flock(lock, LOCK_EX) != 0 && errno == EINTR {}
+            if Self.sameFile(descriptor: lock, path: monitorLockPath(name)) { break }
+            close(lock)
         }
-        // A previous monitor of this name may still be on its way out.
-        while flock(lock, LOCK_EX) != 0 && errno == EINTR {}
+        defer {
+            // Its files go with the monitor (libxl removes a domain's userdata
+            // with it): the pid file while the lock is still held.
+            var now = stat()
+            if haveConfigFile, stat(monitorConfigPath(name), &now) == 0,
+               now.st_dev == configFile.st_dev, now.st_ino == configFile.st_ino {
+                unlink(monitorConfigPath(name))
+            }
+            unlink(monitorLockPath(name))
+            close(lock)
+        }
         _ = ftruncate(lock, 0)
         func publish(_ d: XenHV.DomID) {
             // Fixed width, one write, never truncated: readers never see it empty.

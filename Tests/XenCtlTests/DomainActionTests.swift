@@ -220,6 +220,9 @@ import XenHV
         #expect(kill(g.pid, SIGKILL) == 0)
         #expect(try eventually(seconds: 30) { try !list(run).contains { $0.name == "gone" } && toolstack.monitor(of: "gone") == nil })
         #expect(!storeHas(run, "/local/domain/\(g.domid)") && !storeHas(run, "/local/domain/0/backend/vbd/\(g.domid)"))
+        // The monitor's files went with it (libxl removes a domain's userdata with it).
+        let leftovers = ((try? FileManager.default.contentsOfDirectory(atPath: run + "/monitors")) ?? []).filter { $0.hasPrefix("gone.") }
+        #expect(leftovers.isEmpty, "\(leftovers)")
 
         // on_crash=preserve: listed as crashed (xl's "---sc-") until destroyed; the monitor is done.
         let kept = cfg("kept", "name = 'kept'\nmemory = 16\non_crash = 'preserve'\n")
