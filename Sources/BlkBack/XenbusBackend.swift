@@ -72,7 +72,8 @@ public final class BlkbackDriver: XenBusBackendDriver {
     }
 
     public func disconnect(_ device: VirtualBlockDevice) {
-        if device.isConnected { device.disconnect() }
+        guard device.isConnected else { return }  // nothing freed: no trim (a state storm calls this often)
+        device.disconnect()
         // A queue's per-slot arrays (a few hundred KiB) are freed here; glibc
         // keeps freed heap in its arenas unless asked, so a daemon that
         // attaches and detaches for weeks would hold its high-water mark.

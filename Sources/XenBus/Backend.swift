@@ -1,6 +1,7 @@
 import Dispatch
 import Glibc
 import Logging
+import Synchronization
 import XenHV
 import XenStore
 
@@ -77,6 +78,14 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
     let queue: DispatchQueue
     let root: String
     var devices: [String: Entry] = [:]
+    /// Devices whose frontend changed with an event queued for them: a
+    /// guest writing its state in a loop gets one pending handler, not one
+    /// per write (Linux: XSA-349, a watch with an event pending drops more).
+    let frontendEventPending = Mutex<Set<String>>([])
+    /// Frontend state events handled (tests: a storm is coalesced).
+    var frontendEventsHandled = 0
+    /// This backend's probes, for ``Entry/marker``.
+    var probes: UInt64 = 0
     /// Set by ``stop()``: a driver's late recheck probes nothing.
     var stopped = false
     var rootWatch: XenBusWatch?
@@ -97,6 +106,11 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
         /// so the new backend must connect — as Linux's frontend_changed does
         /// for an Initialised frontend at probe.
         var frontendStale = false
+        /// What this probe wrote in `<backend>/<markerKey>`: a directory
+        /// without it is another device the toolstack made in this one's
+        /// place, however its state reads (Linux: a removal unregisters the
+        /// xenbus device, and a new directory is probed afresh).
+        var marker: String?
         init(dev: XenBusDevice, frontendPath: String) {
             self.dev = dev
             self.frontendPath = frontendPath
@@ -246,6 +260,16 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
         }
     }
 
+    /// The key a probe marks its backend directory with (``Entry/marker``).
+    public static var markerKey: String { "swiftxen-probe" }
+
+    /// Whether `e`'s device is still the one in the store: its probe's marker
+    /// is there (an entry that never probed a device has none to check).
+    func stillOurs(_ e: Entry) -> Bool {
+        guard let marker = e.marker else { return true }
+        return ((try? xs.readIfExists(e.dev.backendPath + "/" + Self.markerKey)) ?? nil) == marker
+    }
+
     func reconcile(_ path: String) {
         // A device whose `state` is gone was removed by the toolstack, even
         // if its directory is back: a late writer (a hotplug script's
@@ -265,7 +289,7 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
             return
         }
         let online = (try? xs.readIfExists(path + "/online")) ?? nil
-        if let e = devices[path], online != "0", (try? xs.state(at: path)) == .initialising {
+        if let e = devices[path], !stillOurs(e) || (online != "0" && (try? xs.state(at: path)) == .initialising) {
             // The toolstack removed the device and created it again between two
             // looks (the removal's event found the directory back): Initialising
             // is only ever the toolstack's, written as it creates a device, and
@@ -321,6 +345,13 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
             guard let device = try driver.probe(dev, frontendPath: fe, xs: xs) else { return }
             devices[path] = e
             e.device = device
+            probes += 1
+            let marker = "\(getpid()).\(probes)"
+            try xs.transaction { t in
+                guard try t.readIfExists(path + "/state") != nil else { return }
+                try t.write(path + "/" + Self.markerKey, marker)
+            }
+            e.marker = marker
             let feState = (try? xs.state(at: fe)) ?? .unknown
             e.frontendStale = feState == .connected && !driver.frontendRingsUnused(dev, frontendPath: fe, xs: xs)
             if e.frontendStale {
@@ -343,10 +374,13 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
     func watchFrontend(_ e: Entry) throws {
         let path = e.dev.backendPath
         e.frontendWatch = try xs.watch(e.frontendPath + "/state", token: "backend:" + path) { [weak self] _ in
-            guard let self else { return }
+            guard let self, self.frontendEventPending.withLock({ $0.insert(path).inserted }) else { return }
             self.queue.async {
+                // Taken off first: a change after this look gets a turn of its own.
+                self.frontendEventPending.withLock { _ = $0.remove(path) }
+                self.frontendEventsHandled += 1
                 guard let e = self.devices[path] else { return }
-                if e.device != nil, (try? self.xs.readIfExists(path + "/online")) != "0" {
+                if e.device != nil, self.stillOurs(e), (try? self.xs.readIfExists(path + "/online")) != "0" {
                     self.frontendChanged(e)
                 } else {
                     self.reconcile(path)
@@ -382,23 +416,23 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
             // unless the toolstack is taking it away.
             if be == .closed || be == .closing, (try? xs.readIfExists(path + "/online")) != "0" {
                 driver.disconnect(device)
-                try? switchState(path, to: .initWait)
+                try? switchState(e, to: .initWait)
             }
         case .initialised, .connected:
             guard be == .initWait, !e.frontendStale, case .done = hotplugState else { return }
             do {
                 try driver.connect(device, e.dev, frontendPath: e.frontendPath, xs: xs)
-                try switchState(path, to: .connected)
+                try switchState(e, to: .connected)
             } catch {
                 driver.disconnect(device)
                 fatal(path, "connecting to the frontend: \(error)")
             }
         case .closing:
             driver.disconnect(device)
-            try? switchState(path, to: .closing)
+            try? switchState(e, to: .closing)
         case .closed, .unknown:
             driver.disconnect(device)
-            try? switchState(path, to: .closed)
+            try? switchState(e, to: .closed)
         default:
             break
         }
@@ -436,6 +470,12 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
     /// would also keep the device open: its removal would never be seen).
     func switchState(_ path: String, to new: XenbusState) throws {
         try xs.switchStateIfPresent(at: path, to: new)
+    }
+
+    /// The same for a probed device: only into the directory its probe
+    /// marked, never a device the toolstack made in its place.
+    func switchState(_ e: Entry, to new: XenbusState) throws {
+        try xs.switchStateIfPresent(at: e.dev.backendPath, to: new, owner: e.marker == nil ? nil : Self.markerKey)
     }
 
     /// Removes what late writes re-created of a removed device's directory:
