@@ -72,6 +72,9 @@ public final class NetbackDriver: XenBusBackendDriver, @unchecked Sendable {
     }
 
     public var hotplugGated: Bool { true }
+    /// Linux netback's frontend_changed: Initialising from any state goes
+    /// back to InitWait (a netfront reloaded while connected starts over).
+    public var restartsOnInitialising: Bool { true }
 
     public init(hypervisor: Hypervisor, logger: Logger, maxQueues: Int = 1, defaultScript: String,
                 scriptEnvironment: [String: String], hotplugSeconds: Double = 40) {

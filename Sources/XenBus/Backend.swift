@@ -43,6 +43,12 @@ public protocol XenBusBackendDriver: AnyObject, SendableMetatype {
     /// `hotplug-error`. The script runs meanwhile (the driver starts it), so
     /// a slow one holds back its own device only. Default: false.
     var hotplugGated: Bool { get }
+    /// Whether a frontend going Initialising while the device is connected
+    /// (a guest's driver reloaded, a kexec'd kernel) is disconnected and
+    /// offered the device again, as Linux netback's frontend_changed does
+    /// (set_backend_state to InitWait from any state). Linux blkback acts
+    /// only on an Initialising after Closed. Default: false.
+    var restartsOnInitialising: Bool { get }
     /// Once, as the backend starts: `recheck(path)` has it look at a device
     /// again, for a driver whose ``probe(_:frontendPath:xs:)`` returned nil
     /// while work of its own on that device (a removal's script) was under
@@ -56,6 +62,7 @@ public protocol XenBusBackendDriver: AnyObject, SendableMetatype {
 
 extension XenBusBackendDriver {
     public var hotplugGated: Bool { false }
+    public var restartsOnInitialising: Bool { false }
     public func counters(_ device: Device) -> [(String, UInt64)] { [] }
     public func frontendRingsUnused(_ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) -> Bool { false }
     public func backendKeyChanged(_ device: Device, _ dev: XenBusDevice, key: String, xs: XenBusClient) {}
@@ -414,7 +421,8 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
         case .initialising:
             // A frontend coming back after Closed: offer the device again,
             // unless the toolstack is taking it away.
-            if be == .closed || be == .closing, (try? xs.readIfExists(path + "/online")) != "0" {
+            let restart = be == .closed || be == .closing || (driver.restartsOnInitialising && be == .connected)
+            if restart, (try? xs.readIfExists(path + "/online")) != "0" {
                 driver.disconnect(device)
                 try? switchState(e, to: .initWait)
             }

@@ -69,6 +69,32 @@ extension Hostile {
             #expect(try vifCarriesFrames(other.queue, tap: other.tapName))
         }
 
+        /// A netfront that starts over while connected (its driver reloaded,
+        /// a kexec'd kernel): Initialising takes netback back to InitWait,
+        /// letting go of the old rings, and the new rings carry frames, as
+        /// Linux netback's frontend_changed does. Before, netback stayed
+        /// Connected on the old rings and the vif was dead until Closed.
+        @Test func aNetfrontStartingOverWhileConnectedGetsItsNewRings() throws {
+            let d = try HostileDom0()
+            let net = try HostileNetback(d)
+            defer { net.stop() }
+            let h = try d.guest("kexeced", pages: XenBusVif.pages(slots: 2))
+            let first = try XenBusVif(d, net, guest: h)
+            #expect(try vifCarriesFrames(first.queue, tap: first.tapName))
+            try h.xenstore.write(first.dev.frontendPath + "/state", "\(XenBus.XenbusState.initialising.rawValue)")
+            #expect(Dom0Harness.wait(d.s.xenstore, state: first.dev.backendPath, seconds: 10) { $0 == .initWait } == .initWait)
+            net.service.settle()
+            let rings = first.front.queues[0].rings
+            for r in [rings.txRingRef, rings.rxRingRef] {
+                #expect(h.hypervisor.grantTable!.flags(r) & Self.busy == 0, "old ring ref \(r) still mapped")
+            }
+            let again = try XenBusVif.makeFront(h, slot: 1)
+            try again.queues[0].postRx()
+            try XenBusVif.publish(h, first.dev, XenBusVif.frontendKeys(again))
+            #expect(Dom0Harness.wait(d.s.xenstore, state: first.dev.backendPath, seconds: 10) { $0 == .connected } == .connected)
+            #expect(try vifCarriesFrames(again.queues[0], tap: first.tapName))
+        }
+
         @Test func vifRingKeysRewrittenAfterConnectedAreIgnored() throws {
             let d = try HostileDom0()
             let net = try HostileNetback(d)
