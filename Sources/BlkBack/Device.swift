@@ -174,6 +174,13 @@ public final class VirtualBlockDevice: @unchecked Sendable {
         return s
     }
 
+    /// ``resize()`` when the backing's size changed (Linux's blkif thread
+    /// compares vbd_sz with the size it has); nil when it did not.
+    public func resizeIfChanged() -> UInt64? {
+        guard let s = try? disk.backing.sectors(), s != disk.capacity.load(ordering: .relaxed) else { return nil }
+        return try? resize()
+    }
+
     /// Counters summed over all queues, past connections included.
     public var stats: BlkStats.Snapshot {
         state.withLock { s in s.queues.reduce(s.retired) { $0 + $1.stats.snapshot } }

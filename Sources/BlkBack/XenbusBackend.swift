@@ -52,6 +52,7 @@ public final class BlkbackDriver: XenBusBackendDriver {
 
     public func connect(_ device: VirtualBlockDevice, _ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) throws {
         if device.isConnected { device.disconnect() }
+        _ = device.resizeIfChanged()  // grown or shrunk while no frontend was connected
         try device.connect(hypervisor: hv, frontend: try readRings(device, dev, frontendPath, xs))
         let f = device.features
         let path = dev.backendPath
@@ -69,6 +70,23 @@ public final class BlkbackDriver: XenBusBackendDriver {
                 try t.write(path + "/discard-secure", f.discardSecure ? "1" : "0")
             }
         }
+    }
+
+    /// Online resize (Linux's xen_vbd_resize): a connected disk whose image or
+    /// device changed size gets its new `sectors`, and its state written
+    /// again so the frontend looks (blkfront re-reads the size on it).
+    public var ticks: Bool { true }
+    public func tick(_ device: VirtualBlockDevice, _ dev: XenBusDevice, xs: XenBusClient) {
+        guard device.isConnected else { return }
+        let old = device.sectors
+        guard let new = device.resizeIfChanged() else { return }
+        let path = dev.backendPath
+        try? xs.transaction { t in
+            guard let state = try t.readIfExists(path + "/state") else { return }
+            try t.write(path + "/sectors", "\(new)")
+            try t.write(path + "/state", state)
+        }
+        logger.info("\(path): resized from \(old) to \(new) sectors")
     }
 
     public func disconnect(_ device: VirtualBlockDevice) {

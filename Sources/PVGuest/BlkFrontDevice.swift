@@ -40,7 +40,10 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     // Sound: each queue's ring, channel and in-flight table are behind its
     // `state` mutex; `links` and `sectors` are only touched by init and then the
     // completion thread; everything else is immutable after the handshake.
-    public let size: UInt64
+    /// The disk's size in bytes now: an online resize (the backend's new
+    /// `sectors`) changes it, and NBD clients connecting after see it.
+    public var size: UInt64 { sizeBytes.load(ordering: .relaxed) }
+    let sizeBytes: Atomic<UInt64>
     public let isReadOnly: Bool
     public let canTrim: Bool
     public let canFlush: Bool
@@ -281,7 +284,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         madeLinks = links
         self.links = links
         self.sectors = sectors
-        size = sectors * 512
+        sizeBytes = Atomic(sectors * 512)
         let info = UInt32((try xs.readIfExists(be + "/info")) ?? "0") ?? 0
         isReadOnly = info & UInt32(VDISK_READONLY) != 0
         canFlush = (try xs.readIfExists(be + "/feature-flush-cache")) == "1"
@@ -593,7 +596,8 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     func completions() {
         var checkPort = false
         while !failed.load(ordering: .acquiring) {
-            if backendChanged.exchange(false, ordering: .acquiringAndReleasing) || checkPort {
+            let changed = backendChanged.exchange(false, ordering: .acquiringAndReleasing)
+            if changed || checkPort {
                 checkPort = false
                 if let why = connectionLost() {
                     // The toolstack detaching the disk is no outage to recover
@@ -607,6 +611,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                     recover(why)
                     continue
                 }
+                if changed { refreshSize() }
             }
             do {
                 while try drainAll() > 0 {}
@@ -852,6 +857,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                 }
                 links = newLinks
                 sectors = newSectors
+                sizeBytes.store(newSectors * 512, ordering: .relaxed)
                 var count = 0
                 for (i, q) in queues.enumerated() {
                     let (kick, n) = q.state.withLock { s -> (Bool, Int) in
@@ -890,6 +896,16 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                 usleep(UInt32(min(attempt, 10)) * 100_000)
             }
         }
+    }
+
+    /// Online resize (blkfront_connect on a Connected backend's state event,
+    /// which xen_vbd_resize writes again with the new `sectors`).
+    func refreshSize() {
+        guard let s = ((try? xs.readIfExists(backendPath + "/sectors")) ?? nil).flatMap({ UInt64($0) }),
+              s <= UInt64.max / 512, s != sectors else { return }
+        logger.info("\(frontendPath): the disk is now \(s) sectors (was \(sectors))")
+        sectors = s
+        sizeBytes.store(s * 512, ordering: .relaxed)
     }
 
     /// Why a reconnect stops: the device was closed, or the toolstack detached it.

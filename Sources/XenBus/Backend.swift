@@ -49,6 +49,12 @@ public protocol XenBusBackendDriver: AnyObject, SendableMetatype {
     /// (set_backend_state to InitWait from any state). Linux blkback acts
     /// only on an Initialising after Closed. Default: false.
     var restartsOnInitialising: Bool { get }
+    /// Whether ``tick(_:_:xs:)`` is to be called: once a second, on the
+    /// backend's queue, for every probed device. Default: false.
+    var ticks: Bool { get }
+    /// A driver following something of its own over time (blkback: its
+    /// image's size, for online resize). Default: nothing.
+    func tick(_ device: Device, _ dev: XenBusDevice, xs: XenBusClient)
     /// Once, as the backend starts: `recheck(path)` has it look at a device
     /// again, for a driver whose ``probe(_:frontendPath:xs:)`` returned nil
     /// while work of its own on that device (a removal's script) was under
@@ -63,6 +69,8 @@ public protocol XenBusBackendDriver: AnyObject, SendableMetatype {
 extension XenBusBackendDriver {
     public var hotplugGated: Bool { false }
     public var restartsOnInitialising: Bool { false }
+    public var ticks: Bool { false }
+    public func tick(_ device: Device, _ dev: XenBusDevice, xs: XenBusClient) {}
     public func counters(_ device: Device) -> [(String, UInt64)] { [] }
     public func frontendRingsUnused(_ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) -> Bool { false }
     public func backendKeyChanged(_ device: Device, _ dev: XenBusDevice, key: String, xs: XenBusClient) {}
@@ -141,6 +149,17 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
         rootWatch = try xs.watch(root, token: "backend-\(driver.type)") { [weak self] e in
             guard let self else { return }
             self.queue.async { self.changed(e.path) }
+        }
+        if driver.ticks { scheduleTick() }
+    }
+
+    /// ``XenBusBackendDriver/tick(_:_:xs:)`` for every probed device, once a
+    /// second until ``stop()``.
+    func scheduleTick() {
+        queue.asyncAfter(deadline: .now() + 1) { [weak self] in
+            guard let self, !self.stopped else { return }
+            for (_, e) in self.devices { if let d = e.device { self.driver.tick(d, e.dev, xs: self.xs) } }
+            self.scheduleTick()
         }
     }
 

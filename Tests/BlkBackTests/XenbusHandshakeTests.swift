@@ -75,6 +75,42 @@ import XenTestKit
         #expect(try front.write(sector: 0, [UInt8](repeating: 1, count: 512)) != 0, "the new disk is read-only")
     }
 
+    /// Online resize, as Linux's xen_vbd_resize: an image grown under a
+    /// connected disk shows up in `sectors` (blkback looks once a second),
+    /// the state is written again for the frontend to look, and the new
+    /// sectors are served.
+    @Test func aGrownImageIsSeenByTheConnectedFrontend() throws {
+        let s = try Dom0Harness(buildDirectory: Dom0Harness.buildDirectory(packageRoot: Self.root))
+        let image = s.dir + "/disk.img"
+        #expect(FileManager.default.createFile(atPath: image, contents: nil) && truncate(image, 8 << 20) == 0)
+        let service = BlkbackService(hypervisor: try s.dom0Hypervisor(), xenbus: try s.dom0XenStore(),
+                                     logger: .init(label: "blkback"))
+        try service.start()
+        defer { service.stop() }
+        let g = try s.createGuest(name: "growing")
+        defer { g.xenstore.close() }
+        let dev = XenBusDevice(type: "vbd", frontendDomid: XenStore.DomID(g.domid), devid: 51712)
+        try s.xenstore.createDevice(dev, backend: ["params": image, "mode": "w", "type": "file", "device-type": "disk"],
+                                    frontend: ["virtual-device": "51712", "device-type": "disk"])
+        #expect(Dom0Harness.wait(s.xenstore, state: dev.backendPath) { $0 == .initWait } == .initWait)
+        let front = try BlkFront<BlkifRing>(guest: g.hypervisor, queues: 1, ringPageOrder: 0)
+        let q = front.queues[0]
+        try g.xenstore.transaction { t in
+            try t.write(dev.frontendPath + "/ring-ref", "\(q.ringRefs[0])")
+            try t.write(dev.frontendPath + "/event-channel", "\(q.port)")
+        }
+        try g.xenstore.switchState(at: dev.frontendPath, to: .initialised)
+        #expect(Dom0Harness.wait(g.xenstore, state: dev.backendPath) { $0 == .connected } == .connected)
+        #expect(try g.xenstore.read(dev.backendPath + "/sectors") == "16384")
+        #expect(try front.read(sector: 20000, bytes: 512).status != 0, "past the end")
+
+        #expect(truncate(image, 16 << 20) == 0)
+        #expect(eventually(seconds: 10, every: 50) { (try? g.xenstore.read(dev.backendPath + "/sectors")) == "32768" },
+                "the new size never reached the store")
+        #expect(try s.xenstore.state(at: dev.backendPath) == .connected)
+        #expect(try front.read(sector: 20000, bytes: 512) == (0, [UInt8](repeating: 0, count: 512)))
+    }
+
     /// A guest writing its state in a loop costs blkback one handler per
     /// turn of its queue, not one per write (XSA-349: Linux drops a watch's
     /// events while one is pending): the queue every guest's devices share

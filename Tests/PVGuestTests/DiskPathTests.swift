@@ -164,6 +164,19 @@ import XenTestKit
     /// FUA writes from several NBD connections, more than the ring has slots:
     /// each one's cache flush waits for a slot, and is not submitted from the
     /// completion path that frees them (it would wait for itself there).
+    /// Online resize reaches the guest's export: an image grown under the
+    /// connected disk is the new size for NBD clients connecting after
+    /// (blkfront re-reads `sectors` on the backend's state event).
+    @Test func aGrownImageIsTheExportsNewSize() throws {
+        let d = try OneDisk(size: 8 << 20, guestArguments: [])
+        #expect(try NBDClient(socket: d.socket, timeoutSeconds: 10).size == 8 << 20)
+        #expect(truncate(d.img, 24 << 20) == 0)
+        #expect(eventually(seconds: 10, every: 500) { (try? NBDClient(socket: d.socket, timeoutSeconds: 10))?.size == 24 << 20 },
+                "the export kept its old size")
+        let (rc, out) = try Self.qemuIO(d.uri, ["write -P 0x7e 20M 4096", "read -P 0x7e 20M 4096"])
+        #expect(rc == 0 && !out.contains("error"), "\(out)")
+    }
+
     /// Two disks whose backends give the same name (`dev`, which the backend
     /// directory holds): each gets a socket of its own, the second under its
     /// device id, and each export reaches its own image. Before, the second
