@@ -272,10 +272,14 @@ extension Toolstack {
             let be = root + "/" + devid
             func r(_ p: String) -> String { ((try? xs.readIfExists(p)) ?? nil) ?? "-1" }
             let fe = r(be + "/frontend")
-            // The frontend's keys are the guest's: numbers, or -1.
-            func g(_ p: String) -> String { Self.guestNumber((try? xs.readIfExists(fe + "/" + p)) ?? nil) }
+            // The frontend's keys are the guest's: numbers, or -1. A
+            // multi-queue netfront keeps them under queue-0/ and up, and
+            // split event channels show their tx port.
+            func g(_ p: String) -> String {
+                Self.guestNumber(((try? xs.readIfExists(fe + "/" + p)) ?? nil) ?? ((try? xs.readIfExists(fe + "/queue-0/" + p)) ?? nil))
+            }
             out += "\n" + devid.padding(4) + "0".padding(3) + r(be + "/mac").padding(18) + devid.padding(7)
-                + r(be + "/state").padding(6) + g("event-channel").padding(9)
+                + r(be + "/state").padding(6) + { let e = g("event-channel"); return e == "-1" ? g("event-channel-tx") : e }().padding(9)
                 + (g("tx-ring-ref") + "/" + g("rx-ring-ref")).padding(16) + be
         }
         return out
