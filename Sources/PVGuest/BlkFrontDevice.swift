@@ -198,10 +198,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         var done = false
         defer {
             if !done {
-                for l in madeLinks {
-                    try? l.channel.close()
-                    if !grants.revoke(l.ringRefs) { stuckRings.append(l.ringFrame) }
-                }
+                stuckRings += Self.letGo(madeLinks, grants: grants).stuck
                 if grants.revoke(granted) {
                     for (f, n) in frames where !stuckRings.contains(f) { pages.free(f, count: n) }
                 }
@@ -715,10 +712,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         while filling.load(ordering: .sequentiallyConsistent) != 0 && monotonicNanoseconds() < fillDeadline {
             idle(milliseconds: 1)
         }
-        for l in links {
-            try? l.channel.close()
-            if grants.revoke(l.ringRefs) { pages.free(l.ringFrame, count: 1 << ringOrder) }
-        }
+        for f in Self.letGo(links, grants: grants).revoked { pages.free(f, count: 1 << ringOrder) }
         if filling.load(ordering: .sequentiallyConsistent) != 0 {
             logger.warning("\(frontendPath): a request was still being copied into its pages; they stay allocated")
         } else if grants.revoke(slotRefs.flatMap { $0 } + indirectRefs) {
@@ -798,11 +792,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         }
         // Ring pages nobody maps any more are reused; others are left to the
         // old mapping (and then the rest go back: the attempt takes new pages).
-        var free: [UInt32] = []
-        for l in links {
-            try? l.channel.close()
-            if grants.revoke(l.ringRefs) { free.append(l.ringFrame) }
-        }
+        let free = Self.letGo(links, grants: grants).revoked
         var reuse: [UInt32]? = free.count == links.count ? free : nil
         if reuse == nil { for f in free { pages.free(f, count: 1 << ringOrder) } }
         // The old rings are given up here: their refs are back on the free
@@ -849,10 +839,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                     // Not connected after all: this attempt's rings are given
                     // up as a failed handshake's are, and kept for the next.
                     reuse = newLinks.map(\.ringFrame)
-                    for l in newLinks {
-                        try? l.channel.close()
-                        if !grants.revoke(l.ringRefs) { stuck.append(l.ringFrame) }
-                    }
+                    stuck += Self.letGo(newLinks, grants: grants).stuck
                     throw error
                 }
                 links = newLinks
@@ -906,6 +893,18 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         logger.info("\(frontendPath): the disk is now \(s) sectors (was \(sectors))")
         sectors = s
         sizeBytes.store(s * 512, ordering: .relaxed)
+    }
+
+    /// Closes `links`' ports and revokes their rings' refs: the ring frames
+    /// whose refs all went back (free to use again), and those the backend
+    /// still maps (to stay out of use).
+    static func letGo(_ links: [Link], grants: GrantRefs) -> (revoked: [UInt32], stuck: [UInt32]) {
+        var out: (revoked: [UInt32], stuck: [UInt32]) = ([], [])
+        for l in links {
+            try? l.channel.close()
+            if grants.revoke(l.ringRefs) { out.revoked.append(l.ringFrame) } else { out.stuck.append(l.ringFrame) }
+        }
+        return out
     }
 
     /// Why a reconnect stops: the device was closed, or the toolstack detached it.
