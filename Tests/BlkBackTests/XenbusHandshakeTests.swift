@@ -17,6 +17,52 @@ import XenTestKit
     static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .deletingLastPathComponent().path
 
+    /// An in-process blkback on a private dom0, a guest called `name`, and
+    /// its vbd 51712 on `image` (made in the dom0's directory; default an
+    /// empty 8 MiB file) with the toolstack's keys, offered (InitWait).
+    final class OfferedDisk {
+        let s: Dom0Harness
+        let service: BlkbackService
+        let g: Dom0Harness.Guest
+        let dev: XenBusDevice
+        let image: String
+
+        init(_ name: String, image make: (String) -> String = { dir in
+            let image = dir + "/disk.img"
+            #expect(FileManager.default.createFile(atPath: image, contents: nil) && truncate(image, 8 << 20) == 0)
+            return image
+        }) throws {
+            s = try Dom0Harness(buildDirectory: Dom0Harness.buildDirectory(packageRoot: XenbusHandshakeTests.root))
+            image = make(s.dir)
+            service = BlkbackService(hypervisor: try s.dom0Hypervisor(), xenbus: try s.dom0XenStore(), logger: .init(label: "blkback"))
+            try service.start()
+            g = try s.createGuest(name: name)
+            dev = XenBusDevice(type: "vbd", frontendDomid: XenStore.DomID(g.domid), devid: 51712)
+            try s.xenstore.createDevice(dev, backend: ["params": image, "mode": "w", "type": "file", "device-type": "disk"],
+                                        frontend: ["virtual-device": "51712", "device-type": "disk"])
+            #expect(Dom0Harness.wait(s.xenstore, state: dev.backendPath) { $0 == .initWait } == .initWait)
+        }
+
+        /// A one-queue, one-page frontend published and Connected.
+        func connectOneRing() throws -> BlkFront<BlkifRing> {
+            let front = try BlkFront<BlkifRing>(guest: g.hypervisor, queues: 1, ringPageOrder: 0)
+            let q = front.queues[0]
+            try g.xenstore.transaction { t in
+                try t.write(dev.frontendPath + "/ring-ref", "\(q.ringRefs[0])")
+                try t.write(dev.frontendPath + "/event-channel", "\(q.port)")
+                try t.write(dev.frontendPath + "/protocol", "x86_64-abi")
+            }
+            try g.xenstore.switchState(at: dev.frontendPath, to: .initialised)
+            #expect(Dom0Harness.wait(g.xenstore, state: dev.backendPath) { $0 == .connected } == .connected)
+            return front
+        }
+
+        deinit {
+            g.xenstore.close()
+            service.stop()
+        }
+    }
+
     /// The toolstack removes a device and makes another in its place, and
     /// blkback first sees the new directory in a state that is not
     /// Initialising (one transaction here; in life, a write the old device's
@@ -25,21 +71,15 @@ import XenTestKit
     /// its image, read-only. Before, the old entry stayed in charge, and a
     /// frontend connecting got the old image, writable.
     @Test func aDeviceReplacedInOneStepIsProbedAnew() throws {
-        let s = try Dom0Harness(buildDirectory: Dom0Harness.buildDirectory(packageRoot: Self.root))
-        let images = ["a", "b"].map { s.dir + "/\($0).img" }
-        for (img, byte) in zip(images, [UInt8(0xAA), 0xBB]) {
-            #expect(FileManager.default.createFile(atPath: img, contents: Data(repeating: byte, count: 8 << 20)))
+        let d = try OfferedDisk("replaced") { dir in
+            let images = ["a", "b"].map { dir + "/\($0).img" }
+            for (img, byte) in zip(images, [UInt8(0xAA), 0xBB]) {
+                #expect(FileManager.default.createFile(atPath: img, contents: Data(repeating: byte, count: 8 << 20)))
+            }
+            return images[0]
         }
-        let service = BlkbackService(hypervisor: try s.dom0Hypervisor(), xenbus: try s.dom0XenStore(),
-                                     logger: .init(label: "blkback"))
-        try service.start()
-        defer { service.stop() }
-        let g = try s.createGuest(name: "replaced")
-        defer { g.xenstore.close() }
-        let dev = XenBusDevice(type: "vbd", frontendDomid: XenStore.DomID(g.domid), devid: 51712)
-        try s.xenstore.createDevice(dev, backend: ["params": images[0], "mode": "w", "type": "file", "device-type": "disk"],
-                                    frontend: ["virtual-device": "51712", "device-type": "disk"])
-        #expect(Dom0Harness.wait(s.xenstore, state: dev.backendPath) { $0 == .initWait } == .initWait)
+        let (s, g, dev) = (d.s, d.g, d.dev)
+        let images = ["a", "b"].map { s.dir + "/\($0).img" }
         let probedA = try s.xenstore.readIfExists(dev.backendPath + "/" + BlkbackService.markerKey)
         #expect(probedA != nil)
 
@@ -62,15 +102,7 @@ import XenTestKit
                 "the new device was never probed")
         #expect(try s.xenstore.readIfExists(dev.backendPath + "/" + BlkbackService.markerKey) != probedA)
 
-        let front = try BlkFront<BlkifRing>(guest: g.hypervisor, queues: 1, ringPageOrder: 0)
-        let q = front.queues[0]
-        try g.xenstore.transaction { t in
-            try t.write(dev.frontendPath + "/ring-ref", "\(q.ringRefs[0])")
-            try t.write(dev.frontendPath + "/event-channel", "\(q.port)")
-            try t.write(dev.frontendPath + "/protocol", "x86_64-abi")
-        }
-        try g.xenstore.switchState(at: dev.frontendPath, to: .initialised)
-        #expect(Dom0Harness.wait(g.xenstore, state: dev.backendPath) { $0 == .connected } == .connected)
+        let front = try d.connectOneRing()
         #expect(try front.read(sector: 0, bytes: 512).data == [UInt8](repeating: 0xBB, count: 512), "served the old image")
         #expect(try front.write(sector: 0, [UInt8](repeating: 1, count: 512)) != 0, "the new disk is read-only")
     }
@@ -80,27 +112,9 @@ import XenTestKit
     /// the state is written again for the frontend to look, and the new
     /// sectors are served.
     @Test func aGrownImageIsSeenByTheConnectedFrontend() throws {
-        let s = try Dom0Harness(buildDirectory: Dom0Harness.buildDirectory(packageRoot: Self.root))
-        let image = s.dir + "/disk.img"
-        #expect(FileManager.default.createFile(atPath: image, contents: nil) && truncate(image, 8 << 20) == 0)
-        let service = BlkbackService(hypervisor: try s.dom0Hypervisor(), xenbus: try s.dom0XenStore(),
-                                     logger: .init(label: "blkback"))
-        try service.start()
-        defer { service.stop() }
-        let g = try s.createGuest(name: "growing")
-        defer { g.xenstore.close() }
-        let dev = XenBusDevice(type: "vbd", frontendDomid: XenStore.DomID(g.domid), devid: 51712)
-        try s.xenstore.createDevice(dev, backend: ["params": image, "mode": "w", "type": "file", "device-type": "disk"],
-                                    frontend: ["virtual-device": "51712", "device-type": "disk"])
-        #expect(Dom0Harness.wait(s.xenstore, state: dev.backendPath) { $0 == .initWait } == .initWait)
-        let front = try BlkFront<BlkifRing>(guest: g.hypervisor, queues: 1, ringPageOrder: 0)
-        let q = front.queues[0]
-        try g.xenstore.transaction { t in
-            try t.write(dev.frontendPath + "/ring-ref", "\(q.ringRefs[0])")
-            try t.write(dev.frontendPath + "/event-channel", "\(q.port)")
-        }
-        try g.xenstore.switchState(at: dev.frontendPath, to: .initialised)
-        #expect(Dom0Harness.wait(g.xenstore, state: dev.backendPath) { $0 == .connected } == .connected)
+        let d = try OfferedDisk("growing")
+        let (s, g, dev, image) = (d.s, d.g, d.dev, d.image)
+        let front = try d.connectOneRing()
         #expect(try g.xenstore.read(dev.backendPath + "/sectors") == "16384")
         #expect(try front.read(sector: 20000, bytes: 512).status != 0, "past the end")
 
@@ -117,19 +131,8 @@ import XenTestKit
     /// never holds a backlog of them. Here the queue is held while the guest
     /// writes 500 times.
     @Test func aFrontendStateStormIsCoalesced() throws {
-        let s = try Dom0Harness(buildDirectory: Dom0Harness.buildDirectory(packageRoot: Self.root))
-        let image = s.dir + "/disk.img"
-        #expect(FileManager.default.createFile(atPath: image, contents: nil) && truncate(image, 8 << 20) == 0)
-        let service = BlkbackService(hypervisor: try s.dom0Hypervisor(), xenbus: try s.dom0XenStore(),
-                                     logger: .init(label: "blkback"))
-        try service.start()
-        defer { service.stop() }
-        let g = try s.createGuest(name: "stormy")
-        defer { g.xenstore.close() }
-        let dev = XenBusDevice(type: "vbd", frontendDomid: XenStore.DomID(g.domid), devid: 51712)
-        try s.xenstore.createDevice(dev, backend: ["params": image, "mode": "w", "type": "file", "device-type": "disk"],
-                                    frontend: ["virtual-device": "51712", "device-type": "disk"])
-        #expect(Dom0Harness.wait(s.xenstore, state: dev.backendPath) { $0 == .initWait } == .initWait)
+        let d = try OfferedDisk("stormy")
+        let (s, g, dev, service) = (d.s, d.g, d.dev, d.service)
         service.settle()
         let before = service.withDevices { _ in service.frontendEventsHandled }
         let writes = 500
