@@ -1,4 +1,5 @@
 import CXen
+import Dispatch
 import Glibc
 import Logging
 import Synchronization
@@ -59,13 +60,27 @@ public struct BackendFeatures: Sendable, Equatable {
 /// more queues (rings). Create it when the toolstack names the backing
 /// (`params`, `mode`), ``connect(hypervisor:frontend:)`` when the frontend is
 /// Initialised, ``disconnect()`` when it closes (or to reconnect later), and
-/// ``close()`` when the device is removed.
+/// ``close()`` when the device is removed. A daemon serving many guests from
+/// one thread uses ``stopQueues()`` and ``closeWhenStopped()`` instead, which
+/// do not wait for the guest's I/O in flight.
 public final class VirtualBlockDevice: @unchecked Sendable {
-    // Sound: `queues` and `retired` are behind `state`; the rest is immutable
-    // or atomic (DiskState.capacity).
+    // Sound: `Connections` is behind `state`; the rest is immutable, atomic
+    // (DiskState.capacity) or a DispatchGroup.
     public let name: String
     let disk: DiskState
-    private let state = Mutex<(queues: [any QueueRunner], retired: BlkStats.Snapshot)>(([], BlkStats.Snapshot()))
+    private struct Connections {
+        var queues: [any QueueRunner] = []
+        /// Queues told to stop whose threads still finish their I/O in flight.
+        var stopping: [any QueueRunner] = []
+        /// Counters of the queues that ended.
+        var retired = BlkStats.Snapshot()
+        /// ``closeWhenStopped()`` was called: the last stopping queue closes the backing.
+        var closeWhenStopped = false
+        var closed = false
+    }
+    private let state = Mutex(Connections())
+    /// One member per stopping queue.
+    private let stoppingQueues = DispatchGroup()
     /// Queues one device may have (`multi-queue-max-queues`); Linux: dom0 CPUs.
     public let maxQueues: Int
 
@@ -104,6 +119,10 @@ public final class VirtualBlockDevice: @unchecked Sendable {
 
     public var isConnected: Bool { state.withLock { !$0.queues.isEmpty } }
 
+    /// Whether queues of an earlier connection still finish their I/O in
+    /// flight (``connect(hypervisor:frontend:)`` waits for them).
+    public var isStopping: Bool { state.withLock { !$0.stopping.isEmpty } }
+
     /// Maps every queue's ring, binds its event channel and starts its thread.
     /// All or nothing: on failure, whatever was set up is released.
     public func connect(hypervisor: Hypervisor, frontend: FrontendConfig) throws(BlkBackError) {
@@ -115,6 +134,9 @@ public final class VirtualBlockDevice: @unchecked Sendable {
             throw .badConfiguration("queues with different ring sizes")
         }
         guard !isConnected else { throw .badConfiguration("\(name) is already connected") }
+        // The old rings' I/O may still write into the guest's pages and answer
+        // on its old ring (Linux: xen_blkif_disconnect's -EBUSY, "pending I/O").
+        guard !isStopping else { throw .pendingIO }
         var made: [any QueueRunner] = []
         do throws(BlkBackError) {
             for (i, q) in frontend.queues.enumerated() {
@@ -133,35 +155,80 @@ public final class VirtualBlockDevice: @unchecked Sendable {
             }
             for r in made { try r.start() }
         } catch {
-            for r in made { r.stop() }
+            retire(made)
             throw error
         }
         state.withLock { $0.queues = made }
         disk.logger.info("\(name): connected to domain \(frontend.domid), \(made.count) queue(s) of \(pages) page(s), \(frontend.abi.rawValue)")
     }
 
-    /// Stops every queue: waits for in-flight I/O, unmaps every ring page and
-    /// persistent grant, closes every event channel and aio context. The
-    /// backing stays open (the frontend may reconnect).
+    /// Stops every queue and waits for them: their in-flight I/O, then every
+    /// ring page and persistent grant unmapped, every event channel and aio
+    /// context closed. The backing stays open (the frontend may reconnect).
     public func disconnect() {
-        let qs = state.withLock { s -> [any QueueRunner] in
-            let q = s.queues
-            s.queues = []
-            return q
+        stopQueues()
+        stoppingQueues.wait()
+    }
+
+    /// Stops every queue without waiting for the guest's I/O in flight (a
+    /// guest on slow storage would hold whoever called): each queue's thread
+    /// finishes it and then releases its ring, grants, port and aio context,
+    /// as Linux's xen_blkif_disconnect leaves a ring with I/O in flight to its
+    /// last completion. ``whenStopped(_:)`` tells when they all have.
+    public func stopQueues() {
+        let qs = state.withLock { s in
+            defer { s.queues = [] }
+            return s.queues
         }
-        var sum = BlkStats.Snapshot()
-        for q in qs {
-            q.stop()
-            sum = sum + q.stats.snapshot
-        }
-        state.withLock { $0.retired = $0.retired + sum }
+        retire(qs)
         if !qs.isEmpty { disk.logger.info("\(name): disconnected") }
     }
 
-    /// Removes the device: disconnects and closes the image.
+    private func retire(_ qs: [any QueueRunner]) {
+        guard !qs.isEmpty else { return }
+        state.withLock { $0.stopping += qs }
+        for q in qs {
+            stoppingQueues.enter()
+            q.stop { [self] in queueStopped(q) }
+        }
+    }
+
+    private func queueStopped(_ q: any QueueRunner) {
+        let close = state.withLock { s in
+            s.stopping.removeAll { $0 === q }
+            s.retired = s.retired + q.stats.snapshot
+            guard s.stopping.isEmpty, s.closeWhenStopped, !s.closed else { return false }
+            s.closed = true
+            return true
+        }
+        if close { disk.backing.close() }
+        stoppingQueues.leave()
+    }
+
+    /// Calls `body` (on a global queue) once no queue is stopping: at once if none is.
+    public func whenStopped(_ body: @escaping @Sendable () -> Void) {
+        stoppingQueues.notify(queue: .global(), execute: body)
+    }
+
+    /// Removes the device: disconnects, waits for the queues, closes the image.
     public func close() {
         disconnect()
-        disk.backing.close()
+        closeWhenStopped()
+    }
+
+    /// Removes the device without waiting: stops its queues, and closes the
+    /// image once the last of them has finished its I/O (never under it:
+    /// its descriptor number could be another disk's by then).
+    public func closeWhenStopped() {
+        stopQueues()
+        let now = state.withLock { s in
+            guard !s.closed else { return false }
+            s.closeWhenStopped = true
+            guard s.stopping.isEmpty else { return false }
+            s.closed = true
+            return true
+        }
+        if now { disk.backing.close() }
     }
 
     /// Online resize: re-reads the backing size; new requests see it at once.
@@ -183,7 +250,7 @@ public final class VirtualBlockDevice: @unchecked Sendable {
 
     /// Counters summed over all queues, past connections included.
     public var stats: BlkStats.Snapshot {
-        state.withLock { s in s.queues.reduce(s.retired) { $0 + $1.stats.snapshot } }
+        state.withLock { s in (s.queues + s.stopping).reduce(s.retired) { $0 + $1.stats.snapshot } }
     }
 
     /// Per-queue: why a queue stopped serving (a protocol violation), or nil.
@@ -199,7 +266,7 @@ public final class VirtualBlockDevice: @unchecked Sendable {
     var descriptorsForTesting: [CInt] {
         let b = disk.backing
         var fds = b.kind == .null ? [] : (b.fd == b.bufferedFD ? [b.fd] : [b.fd, b.bufferedFD])
-        state.withLock { s in for q in s.queues { fds += q.descriptors } }
+        state.withLock { s in for q in s.queues + s.stopping { fds += q.descriptors } }
         return fds
     }
 
@@ -212,5 +279,15 @@ public final class VirtualBlockDevice: @unchecked Sendable {
     /// Persistent grants kept, summed over queues.
     public var persistentGrants: Int { state.withLock { $0.queues.reduce(0) { $0 + $1.persistentGrantCount } } }
 
-    deinit { close() }
+    deinit {
+        // Nothing is stopping (a stopping queue's callback holds the device):
+        // stop what is connected, with callbacks that do not hold it.
+        let stopped = DispatchGroup()
+        for q in state.withLock({ $0.queues }) {
+            stopped.enter()
+            q.stop { stopped.leave() }
+        }
+        stopped.wait()
+        if !state.withLock({ $0.closed }) { disk.backing.close() }
+    }
 }

@@ -55,9 +55,20 @@ final class IOEngine {
         events.initialize(repeating: io_event(), count: capacity)
     }
 
-    deinit {
+    private var closed = false
+
+    /// Destroys the context and closes the eventfd (after ``drain(_:)``);
+    /// the engine serves nothing more.
+    func close() {
+        guard !closed else { return }
+        closed = true
         if let ctx = context { io_destroy(ctx) }
+        context = nil
         Glibc.close(eventFD)
+    }
+
+    deinit {
+        close()
         iocbs.deallocate()
         batch.deallocate()
         events.deallocate()
@@ -173,6 +184,8 @@ public enum BlkBackError: Error, CustomStringConvertible, Sendable {
     case grantMap(GrantRef, Int16)
     case badConfiguration(String)
     case notConnected
+    /// The queues of the frontend's previous connection still finish their I/O.
+    case pendingIO
 
     public var description: String {
         switch self {
@@ -180,6 +193,7 @@ public enum BlkBackError: Error, CustomStringConvertible, Sendable {
         case let .grantMap(ref, st): return "mapping grant \(ref) failed with status \(st)"
         case let .badConfiguration(s): return "bad configuration: \(s)"
         case .notConnected: return "device is not connected"
+        case .pendingIO: return "pending I/O of the previous connection"
         }
     }
 }

@@ -69,8 +69,12 @@ protocol QueueRunner: AnyObject, Sendable {
     /// The event channel's descriptor (an eventfd xenhv also holds for the port).
     var channelDescriptor: CInt { get }
     func start() throws(BlkBackError)
-    /// Stops the thread, waits for in-flight I/O, releases every mapping and port.
-    func stop()
+    /// Stops the thread without waiting for it: it finishes the I/O in
+    /// flight, pushes the responses, releases every mapping and port, and
+    /// then calls `finished` (at once when it never started, or ended
+    /// already). Linux's xen_blkif_disconnect: kthread_stop, the ring freed
+    /// on the last completion.
+    func stop(then finished: @escaping @Sendable () -> Void)
 }
 
 /// The entry point a new thread calls (non-generic, so a C callback can reach it).
@@ -125,7 +129,7 @@ final class BlkQueue<R: BlkifRingABI>: QueueRunner, LoopRunnable, @unchecked Sen
 where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     // Sound: after `start`, all mutable state is touched only by the queue's
     // thread; other threads read `stats` (atomics) and `stoppedReason` (mutex),
-    // and `stop` synchronises with the thread through pthread_join.
+    // and `stop` hands the thread its `finished` through the `exit` mutex.
     let index: Int
     let stats = BlkStats()
     private let hv: Hypervisor
@@ -159,7 +163,12 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     private var broken = false
     private let reason = Mutex<String?>(nil)
     private let grantCount = Atomic<Int>(0)
-    private var thread: pthread_t?
+    private var started = false
+    /// Whether the thread has released everything, and what to call when it
+    /// has. The control eventfd is written under it, and closed only once
+    /// `ended` is set, so a stop never writes to a number reused meanwhile.
+    private let exit = Mutex<(ended: Bool, finished: (@Sendable () -> Void)?)>((false, nil))
+    private var descriptorsClosed = false
     /// Segments that found no room among the persistent grants.
     private var persistentMisses = 0
     /// Bounce pages for segments that are not persistent (no persistent
@@ -257,7 +266,7 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     }
 
     deinit {
-        Glibc.close(controlFD)
+        if !descriptorsClosed { closeDescriptors() }
         slots.deallocate()
         iovecs.deallocate()
         pins.deallocate()
@@ -281,15 +290,34 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
             box.release()
             throw .system(call: "pthread_create", errno: r)
         }
-        thread = t
+        pthread_detach(t)  // nobody joins: the thread reports its end through `exit`
+        started = true
     }
 
-    func stop() {
-        guard let t = thread else { cleanup(); return }
-        var one: UInt64 = 1
-        _ = write(controlFD, &one, 8)
-        pthread_join(t, nil)
-        thread = nil
+    func stop(then finished: @escaping @Sendable () -> Void) {
+        guard started else {
+            cleanup()
+            closeDescriptors()
+            finished()
+            return
+        }
+        let ended = exit.withLock { s in
+            if !s.ended {
+                s.finished = finished
+                var one: UInt64 = 1
+                _ = write(controlFD, &one, 8)
+            }
+            return s.ended
+        }
+        if ended { finished() }
+    }
+
+    /// The aio context, its eventfd and the control eventfd (the event
+    /// channel is closed with its port in ``cleanup()``).
+    private func closeDescriptors() {
+        descriptorsClosed = true
+        engine?.close()
+        Glibc.close(controlFD)
     }
 
     // MARK: The event loop
@@ -355,6 +383,13 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
             if kicked { _ = channel.consume() }
         }
         cleanup()
+        let finished = exit.withLock { s in
+            s.ended = true
+            defer { s.finished = nil }
+            return s.finished
+        }
+        closeDescriptors()
+        finished?()
     }
 
     /// Every 100 ms while misses happen, up to a tenth of the persistent

@@ -1,6 +1,8 @@
 import CLibAIO
 import CXen
+import Dispatch
 import Logging
+import Synchronization
 import XenBus
 import XenHV
 import XenStore
@@ -16,10 +18,24 @@ import XenStore
 ///    mapped, and sectors, info, sector-size, physical-sector-size and the
 ///    flush/barrier/discard features written (then Connected);
 /// 3. disconnect on Closing/Closed; remove when the directory goes.
-public final class BlkbackDriver: XenBusBackendDriver {
+///
+/// Neither waits for the guest's I/O in flight (one guest's slow storage
+/// would hold every other guest's handshakes on the backend's one queue):
+/// the queues finish it on their own threads, as Linux's
+/// xen_blkif_disconnect leaves the rest to the last completion, and a
+/// frontend reconnecting meanwhile is connected once they have.
+public final class BlkbackDriver: XenBusBackendDriver, @unchecked Sendable {
+    // Sound: the backend's queue makes every call but started(recheck:)
+    // and drain(); what they and the queues' threads share is behind Mutexes
+    // or in a DispatchGroup.
     public let type = "vbd"
     let hv: Hypervisor
     let logger: Logger
+    /// One member per device whose queues are stopping.
+    private let stopping = DispatchGroup()
+    /// The backend's ``started(recheck:)``, and the devices waiting for it.
+    private let recheck = Mutex<(@Sendable (String) -> Void)?>(nil)
+    private let recheckArmed = Mutex<Set<String>>([])
 
     public init(hypervisor: Hypervisor, logger: Logger) {
         hv = hypervisor
@@ -50,8 +66,27 @@ public final class BlkbackDriver: XenBusBackendDriver {
         return device
     }
 
+    public func started(recheck: @escaping @Sendable (String) -> Void) {
+        self.recheck.withLock { $0 = recheck }
+    }
+
+    /// A frontend reconnecting while its previous connection's I/O is still
+    /// in flight connects once that has finished (one recheck per spell).
+    public func connectDeferred(_ device: VirtualBlockDevice, _ dev: XenBusDevice) -> Bool {
+        guard device.isStopping else { return false }
+        let path = dev.backendPath
+        if recheckArmed.withLock({ $0.insert(path).inserted }) {
+            logger.info("\(path): the frontend connects once the previous connection's I/O has finished")
+            device.whenStopped { [self] in
+                recheckArmed.withLock { _ = $0.remove(path) }
+                recheck.withLock { $0 }?(path)
+            }
+        }
+        return true
+    }
+
     public func connect(_ device: VirtualBlockDevice, _ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) throws {
-        if device.isConnected { device.disconnect() }
+        if device.isConnected { stop(device) }
         _ = device.resizeIfChanged()  // grown or shrunk while no frontend was connected
         try device.connect(hypervisor: hv, frontend: try readRings(device, dev, frontendPath, xs))
         let f = device.features
@@ -90,18 +125,29 @@ public final class BlkbackDriver: XenBusBackendDriver {
     }
 
     public func disconnect(_ device: VirtualBlockDevice) {
-        guard device.isConnected else { return }  // nothing freed: no trim (a state storm calls this often)
-        device.disconnect()
-        // A queue's per-slot arrays (a few hundred KiB) are freed here; glibc
-        // keeps freed heap in its arenas unless asked, so a daemon that
-        // attaches and detaches for weeks would hold its high-water mark.
-        _ = clibaio_malloc_trim()
+        guard device.isConnected else { return }  // nothing to stop (a state storm calls this often)
+        stop(device)
     }
 
     public func remove(_ device: VirtualBlockDevice, _ dev: XenBusDevice) {
-        device.close()
-        _ = clibaio_malloc_trim()
+        stop(device, thenClose: true)
     }
+
+    /// Stops the device's queues (and closes it) without waiting; ``drain()`` waits.
+    private func stop(_ device: VirtualBlockDevice, thenClose close: Bool = false) {
+        if close { device.closeWhenStopped() } else { device.stopQueues() }
+        stopping.enter()
+        device.whenStopped { [stopping] in
+            // A queue's per-slot arrays (a few hundred KiB) are freed by now;
+            // glibc keeps freed heap in its arenas unless asked, so a daemon
+            // that attaches and detaches for weeks would hold its high-water mark.
+            _ = clibaio_malloc_trim()
+            stopping.leave()
+        }
+    }
+
+    /// Waits for every device's queues to finish (daemon shutdown).
+    public func drain() { stopping.wait() }
 
     /// Linux blkback's statistics (oo_req, rd_req, wr_req, f_req, ds_req, rd_sect, wr_sect) and ours.
     public func counters(_ device: VirtualBlockDevice) -> [(String, UInt64)] {

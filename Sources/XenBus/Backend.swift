@@ -20,6 +20,12 @@ public protocol XenBusBackendDriver: AnyObject, SendableMetatype {
     /// Connected but torn down): read its keys, connect, write what the
     /// frontend needs. The engine switches to Connected afterwards.
     func connect(_ device: Device, _ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) throws
+    /// Whether the device cannot connect yet, for work of its own still
+    /// under way (blkback: the previous connection's I/O in flight, where
+    /// Linux's xen_blkif_disconnect answers -EBUSY); the driver then has
+    /// the device looked at again when it can (``started(recheck:)``).
+    /// Default: false.
+    func connectDeferred(_ device: Device, _ dev: XenBusDevice) -> Bool
     /// Frontend Closing/Closed/gone, or a reconnect: release rings and ports.
     func disconnect(_ device: Device)
     /// The backend directory is gone: release everything the device holds.
@@ -56,9 +62,10 @@ public protocol XenBusBackendDriver: AnyObject, SendableMetatype {
     /// image's size, for online resize). Default: nothing.
     func tick(_ device: Device, _ dev: XenBusDevice, xs: XenBusClient)
     /// Once, as the backend starts: `recheck(path)` has it look at a device
-    /// again, for a driver whose ``probe(_:frontendPath:xs:)`` returned nil
-    /// while work of its own on that device (a removal's script) was under
-    /// way, and which has now finished. Default: nothing.
+    /// again, for a driver whose ``probe(_:frontendPath:xs:)`` returned nil,
+    /// or whose ``connectDeferred(_:_:)`` was true, while work of its own on
+    /// that device (a removal's script, I/O in flight) was under way, and
+    /// which has now finished. Default: nothing.
     func started(recheck: @escaping @Sendable (_ backendPath: String) -> Void)
     /// Waits for what the driver finishes after ``remove(_:_:)`` returned
     /// (netback's `offline` scripts): ``XenBusBackend/stop()`` calls it once
@@ -70,6 +77,7 @@ extension XenBusBackendDriver {
     public var hotplugGated: Bool { false }
     public var restartsOnInitialising: Bool { false }
     public var ticks: Bool { false }
+    public func connectDeferred(_ device: Device, _ dev: XenBusDevice) -> Bool { false }
     public func tick(_ device: Device, _ dev: XenBusDevice, xs: XenBusClient) {}
     public func counters(_ device: Device) -> [(String, UInt64)] { [] }
     public func frontendRingsUnused(_ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) -> Bool { false }
@@ -238,6 +246,11 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
         }
         driver.drain()
     }
+
+    /// Waits for what the driver still finishes of devices it let go
+    /// (``XenBusBackendDriver/drain()``: blkback's queues their I/O in
+    /// flight, netback's `offline` scripts).
+    public func drain() { driver.drain() }
 
     func changed(_ path: String) {
         let rel = path.hasPrefix(root) ? path.dropFirst(root.count).split(separator: "/") : []
@@ -446,7 +459,8 @@ public final class XenBusBackend<Driver: XenBusBackendDriver>: @unchecked Sendab
                 try? switchState(e, to: .initWait)
             }
         case .initialised, .connected:
-            guard be == .initWait, !e.frontendStale, case .done = hotplugState else { return }
+            guard be == .initWait, !e.frontendStale, case .done = hotplugState,
+                  !driver.connectDeferred(device, e.dev) else { return }
             do {
                 try driver.connect(device, e.dev, frontendPath: e.frontendPath, xs: xs)
                 try switchState(e, to: .connected)

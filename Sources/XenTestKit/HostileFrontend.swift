@@ -142,6 +142,7 @@ public final class XenBusDisk: @unchecked Sendable {
         guard eventually(seconds: 10, every: 1, { !backend.deviceNames.contains(path) }) else {
             throw BlkBackError.badConfiguration("\(path) still open after its removal")
         }
+        backend.drain()  // its queues have let go of the rings and closed the image
     }
 
     public init(_ s: Dom0Harness, guest g: Dom0Harness.Guest, devid: Int = 51712, bytes: Int = 4 << 20,

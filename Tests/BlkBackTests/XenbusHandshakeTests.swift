@@ -125,6 +125,123 @@ import XenTestKit
         #expect(try front.read(sector: 20000, bytes: 512) == (0, [UInt8](repeating: 0, count: 512)))
     }
 
+    /// An image whose reads can be held in flight for as long as a test
+    /// wants: a loop device over a file on a FUSE mount (bindfs), whose
+    /// server is stopped (SIGSTOP) to freeze and continued to thaw. Needs
+    /// root. ``remove()`` thaws it and takes the loop device and the mount away.
+    final class FreezableDisk {
+        let dir: String
+        let mountPoint: String
+        let loop: String
+        let server: Process
+        struct SetupFailed: Error { let what: String }
+
+        init(bytes: Int) throws {
+            dir = FileManager.default.temporaryDirectory.appendingPathComponent("freezable-\(UUID().uuidString)").path
+            mountPoint = dir + "/mnt"
+            try FileManager.default.createDirectory(atPath: dir + "/src", withIntermediateDirectories: true)
+            try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+            server = Process()
+            server.executableURL = URL(fileURLWithPath: "/usr/bin/bindfs")
+            server.arguments = ["-f", dir + "/src", mountPoint]
+            try server.run()
+            let mountPoint = mountPoint
+            let mounted = eventually(seconds: 10) {
+                ((try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? "").contains(" \(mountPoint) ")
+            }
+            let image = mountPoint + "/disk.img"
+            guard mounted, FileManager.default.createFile(atPath: image, contents: nil), truncate(image, off_t(bytes)) == 0 else {
+                loop = ""
+                remove()
+                throw SetupFailed(what: "bindfs did not mount \(mountPoint)")
+            }
+            let attach = CommandResult.run("losetup", ["-f", "--show", image])
+            guard attach.ok, attach.out.hasPrefix("/dev/loop") else {
+                loop = ""
+                remove()
+                throw SetupFailed(what: "losetup: \(attach)")
+            }
+            loop = attach.out.trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+
+        func freeze() { kill(server.processIdentifier, SIGSTOP) }
+        func thaw() { kill(server.processIdentifier, SIGCONT) }
+
+        func remove() {
+            thaw()
+            if !loop.isEmpty { _ = CommandResult.run("losetup", ["-d", loop]) }
+            _ = CommandResult.run("fusermount3", ["-u", "-z", mountPoint])
+            server.terminate()
+            server.waitUntilExit()
+            try? FileManager.default.removeItem(atPath: dir)
+        }
+    }
+
+    /// A frontend that closes with reads in flight on storage that does not
+    /// answer holds nobody but itself: blkback reports Closed at once (as
+    /// Linux's xen_blkif_disconnect leaves the ring to its last completion)
+    /// and another device is offered meanwhile, on the queue all devices
+    /// share; the frontend starting over is connected once the reads are
+    /// answered, on the old ring, and their pages let go. Before, the
+    /// disconnect waited for the I/O on that queue: no Closed, no other
+    /// device, until the storage answered.
+    @Test(.enabled(if: getuid() == 0, "needs root: a loop device and a FUSE mount"))
+    func aDisconnectWithIOInFlightHoldsNoOtherDevice() throws {
+        let slow = try FreezableDisk(bytes: 16 << 20)
+        defer { slow.remove() }
+        let d = try OfferedDisk("slow") { _ in slow.loop }
+        defer { d.service.stop() }  // before the disk is removed (the deferred run last first)
+        let (s, g, dev, service) = (d.s, d.g, d.dev, d.service)
+        let front = try d.connectOneRing()
+
+        slow.freeze()
+        defer { slow.thaw() }
+        let reads = 8
+        let buffers = try (0..<reads).map { _ in try front.makeBuffer(pages: 1) }
+        // A mebibyte apart: never in the page cache, not even by read-ahead.
+        try front.pushBatch(try buffers.enumerated().map { i, b in
+            try front.rwRequest(BlkifOp.read, sector: UInt64(i + 1) * 2048, buffer: b, bytes: 4096)
+        })
+        #expect(eventually { service.withDevices { $0[dev.backendPath]?.stats.readRequests ?? 0 } == UInt64(reads) },
+                "the reads never reached the disk")
+
+        try g.xenstore.switchState(at: dev.frontendPath, to: .closed)
+        // Required: a backend stuck in the disconnect would hold the calls below.
+        try #require(Dom0Harness.wait(s.xenstore, state: dev.backendPath, seconds: 10) { $0 == .closed } == .closed,
+                     "blkback waited for the frontend's I/O before reporting Closed")
+        let other = XenBusDevice(type: "vbd", frontendDomid: XenStore.DomID(g.domid), devid: 51728)
+        #expect(FileManager.default.createFile(atPath: s.dir + "/other.img", contents: nil) && truncate(s.dir + "/other.img", 1 << 20) == 0)
+        try s.xenstore.createDevice(other, backend: ["params": s.dir + "/other.img", "mode": "w", "type": "file", "device-type": "disk"],
+                                    frontend: ["virtual-device": "51728", "device-type": "disk"])
+        #expect(Dom0Harness.wait(s.xenstore, state: other.backendPath, seconds: 10) { $0 == .initWait } == .initWait,
+                "another device waited for this one's I/O")
+
+        // The frontend starts over on a new ring while the old one's reads still wait.
+        try g.xenstore.switchState(at: dev.frontendPath, to: .initialising)
+        #expect(Dom0Harness.wait(s.xenstore, state: dev.backendPath, seconds: 10) { $0 == .initWait } == .initWait)
+        let again = try BlkFront<BlkifRing>(guest: g.hypervisor, queues: 1, ringPageOrder: 0, firstFrame: 512, firstRef: 512)
+        try g.xenstore.transaction { t in
+            try t.write(dev.frontendPath + "/ring-ref", "\(again.queues[0].ringRefs[0])")
+            try t.write(dev.frontendPath + "/event-channel", "\(again.queues[0].port)")
+        }
+        try g.xenstore.switchState(at: dev.frontendPath, to: .initialised)
+        service.settle()
+        #expect(try s.xenstore.state(at: dev.backendPath) == .initWait, "connected beside rings still in use")
+        #expect(service.withDevices { $0[dev.backendPath]?.isStopping } == true)
+
+        slow.thaw()
+        #expect(Dom0Harness.wait(s.xenstore, state: dev.backendPath, seconds: 10) { $0 == .connected } == .connected,
+                "never connected once the old reads were answered")
+        var answered = 0
+        while answered < reads, let r = try? front.waitResponse(timeoutMs: 10_000) {
+            #expect(r.status == 0)
+            answered += 1
+        }
+        #expect(answered == reads, "the old ring's reads were not all answered")
+        #expect(try again.read(sector: 0, bytes: 4096).status == 0)
+        #expect(service.withDevices { $0[dev.backendPath]?.isStopping } == false)
+    }
+
     /// A guest writing its state in a loop costs blkback one handler per
     /// turn of its queue, not one per write (XSA-349: Linux drops a watch's
     /// events while one is pending): the queue every guest's devices share
