@@ -98,31 +98,60 @@ public struct XLConfig: Sendable, Equatable {
             }
         }
 
+        /// A setting name as xl lexes it (IDENT: `[a-z][_0-9a-z]*`): an upper-case
+        /// letter anywhere is xl's syntax error, not a setting it ignores.
         mutating func identifier() throws(ConfigError) -> String {
+            guard let c = peek, ("a"..."z").contains(c) else {
+                let word = self.word()
+                throw error(word.isEmpty ? peek.map { "unexpected '\($0)' where a setting name was expected" } ?? "unexpected end of file"
+                            : "'\(word)' is not a setting name (lower-case letters, digits and '_', starting with a letter)")
+            }
             var out = ""
-            while let c = peek, c == "_" || c.properties.isAlphabetic && c.isASCII || (!out.isEmpty && ("0"..."9").contains(c)) {
+            while let c = peek, ("a"..."z").contains(c) || ("0"..."9").contains(c) || c == "_" {
                 out.unicodeScalars.append(c)
                 advance()
             }
-            guard !out.isEmpty else { throw error(peek.map { "unexpected '\($0)' where a setting name was expected" } ?? "unexpected end of file") }
+            if let c = peek, c.properties.isAlphabetic || c == "." || c == "-" {
+                let rest = word()
+                throw error("'\(out)\(rest)' is not a setting name (lower-case letters, digits and '_', starting with a letter)")
+            }
             return out
         }
 
+        /// Letters, digits and `._-+` from here: what a bad token looked like, for its error.
+        mutating func word() -> String {
+            var out = ""
+            while let c = peek, c.isASCII && (c.properties.isAlphabetic || ("0"..."9").contains(c)) || "._-+".unicodeScalars.contains(c) {
+                out.unicodeScalars.append(c)
+                advance()
+            }
+            return out
+        }
+
+        /// A value: a quoted string, a list, or a number as xl lexes it
+        /// (NUMBER: `[0-9][0-9a-fx]*`, kept as text and read with strtol
+        /// where a number is wanted). `inf`, `-5`, `1.5` or a bare word are
+        /// xl's syntax errors.
         mutating func value() throws(ConfigError) -> Value {
             guard let c = peek else { throw error("missing value") }
             switch c {
             case "\"", "'": return .string(try quoted(c))
             case "[": return .list(try list())
-            default:
+            case "0"..."9":
                 var out = ""
-                while let d = peek, d.properties.isAlphabetic && d.isASCII || ("0"..."9").contains(d) || d == "." || d == "-" || d == "+" || d == "x" {
+                while let d = peek, ("0"..."9").contains(d) || ("a"..."f").contains(d) || d == "x" {
                     out.unicodeScalars.append(d)
                     advance()
                 }
-                guard !out.isEmpty, Double(out) != nil || UInt64(out.dropFirst(2), radix: 16) != nil && out.hasPrefix("0x") else {
-                    throw error(out.isEmpty ? "unexpected '\(c)' where a value was expected" : "'\(out)' is not a number (strings need quotes)")
+                if let d = peek, d.properties.isAlphabetic || d == "." || d == "-" || d == "+" {
+                    let rest = word()
+                    throw error("'\(out)\(rest)' is not a number (xl reads digits, or 0x and hex digits; strings need quotes)")
                 }
                 return .number(out)
+            default:
+                let word = self.word()
+                throw error(word.isEmpty ? "unexpected '\(c)' where a value was expected"
+                            : "'\(word)' is not a value (strings need quotes; numbers are digits, or 0x and hex digits)")
             }
         }
 

@@ -89,7 +89,7 @@ import XenHV
         ("name = \"x\nmemory = 3\n", 1, "unterminated string"),
         ("name = \"x\"\ndisk = [ 'a'\n", 2, "unterminated list"),
         ("name = \"x\"\n= 3\n", 2, "where a setting name was expected"),
-        ("name = \"x\"\nmemory = lots\n", 2, "is not a number"),
+        ("name = \"x\"\nmemory = lots\n", 2, "'lots' is not a value"),
         ("name = \"x\" junk\n", 1, "unexpected"),
         ("name = \"x\"\nkernel = 'a' 'b'\n", 2, "unexpected"),
     ])

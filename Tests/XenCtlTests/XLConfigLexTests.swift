@@ -33,6 +33,40 @@ import XenCtl
         }
     }
 
+    /// Tokens xl's lexer does not have are its syntax errors, not settings
+    /// to ignore or values to guess at: names are `[a-z][_0-9a-z]*`, numbers
+    /// `[0-9][0-9a-fx]*`. Before, `Memory = 512` was taken and ignored (the
+    /// guest got the default), and `inf`, `nan`, `1.5`, `-5`, `+5` lexed.
+    @Test(arguments: [
+        ("Memory = 512\n", "'Memory' is not a setting name"),
+        ("memoRy = 512\n", "'memoRy' is not a setting name"),
+        ("on-crash = 'destroy'\n", "'on-crash' is not a setting name"),
+        ("_x = 1\n", "'_x' is not a setting name"),
+        ("v = inf\n", "'inf' is not a value"),
+        ("v = nan\n", "'nan' is not a value"),
+        ("v = destroy\n", "'destroy' is not a value"),
+        ("v = -5\n", "'-5' is not a value"),
+        ("v = +5\n", "'+5' is not a value"),
+        ("v = 1.5\n", "'1.5' is not a number"),
+        ("v = 0x1F\n", "'0x1F' is not a number"),
+        ("v = [ 1, 2.0 ]\n", "'2.0' is not a number"),
+    ])
+    func tokensXlDoesNotHave(text: String, fragment: String) {
+        do {
+            let c = try XLConfig(parsing: text, file: "l.cfg")
+            Issue.record("accepted \(text): \(c)")
+        } catch {
+            #expect(error.line == 1 && error.description.hasPrefix("l.cfg:1: ") && error.message.contains(fragment), "\(error)")
+        }
+    }
+
+    @Test func numbersAreKeptAsXlLexesThem() throws {
+        #expect(try value("v = 0x1f\n") == .number("0x1f"))
+        #expect(try value("v = 010\n") == .number("010"))
+        #expect(try value("v = 1e5\n") == .number("1e5"), "a NUMBER token; strtol refuses it where a number is read")
+        #expect(try XLConfig(parsing: "on_crash_2 = 'x'\n")["on_crash_2"] == .string("x"))
+    }
+
     @Test func plusEqualsConcatenatesStrings() throws {
         let c = try XLConfig(parsing: "extra = \"console=hvc0\"\nextra += \" quiet\"\nextra += ' x=1'\n", file: "l.cfg")
         #expect(c["extra"] == .string("console=hvc0 quiet x=1"))
