@@ -102,12 +102,19 @@ extension Toolstack {
         return (String(w[1]), String(uri))
     }
 
-    /// `xl block-attach DOMAIN DISKSPEC`: the disk's directories as `create`
-    /// writes them, then a bounded wait for the guest to bring it up; returns
-    /// its (vdev, NBD URI). On any failure the device is removed again.
+    /// `xl block-attach DOMAIN DISKSPEC...`: the disk's directories as
+    /// `create` writes them, then a bounded wait for the guest to bring it
+    /// up; returns its (vdev, NBD URI). The disk may come in several strings,
+    /// as xl takes it (`phy:/dev/sdb xvdb w`). On any failure the device is
+    /// removed again.
     public func blockAttach(_ domain: String, spec: String, seconds: Double = 30) throws -> (vdev: String, uri: String) {
+        try blockAttach(domain, specs: [spec], seconds: seconds)
+    }
+
+    public func blockAttach(_ domain: String, specs: [String], seconds: Double = 30) throws -> (vdev: String, uri: String) {
+        let spec = specs.joined(separator: " ")
         var disk: DiskSpec
-        do { disk = try DiskSpec(parsing: spec) } catch { throw Failure("disk '\(spec)': \(error.message)") }
+        do { disk = try DiskSpec(parsing: specs) } catch { throw Failure("disk '\(spec)': \(error.message)") }
         // Relative to this directory, not blkback's: checked and written absolute.
         if !disk.target.hasPrefix("/") {
             guard let cwd = DiskSpec.currentDirectory() else {

@@ -233,7 +233,7 @@ func configLine(_ text: String, _ key: String) -> Int {
 }
 
 extension Toolstack {
-    /// `xl block-detach DOMAIN VDEV` / `xl network-detach DOMAIN DEVID`, as
+    /// `xl block-detach DOMAIN VDEV` / `xl network-detach DOMAIN DEVID|MAC`, as
     /// libxl removes a device: the backend is told to go offline (online=0,
     /// state Closing), given up to `seconds` to reach Closed, and both
     /// directories are removed; the backend then releases the device.
@@ -247,8 +247,21 @@ extension Toolstack {
                 throw Failure("'\(device)' is not a virtual device (xvda, d0p1, 51712, ...)")
             }
             devid = Int(id)
+        } else if device.contains(":") {
+            // xl network-detach: a MAC address (libxl_mac_to_device_nic), as
+            // dom0's record of each vif has it.
+            let mac: MACAddress
+            do { mac = try MACAddress(parsing: device) } catch { throw Failure(error.message) }
+            let xs = try connectStore()
+            defer { xs.close() }
+            let root = XenBusDevice.backendRoot(type: "vif") + "/\(d.domid)"
+            let ids = ((try? xs.directory(root)) ?? []).compactMap(Int.init).sorted()
+            guard let id = ids.first(where: { id in
+                ((try? xs.readIfExists(root + "/\(id)/mac")) ?? nil).flatMap { try? MACAddress(parsing: $0) } == mac
+            }) else { throw Failure("domain '\(d.name)' has no vif with MAC \(mac)") }
+            devid = id
         } else {
-            guard let id = Int(device) else { throw Failure("'\(device)' is not a vif device id") }
+            guard let id = Int(device) else { throw Failure("'\(device)' is not a vif device id or MAC address") }
             devid = id
         }
         let xs = try connectStore()

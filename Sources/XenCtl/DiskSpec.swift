@@ -24,7 +24,20 @@ public struct DiskSpec: Sendable, Equatable {
     public var devid: UInt32 { (try? Self.devid(of: vdev)) ?? 0 }
 
     public init(parsing spec: String) throws(SpecError) {
+        try self.init(parsing: [spec])
+    }
+
+    /// One disk given in several strings, as `xl block-attach DOMAIN
+    /// phy:/dev/sdb xvdb w` gives it (xlu_disk_parse's nspecs): each is read
+    /// as above, the positional parameters counted across them, and a
+    /// `target=` takes the rest of its own string only.
+    public init(parsing specs: [String]) throws(SpecError) {
         var p = Parse()
+        for spec in specs { try Self.read(spec, into: &p) }
+        try self.init(p)
+    }
+
+    private static func read(_ spec: String, into p: inout Parse) throws(SpecError) {
         var rest = Substring(spec)
         while true {
             rest = rest.drop { $0 == " " || $0 == "\t" || $0 == "\n" }
@@ -50,7 +63,9 @@ public struct DiskSpec: Sendable, Equatable {
                 try p.flagOrPositional(item)
             }
         }
+    }
 
+    private init(_ p: Parse) throws(SpecError) {
         // xlu_disk_parse's checks, then what this backend serves.
         var fmt = p.format ?? "raw"
         var access = p.access

@@ -155,13 +155,14 @@ struct BlockAttach: ParsableCommand {
         commandName: "block-attach", abstract: "Attach a virtual disk to a running domain, as xl block-attach does; prints its NBD URI.")
     @OptionGroup var rd: RunDirOption
     @Argument(help: "Domain name or id.") var domain: String
-    @Argument(help: "The disk in xl's syntax, e.g. 'format=raw, vdev=xvdb, access=rw, target=/path/disk.img'.") var disk: String
+    @Argument(help: "The disk in xl's syntax, e.g. 'format=raw, vdev=xvdb, access=rw, target=/path/disk.img', in one argument or several ('phy:/dev/sdb' xvdb w).")
+    var disk: [String]
     @Option(help: "Seconds to wait for the guest to connect the disk (then it is removed again).") var timeout: Double = 30
     func validate() { checkSeconds(timeout, "timeout") }
     func run() throws {
         _ = cxen_note_termination()  // Ctrl-C while the guest connects it: the device is removed again
         do {
-            let (vdev, uri) = try Toolstack(runDir: rd.path).blockAttach(domain, spec: disk, seconds: timeout)
+            let (vdev, uri) = try Toolstack(runDir: rd.path).blockAttach(domain, specs: disk, seconds: timeout)
             print("disk \(vdev): \(uri)")
         } catch { fail("\(error)") }
     }
@@ -191,12 +192,15 @@ struct NetworkAttach: ParsableCommand {
         commandName: "network-attach", abstract: "Attach a NIC to a running domain, as xl network-attach does; prints the guest's NIC.")
     @OptionGroup var rd: RunDirOption
     @Argument(help: "Domain name or id.") var domain: String
-    @Argument(help: "The NIC in xl's syntax, e.g. 'mac=00:16:3e:01:02:03, bridge=xenbr0'.") var vif: String
+    @Argument(help: "The NIC in xl's syntax, e.g. 'mac=00:16:3e:01:02:03, bridge=xenbr0', in one argument or one per setting (mac=... bridge=...), as xl takes it.")
+    var vif: [String] = []
     @Option(help: "Seconds to wait for the guest to connect the NIC (then it is removed again).") var timeout: Double = 30
     func validate() { checkSeconds(timeout, "timeout") }
     func run() throws {
         _ = cxen_note_termination()  // Ctrl-C while the guest connects it: the device is removed again
-        do { print(try Toolstack(runDir: rd.path).networkAttach(domain, spec: vif, seconds: timeout)) } catch { fail("\(error)") }
+        // xl parses each argument as one setting; the settings of a vif spec are comma-separated.
+        let spec = vif.joined(separator: ", ")
+        do { print(try Toolstack(runDir: rd.path).networkAttach(domain, spec: spec, seconds: timeout)) } catch { fail("\(error)") }
     }
 }
 
@@ -204,7 +208,7 @@ struct NetworkDetach: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "network-detach", abstract: "Detach a NIC, as xl network-detach does.")
     @OptionGroup var rd: RunDirOption
     @Argument(help: "Domain name or id.") var domain: String
-    @Argument(help: "The NIC's device id (0, 1, ...).") var device: String
+    @Argument(help: "The NIC's device id (0, 1, ...) or MAC address.") var device: String
     func run() throws {
         do { try Toolstack(runDir: rd.path).detach(domain, type: "vif", device: device) } catch { fail("\(error)") }
     }

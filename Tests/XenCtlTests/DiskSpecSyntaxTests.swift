@@ -112,4 +112,20 @@ import XenCtl
             #expect(error.description.hasPrefix("d.cfg:3: disk 'vdev=xvda,vdev=xvdb,target=/x': vdev respecified"), "\(error)")
         }
     }
+
+    /// `xl block-attach DOMAIN SPEC...`: several strings are one disk, their
+    /// positionals counted across them; a target= ends with its own string.
+    @Test func oneDiskInSeveralStrings() throws {
+        #expect(try DiskSpec(parsing: ["phy:/dev/sdb", "xvdb", "w"]) == DiskSpec(parsing: "phy:/dev/sdb,xvdb,w"))
+        #expect(try DiskSpec(parsing: ["/img", "raw", "xvdc", "r"]) == DiskSpec(parsing: "/img,raw,xvdc,r"))
+        #expect(try DiskSpec(parsing: ["format=raw", "vdev=xvdb", "target=/a,b"]) == DiskSpec(parsing: "format=raw,vdev=xvdb,target=/a,b"))
+        let d = try DiskSpec(parsing: ["target=/srv/a,b.img", "vdev=xvdb"])
+        #expect(d.target == "/srv/a,b.img" && d.vdev == "xvdb")
+        do {
+            let d = try DiskSpec(parsing: ["vdev=xvdb", "vdev=xvdc", "target=/x"])
+            Issue.record("accepted \(d)")
+        } catch {
+            #expect(error.message.contains("vdev respecified"), "\(error)")
+        }
+    }
 }

@@ -74,7 +74,8 @@ extension XenctlCLITests {
         let uriA = "nbd+unix:///xvdb?socket=\(sockets)/xvdb.sock"
         #expect(qemuIO(uriA, ["write -P 0x61 4096 65536", "read -P 0x61 4096 65536", "flush"]) == 0)
         #expect(bytes(imgA, at: 4096) == [0x61, 0x61, 0x61, 0x61])
-        let (brc, bout, berr) = try xenctl("block-attach", "bare", "vdev=xvdc, target=\(imgB)", runDir: run)
+        // xl's older form: the disk in several arguments.
+        let (brc, bout, berr) = try xenctl("block-attach", "bare", "phy:\(imgB)", "xvdc", "w", runDir: run)
         #expect(brc == 0 && bout == "disk xvdc: nbd+unix:///xvdc?socket=\(sockets)/xvdc.sock\n", "\(bout)\(berr)")
         let uriB = "nbd+unix:///xvdc?socket=\(sockets)/xvdc.sock"
         #expect(qemuIO(uriB, ["write -P 0x62 0 65536", "flush"]) == 0)
@@ -284,7 +285,8 @@ extension XenctlCLITests {
         // A second NIC takes the lowest free id; its tap has the vifname
         // asked for, and the store has that and `ip` for hotplug scripts.
         let vifname = "xhn\(tag)"
-        let (brc, bout, berr) = try xenctl("network-attach", "bare", "bridge=\(bridge), vifname=\(vifname), ip=10.215.0.3", runDir: run)
+        // One setting per argument, as xl takes them.
+        let (brc, bout, berr) = try xenctl("network-attach", "bare", "bridge=\(bridge)", "vifname=\(vifname)", "ip=10.215.0.3", runDir: run)
         #expect(brc == 0 && bout.hasPrefix("nic eth1 netns \(guestNS) mac 00:16:3e:"), "\(bout)\(berr)")
         #expect(access("/sys/class/net/\(bridge)/brif/\(vifname)", F_OK) == 0)
         #expect(access("/sys/class/net/vif\(domid).1", F_OK) != 0)
@@ -351,9 +353,13 @@ extension XenctlCLITests {
         kill(guestPID, SIGCONT)
         stopped = 0
 
-        // The last NIC's detach leaves the guest's namespace (it lives in
-        // it); the domain's end takes it away.
-        #expect(try xenctl("network-detach", "bare", "1", runDir: run).0 == 0)
+        // The last NIC, detached by its MAC as xl network-detach takes it,
+        // leaves the guest's namespace (it lives in it); the domain's end
+        // takes it away. A MAC no NIC has is one error line.
+        let (mrc, _, merr) = try xenctl("network-detach", "bare", "00:16:3e:7f:7f:7f", runDir: run)
+        #expect(mrc != 0 && merr == "xenctl: domain 'bare' has no vif with MAC 00:16:3e:7f:7f:7f\n", "\(merr)")
+        let mac1 = bout.split(separator: " ").last.map { String($0).trimmingCharacters(in: .whitespacesAndNewlines) } ?? "?"
+        #expect(try xenctl("network-detach", "bare", mac1.uppercased(), runDir: run).0 == 0)
         #expect(eventually { access("/sys/class/net/\(vifname)", F_OK) != 0 })
         #expect(eventually { sh(ip, ["-n", guestNS, "link", "show", "eth1"]) != 0 }, "eth1 outlived the detach")
         #expect(access("/run/netns/" + guestNS, F_OK) == 0)
