@@ -91,9 +91,12 @@ public struct Toolstack: Sendable {
         return pid
     }
 
-    /// Starts the supervisor (detached) unless it runs, and waits until every
-    /// service is ready.
-    public func up() throws {
+    /// Starts the supervisor (detached) unless it runs, and waits up to
+    /// `seconds` until every service is ready. A supervisor this call
+    /// started whose services do not come up in time is stopped again (with
+    /// them): nothing half-made stays behind a failed `up`.
+    public func up(seconds: Double = 60) throws {
+        var started: ProcessHandle?
         if supervisorPID() == nil {
             mkdir(runDir, 0o755)
             Self.makePrivateDirectory(runDir + "/logs")
@@ -103,17 +106,28 @@ public struct Toolstack: Sendable {
             defer { close(log) }
             let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
             defer { close(null) }
-            _ = try ProcessLauncher.spawn(ProcessLauncher.executableDirectory + "/xenctl", arguments: ["supervise", "--run-dir", runDir],
-                                          descriptors: [(null, 0), (log, 1), (log, 2)], newSession: true)
+            let pid = try ProcessLauncher.spawn(ProcessLauncher.executableDirectory + "/xenctl", arguments: ["supervise", "--run-dir", runDir],
+                                                descriptors: [(null, 0), (log, 1), (log, 2)], newSession: true)
+            started = ProcessHandle(pid)
         }
         // Wait (bounded) for the supervisor's published state.
-        let deadline = time(nil) + 60
-        while time(nil) < deadline {
-            if let st = ServiceStatus.read(runDir: runDir), !st.isEmpty, st.count == services(bindir: "").count,
-               st.allSatisfy({ $0.state == "running" }) { return }
+        let deadline = monotonicSeconds() + seconds
+        var status: [ServiceStatus] = []
+        while true {
+            status = ServiceStatus.read(runDir: runDir) ?? []
+            if !status.isEmpty, status.count == services(bindir: "").count, status.allSatisfy({ $0.state == "running" }) { return }
+            guard monotonicSeconds() < deadline else { break }
             idle(milliseconds: 50)
         }
-        throw Failure("dom0 services did not come up within 60 s; see \(runDir)/logs/")
+        let behind = status.filter { $0.state != "running" }.map { "\($0.name) \($0.state)" + ($0.restarts > 0 ? " after \($0.restarts) restarts" : "") }
+        let what = behind.isEmpty ? "" : " (" + behind.joined(separator: ", ") + ")"
+        let secs = seconds == seconds.rounded() ? String(Int(seconds)) : String(seconds)
+        if let supervisor = started {
+            supervisor.signal(SIGTERM)
+            let gone = supervisor.waitForExit(until: monotonicSeconds() + 60)
+            throw Failure("dom0 services did not come up within \(secs) s\(what); \(gone ? "stopped them again" : "the supervisor did not stop") (see \(runDir)/logs/)")
+        }
+        throw Failure("dom0 services did not come up within \(secs) s\(what); see \(runDir)/logs/")
     }
 
     /// Stops everything; false if nothing was running.

@@ -56,9 +56,12 @@ func checkSeconds(_ value: Double, _ option: String, in range: ClosedRange<Doubl
 struct Up: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Start the dom0 services, supervised.")
     @OptionGroup var rd: RunDirOption
+    @Option(help: "Seconds to wait for every service to be ready (a supervisor started here is then stopped again).")
+    var timeout: Double = 60
+    func validate() { checkSeconds(timeout, "timeout") }
     func run() throws {
         let toolstack = Toolstack(runDir: rd.path)
-        do { try toolstack.up() } catch { fail("\(error)") }
+        do { try toolstack.up(seconds: timeout) } catch { fail("\(error)") }
         print(toolstack.statusTable())
     }
 }

@@ -73,6 +73,35 @@ import XenTestKit
         #expect(eventually { processes(mentioning: run).isEmpty }, "down left \(processes(mentioning: run))")
     }
 
+    /// An `up` whose services do not come up within its timeout (netback
+    /// here exits at once, every time) stops the supervisor it started, and
+    /// with it the services that did come up: one error line naming the
+    /// laggard, nothing left running. Before, they all ran on, restarting
+    /// netback for ever, and the next `up` found them.
+    @Test func anUpThatTimesOutLeavesNothing() throws {
+        let dir = NSTemporaryDirectory() + "xenctl-failup-\(UUID().uuidString.prefix(8))"
+        let bindir = dir + "/bin", run = dir + "/run"
+        defer {
+            for pid in processes(mentioning: dir) { kill(pid, SIGKILL) }
+            try? FileManager.default.removeItem(atPath: dir)
+        }
+        try FileManager.default.createDirectory(atPath: bindir, withIntermediateDirectories: true)
+        // A copy, so the supervisor it starts looks for the services beside it.
+        try FileManager.default.copyItem(atPath: Self.bin, toPath: bindir + "/xenctl")
+        let build = URL(fileURLWithPath: Self.bin).deletingLastPathComponent().path
+        for s in ["xenhv", "xenstored", "blkback"] {
+            try FileManager.default.createSymbolicLink(atPath: bindir + "/" + s, withDestinationPath: build + "/" + s)
+        }
+        #expect(FileManager.default.createFile(atPath: bindir + "/netback", contents: Data("#!/bin/sh\nexit 1\n".utf8),
+                                               attributes: [.posixPermissions: 0o755]))
+        let env = ["XENHV_FIRST_DOMID": "\(Dom0Harness.distinctFirstDomID())"]
+        let up = CommandResult.run(bindir + "/xenctl", ["up", "--timeout", "3", "--run-dir", run], environment: env, timeout: 120)
+        #expect(up.status != 0 && up.out.isEmpty, "\(up)")
+        #expect(up.err.hasPrefix("xenctl: dom0 services did not come up within 3 s (netback ") && up.err.contains("; stopped them again")
+                && up.err.split(separator: "\n").count == 1, "\(up.err)")
+        #expect(processes(mentioning: run).isEmpty, "a failed up left \(processes(mentioning: run))")
+    }
+
     @Test func upRestartsCrashedServicesAndDownLeavesNothing() throws {
         let run = NSTemporaryDirectory() + "xenctl-test-\(UUID().uuidString.prefix(8))"
         defer {
