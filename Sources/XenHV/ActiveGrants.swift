@@ -60,6 +60,29 @@ package struct ActiveGrantTable: @unchecked Sendable {
         }
     }
 
+    /// ``lock(_:owner:)`` for a mapper, which gives up (nil) once the domain
+    /// is destroyed: a mapper that died holding the lock of a destroyed
+    /// domain's entry is never repaired (xenhv repairs live domains'), and
+    /// nobody reads a destroyed domain's pins or flags again.
+    @inline(__always) package func lockUnlessDying(_ ref: GrantRef, owner: UInt32) -> Pins? {
+        let w = word(ref)
+        var spins = 0
+        while true {
+            var cur = cxen_load_acquire_u64(w)
+            if cur >> 32 == 0 {
+                if cxen_cas_u64(w, &cur, UInt64(owner) << 32 | (cur & 0xFFFF_FFFF)) != 0 {
+                    return Pins(raw: UInt32(truncatingIfNeeded: cur))
+                }
+                continue
+            }
+            spins += 1
+            if spins > 64 {
+                if state == .dying { return nil }
+                sched_yield()
+            }
+        }
+    }
+
     /// Takes the lock for `owner` if it is free or held by one of `gone`
     /// (mappers that died holding it) and returns the pins; nil while a live
     /// owner holds it (xenhv never waits on a dom0 process unboundedly).

@@ -164,7 +164,10 @@ extension Hypervisor {
             abandon()
             return .failure(.badGntref)
         }
-        let pins = dom.active.lock(ref, owner: clientID)
+        guard let pins = dom.active.lockUnlessDying(ref, owner: clientID) else {
+            abandon()
+            return .failure(.badDomain)
+        }
         // Xen's map_grant_ref refuses a pin past its counter's limit before it touches the entry.
         let status = pins.full(writable: writable)
             ? .generalError : dom.entries.setBusy(ref, mapper: domid, writable: writable, forMap: true)
@@ -246,12 +249,17 @@ extension Hypervisor {
 
     /// Drops the pin of `handle` and frees it.
     private func release(handle: GrantHandle, dom: ForeignDomain, ref: GrantRef, writable: Bool) {
-        let pins = dom.active.lock(ref, owner: clientID)
-        let left = Pins(read: pins.read - (writable ? 0 : min(1, pins.read)),
-                        write: pins.write - (writable ? min(1, pins.write) : 0))
-        dom.entries.releaseBusy(ref, pins: left)
-        cxen_store_release_u64(maptrackEntry(handle), 0)
-        dom.active.unlock(ref, pins: left)
+        if let pins = dom.active.lockUnlessDying(ref, owner: clientID) {
+            let left = Pins(read: pins.read - (writable ? 0 : min(1, pins.read)),
+                            write: pins.write - (writable ? min(1, pins.write) : 0))
+            dom.entries.releaseBusy(ref, pins: left)
+            cxen_store_release_u64(maptrackEntry(handle), 0)
+            dom.active.unlock(ref, pins: left)
+        } else {
+            // Destroyed, with the lock held (by a mapper that may have died
+            // holding it): the pin is ours alone to drop.
+            cxen_store_release_u64(maptrackEntry(handle), 0)
+        }
         state.withLock { s in
             s.maps.release(handle)
             s.maps.perDomain[dom.domid, default: 1] -= 1
@@ -415,7 +423,7 @@ extension Hypervisor {
     /// source, write for a destination; `alsoReading` when one entry is both)
     /// is at its limit.
     private func pinForCopy(_ e: CopyEnd, writable: Bool, alsoReading: Bool = false) -> UInt32? {
-        let pins = e.dom.active.lock(e.ref, owner: clientID)
+        guard let pins = e.dom.active.lockUnlessDying(e.ref, owner: clientID) else { return nil }
         guard !pins.full(writable: writable), !(alsoReading && pins.full(writable: false)),
               e.dom.entries.setBusy(e.ref, mapper: domid, writable: writable, forMap: false) == .okay else {
             e.dom.active.unlock(e.ref, pins: pins)

@@ -63,4 +63,30 @@ import XenTestKit
         #expect(g.send("end 20") == "ok")
         #expect(g.send("end 21") == "ok")
     }
+
+    /// A mapper dies holding an entry lock of a domain already destroyed:
+    /// xenhv repairs live domains' entries only, so that lock stays taken.
+    /// A live mapper letting go of its own mapping of the grant must not
+    /// wait for it: the domain is gone and nobody reads its pins again.
+    /// Before, the unmap spun for ever (and a backend's detach with it).
+    @Test(.timeLimit(.minutes(1)))
+    func unmappingADestroyedDomainsGrantNeverWaitsOnADeadMappersLock() throws {
+        let f = try HypervisorFixture()
+        let (d, g) = try f.guest()
+        #expect(g.send("grant 20 0 30 rw") == "ok")
+        let hv = f.dom0
+        let mapping = try hv.mapGrant(domid: d.domid, ref: 20, writable: true).get()
+        let peer = try f.dom0Peer()
+        #expect(peer.send("lock \(d.domid) 20") == "ok")
+        try hv.destroyDomain(d.domid)
+        peer.kill9()
+        _ = try hv.listDomains()  // the hang-up served before this answer
+        let flags = Flags()
+        Thread {
+            _ = hv.unmapGrant(mapping)
+            flags.done.store(true, ordering: .releasing)
+        }.start()
+        #expect(eventually(seconds: 10) { flags.done.load(ordering: .acquiring) },
+                "the unmap waited for a lock a dead mapper holds on a destroyed domain's entry")
+    }
 }
