@@ -282,14 +282,11 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         self.links = links
         self.sectors = sectors
         sizeBytes = Atomic(sectors * 512)
-        let info = UInt32((try xs.readIfExists(be + "/info")) ?? "0") ?? 0
-        isReadOnly = info & UInt32(VDISK_READONLY) != 0
-        canFlush = (try xs.readIfExists(be + "/feature-flush-cache")) == "1"
+        let offer = try Offer.read(xs, be)
+        isReadOnly = offer.readOnly
+        canFlush = offer.flush
         canTrim = (try xs.readIfExists(be + "/feature-discard")) == "1" && !isReadOnly
-        let sectorSize = (try xs.readIfExists(be + "/sector-size")).flatMap { UInt32($0) } ?? 512
-        // blkif.h: a power of two of at least 512 (blkback offers up to 4096,
-        // which also divides every request's split); anything else is read as 512.
-        blockSize = sectorSize >= 512 && sectorSize <= 4096 && sectorSize & (sectorSize - 1) == 0 ? sectorSize : 512
+        blockSize = offer.blockSize
         for (i, q) in qs.enumerated() {
             q.state.withLock { s in
                 s.ring = rings[i]
@@ -312,9 +309,27 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     /// per queue a ring (on `reuse`'s frames, else new ones) granted to the
     /// backend and an unbound port for it; the keys (queue-N/ directories with
     /// several queues), Initialised, then the backend's Connected.
+    /// What the backend's Connected keys offer that the device is set up
+    /// for: the cache flush, read-only-ness (`info`), the sector size.
+    struct Offer {
+        var flush: Bool
+        var readOnly: Bool
+        var blockSize: UInt32
+
+        static func read(_ xs: XenBusClient, _ be: String) throws -> Offer {
+            let info = UInt32((try xs.readIfExists(be + "/info")) ?? "0") ?? 0
+            let sectorSize = (try xs.readIfExists(be + "/sector-size")).flatMap { UInt32($0) } ?? 512
+            // blkif.h: a power of two of at least 512 (blkback offers up to 4096,
+            // which also divides every request's split); anything else is read as 512.
+            let block = sectorSize >= 512 && sectorSize <= 4096 && sectorSize & (sectorSize - 1) == 0 ? sectorSize : 512
+            return Offer(flush: (try xs.readIfExists(be + "/feature-flush-cache")) == "1",
+                         readOnly: info & UInt32(VDISK_READONLY) != 0, blockSize: block)
+        }
+    }
+
     static func handshake(hv: Hypervisor, xs: XenBusClient, fe: String, be: String, beID: XenHV.DomID, order: Int,
                           indirect: Int, pages: GuestPages, grants: GrantRefs, reuse: [UInt32]?, stuck: inout [UInt32],
-                          queues nq: Int? = nil, flush: Bool? = nil,
+                          queues nq: Int? = nil, previous: Offer? = nil,
                           abandon: () throws -> Void = {}) throws -> ([Link], [FrontRing<BlkifRing>], UInt64) {
         let nq = nq ?? reuse?.count ?? 1
         let maxOrder = Int((try xs.readIfExists(be + "/max-ring-page-order")) ?? "0") ?? 0
@@ -393,11 +408,22 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                 let why = (try? xs.readIfExists(be + "/error")) ?? nil
                 throw HypervisorError.protocolViolation("backend \(be) did not connect\(why.map { ": \($0)" } ?? "")")
             }
-            // A flush that became a no-op would acknowledge FUA writes and
-            // flushes that never reach stable storage (a write cache appeared);
-            // one that became refused would fail every flush.
-            if let flush, ((try xs.readIfExists(be + "/feature-flush-cache")) == "1") != flush {
-                throw Incompatible(why: "backend \(be) \(flush ? "no longer offers" : "now needs") cache flushes")
+            if let previous {
+                let now = try Offer.read(xs, be)
+                // A flush that became a no-op would acknowledge FUA writes and
+                // flushes that never reach stable storage (a write cache appeared);
+                // one that became refused would fail every flush.
+                if now.flush != previous.flush {
+                    throw Incompatible(why: "backend \(be) \(previous.flush ? "no longer offers" : "now needs") cache flushes")
+                }
+                // The export would go on taking writes the backend refuses,
+                // or requests laid out for sectors it no longer has.
+                if now.readOnly && !previous.readOnly {
+                    throw Incompatible(why: "backend \(be) now serves the disk read-only")
+                }
+                if now.blockSize != previous.blockSize {
+                    throw Incompatible(why: "backend \(be) now has \(now.blockSize)-byte sectors, not \(previous.blockSize)")
+                }
             }
             // In bytes it must fit 64 bits (the export's size, offsets into it).
             guard let sectors = UInt64(try xs.read(be + "/sectors")), sectors <= UInt64.max / 512 else {
@@ -829,7 +855,8 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                 let (newLinks, rings, newSectors) = try Self.handshake(
                     hv: hv, xs: xs, fe: frontendPath, be: backendPath, beID: backendID, order: ringOrder,
                     indirect: indirectPages.isEmpty ? 0 : segmentsPerSlot, pages: pages, grants: grants,
-                    reuse: reuse, stuck: &stuck, queues: queues.count, flush: canFlush, abandon: checkAttached)
+                    reuse: reuse, stuck: &stuck, queues: queues.count,
+                    previous: Offer(flush: canFlush, readOnly: isReadOnly, blockSize: blockSize), abandon: checkAttached)
                 if newSectors != sectors {
                     logger.warning("\(frontendPath): backend now reports \(newSectors) sectors (was \(sectors))")
                 }

@@ -166,8 +166,8 @@ import XenTestKit
     }
 
     /// A backend that comes back with less than the device was set up for
-    /// (here a lower ring order), or without the cache flush it offered, fails
-    /// the disk with EIO: before, the frontend retried a handshake that could
+    /// (here a lower ring order), without the cache flush it offered,
+    /// read-only or with larger sectors, fails the disk with EIO: before, the frontend retried a handshake that could
     /// not work every second for ever while every request waited, and a flush
     /// gone would have acknowledged FUA writes that never reached the disk.
     @Test(.timeLimit(.minutes(2)))
@@ -193,5 +193,21 @@ import XenTestKit
         try flush.answer(.initialised, with: .connected)
         #expect(Self.readStatus(b) == EIO)
         #expect(b.recoveries == 0)
+
+        // The same for a disk now read-only, or now with 4 KiB sectors.
+        // Before, the export went on taking writes (each failed by the
+        // backend), or sending 512-byte-aligned requests.
+        for (name, key, value) in [("bfro", "info", "4"), ("bfsector", "sector-size", "4096")] {
+            let disk = try PlayedDisk(name)
+            let d = try disk.connect()
+            defer { d.close() }
+            try disk.bx.write(disk.be + "/" + key, value)
+            try disk.bx.switchState(at: disk.be, to: .closing)
+            try disk.answer(.closed, with: .closed)
+            try disk.answer(.initialising, with: .initWait)
+            try disk.answer(.initialised, with: .connected)
+            #expect(Self.readStatus(d) == EIO, "\(key) \(value)")
+            #expect(d.recoveries == 0, "\(key) \(value)")
+        }
     }
 }
