@@ -83,6 +83,8 @@ public final class VirtualBlockDevice: @unchecked Sendable {
     private let stoppingQueues = DispatchGroup()
     /// Queues one device may have (`multi-queue-max-queues`); Linux: dom0 CPUs.
     public let maxQueues: Int
+    /// The image's file or block device (st_dev, st_ino); nil in null mode.
+    public let image: ImageIdentity?
 
     /// Opens the backing store. `name` appears in log lines (e.g. "vbd-5-51712").
     /// `busyPollMicroseconds` > 0 makes each queue spin that long for new
@@ -96,6 +98,8 @@ public final class VirtualBlockDevice: @unchecked Sendable {
         self.name = name
         self.maxQueues = Swift.max(1, maxQueues)
         let b = try Backing(backing, logger: logger)
+        var st = stat()
+        image = b.kind != .null && fstat(b.fd, &st) == 0 ? ImageIdentity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino)) : nil
         disk = DiskState(name: name, backing: b, sectors: try b.sectors(), busyPollMicroseconds: busyPollMicroseconds,
                          mappingBudget: mappingBudget, purgeIntervalMilliseconds: purgeIntervalMilliseconds,
                          logger: logger)
@@ -120,7 +124,7 @@ public final class VirtualBlockDevice: @unchecked Sendable {
     public var isConnected: Bool { state.withLock { !$0.queues.isEmpty } }
 
     /// Whether queues of an earlier connection still finish their I/O in
-    /// flight (``connect(hypervisor:frontend:)`` waits for them).
+    /// flight (``connect(hypervisor:frontend:)`` refuses to connect meanwhile).
     public var isStopping: Bool { state.withLock { !$0.stopping.isEmpty } }
 
     /// Maps every queue's ring, binds its event channel and starts its thread.
@@ -133,6 +137,7 @@ public final class VirtualBlockDevice: @unchecked Sendable {
         guard frontend.queues.allSatisfy({ $0.ringRefs.count == pages }) else {
             throw .badConfiguration("queues with different ring sizes")
         }
+        guard !state.withLock({ $0.closeWhenStopped }) else { throw .badConfiguration("\(name) is closed") }
         guard !isConnected else { throw .badConfiguration("\(name) is already connected") }
         // The old rings' I/O may still write into the guest's pages and answer
         // on its old ring (Linux: xen_blkif_disconnect's -EBUSY, "pending I/O").
@@ -262,7 +267,9 @@ public final class VirtualBlockDevice: @unchecked Sendable {
         }
     }
 
-    /// Every descriptor the device holds now: the backing's and each queue's (for tests).
+    /// Every descriptor the device holds now: the backing's and each queue's
+    /// (for tests; a stopping queue's and a closing backing's may be closed
+    /// by the time they are looked at).
     var descriptorsForTesting: [CInt] {
         let b = disk.backing
         var fds = b.kind == .null ? [] : (b.fd == b.bufferedFD ? [b.fd] : [b.fd, b.bufferedFD])
@@ -290,4 +297,11 @@ public final class VirtualBlockDevice: @unchecked Sendable {
         stopped.wait()
         if !state.withLock({ $0.closed }) { disk.backing.close() }
     }
+}
+
+/// Which file or block device an image is (st_dev, st_ino): two devices on
+/// one image are told apart from two images under one path.
+public struct ImageIdentity: Hashable, Sendable {
+    public let device: UInt64
+    public let inode: UInt64
 }

@@ -69,11 +69,14 @@ protocol QueueRunner: AnyObject, Sendable {
     /// The event channel's descriptor (an eventfd xenhv also holds for the port).
     var channelDescriptor: CInt { get }
     func start() throws(BlkBackError)
-    /// Stops the thread without waiting for it: it finishes the I/O in
-    /// flight, pushes the responses, releases every mapping and port, and
-    /// then calls `finished` (at once when it never started, or ended
-    /// already). Linux's xen_blkif_disconnect: kthread_stop, the ring freed
-    /// on the last completion.
+    /// Stops the thread without waiting for it: it waits for the I/O in
+    /// flight (answering it, but copying no read's data into a guest page
+    /// it does not hold mapped: the frontend may be given those pages back
+    /// before), releases every mapping and port, and then calls `finished`
+    /// (at once when it never started, or ended already). A request held
+    /// behind a fence or waiting for bounce pages is not answered. Linux's
+    /// xen_blkif_disconnect: kthread_stop, the ring freed on the last
+    /// completion.
     func stop(then finished: @escaping @Sendable () -> Void)
 }
 
@@ -164,10 +167,13 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     private let reason = Mutex<String?>(nil)
     private let grantCount = Atomic<Int>(0)
     private var started = false
-    /// Whether the thread has released everything, and what to call when it
-    /// has. The control eventfd is written under it, and closed only once
-    /// `ended` is set, so a stop never writes to a number reused meanwhile.
-    private let exit = Mutex<(ended: Bool, finished: (@Sendable () -> Void)?)>((false, nil))
+    /// Whether the thread's loop has ended, whether it has released
+    /// everything, and what to call then (set by ``stop(then:)``: also the
+    /// sign that a stop was asked for). The control eventfd is written
+    /// under it, and closed only once `ended` is set, so a stop never writes
+    /// to a number reused meanwhile; a bounced read's copy into the guest
+    /// runs under it too, so none starts once ``stop(then:)`` returned.
+    private let exit = Mutex<(ended: Bool, released: Bool, finished: (@Sendable () -> Void)?)>((false, false, nil))
     private var descriptorsClosed = false
     /// Segments that found no room among the persistent grants.
     private var persistentMisses = 0
@@ -301,15 +307,16 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
             finished()
             return
         }
-        let ended = exit.withLock { s in
+        let now = exit.withLock { s in
+            guard !s.released else { return true }
+            s.finished = finished
             if !s.ended {
-                s.finished = finished
                 var one: UInt64 = 1
                 _ = write(controlFD, &one, 8)
             }
-            return s.ended
+            return false
         }
-        if ended { finished() }
+        if now { finished() }
     }
 
     /// The aio context, its eventfd and the control eventfd (the event
@@ -383,12 +390,13 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
             if kicked { _ = channel.consume() }
         }
         cleanup()
+        exit.withLock { $0.ended = true }
+        closeDescriptors()
         let finished = exit.withLock { s in
-            s.ended = true
+            s.released = true
             defer { s.finished = nil }
             return s.finished
         }
-        closeDescriptors()
         finished?()
     }
 
@@ -652,8 +660,17 @@ where R.Request: BitwiseCopyable, R.Response: BitwiseCopyable {
     private func complete(slot: Int, result: Int) {
         let sp = slots + slot
         var ok = result == sp.pointee.bytes
-        if ok && !sp.pointee.write && sp.pointee.bounces > 0, copyBounces(slot: slot, toGuest: true) != nil {
-            ok = false  // the guest revoked or broke a grant while its read was in flight
+        if ok && !sp.pointee.write && sp.pointee.bounces > 0 {
+            // Once a stop was asked for, the backend reports Closed without
+            // waiting for this read, and the frontend may revoke the pages it
+            // was for and grant them again for something else: no data goes
+            // to them then. Checked and copied under `exit`, which the stop
+            // takes to ask.
+            ok = exit.withLock { s in
+                // nil: every segment copied; else the guest revoked or broke a
+                // grant while its read was in flight.
+                s.finished == nil && copyBounces(slot: slot, toGuest: true) == nil
+            }
         }
         if ok {
             if sp.pointee.write {

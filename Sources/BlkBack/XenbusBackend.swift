@@ -22,8 +22,11 @@ import XenStore
 /// Neither waits for the guest's I/O in flight (one guest's slow storage
 /// would hold every other guest's handshakes on the backend's one queue):
 /// the queues finish it on their own threads, as Linux's
-/// xen_blkif_disconnect leaves the rest to the last completion, and a
-/// frontend reconnecting meanwhile is connected once they have.
+/// xen_blkif_disconnect leaves the rest to the last completion. A frontend
+/// reconnecting meanwhile, or another device of the same image (a detach and
+/// attach), is connected once they have, so no old write lands after a new
+/// one; Linux instead fails a reconnect with I/O pending ("pending I/O") and
+/// does not look at other devices.
 public final class BlkbackDriver: XenBusBackendDriver, @unchecked Sendable {
     // Sound: the backend's queue makes every call but started(recheck:)
     // and drain(); what they and the queues' threads share is behind Mutexes
@@ -33,9 +36,13 @@ public final class BlkbackDriver: XenBusBackendDriver, @unchecked Sendable {
     let logger: Logger
     /// One member per device whose queues are stopping.
     private let stopping = DispatchGroup()
-    /// The backend's ``started(recheck:)``, and the devices waiting for it.
+    /// Those devices, by image: a device of the same image waits for them.
+    private let stoppingDevices = Mutex<[ObjectIdentifier: VirtualBlockDevice]>([:])
+    /// The backend's ``started(recheck:)``, and the waits armed for it
+    /// (backend path, stopping device).
     private let recheck = Mutex<(@Sendable (String) -> Void)?>(nil)
-    private let recheckArmed = Mutex<Set<String>>([])
+    private let recheckArmed = Mutex<Set<RecheckKey>>([])
+    private struct RecheckKey: Hashable { let path: String; let device: ObjectIdentifier }
 
     public init(hypervisor: Hypervisor, logger: Logger) {
         hv = hypervisor
@@ -71,14 +78,19 @@ public final class BlkbackDriver: XenBusBackendDriver, @unchecked Sendable {
     }
 
     /// A frontend reconnecting while its previous connection's I/O is still
-    /// in flight connects once that has finished (one recheck per spell).
+    /// in flight, or while another device of the same image finishes its
+    /// own, connects once that has finished (one recheck per wait).
     public func connectDeferred(_ device: VirtualBlockDevice, _ dev: XenBusDevice) -> Bool {
-        guard device.isStopping else { return false }
+        let busy: VirtualBlockDevice? = device.isStopping ? device : device.image.flatMap { image in
+            stoppingDevices.withLock { $0.values.first { $0 !== device && $0.image == image && $0.isStopping } }
+        }
+        guard let busy else { return false }
         let path = dev.backendPath
-        if recheckArmed.withLock({ $0.insert(path).inserted }) {
-            logger.info("\(path): the frontend connects once the previous connection's I/O has finished")
-            device.whenStopped { [self] in
-                recheckArmed.withLock { _ = $0.remove(path) }
+        let key = RecheckKey(path: path, device: ObjectIdentifier(busy))
+        if recheckArmed.withLock({ $0.insert(key).inserted }) {
+            logger.info("\(path): the frontend connects once \(busy === device ? "the previous connection's" : "\(busy.name)'s") I/O in flight has finished")
+            busy.whenStopped { [self] in
+                recheckArmed.withLock { _ = $0.remove(key) }
                 recheck.withLock { $0 }?(path)
             }
         }
@@ -86,7 +98,6 @@ public final class BlkbackDriver: XenBusBackendDriver, @unchecked Sendable {
     }
 
     public func connect(_ device: VirtualBlockDevice, _ dev: XenBusDevice, frontendPath: String, xs: XenBusClient) throws {
-        if device.isConnected { stop(device) }
         _ = device.resizeIfChanged()  // grown or shrunk while no frontend was connected
         try device.connect(hypervisor: hv, frontend: try readRings(device, dev, frontendPath, xs))
         let f = device.features
@@ -135,9 +146,12 @@ public final class BlkbackDriver: XenBusBackendDriver, @unchecked Sendable {
 
     /// Stops the device's queues (and closes it) without waiting; ``drain()`` waits.
     private func stop(_ device: VirtualBlockDevice, thenClose close: Bool = false) {
+        let id = ObjectIdentifier(device)
+        stoppingDevices.withLock { $0[id] = device }
         if close { device.closeWhenStopped() } else { device.stopQueues() }
         stopping.enter()
-        device.whenStopped { [stopping] in
+        device.whenStopped { [self] in
+            stoppingDevices.withLock { if $0[id]?.isStopping == false { $0[id] = nil } }
             // A queue's per-slot arrays (a few hundred KiB) are freed by now;
             // glibc keeps freed heap in its arenas unless asked, so a daemon
             // that attaches and detaches for weeks would hold its high-water mark.

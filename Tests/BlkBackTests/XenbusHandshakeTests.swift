@@ -181,10 +181,12 @@ import XenTestKit
     /// answer holds nobody but itself: blkback reports Closed at once (as
     /// Linux's xen_blkif_disconnect leaves the ring to its last completion)
     /// and another device is offered meanwhile, on the queue all devices
-    /// share; the frontend starting over is connected once the reads are
-    /// answered, on the old ring, and their pages let go. Before, the
-    /// disconnect waited for the I/O on that queue: no Closed, no other
-    /// device, until the storage answered.
+    /// share. Once Closed, the frontend may give its pages to others, so the
+    /// reads are answered with errors and none of their data reaches the
+    /// guest. The frontend starting over, and a new device of the same
+    /// image, are connected only once the reads are done (no old I/O lands
+    /// after new). Before, the disconnect waited for the I/O on the shared
+    /// queue: no Closed, no other device, until the storage answered.
     @Test(.enabled(if: getuid() == 0, "needs root: a loop device and a FUSE mount"))
     func aDisconnectWithIOInFlightHoldsNoOtherDevice() throws {
         let slow = try FreezableDisk(bytes: 16 << 20)
@@ -198,6 +200,7 @@ import XenTestKit
         defer { slow.thaw() }
         let reads = 8
         let buffers = try (0..<reads).map { _ in try front.makeBuffer(pages: 1) }
+        for b in buffers { try front.fill(b, with: [UInt8](repeating: 0x5A, count: 4096)) }
         // A mebibyte apart: never in the page cache, not even by read-ahead.
         try front.pushBatch(try buffers.enumerated().map { i, b in
             try front.rwRequest(BlkifOp.read, sector: UInt64(i + 1) * 2048, buffer: b, bytes: 4096)
@@ -216,29 +219,47 @@ import XenTestKit
         #expect(Dom0Harness.wait(s.xenstore, state: other.backendPath, seconds: 10) { $0 == .initWait } == .initWait,
                 "another device waited for this one's I/O")
 
-        // The frontend starts over on a new ring while the old one's reads still wait.
+        /// A new one-page ring for `dir`'s frontend, Initialised.
+        func publish(_ dir: XenBusDevice, firstFrame: UInt32, firstRef: GrantRef) throws -> BlkFront<BlkifRing> {
+            let f = try BlkFront<BlkifRing>(guest: g.hypervisor, queues: 1, ringPageOrder: 0, firstFrame: firstFrame, firstRef: firstRef)
+            try g.xenstore.transaction { t in
+                try t.write(dir.frontendPath + "/ring-ref", "\(f.queues[0].ringRefs[0])")
+                try t.write(dir.frontendPath + "/event-channel", "\(f.queues[0].port)")
+            }
+            try g.xenstore.switchState(at: dir.frontendPath, to: .initialised)
+            return f
+        }
+        // The frontend starts over on a new ring while the old one's reads
+        // still wait; a second device of the same image comes up too.
         try g.xenstore.switchState(at: dev.frontendPath, to: .initialising)
         #expect(Dom0Harness.wait(s.xenstore, state: dev.backendPath, seconds: 10) { $0 == .initWait } == .initWait)
-        let again = try BlkFront<BlkifRing>(guest: g.hypervisor, queues: 1, ringPageOrder: 0, firstFrame: 512, firstRef: 512)
-        try g.xenstore.transaction { t in
-            try t.write(dev.frontendPath + "/ring-ref", "\(again.queues[0].ringRefs[0])")
-            try t.write(dev.frontendPath + "/event-channel", "\(again.queues[0].port)")
-        }
-        try g.xenstore.switchState(at: dev.frontendPath, to: .initialised)
+        let again = try publish(dev, firstFrame: 512, firstRef: 512)
+        let same = XenBusDevice(type: "vbd", frontendDomid: XenStore.DomID(g.domid), devid: 51744)
+        try s.xenstore.createDevice(same, backend: ["params": slow.loop, "mode": "w", "type": "phy", "device-type": "disk"],
+                                    frontend: ["virtual-device": "51744", "device-type": "disk"])
+        #expect(Dom0Harness.wait(s.xenstore, state: same.backendPath, seconds: 10) { $0 == .initWait } == .initWait)
+        let sameFront = try publish(same, firstFrame: 640, firstRef: 1024)
         service.settle()
         #expect(try s.xenstore.state(at: dev.backendPath) == .initWait, "connected beside rings still in use")
+        #expect(try s.xenstore.state(at: same.backendPath) == .initWait, "a device of the same image connected beside its old I/O")
         #expect(service.withDevices { $0[dev.backendPath]?.isStopping } == true)
 
         slow.thaw()
-        #expect(Dom0Harness.wait(s.xenstore, state: dev.backendPath, seconds: 10) { $0 == .connected } == .connected,
-                "never connected once the old reads were answered")
+        for p in [dev.backendPath, same.backendPath] {
+            #expect(Dom0Harness.wait(s.xenstore, state: p, seconds: 10) { $0 == .connected } == .connected,
+                    "\(p) never connected once the old reads were done")
+        }
         var answered = 0
         while answered < reads, let r = try? front.waitResponse(timeoutMs: 10_000) {
-            #expect(r.status == 0)
+            #expect(r.status != 0, "a read answered after Closed claims data it did not give")
             answered += 1
         }
         #expect(answered == reads, "the old ring's reads were not all answered")
+        for b in buffers {
+            #expect(try front.contents(b, count: 4096) == [UInt8](repeating: 0x5A, count: 4096), "a read after Closed wrote into a guest page")
+        }
         #expect(try again.read(sector: 0, bytes: 4096).status == 0)
+        #expect(try sameFront.read(sector: 2048, bytes: 4096).status == 0)
         #expect(service.withDevices { $0[dev.backendPath]?.isStopping } == false)
     }
 
