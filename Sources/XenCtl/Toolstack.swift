@@ -48,9 +48,14 @@ public struct Toolstack: Sendable {
         let t = Toolstack(runDir: "/run/swiftxen")
         let specs = t.services(bindir: bindir)
         return specs.enumerated().map { i, s in
-            // BindsTo: a restarted dependency restarts its dependents, as the supervisor does.
+            // As the supervisor does: a dependency that goes down takes its
+            // dependents down (BindsTo=, with After=), and once it runs again,
+            // so do they. Its own Restart= does not start them again (they
+            // were stopped, not failed), so it upholds them (Upholds=,
+            // systemd >= 249: started whenever found inactive while it runs).
             let deps = s.dependsOn.map { "swiftxen-\($0).service" }.joined(separator: " ")
-            let after = deps.isEmpty ? "" : "\nAfter=\(deps)\nBindsTo=\(deps)"
+            let dependents = specs.filter { $0.dependsOn.contains(s.name) }.map { "swiftxen-\($0.name).service" }.joined(separator: " ")
+            let after = (deps.isEmpty ? "" : "\nAfter=\(deps)\nBindsTo=\(deps)") + (dependents.isEmpty ? "" : "\nUpholds=\(dependents)")
             return ("swiftxen-\(s.name).service", """
                 [Unit]
                 Description=SwiftXen \(s.name)\(after)

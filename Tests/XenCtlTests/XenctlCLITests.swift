@@ -412,6 +412,29 @@ import XenTestKit
                 .deletingLastPathComponent().appendingPathComponent("backends/systemd/\(u.0)")
             #expect((try? String(contentsOf: committed, encoding: .utf8)) == u.1, "backends/systemd/\(u.0) is stale: run xenctl units")
         }
+        // Each dependency upholds its dependents: its automatic restart does
+        // not start what BindsTo= stopped (they were stopped, not failed).
+        let text = Dictionary(uniqueKeysWithValues: units)
+        #expect(text["swiftxen-xenhv.service"]?.contains("\nUpholds=swiftxen-xenstored.service swiftxen-blkback.service swiftxen-netback.service\n") == true)
+        #expect(text["swiftxen-xenstored.service"]?.contains("\nUpholds=swiftxen-blkback.service swiftxen-netback.service\n") == true)
+        #expect(text["swiftxen-blkback.service"]?.contains("Upholds=") == false)
+    }
+
+    /// Debian's systemd reads the units without a complaint: every key is
+    /// one it knows, every dependency and executable is there
+    /// (systemd-analyze verify, which needs no running systemd).
+    @Test func systemdVerifiesTheUnits() throws {
+        let dir = NSTemporaryDirectory() + "xenctl-units-\(UUID().uuidString.prefix(8))"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let build = URL(fileURLWithPath: Self.bin).deletingLastPathComponent().path
+        var paths: [String] = []
+        for (name, text) in Toolstack.systemdUnits(bindir: build) {
+            #expect(FileManager.default.createFile(atPath: dir + "/" + name, contents: Data(text.utf8)))
+            paths.append(dir + "/" + name)
+        }
+        let r = CommandResult.run("/usr/bin/systemd-analyze", ["verify", "--man=no"] + paths)
+        #expect(r.status == 0 && r.out.isEmpty && r.err.isEmpty, "\(r)")
     }
 
     /// scripts/install puts the programs and vif-bridge in a bindir with
