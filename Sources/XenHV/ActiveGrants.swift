@@ -45,19 +45,7 @@ package struct ActiveGrantTable: @unchecked Sendable {
 
     /// Takes the entry lock for `owner` (non-zero) and returns the pins.
     @inline(__always) package func lock(_ ref: GrantRef, owner: UInt32) -> Pins {
-        let w = word(ref)
-        var spins = 0
-        while true {
-            var cur = cxen_load_acquire_u64(w)
-            if cur >> 32 == 0 {
-                if cxen_cas_u64(w, &cur, UInt64(owner) << 32 | (cur & 0xFFFF_FFFF)) != 0 {
-                    return Pins(raw: UInt32(truncatingIfNeeded: cur))
-                }
-                continue
-            }
-            spins += 1
-            if spins > 64 { sched_yield() }
-        }
+        acquire(ref, owner: owner) { false }!
     }
 
     /// ``lock(_:owner:)`` for a mapper, which gives up (nil) once the domain
@@ -65,6 +53,12 @@ package struct ActiveGrantTable: @unchecked Sendable {
     /// domain's entry is never repaired (xenhv repairs live domains'), and
     /// nobody reads a destroyed domain's pins or flags again.
     @inline(__always) package func lockUnlessDying(_ ref: GrantRef, owner: UInt32) -> Pins? {
+        acquire(ref, owner: owner) { state == .dying }
+    }
+
+    /// Spins for the lock (yielding after a while), asking `giveUp` each
+    /// time it yields.
+    @inline(__always) private func acquire(_ ref: GrantRef, owner: UInt32, giveUp: () -> Bool) -> Pins? {
         let w = word(ref)
         var spins = 0
         while true {
@@ -77,7 +71,7 @@ package struct ActiveGrantTable: @unchecked Sendable {
             }
             spins += 1
             if spins > 64 {
-                if state == .dying { return nil }
+                if giveUp() { return nil }
                 sched_yield()
             }
         }
