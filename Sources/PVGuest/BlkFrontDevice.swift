@@ -305,10 +305,6 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         logger.info("\(fe): connected to \(be): \(sectors) sectors, \(nq) queue(s) of \(perQueue) slots (\(1 << order) ring page(s)), \(perSlot) segments per request\(indirectRefs.isEmpty ? "" : " (indirect)")")
     }
 
-    /// The frontend's half of one handshake, the backend being in InitWait:
-    /// per queue a ring (on `reuse`'s frames, else new ones) granted to the
-    /// backend and an unbound port for it; the keys (queue-N/ directories with
-    /// several queues), Initialised, then the backend's Connected.
     /// What the backend's Connected keys offer that the device is set up
     /// for: the cache flush, read-only-ness (`info`), the sector size.
     struct Offer {
@@ -327,6 +323,10 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         }
     }
 
+    /// The frontend's half of one handshake, the backend being in InitWait:
+    /// per queue a ring (on `reuse`'s frames, else new ones) granted to the
+    /// backend and an unbound port for it; the keys (queue-N/ directories with
+    /// several queues), Initialised, then the backend's Connected.
     static func handshake(hv: Hypervisor, xs: XenBusClient, fe: String, be: String, beID: XenHV.DomID, order: Int,
                           indirect: Int, pages: GuestPages, grants: GrantRefs, reuse: [UInt32]?, stuck: inout [UInt32],
                           queues nq: Int? = nil, previous: Offer? = nil,

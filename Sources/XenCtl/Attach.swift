@@ -145,6 +145,19 @@ extension Toolstack {
     public func networkAttach(_ domain: String, spec: String, seconds: Double = 30) throws -> String {
         let vif: VifSpec
         do { vif = try VifSpec(parsing: spec) } catch { throw Failure("vif '\(spec)': \(error.message)") }
+        return try networkAttach(domain, vif: vif, seconds: seconds)
+    }
+
+    /// The same with xl's arguments: one setting each (`mac=..` `bridge=..`),
+    /// or one comma-separated spec in a single argument.
+    public func networkAttach(_ domain: String, settings: [String], seconds: Double = 30) throws -> String {
+        guard settings.count > 1 else { return try networkAttach(domain, spec: settings.first ?? "", seconds: seconds) }
+        let vif: VifSpec
+        do { vif = try VifSpec(settings: settings) } catch { throw Failure("vif '\(settings.joined(separator: " "))': \(error.message)") }
+        return try networkAttach(domain, vif: vif, seconds: seconds)
+    }
+
+    func networkAttach(_ domain: String, vif: VifSpec, seconds: Double) throws -> String {
         if let why = Self.missingBridge(vif) ?? Self.tunUnusableByGuests() { throw Failure(why) }
         let (hv, d) = try attachTarget(domain)
         let xs = try connectStore()

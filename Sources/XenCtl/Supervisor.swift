@@ -242,6 +242,9 @@ public final class Supervisor {
 
     /// Stops services in reverse order: SIGTERM, then SIGKILL after 10 s.
     func stopAll() {
+        // Published first: an `up` meanwhile must not take the services
+        // still listed as running for a supervisor that is going away.
+        publish(stopping: true)
         beforeStop?()
         for s in services.reversed() where s.pid > 0 {
             kill(s.pid, SIGTERM)
@@ -268,9 +271,10 @@ public final class Supervisor {
     }
 
     /// One line per service: name, pid, state, restarts.
-    func publish() {
+    func publish(stopping: Bool = false) {
         let text = services.map { s in
-            let state = s.pid > 0 ? (s.ready ? "running" : "starting") : (s.restartAt != nil ? "restarting" : "stopped")
+            let state = s.pid > 0 ? (stopping ? "stopping" : s.ready ? "running" : "starting")
+                : (s.restartAt != nil && !stopping ? "restarting" : "stopped")
             return "\(s.spec.name) \(s.pid) \(state) \(s.restarts)"
         }.joined(separator: "\n") + "\n"
         writeFile(runDir + "/supervisor.status.tmp", text)

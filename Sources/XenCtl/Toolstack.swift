@@ -97,12 +97,15 @@ public struct Toolstack: Sendable {
     }
 
     /// Starts the supervisor (detached) unless it runs, and waits up to
-    /// `seconds` until every service is ready. A supervisor this call
+    /// `seconds` until every service is ready. A supervisor found stopping
+    /// (a `down` at the same time) is waited out and a new one started; one
+    /// this call started that exits at once (another `up`'s won the run
+    /// directory) leaves the wait to the winner. A supervisor this call
     /// started whose services do not come up in time is stopped again (with
     /// them): nothing half-made stays behind a failed `up`.
     public func up(seconds: Double = 60) throws {
-        var started: ProcessHandle?
-        if supervisorPID() == nil {
+        var started: (handle: ProcessHandle, pid: pid_t)?
+        func startSupervisor() throws {
             mkdir(runDir, 0o755)
             Self.makePrivateDirectory(runDir + "/logs")
             unlink(runDir + "/supervisor.status")
@@ -113,26 +116,49 @@ public struct Toolstack: Sendable {
             defer { close(null) }
             let pid = try ProcessLauncher.spawn(ProcessLauncher.executableDirectory + "/xenctl", arguments: ["supervise", "--run-dir", runDir],
                                                 descriptors: [(null, 0), (log, 1), (log, 2)], newSession: true)
-            started = ProcessHandle(pid)
+            started = ProcessHandle(pid).map { ($0, pid) }
         }
+        if supervisorPID() == nil { try startSupervisor() }
         // Wait (bounded) for the supervisor's published state.
         let deadline = monotonicSeconds() + seconds
         var status: [ServiceStatus] = []
+        var exits = 0  // of supervisors this call started that left at once
         while true {
             status = ServiceStatus.read(runDir: runDir) ?? []
             if !status.isEmpty, status.count == services(bindir: "").count, status.allSatisfy({ $0.state == "running" }) { return }
+            if let s = started, s.handle.waitForExit(until: 0) {
+                // Ours went away: the supervisor now running (if any) is
+                // another up's, or one still on its way out holds the run
+                // directory (then ours is started again once it is gone).
+                started = nil
+                exits += 1
+                if exits >= 3 && supervisorPID() == nil && !supervisorLockHeld() {
+                    throw Failure("the supervisor exited before the dom0 services came up; see \(runDir)/logs/supervisor.log")
+                }
+            } else if started == nil, supervisorPID() == nil, !supervisorLockHeld() {
+                try startSupervisor()  // the one that was stopping is gone
+            }
             guard monotonicSeconds() < deadline else { break }
             idle(milliseconds: 50)
         }
         let behind = status.filter { $0.state != "running" }.map { "\($0.name) \($0.state)" + ($0.restarts > 0 ? " after \($0.restarts) restarts" : "") }
         let what = behind.isEmpty ? "" : " (" + behind.joined(separator: ", ") + ")"
         let secs = seconds == seconds.rounded() ? String(Int(seconds)) : String(seconds)
-        if let supervisor = started {
-            supervisor.signal(SIGTERM)
-            let gone = supervisor.waitForExit(until: monotonicSeconds() + 60)
+        if let s = started, supervisorPID() == s.pid {
+            s.handle.signal(SIGTERM)
+            let gone = s.handle.waitForExit(until: monotonicSeconds() + 90)
             throw Failure("dom0 services did not come up within \(secs) s\(what); \(gone ? "stopped them again" : "the supervisor did not stop") (see \(runDir)/logs/)")
         }
         throw Failure("dom0 services did not come up within \(secs) s\(what); see \(runDir)/logs/")
+    }
+
+    /// Whether a supervisor holds the run directory's lock (one is running,
+    /// or still on its way out after removing its pid file).
+    func supervisorLockHeld() -> Bool {
+        let fd = open(runDir + "/supervisor.lock", O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        return flock(fd, LOCK_EX | LOCK_NB) != 0
     }
 
     /// Stops everything; false if nothing was running.

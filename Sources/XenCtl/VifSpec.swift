@@ -24,8 +24,15 @@ public struct VifSpec: Sendable, Equatable {
     }
 
     public init(parsing spec: String) throws(SpecError) {
-        for raw in spec.split(separator: ",", omittingEmptySubsequences: true) {
-            let item = String(raw).trimmingSpaces
+        try self.init(settings: spec.split(separator: ",", omittingEmptySubsequences: true).map(String.init))
+    }
+
+    /// One setting per string, as `xl network-attach DOMAIN mac=.. bridge=..`
+    /// takes its arguments (parse_nic_config on each, whole: a comma is
+    /// part of the value).
+    public init(settings: [String]) throws(SpecError) {
+        for raw in settings {
+            let item = raw.trimmingSpaces
             if item.isEmpty { continue }
             guard let eq = item.firstIndex(of: "=") else { throw SpecError("'\(item)' is not key=value") }
             let key = String(item[..<eq]).trimmingSpaces, value = String(item[item.index(after: eq)...]).trimmingSpaces

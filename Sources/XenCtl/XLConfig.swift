@@ -118,10 +118,12 @@ public struct XLConfig: Sendable, Equatable {
             return out
         }
 
-        /// Letters, digits and `._-+` from here: what a bad token looked like, for its error.
+        /// What a bad token looked like, for its error: everything from here
+        /// to a blank, a quote or one of `= , ; [ ] #` (or a `+=`).
         mutating func word() -> String {
             var out = ""
-            while let c = peek, c.isASCII && (c.properties.isAlphabetic || ("0"..."9").contains(c)) || "._-+".unicodeScalars.contains(c) {
+            while let c = peek, !" \t\r\n\"'=,;[]#".unicodeScalars.contains(c),
+                  !(c == "+" && i + 1 < s.count && s[i + 1] == "=") {
                 out.unicodeScalars.append(c)
                 advance()
             }

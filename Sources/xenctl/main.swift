@@ -195,15 +195,13 @@ struct NetworkAttach: ParsableCommand {
         commandName: "network-attach", abstract: "Attach a NIC to a running domain, as xl network-attach does; prints the guest's NIC.")
     @OptionGroup var rd: RunDirOption
     @Argument(help: "Domain name or id.") var domain: String
-    @Argument(help: "The NIC in xl's syntax, e.g. 'mac=00:16:3e:01:02:03, bridge=xenbr0', in one argument or one per setting (mac=... bridge=...), as xl takes it.")
+    @Argument(help: "The NIC in xl's syntax: one setting per argument as xl takes them (mac=00:16:3e:01:02:03 bridge=xenbr0), or one comma-separated spec ('mac=00:16:3e:01:02:03, bridge=xenbr0').")
     var vif: [String] = []
     @Option(help: "Seconds to wait for the guest to connect the NIC (then it is removed again).") var timeout: Double = 30
     func validate() { checkSeconds(timeout, "timeout") }
     func run() throws {
         _ = cxen_note_termination()  // Ctrl-C while the guest connects it: the device is removed again
-        // xl parses each argument as one setting; the settings of a vif spec are comma-separated.
-        let spec = vif.joined(separator: ", ")
-        do { print(try Toolstack(runDir: rd.path).networkAttach(domain, spec: spec, seconds: timeout)) } catch { fail("\(error)") }
+        do { print(try Toolstack(runDir: rd.path).networkAttach(domain, settings: vif, seconds: timeout)) } catch { fail("\(error)") }
     }
 }
 

@@ -43,6 +43,20 @@ import XenCtl
 
     /// xl's interval regex ^[0-9]+[mu]?s?$: a bare number or `s` is seconds,
     /// `m`/`ms` milliseconds, `u`/`us` microseconds.
+    /// `xl network-attach DOMAIN mac=.. bridge=..`: each argument is one
+    /// setting, whole (a comma in it is the value's, as parse_nic_config
+    /// reads it).
+    @Test func oneSettingPerArgument() throws {
+        let v = try VifSpec(settings: ["mac=00:16:3e:01:02:03", "bridge=br0", "script=/etc/xen/a,b"])
+        #expect(v.mac == (try MACAddress(parsing: "00:16:3e:01:02:03")) && v.bridge == "br0" && v.script == "/etc/xen/a,b")
+        do {
+            let v = try VifSpec(settings: ["bridge=br0,mac=00:16:3e:01:02:03", "ip=10.0.0.2"])
+            Issue.record("accepted \(v)")
+        } catch {
+            #expect(error.message.contains("'br0,mac=00:16:3e:01:02:03' is not a valid bridge name"), "\(error)")
+        }
+    }
+
     @Test func intervalUnitsAsXl() throws {
         #expect(try rate("10MB/s@20") == .init(bytesPerInterval: 200_000_000, intervalMicroseconds: 20_000_000))
         #expect(try rate("10MB/s@20s") == .init(bytesPerInterval: 200_000_000, intervalMicroseconds: 20_000_000))

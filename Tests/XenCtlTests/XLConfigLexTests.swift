@@ -50,6 +50,9 @@ import XenCtl
         ("v = 1.5\n", "'1.5' is not a number"),
         ("v = 0x1F\n", "'0x1F' is not a number"),
         ("v = [ 1, 2.0 ]\n", "'2.0' is not a number"),
+        ("namé = 1\n", "'namé' is not a setting name"),
+        ("Memory+=1\n", "'Memory' is not a setting name"),
+        ("v = 5é\n", "'5é' is not a number"),
     ])
     func tokensXlDoesNotHave(text: String, fragment: String) {
         do {

@@ -102,6 +102,38 @@ import XenTestKit
         #expect(processes(mentioning: run).isEmpty, "a failed up left \(processes(mentioning: run))")
     }
 
+    /// An `up` while a `down` is under way (its supervisor stopping the
+    /// services, here held up by a stopped netback) waits for it to finish
+    /// and starts the services again. Before, `up` read the stopping
+    /// supervisor's last status ("running" four times), returned at once,
+    /// and everything then stopped.
+    @Test func anUpDuringADownStartsTheServicesAgain() throws {
+        let run = NSTemporaryDirectory() + "xenctl-updown-\(UUID().uuidString.prefix(8))"
+        defer {
+            _ = try? xenctl("down", runDir: run)
+            for pid in processes(mentioning: run) { kill(pid, SIGKILL) }
+            try? FileManager.default.removeItem(atPath: run)
+        }
+        #expect(try xenctl("up", runDir: run).0 == 0)
+        let first = try #require(Toolstack(runDir: run).supervisorPID())
+        let netback = try #require(ServiceStatus.read(runDir: run)?.first { $0.name == "netback" }?.pid)
+        #expect(kill(netback, SIGSTOP) == 0)  // the down waits for it (then kills it)
+        let down = Process()
+        down.executableURL = URL(fileURLWithPath: Self.bin)
+        down.arguments = ["down", "--run-dir", run]
+        down.standardOutput = FileHandle.nullDevice
+        down.standardError = FileHandle.nullDevice
+        try down.run()
+        #expect(eventually { ServiceStatus.read(runDir: run)?.contains { $0.state == "stopping" } == true },
+                "the supervisor never published that it is stopping")
+        let (rc, _, err) = try xenctl("up", runDir: run)
+        down.waitUntilExit()
+        #expect(rc == 0, "\(err)")
+        let now = ServiceStatus.read(runDir: run) ?? []
+        #expect(now.count == 4 && now.allSatisfy { $0.state == "running" && kill($0.pid, 0) == 0 }, "\(now)")
+        #expect(Toolstack(runDir: run).supervisorPID().map { $0 != first } == true, "the stopping supervisor was taken for running")
+    }
+
     @Test func upRestartsCrashedServicesAndDownLeavesNothing() throws {
         let run = NSTemporaryDirectory() + "xenctl-test-\(UUID().uuidString.prefix(8))"
         defer {
