@@ -45,7 +45,11 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
     public var size: UInt64 { sizeBytes.load(ordering: .relaxed) }
     let sizeBytes: Atomic<UInt64>
     public let isReadOnly: Bool
-    public let canTrim: Bool
+    /// `feature-discard` of the backend, re-read at each reconnect (Linux's
+    /// blkfront_gather_backend_features): a backend back without it gets
+    /// no more discards.
+    public var canTrim: Bool { trimOffered.load(ordering: .relaxed) }
+    let trimOffered: Atomic<Bool>
     public let canFlush: Bool
     /// The backend's logical sector size (`sector-size`; 512 when absent):
     /// every transfer and discard is a multiple of it, at a multiple of it,
@@ -285,7 +289,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         let offer = try Offer.read(xs, be)
         isReadOnly = offer.readOnly
         canFlush = offer.flush
-        canTrim = (try xs.readIfExists(be + "/feature-discard")) == "1" && !isReadOnly
+        trimOffered = Atomic((try xs.readIfExists(be + "/feature-discard")) == "1" && !isReadOnly)
         blockSize = offer.blockSize
         for (i, q) in qs.enumerated() {
             q.state.withLock { s in
@@ -872,6 +876,10 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                 links = newLinks
                 sectors = newSectors
                 sizeBytes.store(newSectors * 512, ordering: .relaxed)
+                let trim = ((try? xs.readIfExists(backendPath + "/feature-discard")) ?? nil) == "1" && !isReadOnly
+                if trimOffered.exchange(trim, ordering: .relaxed) != trim {
+                    logger.warning("\(frontendPath): backend \(trim ? "now offers" : "no longer offers") discard")
+                }
                 var count = 0
                 for (i, q) in queues.enumerated() {
                     let (kick, n) = q.state.withLock { s -> (Bool, Int) in

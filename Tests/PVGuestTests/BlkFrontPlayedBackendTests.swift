@@ -210,4 +210,34 @@ import XenTestKit
             #expect(d.recoveries == 0, "\(key) \(value)")
         }
     }
+
+    /// A backend back from an outage without `feature-discard` gets no more
+    /// discards (Linux re-reads it on reconnect): a trim is refused here,
+    /// ENOTSUP, instead of going to a backend that fails it. Before, the
+    /// offer of the first connection held for good.
+    @Test(.timeLimit(.minutes(2)))
+    func aBackendBackWithoutDiscardGetsNoMoreTrims() throws {
+        let p = try PlayedDisk("bftrim", keys: ["feature-discard": "1"])
+        let disk = try p.connect()
+        defer {
+            try? p.bx.switchState(at: p.be, to: .closed)
+            disk.close()
+        }
+        #expect(disk.canTrim)
+        try p.bx.rm(p.be + "/feature-discard")
+        try p.bx.switchState(at: p.be, to: .closing)
+        try p.answer(.closed, with: .closed)
+        try p.answer(.initialising, with: .initWait)
+        try p.answer(.initialised, with: .connected)
+        #expect(eventually { disk.recoveries == 1 })
+        #expect(!disk.canTrim)
+        let result = Mutex<Int32??>(nil)
+        let done = DispatchSemaphore(value: 0)
+        disk.trim(at: 0, length: 4096) { e in
+            result.withLock { $0 = .some(e) }
+            done.signal()
+        }
+        #expect(done.wait(timeout: .now() + 10) == .success)
+        #expect(result.withLock { $0 } == .some(95), "ENOTSUP")
+    }
 }
