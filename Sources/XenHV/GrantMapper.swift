@@ -380,7 +380,7 @@ extension Hypervisor {
 
         // The same entry on both ends is pinned once, writable.
         if let s = src, let d = dst, s.dom === d.dom, s.ref == d.ref {
-            guard let frame = pinForCopy(d, writable: true, alsoReading: true) else { return .generalError }
+            guard let frame = pinForCopy(d, writable: true, alsoReading: true) else { return copyRefusal(d) }
             defer { unpinForCopy(d) }
             guard offsetsFit else { return .badCopyArg }
             let mem = frameAddress(d, frame)
@@ -392,12 +392,12 @@ extension Hypervisor {
         if let s = src, let d = dst, (d.dom.domid, d.ref) < (s.dom.domid, s.ref) { swap(&first, &second) }
         var firstFrame: UInt32 = 0, secondFrame: UInt32 = 0
         if let e = first {
-            guard let f = pinForCopy(e, writable: e.isDest(of: op)) else { return .generalError }
+            guard let f = pinForCopy(e, writable: e.isDest(of: op)) else { return copyRefusal(e) }
             firstFrame = f
         }
         defer { if let e = first { unpinForCopy(e) } }
         if let e = second {
-            guard let f = pinForCopy(e, writable: e.isDest(of: op)) else { return .generalError }
+            guard let f = pinForCopy(e, writable: e.isDest(of: op)) else { return copyRefusal(e) }
             secondFrame = f
         }
         defer { if let e = second { unpinForCopy(e) } }
@@ -422,6 +422,12 @@ extension Hypervisor {
     /// as on Xen, also when the counter the pin would raise (read for a
     /// source, write for a destination; `alsoReading` when one entry is both)
     /// is at its limit.
+    /// Why a copy end could not be pinned: its domain is being destroyed
+    /// (GNTST_bad_domain, as a map of it is refused), else GNTST_general_error.
+    private func copyRefusal(_ e: CopyEnd) -> GrantStatus {
+        e.dom.active.state == .dying ? .badDomain : .generalError
+    }
+
     private func pinForCopy(_ e: CopyEnd, writable: Bool, alsoReading: Bool = false) -> UInt32? {
         guard let pins = e.dom.active.lockUnlessDying(e.ref, owner: clientID) else { return nil }
         guard !pins.full(writable: writable), !(alsoReading && pins.full(writable: false)),
