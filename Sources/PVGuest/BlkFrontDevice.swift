@@ -279,17 +279,16 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         let qs = (0..<nq).map { Queue(index: $0, firstSlot: $0 * perQueue, slots: perQueue) }
         queues = qs
 
-        let (links, rings, sectors) = try Self.handshake(hv: hv, xs: xs, fe: fe, be: be, beID: beID, order: order,
+        let (links, rings, sectors, offer) = try Self.handshake(hv: hv, xs: xs, fe: fe, be: be, beID: beID, order: order,
                                                          indirect: perSlot > Self.segmentsPerRequest ? perSlot : 0,
                                                          pages: pages, grants: grants, reuse: ringFrames, stuck: &stuckRings)
         madeLinks = links
         self.links = links
         self.sectors = sectors
         sizeBytes = Atomic(sectors * 512)
-        let offer = try Offer.read(xs, be)
         isReadOnly = offer.readOnly
         canFlush = offer.flush
-        trimOffered = Atomic((try xs.readIfExists(be + "/feature-discard")) == "1" && !isReadOnly)
+        trimOffered = Atomic(offer.discard && !offer.readOnly)
         blockSize = offer.blockSize
         for (i, q) in qs.enumerated() {
             q.state.withLock { s in
@@ -309,12 +308,14 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
         logger.info("\(fe): connected to \(be): \(sectors) sectors, \(nq) queue(s) of \(perQueue) slots (\(1 << order) ring page(s)), \(perSlot) segments per request\(indirectRefs.isEmpty ? "" : " (indirect)")")
     }
 
-    /// What the backend's Connected keys offer that the device is set up
-    /// for: the cache flush, read-only-ness (`info`), the sector size.
+    /// What the backend's Connected keys offer: the cache flush,
+    /// read-only-ness (`info`), the sector size (which the device is laid
+    /// out for), and discard.
     struct Offer {
         var flush: Bool
         var readOnly: Bool
         var blockSize: UInt32
+        var discard: Bool
 
         static func read(_ xs: XenBusClient, _ be: String) throws -> Offer {
             let info = UInt32((try xs.readIfExists(be + "/info")) ?? "0") ?? 0
@@ -323,18 +324,21 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
             // which also divides every request's split); anything else is read as 512.
             let block = sectorSize >= 512 && sectorSize <= 4096 && sectorSize & (sectorSize - 1) == 0 ? sectorSize : 512
             return Offer(flush: (try xs.readIfExists(be + "/feature-flush-cache")) == "1",
-                         readOnly: info & UInt32(VDISK_READONLY) != 0, blockSize: block)
+                         readOnly: info & UInt32(VDISK_READONLY) != 0, blockSize: block,
+                         discard: (try xs.readIfExists(be + "/feature-discard")) == "1")
         }
     }
 
     /// The frontend's half of one handshake, the backend being in InitWait:
     /// per queue a ring (on `reuse`'s frames, else new ones) granted to the
     /// backend and an unbound port for it; the keys (queue-N/ directories with
-    /// several queues), Initialised, then the backend's Connected.
+    /// several queues), Initialised, then the backend's Connected and what it
+    /// offers, checked against `previous` (a reconnect's) where the device
+    /// is laid out for it.
     static func handshake(hv: Hypervisor, xs: XenBusClient, fe: String, be: String, beID: XenHV.DomID, order: Int,
                           indirect: Int, pages: GuestPages, grants: GrantRefs, reuse: [UInt32]?, stuck: inout [UInt32],
                           queues nq: Int? = nil, previous: Offer? = nil,
-                          abandon: () throws -> Void = {}) throws -> ([Link], [FrontRing<BlkifRing>], UInt64) {
+                          abandon: () throws -> Void = {}) throws -> ([Link], [FrontRing<BlkifRing>], UInt64, Offer) {
         let nq = nq ?? reuse?.count ?? 1
         let maxOrder = Int((try xs.readIfExists(be + "/max-ring-page-order")) ?? "0") ?? 0
         guard order <= maxOrder else {
@@ -412,8 +416,8 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                 let why = (try? xs.readIfExists(be + "/error")) ?? nil
                 throw HypervisorError.protocolViolation("backend \(be) did not connect\(why.map { ": \($0)" } ?? "")")
             }
+            let now = try Offer.read(xs, be)
             if let previous {
-                let now = try Offer.read(xs, be)
                 // A flush that became a no-op would acknowledge FUA writes and
                 // flushes that never reach stable storage (a write cache appeared);
                 // one that became refused would fail every flush.
@@ -436,7 +440,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
             let bound = try links.map { l in
                 Link(ringFrame: l.ringFrame, ringRefs: l.ringRefs, channel: l.channel, bound: try hv.status(of: l.channel.port))
             }
-            return (bound, rings, sectors)
+            return (bound, rings, sectors, now)
         } catch {
             release()
             throw error
@@ -856,11 +860,12 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                         reuse = nil
                     }
                 }
-                let (newLinks, rings, newSectors) = try Self.handshake(
+                let (newLinks, rings, newSectors, offer) = try Self.handshake(
                     hv: hv, xs: xs, fe: frontendPath, be: backendPath, beID: backendID, order: ringOrder,
                     indirect: indirectPages.isEmpty ? 0 : segmentsPerSlot, pages: pages, grants: grants,
                     reuse: reuse, stuck: &stuck, queues: queues.count,
-                    previous: Offer(flush: canFlush, readOnly: isReadOnly, blockSize: blockSize), abandon: checkAttached)
+                    previous: Offer(flush: canFlush, readOnly: isReadOnly, blockSize: blockSize, discard: canTrim),
+                    abandon: checkAttached)
                 if newSectors != sectors {
                     logger.warning("\(frontendPath): backend now reports \(newSectors) sectors (was \(sectors))")
                 }
@@ -876,7 +881,7 @@ public final class BlkFrontDevice: BlockDevice, @unchecked Sendable {
                 links = newLinks
                 sectors = newSectors
                 sizeBytes.store(newSectors * 512, ordering: .relaxed)
-                let trim = ((try? xs.readIfExists(backendPath + "/feature-discard")) ?? nil) == "1" && !isReadOnly
+                let trim = offer.discard && !isReadOnly
                 if trimOffered.exchange(trim, ordering: .relaxed) != trim {
                     logger.warning("\(frontendPath): backend \(trim ? "now offers" : "no longer offers") discard")
                 }

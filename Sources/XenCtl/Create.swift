@@ -240,6 +240,8 @@ extension Toolstack {
     public func detach(_ domain: String, type: String, device: String, seconds: Double = 10) throws {
         let hv = try connect()
         let d = try resolve(hv, domain)
+        let xs = try connectStore()
+        defer { xs.close() }
         let devid: Int
         if type == "vbd" {
             // The names and numbers a disk spec takes (xl's block-detach reads them the same way).
@@ -252,8 +254,6 @@ extension Toolstack {
             // dom0's record of each vif has it.
             let mac: MACAddress
             do { mac = try MACAddress(parsing: device) } catch { throw Failure(error.message) }
-            let xs = try connectStore()
-            defer { xs.close() }
             let root = XenBusDevice.backendRoot(type: "vif") + "/\(d.domid)"
             let ids = ((try? xs.directory(root)) ?? []).compactMap(Int.init).sorted()
             guard let id = ids.first(where: { id in
@@ -264,8 +264,6 @@ extension Toolstack {
             guard let id = Int(device) else { throw Failure("'\(device)' is not a vif device id or MAC address") }
             devid = id
         }
-        let xs = try connectStore()
-        defer { xs.close() }
         let dev = XenBusDevice(type: type, frontendDomid: XenStore.DomID(d.domid), devid: devid)
         guard (try? xs.exists(dev.backendPath)) == true else {
             throw Failure("domain '\(d.name)' has no \(type) \(device)")

@@ -143,7 +143,7 @@ public struct Toolstack: Sendable {
         }
         let behind = status.filter { $0.state != "running" }.map { "\($0.name) \($0.state)" + ($0.restarts > 0 ? " after \($0.restarts) restarts" : "") }
         let what = behind.isEmpty ? "" : " (" + behind.joined(separator: ", ") + ")"
-        let secs = seconds == seconds.rounded() ? String(Int(seconds)) : String(seconds)
+        let secs = secondsText(seconds)
         if let s = started, supervisorPID() == s.pid {
             s.handle.signal(SIGTERM)
             let gone = s.handle.waitForExit(until: monotonicSeconds() + 90)
@@ -260,3 +260,6 @@ extension String {
         return String(self[..<end])
     }
 }
+
+/// A number of seconds as the CLI prints it: whole ones without a fraction.
+public func secondsText(_ x: Double) -> String { x == x.rounded() ? String(Int(x)) : String(x) }

@@ -47,9 +47,8 @@ func fail(_ message: String) -> Never {
 /// A wait or an interval in seconds from the command line: a finite number
 /// in `range`, or one error line before anything is done.
 func checkSeconds(_ value: Double, _ option: String, in range: ClosedRange<Double> = 0...86_400) {
-    func text(_ x: Double) -> String { x == x.rounded() ? String(Int(x)) : String(x) }
     guard value.isFinite, range.contains(value) else {
-        fail("--\(option) \(value): give a number of seconds from \(text(range.lowerBound)) to \(text(range.upperBound))")
+        fail("--\(option) \(value): give a number of seconds from \(secondsText(range.lowerBound)) to \(secondsText(range.upperBound))")
     }
 }
 
