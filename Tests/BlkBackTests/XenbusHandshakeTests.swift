@@ -45,15 +45,25 @@ import XenTestKit
 
         /// A one-queue, one-page frontend published and Connected.
         func connectOneRing() throws -> BlkFront<BlkifRing> {
-            let front = try BlkFront<BlkifRing>(guest: g.hypervisor, queues: 1, ringPageOrder: 0)
+            let front = try publishOneRing()
+            #expect(Dom0Harness.wait(g.xenstore, state: dev.backendPath) { $0 == .connected } == .connected)
+            return front
+        }
+
+        /// A one-queue, one-page frontend for `device` (default: this one's),
+        /// on the guest frames and grant refs from `firstFrame` and
+        /// `firstRef` (fronts of one guest stay apart), published and
+        /// Initialised.
+        func publishOneRing(_ device: XenBusDevice? = nil, firstFrame: UInt32 = 16, firstRef: GrantRef = 8) throws -> BlkFront<BlkifRing> {
+            let fe = (device ?? dev).frontendPath
+            let front = try BlkFront<BlkifRing>(guest: g.hypervisor, queues: 1, ringPageOrder: 0, firstFrame: firstFrame, firstRef: firstRef)
             let q = front.queues[0]
             try g.xenstore.transaction { t in
-                try t.write(dev.frontendPath + "/ring-ref", "\(q.ringRefs[0])")
-                try t.write(dev.frontendPath + "/event-channel", "\(q.port)")
-                try t.write(dev.frontendPath + "/protocol", "x86_64-abi")
+                try t.write(fe + "/ring-ref", "\(q.ringRefs[0])")
+                try t.write(fe + "/event-channel", "\(q.port)")
+                try t.write(fe + "/protocol", "x86_64-abi")
             }
-            try g.xenstore.switchState(at: dev.frontendPath, to: .initialised)
-            #expect(Dom0Harness.wait(g.xenstore, state: dev.backendPath) { $0 == .connected } == .connected)
+            try g.xenstore.switchState(at: fe, to: .initialised)
             return front
         }
 
@@ -219,26 +229,16 @@ import XenTestKit
         #expect(Dom0Harness.wait(s.xenstore, state: other.backendPath, seconds: 10) { $0 == .initWait } == .initWait,
                 "another device waited for this one's I/O")
 
-        /// A new one-page ring for `dir`'s frontend, Initialised.
-        func publish(_ dir: XenBusDevice, firstFrame: UInt32, firstRef: GrantRef) throws -> BlkFront<BlkifRing> {
-            let f = try BlkFront<BlkifRing>(guest: g.hypervisor, queues: 1, ringPageOrder: 0, firstFrame: firstFrame, firstRef: firstRef)
-            try g.xenstore.transaction { t in
-                try t.write(dir.frontendPath + "/ring-ref", "\(f.queues[0].ringRefs[0])")
-                try t.write(dir.frontendPath + "/event-channel", "\(f.queues[0].port)")
-            }
-            try g.xenstore.switchState(at: dir.frontendPath, to: .initialised)
-            return f
-        }
         // The frontend starts over on a new ring while the old one's reads
         // still wait; a second device of the same image comes up too.
         try g.xenstore.switchState(at: dev.frontendPath, to: .initialising)
         #expect(Dom0Harness.wait(s.xenstore, state: dev.backendPath, seconds: 10) { $0 == .initWait } == .initWait)
-        let again = try publish(dev, firstFrame: 512, firstRef: 512)
+        let again = try d.publishOneRing(firstFrame: 512, firstRef: 512)
         let same = XenBusDevice(type: "vbd", frontendDomid: XenStore.DomID(g.domid), devid: 51744)
         try s.xenstore.createDevice(same, backend: ["params": slow.loop, "mode": "w", "type": "phy", "device-type": "disk"],
                                     frontend: ["virtual-device": "51744", "device-type": "disk"])
         #expect(Dom0Harness.wait(s.xenstore, state: same.backendPath, seconds: 10) { $0 == .initWait } == .initWait)
-        let sameFront = try publish(same, firstFrame: 640, firstRef: 1024)
+        let sameFront = try d.publishOneRing(same, firstFrame: 640, firstRef: 1024)
         service.settle()
         #expect(try s.xenstore.state(at: dev.backendPath) == .initWait, "connected beside rings still in use")
         #expect(try s.xenstore.state(at: same.backendPath) == .initWait, "a device of the same image connected beside its old I/O")

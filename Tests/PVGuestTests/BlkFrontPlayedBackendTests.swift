@@ -60,6 +60,14 @@ import XenTestKit
             try bx.switchState(at: be, to: next)
         }
 
+        /// An outage as a restarted backend plays it: Closing, then Closed
+        /// and InitWait as the frontend closes and starts over.
+        func restartBackend(sourceLocation: SourceLocation = #_sourceLocation) throws {
+            try bx.switchState(at: be, to: .closing)
+            try answer(.closed, with: .closed, sourceLocation: sourceLocation)
+            try answer(.initialising, with: .initWait, sourceLocation: sourceLocation)
+        }
+
         /// Maps queue 0's first ring page as the backend would.
         func mapQueue0Ring() throws -> GrantMapping {
             let ref = try #require(GrantRef(try bx.read(fe + "/queue-0/ring-ref0")))
@@ -84,9 +92,7 @@ import XenTestKit
         }
         let connected = p.pages.available
 
-        try p.bx.switchState(at: p.be, to: .closing)
-        try p.answer(.closed, with: .closed)
-        try p.answer(.initialising, with: .initWait)
+        try p.restartBackend()
         try p.answer(.initialised, with: .closed)  // refused
         try p.answer(.initialising, with: .initWait)
         try p.answer(.initialised, with: .connected)
@@ -94,9 +100,7 @@ import XenTestKit
         #expect(p.pages.available == connected,
                 "a refused attempt cost the guest \(connected - p.pages.available) pages (its reused rings)")
 
-        try p.bx.switchState(at: p.be, to: .closing)
-        try p.answer(.closed, with: .closed)
-        try p.answer(.initialising, with: .initWait)
+        try p.restartBackend()
         #expect(p.bx.awaitState(at: p.fe, seconds: 20) { $0 == .initialised } == .initialised)
         mapping = try p.mapQueue0Ring()
         try p.bx.switchState(at: p.be, to: .closed)  // refused, with the ring mapped
@@ -176,9 +180,7 @@ import XenTestKit
         let a = try order.connect()
         defer { a.close() }
         try order.bx.write(order.be + "/max-ring-page-order", "0")
-        try order.bx.switchState(at: order.be, to: .closing)
-        try order.answer(.closed, with: .closed)
-        try order.answer(.initialising, with: .initWait)
+        try order.restartBackend()
         #expect(Self.readStatus(a) == EIO)
         #expect(a.recoveries == 0)
 
@@ -187,9 +189,7 @@ import XenTestKit
         defer { b.close() }
         #expect(b.canFlush)
         try flush.bx.rm(flush.be + "/feature-flush-cache")
-        try flush.bx.switchState(at: flush.be, to: .closing)
-        try flush.answer(.closed, with: .closed)
-        try flush.answer(.initialising, with: .initWait)
+        try flush.restartBackend()
         try flush.answer(.initialised, with: .connected)
         #expect(Self.readStatus(b) == EIO)
         #expect(b.recoveries == 0)
@@ -202,9 +202,7 @@ import XenTestKit
             let d = try disk.connect()
             defer { d.close() }
             try disk.bx.write(disk.be + "/" + key, value)
-            try disk.bx.switchState(at: disk.be, to: .closing)
-            try disk.answer(.closed, with: .closed)
-            try disk.answer(.initialising, with: .initWait)
+            try disk.restartBackend()
             try disk.answer(.initialised, with: .connected)
             #expect(Self.readStatus(d) == EIO, "\(key) \(value)")
             #expect(d.recoveries == 0, "\(key) \(value)")
@@ -225,9 +223,7 @@ import XenTestKit
         }
         #expect(disk.canTrim)
         try p.bx.rm(p.be + "/feature-discard")
-        try p.bx.switchState(at: p.be, to: .closing)
-        try p.answer(.closed, with: .closed)
-        try p.answer(.initialising, with: .initWait)
+        try p.restartBackend()
         try p.answer(.initialised, with: .connected)
         #expect(eventually { disk.recoveries == 1 })
         #expect(!disk.canTrim)

@@ -48,9 +48,7 @@ extension XenctlCLITests {
         var stopped: Int32 = 0
         defer {
             if stopped > 0 { kill(stopped, SIGCONT) }
-            _ = try? xenctl("down", runDir: run)
-            for pid in processes(mentioning: run) { kill(pid, SIGKILL) }
-            try? FileManager.default.removeItem(atPath: run)
+            tearDown(run)
         }
         try FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true)
         #expect(try xenctl("up", runDir: run).0 == 0)

@@ -55,12 +55,9 @@ import XenCtl
         ("v = 5é\n", "'5é' is not a number"),
     ])
     func tokensXlDoesNotHave(text: String, fragment: String) {
-        do {
-            let c = try XLConfig(parsing: text, file: "l.cfg")
-            Issue.record("accepted \(text): \(c)")
-        } catch {
-            #expect(error.line == 1 && error.description.hasPrefix("l.cfg:1: ") && error.message.contains(fragment), "\(error)")
-        }
+        let error = #expect(throws: ConfigError.self) { try XLConfig(parsing: text, file: "l.cfg") }
+        #expect(error?.line == 1 && error?.description.hasPrefix("l.cfg:1: ") == true && error?.message.contains(fragment) == true,
+                "\(String(describing: error))")
     }
 
     @Test func numbersAreKeptAsXlLexesThem() throws {

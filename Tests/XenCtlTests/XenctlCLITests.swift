@@ -20,6 +20,14 @@ import XenTestKit
         return (r.status, r.out, r.err)
     }
 
+    /// A test's run directory undone: `down`, whatever still mentions it
+    /// killed, the directory removed.
+    func tearDown(_ run: String) {
+        _ = try? xenctl("down", runDir: run)
+        for pid in processes(mentioning: run) { kill(pid, SIGKILL) }
+        try? FileManager.default.removeItem(atPath: run)
+    }
+
     /// Processes whose command line mentions `text`.
     func processes(mentioning text: String) -> [Int32] {
         let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
@@ -46,11 +54,7 @@ import XenTestKit
     /// pid file named, and the other ran on with its services, unseen.
     @Test func twoUpsAtOnceMakeOneSupervisor() throws {
         let run = NSTemporaryDirectory() + "xenctl-twoup-\(UUID().uuidString.prefix(8))"
-        defer {
-            _ = try? xenctl("down", runDir: run)
-            for pid in processes(mentioning: run) { kill(pid, SIGKILL) }
-            try? FileManager.default.removeItem(atPath: run)
-        }
+        defer { tearDown(run) }
         let env = ["XENHV_FIRST_DOMID": "\(Dom0Harness.distinctFirstDomID())"]
         let ups = (0..<2).map { _ -> Process in
             let p = Process()
@@ -109,11 +113,7 @@ import XenTestKit
     /// and everything then stopped.
     @Test func anUpDuringADownStartsTheServicesAgain() throws {
         let run = NSTemporaryDirectory() + "xenctl-updown-\(UUID().uuidString.prefix(8))"
-        defer {
-            _ = try? xenctl("down", runDir: run)
-            for pid in processes(mentioning: run) { kill(pid, SIGKILL) }
-            try? FileManager.default.removeItem(atPath: run)
-        }
+        defer { tearDown(run) }
         #expect(try xenctl("up", runDir: run).0 == 0)
         let first = try #require(Toolstack(runDir: run).supervisorPID())
         let netback = try #require(ServiceStatus.read(runDir: run)?.first { $0.name == "netback" }?.pid)
@@ -136,11 +136,7 @@ import XenTestKit
 
     @Test func upRestartsCrashedServicesAndDownLeavesNothing() throws {
         let run = NSTemporaryDirectory() + "xenctl-test-\(UUID().uuidString.prefix(8))"
-        defer {
-            _ = try? xenctl("down", runDir: run)
-            for pid in processes(mentioning: run) { kill(pid, SIGKILL) }
-            try? FileManager.default.removeItem(atPath: run)
-        }
+        defer { tearDown(run) }
         let (rc, out, err) = try xenctl("up", runDir: run)
         #expect(rc == 0, "\(err)")
         for name in ["xenhv", "xenstored", "blkback", "netback"] {
